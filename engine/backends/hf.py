@@ -1,0 +1,424 @@
+"""CPU default backend: transformers + peft, all adapters on one PeftModel, mixed-adapter batches.
+
+One worker thread owns the model. Each step it admits waiting requests (prefilled together,
+left-padded), merges them into the running batch, and decodes one token for every row, each row
+with its own adapter through peft's ``adapter_names`` (base-model rows use ``__base__``).
+Finished or cancelled rows leave the batch at once, so their slot is free for the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..base_model import adapter_fit_problems
+from ..interface import (
+    AdapterLoadError,
+    Chunk,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    PromptTooLongError,
+    RequestClock,
+    Usage,
+)
+from ..registry import SLUG, HFSettings, adapter_dir_problems
+from ..text import TextStream, prompt_token_ids
+
+log = logging.getLogger(__name__)
+BASE_ROW = "__base__"
+
+
+@dataclass
+class Row:
+    """One request in flight: its prompt, what it generated, and where its chunks go."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    text: TextStream
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    clock: RequestClock = field(default_factory=RequestClock)
+    generated: list[int] = field(default_factory=list)
+    rng: torch.Generator | None = None
+    cancelled: bool = False
+    done: bool = False
+
+    @property
+    def adapter_key(self) -> str:
+        return self.request.adapter or BASE_ROW
+
+    def send(self, item: Chunk | Exception) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+@dataclass
+class Batch:
+    """Running rows and their shared, left-padded KV cache."""
+
+    rows: list[Row]
+    cache: object
+    mask: torch.Tensor
+    next_tokens: torch.Tensor
+
+
+class HFEngine(Engine):
+    backend = "hf"
+
+    def __init__(
+        self,
+        base_dir: str,
+        base_model_id: str,
+        adapters: dict[str, str] | None = None,
+        settings: HFSettings | None = None,
+        dtype: str = "auto",
+        chat_template: bool = True,
+        device: str | None = None,
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.settings = settings or HFSettings()
+        self.base_dir = base_dir
+        self.base_model_id = base_model_id
+        self.chat_template = chat_template
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.settings.threads:
+            torch.set_num_threads(self.settings.threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(
+            base_dir, dtype=self.resolve_dtype(dtype)
+        ).to(self.device)
+        self.model.eval()
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.eos_ids = self.find_eos_ids()
+        self.names: set[str] = set()
+        for name, path in (adapters or {}).items():
+            self.attach_adapter(name, path)
+        self.pending: list[Row] = []
+        self.controls: list[tuple] = []
+        self.batch: Batch | None = None
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.peak_running = 0
+        self.generated_tokens = 0
+        self.worker = threading.Thread(target=self.run, name="hf-engine", daemon=True)
+        self.worker.start()
+        log.info("hf engine ready on %s with adapters %s", self.device, sorted(self.names))
+
+    def resolve_dtype(self, dtype: str) -> torch.dtype:
+        if dtype == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        return getattr(torch, dtype)
+
+    def find_eos_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        ids |= set(configured if isinstance(configured, list) else [configured])
+        return {i for i in ids if i is not None}
+
+    # ----- adapters -------------------------------------------------------------------------
+
+    def adapters(self) -> list[str]:
+        return sorted(self.names)
+
+    def attach_adapter(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        self.check_loadable(name, Path(path))
+        if not self.names:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+        else:
+            self.model.load_adapter(path, adapter_name=name)
+        self.model.eval()
+        self.names.add(name)
+
+    def check_loadable(self, name: str, path: Path) -> None:
+        if not SLUG.match(name):
+            raise AdapterLoadError(f"adapter name {name!r} must be a slug (a-z, 0-9, -, _)")
+        if name in self.names:
+            raise AdapterLoadError(f"adapter '{name}' is already loaded")
+        problems = adapter_dir_problems(path) or adapter_fit_problems(path, self.base_dir)
+        if problems:
+            raise AdapterLoadError(f"adapter '{name}' does not fit the base model: {problems[0]}")
+
+    def detach_adapter(self, name: str) -> None:
+        remaining = sorted(self.names - {name})
+        if remaining:
+            self.model.set_adapter(remaining[0])
+            self.model.delete_adapter(name)
+        else:
+            self.model = self.model.unload()
+        self.names.discard(name)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        await self.control("load", name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        self.check_adapter(name)
+        await self.control("unload", name)
+
+    async def control(self, *op) -> None:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self.wake:
+            self.controls.append((*op, future))
+            self.wake.notify()
+        await asyncio.wrap_future(future)
+
+    def apply_controls(self) -> None:
+        busy = {row.adapter_key for row in self.active_rows()}
+        waiting = []
+        for kind, name, *args, future in self.controls:
+            if kind == "unload" and name in busy:
+                waiting.append((kind, name, *args, future))
+                continue
+            try:
+                self.attach_adapter(name, *args) if kind == "load" else self.detach_adapter(name)
+                future.set_result(None)
+            except Exception as err:
+                future.set_exception(
+                    err if isinstance(err, EngineError) else AdapterLoadError(str(err))
+                )
+        self.controls = waiting
+
+    # ----- requests -------------------------------------------------------------------------
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        row = self.admit_request(request)
+        try:
+            while True:
+                item = await row.queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not row.done:
+                row.cancelled = True
+                with self.wake:
+                    self.wake.notify()
+
+    def admit_request(self, request: GenerationRequest) -> Row:
+        request.validate()
+        self.check_adapter(request.adapter)
+        ids = prompt_token_ids(self.tokenizer, request, self.chat_template)
+        if len(ids) + request.params.max_tokens > self.context:
+            raise PromptTooLongError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({request.params.max_tokens}) exceeds "
+                f"the context of {self.context} tokens",
+                "max_tokens",
+            )
+        row = Row(
+            request=request,
+            prompt_ids=ids,
+            text=TextStream(self.tokenizer, request.params.stop),
+            queue=asyncio.Queue(),
+            loop=asyncio.get_running_loop(),
+        )
+        if request.params.seed is not None:
+            row.rng = torch.Generator().manual_seed(request.params.seed)
+        with self.wake:
+            self.pending.append(row)
+            self.wake.notify()
+        return row
+
+    def active_rows(self) -> list[Row]:
+        return (self.batch.rows if self.batch else []) + self.pending
+
+    def stats(self) -> dict:
+        running = len(self.batch.rows) if self.batch else 0
+        return {
+            "running": running,
+            "queued": len(self.pending),
+            "adapters_loaded": len(self.names),
+            "generated_tokens": self.generated_tokens,
+        }
+
+    async def shutdown(self) -> None:
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        await asyncio.to_thread(self.worker.join, 10)
+
+    # ----- the worker -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            with self.wake:
+                while not (self.stopping or self.pending or self.batch or self.controls):
+                    self.wake.wait()
+                if self.stopping:
+                    return
+                if self.controls:
+                    self.apply_controls()
+                fresh = self.take_pending()
+            try:
+                with torch.inference_mode():
+                    self.step(fresh)
+            except Exception as err:  # keep serving: fail the rows of this batch, not the engine
+                log.exception("generation step failed")
+                for row in fresh + (self.batch.rows if self.batch else []):
+                    row.done = True
+                    row.send(EngineError(f"generation failed: {err}"))
+                self.batch = None
+
+    def take_pending(self) -> list[Row]:
+        self.pending = [r for r in self.pending if not r.cancelled]
+        room = self.settings.max_batch_size - (len(self.batch.rows) if self.batch else 0)
+        fresh, self.pending = self.pending[:room], self.pending[room:]
+        return fresh
+
+    def step(self, fresh: list[Row]) -> None:
+        self.drop_rows()
+        if fresh:
+            self.batch = merge_batches(self.batch, self.prefill(fresh))
+            self.peak_running = max(self.peak_running, len(self.batch.rows))
+            self.drop_rows()
+        if self.batch:
+            self.decode()
+            self.drop_rows()
+
+    def forward(self, rows: list[Row], input_ids, mask, positions, cache=None):
+        kwargs = {}
+        if self.names:
+            kwargs["adapter_names"] = [row.adapter_key for row in rows]
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            **kwargs,
+        )
+        return out.logits[:, -1, :].float(), out.past_key_values
+
+    def prefill(self, rows: list[Row]) -> Batch:
+        from transformers import DynamicCache
+
+        for row in rows:
+            row.clock.start()
+        width = max(len(r.prompt_ids) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = [[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows]
+        mask = [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows]
+        input_ids = torch.tensor(ids, device=self.device)
+        mask = torch.tensor(mask, device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self.forward(rows, input_ids, mask, positions, DynamicCache())
+        return Batch(rows, cache, mask, self.sample_and_emit(rows, logits))
+
+    def decode(self) -> None:
+        batch = self.batch
+        positions = batch.mask.sum(-1, keepdim=True)
+        batch.mask = torch.cat([batch.mask, torch.ones_like(positions)], dim=-1)
+        logits, batch.cache = self.forward(
+            batch.rows, batch.next_tokens, batch.mask, positions, batch.cache
+        )
+        batch.next_tokens = self.sample_and_emit(batch.rows, logits)
+
+    def sample_and_emit(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
+        tokens = [sample(logits[i], row.request.params, row.rng) for i, row in enumerate(rows)]
+        for row, token in zip(rows, tokens):
+            self.emit(row, token)
+        return torch.tensor(tokens, device=self.device).unsqueeze(-1)
+
+    def emit(self, row: Row, token: int) -> None:
+        row.clock.token()
+        row.generated.append(token)
+        self.generated_tokens += 1
+        params = row.request.params
+        is_eos = token in self.eos_ids and not params.ignore_eos
+        delta = "" if is_eos else row.text.push(token)
+        finish = None
+        if is_eos or row.text.stopped:
+            finish = "stop"
+        elif len(row.generated) >= params.max_tokens:
+            finish = "length"
+        if finish is None:
+            row.send(Chunk(delta, [token]))
+            return
+        row.done = True
+        usage = Usage(len(row.prompt_ids), len(row.generated))
+        tail = delta + row.text.flush()
+        row.send(Chunk(tail, [token], finish, usage, row.clock.timings(len(row.generated))))
+
+    def drop_rows(self) -> None:
+        if not self.batch:
+            return
+        keep = [i for i, row in enumerate(self.batch.rows) if not (row.done or row.cancelled)]
+        if len(keep) == len(self.batch.rows):
+            return
+        self.batch = select_rows(self.batch, keep) if keep else None
+
+
+def sample(logits: torch.Tensor, params, rng: torch.Generator | None) -> int:
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if params.top_k:
+        cutoff = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < cutoff, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs.cpu(), 1, generator=rng))
+
+
+def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(k, v) for k, v, *_ in cache]
+
+
+def build_cache(tensors: list[tuple[torch.Tensor, torch.Tensor]]):
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=tensors)
+
+
+def select_rows(batch: Batch, keep: list[int]) -> Batch:
+    """Keep some rows, and trim left-padding columns no remaining row needs."""
+    index = torch.tensor(keep, device=batch.mask.device)
+    mask = batch.mask[index]
+    start = int((mask.sum(0) > 0).nonzero()[0])
+    tensors = [(k[index, :, start:], v[index, :, start:]) for k, v in cache_tensors(batch.cache)]
+    return Batch(
+        [batch.rows[i] for i in keep], build_cache(tensors), mask[:, start:], batch.next_tokens[index]
+    )
+
+
+def merge_batches(running: Batch | None, fresh: Batch) -> Batch:
+    """Join two batches by left-padding the shorter one's cache and mask."""
+    if running is None:
+        return fresh
+    width = max(running.mask.shape[1], fresh.mask.shape[1])
+    tensors = [
+        (torch.cat([left_pad(ka, width), left_pad(kb, width)]),
+         torch.cat([left_pad(va, width), left_pad(vb, width)]))
+        for (ka, va), (kb, vb) in zip(cache_tensors(running.cache), cache_tensors(fresh.cache))
+    ]  # fmt: skip
+    mask = torch.cat([left_pad(running.mask, width), left_pad(fresh.mask, width)])
+    tokens = torch.cat([running.next_tokens, fresh.next_tokens])
+    return Batch(running.rows + fresh.rows, build_cache(tensors), mask, tokens)
+
+
+def left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad the sequence axis (-2 for K/V, -1 for a mask) on the left with zeros."""
+    axis = -1 if t.dim() == 2 else -2
+    missing = width - t.shape[axis]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[axis] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=axis)
+

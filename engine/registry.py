@@ -1,0 +1,264 @@
+"""adapters.yaml: the base model, the engine settings and every adapter, validated.
+
+    python -m engine.registry adapters.yaml     # validate a registry file and list its adapters
+
+Errors name the entry and the field, e.g. ``adapters[1] 'spam' → path: no such directory``.
+Relative paths resolve against the folder of the YAML file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+import sys
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+BASE_MODEL_ALIAS = "base"
+
+
+class RegistryError(ValueError):
+    """adapters.yaml is invalid; the message lists every problem, one per line."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class BaseSpec(Strict):
+    model: str = "smollm2"
+    """``smollm2`` (the packaged SmolLM2-135M-Instruct GGUF, converted once to a cached bf16
+    safetensors dir), a local Hugging Face-format directory, or a hub id."""
+    name: str | None = None
+    """Model id shown by the API (``/v1/models``); defaults to the model's folder or hub name."""
+    chat_template: bool = True
+    """Wrap prompts from the chat endpoint and the app in the tokenizer's chat template."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype. ``auto``: float32 on CPU (fastest there and batch-exact), bfloat16 on GPU."""
+
+
+class SGLangSettings(Strict):
+    max_loras_per_batch: int = Field(8, ge=1)
+    """Distinct adapters one running batch may hold (the base model counts as one)."""
+    max_loaded_loras: int | None = Field(None, ge=1)
+    """Adapters kept in host memory at once (LRU eviction); ``None`` = all; must be
+    >= max_loras_per_batch."""
+    lora_backend: Literal["csgmv", "triton", "torch_native"] = "csgmv"
+    """Multi-LoRA kernel backend."""
+    max_lora_rank: int | None = Field(None, ge=1)
+    """Largest rank a hot-loaded adapter may have; ``None`` = inferred from the adapters."""
+    lora_target_modules: list[str] | None = None
+    """Modules hot-loaded adapters may target; ``None`` = inferred from the adapters."""
+    attention_backend: str = "triton"
+    """SGLang attention kernels; the offline bundle has no FA3, so triton."""
+    sampling_backend: str = "pytorch"
+    """SGLang sampling kernels."""
+    mem_fraction_static: float = Field(0.8, gt=0.0, lt=1.0)
+    """Fraction of GPU memory for weights + KV cache."""
+    cuda_graph: bool = True
+    """Capture CUDA graphs for decode (slower start, faster decode)."""
+    chunked_prefill_size: int | None = None
+    """Prefill chunk size in tokens; ``None`` = SGLang's default."""
+    tp_size: int = Field(1, ge=1)
+    """Tensor-parallel GPUs."""
+    dp_size: int = Field(1, ge=1)
+    """Data-parallel replicas."""
+    extra: dict = Field(default_factory=dict)
+    """Any further ``sglang.Engine`` keyword arguments, passed through unchanged."""
+
+
+class HFSettings(Strict):
+    max_batch_size: int = Field(16, ge=1)
+    """Rows (requests) decoded together; adapters and base rows mix freely in one batch."""
+    threads: int | None = Field(None, ge=1)
+    """torch CPU threads; ``None`` = torch's default."""
+
+
+class EngineSpec(Strict):
+    backend: Literal["auto", "sglang", "hf"] = "auto"
+    """``auto`` picks SGLang when CUDA and sglang are present, else the CPU default (hf)."""
+    sglang: SGLangSettings = Field(default_factory=SGLangSettings)
+    """Settings of the SGLang backend."""
+    hf: HFSettings = Field(default_factory=HFSettings)
+    """Settings of the CPU default backend (transformers + peft)."""
+
+
+class GenerationDefaults(Strict):
+    max_tokens: int = Field(128, ge=1)
+    """Default output length for this adapter."""
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    """Default temperature; 0 = greedy."""
+    stop: list[str] = Field(default_factory=list)
+    """Default stop strings."""
+
+
+class EvalScore(Strict):
+    metric: str
+    """Primary metric name (accuracy, exact_match, execution_accuracy, ...)."""
+    score: float
+    """Fine-tuned score on the held-out test split."""
+    base_score: float | None = None
+    """Base model's score on the same split."""
+    n: int | None = None
+    """Number of test examples."""
+
+
+class AdapterSpec(Strict):
+    name: str
+    """Unique slug: lower-case letters, digits, ``-`` and ``_``; the API's model id."""
+    path: Path
+    """Directory with ``adapter_config.json`` and ``adapter_model.safetensors``."""
+    task: str = ""
+    """Short task name (sentiment, spam, text-to-sql, ...)."""
+    category: str = "general"
+    """Group shown by the app's category picker."""
+    description: str = ""
+    """One or two sentences for the adapter card."""
+    template: str = "{input}"
+    """Prompt template with named ``{fields}``; the app shows one input per field."""
+    examples: list[dict[str, str]] = Field(default_factory=list)
+    """Example values of the template's fields."""
+    generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    """Default generation parameters."""
+    eval: EvalScore | None = None
+    """Held-out evaluation score vs the base model, if measured."""
+
+    @field_validator("name")
+    @classmethod
+    def name_is_slug(cls, name: str) -> str:
+        if not SLUG.match(name):
+            raise ValueError("must be a slug: a-z, 0-9, '-', '_' (max 64 chars)")
+        if name == BASE_MODEL_ALIAS:
+            raise ValueError(f"'{BASE_MODEL_ALIAS}' is reserved for the base model")
+        return name
+
+    @field_validator("template")
+    @classmethod
+    def template_parses(cls, template: str) -> str:
+        fields = template_fields(template)
+        if not fields:
+            raise ValueError("needs at least one {field}")
+        return template
+
+    def render(self, values: dict[str, str]) -> str:
+        missing = [f for f in template_fields(self.template) if f not in values]
+        if missing:
+            raise KeyError(f"template of '{self.name}' needs fields {missing}")
+        return self.template.format(**values)
+
+
+class Registry(Strict):
+    base: BaseSpec = Field(default_factory=BaseSpec)
+    """The one base model every adapter is trained on."""
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    """Backend choice and its settings."""
+    adapters: list[AdapterSpec] = Field(default_factory=list)
+    """The adapters served at start."""
+
+    def adapter(self, name: str) -> AdapterSpec:
+        for spec in self.adapters:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+
+def template_fields(template: str) -> list[str]:
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(f"is not a valid template: {err}") from err
+    names = [name for _, name, _, _ in parsed if name is not None]
+    if any(not n.isidentifier() for n in names):
+        raise ValueError("fields must be named, e.g. {review}")
+    return list(dict.fromkeys(names))
+
+
+def load_registry(path: str | Path) -> Registry:
+    """Read, validate and resolve an adapters.yaml; raise ``RegistryError`` naming each problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise RegistryError(f"{path}: cannot read: {err}") from err
+    if not isinstance(raw, dict):
+        raise RegistryError(f"{path}: top level must be a mapping")
+    try:
+        registry = Registry.model_validate(raw)
+    except ValidationError as err:
+        raise RegistryError(format_validation_error(path, raw, err)) from None
+    problems = check_adapters(registry, path.parent)
+    if problems:
+        raise RegistryError(f"{path}:\n  " + "\n  ".join(problems))
+    return registry
+
+
+def format_validation_error(path: Path, raw: dict, err: ValidationError) -> str:
+    lines = [f"{path}: {err.error_count()} problem(s):"]
+    for e in err.errors():
+        loc = e["loc"]
+        where = ".".join(str(p) for p in loc)
+        if len(loc) >= 2 and loc[0] == "adapters" and isinstance(loc[1], int):
+            where = entry_label(raw, loc[1]) + " → " + ".".join(str(p) for p in loc[2:])
+        message = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def entry_label(raw: dict, index: int) -> str:
+    entries = raw.get("adapters") or []
+    name = entries[index].get("name") if isinstance(entries[index], dict) else None
+    return f"adapters[{index}]" + (f" '{name}'" if name else "")
+
+
+def check_adapters(registry: Registry, root: Path) -> list[str]:
+    """Resolve relative paths and check names are unique and directories hold an adapter."""
+    problems, seen = [], {}
+    for i, spec in enumerate(registry.adapters):
+        label = f"adapters[{i}] '{spec.name}'"
+        if spec.name in seen:
+            problems.append(f"{label} → name: duplicate of adapters[{seen[spec.name]}]")
+        seen.setdefault(spec.name, i)
+        if not spec.path.is_absolute():
+            spec.path = (root / spec.path).resolve()
+        problems += [f"{label} → path: {p}" for p in adapter_dir_problems(spec.path)]
+        for j, example in enumerate(spec.examples):
+            missing = set(template_fields(spec.template)) - set(example)
+            if missing:
+                problems.append(f"{label} → examples[{j}]: missing fields {sorted(missing)}")
+    return problems
+
+
+def adapter_dir_problems(path: Path) -> list[str]:
+    if not path.is_dir():
+        return [f"no such directory: {path}"]
+    if not (path / "adapter_config.json").is_file():
+        return [f"no adapter_config.json in {path}"]
+    if not any(path.glob("adapter_model.*")):
+        return [f"no adapter_model.safetensors in {path}"]
+    try:
+        json.loads((path / "adapter_config.json").read_text())
+    except json.JSONDecodeError as err:
+        return [f"adapter_config.json is not valid JSON: {err}"]
+    return []
+
+
+def main(argv: list[str]) -> int:
+    path = argv[0] if argv else "adapters.yaml"
+    try:
+        registry = load_registry(path)
+    except RegistryError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(f"{path}: ok — base {registry.base.model}, backend {registry.engine.backend}")
+    for spec in registry.adapters:
+        print(f"  {spec.name:24s} {spec.category:16s} {spec.task}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

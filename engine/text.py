@@ -1,0 +1,67 @@
+"""Prompt → token ids, and token ids → streamed text deltas with stop strings (shared by backends)."""
+
+from __future__ import annotations
+
+from .interface import GenerationRequest
+
+
+def prompt_token_ids(tokenizer, request: GenerationRequest, chat_template: bool) -> list[int]:
+    """Chat messages go through the tokenizer's chat template; a raw prompt is tokenized as is."""
+    if request.messages is not None:
+        if chat_template and tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template(
+                request.messages, add_generation_prompt=True, tokenize=True
+            )
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        text = "\n".join(m["content"] for m in request.messages)
+        return tokenizer.encode(text)
+    return tokenizer.encode(request.prompt)
+
+
+class TextStream:
+    """Turns generated token ids into text deltas.
+
+    Holds back an incomplete UTF-8 sequence (decoded as U+FFFD) and any tail that could be the
+    start of a stop string; once a stop string appears the text is cut before it.
+    """
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        cut = self.stop_position(text)
+        if cut is not None:
+            self.stopped = True
+            return self.take(text[:cut])
+        return self.take(text[: len(text) - self.held_back(text)])
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        return self.take(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def take(self, text: str) -> str:
+        delta = text[self.emitted :]
+        self.emitted = max(self.emitted, len(text))
+        return delta
+
+    def stop_position(self, text: str) -> int | None:
+        hits = [text.find(s, max(0, self.emitted - len(s))) for s in self.stop]
+        hits = [h for h in hits if h >= 0]
+        return min(hits) if hits else None
+
+    def held_back(self, text: str) -> int:
+        longest = 0
+        for s in self.stop:
+            for n in range(1, len(s)):
+                if text.endswith(s[:n]):
+                    longest = max(longest, n)
+        return longest

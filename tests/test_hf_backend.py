@@ -1,0 +1,161 @@
+"""The CPU default backend on the real SmolLM2 with real peft adapters (no mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+
+import pytest
+
+from engine import (
+    AdapterLoadError,
+    AdapterNotFoundError,
+    GenerationRequest,
+    InvalidRequestError,
+    PromptTooLongError,
+    SamplingParams,
+)
+
+QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
+
+
+def chat(adapter=None, content=None, max_tokens=16, **params) -> GenerationRequest:
+    messages = [{"role": "user", "content": content}] if content else QUESTION
+    return GenerationRequest(
+        adapter=adapter, messages=messages, params=SamplingParams(max_tokens=max_tokens, **params)
+    )
+
+
+async def collect(engine, request):
+    return [chunk async for chunk in engine.stream(request)]
+
+
+def test_stream_deltas_join_to_the_full_text(hf_engine):
+    chunks = asyncio.run(collect(hf_engine, chat("alpha", max_tokens=24)))
+    whole = asyncio.run(hf_engine.complete(chat("alpha", max_tokens=24)))
+    assert len(chunks) > 1
+    assert "".join(c.text for c in chunks) == whole.text
+    assert [t for c in chunks for t in c.token_ids] == whole.token_ids
+    last = chunks[-1]
+    assert last.finish_reason in {"stop", "length"}
+    assert last.usage.completion_tokens == len(whole.token_ids)
+    assert last.timings.ttft_s > 0 and last.timings.e2e_s >= last.timings.ttft_s
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+def test_adapter_output_differs_from_base(hf_engine):
+    base = asyncio.run(hf_engine.complete(chat(None)))
+    alpha = asyncio.run(hf_engine.complete(chat("alpha")))
+    beta = asyncio.run(hf_engine.complete(chat("beta")))
+    assert base.token_ids != alpha.token_ids
+    assert alpha.token_ids != beta.token_ids
+
+
+def test_mixed_batch_rows_match_running_alone(hf_engine):
+    requests = [
+        chat("alpha", "Write a haiku about the sea.", max_tokens=20),
+        chat("beta", "What is 2 + 2?", max_tokens=20),
+        chat(None, "Give one tip for a job interview, in detail please.", max_tokens=20),
+    ]
+    alone = [asyncio.run(hf_engine.complete(r)).token_ids for r in requests]
+    hf_engine.peak_running = 0
+    together = asyncio.run(hf_engine.generate(requests))
+    assert hf_engine.peak_running == 3, "the three requests did not share a batch"
+    assert [c.token_ids for c in together] == alone
+
+
+def test_request_joining_a_running_batch_matches_alone(hf_engine):
+    first = chat("alpha", "Tell me a long story about a fox.", max_tokens=40, ignore_eos=True)
+    second = chat("beta", "Hello!", max_tokens=12)
+    alone = [asyncio.run(hf_engine.complete(r)).token_ids for r in (first, second)]
+
+    async def staggered():
+        running = asyncio.create_task(hf_engine.complete(first))
+        while hf_engine.stats()["running"] == 0:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # the first row is mid-decode when the second arrives
+        return await asyncio.gather(running, hf_engine.complete(second))
+
+    results = asyncio.run(staggered())
+    assert [r.token_ids for r in results] == alone
+
+
+def test_unknown_adapter_is_an_error_not_the_base_model(hf_engine):
+    with pytest.raises(AdapterNotFoundError, match="nope"):
+        asyncio.run(collect(hf_engine, chat("nope")))
+
+
+def test_cancelling_a_stream_stops_generation(hf_engine):
+    async def read_three_then_leave():
+        stream = hf_engine.stream(chat("alpha", max_tokens=400, ignore_eos=True))
+        for _ in range(3):
+            await stream.__anext__()
+        await stream.aclose()
+        for _ in range(200):
+            if hf_engine.stats()["running"] == 0:
+                break
+            await asyncio.sleep(0.01)
+
+    before = hf_engine.stats()["generated_tokens"]
+    asyncio.run(read_three_then_leave())
+    assert hf_engine.stats()["running"] == 0
+    settled = hf_engine.stats()["generated_tokens"]
+    time.sleep(0.3)
+    assert hf_engine.stats()["generated_tokens"] == settled
+    assert settled - before < 100, "generation went on after the client left"
+
+
+def test_load_use_and_unload_at_run_time(hf_engine, adapter_dirs, tmp_path):
+    copy = shutil.copytree(adapter_dirs["beta"], tmp_path / "gamma")
+    expected = asyncio.run(hf_engine.complete(chat("beta"))).token_ids
+    asyncio.run(hf_engine.load_adapter("gamma", str(copy)))
+    assert "gamma" in hf_engine.adapters()
+    assert asyncio.run(hf_engine.complete(chat("gamma"))).token_ids == expected
+    asyncio.run(hf_engine.unload_adapter("gamma"))
+    assert "gamma" not in hf_engine.adapters()
+    with pytest.raises(AdapterNotFoundError):
+        asyncio.run(hf_engine.complete(chat("gamma")))
+    assert asyncio.run(hf_engine.complete(chat("beta"))).token_ids == expected
+
+
+def test_bad_adapter_loads_are_refused_and_serving_goes_on(hf_engine, tmp_path):
+    with pytest.raises(AdapterLoadError, match="no such directory"):
+        asyncio.run(hf_engine.load_adapter("ghost", str(tmp_path / "missing")))
+    with pytest.raises(AdapterLoadError, match="already loaded"):
+        asyncio.run(hf_engine.load_adapter("alpha", str(tmp_path)))
+    with pytest.raises(AdapterLoadError, match="slug"):
+        asyncio.run(hf_engine.load_adapter("Bad Name", str(tmp_path)))
+    assert asyncio.run(hf_engine.complete(chat("alpha", max_tokens=2))).usage.completion_tokens
+
+
+def test_finish_reasons_stop_strings_and_limits(hf_engine):
+    capped = asyncio.run(hf_engine.complete(chat(None, max_tokens=3, ignore_eos=True)))
+    assert capped.finish_reason == "length" and capped.usage.completion_tokens == 3
+    free = asyncio.run(hf_engine.complete(chat(None, max_tokens=60)))
+    word = free.text.split()[2]
+    stopped = asyncio.run(hf_engine.complete(chat(None, max_tokens=60, stop=[word])))
+    assert stopped.finish_reason == "stop"
+    assert word not in stopped.text and free.text.startswith(stopped.text)
+
+
+def test_bad_requests_raise_clear_errors(hf_engine):
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        asyncio.run(hf_engine.complete(chat(None, temperature=-1)))
+    with pytest.raises(PromptTooLongError, match="context"):
+        asyncio.run(hf_engine.complete(chat(None, max_tokens=10**6)))
+    with pytest.raises(InvalidRequestError, match="prompt"):
+        asyncio.run(hf_engine.complete(GenerationRequest(adapter=None)))
+
+
+def test_seeded_sampling_is_reproducible(hf_engine):
+    request = chat("alpha", max_tokens=12, temperature=0.9, seed=7)
+    first = asyncio.run(hf_engine.complete(request)).token_ids
+    again = asyncio.run(hf_engine.complete(chat("alpha", max_tokens=12, temperature=0.9, seed=7)))
+    assert again.token_ids == first
+
+
+def test_health_answers_a_one_token_generation(hf_engine):
+    health = asyncio.run(hf_engine.health())
+    assert health["ok"] and health["backend"] == "hf"
+    assert set(health["adapters"]) >= {"alpha", "beta"}
