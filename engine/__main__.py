@@ -1,9 +1,9 @@
 """Stream one completion from an adapter (or the base model) to the terminal.
 
-    python -m engine --adapter NAME "prompt"            # chat-formatted prompt, streamed
-    python -m engine --adapter NAME --field review="A joyless slog."   # fill the adapter's template
-    python -m engine --list                             # the adapters adapters.yaml serves
-    python -m engine "prompt"                           # the base model
+python -m engine --adapter NAME "prompt"            # chat-formatted prompt, streamed
+python -m engine --adapter NAME --field review="A joyless slog."   # fill the adapter's template
+python -m engine --list                             # validate adapters.yaml, list adapters
+python -m engine "prompt"                           # the base model
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import logging
 import sys
 
 from . import AdapterNotFoundError, EngineError, GenerationRequest, SamplingParams, build_engine
+from .base_model import resolve_base
+from .factory import check_fit
 from .registry import RegistryError, load_registry
 
 
@@ -33,7 +35,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def build_request(args: argparse.Namespace, registry) -> GenerationRequest:
-    spec = registry.adapter(args.adapter) if args.adapter in {a.name for a in registry.adapters} else None
+    spec = (
+        registry.adapter(args.adapter)
+        if args.adapter in {a.name for a in registry.adapters}
+        else None
+    )
     text = args.prompt
     if args.field:
         if spec is None:
@@ -54,6 +60,8 @@ def build_request(args: argparse.Namespace, registry) -> GenerationRequest:
 async def run(args: argparse.Namespace) -> int:
     registry = load_registry(args.config)
     if args.list:
+        check_fit(registry, resolve_base(registry.base.model))
+        print(f"{args.config}: valid, base {registry.base.model}")
         for spec in registry.adapters:
             print(f"{spec.name:24s} {spec.category:16s} {spec.description}")
         return 0

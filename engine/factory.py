@@ -1,4 +1,4 @@
-"""Build the engine adapters.yaml describes: resolve the base, check adapters fit, pick a backend."""
+"""Build the engine adapters.yaml describes: resolve base, check adapters fit, pick a backend."""
 
 from __future__ import annotations
 

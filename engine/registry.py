@@ -1,6 +1,6 @@
 """adapters.yaml: the base model, the engine settings and every adapter, validated.
 
-    python -m engine.registry adapters.yaml     # validate a registry file and list its adapters
+    python -m engine --list --config adapters.yaml     # validate a registry and list its adapters
 
 Errors name the entry and the field, e.g. ``adapters[1] 'spam' → path: no such directory``.
 Relative paths resolve against the folder of the YAML file.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import string
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -245,20 +244,3 @@ def adapter_dir_problems(path: Path) -> list[str]:
     except json.JSONDecodeError as err:
         return [f"adapter_config.json is not valid JSON: {err}"]
     return []
-
-
-def main(argv: list[str]) -> int:
-    path = argv[0] if argv else "adapters.yaml"
-    try:
-        registry = load_registry(path)
-    except RegistryError as err:
-        print(err, file=sys.stderr)
-        return 1
-    print(f"{path}: ok — base {registry.base.model}, backend {registry.engine.backend}")
-    for spec in registry.adapters:
-        print(f"  {spec.name:24s} {spec.category:16s} {spec.task}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

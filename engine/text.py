@@ -1,4 +1,4 @@
-"""Prompt → token ids, and token ids → streamed text deltas with stop strings (shared by backends)."""
+"""Prompt → token ids, and token ids → streamed text deltas with stop strings (both backends)."""
 
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ import asyncio
 import json
 
 import pytest
-import torch
 
 from engine.base_model import resolve_base
+from engine.random_adapter import make_peft_adapter
 
 LORA_SETS = {
     "alpha": {"r": 8, "target_modules": ["q_proj", "v_proj"], "seed": 1},
@@ -21,24 +21,12 @@ def base_dir() -> str:
     return resolve_base("smollm2")
 
 
-def make_peft_adapter(base_dir: str, out, r: int, target_modules: list[str], seed: int) -> str:
-    """A real peft LoRA with random (non-zero) B, so it changes the model's output."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=target_modules, init_lora_weights=False
-    )
-    get_peft_model(model, config).save_pretrained(out)
-    return str(out)
-
-
 @pytest.fixture(scope="session")
 def adapter_dirs(base_dir, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("adapters")
-    return {name: make_peft_adapter(base_dir, root / name, **spec) for name, spec in LORA_SETS.items()}
+    return {
+        name: make_peft_adapter(base_dir, root / name, **spec) for name, spec in LORA_SETS.items()
+    }
 
 
 @pytest.fixture(scope="session")

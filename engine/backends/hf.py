@@ -102,6 +102,7 @@ class HFEngine(Engine):
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.eos_ids = self.find_eos_ids()
         self.names: set[str] = set()
+        self.adapter_paths: dict[str, str] = {}
         for name, path in (adapters or {}).items():
             self.attach_adapter(name, path)
         self.pending: list[Row] = []
@@ -141,6 +142,7 @@ class HFEngine(Engine):
             self.model.load_adapter(path, adapter_name=name)
         self.model.eval()
         self.names.add(name)
+        self.adapter_paths[name] = str(path)
 
     def check_loadable(self, name: str, path: Path) -> None:
         if not SLUG.match(name):
@@ -159,6 +161,7 @@ class HFEngine(Engine):
         else:
             self.model = self.model.unload()
         self.names.discard(name)
+        self.adapter_paths.pop(name, None)
 
     async def load_adapter(self, name: str, path: str) -> None:
         await self.control("load", name, path)
@@ -393,7 +396,10 @@ def select_rows(batch: Batch, keep: list[int]) -> Batch:
     start = int((mask.sum(0) > 0).nonzero()[0])
     tensors = [(k[index, :, start:], v[index, :, start:]) for k, v in cache_tensors(batch.cache)]
     return Batch(
-        [batch.rows[i] for i in keep], build_cache(tensors), mask[:, start:], batch.next_tokens[index]
+        [batch.rows[i] for i in keep],
+        build_cache(tensors),
+        mask[:, start:],
+        batch.next_tokens[index],
     )
 
 
@@ -421,4 +427,3 @@ def left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[axis] = missing
     return torch.cat([t.new_zeros(shape), t], dim=axis)
-

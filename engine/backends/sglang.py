@@ -4,7 +4,8 @@ Adapters from the registry are passed as ``lora_paths``; SGLang batches requests
 adapters together (up to ``max_loras_per_batch`` distinct ones per batch), keeps at most
 ``max_loaded_loras`` in memory with LRU eviction, and hot-loads/unloads at run time.
 SGLang's stream chunks are cumulative; ``DeltaTracker`` turns them into deltas.
-``sglang.Engine`` spawns processes: scripts that build this backend need ``if __name__ == "__main__":``.
+``sglang.Engine`` spawns processes: scripts that build this backend need a
+``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from ..registry import SLUG, SGLangSettings, adapter_dir_problems
 from ..text import prompt_token_ids
 
 log = logging.getLogger(__name__)
+UNSUPPORTED_FLOAT32 = (
+    "SGLang 0.5.17 cannot run float32 (its rmsnorm kernel has no float32 path and the scheduler "
+    "dies); use bfloat16 (auto) or float16, which matches the CPU backend's greedy tokens closely"
+)
 
 
 def engine_kwargs(
@@ -39,7 +44,9 @@ def engine_kwargs(
         "model_path": base_dir,
         "dtype": dtype,
         "enable_lora": True,
-        "lora_paths": [{"lora_name": n, "lora_path": p, "pinned": False} for n, p in adapters.items()],
+        "lora_paths": [
+            {"lora_name": n, "lora_path": p, "pinned": False} for n, p in adapters.items()
+        ],
         "max_loras_per_batch": settings.max_loras_per_batch,
         "lora_backend": settings.lora_backend,
         "attention_backend": settings.attention_backend,
@@ -128,6 +135,8 @@ class SGLangEngine(Engine):
         import sglang
         from transformers import AutoConfig, AutoTokenizer
 
+        if dtype == "float32":
+            raise EngineError(UNSUPPORTED_FLOAT32)
         self.settings = settings or SGLangSettings()
         self.base_dir = base_dir
         self.base_model_id = base_model_id
@@ -139,8 +148,11 @@ class SGLangEngine(Engine):
         for name, path in adapters.items():
             self.check_loadable(name, Path(path), loaded=set())
         self.names = set(adapters)
+        self.adapter_paths = dict(adapters)
         kwargs = engine_kwargs(self.settings, base_dir, adapters, dtype)
-        log.info("starting sglang.Engine with %s", {k: v for k, v in kwargs.items() if k != "lora_paths"})
+        log.info(
+            "starting sglang.Engine with %s", {k: v for k, v in kwargs.items() if k != "lora_paths"}
+        )
         self.engine = sglang.Engine(**kwargs)
         for name, path in list(adapters.items())[len(kwargs["lora_paths"]) :]:
             self.engine.load_lora_adapter(name, path)  # registered beyond max_loaded_loras
@@ -164,10 +176,12 @@ class SGLangEngine(Engine):
         if not getattr(result, "success", True):
             raise AdapterLoadError(f"SGLang could not load '{name}': {result.error_message}")
         self.names.add(name)
+        self.adapter_paths[name] = str(path)
 
     async def unload_adapter(self, name: str) -> None:
         self.check_adapter(name)
         self.names.discard(name)
+        self.adapter_paths.pop(name, None)
         result = await self.engine.async_unload_lora_adapter(name)
         if not getattr(result, "success", True):
             raise AdapterLoadError(f"SGLang could not unload '{name}': {result.error_message}")

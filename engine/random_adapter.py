@@ -1,0 +1,22 @@
+"""Random (non-zero) peft LoRA adapters for tests and backend checks: they change the output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def make_peft_adapter(
+    base_dir: str, out: str | Path, r: int, target_modules: list[str], seed: int
+) -> str:
+    """Save a real peft LoRA with ``init_lora_weights=False`` (random A and B) to ``out``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=target_modules, init_lora_weights=False
+    )
+    get_peft_model(model, config).save_pretrained(str(out))
+    return str(out)

@@ -1,0 +1,66 @@
+"""SGLang backend logic that runs without a GPU: registry → Engine kwargs, chunks → deltas."""
+
+from __future__ import annotations
+
+from engine.backends.sglang import DeltaTracker, engine_kwargs, finish_reason, sampling_params
+from engine.interface import SamplingParams
+from engine.registry import SGLangSettings
+
+
+def test_engine_kwargs_carry_the_registry_settings():
+    settings = SGLangSettings(max_loras_per_batch=4, max_loaded_loras=6, cuda_graph=False)
+    kwargs = engine_kwargs(settings, "/m", {"a": "/a", "b": "/b"})
+    assert kwargs["model_path"] == "/m" and kwargs["enable_lora"] is True
+    assert kwargs["lora_paths"] == [
+        {"lora_name": "a", "lora_path": "/a", "pinned": False},
+        {"lora_name": "b", "lora_path": "/b", "pinned": False},
+    ]
+    assert kwargs["max_loras_per_batch"] == 4 and kwargs["max_loaded_loras"] == 6
+    assert kwargs["lora_backend"] == "csgmv" and kwargs["disable_cuda_graph"] is True
+    assert kwargs["attention_backend"] == "triton" and kwargs["sampling_backend"] == "pytorch"
+    assert "max_lora_rank" not in kwargs and "chunked_prefill_size" not in kwargs
+
+
+def test_more_adapters_than_max_loaded_start_with_the_first_ones():
+    settings = SGLangSettings(max_loras_per_batch=1, max_loaded_loras=2)
+    kwargs = engine_kwargs(settings, "/m", {n: f"/{n}" for n in "abcd"})
+    assert [p["lora_name"] for p in kwargs["lora_paths"]] == ["a", "b"]
+
+
+def test_no_adapters_still_enables_hot_loading_and_extra_passes_through():
+    settings = SGLangSettings(extra={"enable_metrics": True, "max_lora_chunk_size": 32})
+    kwargs = engine_kwargs(settings, "/m", {})
+    assert kwargs["max_lora_rank"] == 64 and kwargs["lora_target_modules"] == ["all"]
+    assert kwargs["enable_metrics"] is True and kwargs["max_lora_chunk_size"] == 32
+
+
+def test_sampling_params_translate():
+    params = SamplingParams(max_tokens=7, temperature=0.5, top_k=0, stop=["\n"], seed=3)
+    out = sampling_params(params)
+    assert out["max_new_tokens"] == 7 and out["temperature"] == 0.5
+    assert out["top_k"] == -1 and out["stop"] == ["\n"] and out["sampling_seed"] == 3
+    assert "stop" not in sampling_params(SamplingParams())
+
+
+def test_cumulative_chunks_become_deltas():
+    tracker = DeltaTracker()
+    outs = [
+        {"text": "Hel", "output_ids": [1]},
+        {"text": "Hello", "output_ids": [1, 2]},
+        {"text": "Hello", "output_ids": [1, 2, 3]},
+        {"text": "Hello world", "output_ids": [1, 2, 3, 4]},
+    ]
+    deltas = [tracker.update(o) for o in outs]
+    assert deltas == [("Hel", [1]), ("lo", [2]), ("", [3]), (" world", [4])]
+
+
+def test_chunk_after_a_non_incremental_none_text_is_safe():
+    tracker = DeltaTracker()
+    assert tracker.update({"text": None, "output_ids": [5]}) == ("", [5])
+
+
+def test_finish_reasons():
+    assert finish_reason({"finish_reason": None}) is None
+    assert finish_reason({"finish_reason": {"type": "stop", "matched": 2}}) == "stop"
+    assert finish_reason({"finish_reason": {"type": "length", "length": 8}}) == "length"
+    assert finish_reason({"finish_reason": {"type": "abort", "message": "x"}}) == "abort"
