@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -42,3 +43,61 @@ def write_adapter_config(path, **overrides) -> None:
     config = {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"], "lora_alpha": 16}
     config.update(overrides)
     (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+class LiveServer:
+    """A real uvicorn server on a free loopback port, run in a thread."""
+
+    def __init__(self, app):
+        import socket
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def registry_for(adapter_dirs):
+    """A Registry naming the test adapters, with templates and examples for the app."""
+    from engine.registry import Registry
+
+    return Registry.model_validate(
+        {
+            "adapters": [
+                {
+                    "name": "alpha",
+                    "path": adapter_dirs["alpha"],
+                    "task": "sentiment",
+                    "category": "classification",
+                    "description": "Test adapter alpha.",
+                    "template": "Is this review positive or negative?\n{review}",
+                    "examples": [{"review": "A joyless slog."}],
+                    "generation": {"max_tokens": 12},
+                    "eval": {"metric": "accuracy", "score": 0.9, "base_score": 0.5, "n": 10},
+                },
+                {
+                    "name": "beta",
+                    "path": adapter_dirs["beta"],
+                    "task": "qa",
+                    "category": "generation",
+                    "template": "Context: {context}\nQuestion: {question}",
+                    "examples": [{"context": "Paris is in France.", "question": "Where is Paris?"}],
+                    "generation": {"max_tokens": 12},
+                },
+            ]
+        }
+    )

@@ -1,0 +1,300 @@
+"""LoRA Land in a box — the app: pick an adapter, fill its template, watch the fine-tuned and the
+base model answer side by side; chat with any adapter; see the load-test results.
+
+    python app.py                      # UI at http://127.0.0.1:7860/, OpenAI API at /v1 (same port)
+    python app.py --host 0.0.0.0 --port 7860 --config adapters.yaml --backend auto
+
+One process: the engine (SGLang on a GPU, else the CPU default), the HTTP API and the Gradio UI
+(FastAPI with Gradio mounted at /). Deployable as a Hugging Face Space (see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from engine import GenerationRequest, SamplingParams, build_engine
+from engine.interface import Chunk, Engine, EngineError
+from engine.registry import AdapterSpec, Registry, load_registry, template_fields
+from engine.server import create_api
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results" / "loadtest"
+MAX_FIELDS = 4
+ALL = "All categories"
+BASE_CHOICE = "base model"
+
+
+class Catalog:
+    """What the UI shows about each adapter: its registry entry (or a stub for hot-loaded ones)."""
+
+    def __init__(self, engine: Engine, registry: Registry):
+        self.engine, self.registry = engine, registry
+
+    def spec(self, name: str) -> AdapterSpec:
+        for spec in self.registry.adapters:
+            if spec.name == name:
+                return spec
+        path = getattr(self.engine, "adapter_paths", {}).get(name, ".")
+        return AdapterSpec(name=name, path=Path(path), category="hot-loaded", template="{input}")
+
+    def names(self, category: str = ALL) -> list[str]:
+        names = self.engine.adapters()
+        return [n for n in names if category == ALL or self.spec(n).category == category]
+
+    def categories(self) -> list[str]:
+        return [ALL, *sorted({self.spec(n).category for n in self.engine.adapters()})]
+
+    def card(self, name: str | None) -> str:
+        if not name:
+            return "No adapters are loaded. Add some to `adapters.yaml` or hot-load via the API."
+        spec = self.spec(name)
+        lines = [f"### {spec.name}", spec.description or "", ""]
+        lines.append(f"**Task** {spec.task or '—'} · **Category** {spec.category}")
+        lines.append(f"**Base** {self.engine.base_model_id} · {lora_shape(spec.path)}")
+        if spec.eval:
+            e = spec.eval
+            score = f"**{e.metric}** {e.score:.3f} fine-tuned"
+            if e.base_score is not None:
+                score += f" vs {e.base_score:.3f} base ({(e.score - e.base_score) * 100:+.1f} pts)"
+            lines.append(score + (f" on {e.n} held-out examples" if e.n else ""))
+        return "\n\n".join(lines)
+
+
+def lora_shape(path: Path) -> str:
+    try:
+        config = json.loads((Path(path) / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "LoRA"
+    targets = config.get("target_modules") or []
+    targets = ", ".join(sorted(targets)) if isinstance(targets, list) else str(targets)
+    return f"**LoRA** rank {config.get('r')} on {targets}"
+
+
+def stats_line(chunk: Chunk | None, tokens: int) -> str:
+    if chunk is None or chunk.timings is None:
+        return f"{tokens} tokens…"
+    t = chunk.timings
+    ttft = f"{t.ttft_s * 1000:.0f} ms" if t.ttft_s is not None else "—"
+    rate = f"{t.decode_tokens_per_s:.1f} tok/s" if t.decode_tokens_per_s else "— tok/s"
+    u = chunk.usage
+    return (
+        f"TTFT {ttft} · {rate} · {u.prompt_tokens} prompt + {u.completion_tokens} output tokens"
+        f" · finish: {chunk.finish_reason}"
+    )
+
+
+async def side_by_side(engine: Engine, adapter: str, text: str, params: SamplingParams):
+    """Stream the adapter and the base on the same prompt at once; yield both panels each time."""
+    panels = {"tuned": ["", None, 0], "base": ["", None, 0]}
+    updates: asyncio.Queue = asyncio.Queue()
+
+    async def pump(key: str, name: str | None):
+        request = GenerationRequest(
+            adapter=name, messages=[{"role": "user", "content": text}], params=params
+        )
+        try:
+            async with contextlib.aclosing(engine.stream(request)) as chunks:
+                async for chunk in chunks:
+                    panel = panels[key]
+                    panel[0] += chunk.text
+                    panel[2] += len(chunk.token_ids)
+                    panel[1] = chunk if chunk.finish_reason else None
+                    await updates.put(key)
+        except EngineError as err:
+            panels[key][0] += f"\n[error: {err}]"
+        finally:
+            await updates.put(None)
+
+    tasks = [asyncio.create_task(pump("tuned", adapter)), asyncio.create_task(pump("base", None))]
+    done = 0
+    try:
+        while done < 2:
+            if await updates.get() is None:
+                done += 1
+            t, b = panels["tuned"], panels["base"]
+            yield t[0], stats_line(t[1], t[2]), b[0], stats_line(b[1], b[2])
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def build_demo(engine: Engine, registry: Registry) -> gr.Blocks:
+    catalog = Catalog(engine, registry)
+    first = (catalog.names() or [None])[0]
+
+    def field_updates(name: str | None) -> list:
+        fields = template_fields(catalog.spec(name).template) if name else []
+        return [
+            gr.update(visible=i < len(fields), label=fields[i] if i < len(fields) else "", value="")
+            for i in range(MAX_FIELDS)
+        ]
+
+    def example_choices(name: str | None) -> list[str]:
+        if not name:
+            return []
+        return [" | ".join(ex.values())[:80] for ex in catalog.spec(name).examples]
+
+    def pick_adapter(name: str | None):
+        template = catalog.spec(name).template if name else ""
+        examples = example_choices(name)
+        return [
+            catalog.card(name),
+            template,
+            gr.update(choices=examples, value=None, visible=bool(examples)),
+            *field_updates(name),
+        ]
+
+    def pick_category(category: str):
+        names = catalog.names(category)
+        return gr.update(choices=names, value=names[0] if names else None)
+
+    def pick_example(name: str | None, label: str | None):
+        if not name or label is None:
+            return [gr.update() for _ in range(MAX_FIELDS)]
+        spec = catalog.spec(name)
+        example = spec.examples[example_choices(name).index(label)]
+        values = [example.get(f, "") for f in template_fields(spec.template)]
+        return [gr.update(value=v) for v in values] + [gr.update()] * (MAX_FIELDS - len(values))
+
+    async def run(name: str | None, *values: str):
+        if not name:
+            raise gr.Error("Pick an adapter first.")
+        spec = catalog.spec(name)
+        fields = template_fields(spec.template)
+        filled = dict(zip(fields, values))
+        if not all(v.strip() for v in filled.values()):
+            raise gr.Error(f"Fill in every field: {', '.join(fields)}")
+        params = SamplingParams(
+            max_tokens=spec.generation.max_tokens,
+            temperature=spec.generation.temperature,
+            stop=spec.generation.stop,
+        )
+        async for update in side_by_side(engine, name, spec.render(filled), params):
+            yield update
+
+    async def chat(message: str, history: list, name: str):
+        adapter = None if name == BASE_CHOICE else name
+        messages = [{"role": m["role"], "content": m["content"]} for m in history]
+        messages.append({"role": "user", "content": message})
+        request = GenerationRequest(
+            adapter=adapter, messages=messages, params=SamplingParams(max_tokens=256)
+        )
+        reply = ""
+        try:
+            async with contextlib.aclosing(engine.stream(request)) as chunks:
+                async for chunk in chunks:
+                    reply += chunk.text
+                    yield reply
+        except EngineError as err:
+            raise gr.Error(str(err)) from err
+
+    with gr.Blocks(title="LoRA Land in a box") as demo:
+        gr.Markdown(f"# LoRA Land in a box\n{backend_banner(engine)}")
+        with gr.Tab("Fine-tuned vs base"):
+            with gr.Row():
+                category = gr.Dropdown(catalog.categories(), value=ALL, label="Category")
+                adapter = gr.Dropdown(catalog.names(), value=first, label="Adapter")
+            card = gr.Markdown(catalog.card(first), elem_id="adapter-card")
+            template = gr.Textbox(
+                catalog.spec(first).template if first else "",
+                label="Prompt template", interactive=False, lines=2,
+            )  # fmt: skip
+            example = gr.Dropdown(
+                example_choices(first), label="Examples", visible=bool(example_choices(first))
+            )
+            fields = [
+                gr.Textbox(lines=3, visible=False, elem_id=f"field-{i}") for i in range(MAX_FIELDS)
+            ]
+            go = gr.Button("Run", variant="primary", elem_id="run")
+            with gr.Row():
+                with gr.Column():
+                    gr.Markdown("#### Fine-tuned")
+                    tuned = gr.Textbox(label="Adapter output", lines=8, elem_id="tuned-output")
+                    tuned_stats = gr.Markdown(elem_id="tuned-stats")
+                with gr.Column():
+                    gr.Markdown("#### Base model")
+                    base = gr.Textbox(label="Base output", lines=8, elem_id="base-output")
+                    base_stats = gr.Markdown(elem_id="base-stats")
+            category.change(pick_category, category, adapter)
+            adapter.change(pick_adapter, adapter, [card, template, example, *fields])
+            example.change(pick_example, [adapter, example], fields)
+            go.click(
+                run, [adapter, *fields], [tuned, tuned_stats, base, base_stats], api_name="compare"
+            )
+            demo.load(lambda n: field_updates(n), adapter, fields)
+        with gr.Tab("Chat"):
+            who = gr.Dropdown([BASE_CHOICE, *catalog.names()], value=BASE_CHOICE, label="Model")
+            gr.ChatInterface(chat, additional_inputs=[who], api_name="chat")
+        with gr.Tab("Benchmarks"):
+            benchmarks_tab()
+    return demo
+
+
+def backend_banner(engine: Engine) -> str:
+    if engine.backend == "sglang":
+        import torch
+
+        return (
+            f"Serving with **SGLang** multi-LoRA batching on **{torch.cuda.get_device_name(0)}**."
+        )
+    return (
+        "Serving with the **CPU default** (transformers + peft, mixed-adapter batches): no GPU "
+        "was found, so answers are slower than on SGLang."
+    )
+
+
+def benchmarks_tab() -> None:
+    summary = RESULTS / "summary.md"
+    plots = sorted(RESULTS.glob("*.png"))
+    if not summary.exists() and not plots:
+        gr.Markdown(
+            "No load-test results yet. Run `python -m loadtest.sweep` (see README) and reload."
+        )
+        return
+    if summary.exists():
+        gr.Markdown(summary.read_text())
+    for plot in plots:
+        gr.Image(str(plot), label=plot.stem, show_label=True)
+
+
+def create_app(engine: Engine, registry: Registry, config_dir: Path):
+    app = create_api(
+        engine,
+        registry,
+        admin_token=os.environ.get("LORALAND_ADMIN_TOKEN"),
+        adapter_root=os.environ.get("LORALAND_ADAPTER_ROOT", config_dir / "adapters"),
+    )
+    demo = build_demo(engine, registry)
+    demo.queue(default_concurrency_limit=int(os.environ.get("LORALAND_UI_CONCURRENCY", "64")))
+    return gr.mount_gradio_app(app, demo, path="/", ssr_mode=False)
+
+
+def main() -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description="LoRA Land in a box: UI + OpenAI API")
+    parser.add_argument("--config", default=str(ROOT / "adapters.yaml"))
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "7860")))
+    parser.add_argument("--backend", choices=["auto", "hf", "sglang"])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    if os.environ.get("SPACE_ID"):  # on a Hugging Face Space the app must listen on all addresses
+        args.host = "0.0.0.0"
+    registry = load_registry(args.config)
+    engine = build_engine(registry, backend=args.backend)
+    app = create_app(engine, registry, Path(args.config).resolve().parent)
+    print(f"LoRA Land in a box: http://{args.host}:{args.port}/ (API /v1, {engine.backend})")
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The OpenAI-compatible API, over real HTTP against a live server on the CPU backend."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import pytest
+
+from engine.server import create_api
+
+BASE = "SmolLM2-135M-Instruct"
+TOKEN = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def server(hf_engine, registry_for, adapter_dirs, tmp_path_factory):
+    from conftest import LiveServer
+
+    root = tmp_path_factory.mktemp("adapter_root")
+    shutil.copytree(adapter_dirs["beta"], root / "gamma")
+    app = create_api(hf_engine, registry_for, admin_token=TOKEN, adapter_root=root)
+    live = LiveServer(app)
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def chat_body(model, stream=False, **extra):
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Name a fruit."}],
+        "max_tokens": 16,
+        "temperature": 0,
+        "stream": stream,
+    }
+    return body | extra
+
+
+def read_sse(response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+@pytest.mark.parametrize("model", ["alpha", BASE])
+def test_chat_streamed_chunks_join_to_the_non_streamed_text(client, model):
+    whole = client.post("/v1/chat/completions", json=chat_body(model)).json()
+    text = whole["choices"][0]["message"]["content"]
+    assert whole["object"] == "chat.completion" and whole["model"] == model
+    assert whole["usage"]["completion_tokens"] > 0
+    body = chat_body(model, stream=True, stream_options={"include_usage": True})
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = read_sse(response)
+    assert events[-1] == "[DONE]"
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    pieces = [e["choices"][0]["delta"].get("content", "") for e in events[1:-1] if e["choices"]]
+    assert "".join(pieces) == text
+    assert events[-2]["choices"] == [] and events[-2]["usage"] == whole["usage"]
+    assert [e for e in events[1:-1] if e["choices"]][-1]["choices"][0]["finish_reason"]
+
+
+@pytest.mark.parametrize("model", ["beta", "base"])
+def test_completions_streamed_and_not(client, model):
+    body = {"model": model, "prompt": "The sky is", "max_tokens": 8, "temperature": 0}
+    whole = client.post("/v1/completions", json=body).json()
+    assert whole["object"] == "text_completion"
+    with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as response:
+        events = read_sse(response)
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == whole["choices"][0]["text"]
+
+
+def test_adapter_answers_differ_from_base_and_sglang_model_form_works(client):
+    def answer(model):
+        body = chat_body(model)
+        return client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+
+    assert answer("alpha") != answer(BASE)
+    assert answer(f"{BASE}:alpha") == answer("alpha")
+
+
+def test_models_lists_base_and_adapter_cards(client):
+    cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert BASE in cards
+    assert cards["alpha"]["parent"] == BASE and cards["alpha"]["task"] == "sentiment"
+    assert cards["alpha"]["category"] == "classification"
+    assert cards["alpha"]["eval"]["score"] == 0.9
+
+
+def error_of(response, status):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    return error
+
+
+def test_unknown_model_is_a_404_not_a_base_answer(client):
+    error = error_of(client.post("/v1/chat/completions", json=chat_body("nope")), 404)
+    assert "'nope' does not exist" in error["message"] and error["param"] == "model"
+
+
+def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(client):
+    bad_json = client.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert "not valid JSON" in error_of(bad_json, 400)["message"]
+    missing = error_of(client.post("/v1/chat/completions", json={"model": "alpha"}), 400)
+    assert missing["param"] == "messages"
+    temp = error_of(
+        client.post("/v1/chat/completions", json=chat_body("alpha", temperature=5)), 400
+    )
+    assert temp["param"] == "temperature"
+    n = error_of(client.post("/v1/chat/completions", json=chat_body("alpha", n=2)), 400)
+    assert n["param"] == "n"
+    long = chat_body("alpha", max_tokens=100_000)
+    assert "context" in error_of(client.post("/v1/chat/completions", json=long), 413)["message"]
+    role = chat_body("alpha", messages=[{"role": "wizard", "content": "x"}])
+    assert "role" in error_of(client.post("/v1/chat/completions", json=role), 400)["message"]
+    ok = client.post("/v1/chat/completions", json=chat_body("alpha", max_tokens=2))
+    assert ok.status_code == 200
+
+
+def test_hot_load_use_unload(client):
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    assert client.post("/v1/adapters", json={"name": "gamma", "path": "gamma"}).status_code == 401
+    outside = client.post("/v1/adapters", json={"name": "x", "path": "/etc"}, headers=auth)
+    assert "adapter root" in error_of(outside, 403)["message"]
+    missing = client.post("/v1/adapters", json={"name": "x", "path": "nothing"}, headers=auth)
+    assert "no such directory" in error_of(missing, 422)["message"]
+    loaded = client.post("/v1/adapters", json={"name": "gamma", "path": "gamma"}, headers=auth)
+    assert loaded.status_code == 200 and "gamma" in loaded.json()["adapters"]
+    gamma = client.post("/v1/chat/completions", json=chat_body("gamma")).json()
+    beta = client.post("/v1/chat/completions", json=chat_body("beta")).json()
+    assert gamma["choices"][0]["message"] == beta["choices"][0]["message"]
+    assert "gamma" in {m["id"] for m in client.get("/v1/models").json()["data"]}
+    assert client.delete("/v1/adapters/gamma", headers=auth).status_code == 200
+    error_of(client.post("/v1/chat/completions", json=chat_body("gamma")), 404)
+    error_of(client.delete("/v1/adapters/gamma", headers=auth), 404)
+
+
+def test_client_disconnect_cancels_the_generation(client, hf_engine):
+    body = chat_body("alpha", stream=True, max_tokens=400, ignore_eos=True)
+    before = hf_engine.stats()["generated_tokens"]
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        lines = response.iter_lines()
+        for _ in range(4):
+            next(lines)
+    import time
+
+    for _ in range(100):
+        if hf_engine.stats()["running"] == 0:
+            break
+        time.sleep(0.05)
+    assert hf_engine.stats()["running"] == 0
+    assert hf_engine.stats()["generated_tokens"] - before < 200
+
+
+def test_health_and_per_adapter_metrics(client):
+    assert client.get("/health").json()["ok"] is True
+    client.post("/v1/chat/completions", json=chat_body("beta", max_tokens=3))
+    client.post("/v1/chat/completions", json=chat_body("no-such-adapter"))
+    text = client.get("/metrics").text
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert samples['loraland_requests_total{adapter="beta",endpoint="chat",finish="length"}'] >= 1
+    assert samples['loraland_time_to_first_token_seconds_count{adapter="beta"}'] >= 1
+    assert samples['loraland_inter_token_latency_seconds_count{adapter="beta"}'] >= 1
+    assert samples['loraland_generation_tokens_total{adapter="beta"}'] >= 3
+    assert samples['loraland_request_errors_total{adapter="unknown",type="not_found_error"}'] >= 1
+    assert not any("no-such-adapter" in name for name in samples)
+    assert "loraland_adapters_loaded 2.0" in text
