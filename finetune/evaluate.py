@@ -1,0 +1,137 @@
+"""Base model vs each task adapter on the held-out test split, through the engine, greedy.
+
+    python -m finetune.evaluate                          # all tasks, ≤200 test examples each
+    python -m finetune.evaluate --tasks spam sql --limit 50 --out results
+
+Writes ``results/quality.json`` and ``results/quality.md`` (task, metric, base, fine-tuned,
+delta) and, with ``--update-registry``, each adapter's ``eval`` in adapters.yaml (the app's cards).
+Requests go through ``Engine.generate``, the path the API and the app use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from engine import GenerationRequest, SamplingParams, build_engine
+from engine.registry import load_registry
+
+from .data import load_split
+from .registry_update import set_eval
+from .tasks import TASKS, Task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def requests_for(task: Task, examples: list[dict], adapter: str | None) -> list[GenerationRequest]:
+    params = SamplingParams(max_tokens=task.max_tokens, temperature=0.0)
+    return [
+        GenerationRequest(
+            adapter=adapter,
+            messages=[{"role": "user", "content": task.prompt(e["input"])}],
+            params=params,
+        )
+        for e in examples
+    ]
+
+
+async def run_batches(engine, requests: list[GenerationRequest], batch: int, label: str):
+    outputs = []
+    for i in tqdm(range(0, len(requests), batch), desc=label, unit="batch"):
+        outputs += [c.text for c in await engine.generate(requests[i : i + batch])]
+    return outputs
+
+
+def mean_scores(task: Task, outputs: list[str], examples: list[dict]) -> dict[str, float]:
+    scores = [task.score(o, e["target"]) for o, e in zip(outputs, examples, strict=True)]
+    return {k: round(sum(s[k] for s in scores) / len(scores), 4) for k in scores[0]}
+
+
+async def evaluate_task(engine, task: Task, adapter: str, limit: int, batch: int) -> dict:
+    examples = load_split(task.name, "test")[:limit]
+    started = time.perf_counter()
+    base_out = await run_batches(engine, requests_for(task, examples, None), batch, f"{task.name} base")
+    tuned_out = await run_batches(
+        engine, requests_for(task, examples, adapter), batch, f"{task.name} adapter"
+    )
+    base, tuned = mean_scores(task, base_out, examples), mean_scores(task, tuned_out, examples)
+    return {
+        "task": task.name,
+        "adapter": adapter,
+        "metric": task.metric,
+        "n": len(examples),
+        "base": base,
+        "finetuned": tuned,
+        "delta_points": round((tuned[task.metric] - base[task.metric]) * 100, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+        "samples": [
+            {"input": e["input"], "target": e["target"], "base": b, "finetuned": t}
+            for e, b, t in list(zip(examples, base_out, tuned_out, strict=True))[:3]
+        ],
+    }
+
+
+def markdown_table(results: list[dict], training: dict[str, dict]) -> str:
+    lines = [
+        "| task | metric | base | fine-tuned | delta (points) | n | training |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        m = r["metric"]
+        t = training.get(r["task"], {})
+        cost = f"{t.get('steps')} steps, {t.get('wall_seconds')} s on {t.get('device')}" if t else "—"
+        lines.append(
+            f"| {r['task']} | {m} | {r['base'][m]:.3f} | {r['finetuned'][m]:.3f} | "
+            f"{r['delta_points']:+.1f} | {r['n']} | {cost} |"
+        )
+    mean = sum(r["delta_points"] for r in results) / max(1, len(results))
+    lines.append(f"\nMean lift over the base: **{mean:+.1f} points** on {len(results)} tasks.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "adapters.yaml")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--backend", choices=["auto", "hf", "sglang"], default="hf")
+    parser.add_argument("--dtype", default="float32", help="float32 = the CPU default's numbers")
+    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--update-registry", action="store_true")
+    args = parser.parse_args()
+    registry = load_registry(args.config)
+    registry.base.dtype = args.dtype
+    registry.engine.hf.max_batch_size = args.batch
+    engine = build_engine(registry, backend=args.backend)
+    by_task = {a.task: a.name for a in registry.adapters}
+    missing = [t for t in args.tasks if t not in by_task]
+    if missing:
+        raise SystemExit(f"no adapter in {args.config} for tasks {missing}: train them first")
+    results = [
+        asyncio.run(evaluate_task(engine, TASKS[t], by_task[t], args.limit, args.batch))
+        for t in args.tasks
+    ]
+    training = {
+        r["task"]: json.loads(p.read_text())
+        for r in results
+        if (p := registry.adapter(r["adapter"]).path / "training.json").exists()
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"backend": engine.backend, "dtype": args.dtype, "limit": args.limit}
+    (args.out / "quality.json").write_text(json.dumps({**meta, "results": results}, indent=1))
+    (args.out / "quality.md").write_text(markdown_table(results, training))
+    print(markdown_table(results, training))
+    if args.update_registry:
+        for r in results:
+            m = r["metric"]
+            set_eval(args.config, r["adapter"], m, r["finetuned"][m], r["base"][m], r["n"])
+
+
+if __name__ == "__main__":
+    main()
