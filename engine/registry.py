@@ -190,6 +190,7 @@ def load_registry(path: str | Path) -> Registry:
         registry = Registry.model_validate(raw)
     except ValidationError as err:
         raise RegistryError(format_validation_error(path, raw, err)) from None
+    resolve_local_base(registry, path.parent)
     problems = check_adapters(registry, path.parent)
     if problems:
         raise RegistryError(f"{path}:\n  " + "\n  ".join(problems))
@@ -212,6 +213,13 @@ def entry_label(raw: dict, index: int) -> str:
     entries = raw.get("adapters") or []
     name = entries[index].get("name") if isinstance(entries[index], dict) else None
     return f"adapters[{index}]" + (f" '{name}'" if name else "")
+
+
+def resolve_local_base(registry: Registry, root: Path) -> None:
+    """A relative ``base.model`` naming a folder beside the YAML file resolves against it."""
+    candidate = root / registry.base.model
+    if not Path(registry.base.model).is_absolute() and candidate.is_dir():
+        registry.base.model = str(candidate.resolve())
 
 
 def check_adapters(registry: Registry, root: Path) -> list[str]:

@@ -112,7 +112,7 @@ def read_news() -> list[dict]:
         for path in sorted((root / topic).glob("*.txt")):
             text = path.read_text(encoding="utf-8", errors="replace")
             label = "sport" if topic == "sports" else topic
-            examples.append({"input": {"article": lead(text, 90)}, "target": label})
+            examples.append({"input": {"article": lead(text, 50)}, "target": label})
     return examples
 
 

@@ -55,7 +55,9 @@ def mean_scores(task: Task, outputs: list[str], examples: list[dict]) -> dict[st
 async def evaluate_task(engine, task: Task, adapter: str, limit: int, batch: int) -> dict:
     examples = load_split(task.name, "test")[:limit]
     started = time.perf_counter()
-    base_out = await run_batches(engine, requests_for(task, examples, None), batch, f"{task.name} base")
+    base_out = await run_batches(
+        engine, requests_for(task, examples, None), batch, f"{task.name} base"
+    )
     tuned_out = await run_batches(
         engine, requests_for(task, examples, adapter), batch, f"{task.name} adapter"
     )
@@ -84,7 +86,9 @@ def markdown_table(results: list[dict], training: dict[str, dict]) -> str:
     for r in results:
         m = r["metric"]
         t = training.get(r["task"], {})
-        cost = f"{t.get('steps')} steps, {t.get('wall_seconds')} s on {t.get('device')}" if t else "—"
+        cost = (
+            f"{t.get('steps')} steps, {t.get('wall_seconds')} s on {t.get('device')}" if t else "—"
+        )
         lines.append(
             f"| {r['task']} | {m} | {r['base'][m]:.3f} | {r['finetuned'][m]:.3f} | "
             f"{r['delta_points']:+.1f} | {r['n']} | {cost} |"

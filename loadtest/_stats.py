@@ -1,0 +1,79 @@
+"""Serving statistics from raw per-request records, as vLLM's benchmark_serving defines them.
+
+A record: ``{"start": s, "ttft": s, "e2e": s, "itl": [s, ...], "output_tokens": n, "ok": bool}``.
+- TTFT: request sent → first token. - ITL: gaps between consecutive streamed tokens (all pooled).
+- TPOT: per request (e2e − TTFT) / (output tokens − 1). - E2E: request sent → last token.
+- Throughput over the window from the first request's start to the last one's end.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), p in [0, 100]."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * p / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def summarize(records: list[dict]) -> dict:
+    ok = [r for r in records if r.get("ok")]
+    failures = len(records) - len(ok)
+    if not ok:
+        return {"completed": 0, "failures": failures}
+    window = max(r["start"] + r["e2e"] for r in ok) - min(r["start"] for r in ok)
+    ttft = [r["ttft"] for r in ok if r.get("ttft") is not None]
+    itl = [gap for r in ok for gap in r.get("itl", [])]
+    tpot = [
+        (r["e2e"] - r["ttft"]) / (r["output_tokens"] - 1)
+        for r in ok
+        if r.get("ttft") is not None and r["output_tokens"] > 1
+    ]
+    e2e = [r["e2e"] for r in ok]
+    tokens = sum(r["output_tokens"] for r in ok)
+    return {
+        "completed": len(ok),
+        "failures": failures,
+        "duration_s": window,
+        "request_throughput": len(ok) / window if window > 0 else None,
+        "output_throughput": tokens / window if window > 0 else None,
+        "output_tokens": tokens,
+        "ttft_p50": percentile(ttft, 50),
+        "ttft_p90": percentile(ttft, 90),
+        "ttft_p99": percentile(ttft, 99),
+        "itl_p50": percentile(itl, 50),
+        "itl_p90": percentile(itl, 90),
+        "tpot_mean": sum(tpot) / len(tpot) if tpot else None,
+        "tpot_p50": percentile(tpot, 50),
+        "e2e_p50": percentile(e2e, 50),
+        "e2e_p90": percentile(e2e, 90),
+    }
+
+
+def ratios(point: dict, control: dict) -> dict:
+    """A point's key figures divided by the base-only control at the same concurrency."""
+    out = {}
+    for key in ("output_throughput", "request_throughput", "ttft_p50", "itl_p50", "e2e_p50"):
+        a, b = point.get(key), control.get(key)
+        out[f"{key}_ratio"] = a / b if a is not None and b else None
+    return out
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """``"100"`` → (100, 100); ``"90-110"`` → (90, 110)."""
+    low, sep, high = str(text).partition("-")
+    low_n, high_n = int(low), int(high) if sep else int(low)
+    if low_n < 1 or high_n < low_n:
+        raise ValueError(f"bad range {text!r}: want N or LOW-HIGH with 1 <= LOW <= HIGH")
+    return low_n, high_n
+
+
+def zipf_weights(n: int, s: float) -> list[float]:
+    weights = [1 / (k**s) for k in range(1, n + 1)]
+    total = sum(weights)
+    return [w / total for w in weights]

@@ -1,0 +1,187 @@
+"""Locust load test of the OpenAI-compatible API with many adapters in play.
+
+    locust -f loadtest/ --host http://127.0.0.1:7860                          # web UI
+    locust -f loadtest/ --host http://127.0.0.1:7860 --headless -u 32 -r 32 -t 60s \
+        --adapters 8 --distribution zipf --prompt-words 90-110 --output-tokens 90-110
+    locust -f loadtest/ --host ... --headless --steps 1,8,32,64,128,256 --step-seconds 30
+
+Each user streams chat completions (SSE, read line by line) and fires Locust custom metrics:
+``TTFT``, ``ITL`` (mean gap between tokens of the request), ``E2E`` (response_length = output
+tokens). Raw per-request measurements go to ``--raw-out`` (JSONL), unrounded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import threading
+import time
+
+from locust import HttpUser, LoadTestShape, constant, events, task
+
+try:
+    from loadtest._stats import parse_range, zipf_weights
+except ImportError:  # `locust -f loadtest/` imports this file with its own folder on sys.path
+    from _stats import parse_range, zipf_weights
+
+WORDS = """the model adapter serve batch token river mountain city music album track review movie
+message address street number question answer data engine request stream latency quiet bright
+green blue history science market energy garden travel window paper light sound""".split()
+STATE: dict = {"adapters": [], "base": None, "weights": None, "lock": threading.Lock()}
+
+
+OPTIONS = [
+    ("--adapters", int, 8, "distinct adapters in play (from /v1/models); 0 = base only"),
+    ("--distribution", str, "uniform", "uniform | zipf | base: how requests spread"),
+    ("--zipf-s", float, 1.1, "Zipf skew: adapter k gets weight 1/k^s"),
+    ("--prompt-words", str, "90-110", "prompt length in words: N or LOW-HIGH"),
+    ("--output-tokens", str, "90-110", "max_tokens per request: N or LOW-HIGH"),
+    ("--ignore-eos", str, "true", "true | false: generate exactly max_tokens"),
+    ("--raw-out", str, "loadtest-raw.jsonl", "JSONL file of raw per-request measurements"),
+    ("--steps", str, "", "step the users through these counts, e.g. 1,8,32,64,128,256"),
+    ("--step-seconds", float, 30.0, "how long each step holds"),
+    ("--seed", int, 0, "seed of prompts and adapter choice"),
+]
+
+
+@events.init_command_line_parser.add_listener
+def add_arguments(parser):
+    for flag, kind, default, help_text in OPTIONS:
+        parser.add_argument(
+            flag, type=kind, default=default, help=help_text, include_in_web_ui=True
+        )
+
+
+@events.test_start.add_listener
+def discover_models(environment, **_):
+    """Pick the adapters in play from the server's /v1/models."""
+    import requests
+
+    options = environment.parsed_options
+    cards = requests.get(environment.host.rstrip("/") + "/v1/models", timeout=30).json()["data"]
+    base = next(c["id"] for c in cards if not c.get("parent"))
+    adapters = sorted(c["id"] for c in cards if c.get("parent"))
+    if options.distribution not in {"uniform", "zipf", "base"}:
+        raise ValueError(
+            f"--distribution must be uniform, zipf or base, not {options.distribution}"
+        )
+    wanted = 0 if options.distribution == "base" else options.adapters
+    if wanted > len(adapters):
+        raise RuntimeError(f"--adapters {wanted}, but the server has only {len(adapters)}")
+    chosen = adapters[:wanted]
+    weights = None
+    if options.distribution == "zipf" and chosen:
+        weights = zipf_weights(len(chosen), options.zipf_s)
+    STATE.update(adapters=chosen, base=base, weights=weights)
+    open(options.raw_out, "a").close()
+
+
+def request_sizes(options, rng: random.Random) -> tuple[str, int]:
+    words = rng.randint(*parse_range(options.prompt_words))
+    text = " ".join(rng.choice(WORDS) for _ in range(words))
+    return f"Continue this text: {text}", rng.randint(*parse_range(options.output_tokens))
+
+
+class ChatUser(HttpUser):
+    """One client streaming chat completions back to back."""
+
+    wait_time = constant(0)
+
+    def on_start(self):
+        options = self.environment.parsed_options
+        self.rng = random.Random(options.seed * 100_003 + id(self))
+
+    def pick_model(self) -> str:
+        adapters = STATE["adapters"]
+        if not adapters:
+            return STATE["base"]
+        return self.rng.choices(adapters, weights=STATE["weights"])[0]
+
+    @task
+    def chat(self):
+        options = self.environment.parsed_options
+        model = self.pick_model()
+        prompt, max_tokens = request_sizes(options, self.rng)
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": options.ignore_eos == "true",
+        }
+        record = self.stream(body, "base" if model == STATE["base"] else "lora")
+        record["model"] = model
+        with STATE["lock"], open(options.raw_out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def stream(self, body: dict, label: str) -> dict:
+        start = time.time()
+        t0 = time.perf_counter()
+        token_times, usage, error = [], None, None
+        with self.client.post(
+            "/v1/chat/completions", json=body, stream=True, catch_response=True, name=label
+        ) as response:
+            if response.status_code != 200:
+                error = f"HTTP {response.status_code}: {response.text[:200]}"
+                response.failure(error)
+            else:
+                for line in response.iter_lines():
+                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        error = event["error"].get("message", "stream error")
+                        break
+                    usage = event.get("usage") or usage
+                    choices = event.get("choices") or []
+                    if choices and choices[0].get("delta", {}).get("content"):
+                        token_times.append(time.perf_counter() - t0)
+                if error:
+                    response.failure(error)
+                else:
+                    response.success()
+        return self.report(start, t0, token_times, usage, error, label)
+
+    def report(self, start, t0, token_times, usage, error, label) -> dict:
+        e2e = time.perf_counter() - t0
+        ttft = token_times[0] if token_times else None
+        itl = [b - a for a, b in itertools.pairwise(token_times)]
+        output_tokens = usage["completion_tokens"] if usage else len(token_times)
+        fire = self.environment.events.request.fire
+        if error is None and ttft is not None:
+            fire(request_type="TTFT", name=label, response_time=ttft * 1000, response_length=0)
+            if itl:
+                mean_itl = sum(itl) / len(itl) * 1000
+                fire(request_type="ITL", name=label, response_time=mean_itl, response_length=0)
+            fire(request_type="E2E", name=label, response_time=e2e * 1000,
+                 response_length=output_tokens)  # fmt: skip
+        return {
+            "start": start,
+            "ttft": ttft,
+            "e2e": e2e,
+            "itl": itl,
+            "output_tokens": output_tokens,
+            "ok": error is None and ttft is not None,
+            "error": error,
+        }
+
+
+class StepShape(LoadTestShape):
+    """``--steps 1,8,32`` holds each user count for ``--step-seconds``; without ``--steps`` it
+    is a plain run with ``-u``/``-r``/``-t`` (or the web UI's numbers)."""
+
+    use_common_options = True
+
+    def tick(self):
+        options = self.runner.environment.parsed_options
+        elapsed = self.get_run_time()
+        if options.steps:
+            counts = [int(n) for n in options.steps.split(",")]
+            index = int(elapsed // options.step_seconds)
+            return (counts[index], counts[index]) if index < len(counts) else None
+        if options.run_time and elapsed > options.run_time:
+            return None
+        return options.num_users or 1, options.spawn_rate or 1

@@ -1,0 +1,98 @@
+"""Task data, parsers and metrics, a smoke QLoRA run and the evaluator, CI-sized."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune.data import READERS, SPLITS, load_split, split_of
+from finetune.sql import chinook_db, execution_match
+from finetune.tasks import TASKS, field_f1
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("task", list(READERS))
+def test_each_loader_gives_well_formed_examples_and_disjoint_splits(task):
+    splits = {s: load_split(task, s) for s in SPLITS}
+    assert len(splits["train"]) > 5 * len(splits["test"]) > 0
+    for examples in splits.values():
+        for ex in examples[:50]:
+            assert isinstance(ex["target"], str) and ex["target"]
+            assert TASKS[task].prompt(ex["input"])
+    keys = {s: {json.dumps(e["input"], sort_keys=True) for e in splits[s]} for s in SPLITS}
+    assert not keys["train"] & keys["test"] and not keys["val"] & keys["test"]
+
+
+def test_labels_and_splits_are_what_the_tasks_expect():
+    assert {e["target"] for e in load_split("sentiment", "test")} == {"fresh", "rotten"}
+    assert {e["target"] for e in load_split("spam", "test")} == {"spam", "ham"}
+    assert {e["target"] for e in load_split("news", "test")} == set(TASKS["news"].labels)
+    assert split_of("same key") == split_of("same key")
+
+
+def test_classification_parser_takes_the_first_label_named():
+    sentiment = TASKS["sentiment"]
+    assert sentiment.parse("Rotten. Not fresh at all.") == "rotten"
+    assert sentiment.parse("It is fresh") == "fresh"
+    assert sentiment.parse("I cannot tell") == ""
+    assert sentiment.score("fresh", "fresh") == {"accuracy": 1.0}
+    assert TASKS["news"].score("Topic: sport", "sport") == {"accuracy": 1.0}
+
+
+def test_address_metrics():
+    task = TASKS["address"]
+    gold = json.dumps({"AddressNumber": "219", "StreetName": "Dearborn"})
+    assert task.score('{"AddressNumber": "219", "StreetName": "Dearborn"}', gold) == {
+        "exact_match": 1.0,
+        "field_f1": 1.0,
+    }
+    half = task.score('Here: {"AddressNumber": "219", "StreetName": "Main"} ok', gold)
+    assert half == {"exact_match": 0.0, "field_f1": 0.5}
+    assert task.score("not json", gold) == {"exact_match": 0.0, "field_f1": 0.0}
+    assert field_f1({}, {}) == 1.0
+
+
+def test_sql_is_scored_by_execution():
+    db = chinook_db()
+    gold = "SELECT COUNT(*) FROM album WHERE artist_id = 1"
+    assert execution_match(db, "select count(id) from album where artist_id=1", gold)
+    assert not execution_match(db, "SELECT COUNT(*) FROM album", gold)
+    assert not execution_match(db, "SELECT nonsense FROM nowhere", gold)
+    task = TASKS["sql"]
+    assert task.parse("```sql\nSELECT 1;\n```") == "SELECT 1"
+    assert task.score(f"Sure! {gold};", gold) == {"execution_accuracy": 1.0}
+
+
+def test_smoke_qlora_run_writes_a_loadable_adapter_and_the_evaluator_scores_it(
+    base_dir, tmp_path, monkeypatch
+):
+    import torch
+
+    from engine.base_model import adapter_fit_problems
+    from finetune import evaluate, train
+
+    cfg = train.TrainConfig(task="spam", steps=2, batch_size=2, max_train=8, eval_every=1)
+    report = train.train(cfg, tmp_path / "adapters" / "spam", torch.device("cpu"))
+    out = tmp_path / "adapters" / "spam"
+    assert (out / "adapter_model.safetensors").is_file() and report["steps"] == 2
+    assert json.loads((out / "training.json").read_text())["final_val_loss"] is not None
+    assert adapter_fit_problems(out, base_dir) == []
+    config = tmp_path / "adapters.yaml"
+    shutil.copy(ROOT / "adapters.yaml", config)
+    config.write_text(config.read_text().split("\nadapters:")[0] + "\nadapters: []\n")
+    from finetune.registry_update import register_adapter
+
+    register_adapter(config, TASKS["spam"], out)
+    argv = ["evaluate", "--config", str(config), "--tasks", "spam", "--limit", "3"]
+    argv += ["--out", str(tmp_path / "results"), "--update-registry"]
+    monkeypatch.setattr(sys, "argv", argv)
+    evaluate.main()
+    quality = json.loads((tmp_path / "results" / "quality.json").read_text())
+    assert quality["results"][0]["n"] == 3 and "accuracy" in quality["results"][0]["base"]
+    assert "| spam | accuracy |" in (tmp_path / "results" / "quality.md").read_text()
+    assert "base_score" in config.read_text()

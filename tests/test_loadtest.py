@@ -1,0 +1,103 @@
+"""Load-test harness: statistics on known inputs, a real headless Locust run, a 2×2 sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtest._stats import parse_range, percentile, ratios, summarize, zipf_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_percentile_matches_linear_interpolation():
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([10], 99) == 10
+    assert percentile([0, 10], 90) == 9
+    assert percentile([], 50) is None
+
+
+def test_summarize_on_known_records():
+    records = [
+        {"start": 0.0, "ttft": 0.1, "e2e": 1.1, "itl": [0.1] * 10, "output_tokens": 11, "ok": True},
+        {"start": 1.0, "ttft": 0.3, "e2e": 1.3, "itl": [0.2] * 5, "output_tokens": 6, "ok": True},
+        {"start": 0.5, "ttft": None, "e2e": 0.2, "itl": [], "output_tokens": 0, "ok": False},
+    ]
+    s = summarize(records)
+    assert s["completed"] == 2 and s["failures"] == 1
+    assert s["duration_s"] == pytest.approx(2.3)
+    assert s["output_throughput"] == pytest.approx(17 / 2.3)
+    assert s["ttft_p50"] == pytest.approx(0.2)
+    assert s["tpot_mean"] == pytest.approx((0.1 + 0.2) / 2)
+    assert s["itl_p50"] == pytest.approx(0.1)
+    assert ratios(
+        {"output_throughput": 5, "ttft_p50": 2}, {"output_throughput": 10, "ttft_p50": 1}
+    )["output_throughput_ratio"] == pytest.approx(0.5)
+
+
+def test_ranges_and_zipf():
+    assert parse_range("100") == (100, 100) and parse_range("90-110") == (90, 110)
+    with pytest.raises(ValueError):
+        parse_range("10-5")
+    weights = zipf_weights(3, 1.0)
+    assert weights[0] / weights[2] == pytest.approx(3) and sum(weights) == pytest.approx(1)
+
+
+def test_headless_locust_run_writes_raw_file_and_custom_ttft(hf_engine, registry_for, tmp_path):
+    from conftest import LiveServer
+
+    from engine.server import create_api
+
+    live = LiveServer(create_api(hf_engine, registry_for))
+    raw = tmp_path / "raw.jsonl"
+    cmd = [
+        sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest"), "--headless",
+        "-u", "2", "-r", "2", "-t", "6s", "--host", live.url, "--adapters", "2",
+        "--distribution", "zipf", "--prompt-words", "5-8", "--output-tokens", "4",
+        "--raw-out", str(raw), "--csv", str(tmp_path / "run"), "--stop-timeout", "20",
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    finally:
+        live.stop()
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in raw.read_text().splitlines()]
+    assert records and all(r["ok"] for r in records)
+    assert {r["model"] for r in records} <= {"alpha", "beta"}
+    assert all(r["output_tokens"] == 4 and r["ttft"] > 0 for r in records)
+    stats = list(csv.DictReader((tmp_path / "run_stats.csv").read_text().splitlines()))
+    ttft = [row for row in stats if row["Type"] == "TTFT"]
+    assert ttft and 0 < int(ttft[0]["Request Count"]) <= len(records)
+
+
+def test_sweep_over_a_2x2_grid_on_a_tiny_synthetic_model_writes_everything(tmp_path):
+    synth = tmp_path / "synth"
+    subprocess.run(
+        [sys.executable, "-m", "loadtest.synth", "--shape", "tiny", "--adapters", "2",
+         "--out", str(synth)],
+        check=True, cwd=ROOT, capture_output=True,
+    )  # fmt: skip
+    out = tmp_path / "sweep"
+    cmd = [
+        sys.executable, "-m", "loadtest.sweep", "--serve", str(synth / "adapters.yaml"),
+        "--port", "8799", "--adapters", "1,2", "--users", "1,2", "--duration", "4",
+        "--prompt-words", "5", "--output-tokens", "4", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["points"]) == {f"u{u}-a{a}" for u in (1, 2) for a in (0, 1, 2)}
+    for point in results["points"].values():
+        assert point["completed"] > 0 and point["failures"] == 0
+        assert point["output_throughput_ratio"] is not None
+    assert len(list(csv.DictReader((out / "results.csv").read_text().splitlines()))) == 6
+    for name in ("ttft_vs_adapters.png", "throughput_vs_adapters.png"):
+        assert (out / name).stat().st_size > 5_000
+    assert "Recommendation" in (out / "summary.md").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.stdout.count("done already (resume)") == 6
