@@ -26,7 +26,7 @@ from engine.registry import AdapterSpec, Registry, load_registry, template_field
 from engine.server import create_api
 
 ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results" / "loadtest"
+RESULTS = ROOT / "results"
 MAX_FIELDS = 4
 ALL = "All categories"
 BASE_CHOICE = "base model"
@@ -257,18 +257,21 @@ def backend_banner(engine: Engine) -> str:
     )
 
 
-def benchmarks_tab() -> None:
-    summary = RESULTS / "summary.md"
-    plots = sorted(RESULTS.glob("*.png"))
-    if not summary.exists() and not plots:
-        gr.Markdown(
-            "No load-test results yet. Run `python -m loadtest.sweep` (see README) and reload."
-        )
+def benchmarks_tab(results: Path = RESULTS) -> None:
+    """One section per sweep folder (``results/loadtest*``): its summary table and plots."""
+    sweeps = sorted(p for p in results.glob("loadtest*") if (p / "summary.md").exists())
+    if not sweeps:
+        gr.Markdown("No load-test results yet. Run `python -m loadtest.sweep` (see README).")
         return
-    if summary.exists():
-        gr.Markdown(summary.read_text())
-    for plot in plots:
-        gr.Image(str(plot), label=plot.stem, show_label=True)
+    for sweep in sweeps:
+        gr.Markdown(f"## {sweep.name}\n" + strip_images((sweep / "summary.md").read_text()))
+        with gr.Row():
+            for plot in sorted(sweep.glob("*.png")):
+                gr.Image(str(plot), label=plot.stem, show_label=True)
+
+
+def strip_images(markdown: str) -> str:
+    return "\n".join(line for line in markdown.splitlines() if not line.startswith("!["))
 
 
 def create_app(engine: Engine, registry: Registry, config_dir: Path):
