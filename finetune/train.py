@@ -115,12 +115,18 @@ def lr_lambda(cfg: TrainConfig):
 
 @torch.no_grad()
 def validation_loss(model, rows, pad, device, batch_size) -> float:
-    model.eval()
+    """Mean loss with dropout off. The model stays in train mode: on CPU, bitsandbytes repacks
+    4-bit weights for inference the first time a Linear4bit runs in eval mode, and from then on
+    its kernel passes no gradient back, which silently stops training."""
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
+    for m in dropouts:
+        m.eval()
     losses = [
         model(**collate(rows[i : i + batch_size], pad, device)).loss.item()
         for i in range(0, len(rows), batch_size)
     ]
-    model.train()
+    for m in dropouts:
+        m.train()
     return sum(losses) / max(1, len(losses))
 
 
