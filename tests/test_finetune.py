@@ -96,3 +96,25 @@ def test_smoke_qlora_run_writes_a_loadable_adapter_and_the_evaluator_scores_it(
     assert quality["results"][0]["n"] == 3 and "accuracy" in quality["results"][0]["base"]
     assert "| spam | accuracy |" in (tmp_path / "results" / "quality.md").read_text()
     assert "base_score" in config.read_text()
+
+
+def test_gradients_still_reach_every_layer_after_a_validation_pass(base_dir):
+    """Regression: bitsandbytes repacks 4-bit weights for CPU inference in eval mode, after which
+    no gradient flows back through them; validation must not switch Linear4bit to eval."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    from finetune.train import collate, encode, load_model, validation_loss
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    rows = [encode(tokenizer, TASKS["spam"], e, 128) for e in load_split("spam", "val")[:2]]
+    model, _ = load_model(base_dir, "auto", torch.device("cpu"))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    validation_loss(model, rows, tokenizer.eos_token_id, torch.device("cpu"), 2)
+    model(**collate(rows, tokenizer.eos_token_id, torch.device("cpu"))).loss.backward()
+    first_layer_b = next(
+        p for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n
+    )
+    assert first_layer_b.grad is not None and first_layer_b.grad.abs().sum() > 0
