@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -186,6 +187,7 @@ def train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool = Fals
         torch.cuda.synchronize()
     wall = time.perf_counter() - began
     save_adapter(model, out)
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the run finished: resume state is not needed
     report = {
         "config": asdict(cfg),
         "quantization": quant_note,

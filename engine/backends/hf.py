@@ -154,7 +154,7 @@ class HFEngine(Engine):
             raise AdapterLoadError(f"adapter '{name}' does not fit the base model: {problems[0]}")
 
     def detach_adapter(self, name: str) -> None:
-        remaining = sorted(self.names - {name})
+        remaining = sorted(set(self.adapter_paths) - {name})
         if remaining:
             self.model.set_adapter(remaining[0])
             self.model.delete_adapter(name)
@@ -167,8 +167,14 @@ class HFEngine(Engine):
         await self.control("load", name, path)
 
     async def unload_adapter(self, name: str) -> None:
+        """New requests for it are refused at once; it leaves when its running rows finish."""
         self.check_adapter(name)
-        await self.control("unload", name)
+        self.names.discard(name)
+        try:
+            await self.control("unload", name)
+        except Exception:
+            self.names.add(name)
+            raise
 
     async def control(self, *op) -> None:
         future: concurrent.futures.Future = concurrent.futures.Future()
