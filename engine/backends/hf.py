@@ -18,19 +18,18 @@ from pathlib import Path
 
 import torch
 
-from ..base_model import adapter_fit_problems
 from ..interface import (
     AdapterLoadError,
     Chunk,
     Engine,
     EngineError,
     GenerationRequest,
-    PromptTooLongError,
     RequestClock,
     Usage,
 )
-from ..registry import SLUG, HFSettings, adapter_dir_problems
+from ..registry import HFSettings
 from ..text import TextStream, prompt_token_ids
+from .common import check_context, check_loadable
 
 log = logging.getLogger(__name__)
 BASE_ROW = "__base__"
@@ -135,7 +134,7 @@ class HFEngine(Engine):
     def attach_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel
 
-        self.check_loadable(name, Path(path))
+        check_loadable(name, Path(path), set(self.adapter_paths), self.base_dir)
         if not self.names:
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
         else:
@@ -143,15 +142,6 @@ class HFEngine(Engine):
         self.model.eval()
         self.names.add(name)
         self.adapter_paths[name] = str(path)
-
-    def check_loadable(self, name: str, path: Path) -> None:
-        if not SLUG.match(name):
-            raise AdapterLoadError(f"adapter name {name!r} must be a slug (a-z, 0-9, -, _)")
-        if name in self.names:
-            raise AdapterLoadError(f"adapter '{name}' is already loaded")
-        problems = adapter_dir_problems(path) or adapter_fit_problems(path, self.base_dir)
-        if problems:
-            raise AdapterLoadError(f"adapter '{name}' does not fit the base model: {problems[0]}")
 
     def detach_adapter(self, name: str) -> None:
         remaining = sorted(set(self.adapter_paths) - {name})
@@ -221,12 +211,7 @@ class HFEngine(Engine):
         request.validate()
         self.check_adapter(request.adapter)
         ids = prompt_token_ids(self.tokenizer, request, self.chat_template)
-        if len(ids) + request.params.max_tokens > self.context:
-            raise PromptTooLongError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({request.params.max_tokens}) exceeds "
-                f"the context of {self.context} tokens",
-                "max_tokens",
-            )
+        check_context(len(ids), request.params, self.context)
         row = Row(
             request=request,
             prompt_ids=ids,

@@ -14,20 +14,19 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from ..base_model import adapter_fit_problems
 from ..interface import (
     AdapterLoadError,
     Chunk,
     Engine,
     EngineError,
     GenerationRequest,
-    PromptTooLongError,
     RequestClock,
     SamplingParams,
     Usage,
 )
-from ..registry import SLUG, SGLangSettings, adapter_dir_problems
+from ..registry import SGLangSettings
 from ..text import prompt_token_ids
+from .common import check_context, check_loadable
 
 log = logging.getLogger(__name__)
 UNSUPPORTED_FLOAT32 = (
@@ -146,7 +145,7 @@ class SGLangEngine(Engine):
         self.context = int(getattr(config, "max_position_embeddings", 2048))
         adapters = dict(adapters or {})
         for name, path in adapters.items():
-            self.check_loadable(name, Path(path), loaded=set())
+            check_loadable(name, Path(path), set(), base_dir)
         self.names = set(adapters)
         self.adapter_paths = dict(adapters)
         kwargs = engine_kwargs(self.settings, base_dir, adapters, dtype)
@@ -161,17 +160,8 @@ class SGLangEngine(Engine):
     def adapters(self) -> list[str]:
         return sorted(self.names)
 
-    def check_loadable(self, name: str, path: Path, loaded: set[str]) -> None:
-        if not SLUG.match(name):
-            raise AdapterLoadError(f"adapter name {name!r} must be a slug (a-z, 0-9, -, _)")
-        if name in loaded:
-            raise AdapterLoadError(f"adapter '{name}' is already loaded")
-        problems = adapter_dir_problems(path) or adapter_fit_problems(path, self.base_dir)
-        if problems:
-            raise AdapterLoadError(f"adapter '{name}' does not fit the base model: {problems[0]}")
-
     async def load_adapter(self, name: str, path: str) -> None:
-        self.check_loadable(name, Path(path), self.names)
+        check_loadable(name, Path(path), self.names, self.base_dir)
         result = await self.engine.async_load_lora_adapter(name, str(path))
         if not getattr(result, "success", True):
             raise AdapterLoadError(f"SGLang could not load '{name}': {result.error_message}")
@@ -190,12 +180,7 @@ class SGLangEngine(Engine):
         request.validate()
         self.check_adapter(request.adapter)
         ids = prompt_token_ids(self.tokenizer, request, self.chat_template)
-        if len(ids) + request.params.max_tokens > self.context:
-            raise PromptTooLongError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({request.params.max_tokens}) exceeds "
-                f"the context of {self.context} tokens",
-                "max_tokens",
-            )
+        check_context(len(ids), request.params, self.context)
         clock, tracker, finished = RequestClock(), DeltaTracker(), False
         self.running += 1
         try:
