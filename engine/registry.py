@@ -126,6 +126,8 @@ class AdapterSpec(Strict):
     """Default generation parameters."""
     eval: EvalScore | None = None
     """Held-out evaluation score vs the base model, if measured."""
+    trained_on: str | None = None
+    """The ``base.model`` this adapter was trained on; if set, it must be this file's base."""
 
     @field_validator("name")
     @classmethod
@@ -190,8 +192,9 @@ def load_registry(path: str | Path) -> Registry:
         registry = Registry.model_validate(raw)
     except ValidationError as err:
         raise RegistryError(format_validation_error(path, raw, err)) from None
+    problems = check_trained_on(registry)
     resolve_local_base(registry, path.parent)
-    problems = check_adapters(registry, path.parent)
+    problems += check_adapters(registry, path.parent)
     if problems:
         raise RegistryError(f"{path}:\n  " + "\n  ".join(problems))
     return registry
@@ -220,6 +223,15 @@ def resolve_local_base(registry: Registry, root: Path) -> None:
     candidate = root / registry.base.model
     if not Path(registry.base.model).is_absolute() and candidate.is_dir():
         registry.base.model = str(candidate.resolve())
+
+
+def check_trained_on(registry: Registry) -> list[str]:
+    return [
+        f"adapters[{i}] '{spec.name}' → trained_on: '{spec.trained_on}', but this file's "
+        f"base.model is '{registry.base.model}' (serve it from a registry with that base)"
+        for i, spec in enumerate(registry.adapters)
+        if spec.trained_on and spec.trained_on != registry.base.model
+    ]
 
 
 def check_adapters(registry: Registry, root: Path) -> list[str]:

@@ -5,7 +5,9 @@
 
 Writes ``results/quality.json`` and ``results/quality.md`` (task, metric, base, fine-tuned,
 delta) and, with ``--update-registry``, each adapter's ``eval`` in adapters.yaml (the app's cards).
-Requests go through ``Engine.generate``, the path the API and the app use.
+Requests go through ``Engine.generate``, the path the API and the app use. Every output (text
+and greedy token ids) goes to ``outputs.jsonl`` beside them, which ``scripts/parity.py``
+compares across backends.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def requests_for(task: Task, examples: list[dict], adapter: str | None) -> list[
 async def run_batches(engine, requests: list[GenerationRequest], batch: int, label: str):
     outputs = []
     for i in tqdm(range(0, len(requests), batch), desc=label, unit="batch"):
-        outputs += [c.text for c in await engine.generate(requests[i : i + batch])]
+        outputs += await engine.generate(requests[i : i + batch])
     return outputs
 
 
@@ -55,12 +57,13 @@ def mean_scores(task: Task, outputs: list[str], examples: list[dict]) -> dict[st
 async def evaluate_task(engine, task: Task, adapter: str, limit: int, batch: int) -> dict:
     examples = load_split(task.name, "test")[:limit]
     started = time.perf_counter()
-    base_out = await run_batches(
+    base_done = await run_batches(
         engine, requests_for(task, examples, None), batch, f"{task.name} base"
     )
-    tuned_out = await run_batches(
+    tuned_done = await run_batches(
         engine, requests_for(task, examples, adapter), batch, f"{task.name} adapter"
     )
+    base_out, tuned_out = [c.text for c in base_done], [c.text for c in tuned_done]
     base, tuned = mean_scores(task, base_out, examples), mean_scores(task, tuned_out, examples)
     return {
         "task": task.name,
@@ -74,6 +77,11 @@ async def evaluate_task(engine, task: Task, adapter: str, limit: int, batch: int
         "samples": [
             {"input": e["input"], "target": e["target"], "base": b, "finetuned": t}
             for e, b, t in list(zip(examples, base_out, tuned_out, strict=True))[:3]
+        ],
+        "outputs": [
+            {"task": task.name, "index": i, "model": model, "text": c.text, "ids": c.token_ids}
+            for model, done in (("base", base_done), ("adapter", tuned_done))
+            for i, c in enumerate(done)
         ],
     }
 
@@ -108,8 +116,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="float32 = the CPU default's numbers")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--update-registry", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="SGLang setting, e.g. mem_fraction_static=0.1")  # fmt: skip
     args = parser.parse_args()
     registry = load_registry(args.config)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        setattr(registry.engine.sglang, key, json.loads(value))
     registry.base.dtype = args.dtype
     registry.engine.hf.max_batch_size = args.batch
     engine = build_engine(registry, backend=args.backend)
@@ -128,6 +141,9 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"backend": engine.backend, "dtype": args.dtype, "limit": args.limit}
+    with (args.out / "outputs.jsonl").open("w") as f:
+        for r in results:
+            f.writelines(json.dumps(o) + "\n" for o in r.pop("outputs"))
     (args.out / "quality.json").write_text(json.dumps({**meta, "results": results}, indent=1))
     (args.out / "quality.md").write_text(markdown_table(results, training))
     print(markdown_table(results, training))

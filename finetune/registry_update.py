@@ -11,7 +11,17 @@ from .data import load_split
 from .tasks import Task
 
 
-def read_entries(config: Path) -> tuple[str, list[dict]]:
+def new_registry_head(base: str) -> str:
+    return (
+        f"# Adapters trained on base '{base}': python -m finetune.train --base {base} --task all\n"
+        f"base:\n  model: {base}\n  chat_template: true\n  dtype: auto\n"
+        "engine:\n  backend: auto\n"
+    )
+
+
+def read_entries(config: Path, base: str | None = None) -> tuple[str, list[dict]]:
+    if not config.exists() and base:
+        return new_registry_head(base), []
     text = config.read_text()
     head, sep, _ = text.partition("\nadapters:")
     entries = (yaml.safe_load(text) or {}).get("adapters") or []
@@ -39,7 +49,7 @@ def write_entries(config: Path, head: str, entries: list[dict]) -> None:
 
 def register_adapter(config: Path, task: Task, adapter_dir: Path, base: str | None = None) -> None:
     """Insert or replace the adapter's entry: path, template, examples, generation defaults."""
-    head, entries = read_entries(config)
+    head, entries = read_entries(config, base)
     examples = [e["input"] for e in load_split(task.name, "val")[:3]]
     entry = {
         "name": adapter_dir.name,
@@ -51,6 +61,8 @@ def register_adapter(config: Path, task: Task, adapter_dir: Path, base: str | No
         "examples": examples,
         "generation": {"max_tokens": task.max_tokens, "temperature": 0.0},
     }
+    if base:
+        entry["trained_on"] = base
     old = next((e for e in entries if e.get("name") == entry["name"]), None)
     if old and "eval" in old:
         entry["eval"] = old["eval"]

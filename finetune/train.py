@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.base_model import resolve_base
+from engine.base_model import display_name, resolve_base
 
 from .data import load_split
 from .registry_update import register_adapter
@@ -76,6 +76,24 @@ def collate(rows: list[tuple[list[int], list[int]]], pad: int, device) -> dict:
     }
 
 
+def answer_loss(model, batch: dict) -> torch.Tensor:
+    """Causal-LM loss on the answer tokens, with the LM head applied to those positions only.
+
+    Equal to ``model(**batch).loss`` but never builds logits for the prompt: with Gemma's 262k
+    vocabulary a batch's full logits take gigabytes."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()
+    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.nn.functional.cross_entropy(logits, targets[keep])
+
+
 def load_model(base_dir: str, quant: str, device: torch.device):
     """4-bit NF4 base (QLoRA) when bitsandbytes can, else the plain base; returns (model, note)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -123,7 +141,7 @@ def validation_loss(model, rows, pad, device, batch_size) -> float:
     for m in dropouts:
         m.eval()
     losses = [
-        model(**collate(rows[i : i + batch_size], pad, device)).loss.item()
+        answer_loss(model, collate(rows[i : i + batch_size], pad, device)).item()
         for i in range(0, len(rows), batch_size)
     ]
     for m in dropouts:
@@ -170,7 +188,7 @@ def train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool = Fals
     bar = tqdm(range(start, cfg.steps), desc=f"train {cfg.task}", initial=start, total=cfg.steps)
     for step in bar:
         batch = collate(order.sample(train_rows, cfg.batch_size), pad, device)
-        loss = model(**batch).loss
+        loss = answer_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -186,7 +204,7 @@ def train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool = Fals
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - began
-    save_adapter(model, out)
+    save_adapter(model, out, display_name(cfg.base, base_dir))
     shutil.rmtree(checkpoint, ignore_errors=True)  # the run finished: resume state is not needed
     report = {
         "config": asdict(cfg),
@@ -209,7 +227,7 @@ def save_checkpoint(model, optimizer, scheduler, step, history, folder: Path) ->
     torch.save({**state, "step": step, "history": history}, folder / "state.pt")
 
 
-def save_adapter(model, out: Path) -> None:
+def save_adapter(model, out: Path, base_name: str) -> None:
     """Adapter weights as bf16 safetensors (small enough to ship in the repo)."""
     from safetensors.torch import load_file, save_file
 
@@ -217,9 +235,17 @@ def save_adapter(model, out: Path) -> None:
     weights = out / "adapter_model.safetensors"
     save_file({k: v.to(torch.bfloat16) for k, v in load_file(weights).items()}, str(weights))
     config = json.loads((out / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = "SmolLM2-135M-Instruct"
+    config["base_model_name_or_path"] = base_name
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     (out / "README.md").unlink(missing_ok=True)
+
+
+def default_layout(base: str) -> tuple[Path, Path]:
+    """Where adapters of this base live and which registry serves them."""
+    if base == "smollm2":
+        return ROOT / "adapters", ROOT / "adapters.yaml"
+    slug = Path(base).name
+    return ROOT / "adapters" / slug, ROOT / f"adapters-{slug}.yaml"
 
 
 def device_name(device: torch.device) -> str:
@@ -231,11 +257,14 @@ def device_name(device: torch.device) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", required=True, choices=[*TASKS, "all"])
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "adapters")
-    parser.add_argument("--config", type=Path, default=ROOT / "adapters.yaml")
+    parser.add_argument("--out-dir", type=Path, help="default: adapters/ (smollm2), adapters/BASE/")
+    parser.add_argument("--config", type=Path, help="default: adapters.yaml, adapters-BASE.yaml")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-register", action="store_true", help="leave adapters.yaml alone")
+    parser.add_argument(
+        "--register-only", action="store_true", help="register trained adapters only"
+    )
     defaults = TrainConfig(task="sentiment")
     for name in ("steps", "batch_size", "lr", "rank", "alpha", "max_len", "max_train", "seed"):
         value = getattr(defaults, name)
@@ -247,8 +276,13 @@ def main() -> None:
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
+    out_dir, config = default_layout(args.base)
+    args.out_dir, args.config = args.out_dir or out_dir, args.config or config
     names = list(TASKS) if args.task == "all" else [args.task]
     for name in names:
+        if args.register_only:
+            register_adapter(args.config, TASKS[name], args.out_dir / name, args.base)
+            continue
         cfg = TrainConfig(
             task=name, steps=args.steps, batch_size=args.batch_size, lr=args.lr, rank=args.rank,
             alpha=args.alpha, max_len=args.max_len, max_train=args.max_train, seed=args.seed,
@@ -258,7 +292,7 @@ def main() -> None:
         report = train(cfg, out, device, resume=args.resume)
         print(f"{name}: {report['wall_seconds']}s on {report['device']}, {report['quantization']}")
         if not args.no_register:
-            register_adapter(args.config, TASKS[name], out)
+            register_adapter(args.config, TASKS[name], out, args.base)
 
 
 if __name__ == "__main__":

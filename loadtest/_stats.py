@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import math
 
+WORDS = """the model adapter serve batch token river mountain city music album track review movie
+message address street number question answer data engine request stream latency quiet bright
+green blue history science market energy garden travel window paper light sound""".split()
+"""Prompt words of the load-test clients (Locust and ``loadtest.bench``)."""
+
 
 def percentile(values: list[float], p: float) -> float | None:
     """Linear-interpolated percentile (numpy's default), p in [0, 100]."""

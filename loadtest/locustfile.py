@@ -21,13 +21,10 @@ import time
 from locust import HttpUser, LoadTestShape, constant, events, task
 
 try:
-    from loadtest._stats import parse_range, zipf_weights
+    from loadtest._stats import WORDS, parse_range, zipf_weights
 except ImportError:  # `locust -f loadtest/` imports this file with its own folder on sys.path
-    from _stats import parse_range, zipf_weights
+    from _stats import WORDS, parse_range, zipf_weights
 
-WORDS = """the model adapter serve batch token river mountain city music album track review movie
-message address street number question answer data engine request stream latency quiet bright
-green blue history science market energy garden travel window paper light sound""".split()
 STATE: dict = {"adapters": [], "base": None, "weights": None, "lock": threading.Lock()}
 
 

@@ -54,11 +54,12 @@ def write_base(out: Path, shape_name: str, seed: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=1))
     AutoTokenizer.from_pretrained(resolve_base("smollm2")).save_pretrained(out)
-    gen = torch.Generator().manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU draws 7B numbers in seconds
+    gen = torch.Generator(device=device).manual_seed(seed)
     h = shape["hidden_size"]
 
     def rand(*size):
-        return (torch.randn(*size, generator=gen) * 0.02).to(torch.bfloat16)
+        return (torch.randn(*size, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
 
     save_file({"model.embed_tokens.weight": rand(VOCAB, h), "model.norm.weight": torch.ones(
         h, dtype=torch.bfloat16), "lm_head.weight": rand(VOCAB, h)},

@@ -1,0 +1,353 @@
+"""Load the engine directly (no HTTP): adapter-scaling sweep, evicted-adapter reload, soak.
+
+    python -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out results/bench-h200 \
+        --plan sweep,evict,soak --adapters 1,8,32,64,128 --users 32,128,256 --duration 20
+    python -m loadtest.bench --config /tmp/synth7b/adapters.yaml --backend hf --plan sweep \
+        --adapters 1,8 --users 32 --out results/bench-h200-peft      # the peft baseline
+    python -m loadtest.bench --config /tmp/synth-tiny/adapters.yaml --backend hf --plan sweep \
+        --adapters 1,2 --users 2 --duration 4 --out /tmp/bench     # CI-sized
+
+Same clients as the Locust harness, minus the HTTP layer: each of ``users`` coroutines streams
+requests back to back (random words, ``ignore_eos`` so every request makes its full
+``--output-tokens``), adapters drawn uniformly from the first N of the registry; the base-only
+control runs first at every concurrency, in the same process. Per point the statistics and
+ratios are those of ``loadtest.sweep`` (vLLM's definitions), written the same way (results.json,
+results.csv, summary.md, PNGs), so the two can be compared.
+
+``evict`` measures what reloading an adapter costs: with more adapters in the traffic than
+``max_loras_per_batch`` GPU slots, one request at a time, TTFT of an adapter that was just used
+(resident) vs one that was pushed out of the GPU pool since (reloaded), and the base model.
+``soak`` runs ``--soak-users`` streams over ``--soak-adapters`` adapters for ``--soak-seconds``;
+a share of clients walk away mid-stream (``--disconnect``), and every ``--hotload-every``
+seconds an extra adapter is loaded, used and unloaded. It reports failures, lost requests
+(neither finished nor cancelled) and GPU memory / running requests before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine import GenerationRequest, SamplingParams, build_engine
+from engine.registry import load_registry
+
+from ._stats import WORDS, parse_range, ratios, summarize
+from .sweep import describe, point_key, write_outputs
+
+
+@dataclass
+class Traffic:
+    """What the clients send."""
+
+    adapters: list[str | None]
+    prompt_words: tuple[int, int] = (90, 110)
+    output_tokens: tuple[int, int] = (90, 110)
+    seed: int = 0
+    records: list[dict] = field(default_factory=list)
+
+    def request(self, rng: random.Random) -> GenerationRequest:
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*self.prompt_words)))
+        params = SamplingParams(max_tokens=rng.randint(*self.output_tokens), ignore_eos=True)
+        return GenerationRequest(
+            adapter=rng.choice(self.adapters), prompt=f"Continue this text: {words}", params=params
+        )
+
+
+async def timed_stream(engine, request: GenerationRequest, leave_after: int | None = None) -> dict:
+    """One request, timed like the Locust client; ``leave_after`` chunks → walk away."""
+    start, t0 = time.time(), time.perf_counter()
+    token_times, tokens, error, left = [], 0, None, False
+    stream = engine.stream(request)
+    try:
+        async for chunk in stream:
+            if chunk.token_ids:
+                token_times.append(time.perf_counter() - t0)
+                tokens += len(chunk.token_ids)
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+            if leave_after is not None and len(token_times) >= leave_after:
+                left = True
+                break
+    except Exception as err:  # a failed request is a result
+        error = f"{type(err).__name__}: {err}"
+    finally:
+        await stream.aclose()
+    return {
+        "start": start,
+        "ttft": token_times[0] if token_times else None,
+        "e2e": time.perf_counter() - t0,
+        "itl": [b - a for a, b in itertools.pairwise(token_times)],
+        "output_tokens": tokens,
+        "ok": error is None and not left and bool(token_times),
+        "cancelled": left,
+        "error": error,
+        "adapter": request.adapter,
+    }
+
+
+async def closed_loop(engine, traffic: Traffic, users: int, seconds: float) -> list[dict]:
+    """``users`` clients back to back for ``seconds``; requests still running then are left."""
+    deadline = time.perf_counter() + seconds
+    records: list[dict] = []
+
+    async def client(i: int) -> None:
+        rng = random.Random(traffic.seed * 100_003 + i)
+        while time.perf_counter() < deadline:
+            records.append(await timed_stream(engine, traffic.request(rng)))
+
+    tasks = [asyncio.create_task(client(i)) for i in range(users)]
+    await asyncio.sleep(seconds)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return records
+
+
+async def sweep(engine, args, names: list[str]) -> dict:
+    out = Path(args.out)
+    results = {"settings": settings_of(args, engine), "points": {}}
+    grid = [(u, a) for u in args.users for a in [0, *args.adapters]]
+    for i, (users, adapters) in enumerate(grid, 1):
+        label = "base-only control" if adapters == 0 else f"{adapters} adapters"
+        print(f"[{i}/{len(grid)}] {users} streams, {label}: {args.duration}s", flush=True)
+        traffic = Traffic(names[:adapters] or [None], args.prompt_words, args.output_tokens)
+        records = await closed_loop(engine, traffic, users, args.duration)
+        kept = [r for r in records if r["start"] >= min(x["start"] for x in records) + args.warmup]
+        point = {"users": users, "adapters": adapters, **summarize(kept)}
+        point["distribution"] = "base" if adapters == 0 else "uniform"
+        point |= ratios(point, results["points"].get(point_key(users, 0), point))
+        results["points"][point_key(users, adapters)] = point
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        print(f"    {describe(point)}", flush=True)
+    write_outputs(results, out)
+    return results
+
+
+async def evict(engine, args, names: list[str]) -> dict:
+    """TTFT of a resident adapter vs one evicted from the GPU pool since its last use."""
+    slots = getattr(getattr(engine, "settings", None), "max_loras_per_batch", None)
+    ring = names[: (slots or 8) + 4]
+    rng = random.Random(1)
+    traffic = Traffic([None], args.prompt_words, (8, 8))
+
+    async def ttft(adapter: str | None) -> float:
+        request = traffic.request(rng)
+        request.adapter = adapter
+        return (await timed_stream(engine, request))["ttft"]
+
+    rows = {"base": [], "resident": [], "reloaded": []}
+    for _ in range(args.evict_rounds):
+        rows["base"].append(await ttft(None))
+        rows["resident"].append(await ttft(ring[0]))
+        rows["resident"].append(await ttft(ring[0]))
+        for name in ring[1:]:  # more distinct adapters than GPU slots: ring[0] is pushed out
+            await ttft(name)
+        rows["reloaded"].append(await ttft(ring[0]))
+    summary = {k: sorted(v)[len(v) // 2] for k, v in rows.items()}
+    report = {
+        "gpu_slots": slots,
+        "ring": len(ring),
+        "rounds": args.evict_rounds,
+        "ttft_p50_s": summary,
+        "reload_added_ms": round((summary["reloaded"] - summary["resident"]) * 1000, 2),
+        "samples_s": rows,
+    }
+    (Path(args.out) / "evict.json").write_text(json.dumps(report, indent=1))
+    print(f"evict: {json.dumps({k: v for k, v in report.items() if k != 'samples_s'})}")
+    return report
+
+
+def process_tree(root: int) -> set[int]:
+    """``root`` and its descendants (SGLang's scheduler and detokenizer are child processes)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return tree
+
+
+def gpu_memory_mib() -> int | None:
+    """GPU memory held by this process and its children (other jobs on the GPU excluded)."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode:
+        return None
+    ours = process_tree(os.getpid())
+    rows = [line.split(",") for line in done.stdout.splitlines() if line.strip()]
+    return sum(int(mib) for pid, mib in rows if int(pid) in ours)
+
+
+def occupancy(engine) -> dict:
+    stats = engine.stats()
+    inner = getattr(getattr(engine, "engine", None), "tokenizer_manager", None)
+    if inner is not None:
+        stats["sglang_open_requests"] = len(inner.rid_to_state)
+    return {**stats, "gpu_memory_mib": gpu_memory_mib()}
+
+
+async def soak(engine, args, names: list[str]) -> dict:
+    before = occupancy(engine)
+    traffic = Traffic(names[: args.soak_adapters], args.prompt_words, args.output_tokens)
+    deadline = time.perf_counter() + args.soak_seconds
+    records: list[dict] = []
+    hotloads: list[dict] = []
+
+    async def client(i: int) -> None:
+        rng = random.Random(7919 * i + 1)
+        while time.perf_counter() < deadline:
+            leave = rng.randint(1, 20) if rng.random() < args.disconnect else None
+            request = traffic.request(rng)
+            try:
+                records.append(await asyncio.wait_for(timed_stream(engine, request, leave), 300))
+            except TimeoutError:
+                records.append({"ok": False, "cancelled": False, "output_tokens": 0,
+                                "error": "lost: no end within 300 s"})  # fmt: skip
+
+    async def hotloader() -> None:
+        spare = Path(args.spare_adapter) if args.spare_adapter else None
+        while spare and time.perf_counter() + args.hotload_every < deadline:
+            await asyncio.sleep(args.hotload_every)
+            name, t0 = f"hot-{len(hotloads)}", time.perf_counter()
+            try:
+                await engine.load_adapter(name, str(spare))
+                probe = GenerationRequest(name, "Go on: a river", params=SamplingParams(16))
+                used = await timed_stream(engine, probe)
+                await engine.unload_adapter(name)
+                hotloads.append({"name": name, "ok": used["ok"], "s": time.perf_counter() - t0})
+            except Exception as err:
+                hotloads.append({"name": name, "ok": False, "error": str(err)})
+            print(f"    soak: hot-load/unload {hotloads[-1]}", flush=True)
+
+    tasks = [asyncio.create_task(client(i)) for i in range(args.soak_users)]
+    tasks.append(asyncio.create_task(hotloader()))
+    await asyncio.gather(*tasks)
+    await asyncio.sleep(2)
+    after = occupancy(engine)
+    cancelled = [r for r in records if r["cancelled"]]
+    failed = [r for r in records if not r["ok"] and not r["cancelled"]]
+    report = {
+        "seconds": args.soak_seconds,
+        "streams": args.soak_users,
+        "adapters": args.soak_adapters,
+        "requests": len(records),
+        "completed": sum(r["ok"] for r in records),
+        "cancelled_by_client": len(cancelled),
+        "failed": len(failed),
+        "errors": sorted({r["error"] for r in failed if r["error"]})[:10],
+        "hotloads": hotloads,
+        "before": before,
+        "after": after,
+        "throughput_tok_s": sum(r["output_tokens"] for r in records if r["ok"]) / args.soak_seconds,
+    }
+    (Path(args.out) / "soak.json").write_text(json.dumps(report, indent=1))
+    print(f"soak: {json.dumps({k: v for k, v in report.items() if k != 'hotloads'})}")
+    return report
+
+
+def settings_of(args, engine) -> dict:
+    settings = getattr(engine, "settings", None)
+    return {
+        "command": "python -m loadtest.bench " + " ".join(sys.argv[1:]),
+        "backend": engine.backend,
+        "engine": settings.model_dump() if hasattr(settings, "model_dump") else None,
+        "duration": args.duration,
+        "warmup": args.warmup,
+    }
+
+
+async def warm_up(engine, names: list[str]) -> None:
+    """First requests compile kernels (Triton JIT on SGLang); keep that out of the numbers."""
+    t0 = time.perf_counter()
+    traffic = Traffic([None, *names[:16]], (20, 20), (16, 16))
+    rng = random.Random(5)
+    await asyncio.gather(*(timed_stream(engine, traffic.request(rng)) for _ in range(32)))
+    await closed_loop(engine, Traffic(names[:64] or [None]), 64, 5)
+    print(f"warm-up done in {time.perf_counter() - t0:.0f}s", flush=True)
+
+
+async def wait_for_file(path: Path) -> None:
+    t0 = time.perf_counter()
+    while not path.exists():
+        await asyncio.sleep(5)
+    print(f"{path} appeared after {time.perf_counter() - t0:.0f}s of waiting", flush=True)
+
+
+async def run(args) -> None:
+    registry = load_registry(args.config)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        section = registry.engine.sglang if args.backend != "hf" else registry.engine.hf
+        setattr(section, key, json.loads(value))
+    if args.dtype:
+        registry.base.dtype = args.dtype
+    if args.keep:
+        registry.adapters = registry.adapters[: args.keep]
+    t0 = time.perf_counter()
+    engine = build_engine(registry, backend=args.backend)
+    print(f"{engine.backend} engine up in {time.perf_counter() - t0:.0f}s", flush=True)
+    names = [a.name for a in registry.adapters]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    try:
+        await warm_up(engine, names)
+        for i, step in enumerate(args.plan.split(",")):
+            if i and args.wait_for:
+                await wait_for_file(Path(args.wait_for))
+            await {"sweep": sweep, "evict": evict, "soak": soak}[step](engine, args, names)
+    finally:
+        await engine.shutdown()
+
+
+def main() -> None:
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="adapters.yaml to serve")
+    parser.add_argument("--backend", choices=["auto", "sglang", "hf"], default="auto")
+    parser.add_argument("--dtype", help="override base.dtype")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="backend setting, e.g. max_loras_per_batch=128")  # fmt: skip
+    parser.add_argument("--wait-for", metavar="FILE",
+                        help="wait for FILE before each step after the first (a soak may overlap "
+                             "other GPU jobs, a sweep must not)")  # fmt: skip
+    parser.add_argument("--keep", type=int, help="serve only the first N registry adapters")
+    parser.add_argument("--plan", default="sweep", help="comma list of sweep, evict, soak")
+    parser.add_argument("--adapters", type=ints, default=[1, 8, 32, 64, 128])
+    parser.add_argument("--users", type=ints, default=[32, 128, 256])
+    parser.add_argument("--duration", type=float, default=20, help="seconds per sweep point")
+    parser.add_argument("--warmup", type=float, default=3, help="drop requests started earlier")
+    parser.add_argument("--prompt-words", type=parse_range, default=(90, 110))
+    parser.add_argument("--output-tokens", type=parse_range, default=(90, 110))
+    parser.add_argument("--evict-rounds", type=int, default=5)
+    parser.add_argument("--soak-seconds", type=float, default=600)
+    parser.add_argument("--soak-users", type=int, default=256)
+    parser.add_argument("--soak-adapters", type=int, default=64)
+    parser.add_argument("--disconnect", type=float, default=0.05, help="share of clients leaving")
+    parser.add_argument("--hotload-every", type=float, default=60)
+    parser.add_argument("--spare-adapter", help="adapter dir hot-loaded during the soak")
+    parser.add_argument("--out", required=True)
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
