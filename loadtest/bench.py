@@ -37,11 +37,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import GenerationRequest, SamplingParams, build_engine
-from engine.registry import load_registry
-
-from ._stats import WORDS, parse_range, ratios, summarize
-from .sweep import describe, point_key, write_outputs
+# `locust -f loadtest/` imports every module here as a locustfile, outside the package: the
+# engine and package imports stay inside the functions (as in sweep.py).
 
 
 @dataclass
@@ -54,7 +51,10 @@ class Traffic:
     seed: int = 0
     records: list[dict] = field(default_factory=list)
 
-    def request(self, rng: random.Random) -> GenerationRequest:
+    def request(self, rng: random.Random):
+        from engine import GenerationRequest, SamplingParams
+        from loadtest._stats import WORDS
+
         words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*self.prompt_words)))
         params = SamplingParams(max_tokens=rng.randint(*self.output_tokens), ignore_eos=True)
         return GenerationRequest(
@@ -62,7 +62,7 @@ class Traffic:
         )
 
 
-async def timed_stream(engine, request: GenerationRequest, leave_after: int | None = None) -> dict:
+async def timed_stream(engine, request, leave_after: int | None = None) -> dict:
     """One request, timed like the Locust client; ``leave_after`` chunks → walk away."""
     start, t0 = time.time(), time.perf_counter()
     token_times, tokens, error, left = [], 0, None, False
@@ -113,6 +113,9 @@ async def closed_loop(engine, traffic: Traffic, users: int, seconds: float) -> l
 
 
 async def sweep(engine, args, names: list[str]) -> dict:
+    from loadtest._stats import ratios, summarize
+    from loadtest.sweep import describe, point_key, write_outputs
+
     out = Path(args.out)
     results = {"settings": settings_of(args, engine), "points": {}}
     grid = [(u, a) for u in args.users for a in [0, *args.adapters]]
@@ -207,7 +210,18 @@ def occupancy(engine) -> dict:
     return {**stats, "gpu_memory_mib": gpu_memory_mib()}
 
 
+async def settle(engine, seconds: float = 30) -> None:
+    """Wait until the engine has no running or queued request (rows finish a step late)."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        stats = engine.stats()
+        if not stats.get("running") and not stats.get("queued"):
+            return
+        await asyncio.sleep(0.1)
+
+
 async def soak(engine, args, names: list[str]) -> dict:
+    await settle(engine)
     before = occupancy(engine)
     traffic = Traffic(names[: args.soak_adapters], args.prompt_words, args.output_tokens)
     deadline = time.perf_counter() + args.soak_seconds
@@ -226,6 +240,8 @@ async def soak(engine, args, names: list[str]) -> dict:
                                 "error": "lost: no end within 300 s"})  # fmt: skip
 
     async def hotloader() -> None:
+        from engine import GenerationRequest, SamplingParams
+
         spare = Path(args.spare_adapter) if args.spare_adapter else None
         while spare and time.perf_counter() + args.hotload_every < deadline:
             await asyncio.sleep(args.hotload_every)
@@ -243,7 +259,7 @@ async def soak(engine, args, names: list[str]) -> dict:
     tasks = [asyncio.create_task(client(i)) for i in range(args.soak_users)]
     tasks.append(asyncio.create_task(hotloader()))
     await asyncio.gather(*tasks)
-    await asyncio.sleep(2)
+    await settle(engine)
     after = occupancy(engine)
     cancelled = [r for r in records if r["cancelled"]]
     failed = [r for r in records if not r["ok"] and not r["cancelled"]]
@@ -295,6 +311,9 @@ async def wait_for_file(path: Path) -> None:
 
 
 async def run(args) -> None:
+    from engine import build_engine
+    from engine.registry import load_registry
+
     registry = load_registry(args.config)
     for item in args.set:
         key, _, value = item.partition("=")
@@ -320,6 +339,8 @@ async def run(args) -> None:
 
 
 def main() -> None:
+    from loadtest._stats import parse_range
+
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="adapters.yaml to serve")

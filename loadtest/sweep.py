@@ -139,8 +139,10 @@ def plot(points: list[dict], out: Path) -> None:
             for p in row:
                 if p["adapters"] == 0:
                     ax.axhline(p[metric] * scale, color=line[0].get_color(), ls="--", lw=1)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({p["adapters"] for p in points if p["adapters"]}))
+        counts = sorted({p["adapters"] for p in points if p["adapters"]})
+        if len(counts) > 1:  # one point on a log axis breaks matplotlib's minor ticks
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(counts)
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("distinct adapters in the traffic (dashed: base model only)")
         ax.set_ylabel(ylabel)

@@ -35,7 +35,7 @@ unpack() {
 finetune_then_parity() {
   cd /tmp/repo
   OUT=/tmp/ft bash scripts/gpu_finetune.sh
-  python3 -m finetune.evaluate --backend sglang --dtype float16 --limit 2000 --batch 512 \
+  python3 -m finetune.evaluate --backend sglang --dtype float16 --limit 300 --batch 512 \
     --set mem_fraction_static=0.1 --set cuda_graph=false --out /tmp/ft/parity-sglang \
     > /tmp/ft/parity-sglang.log 2>&1
   touch /tmp/ft/ALLDONE
@@ -47,28 +47,24 @@ benchmarks() {
     > /tmp/bench-synth.log 2>&1
   python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out /tmp/bench \
     --plan soak,sweep,evict --adapters 1,8,32,64,128 --users 32,128,256 \
-    --duration "${DURATION:-15}" --warmup 3 --soak-seconds "${SOAK:-600}" \
+    --duration "${DURATION:-12}" --warmup 2 --soak-seconds "${SOAK:-360}" \
     --spare-adapter /tmp/synth7b/adapters/lora-135 --evict-rounds 3 --wait-for /tmp/ft/ALLDONE \
-    --set max_loras_per_batch=128 --set mem_fraction_static=0.6 \
-    --set 'extra={"cuda_graph_max_bs": 256}' > /tmp/bench.log 2>&1
+    --set max_loras_per_batch=128 --set mem_fraction_static=0.6 > /tmp/bench.log 2>&1
   python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out /tmp/peft --backend hf \
-    --dtype bfloat16 --set max_batch_size=256 --plan sweep --adapters 1,8 --users 32,128 --keep 8 \
-    --duration "${DURATION:-15}" --warmup 3 > /tmp/peft.log 2>&1
+    --dtype bfloat16 --set max_batch_size=256 --plan sweep --adapters 1,8 --users 32 --keep 8 \
+    --duration "${PEFT_DURATION:-45}" --warmup 2 > /tmp/peft.log 2>&1
   touch /tmp/bench-ALLDONE
 }
 
 collect() {
   mkdir -p "$OUT"
-  for f in /tmp/ft /tmp/bench /tmp/peft; do
-    [ -d "$f" ] && cp -r "$f" "$OUT/"
-  done
-  cp /tmp/*.log "$OUT/" 2>/dev/null
+  [ -d /tmp/ft ] && tar czf "$OUT/ft.tgz" -C /tmp ft
+  (cd /tmp && tar czf "$OUT/bench.tgz" $(ls -d bench peft ./*.log 2>/dev/null))
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
   ls /tmp/ft 2>/dev/null | tr '\n' ' '; echo
-  for log in /tmp/bench.log /tmp/peft.log /tmp/bench-synth.log; do
-    [ -f "$log" ] && { echo "== $log"; tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -8; }
+  for log in /tmp/bench.log /tmp/peft.log; do
+    [ -f "$log" ] && { echo "== $log"; tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -6 | cut -c1-300; }
   done
-  grep -h "step .*val loss" /tmp/ft/train-*.log 2>/dev/null | tail -3
   [ -f /tmp/bench-ALLDONE ] && echo "BENCH ALL DONE"
   [ -f /tmp/ft/ALLDONE ] && echo "FT ALL DONE"
 }
@@ -86,5 +82,10 @@ case "$ACTION" in
     ;;
   finetune) finetune_then_parity ;;
   benchmarks) benchmarks ;;
+  restart-benchmarks)
+    rm -f /tmp/bench-ALLDONE
+    setsid nohup bash "$0" benchmarks > /tmp/bench-driver.log 2>&1 < /dev/null &
+    sleep 5
+    ;;
   collect) collect ;;
 esac

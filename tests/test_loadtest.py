@@ -101,3 +101,35 @@ def test_sweep_over_a_2x2_grid_on_a_tiny_synthetic_model_writes_everything(tmp_p
     assert "Recommendation" in (out / "summary.md").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert again.stdout.count("done already (resume)") == 6
+
+
+def test_engine_bench_sweep_evict_and_soak_on_a_tiny_synthetic_model(tmp_path):
+    synth, out = tmp_path / "synth", tmp_path / "bench"
+    subprocess.run(
+        [sys.executable, "-m", "loadtest.synth", "--shape", "tiny", "--adapters", "3",
+         "--out", str(synth)],
+        check=True, cwd=ROOT, capture_output=True,
+    )  # fmt: skip
+    cmd = [
+        sys.executable, "-m", "loadtest.bench", "--config", str(synth / "adapters.yaml"),
+        "--backend", "hf", "--plan", "sweep,evict,soak", "--adapters", "2", "--users", "3",
+        "--duration", "3", "--warmup", "0.5", "--prompt-words", "4-6", "--output-tokens", "6-8",
+        "--evict-rounds", "1", "--soak-seconds", "6", "--soak-users", "6", "--soak-adapters", "2",
+        "--disconnect", "0.5", "--hotload-every", "2", "--spare-adapter",
+        str(synth / "adapters" / "lora-002"), "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    points = json.loads((out / "results.json").read_text())["points"]
+    assert set(points) == {"u3-a0", "u3-a2"}
+    assert points["u3-a2"]["completed"] > 0 and points["u3-a2"]["failures"] == 0
+    assert points["u3-a2"]["output_throughput_ratio"] > 0
+    assert {"results.csv", "summary.md", "throughput_vs_adapters.png"} <= {
+        p.name for p in out.iterdir()
+    }
+    evict = json.loads((out / "evict.json").read_text())
+    assert evict["ttft_p50_s"]["reloaded"] > 0
+    soak = json.loads((out / "soak.json").read_text())
+    assert soak["failed"] == 0 and soak["cancelled_by_client"] > 0 and soak["completed"] > 0
+    assert soak["hotloads"] and all(h["ok"] for h in soak["hotloads"])
+    assert soak["after"]["running"] == soak["before"]["running"] == 0
