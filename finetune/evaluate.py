@@ -88,8 +88,8 @@ async def evaluate_task(engine, task: Task, adapter: str, limit: int, batch: int
 
 def markdown_table(results: list[dict], training: dict[str, dict]) -> str:
     lines = [
-        "| task | metric | base | fine-tuned | delta (points) | n | training |",
-        "|---|---|---|---|---|---|---|",
+        "| task | metric | base | fine-tuned | delta (points) | n | training | evaluated on |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         m = r["metric"]
@@ -99,11 +99,45 @@ def markdown_table(results: list[dict], training: dict[str, dict]) -> str:
         )
         lines.append(
             f"| {r['task']} | {m} | {r['base'][m]:.3f} | {r['finetuned'][m]:.3f} | "
-            f"{r['delta_points']:+.1f} | {r['n']} | {cost} |"
+            f"{r['delta_points']:+.1f} | {r['n']} | {cost} | {evaluated_on(r)} |"
         )
     mean = sum(r["delta_points"] for r in results) / max(1, len(results))
     lines.append(f"\nMean lift over the base: **{mean:+.1f} points** on {len(results)} tasks.")
     return "\n".join(lines) + "\n"
+
+
+def evaluated_on(result: dict) -> str:
+    if not result.get("backend"):
+        return "—"
+    return f"{result['backend']} {result.get('dtype')}, {result.get('device')}"
+
+
+def device_of(engine) -> str:
+    device = getattr(engine, "device", None)
+    if engine.backend == "sglang" or (device is not None and device.type == "cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    return "cpu"
+
+
+def merge_previous(out: Path, results: list[dict], outputs: list[dict]):
+    """Results of this run replace the same tasks' in ``out``; other tasks are kept."""
+    if not (out / "quality.json").exists():
+        return results, outputs
+    done = {r["task"] for r in results}
+    old = json.loads((out / "quality.json").read_text())
+    kept = [r for r in old["results"] if r["task"] not in done]
+    for r in kept:  # runs written before results carried their own engine fields
+        for key in ("backend", "dtype", "device"):
+            r.setdefault(key, old.get(key))
+    order = list(TASKS)
+    merged = sorted(kept + results, key=lambda r: order.index(r["task"]))
+    old_outputs = []
+    if (out / "outputs.jsonl").exists():
+        rows = (json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines())
+        old_outputs = [o for o in rows if o["task"] not in done]
+    return merged, old_outputs + outputs
 
 
 def main() -> None:
@@ -116,6 +150,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="float32 = the CPU default's numbers")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--update-registry", action="store_true")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other tasks' results already in --out")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="SGLang setting, e.g. mem_fraction_static=0.1")  # fmt: skip
     args = parser.parse_args()
@@ -134,16 +170,22 @@ def main() -> None:
         asyncio.run(evaluate_task(engine, TASKS[t], by_task[t], args.limit, args.batch))
         for t in args.tasks
     ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    run = {"backend": engine.backend, "dtype": args.dtype, "device": device_of(engine)}
+    outputs = [o for r in results for o in r.pop("outputs")]
+    for r in results:
+        r.update(run)
+    if args.merge:
+        results, outputs = merge_previous(args.out, results, outputs)
+    paths = {a.name: a.path for a in registry.adapters}
     training = {
         r["task"]: json.loads(p.read_text())
         for r in results
-        if (p := registry.adapter(r["adapter"]).path / "training.json").exists()
+        if r["adapter"] in paths and (p := paths[r["adapter"]] / "training.json").exists()
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"backend": engine.backend, "dtype": args.dtype, "limit": args.limit}
     with (args.out / "outputs.jsonl").open("w") as f:
-        for r in results:
-            f.writelines(json.dumps(o) + "\n" for o in r.pop("outputs"))
+        f.writelines(json.dumps(o) + "\n" for o in outputs)
+    meta = {"limit": args.limit, **run}
     (args.out / "quality.json").write_text(json.dumps({**meta, "results": results}, indent=1))
     (args.out / "quality.md").write_text(markdown_table(results, training))
     print(markdown_table(results, training))

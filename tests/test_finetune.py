@@ -96,6 +96,18 @@ def test_smoke_qlora_run_writes_a_loadable_adapter_and_the_evaluator_scores_it(
     assert quality["results"][0]["n"] == 3 and "accuracy" in quality["results"][0]["base"]
     assert "| spam | accuracy |" in (tmp_path / "results" / "quality.md").read_text()
     assert "base_score" in config.read_text()
+    outputs = (tmp_path / "results" / "outputs.jsonl").read_text().splitlines()
+    assert len(outputs) == 6 and json.loads(outputs[0])["ids"]  # 3 base + 3 adapter, token ids
+
+    zero = {"accuracy": 0.0}
+    earlier = {"task": "news", "metric": "accuracy", "n": 1, "delta_points": 0.0,
+               "base": zero, "finetuned": zero, "adapter": "news"}  # fmt: skip
+    quality["results"].append(earlier)
+    (tmp_path / "results" / "quality.json").write_text(json.dumps(quality))
+    monkeypatch.setattr(sys, "argv", [*argv, "--merge"])
+    evaluate.main()
+    merged = json.loads((tmp_path / "results" / "quality.json").read_text())["results"]
+    assert [r["task"] for r in merged] == ["news", "spam"] and merged[1]["device"] == "cpu"
 
 
 def test_gradients_still_reach_every_layer_after_a_validation_pass(base_dir):
@@ -118,3 +130,16 @@ def test_gradients_still_reach_every_layer_after_a_validation_pass(base_dir):
         p for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n
     )
     assert first_layer_b.grad is not None and first_layer_b.grad.abs().sum() > 0
+
+
+def test_registry_layout_per_base_and_trained_on_check(tmp_path):
+    from engine.registry import RegistryError, load_registry
+    from finetune.train import default_layout
+
+    assert default_layout("smollm2") == (ROOT / "adapters", ROOT / "adapters.yaml")
+    assert default_layout("gemma3-270m")[1] == ROOT / "adapters-gemma3-270m.yaml"
+    text = (ROOT / "adapters.yaml").read_text().replace("trained_on: smollm2", "trained_on: other")
+    (tmp_path / "adapters").symlink_to(ROOT / "adapters")
+    (tmp_path / "adapters.yaml").write_text(text)
+    with pytest.raises(RegistryError, match=r"'sentiment' → trained_on: 'other'"):
+        load_registry(tmp_path / "adapters.yaml")
