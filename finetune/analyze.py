@@ -4,7 +4,8 @@
     python -m finetune.analyze --results smollm2=results/quality.json \
         gemma3-270m=results/gemma3-270m/quality.json --out results/analysis
 
-Per task, from its training split (words = whitespace tokens, so no base's tokenizer is favoured):
+Per task, from its training split (words = lower-cased ``\\w+`` runs, so no base's tokenizer is
+favoured and JSON or SQL punctuation is not a word):
 input and output length (mean, standard deviation), distinct outputs (classes) and output
 vocabulary, gzip ratio of the outputs (compressed / raw bytes: low = repetitive, predictable
 outputs), the share of output words found in the input, and each base's zero-shot score.
@@ -24,6 +25,7 @@ import itertools
 import json
 import math
 import random
+import re
 import statistics
 from pathlib import Path
 
@@ -40,7 +42,7 @@ HEURISTICS = [
 
 
 def words(text: str) -> list[str]:
-    return text.split()
+    return re.findall(r"\w+", text.lower())
 
 
 def input_text(example: dict) -> str:
@@ -171,7 +173,8 @@ def build_rows(results: dict[str, dict[str, dict]], heuristics: dict[str, dict])
 
 def correlations(rows: list[dict]) -> list[dict]:
     groups = {b: [r for r in rows if r["base"] == b] for b in sorted({r["base"] for r in rows})}
-    groups["pooled"] = rows
+    if len(groups) > 1:
+        groups["pooled"] = rows
     out = []
     for heuristic in HEURISTICS:
         for group, members in groups.items():
@@ -259,7 +262,7 @@ def markdown(rows: list[dict], corr: list[dict], loto: list[dict]) -> str:
             r = next((r for r in rows if r["base"] == base and r["task"] == task), None)
             cells.append(f"{r['base_score']:.3f} → {r['finetuned']:.3f}" if r else "—")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    groups = [*bases, "pooled"]
+    groups = [*bases, "pooled"] if len(bases) > 1 else bases
     head = "| heuristic | " + " | ".join(groups) + " |"
     lines += ["", "### Spearman correlation with the lift (rho, permutation p)", "", head,
               "|---|" + "---|" * len(groups)]  # fmt: skip
@@ -270,7 +273,7 @@ def markdown(rows: list[dict], corr: list[dict], loto: list[dict]) -> str:
             cell = f"{c['rho']:+.2f} (p={c['p']:.2f}, n={c['n']})" if c["rho"] is not None else "—"
             cells.append(cell)
         lines.append(f"| {heuristic} | " + " | ".join(cells) + " |")
-    lines += ["", "### Leave-one-task-out prediction of the fine-tuned score (pooled bases)", "",
+    lines += ["", "### Leave-one-task-out prediction of the fine-tuned score (all bases' rows)", "",
               "| heuristic | MAE, linear fit on it | MAE, mean of the other tasks |",
               "|---|---|---|"]  # fmt: skip
     for row in sorted(loto, key=lambda r: r["loto_mae"]):

@@ -58,7 +58,8 @@ def encode(tokenizer, task: Task, example: dict, max_len: int) -> tuple[list[int
     messages = [{"role": "user", "content": task.prompt(example["input"])}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
-    answer = [*tokenizer.encode(example["target"]), tokenizer.eos_token_id]
+    target = tokenizer.encode(example["target"], add_special_tokens=False)  # no <bos> (Gemma)
+    answer = [*target, tokenizer.eos_token_id]
     prompt = prompt[-(max_len - len(answer)) :] if len(prompt) + len(answer) > max_len else prompt
     return prompt + answer, [-100] * len(prompt) + answer
 

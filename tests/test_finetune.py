@@ -143,3 +143,26 @@ def test_registry_layout_per_base_and_trained_on_check(tmp_path):
     (tmp_path / "adapters.yaml").write_text(text)
     with pytest.raises(RegistryError, match=r"'sentiment' → trained_on: 'other'"):
         load_registry(tmp_path / "adapters.yaml")
+
+
+class BosTokenizer:
+    """A tokenizer that, like Gemma's, puts <bos> (id 2) before every encode() by default."""
+
+    eos_token_id = 1
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [10 + len(w) for w in text.split()]
+        return [2, *ids] if add_special_tokens else ids
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+        return [2, 5, *self.encode(messages[0]["content"], add_special_tokens=False), 6]
+
+
+def test_answer_tokens_carry_no_bos_so_the_model_does_not_learn_to_start_with_one():
+    from finetune.train import encode
+
+    example = {"input": {"message": "win a prize"}, "target": "spam"}
+    ids, labels = encode(BosTokenizer(), TASKS["spam"], example, 256)
+    answer = [t for t in labels if t != -100]
+    assert answer == [14, 1]  # "spam" + eos, no <bos> in front
+    assert ids[-2:] == answer and ids.count(2) == 1
