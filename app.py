@@ -258,15 +258,17 @@ def backend_banner(engine: Engine) -> str:
 
 
 def benchmarks_tab(results: Path = RESULTS) -> None:
-    """One section per sweep folder (``results/loadtest*``): its summary table and plots."""
-    sweeps = sorted(p for p in results.glob("loadtest*") if (p / "summary.md").exists())
-    if not sweeps:
+    """One section per results folder with a sweep summary or a soak report: tables and plots."""
+    reports = ("summary.md", "soak.md")
+    folders = sorted(p for p in results.iterdir() if any((p / r).exists() for r in reports))
+    if not folders:
         gr.Markdown("No load-test results yet. Run `python -m loadtest.sweep` (see README).")
         return
-    for sweep in sweeps:
-        gr.Markdown(f"## {sweep.name}\n" + strip_images((sweep / "summary.md").read_text()))
+    for folder in folders:
+        texts = [strip_images((folder / r).read_text()) for r in reports if (folder / r).exists()]
+        gr.Markdown(f"## {folder.name}\n" + "\n\n".join(texts))
         with gr.Row():
-            for plot in sorted(sweep.glob("*.png")):
+            for plot in sorted(folder.glob("*.png")):
                 gr.Image(str(plot), label=plot.stem, show_label=True)
 
 

@@ -278,8 +278,26 @@ async def soak(engine, args, names: list[str]) -> dict:
         "throughput_tok_s": sum(r["output_tokens"] for r in records if r["ok"]) / args.soak_seconds,
     }
     (Path(args.out) / "soak.json").write_text(json.dumps(report, indent=1))
+    (Path(args.out) / "soak.md").write_text(soak_markdown(report))
     print(f"soak: {json.dumps({k: v for k, v in report.items() if k != 'hotloads'})}")
     return report
+
+
+def soak_markdown(report: dict) -> str:
+    """The soak's verdict as a table (the app's Benchmarks tab shows it)."""
+    before, after = report["before"], report["after"]
+    hot = report["hotloads"]
+    return (
+        f"### Soak: {report['streams']} streams over {report['adapters']} adapters, "
+        f"{report['seconds'] / 60:.0f} min\n\n"
+        "| requests | completed | left by the client | failed or lost | hot-load/use/unload |\n"
+        "|---|---|---|---|---|\n"
+        f"| {report['requests']} | {report['completed']} | {report['cancelled_by_client']} | "
+        f"{report['failed']} | {sum(h['ok'] for h in hot)}/{len(hot)} ok |\n\n"
+        "| | running | GPU memory of the engine (MiB) |\n|---|---|---|\n"
+        f"| before | {before.get('running')} | {before.get('gpu_memory_mib')} |\n"
+        f"| after | {after.get('running')} | {after.get('gpu_memory_mib')} |\n"
+    )
 
 
 def settings_of(args, engine) -> dict:

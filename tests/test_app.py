@@ -101,3 +101,21 @@ def test_browser_picks_an_adapter_runs_and_sees_both_panels(hf_engine, registry_
         live.stop()
     assert tuned and base
     assert shot.stat().st_size > 10_000
+
+
+def test_benchmarks_tab_shows_sweeps_and_soak_reports(tmp_path):
+    import gradio as gr
+
+    from app import benchmarks_tab
+
+    (tmp_path / "loadtest-a").mkdir()
+    (tmp_path / "loadtest-a" / "summary.md").write_text("| users | adapters |\n![x](x.png)")
+    (tmp_path / "h200").mkdir()
+    (tmp_path / "h200" / "soak.md").write_text("### Soak: 256 streams")
+    (tmp_path / "analysis").mkdir()  # neither report: not a benchmark
+    with gr.Blocks() as demo:
+        benchmarks_tab(tmp_path)
+    texts = [b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown)]
+    assert any("## h200" in t and "Soak: 256 streams" in t for t in texts)
+    assert any("## loadtest-a" in t and "![x]" not in t for t in texts)
+    assert not any("analysis" in t for t in texts)
