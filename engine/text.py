@@ -4,6 +4,24 @@ from __future__ import annotations
 
 from .interface import GenerationRequest
 
+TURN_MARKERS = (
+    "<|im_end|>", "<|im_start|>", "<|endoftext|>",  # ChatML (SmolLM2, Qwen)
+    "<end_of_turn>", "<start_of_turn>", "<eos>",  # Gemma
+    "<|eot_id|>", "<|start_header_id|>", "<|end_of_text|>",  # Llama 3
+)  # fmt: skip
+
+
+def end_of_turn_ids(tokenizer) -> set[int]:
+    """Token ids that end the model's answer: EOS, and any special token that closes a turn or
+    opens the next one. A chat model that starts a new turn (``<|im_start|>``) has finished its
+    own, so generation stops there instead of running on into an invented next message."""
+    special = set(tokenizer.all_special_tokens) | {
+        t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special
+    }
+    ids = {tokenizer.convert_tokens_to_ids(t) for t in TURN_MARKERS if t in special}
+    ids.add(tokenizer.eos_token_id)
+    return {i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id}
+
 
 def prompt_token_ids(tokenizer, request: GenerationRequest, chat_template: bool) -> list[int]:
     """Chat messages go through the tokenizer's chat template; a raw prompt is tokenized as is."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from engine import (
     SamplingParams,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
 
@@ -159,3 +161,38 @@ def test_health_answers_a_one_token_generation(hf_engine):
     health = asyncio.run(hf_engine.health())
     assert health["ok"] and health["backend"] == "hf"
     assert set(health["adapters"]) >= {"alpha", "beta"}
+
+
+def test_end_of_turn_ids_include_the_chatml_markers(base_dir):
+    from transformers import AutoTokenizer
+
+    from engine.text import end_of_turn_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    ids = end_of_turn_ids(tokenizer)
+    assert set(tokenizer.convert_ids_to_tokens(sorted(ids))) == {"<|im_start|>", "<|im_end|>"}
+
+
+def test_shipped_sql_adapter_stops_at_the_end_of_its_answer():
+    """The shipped adapters end their answers with <|im_start|> (a new turn): the engine must
+    stop there, not run on into an invented next message (which breaks the SQL)."""
+    from engine import build_engine
+    from engine.registry import load_registry
+    from finetune.data import load_split
+    from finetune.tasks import TASKS
+
+    registry = load_registry(ROOT / "adapters.yaml")
+    registry.adapters = [a for a in registry.adapters if a.name == "sql"]
+    engine = build_engine(registry, backend="hf")
+    try:
+        example = load_split("sql", "test")[0]
+        request = GenerationRequest(
+            adapter="sql",
+            messages=[{"role": "user", "content": TASKS["sql"].prompt(example["input"])}],
+            params=SamplingParams(max_tokens=128),
+        )
+        done = asyncio.run(engine.complete(request))
+    finally:
+        asyncio.run(engine.shutdown())
+    assert done.finish_reason == "stop" and done.usage.completion_tokens < 100
+    assert done.text.strip().upper().startswith("SELECT") and "user" not in done.text

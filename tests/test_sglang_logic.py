@@ -40,6 +40,8 @@ def test_sampling_params_translate():
     assert out["max_new_tokens"] == 7 and out["temperature"] == 0.5
     assert out["top_k"] == -1 and out["stop"] == ["\n"] and out["sampling_seed"] == 3
     assert "stop" not in sampling_params(SamplingParams())
+    assert sampling_params(params, {2, 1})["stop_token_ids"] == [1, 2]
+    assert "stop_token_ids" not in sampling_params(SamplingParams(ignore_eos=True), {1, 2})
 
 
 def test_cumulative_chunks_become_deltas():

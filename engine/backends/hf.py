@@ -28,7 +28,7 @@ from ..interface import (
     Usage,
 )
 from ..registry import HFSettings
-from ..text import TextStream, prompt_token_ids
+from ..text import TextStream, end_of_turn_ids, prompt_token_ids
 from .common import check_context, check_loadable
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class HFEngine(Engine):
         return getattr(torch, dtype)
 
     def find_eos_ids(self) -> set[int]:
-        ids = {self.tokenizer.eos_token_id}
+        ids = end_of_turn_ids(self.tokenizer)
         configured = getattr(self.model.generation_config, "eos_token_id", None)
         ids |= set(configured if isinstance(configured, list) else [configured])
         return {i for i in ids if i is not None}

@@ -25,7 +25,7 @@ from ..interface import (
     Usage,
 )
 from ..registry import SGLangSettings
-from ..text import prompt_token_ids
+from ..text import end_of_turn_ids, prompt_token_ids
 from .common import check_context, check_loadable
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,8 @@ def engine_kwargs(
     return kwargs
 
 
-def sampling_params(params: SamplingParams) -> dict:
-    """Our ``SamplingParams`` → SGLang's sampling dict."""
+def sampling_params(params: SamplingParams, stop_ids: set[int] | None = None) -> dict:
+    """Our ``SamplingParams`` → SGLang's sampling dict; ``stop_ids`` end the answer too."""
     out = {
         "max_new_tokens": params.max_tokens,
         "temperature": params.temperature,
@@ -83,6 +83,8 @@ def sampling_params(params: SamplingParams) -> dict:
     }
     if params.stop:
         out["stop"] = list(params.stop)
+    if stop_ids and not params.ignore_eos:
+        out["stop_token_ids"] = sorted(stop_ids)
     if params.seed is not None:
         out["sampling_seed"] = params.seed
     return out
@@ -141,6 +143,7 @@ class SGLangEngine(Engine):
         self.base_model_id = base_model_id
         self.chat_template = chat_template
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        self.stop_ids = end_of_turn_ids(self.tokenizer)
         config = AutoConfig.from_pretrained(base_dir)
         self.context = int(getattr(config, "max_position_embeddings", 2048))
         adapters = dict(adapters or {})
@@ -186,7 +189,7 @@ class SGLangEngine(Engine):
         try:
             outputs = await self.engine.async_generate(
                 input_ids=ids,
-                sampling_params=sampling_params(request.params),
+                sampling_params=sampling_params(request.params, self.stop_ids),
                 lora_path=request.adapter,
                 stream=True,
                 rid=request.request_id,
