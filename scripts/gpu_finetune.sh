@@ -2,6 +2,8 @@
 # Train every task adapter on each base with one recipe — all in parallel processes on one GPU —
 # then evaluate base vs fine-tuned on the full test splits through the engine (HF backend).
 #   BASES="smollm2 gemma3-270m" STEPS=300 BATCH=16 LR=5e-4 OUT=/tmp/ft bash scripts/gpu_finetune.sh
+#   TASKS=address ARGS_address="--rank 16 --alpha 32 --targets q_proj k_proj v_proj o_proj \
+#     gate_proj up_proj down_proj --steps 600" bash scripts/gpu_finetune.sh   # one task, own recipe
 # Expects the packaged GGUFs importable (PYTHONPATH), bitsandbytes, and the task splits in
 # $LORALAND_DATA (python -m finetune.data). Writes logs, quality-BASE/ and adapters.tar to $OUT,
 # then touches $OUT/DONE.
@@ -14,18 +16,24 @@ config() { if [ "$1" = smollm2 ]; then echo adapters.yaml; else echo "adapters-$
 for base in $BASES; do
   python3 -m engine.base_model "$base" > "$OUT/convert-$base.log" 2>&1
 done
+TASKS=${TASKS:-sentiment news spam address sql}
 for base in $BASES; do
-  for task in sentiment news spam address sql; do
+  for task in $TASKS; do
+    extra="ARGS_$task"  # per-task overrides, the same for every base
+    # shellcheck disable=SC2086
     python3 -m finetune.train --task "$task" --base "$base" --steps "${STEPS:-300}" \
-      --batch-size "${BATCH:-16}" --lr "${LR:-5e-4}" --no-register \
+      --batch-size "${BATCH:-16}" --lr "${LR:-5e-4}" --no-register ${!extra:-} \
       > "$OUT/train-$base-$task.log" 2>&1 &
   done
 done
 wait
 for base in $BASES; do
-  python3 -m finetune.train --task all --base "$base" --register-only
-  python3 -m finetune.evaluate --config "$(config "$base")" --limit "${LIMIT:-2000}" --batch 128 \
-    --update-registry --out "$OUT/quality-$base" > "$OUT/eval-$base.log" 2>&1 &
+  for task in $TASKS; do
+    python3 -m finetune.train --task "$task" --base "$base" --register-only
+  done
+  # shellcheck disable=SC2086
+  python3 -m finetune.evaluate --config "$(config "$base")" --tasks $TASKS --limit "${LIMIT:-2000}" \
+    --batch 128 --update-registry --out "$OUT/quality-$base" > "$OUT/eval-$base.log" 2>&1 &
 done
 wait
 tar cf "$OUT/adapters.tar" adapters adapters*.yaml
