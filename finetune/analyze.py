@@ -1,8 +1,7 @@
 """Which base fine-tunes best, and do task-complexity heuristics predict the lift?
 
-    python -m finetune.analyze            # results/quality.json + results/gemma3-270m/quality.json
-    python -m finetune.analyze --results smollm2=results/quality.json \
-        gemma3-270m=results/gemma3-270m/quality.json --out results/analysis
+    python -m finetune.analyze            # results/quality.json (SmolLM2) → results/analysis/
+    python -m finetune.analyze --results smollm2=A/quality.json gemma3-270m=B/quality.json
 
 Per task, from its training split (words = lower-cased ``\\w+`` runs, so no base's tokenizer is
 favoured and JSON or SQL punctuation is not a word):
@@ -30,10 +29,7 @@ import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_RESULTS = {
-    "smollm2": ROOT / "results" / "quality.json",
-    "gemma3-270m": ROOT / "results" / "gemma3-270m" / "quality.json",
-}
+DEFAULT_RESULTS = {"smollm2": ROOT / "results" / "quality.json"}
 HEURISTICS = [
     "input_words_mean", "input_words_std", "output_words_mean", "output_words_std",
     "distinct_outputs", "output_vocab", "output_gzip_ratio", "output_in_input",
@@ -309,7 +305,7 @@ def analyze(results: dict[str, Path], out: Path, heuristics: dict | None = None)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", nargs="+", metavar="BASE=QUALITY_JSON",
-                        help="default: smollm2 and gemma3-270m results in results/")  # fmt: skip
+                        help="default: SmolLM2's results/quality.json")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "analysis")
     args = parser.parse_args()
     results = dict(DEFAULT_RESULTS)
