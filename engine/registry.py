@@ -179,6 +179,25 @@ def template_fields(template: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def with_overrides(settings: Strict, items: list[str]) -> Strict:
+    """A copy of engine settings with ``KEY=JSON`` overrides (the CLIs' ``--set``), validated."""
+    values = settings.model_dump()
+    fields = sorted(type(settings).model_fields)
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields:
+            raise RegistryError(f"--set {item!r}: want KEY=VALUE with KEY one of {fields}")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw  # a bare string, e.g. lora_backend=triton
+    try:
+        return type(settings).model_validate(values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise RegistryError(f"--set {first['loc'][0]}: {first['msg']}") from None
+
+
 def load_registry(path: str | Path) -> Registry:
     """Read, validate and resolve an adapters.yaml; raise ``RegistryError`` naming each problem."""
     path = Path(path)

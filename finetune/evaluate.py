@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from engine import GenerationRequest, SamplingParams, build_engine
-from engine.registry import load_registry
+from engine.registry import load_registry, with_overrides
 
 from .data import load_split
 from .registry_update import set_eval
@@ -156,9 +156,7 @@ def main() -> None:
                         help="SGLang setting, e.g. mem_fraction_static=0.1")  # fmt: skip
     args = parser.parse_args()
     registry = load_registry(args.config)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        setattr(registry.engine.sglang, key, json.loads(value))
+    registry.engine.sglang = with_overrides(registry.engine.sglang, args.set)
     registry.base.dtype = args.dtype
     registry.engine.hf.max_batch_size = args.batch
     engine = build_engine(registry, backend=args.backend)

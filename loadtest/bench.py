@@ -330,13 +330,13 @@ async def wait_for_file(path: Path) -> None:
 
 async def run(args) -> None:
     from engine import build_engine
-    from engine.registry import load_registry
+    from engine.registry import load_registry, with_overrides
 
     registry = load_registry(args.config)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        section = registry.engine.sglang if args.backend != "hf" else registry.engine.hf
-        setattr(section, key, json.loads(value))
+    if args.backend == "hf":
+        registry.engine.hf = with_overrides(registry.engine.hf, args.set)
+    else:
+        registry.engine.sglang = with_overrides(registry.engine.sglang, args.set)
     if args.dtype:
         registry.base.dtype = args.dtype
     if args.keep:

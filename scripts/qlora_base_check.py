@@ -1,14 +1,17 @@
 """Does a QLoRA adapter score better on the 4-bit base it was trained against than on the
 full-precision base the engine serves? Greedy peft ``generate`` on the first N test examples.
 
-    python scripts/qlora_base_check.py --task address --adapter adapters/address --n 16
+    python scripts/qlora_base_check.py --task address --adapter adapters/address --n 16 \
+        --out results/finetune/address-4bit-check/result.json
 
-Prints the task metrics for both bases (CPU: bitsandbytes' 4-bit path, float32 compute).
+Prints (and with ``--out`` writes) the task metrics for both bases (CPU: bitsandbytes' 4-bit
+path, float32 compute).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -65,6 +68,7 @@ def main() -> None:
     parser.add_argument("--adapter", required=True)
     parser.add_argument("--base", default="smollm2")
     parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--out", type=Path, help="JSON file for the results")
     args = parser.parse_args()
     task, base_dir = TASKS[args.task], resolve_base(args.base)
     tokenizer = AutoTokenizer.from_pretrained(base_dir, padding_side="left")
@@ -72,9 +76,14 @@ def main() -> None:
         tokenizer.pad_token = tokenizer.eos_token
     examples = load_split(args.task, "test")[: args.n]
     bases = (("float32 base (as served)", False), ("4-bit NF4 base (as trained)", True))
+    results = {"command": " ".join(sys.argv), "n": len(examples)}
     for label, four_bit in bases:
         model = load(base_dir, args.adapter, four_bit)
-        print(f"{label}: {scores(model, tokenizer, task, examples, task.max_tokens)}", flush=True)
+        results[label] = scores(model, tokenizer, task, examples, task.max_tokens)
+        print(f"{label}: {results[label]}", flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -137,3 +137,17 @@ def test_misfit_adapter_fails_the_registry_check_naming_the_entry(tmp_path, base
     registry = load_registry(write(tmp_path, {"adapters": [entry("big", "big")]}))
     with pytest.raises(RegistryError, match=r"adapters\[0\] 'big' → path: .*lm_head"):
         check_fit(registry, base_dir)
+
+
+def test_set_overrides_are_validated_and_name_the_key():
+    from engine.registry import SGLangSettings, with_overrides
+
+    settings = with_overrides(
+        SGLangSettings(), ["max_loras_per_batch=128", "lora_backend=triton", "cuda_graph=false"]
+    )
+    assert settings.max_loras_per_batch == 128 and settings.lora_backend == "triton"
+    assert settings.cuda_graph is False
+    with pytest.raises(RegistryError, match="max_loras_per_batch"):
+        with_overrides(SGLangSettings(), ["max_loras_per_batch=0"])
+    with pytest.raises(RegistryError, match="nonsense"):
+        with_overrides(SGLangSettings(), ["nonsense=1"])
