@@ -63,10 +63,14 @@ def register_adapter(config: Path, task: Task, adapter_dir: Path, base: str | No
     }
     if base:
         entry["trained_on"] = base
-    old = next((e for e in entries if e.get("name") == entry["name"]), None)
-    if old and "eval" in old:
-        entry["eval"] = old["eval"]
-    entries = [e for e in entries if e.get("name") != entry["name"]] + [entry]
+    names = [e.get("name") for e in entries]
+    if entry["name"] not in names:
+        entries.append(entry)
+    else:  # replaced where it stands: retraining one adapter does not reorder the registry
+        i = names.index(entry["name"])
+        if "eval" in entries[i]:
+            entry["eval"] = entries[i]["eval"]
+        entries[i] = entry
     write_entries(config, head, entries)
 
 

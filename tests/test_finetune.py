@@ -145,6 +145,22 @@ def test_registry_layout_per_base_and_trained_on_check(tmp_path):
         load_registry(tmp_path / "adapters.yaml")
 
 
+def test_reregistering_an_adapter_keeps_its_place_and_its_score(tmp_path):
+    import yaml
+
+    from finetune.registry_update import register_adapter
+
+    config = tmp_path / "adapters.yaml"
+    shutil.copy(ROOT / "adapters.yaml", config)
+    before = yaml.safe_load(config.read_text())["adapters"]
+    register_adapter(config, TASKS["news"], ROOT / "adapters" / "news", "smollm2")
+    after = yaml.safe_load(config.read_text())["adapters"]
+    assert [e["name"] for e in after] == [e["name"] for e in before]
+    news = next(e for e in after if e["name"] == "news")
+    assert news["eval"] == next(e for e in before if e["name"] == "news")["eval"]
+    assert (config.parent / news["path"]).resolve() == (ROOT / "adapters" / "news").resolve()
+
+
 class BosTokenizer:
     """A tokenizer that, like Gemma's, puts <bos> (id 2) before every encode() by default."""
 
