@@ -259,7 +259,7 @@ def backend_banner(engine: Engine) -> str:
 
 def benchmarks_tab(results: Path = RESULTS) -> None:
     """One section per results folder with a sweep summary or a soak report: tables and plots."""
-    reports = ("summary.md", "soak.md")
+    reports = ("summary.md", "evict.md", "soak.md")
     folders = sorted(p for p in results.iterdir() if any((p / r).exists() for r in reports))
     if not folders:
         gr.Markdown("No load-test results yet. Run `python -m loadtest.sweep` (see README).")

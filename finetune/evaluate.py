@@ -42,10 +42,18 @@ def requests_for(task: Task, examples: list[dict], adapter: str | None) -> list[
     ]
 
 
-async def run_batches(engine, requests: list[GenerationRequest], batch: int, label: str):
+async def run_batches(
+    engine, requests: list[GenerationRequest], batch: int, label: str, timeout: float = 900
+):
     outputs = []
     for i in tqdm(range(0, len(requests), batch), desc=label, unit="batch"):
-        outputs += await engine.generate(requests[i : i + batch])
+        try:
+            outputs += await asyncio.wait_for(engine.generate(requests[i : i + batch]), timeout)
+        except TimeoutError:
+            raise SystemExit(
+                f"{label}: batch {i // batch + 1} (requests {i}-{i + batch - 1}) gave no answer in "
+                f"{timeout:.0f} s; the engine is stuck or far too slow for --batch {batch}"
+            ) from None
     return outputs
 
 
@@ -54,14 +62,16 @@ def mean_scores(task: Task, outputs: list[str], examples: list[dict]) -> dict[st
     return {k: round(sum(s[k] for s in scores) / len(scores), 4) for k in scores[0]}
 
 
-async def evaluate_task(engine, task: Task, adapter: str, limit: int, batch: int) -> dict:
+async def evaluate_task(
+    engine, task: Task, adapter: str, limit: int, batch: int, timeout: float = 900
+) -> dict:
     examples = load_split(task.name, "test")[:limit]
     started = time.perf_counter()
     base_done = await run_batches(
-        engine, requests_for(task, examples, None), batch, f"{task.name} base"
+        engine, requests_for(task, examples, None), batch, f"{task.name} base", timeout
     )
     tuned_done = await run_batches(
-        engine, requests_for(task, examples, adapter), batch, f"{task.name} adapter"
+        engine, requests_for(task, examples, adapter), batch, f"{task.name} adapter", timeout
     )
     base_out, tuned_out = [c.text for c in base_done], [c.text for c in tuned_done]
     base, tuned = mean_scores(task, base_out, examples), mean_scores(task, tuned_out, examples)
@@ -146,6 +156,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch-timeout", type=float, default=900,
+                        help="seconds one batch may take before the run stops")  # fmt: skip
     parser.add_argument("--backend", choices=["auto", "hf", "sglang"], default="hf")
     parser.add_argument("--dtype", default="float32", help="float32 = the CPU default's numbers")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
@@ -165,7 +177,9 @@ def main() -> None:
     if missing:
         raise SystemExit(f"no adapter in {args.config} for tasks {missing}: train them first")
     results = [
-        asyncio.run(evaluate_task(engine, TASKS[t], by_task[t], args.limit, args.batch))
+        asyncio.run(
+            evaluate_task(engine, TASKS[t], by_task[t], args.limit, args.batch, args.batch_timeout)
+        )
         for t in args.tasks
     ]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -135,6 +135,18 @@ async def sweep(engine, args, names: list[str]) -> dict:
     return results
 
 
+def evict_markdown(report: dict) -> str:
+    ms = {k: round(v * 1000, 1) for k, v in report["ttft_p50_s"].items()}
+    return (
+        f"### Evicted-adapter reload: {report['ring']} adapters cycled through "
+        f"{report['gpu_slots']} GPU slots, {report['rounds']} rounds\n\n"
+        "| TTFT p50 (ms) | base | adapter resident on the GPU | adapter evicted, reloaded | "
+        "added by the reload |\n|---|---|---|---|---|\n"
+        f"| | {ms['base']} | {ms['resident']} | {ms['reloaded']} | "
+        f"{report['reload_added_ms']:+.1f} ms |\n"
+    )
+
+
 async def evict(engine, args, names: list[str]) -> dict:
     """TTFT of a resident adapter vs one evicted from the GPU pool since its last use."""
     slots = getattr(getattr(engine, "settings", None), "max_loras_per_batch", None)
@@ -165,6 +177,7 @@ async def evict(engine, args, names: list[str]) -> dict:
         "samples_s": rows,
     }
     (Path(args.out) / "evict.json").write_text(json.dumps(report, indent=1))
+    (Path(args.out) / "evict.md").write_text(evict_markdown(report))
     print(f"evict: {json.dumps({k: v for k, v in report.items() if k != 'samples_s'})}")
     return report
 
@@ -348,8 +361,8 @@ async def run(args) -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     try:
         await warm_up(engine, names)
-        for i, step in enumerate(args.plan.split(",")):
-            if i and args.wait_for:
+        for step in args.plan.split(","):
+            if step != "soak" and args.wait_for:
                 await wait_for_file(Path(args.wait_for))
             await {"sweep": sweep, "evict": evict, "soak": soak}[step](engine, args, names)
     finally:
@@ -367,8 +380,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="backend setting, e.g. max_loras_per_batch=128")  # fmt: skip
     parser.add_argument("--wait-for", metavar="FILE",
-                        help="wait for FILE before each step after the first (a soak may overlap "
-                             "other GPU jobs, a sweep must not)")  # fmt: skip
+                        help="wait for FILE before each measurement (sweep, evict): a soak may "
+                             "overlap other GPU jobs, a measurement must not")  # fmt: skip
     parser.add_argument("--keep", type=int, help="serve only the first N registry adapters")
     parser.add_argument("--plan", default="sweep", help="comma list of sweep, evict, soak")
     parser.add_argument("--adapters", type=ints, default=[1, 8, 32, 64, 128])

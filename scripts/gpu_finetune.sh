@@ -2,6 +2,7 @@
 # Train every task adapter on each base with one recipe — all in parallel processes on one GPU —
 # then evaluate base vs fine-tuned on the full test splits through the engine (HF backend).
 #   BASES="smollm2 gemma3-270m" STEPS=300 BATCH=16 LR=5e-4 OUT=/tmp/ft bash scripts/gpu_finetune.sh
+#   TASKS_smollm2=address  # per base: train only these tasks on SmolLM2
 #   TASKS=address ARGS_address="--rank 16 --alpha 32 --targets q_proj k_proj v_proj o_proj \
 #     gate_proj up_proj down_proj --steps 600" bash scripts/gpu_finetune.sh   # one task, own recipe
 # Expects the packaged GGUFs importable (PYTHONPATH), bitsandbytes, and the task splits in
@@ -17,8 +18,9 @@ for base in $BASES; do
   python3 -m engine.base_model "$base" > "$OUT/convert-$base.log" 2>&1
 done
 TASKS=${TASKS:-sentiment news spam address sql}
+tasks_of() { local var="TASKS_${1//[^a-zA-Z0-9]/_}"; echo "${!var:-$TASKS}"; }
 for base in $BASES; do
-  for task in $TASKS; do
+  for task in $(tasks_of "$base"); do
     extra="ARGS_$task"  # per-task overrides, the same for every base
     # shellcheck disable=SC2086
     python3 -m finetune.train --task "$task" --base "$base" --steps "${STEPS:-300}" \
@@ -28,11 +30,11 @@ for base in $BASES; do
 done
 wait
 for base in $BASES; do
-  for task in $TASKS; do
+  for task in $(tasks_of "$base"); do
     python3 -m finetune.train --task "$task" --base "$base" --register-only
   done
   # shellcheck disable=SC2086
-  python3 -m finetune.evaluate --config "$(config "$base")" --tasks $TASKS --limit "${LIMIT:-2000}" \
+  python3 -m finetune.evaluate --config "$(config "$base")" --tasks $(tasks_of "$base") --limit "${LIMIT:-2000}" \
     --batch 128 --update-registry --out "$OUT/quality-$base" > "$OUT/eval-$base.log" 2>&1 &
 done
 wait

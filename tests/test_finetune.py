@@ -182,3 +182,18 @@ def test_answer_tokens_carry_no_bos_so_the_model_does_not_learn_to_start_with_on
     answer = [t for t in labels if t != -100]
     assert answer == [14, 1]  # "spam" + eos, no <bos> in front
     assert ids[-2:] == answer and ids.count(2) == 1
+
+
+def test_a_stuck_batch_stops_the_evaluation_with_an_error_naming_it():
+    import asyncio
+
+    from engine.interface import GenerationRequest
+    from finetune.evaluate import run_batches
+
+    class StuckEngine:
+        async def generate(self, requests):
+            await asyncio.sleep(60)
+
+    requests = [GenerationRequest(prompt=str(i)) for i in range(5)]
+    with pytest.raises(SystemExit, match=r"news base: batch 1 \(requests 0-3\).*0 s"):
+        asyncio.run(run_batches(StuckEngine(), requests, 4, "news base", timeout=0.05))

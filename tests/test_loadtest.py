@@ -129,6 +129,7 @@ def test_engine_bench_sweep_evict_and_soak_on_a_tiny_synthetic_model(tmp_path):
     }
     evict = json.loads((out / "evict.json").read_text())
     assert evict["ttft_p50_s"]["reloaded"] > 0
+    assert f"{evict['reload_added_ms']:+.1f} ms" in (out / "evict.md").read_text()
     soak = json.loads((out / "soak.json").read_text())
     assert soak["failed"] == 0 and soak["cancelled_by_client"] > 0 and soak["completed"] > 0
     assert soak["hotloads"] and all(h["ok"] for h in soak["hotloads"])
