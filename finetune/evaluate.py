@@ -2,6 +2,7 @@
 
     python -m finetune.evaluate                          # all tasks, ≤200 test examples each
     python -m finetune.evaluate --tasks spam sql --limit 50 --out results
+    python -m finetune.evaluate --rescore results --limit 200 --out /tmp/first200   # no engine
 
 Writes ``results/quality.json`` and ``results/quality.md`` (task, metric, base, fine-tuned,
 delta) and, with ``--update-registry``, each adapter's ``eval`` in adapters.yaml (the app's cards).
@@ -150,6 +151,53 @@ def merge_previous(out: Path, results: list[dict], outputs: list[dict]):
     return merged, old_outputs + outputs
 
 
+def rescore(source: Path, limit: int, tasks: list[str]) -> tuple[list[dict], list[dict]]:
+    """Score the outputs stored in ``source`` again, on each task's first ``limit`` examples."""
+    quality = json.loads((source / "quality.json").read_text())
+    rows = [json.loads(line) for line in (source / "outputs.jsonl").read_text().splitlines()]
+    results, kept = [], []
+    for old in (r for r in quality["results"] if r["task"] in tasks):
+        task = TASKS[old["task"]]
+        examples = load_split(task.name, "test")[: min(limit, old["n"])]
+        mine = sorted(
+            (o for o in rows if o["task"] == task.name and o["index"] < len(examples)),
+            key=lambda o: o["index"],
+        )
+        base = mean_scores(task, [o["text"] for o in mine if o["model"] == "base"], examples)
+        tuned = mean_scores(task, [o["text"] for o in mine if o["model"] == "adapter"], examples)
+        engine = {k: old.get(k, quality.get(k)) for k in ("backend", "dtype", "device")}
+        results.append({
+            "task": task.name, "adapter": old["adapter"], "metric": task.metric,
+            "n": len(examples), "base": base, "finetuned": tuned,
+            "delta_points": round((tuned[task.metric] - base[task.metric]) * 100, 1),
+            "rescored_from": str(source), **engine,
+        })  # fmt: skip
+        kept += mine
+    return results, kept
+
+
+def run_engine(registry, args) -> tuple[list[dict], list[dict], dict]:
+    registry.engine.sglang = with_overrides(registry.engine.sglang, args.set)
+    registry.base.dtype = args.dtype
+    registry.engine.hf.max_batch_size = args.batch
+    engine = build_engine(registry, backend=args.backend)
+    by_task = {a.task: a.name for a in registry.adapters}
+    missing = [t for t in args.tasks if t not in by_task]
+    if missing:
+        raise SystemExit(f"no adapter in {args.config} for tasks {missing}: train them first")
+    results = [
+        asyncio.run(
+            evaluate_task(engine, TASKS[t], by_task[t], args.limit, args.batch, args.batch_timeout)
+        )
+        for t in args.tasks
+    ]
+    run = {"backend": engine.backend, "dtype": args.dtype, "device": device_of(engine)}
+    outputs = [o for r in results for o in r.pop("outputs")]
+    for r in results:
+        r.update(run)
+    return results, outputs, run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=ROOT / "adapters.yaml")
@@ -166,27 +214,16 @@ def main() -> None:
                         help="keep the other tasks' results already in --out")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="SGLang setting, e.g. mem_fraction_static=0.1")  # fmt: skip
+    parser.add_argument("--rescore", type=Path, metavar="DIR",
+                        help="no engine: score DIR's outputs, first --limit examples")  # fmt: skip
     args = parser.parse_args()
     registry = load_registry(args.config)
-    registry.engine.sglang = with_overrides(registry.engine.sglang, args.set)
-    registry.base.dtype = args.dtype
-    registry.engine.hf.max_batch_size = args.batch
-    engine = build_engine(registry, backend=args.backend)
-    by_task = {a.task: a.name for a in registry.adapters}
-    missing = [t for t in args.tasks if t not in by_task]
-    if missing:
-        raise SystemExit(f"no adapter in {args.config} for tasks {missing}: train them first")
-    results = [
-        asyncio.run(
-            evaluate_task(engine, TASKS[t], by_task[t], args.limit, args.batch, args.batch_timeout)
-        )
-        for t in args.tasks
-    ]
+    if args.rescore:
+        results, outputs = rescore(args.rescore, args.limit, args.tasks)
+        run = {k: results[0][k] for k in ("backend", "dtype", "device")} if results else {}
+    else:
+        results, outputs, run = run_engine(registry, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    run = {"backend": engine.backend, "dtype": args.dtype, "device": device_of(engine)}
-    outputs = [o for r in results for o in r.pop("outputs")]
-    for r in results:
-        r.update(run)
     if args.merge:
         results, outputs = merge_previous(args.out, results, outputs)
     paths = {a.name: a.path for a in registry.adapters}

@@ -109,6 +109,16 @@ def test_smoke_qlora_run_writes_a_loadable_adapter_and_the_evaluator_scores_it(
     merged = json.loads((tmp_path / "results" / "quality.json").read_text())["results"]
     assert [r["task"] for r in merged] == ["news", "spam"] and merged[1]["device"] == "cpu"
 
+    rescore = ["evaluate", "--config", str(config), "--tasks", "spam", "--rescore"]
+    for limit, out in (("3", "all"), ("2", "first2")):
+        argv = [*rescore, str(tmp_path / "results"), "--limit", limit, "--out", str(tmp_path / out)]
+        monkeypatch.setattr(sys, "argv", argv)
+        evaluate.main()
+    again = json.loads((tmp_path / "all" / "quality.json").read_text())["results"][0]
+    assert (again["base"], again["finetuned"]) == (merged[1]["base"], merged[1]["finetuned"])
+    first2 = json.loads((tmp_path / "first2" / "quality.json").read_text())["results"][0]
+    assert first2["n"] == 2 and len((tmp_path / "first2" / "outputs.jsonl").read_text().split()) > 0
+
 
 def test_gradients_still_reach_every_layer_after_a_validation_pass(base_dir):
     """Regression: bitsandbytes repacks 4-bit weights for CPU inference in eval mode, after which
