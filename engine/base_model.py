@@ -80,6 +80,7 @@ PACKAGED = {
     ),
 }
 DONE_MARKER = ".converted"
+TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog."
 
 
 def cache_root() -> Path:
@@ -136,21 +137,49 @@ def convert_packaged(model: str) -> Path:
     print(f"converting {gguf.name} to bf16 safetensors in {target} (once)...", file=sys.stderr)
     staging = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    save_dequantized(gguf, staging, base.chat_template, base.eos_token)
+    prebuilt = cache_root() / "tokenizers" / base.cache_dir
+    tokenizer_dir = prebuilt if prebuilt.is_dir() else None
+    save_dequantized(gguf, staging, base.chat_template, base.eos_token, tokenizer_dir)
     (staging / DONE_MARKER).write_text(str(gguf))
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target
 
 
+def tokenizer_problem(tokenizer) -> str | None:
+    """A GGUF tokenizer converted without its merges splits text into characters."""
+    ids = tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False)
+    words = len(TOKENIZER_PROBE.split())
+    if len(ids) <= 1.5 * words:  # English takes ~1.1 tokens a word in a real vocabulary
+        return None
+    import transformers
+
+    return (
+        f"the tokenizer read from the GGUF splits {TOKENIZER_PROBE!r} ({words} words) into "
+        f"{len(ids)} tokens: transformers {transformers.__version__} converts this GGUF's "
+        "tokenizer wrongly, and adapters trained on it would not work anywhere else. Use a newer "
+        "transformers, or put a tokenizer converted by one in $LORALAND_CACHE/tokenizers/<base>/"
+    )
+
+
 def save_dequantized(
-    gguf: Path, out: Path, chat_template: str | None = None, eos_token: str | None = None
+    gguf: Path,
+    out: Path,
+    chat_template: str | None = None,
+    eos_token: str | None = None,
+    tokenizer_dir: Path | None = None,
 ) -> None:
+    """GGUF → bf16 safetensors + tokenizer in ``out``; ``tokenizer_dir`` replaces the GGUF's."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf.name}
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    if tokenizer_dir:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    if problem := tokenizer_problem(tokenizer):
+        raise RuntimeError(problem)
     if chat_template and not tokenizer.chat_template:
         tokenizer.chat_template = chat_template
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.bfloat16, **kwargs)

@@ -51,6 +51,7 @@ unpack() {
   tar xzf /tmp/payload.tgz -C /tmp
   [ -d /tmp/payload/bnb ] && cp -r /tmp/payload/bnb /tmp/bnb
   mkdir -p /tmp/cache/gguf && cp /tmp/payload/gguf/*.gguf /tmp/cache/gguf/ 2>/dev/null
+  [ -d /tmp/payload/tokenizers ] && cp -r /tmp/payload/tokenizers /tmp/cache/
   rm -rf /tmp/repo && mkdir /tmp/repo && cp -r . /tmp/repo && rm -rf /tmp/repo/.gpu
 }
 
@@ -64,6 +65,10 @@ payload() {  # on the CPU machine, from the local caches
   (cd "$LOCAL_DATA" && cp -r address news sentiment spam sql chinook.sqlite /tmp/payload/data/)
   if [ "${FINETUNE:-0}" = 1 ]; then
     cp "$LOCAL_CACHE/gguf/gemma-3-270m-q4_k_m.gguf" /tmp/payload/gguf/
+    # the bundle's transformers (5.12) reads Gemma's GGUF tokenizer without merges: carry ours
+    mkdir -p /tmp/payload/tokenizers/gemma-3-270m-bf16
+    (cd "$LOCAL_CACHE/gemma-3-270m-bf16" && cp tokenizer.json tokenizer_config.json chat_template.jinja \
+      /tmp/payload/tokenizers/gemma-3-270m-bf16/)
     (cd /tmp && pip download -q --no-deps -d /tmp/whl bitsandbytes==0.50.2)
     python -m zipfile -e /tmp/whl/bitsandbytes-0.50.2-*.whl /tmp/payload/bnb
     # the device has CUDA 13.0: the other CUDA builds are 140 MB of carry

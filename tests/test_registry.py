@@ -151,3 +151,17 @@ def test_set_overrides_are_validated_and_name_the_key():
         with_overrides(SGLangSettings(), ["max_loras_per_batch=0"])
     with pytest.raises(RegistryError, match="nonsense"):
         with_overrides(SGLangSettings(), ["nonsense=1"])
+
+
+def test_a_gguf_tokenizer_converted_character_by_character_is_refused(base_dir):
+    """transformers 5.12 read Gemma 3's GGUF tokenizer without merges: one token per character."""
+    from transformers import AutoTokenizer
+
+    from engine.base_model import tokenizer_problem
+
+    class CharacterTokenizer:
+        def encode(self, text, add_special_tokens=True):
+            return [ord(c) for c in text]
+
+    assert "into 44 tokens" in tokenizer_problem(CharacterTokenizer())
+    assert tokenizer_problem(AutoTokenizer.from_pretrained(base_dir)) is None
