@@ -40,12 +40,19 @@ class DataSourceError(RuntimeError):
     """A source package is missing or its layout is not what this code reads."""
 
 
+CACHE_SUFFIX = ".v2.jsonl"  # v2: splits in hashed order (v1 kept the sources' class order)
+
+
 def data_root() -> Path:
     return Path(os.environ.get("LORALAND_DATA", cache_root() / "data"))
 
 
+def bucket_of(key: str) -> float:
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
 def split_of(key: str, val: float = 0.1, test: float = 0.1) -> str:
-    bucket = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    bucket = bucket_of(key)
     return "test" if bucket < test else "val" if bucket < test + val else "train"
 
 
@@ -181,18 +188,22 @@ def dedupe(examples: list[dict]) -> list[dict]:
 
 
 def build_splits(task: str) -> dict[str, list[dict]]:
+    """Splits by a hash of each input; within a split, ordered by a second hash of it, so that
+    the first N examples are a fair sample (the sources come sorted by class or template)."""
     splits = {s: [] for s in SPLITS}
     for ex in dedupe(READERS[task]()):
         splits[split_of(json.dumps(ex["input"], sort_keys=True))].append(ex)
+    for rows in splits.values():
+        rows.sort(key=lambda ex: bucket_of("order:" + json.dumps(ex["input"], sort_keys=True)))
     return splits
 
 
 def load_split(task: str, split: str) -> list[dict]:
     """A task's split, built from its package once and cached as JSONL."""
-    path = data_root() / task / f"{split}.jsonl"
+    path = data_root() / task / f"{split}{CACHE_SUFFIX}"
     if not path.exists():
         for name, rows in build_splits(task).items():
-            out = data_root() / task / f"{name}.jsonl"
+            out = data_root() / task / f"{name}{CACHE_SUFFIX}"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return [json.loads(line) for line in open(path, encoding="utf-8")]

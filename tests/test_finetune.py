@@ -35,6 +35,14 @@ def test_labels_and_splits_are_what_the_tasks_expect():
     assert split_of("same key") == split_of("same key")
 
 
+def test_the_first_examples_of_a_split_are_a_fair_sample_not_one_class_or_template():
+    """The sources come sorted (BBC by topic folder, SQL by template): --limit N must not see
+    only business articles or only 'How many albums' questions."""
+    assert {e["target"] for e in load_split("news", "test")[:40]} == set(TASKS["news"].labels)
+    questions = [e["input"]["question"] for e in load_split("sql", "test")[:20]]
+    assert len({q.split()[0] for q in questions}) >= 3
+
+
 def test_classification_parser_takes_the_first_label_named():
     sentiment = TASKS["sentiment"]
     assert sentiment.parse("Rotten. Not fresh at all.") == "rotten"
