@@ -13,7 +13,7 @@ OUT=${OUT:-out}
 BASES=${BASES:-smollm2 gemma3-270m}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
-config() { if [ "$1" = smollm2 ]; then echo adapters.yaml; else echo "adapters-$1.yaml"; fi; }
+config() { python3 -c "from finetune.train import default_layout; print(default_layout('$1')[1])"; }
 for base in $BASES; do
   python3 -m engine.base_model "$base" > "$OUT/convert-$base.log" 2>&1
 done
