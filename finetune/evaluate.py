@@ -63,6 +63,20 @@ def mean_scores(task: Task, outputs: list[str], examples: list[dict]) -> dict[st
     return {k: round(sum(s[k] for s in scores) / len(scores), 4) for k in scores[0]}
 
 
+def task_result(task: Task, adapter: str, examples: list[dict], base_out, tuned_out) -> dict:
+    """Base vs fine-tuned scores of one task from the two models' answers."""
+    base, tuned = mean_scores(task, base_out, examples), mean_scores(task, tuned_out, examples)
+    return {
+        "task": task.name,
+        "adapter": adapter,
+        "metric": task.metric,
+        "n": len(examples),
+        "base": base,
+        "finetuned": tuned,
+        "delta_points": round((tuned[task.metric] - base[task.metric]) * 100, 1),
+    }
+
+
 async def evaluate_task(
     engine, task: Task, adapter: str, limit: int, batch: int, timeout: float = 900
 ) -> dict:
@@ -75,15 +89,8 @@ async def evaluate_task(
         engine, requests_for(task, examples, adapter), batch, f"{task.name} adapter", timeout
     )
     base_out, tuned_out = [c.text for c in base_done], [c.text for c in tuned_done]
-    base, tuned = mean_scores(task, base_out, examples), mean_scores(task, tuned_out, examples)
     return {
-        "task": task.name,
-        "adapter": adapter,
-        "metric": task.metric,
-        "n": len(examples),
-        "base": base,
-        "finetuned": tuned,
-        "delta_points": round((tuned[task.metric] - base[task.metric]) * 100, 1),
+        **task_result(task, adapter, examples, base_out, tuned_out),
         "seconds": round(time.perf_counter() - started, 1),
         "samples": [
             {"input": e["input"], "target": e["target"], "base": b, "finetuned": t}
@@ -163,15 +170,11 @@ def rescore(source: Path, limit: int, tasks: list[str]) -> tuple[list[dict], lis
             (o for o in rows if o["task"] == task.name and o["index"] < len(examples)),
             key=lambda o: o["index"],
         )
-        base = mean_scores(task, [o["text"] for o in mine if o["model"] == "base"], examples)
-        tuned = mean_scores(task, [o["text"] for o in mine if o["model"] == "adapter"], examples)
+        base = [o["text"] for o in mine if o["model"] == "base"]
+        tuned = [o["text"] for o in mine if o["model"] == "adapter"]
         engine = {k: old.get(k, quality.get(k)) for k in ("backend", "dtype", "device")}
-        results.append({
-            "task": task.name, "adapter": old["adapter"], "metric": task.metric,
-            "n": len(examples), "base": base, "finetuned": tuned,
-            "delta_points": round((tuned[task.metric] - base[task.metric]) * 100, 1),
-            "rescored_from": str(source), **engine,
-        })  # fmt: skip
+        result = task_result(task, old["adapter"], examples, base, tuned)
+        results.append({**result, "rescored_from": str(source), **engine})
         kept += mine
     return results, kept
 
