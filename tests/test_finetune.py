@@ -215,3 +215,18 @@ def test_a_stuck_batch_stops_the_evaluation_with_an_error_naming_it():
     requests = [GenerationRequest(prompt=str(i)) for i in range(5)]
     with pytest.raises(SystemExit, match=r"news base: batch 1 \(requests 0-3\).*0 s"):
         asyncio.run(run_batches(StuckEngine(), requests, 4, "news base", timeout=0.05))
+
+
+def test_class_recall_counts_each_class_from_stored_outputs(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("class_recall", ROOT / "scripts/class_recall.py")
+    class_recall = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(class_recall)
+    targets = [e["target"] for e in load_split("spam", "test")[:6]]
+    rows = [{"task": "spam", "model": "adapter", "index": i, "text": "ham"} for i in range(6)]
+    rows.append({"task": "spam", "model": "base", "index": 0, "text": "spam"})  # not counted
+    (tmp_path / "outputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    counts = class_recall.recall(tmp_path, "spam", first=6)
+    assert counts["ham"] == (targets.count("ham"), targets.count("ham"))
+    assert counts.get("spam", (0, 0)) == (0, targets.count("spam"))
