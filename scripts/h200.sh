@@ -104,7 +104,9 @@ benchmarks() {
   cd /tmp/repo
   python3 -m loadtest.synth --shape mistral-7b --adapters 136 --rank 8 --out /tmp/synth7b \
     > /tmp/bench-synth.log 2>&1
-  # parity: SGLang (float16) on every task's first 50 test prompts, the adapters adapters.yaml serves
+  # parity: SGLang (float16) on every task's first 50 test prompts, the adapters adapters.yaml
+  # serves when it starts (with FINETUNE=1 it overlaps training: run parity again after it if
+  # SmolLM2 adapters were retrained)
   python3 -m finetune.evaluate --backend sglang --dtype float16 --limit "${PARITY_LIMIT:-50}" \
     --batch 64 --batch-timeout 180 --set mem_fraction_static=0.2 --set cuda_graph=false \
     --out /tmp/parity-sglang > /tmp/parity-sglang.log 2>&1
