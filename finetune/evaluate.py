@@ -188,12 +188,16 @@ def run_engine(registry, args) -> tuple[list[dict], list[dict], dict]:
     missing = [t for t in args.tasks if t not in by_task]
     if missing:
         raise SystemExit(f"no adapter in {args.config} for tasks {missing}: train them first")
-    results = [
-        asyncio.run(
-            evaluate_task(engine, TASKS[t], by_task[t], args.limit, args.batch, args.batch_timeout)
-        )
-        for t in args.tasks
-    ]
+
+    async def every_task() -> list[dict]:  # one event loop: SGLang binds to the first one
+        return [
+            await evaluate_task(
+                engine, TASKS[t], by_task[t], args.limit, args.batch, args.batch_timeout
+            )
+            for t in args.tasks
+        ]
+
+    results = asyncio.run(every_task())
     run = {"backend": engine.backend, "dtype": args.dtype, "device": device_of(engine)}
     outputs = [o for r in results for o in r.pop("outputs")]
     for r in results:

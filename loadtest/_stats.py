@@ -3,7 +3,10 @@
 A record: ``{"start": s, "ttft": s, "e2e": s, "itl": [s, ...], "output_tokens": n, "ok": bool}``.
 - TTFT: request sent → first token. - ITL: gaps between consecutive streamed tokens (all pooled).
 - TPOT: per request (e2e − TTFT) / (output tokens − 1). - E2E: request sent → last token.
-- Throughput over the window from the first request's start to the last one's end.
+- Throughput: with a ``window`` (steady state: after the warm-up, before the clients stop) the
+  tokens streamed inside it, from every request that streamed there (also those cut at the end:
+  ``token_times``, the chunks' arrival times since ``start``), over its length; without one,
+  the completed requests' tokens over first start → last end.
 """
 
 from __future__ import annotations
@@ -26,9 +29,37 @@ def percentile(values: list[float], p: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def summarize(records: list[dict]) -> dict:
+def failed(record: dict) -> bool:
+    """Neither completed nor left by its client / cut off when the clients stopped."""
+    return not record.get("ok") and not record.get("cancelled") and not record.get("cut")
+
+
+def tokens_inside(record: dict, low: float, high: float) -> float:
+    """Output tokens a request streamed inside [low, high] (wall clock), spread over its chunks."""
+    times = record.get("token_times") or []
+    if not times:
+        return 0.0
+    inside = sum(low <= record["start"] + t <= high for t in times)
+    return inside * record.get("output_tokens", len(times)) / len(times)
+
+
+def summarize(records: list[dict], window: tuple[float, float] | None = None) -> dict:
+    """Statistics of one load point; ``window`` = (from, to) wall-clock seconds of steady state."""
+    if window:
+        low, high = window
+        stats = summarize([r for r in records if low <= r.get("start", low) <= high])
+        seconds = high - low
+        ended = [r for r in records if r.get("ok") and low <= r["start"] + r["e2e"] <= high]
+        tokens = sum(tokens_inside(r, low, high) for r in records)
+        return stats | {
+            "duration_s": seconds,
+            "request_throughput": len(ended) / seconds,
+            "output_throughput": tokens / seconds,
+            "output_tokens": round(tokens),
+            "throughput_window": "steady",
+        }
     ok = [r for r in records if r.get("ok")]
-    failures = len(records) - len(ok)
+    failures = sum(failed(r) for r in records)
     if not ok:
         return {"completed": 0, "failures": failures}
     window = max(r["start"] + r["e2e"] for r in ok) - min(r["start"] for r in ok)

@@ -21,6 +21,13 @@ results.csv, summary.md, PNGs), so the two can be compared.
 a share of clients walk away mid-stream (``--disconnect``), and every ``--hotload-every``
 seconds an extra adapter is loaded, used and unloaded. It reports failures, lost requests
 (neither finished nor cancelled) and GPU memory / running requests before and after.
+``http`` serves the OpenAI-compatible API over the same engine (uvicorn on this event loop) and
+runs ``loadtest.sweep`` (Locust, another process) at ``--http-users`` × ``--http-adapters``:
+``http/compare.md`` sets each point beside its direct one, with the CPU the engine process and
+the clients burned, to tell whether the HTTP layer is the bottleneck.
+
+Throughput is measured in the steady window (after ``--warmup``, until the clients stop),
+counting the tokens of requests cut off at the end too (``loadtest._stats.summarize``).
 """
 
 from __future__ import annotations
@@ -62,47 +69,55 @@ class Traffic:
         )
 
 
-async def timed_stream(engine, request, leave_after: int | None = None) -> dict:
-    """One request, timed like the Locust client; ``leave_after`` chunks → walk away."""
-    start, t0 = time.time(), time.perf_counter()
-    token_times, tokens, error, left = [], 0, None, False
+async def timed_stream(
+    engine, request, leave_after: int | None = None, sink: list | None = None
+) -> dict:
+    """One request, timed like the Locust client; ``leave_after`` chunks → walk away.
+
+    The record goes into ``sink`` when the request starts and fills as chunks arrive, so a
+    request cut off when the clients stop still counts the tokens it streamed (marked ``cut``).
+    """
+    record = {
+        "start": time.time(), "token_times": [], "output_tokens": 0, "ok": False,
+        "cancelled": False, "cut": True, "error": None, "adapter": request.adapter,
+    }  # fmt: skip
+    if sink is not None:
+        sink.append(record)
+    t0, times = time.perf_counter(), record["token_times"]
     stream = engine.stream(request)
     try:
         async for chunk in stream:
             if chunk.token_ids:
-                token_times.append(time.perf_counter() - t0)
-                tokens += len(chunk.token_ids)
+                times.append(time.perf_counter() - t0)
+                record["output_tokens"] += len(chunk.token_ids)
             if chunk.usage:
-                tokens = chunk.usage.completion_tokens
-            if leave_after is not None and len(token_times) >= leave_after:
-                left = True
+                record["output_tokens"] = chunk.usage.completion_tokens
+            if leave_after is not None and len(times) >= leave_after:
+                record["cancelled"] = True
                 break
     except Exception as err:  # a failed request is a result
-        error = f"{type(err).__name__}: {err}"
+        record["error"] = f"{type(err).__name__}: {err}"
     finally:
         await stream.aclose()
-    return {
-        "start": start,
-        "ttft": token_times[0] if token_times else None,
+    record |= {
+        "ttft": times[0] if times else None,
         "e2e": time.perf_counter() - t0,
-        "itl": [b - a for a, b in itertools.pairwise(token_times)],
-        "output_tokens": tokens,
-        "ok": error is None and not left and bool(token_times),
-        "cancelled": left,
-        "error": error,
-        "adapter": request.adapter,
+        "itl": [b - a for a, b in itertools.pairwise(times)],
+        "ok": record["error"] is None and not record["cancelled"] and bool(times),
+        "cut": False,
     }
+    return record
 
 
 async def closed_loop(engine, traffic: Traffic, users: int, seconds: float) -> list[dict]:
-    """``users`` clients back to back for ``seconds``; requests still running then are left."""
+    """``users`` clients back to back for ``seconds``; requests still running then are cut."""
     deadline = time.perf_counter() + seconds
     records: list[dict] = []
 
     async def client(i: int) -> None:
         rng = random.Random(traffic.seed * 100_003 + i)
         while time.perf_counter() < deadline:
-            records.append(await timed_stream(engine, traffic.request(rng)))
+            await timed_stream(engine, traffic.request(rng), sink=records)
 
     tasks = [asyncio.create_task(client(i)) for i in range(users)]
     await asyncio.sleep(seconds)
@@ -123,9 +138,10 @@ async def sweep(engine, args, names: list[str]) -> dict:
         label = "base-only control" if adapters == 0 else f"{adapters} adapters"
         print(f"[{i}/{len(grid)}] {users} streams, {label}: {args.duration}s", flush=True)
         traffic = Traffic(names[:adapters] or [None], args.prompt_words, args.output_tokens)
+        began = time.time()
         records = await closed_loop(engine, traffic, users, args.duration)
-        kept = [r for r in records if r["start"] >= min(x["start"] for x in records) + args.warmup]
-        point = {"users": users, "adapters": adapters, **summarize(kept)}
+        steady = (began + args.warmup, began + args.duration)
+        point = {"users": users, "adapters": adapters, **summarize(records, steady)}
         point["distribution"] = "base" if adapters == 0 else "uniform"
         point |= ratios(point, results["points"].get(point_key(users, 0), point))
         results["points"][point_key(users, adapters)] = point
@@ -180,6 +196,106 @@ async def evict(engine, args, names: list[str]) -> dict:
     (Path(args.out) / "evict.md").write_text(evict_markdown(report))
     print(f"evict: {json.dumps({k: v for k, v in report.items() if k != 'samples_s'})}")
     return report
+
+
+async def serve_in_process(engine, registry, port: int):
+    """The OpenAI-compatible API over this very engine (uvicorn on this event loop)."""
+    import uvicorn
+
+    from engine.server import create_api
+
+    config = uvicorn.Config(create_api(engine, registry), port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        if serving.done():
+            raise RuntimeError(f"the API did not start on port {port}: {serving.exception()}")
+        await asyncio.sleep(0.1)
+    return server, serving
+
+
+async def http(engine, args, names: list[str], registry) -> dict:
+    """The sweep's points again through the HTTP API, Locust in its own process, same engine."""
+    server, serving = await serve_in_process(engine, registry, args.http_port)
+    out = Path(args.out) / "http"
+    cmd = [
+        sys.executable, "-m", "loadtest.sweep", "--host", f"http://127.0.0.1:{args.http_port}",
+        "--adapters", ",".join(map(str, args.http_adapters)),
+        "--users", ",".join(map(str, args.http_users)), "--duration", str(round(args.duration)),
+        "--warmup", str(args.warmup), "--prompt-words", "-".join(map(str, args.prompt_words)),
+        "--output-tokens", "-".join(map(str, args.output_tokens)), "--out", str(out),
+    ]  # fmt: skip
+    cpu, wall = os.times(), time.perf_counter()
+    try:
+        locust = await asyncio.create_subprocess_exec(*cmd, cwd=Path(__file__).parents[1])
+        await locust.wait()
+    finally:
+        server.should_exit = True
+        await serving
+    spent, wall = os.times(), time.perf_counter() - wall
+    report = http_report(Path(args.out), out)
+    report["cpu_cores_busy"] = {  # one Python thread serves the API: ~1.0 means it is the limit
+        "engine_process": round((spent.user + spent.system - cpu.user - cpu.system) / wall, 2),
+        "locust_clients": round(
+            (spent.children_user + spent.children_system - cpu.children_user - cpu.children_system)
+            / wall, 2,
+        ),
+    }  # fmt: skip
+    (out / "compare.json").write_text(json.dumps(report, indent=1))
+    (out / "compare.md").write_text(http_markdown(report))
+    print(f"http: {json.dumps(report)}", flush=True)
+    if locust.returncode:
+        raise RuntimeError(f"the HTTP sweep failed (exit {locust.returncode}): {' '.join(cmd)}")
+    return report
+
+
+def points_of(folder: Path) -> dict:
+    path = folder / "results.json"
+    return json.loads(path.read_text())["points"] if path.exists() else {}
+
+
+def http_report(direct_dir: Path, http_dir: Path) -> dict:
+    """HTTP vs direct at the points both measured (this run's sweep, same engine)."""
+    direct, over_http = points_of(direct_dir), points_of(http_dir)
+    rows = []
+    for key, h in sorted(over_http.items(), key=lambda kv: (kv[1]["users"], kv[1]["adapters"])):
+        d = direct.get(key, {})
+        row = {"users": h["users"], "adapters": h["adapters"]}
+        for metric in ("output_throughput", "ttft_p50", "itl_p50"):
+            row[f"http_{metric}"], row[f"direct_{metric}"] = h.get(metric), d.get(metric)
+            both = h.get(metric) is not None and d.get(metric)
+            row[f"{metric}_http_over_direct"] = h[metric] / d[metric] if both else None
+        row["http_failures"] = h.get("failures")
+        row["http_output_throughput_vs_base"] = h.get("output_throughput_ratio")
+        row["http_ttft_p50_vs_base"] = h.get("ttft_p50_ratio")
+        rows.append(row)
+    return {"points": rows}
+
+
+def http_markdown(report: dict) -> str:
+    def fmt(v, scale=1.0, digits=0):
+        return "—" if v is None else f"{v * scale:.{digits}f}"
+
+    lines = [
+        "| users | adapters | HTTP tok/s | direct tok/s | HTTP ÷ direct | HTTP TTFT p50 ms | "
+        "direct TTFT p50 ms | HTTP × base (tok/s) | HTTP × base (TTFT) | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["points"]:
+        lines.append(
+            f"| {r['users']} | {r['adapters'] or 'base'} | {fmt(r['http_output_throughput'])} | "
+            f"{fmt(r['direct_output_throughput'])} | "
+            f"{fmt(r['output_throughput_http_over_direct'], digits=2)} | "
+            f"{fmt(r['http_ttft_p50'], 1000)} | {fmt(r['direct_ttft_p50'], 1000)} | "
+            f"{fmt(r['http_output_throughput_vs_base'], digits=2)} | "
+            f"{fmt(r['http_ttft_p50_vs_base'], digits=2)} | {r['http_failures']} |"
+        )
+    busy = report.get("cpu_cores_busy", {})
+    lines.append(
+        f"\nCPU cores busy while it ran: engine process (API + SGLang's tokenizer manager) "
+        f"{busy.get('engine_process')}, Locust clients {busy.get('locust_clients')}."
+    )
+    return "\n".join(lines) + "\n"
 
 
 def process_tree(root: int) -> set[int]:
@@ -362,9 +478,12 @@ async def run(args) -> None:
     try:
         await warm_up(engine, names)
         for step in args.plan.split(","):
-            if step != "soak" and args.wait_for:
-                await wait_for_file(Path(args.wait_for))
-            await {"sweep": sweep, "evict": evict, "soak": soak}[step](engine, args, names)
+            for path in args.wait_for if step != "soak" else []:
+                await wait_for_file(Path(path))
+            if step == "http":
+                await http(engine, args, names, registry)
+            else:
+                await {"sweep": sweep, "evict": evict, "soak": soak}[step](engine, args, names)
     finally:
         await engine.shutdown()
 
@@ -379,17 +498,20 @@ def main() -> None:
     parser.add_argument("--dtype", help="override base.dtype")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="backend setting, e.g. max_loras_per_batch=128")  # fmt: skip
-    parser.add_argument("--wait-for", metavar="FILE",
-                        help="wait for FILE before each measurement (sweep, evict): a soak may "
+    parser.add_argument("--wait-for", metavar="FILE", action="append", default=[],
+                        help="wait for FILE (repeatable) before each measurement: a soak may "
                              "overlap other GPU jobs, a measurement must not")  # fmt: skip
     parser.add_argument("--keep", type=int, help="serve only the first N registry adapters")
-    parser.add_argument("--plan", default="sweep", help="comma list of sweep, evict, soak")
+    parser.add_argument("--plan", default="sweep", help="comma list of sweep, evict, soak, http")
     parser.add_argument("--adapters", type=ints, default=[1, 8, 32, 64, 128])
     parser.add_argument("--users", type=ints, default=[32, 128, 256])
     parser.add_argument("--duration", type=float, default=20, help="seconds per sweep point")
     parser.add_argument("--warmup", type=float, default=3, help="drop requests started earlier")
     parser.add_argument("--prompt-words", type=parse_range, default=(90, 110))
     parser.add_argument("--output-tokens", type=parse_range, default=(90, 110))
+    parser.add_argument("--http-users", type=ints, default=[256], help="http: concurrencies")
+    parser.add_argument("--http-adapters", type=ints, default=[128], help="http: adapter counts")
+    parser.add_argument("--http-port", type=int, default=8766)
     parser.add_argument("--evict-rounds", type=int, default=5)
     parser.add_argument("--soak-seconds", type=float, default=600)
     parser.add_argument("--soak-users", type=int, default=256)

@@ -160,6 +160,7 @@ class ChatUser(HttpUser):
             "ttft": ttft,
             "e2e": e2e,
             "itl": itl,
+            "token_times": token_times,
             "output_tokens": output_tokens,
             "ok": error is None and ttft is not None,
             "error": error,

@@ -46,8 +46,15 @@ def run_point(args, users: int, adapters: int, raw: Path) -> list[dict]:
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         raise RuntimeError(f"locust failed at {point_key(users, adapters)}:\n{done.stderr[-2000:]}")
-    records = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["start"] >= min(x["start"] for x in records) + args.warmup]
+    return [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
+
+
+def steady_window(records: list[dict], args) -> tuple[float, float] | None:
+    """From the warm-up's end to Locust's stop (``-t``); requests still running are let finish."""
+    if not records:
+        return None
+    began = min(r["start"] for r in records)
+    return began + args.warmup, began + args.duration
 
 
 def serve(config: str, port: int) -> subprocess.Popen:
@@ -85,7 +92,8 @@ def sweep(args) -> dict:
             continue
         print(f"[{i}/{len(grid)}] {users} users, {label}: running {args.duration}s...", flush=True)
         records = run_point(args, users, adapters, out / "raw" / f"{key}.jsonl")
-        point = {"users": users, "adapters": adapters, **summarize(records)}
+        point = {"users": users, "adapters": adapters}
+        point |= summarize(records, steady_window(records, args))
         point["distribution"] = "base" if adapters == 0 else "uniform"
         control = results["points"].get(point_key(users, 0), point)
         point |= ratios(point, control)

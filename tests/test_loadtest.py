@@ -40,6 +40,22 @@ def test_summarize_on_known_records():
     )["output_throughput_ratio"] == pytest.approx(0.5)
 
 
+def test_steady_window_counts_tokens_streamed_inside_it_also_from_cut_requests():
+    done = {"start": 10.0, "ttft": 0.5, "e2e": 4.5, "itl": [1.0] * 4, "output_tokens": 5,
+            "token_times": [0.5, 1.5, 2.5, 3.5, 4.5], "ok": True}  # fmt: skip
+    cut = {"start": 12.0, "token_times": [1.0, 2.0, 3.0], "output_tokens": 6, "ok": False,
+           "cut": True}  # fmt: skip
+    warmup = {"start": 8.0, "ttft": 1.0, "e2e": 3.0, "itl": [1.0, 1.0], "output_tokens": 3,
+              "token_times": [1.0, 2.0, 3.0], "ok": True}  # fmt: skip
+    s = summarize([done, cut, warmup], window=(10.0, 14.0))
+    # inside [10, 14]: done's 10.5..13.5 (4), cut's 13 and 14 (2 chunks × 2), warmup's 10 and 11
+    assert s["output_throughput"] == pytest.approx((4 + 4 + 2) / 4)
+    assert s["duration_s"] == 4.0
+    assert s["failures"] == 0 and s["completed"] == 1  # only `done` started inside and finished
+    assert s["request_throughput"] == pytest.approx(1 / 4)  # warmup's end (11.0); done ends 14.5
+    assert s["ttft_p50"] == pytest.approx(0.5)
+
+
 def test_ranges_and_zipf():
     assert parse_range("100") == (100, 100) and parse_range("90-110") == (90, 110)
     with pytest.raises(ValueError):
@@ -103,7 +119,7 @@ def test_sweep_over_a_2x2_grid_on_a_tiny_synthetic_model_writes_everything(tmp_p
     assert again.stdout.count("done already (resume)") == 6
 
 
-def test_engine_bench_sweep_evict_and_soak_on_a_tiny_synthetic_model(tmp_path):
+def test_engine_bench_sweep_evict_soak_and_http_on_a_tiny_synthetic_model(tmp_path):
     synth, out = tmp_path / "synth", tmp_path / "bench"
     subprocess.run(
         [sys.executable, "-m", "loadtest.synth", "--shape", "tiny", "--adapters", "3",
@@ -112,11 +128,12 @@ def test_engine_bench_sweep_evict_and_soak_on_a_tiny_synthetic_model(tmp_path):
     )  # fmt: skip
     cmd = [
         sys.executable, "-m", "loadtest.bench", "--config", str(synth / "adapters.yaml"),
-        "--backend", "hf", "--plan", "sweep,evict,soak", "--adapters", "2", "--users", "3",
+        "--backend", "hf", "--plan", "sweep,evict,soak,http", "--adapters", "2", "--users", "3",
         "--duration", "3", "--warmup", "0.5", "--prompt-words", "4-6", "--output-tokens", "6-8",
         "--evict-rounds", "1", "--soak-seconds", "6", "--soak-users", "6", "--soak-adapters", "2",
         "--disconnect", "0.5", "--hotload-every", "2", "--spare-adapter",
-        str(synth / "adapters" / "lora-002"), "--out", str(out),
+        str(synth / "adapters" / "lora-002"), "--http-users", "3", "--http-adapters", "2",
+        "--http-port", "8798", "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -134,3 +151,9 @@ def test_engine_bench_sweep_evict_and_soak_on_a_tiny_synthetic_model(tmp_path):
     assert soak["failed"] == 0 and soak["cancelled_by_client"] > 0 and soak["completed"] > 0
     assert soak["hotloads"] and all(h["ok"] for h in soak["hotloads"])
     assert soak["after"]["running"] == soak["before"]["running"] == 0
+    http = json.loads((out / "http" / "compare.json").read_text())
+    assert [(r["users"], r["adapters"]) for r in http["points"]] == [(3, 0), (3, 2)]
+    for row in http["points"]:  # the same engine through the API, next to its direct numbers
+        assert row["http_failures"] == 0 and row["output_throughput_http_over_direct"] > 0
+    assert http["cpu_cores_busy"]["locust_clients"] > 0
+    assert "HTTP ÷ direct" in (out / "http" / "compare.md").read_text()

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
-from engine.backends.sglang import DeltaTracker, engine_kwargs, finish_reason, sampling_params
-from engine.interface import SamplingParams
+import asyncio
+
+import pytest
+
+from engine.backends.sglang import (
+    DeltaTracker,
+    check_event_loop,
+    engine_kwargs,
+    finish_reason,
+    sampling_params,
+)
+from engine.interface import EngineError, SamplingParams
 from engine.registry import SGLangSettings
 
 
@@ -66,3 +76,14 @@ def test_finish_reasons():
     assert finish_reason({"finish_reason": {"type": "stop", "matched": 2}}) == "stop"
     assert finish_reason({"finish_reason": {"type": "length", "length": 8}}) == "length"
     assert finish_reason({"finish_reason": {"type": "abort", "message": "x"}}) == "abort"
+
+
+def test_a_request_from_another_event_loop_is_refused_not_left_waiting():
+    first = asyncio.new_event_loop()
+    first.close()  # what a finished asyncio.run leaves behind
+    running = asyncio.new_event_loop()
+    check_event_loop(None, running)  # nothing bound yet: SGLang binds to this one
+    check_event_loop(running, running)
+    with pytest.raises(EngineError, match="one event loop"):
+        check_event_loop(first, running)
+    running.close()

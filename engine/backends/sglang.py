@@ -10,6 +10,7 @@ SGLang's stream chunks are cumulative; ``DeltaTracker`` turns them into deltas.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -115,6 +116,17 @@ class DeltaTracker:
         return delta_text, delta_ids
 
 
+def check_event_loop(bound, running) -> None:
+    """SGLang's TokenizerManager answers requests from the event loop of the first one; a
+    request from another loop (a second ``asyncio.run``) would wait forever."""
+    if bound is not None and bound is not running:
+        raise EngineError(
+            "the SGLang engine is bound to the event loop of its first request "
+            f"({'closed' if bound.is_closed() else 'still open'}); drive it from one event loop "
+            "(one asyncio.run for the whole program)"
+        )
+
+
 def abort_error(meta: dict) -> EngineError:
     reason = meta.get("finish_reason") or {}
     message = reason.get("message") if isinstance(reason, dict) else None
@@ -184,6 +196,8 @@ class SGLangEngine(Engine):
         self.check_adapter(request.adapter)
         ids = prompt_token_ids(self.tokenizer, request, self.chat_template)
         check_context(len(ids), request.params, self.context)
+        bound = getattr(self.engine.tokenizer_manager, "event_loop", None)
+        check_event_loop(bound, asyncio.get_running_loop())
         clock, tracker, finished = RequestClock(), DeltaTracker(), False
         self.running += 1
         try:
