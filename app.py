@@ -258,8 +258,9 @@ def backend_banner(engine: Engine) -> str:
 
 
 def benchmarks_tab(results: Path = RESULTS) -> None:
-    """One section per results folder with a sweep summary or a soak report: tables and plots."""
-    reports = ("summary.md", "evict.md", "soak.md")
+    """One section per results folder with a targets table, a sweep summary, an eviction or a soak
+    report (``targets.md`` from ``scripts/h200_report.py`` first): tables and plots."""
+    reports = ("targets.md", "summary.md", "evict.md", "soak.md")
     folders = sorted(p for p in results.iterdir() if any((p / r).exists() for r in reports))
     if not folders:
         gr.Markdown("No load-test results yet. Run `python -m loadtest.sweep` (see README).")

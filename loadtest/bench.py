@@ -226,9 +226,9 @@ async def http(engine, args, names: list[str], registry) -> dict:
         "--output-tokens", "-".join(map(str, args.output_tokens)), "--out", str(out),
     ]  # fmt: skip
     cpu, wall = os.times(), time.perf_counter()
-    try:
-        locust = await asyncio.create_subprocess_exec(*cmd, cwd=Path(__file__).parents[1])
-        await locust.wait()
+    try:  # a thread, not asyncio's subprocess API: SGLang swaps in uvloop's policy, which has
+        # no child watcher for the loop asyncio.run made before
+        locust = await asyncio.to_thread(subprocess.run, cmd, cwd=Path(__file__).parents[1])
     finally:
         server.should_exit = True
         await serving

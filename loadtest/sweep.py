@@ -106,7 +106,8 @@ def sweep(args) -> dict:
 
 def describe(p: dict) -> str:
     if not p.get("completed"):
-        return f"no request completed ({p.get('failures', 0)} failures)"
+        done = f"{p['output_throughput']:.1f} output tok/s, " if p.get("output_throughput") else ""
+        return f"{done}no request completed in the window ({p.get('failures', 0)} failures)"
     ratio = p.get("output_throughput_ratio")
     vs = f" ({ratio:.2f}× base)" if ratio and p["adapters"] else ""
     return (
@@ -187,26 +188,25 @@ def summary(points: list[dict], settings: dict) -> str:
         "| users | adapters | done | failed | out tok/s | × base | TTFT p50 ms | × base | "
         "ITL p50 ms | TPOT ms | e2e p50 s |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
-    rows = []
-    for p in points:
-        if not p.get("completed"):
-            rows.append(
-                f"| {p['users']} | {p['adapters'] or 'base'} | 0 | {p['failures']} |" + " — |" * 7
-            )
-            continue
-        rows.append(
-            f"| {p['users']} | {p['adapters'] or 'base'} | {p['completed']} | {p['failures']} | "
-            f"{p['output_throughput']:.1f} | {fmt(p.get('output_throughput_ratio'))} | "
-            f"{p['ttft_p50'] * 1000:.0f} | {fmt(p.get('ttft_p50_ratio'))} | "
-            f"{(p['itl_p50'] or 0) * 1000:.1f} | {(p['tpot_mean'] or 0) * 1000:.1f} | "
-            f"{p['e2e_p50']:.2f} |"
-        )
+    rows = [
+        f"| {p['users']} | {p['adapters'] or 'base'} | {p.get('completed', 0)} | "
+        f"{p.get('failures', 0)} | {cell(p.get('output_throughput'), digits=1)} | "
+        f"{fmt(p.get('output_throughput_ratio'))} | {cell(p.get('ttft_p50'), 1000)} | "
+        f"{fmt(p.get('ttft_p50_ratio'))} | {cell(p.get('itl_p50'), 1000, 1)} | "
+        f"{cell(p.get('tpot_mean'), 1000, 1)} | {cell(p.get('e2e_p50'), digits=2)} |"
+        for p in points
+    ]
     command = settings.get("command", "")
     return (
         f"### Load-test sweep\n\n`{command}`\n\n{head}" + "\n".join(rows)
         + "\n\n![TTFT](ttft_vs_adapters.png) ![Throughput](throughput_vs_adapters.png)\n\n"
         + "**Recommendation**\n\n" + recommendation(points) + "\n"
     )  # fmt: skip
+
+
+def cell(value: float | None, scale: float = 1.0, digits: int = 0) -> str:
+    """A table cell; "—" where the point has no such figure (no request ended in the window)."""
+    return "—" if value is None else f"{value * scale:.{digits}f}"
 
 
 def fmt(ratio: float | None) -> str:

@@ -2,17 +2,24 @@
 
     python -m finetune.evaluate --limit 50 --out /tmp/cpu                       # CPU backend
     python3 -m finetune.evaluate --backend sglang --dtype float16 --out $OUT/q  # on the GPU
-    python scripts/parity.py /tmp/cpu results/gpu/parity-run --first 50 --out results/gpu
+    python scripts/parity.py /tmp/cpu results/gpu/parity-run --first 50 --out results/gpu \
+        --margins adapters.yaml      # + why each mismatch happened (the reference model, CPU)
 
 Reads both runs' ``outputs.jsonl`` and compares, per task and model (base / adapter), the token
 ids of the first ``--first`` test prompts: identical sequences, matching tokens up to the shorter
 one, and where the first mismatch falls. Writes ``parity.json`` and ``parity.md``.
+
+``--margins CONFIG`` replays each mismatched sequence on the CPU in float32 (the config's base
+and adapters, the same chat template) up to its first differing token, and reports the logit
+margin there: reference token's logit minus the candidate's. A margin of a few hundredths is a
+near-tie that half-precision rounding flips; a large one would be a real divergence.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -55,6 +62,85 @@ def compare(reference: dict, candidate: dict, first: int) -> list[dict]:
     ]
 
 
+def mismatches(reference: dict, candidate: dict, first: int) -> list[dict]:
+    out = []
+    for (task, model, index), ref in sorted(reference.items()):
+        got = candidate.get((task, model, index))
+        if index >= first or got is None or (cut := first_mismatch(ref, got)) is None:
+            continue
+        out.append({"task": task, "model": model, "index": index, "at": cut,
+                    "prefix": ref[:cut], "reference": ref[cut : cut + 1],
+                    "candidate": got[cut : cut + 1]})  # fmt: skip
+    return out
+
+
+def margins(config: Path, cases: list[dict]) -> list[dict]:
+    """Reference-model (CPU, float32) logits at each first mismatch."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.base_model import resolve_base
+    from engine.interface import GenerationRequest
+    from engine.registry import load_registry
+    from engine.text import end_of_turn_ids, prompt_token_ids
+    from finetune.data import load_split
+    from finetune.tasks import TASKS
+
+    registry = load_registry(config)
+    base_dir = resolve_base(registry.base.model)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    end = min(end_of_turn_ids(tokenizer))  # a sequence that stopped: its next token was the end
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    by_task = {a.task: a for a in registry.adapters}
+    model = PeftModel.from_pretrained(model, str(by_task[cases[0]["task"]].path), cases[0]["task"])
+    for task, spec in by_task.items():
+        if task not in model.peft_config:
+            model.load_adapter(str(spec.path), adapter_name=task)
+    rows = []
+    for case in cases:
+        example = load_split(case["task"], "test")[case["index"]]
+        messages = [{"role": "user", "content": TASKS[case["task"]].prompt(example["input"])}]
+        ids = prompt_token_ids(tokenizer, GenerationRequest(messages=messages), True)
+        with torch.no_grad():
+            if case["model"] == "base":
+                with model.disable_adapter():
+                    logits = model(torch.tensor([ids + case["prefix"]])).logits[0, -1]
+            else:
+                model.set_adapter(case["task"])
+                logits = model(torch.tensor([ids + case["prefix"]])).logits[0, -1]
+        ref, got = (case[k][0] if case[k] else end for k in ("reference", "candidate"))
+        top2 = torch.topk(logits, 2).values
+        rows.append({
+            "task": case["task"], "model": case["model"], "index": case["index"],
+            "at": case["at"], "reference_token": tokenizer.decode([ref]),
+            "candidate_token": tokenizer.decode([got]),
+            "margin": round(float(logits[ref] - logits[got]), 4),
+            "top1_minus_top2": round(float(top2[0] - top2[1]), 4),
+        })  # fmt: skip
+    return rows
+
+
+def margins_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| task | model | prompt | at token | reference (CPU fp32) | candidate | logit margin |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['model']} | {r['index']} | {r['at']} | "
+            f"{r['reference_token']!r} | {r['candidate_token']!r} | {r['margin']:.3f} |"
+        )
+    if rows:
+        values = sorted(r["margin"] for r in rows)
+        lines.append(
+            f"\nLogit margin at the first mismatch: median {values[len(values) // 2]:.3f}, "
+            f"largest {values[-1]:.3f} ({len(values)} sequences)."
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| task | model | prompts | identical | tokens matching | first mismatch at token |",
@@ -77,15 +163,23 @@ def main() -> None:
     parser.add_argument("candidate", type=Path, help="evaluation run folder (outputs.jsonl)")
     parser.add_argument("--first", type=int, default=50, help="prompts per task compared")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--margins", type=Path, metavar="CONFIG",
+                        help="replay each mismatch on the CPU with CONFIG's models")  # fmt: skip
     args = parser.parse_args()
-    rows = compare(read_outputs(args.reference), read_outputs(args.candidate), args.first)
+    reference, candidate = read_outputs(args.reference), read_outputs(args.candidate)
+    rows = compare(reference, candidate, args.first)
     if not rows:
         raise SystemExit("no prompt appears in both runs")
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"reference": str(args.reference), "candidate": str(args.candidate)}
     (args.out / "parity.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-    (args.out / "parity.md").write_text(markdown(rows))
-    print(markdown(rows))
+    text = markdown(rows)
+    if args.margins:
+        found = margins(args.margins, mismatches(reference, candidate, args.first))
+        (args.out / "margins.json").write_text(json.dumps(found, indent=1))
+        text += "\n### Why they differ\n\n" + margins_markdown(found)
+    (args.out / "parity.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

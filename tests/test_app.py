@@ -112,10 +112,12 @@ def test_benchmarks_tab_shows_sweeps_and_soak_reports(tmp_path):
     (tmp_path / "loadtest-a" / "summary.md").write_text("| users | adapters |\n![x](x.png)")
     (tmp_path / "h200").mkdir()
     (tmp_path / "h200" / "soak.md").write_text("### Soak: 256 streams")
+    (tmp_path / "h200" / "targets.md").write_text("### Issue #6 targets")
     (tmp_path / "analysis").mkdir()  # neither report: not a benchmark
     with gr.Blocks() as demo:
         benchmarks_tab(tmp_path)
     texts = [b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown)]
-    assert any("## h200" in t and "Soak: 256 streams" in t for t in texts)
+    h200 = next(t for t in texts if "## h200" in t)
+    assert h200.index("Issue #6 targets") < h200.index("Soak: 256 streams")
     assert any("## loadtest-a" in t and "![x]" not in t for t in texts)
     assert not any("analysis" in t for t in texts)
