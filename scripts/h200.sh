@@ -11,6 +11,7 @@
 #   bash scripts/h200.sh early      # stash, and unpack the runtime in the background once it is here
 #   bash scripts/h200.sh start      # unpack runtime + payload, launch the jobs (returns at once)
 #   bash scripts/h200.sh collect    # tar logs and results into $OUT; print progress
+#   bash scripts/h200.sh http-only  # instead of `start`: only the HTTP-vs-direct point, in the call
 #
 # `payload` needs .gpu/part1..3 (copies of ../shared/gpu-runtime/part*). Carry .gpu/c0, .gpu/c1,
 # ... one per call with `early`, and call `start` with the last one. Jobs run from a copy of the
@@ -196,6 +197,16 @@ case "$ACTION" in
     setsid nohup bash "$0" benchmarks > /tmp/bench-driver.log 2>&1 < /dev/null &
     sleep 20
     collect
+    ;;
+  http-only)  # the last chunk's call, when little device time is left: API vs direct, no graphs
+    stash
+    unpack
+    cd /tmp/repo && python3 -m engine.base_model smollm2 2>&1 | tail -1
+    python3 -m loadtest.synth --shape mistral-7b --adapters 136 --rank 8 --out /tmp/synth7b > /dev/null 2>&1
+    python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out "$OUT/bench" --plan sweep,http \
+      --adapters 128 --users 256 --http-users 256 --http-adapters 128 --duration "${DURATION:-15}" \
+      --warmup 5 --set max_loras_per_batch=128 --set mem_fraction_static=0.7 --set cuda_graph=false \
+      2>&1 | grep -v "Received output for rid" | tail -40
     ;;
   payload) payload ;;
   finetune) finetune ;;

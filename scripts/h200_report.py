@@ -3,8 +3,8 @@
     python scripts/h200_report.py results/h200 --parity results/parity-sglang
 
 Reads the sweep (``results.json``), ``evict.json``, ``soak.json``, the peft baseline
-(``peft/results.json``), the tuning variants (``tune/*/results.json``), the HTTP comparison
-(``http/compare.json``) where they exist, and the SGLang-vs-CPU parity (``parity.json``,
+(``peft/results.json``), the tuning variants (``tune/*/results.json``), the HTTP comparisons
+(``**/http/compare.json``) where they exist, and the SGLang-vs-CPU parity (``parity.json``,
 ``margins.json``). Writes ``targets.md`` into the results folder. Every ratio is taken inside one
 run (the same engine process); numbers of different runs are shown side by side, not divided.
 """
@@ -112,8 +112,17 @@ def targets(folder: Path, parity_dir: Path | None) -> list[tuple[str, str, str]]
             )
         )
     rows += parity_rows(parity_dir)
-    http = load(folder / "http" / "compare.json")
-    rows.append(("sweep through the HTTP API", http_line(http), "measured" if http else "not run"))
+    for path in sorted(folder.glob("**/http/compare.json")) or [None]:
+        http = load(path) if path else None
+        where = f" (`{path.relative_to(folder).parent.parent}`)" if path else ""
+        where = where.replace(" (`.`)", "")
+        rows.append(
+            (
+                f"HTTP API vs engine-direct, same engine{where}",
+                http_line(http),
+                "measured" if http else "not run",
+            )
+        )
     return rows
 
 
@@ -141,12 +150,13 @@ def http_line(http: dict | None) -> str:
     if not http:
         return "—"
     parts = [
-        f"{r['adapters'] or 'base'}@{r['users']}: {r['output_throughput_http_over_direct']:.2f}× "
-        "direct"
+        f"{r['adapters'] or 'base'} @ {r['users']} streams: "
+        f"{r['output_throughput_http_over_direct']:.2f}× direct tok/s"
         for r in http["points"]
         if r.get("output_throughput_http_over_direct")
     ]
-    return "; ".join(parts)
+    busy = http.get("cpu_cores_busy", {})
+    return "; ".join(parts) + f"; engine process {busy.get('engine_process')} cores busy"
 
 
 def tuning_rows(folder: Path) -> list[dict]:
