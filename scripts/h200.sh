@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One H200 session of the `device` tool: SGLang parity on the shipped adapters (beside the 7B
-# engine's start-up), the 7B engine benchmarks (PLAN: sweep, evict, http, soak), the peft
-# baseline, then tuning variants (TUNE) as long as the session lasts; with FINETUNE=1, training
-# (scripts/gpu_finetune.sh; its TASKS, TASKS_<base>, ARGS_<task> pass through). Jobs run in the
-# background and survive between calls while the machine stays warm (it is released ~30 s after
-# a call returns: keep the calls coming).
+# One H200 session of the `device` tool: the 7B engine benchmarks (PLAN: sweep, evict, http,
+# soak), then tuning variants (TUNE: sweep at 128 adapters x 256 streams; TUNE_EVICT: the evict
+# test) as long as the session lasts; PARITY=1 adds SGLang parity on the shipped adapters (beside
+# the 7B engine's start-up), PEFT=1 the peft baseline (both measured in session 4); FINETUNE=1
+# trains (scripts/gpu_finetune.sh; its TASKS, TASKS_<base>, ARGS_<task> pass through). Jobs run
+# in the background and survive between calls while the machine stays warm (it is released ~30 s
+# after a call returns: keep the calls coming).
 #
 #   bash scripts/h200.sh payload    # here: runtime parts + payload in chunks .gpu/c*/ (FINETUNE=1: +Gemma, bnb)
 #   bash scripts/h200.sh stash      # each call: keep the chunk it carried in /tmp
@@ -118,26 +119,21 @@ print(f"{count} chunks of {room / 1e6:.1f} MB beside a {tree / 1e6:.1f} MB tree:
 PY
 }
 
-finetune() {
-  cd /tmp/repo
-  OUT=/tmp/ft bash scripts/gpu_finetune.sh
-}
-
-parity() {  # SGLang (float16) on every task's first 50 test prompts, small beside the 7B engine
-  timeout 480 python3 -m finetune.evaluate --backend sglang --dtype float16 --limit "${PARITY_LIMIT:-50}" \
-    --batch 64 --batch-timeout 180 --set mem_fraction_static=0.08 --set cuda_graph=false \
-    --out /tmp/parity-sglang > /tmp/parity-sglang.log 2>&1
-  touch /tmp/parity.done
-}
-
-tune() {  # one engine per variant, 128 adapters at 256 streams + base control; as time allows
-  local name value
-  for variant in ${TUNE:-cuda_graph=false max_loras_per_batch=32 lora_backend=triton}; do
+finetune() {  # one engine per variant, 128 adapters at 256 streams + base control; as time allows
+  local name
+  for variant in ${TUNE:-chunked_prefill_size=2048 chunked_prefill_size=16384}; do
     name=$(echo "$variant" | tr '=' '-')
-    value=(--set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" --set "$variant")
     python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out "/tmp/tune/$name" \
       --plan sweep --adapters 128 --users 256 --duration "${TUNE_DURATION:-20}" --warmup 5 \
-      "${value[@]}" > "/tmp/tune-$name.log" 2>&1
+      --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" --set "$variant" \
+      > "/tmp/tune-$name.log" 2>&1
+  done
+  # fewer adapters in host memory than in the ring: the evicted one comes back from disk
+  for variant in ${TUNE_EVICT:-max_loaded_loras=128}; do
+    name=evict-$(echo "$variant" | tr '=' '-')
+    python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out "/tmp/tune/$name" \
+      --plan evict --evict-rounds 5 --set max_loras_per_batch=128 \
+      --set mem_fraction_static="${MEM:-0.7}" --set "$variant" > "/tmp/tune-$name.log" 2>&1
   done
 }
 
@@ -145,7 +141,7 @@ benchmarks() {
   cd /tmp/repo
   # the adapters adapters.yaml serves when parity starts (with FINETUNE=1 it overlaps training:
   # run parity again after it if SmolLM2 adapters were retrained)
-  parity &
+  if [ "${PARITY:-0}" = 1 ]; then parity & else touch /tmp/parity.done; fi  # measured: session 4
   python3 -m loadtest.synth --shape mistral-7b --adapters 136 --rank 8 --out /tmp/synth7b \
     > /tmp/bench-synth.log 2>&1
   # the 7B engine sizes its memory pool from what is free: start it once parity holds its share
@@ -160,11 +156,13 @@ benchmarks() {
     --plan "${PLAN:-sweep,evict,http}" --adapters 1,8,32,64,128 --users 32,128,256 "${wait[@]}" \
     --duration "${DURATION:-30}" --warmup 5 --soak-seconds "${SOAK:-600}" \
     --spare-adapter /tmp/synth7b/adapters/lora-135 --evict-rounds 5 \
-    --http-users 256 --http-adapters 128 \
+    --http-users "${HTTP_USERS:-32,128,256}" --http-adapters 128 \
     --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" > /tmp/bench.log 2>&1
-  python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out /tmp/peft --backend hf \
-    --dtype bfloat16 --set max_batch_size=256 --plan sweep --adapters 1,8 --users 32,256 --keep 8 \
-    --duration "${PEFT_DURATION:-20}" --warmup 5 > /tmp/peft.log 2>&1
+  if [ "${PEFT:-0}" = 1 ]; then
+    python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out /tmp/peft --backend hf \
+      --dtype bfloat16 --set max_batch_size=256 --plan sweep --adapters 1,8 --users 32,256 \
+      --keep 8 --duration "${PEFT_DURATION:-20}" --warmup 5 > /tmp/peft.log 2>&1
+  fi
   touch /tmp/peft.done
   tune
   touch /tmp/bench-ALLDONE

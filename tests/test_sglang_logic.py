@@ -8,6 +8,7 @@ import pytest
 
 from engine.backends.sglang import (
     DeltaTracker,
+    PendingAdapters,
     check_event_loop,
     engine_kwargs,
     finish_reason,
@@ -87,3 +88,20 @@ def test_a_request_from_another_event_loop_is_refused_not_left_waiting():
     with pytest.raises(EngineError, match="one event loop"):
         check_event_loop(first, running)
     running.close()
+
+
+def test_adapters_beyond_max_loaded_load_once_however_many_requests_arrive_together():
+    loaded = []
+
+    async def load(name, path):
+        await asyncio.sleep(0.01)
+        loaded.append((name, path))
+
+    async def many_requests():
+        pending = PendingAdapters({"e": "/e", "f": "/f"})
+        await asyncio.gather(*(pending.ensure(load) for _ in range(20)))
+        await pending.ensure(load)  # later requests: nothing left to do
+        return pending.adapters
+
+    assert asyncio.run(many_requests()) == {}
+    assert loaded == [("e", "/e"), ("f", "/f")]

@@ -127,6 +127,34 @@ def check_event_loop(bound, running) -> None:
         )
 
 
+class PendingAdapters:
+    """Adapters registered beyond ``max_loaded_loras``, loaded once from the serving event loop.
+
+    SGLang starts with at most ``max_loaded_loras`` of them; the rest are loaded through its
+    async API at the first request (SGLang then evicts the least recently used to host memory
+    limits and reloads them from disk on demand). Loading them in ``__init__`` would run on
+    ``sglang.Engine``'s own loop, which the serving loop never answers (or, inside a running
+    loop, cannot run at all).
+    """
+
+    def __init__(self, adapters: dict[str, str]):
+        self.adapters = dict(adapters)
+        self.task: asyncio.Task | None = None
+
+    async def ensure(self, load) -> None:
+        """``await load(name, path)`` for each, once, however many requests arrive together."""
+        if not self.adapters:
+            return
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._load_all(load))
+        await asyncio.shield(self.task)
+
+    async def _load_all(self, load) -> None:
+        for name, path in list(self.adapters.items()):
+            await load(name, path)
+            del self.adapters[name]
+
+
 def abort_error(meta: dict) -> EngineError:
     reason = meta.get("finish_reason") or {}
     message = reason.get("message") if isinstance(reason, dict) else None
@@ -168,15 +196,20 @@ class SGLangEngine(Engine):
             "starting sglang.Engine with %s", {k: v for k, v in kwargs.items() if k != "lora_paths"}
         )
         self.engine = sglang.Engine(**kwargs)
-        for name, path in list(adapters.items())[len(kwargs["lora_paths"]) :]:
-            self.engine.load_lora_adapter(name, path)  # registered beyond max_loaded_loras
+        self.pending = PendingAdapters(dict(list(adapters.items())[len(kwargs["lora_paths"]) :]))
         self.running = 0
 
     def adapters(self) -> list[str]:
         return sorted(self.names)
 
+    async def load_pending(self, name: str, path: str) -> None:
+        result = await self.engine.async_load_lora_adapter(name, str(path))
+        if not getattr(result, "success", True):
+            raise AdapterLoadError(f"SGLang could not load '{name}': {result.error_message}")
+
     async def load_adapter(self, name: str, path: str) -> None:
         check_loadable(name, Path(path), self.names, self.base_dir)
+        await self.pending.ensure(self.load_pending)
         result = await self.engine.async_load_lora_adapter(name, str(path))
         if not getattr(result, "success", True):
             raise AdapterLoadError(f"SGLang could not load '{name}': {result.error_message}")
@@ -198,6 +231,7 @@ class SGLangEngine(Engine):
         check_context(len(ids), request.params, self.context)
         bound = getattr(self.engine.tokenizer_manager, "event_loop", None)
         check_event_loop(bound, asyncio.get_running_loop())
+        await self.pending.ensure(self.load_pending)
         clock, tracker, finished = RequestClock(), DeltaTracker(), False
         self.running += 1
         try:
