@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import os
@@ -237,10 +238,11 @@ async def http(engine, args, names: list[str], registry) -> dict:
     report["cpu_cores_busy"] = {  # one Python thread serves the API: ~1.0 means it is the limit
         "engine_process": round((spent.user + spent.system - cpu.user - cpu.system) / wall, 2),
         "locust_clients": round(
-            (spent.children_user + spent.children_system - cpu.children_user - cpu.children_system)
-            / wall, 2,
+            (spent.children_user - cpu.children_user + spent.children_system - cpu.children_system)
+            / wall,
+            2,
         ),
-    }  # fmt: skip
+    }
     (out / "compare.json").write_text(json.dumps(report, indent=1))
     (out / "compare.md").write_text(http_markdown(report))
     print(f"http: {json.dumps(report)}", flush=True)
@@ -273,8 +275,7 @@ def http_report(direct_dir: Path, http_dir: Path) -> dict:
 
 
 def http_markdown(report: dict) -> str:
-    def fmt(v, scale=1.0, digits=0):
-        return "—" if v is None else f"{v * scale:.{digits}f}"
+    from loadtest.sweep import cell
 
     lines = [
         "| users | adapters | HTTP tok/s | direct tok/s | HTTP ÷ direct | HTTP TTFT p50 ms | "
@@ -283,12 +284,12 @@ def http_markdown(report: dict) -> str:
     ]
     for r in report["points"]:
         lines.append(
-            f"| {r['users']} | {r['adapters'] or 'base'} | {fmt(r['http_output_throughput'])} | "
-            f"{fmt(r['direct_output_throughput'])} | "
-            f"{fmt(r['output_throughput_http_over_direct'], digits=2)} | "
-            f"{fmt(r['http_ttft_p50'], 1000)} | {fmt(r['direct_ttft_p50'], 1000)} | "
-            f"{fmt(r['http_output_throughput_vs_base'], digits=2)} | "
-            f"{fmt(r['http_ttft_p50_vs_base'], digits=2)} | {r['http_failures']} |"
+            f"| {r['users']} | {r['adapters'] or 'base'} | {cell(r['http_output_throughput'])} | "
+            f"{cell(r['direct_output_throughput'])} | "
+            f"{cell(r['output_throughput_http_over_direct'], digits=2)} | "
+            f"{cell(r['http_ttft_p50'], 1000)} | {cell(r['direct_ttft_p50'], 1000)} | "
+            f"{cell(r['http_output_throughput_vs_base'], digits=2)} | "
+            f"{cell(r['http_ttft_p50_vs_base'], digits=2)} | {r['http_failures']} |"
         )
     busy = report.get("cpu_cores_busy", {})
     lines.append(
@@ -477,13 +478,12 @@ async def run(args) -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     try:
         await warm_up(engine, names)
+        steps = {"sweep": sweep, "evict": evict, "soak": soak,
+                 "http": functools.partial(http, registry=registry)}  # fmt: skip
         for step in args.plan.split(","):
             for path in args.wait_for if step != "soak" else []:
                 await wait_for_file(Path(path))
-            if step == "http":
-                await http(engine, args, names, registry)
-            else:
-                await {"sweep": sweep, "evict": evict, "soak": soak}[step](engine, args, names)
+            await steps[step](engine, args, names)
     finally:
         await engine.shutdown()
 
@@ -506,7 +506,8 @@ def main() -> None:
     parser.add_argument("--adapters", type=ints, default=[1, 8, 32, 64, 128])
     parser.add_argument("--users", type=ints, default=[32, 128, 256])
     parser.add_argument("--duration", type=float, default=20, help="seconds per sweep point")
-    parser.add_argument("--warmup", type=float, default=3, help="drop requests started earlier")
+    parser.add_argument("--warmup", type=float, default=3,
+                        help="seconds before the steady window starts")  # fmt: skip
     parser.add_argument("--prompt-words", type=parse_range, default=(90, 110))
     parser.add_argument("--output-tokens", type=parse_range, default=(90, 110))
     parser.add_argument("--http-users", type=ints, default=[256], help="http: concurrencies")

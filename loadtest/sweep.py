@@ -191,8 +191,8 @@ def summary(points: list[dict], settings: dict) -> str:
     rows = [
         f"| {p['users']} | {p['adapters'] or 'base'} | {p.get('completed', 0)} | "
         f"{p.get('failures', 0)} | {cell(p.get('output_throughput'), digits=1)} | "
-        f"{fmt(p.get('output_throughput_ratio'))} | {cell(p.get('ttft_p50'), 1000)} | "
-        f"{fmt(p.get('ttft_p50_ratio'))} | {cell(p.get('itl_p50'), 1000, 1)} | "
+        f"{cell(p.get('output_throughput_ratio'), digits=2)} | {cell(p.get('ttft_p50'), 1000)} | "
+        f"{cell(p.get('ttft_p50_ratio'), digits=2)} | {cell(p.get('itl_p50'), 1000, 1)} | "
         f"{cell(p.get('tpot_mean'), 1000, 1)} | {cell(p.get('e2e_p50'), digits=2)} |"
         for p in points
     ]
@@ -207,10 +207,6 @@ def summary(points: list[dict], settings: dict) -> str:
 def cell(value: float | None, scale: float = 1.0, digits: int = 0) -> str:
     """A table cell; "—" where the point has no such figure (no request ended in the window)."""
     return "—" if value is None else f"{value * scale:.{digits}f}"
-
-
-def fmt(ratio: float | None) -> str:
-    return f"{ratio:.2f}" if ratio is not None else "—"
 
 
 def ints(text: str) -> list[int]:

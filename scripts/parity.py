@@ -18,6 +18,7 @@ near-tie that half-precision rounding flips; a large one would be a real diverge
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections import defaultdict
@@ -103,13 +104,11 @@ def margins(config: Path, cases: list[dict]) -> list[dict]:
         example = load_split(case["task"], "test")[case["index"]]
         messages = [{"role": "user", "content": TASKS[case["task"]].prompt(example["input"])}]
         ids = prompt_token_ids(tokenizer, GenerationRequest(messages=messages), True)
-        with torch.no_grad():
-            if case["model"] == "base":
-                with model.disable_adapter():
-                    logits = model(torch.tensor([ids + case["prefix"]])).logits[0, -1]
-            else:
-                model.set_adapter(case["task"])
-                logits = model(torch.tensor([ids + case["prefix"]])).logits[0, -1]
+        base = case["model"] == "base"
+        if not base:
+            model.set_adapter(case["task"])
+        with torch.no_grad(), model.disable_adapter() if base else contextlib.nullcontext():
+            logits = model(torch.tensor([ids + case["prefix"]])).logits[0, -1]
         ref, got = (case[k][0] if case[k] else end for k in ("reference", "candidate"))
         top2 = torch.topk(logits, 2).values
         rows.append({

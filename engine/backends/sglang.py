@@ -202,17 +202,15 @@ class SGLangEngine(Engine):
     def adapters(self) -> list[str]:
         return sorted(self.names)
 
-    async def load_pending(self, name: str, path: str) -> None:
+    async def load_into_sglang(self, name: str, path: str) -> None:
         result = await self.engine.async_load_lora_adapter(name, str(path))
         if not getattr(result, "success", True):
             raise AdapterLoadError(f"SGLang could not load '{name}': {result.error_message}")
 
     async def load_adapter(self, name: str, path: str) -> None:
         check_loadable(name, Path(path), self.names, self.base_dir)
-        await self.pending.ensure(self.load_pending)
-        result = await self.engine.async_load_lora_adapter(name, str(path))
-        if not getattr(result, "success", True):
-            raise AdapterLoadError(f"SGLang could not load '{name}': {result.error_message}")
+        await self.pending.ensure(self.load_into_sglang)
+        await self.load_into_sglang(name, path)
         self.names.add(name)
         self.adapter_paths[name] = str(path)
 
@@ -231,7 +229,7 @@ class SGLangEngine(Engine):
         check_context(len(ids), request.params, self.context)
         bound = getattr(self.engine.tokenizer_manager, "event_loop", None)
         check_event_loop(bound, asyncio.get_running_loop())
-        await self.pending.ensure(self.load_pending)
+        await self.pending.ensure(self.load_into_sglang)
         clock, tracker, finished = RequestClock(), DeltaTracker(), False
         self.running += 1
         try:
