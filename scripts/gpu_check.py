@@ -158,7 +158,23 @@ async def cancel_check(engine) -> dict:
     return {
         "running_after_cancel": engine.stats()["running"],
         "next_request_tokens": len(after.token_ids),
+        "unload_after_cut": await unload_after_cut(engine, long),
     }
+
+
+async def unload_after_cut(engine, long: GenerationRequest) -> str:
+    """sglang#34205: a cut stream used to keep its adapter busy, so unloading it waited forever."""
+    await engine.load_adapter("delta", str(Path(engine.adapter_paths["beta"])))
+    stream = engine.stream(
+        GenerationRequest(adapter="delta", messages=long.messages, params=long.params)
+    )
+    await stream.__anext__()
+    await stream.aclose()
+    try:
+        await asyncio.wait_for(engine.unload_adapter("delta"), timeout=60)
+        return "ok"
+    except TimeoutError:
+        return "hung"
 
 
 def run(folder: Path, out: Path, dtypes: list[str]) -> None:

@@ -39,3 +39,4 @@ def test_sglang_serves_a_mixed_batch_with_cpu_greedy_tokens(tmp_path):
     assert report["mixed_vs_cpu"]["token_match_rate"] >= 0.95
     assert report["single_vs_cpu"]["token_match_rate"] >= 0.95
     assert all(s["chunks"] > 1 for s in report["streamed"].values())
+    assert report["cancel"]["unload_after_cut"] == "ok"

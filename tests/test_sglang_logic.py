@@ -8,6 +8,7 @@ import pytest
 
 from engine.backends.sglang import (
     DeltaTracker,
+    DroppedRequestRelease,
     PendingAdapters,
     check_event_loop,
     engine_kwargs,
@@ -105,3 +106,77 @@ def test_adapters_beyond_max_loaded_load_once_however_many_requests_arrive_toget
 
     assert asyncio.run(many_requests()) == {}
     assert loaded == [("e", "/e"), ("f", "/f")]
+
+
+class AbortReq:
+    def __init__(self, rid):
+        self.rid = rid
+
+
+class Request:
+    def __init__(self, lora_id):
+        self.lora_id, self.lora_path = lora_id, lora_id and f"adapter-{lora_id}"
+
+
+class State:
+    def __init__(self, lora_id):
+        self.obj = Request(lora_id)
+
+
+class Registry:
+    def __init__(self):
+        self.released = []
+
+    async def release(self, lora_id):
+        self.released.append(lora_id)
+
+
+class Dispatcher:
+    def __init__(self, mapping):
+        self._mapping = mapping
+
+    def __call__(self, obj):
+        return next(fn(obj) for kind, fn in self._mapping if isinstance(obj, kind))
+
+
+class Manager:
+    """The parts of SGLang 0.5.17's TokenizerManager that drop a request's state."""
+
+    def __init__(self, states):
+        self.rid_to_state = dict(states)
+        self.child_rid_to_logical_rid = {}
+        self.lora_registry = Registry()
+        self._result_dispatcher = Dispatcher([(AbortReq, self._handle_abort_req)])
+
+    def _handle_abort_req(self, recv_obj):  # aborted in the waiting queue: no release
+        self.rid_to_state.pop(recv_obj.rid, None)
+
+    def _discard_pending_req_states(self, obj, lifecycle_ids=None):  # stream closed early
+        self.rid_to_state.pop(obj.rid, None)
+
+    def finish(self, rid):  # the normal last output: removes the state and releases
+        state = self.rid_to_state.pop(rid)
+        asyncio.get_running_loop().create_task(self.lora_registry.release(state.obj.lora_id))
+
+
+def test_adapters_of_dropped_requests_are_released_once_and_only_theirs():
+    manager = Manager({"cut": State("A"), "queued": State("B"), "base": State(None),
+                       "done": State("C")})  # fmt: skip
+
+    async def drop_them():
+        assert DroppedRequestRelease(manager).install()
+        manager.finish("done")
+        manager._discard_pending_req_states(AbortReq("cut"))  # a client left mid-stream
+        manager._result_dispatcher(AbortReq("queued"))  # the output loop's route
+        manager._result_dispatcher(AbortReq("cut"))  # the scheduler's echo, state already gone
+        manager._discard_pending_req_states(AbortReq("base"))
+        manager._discard_pending_req_states(AbortReq("done"))
+        await asyncio.sleep(0)
+
+    asyncio.run(drop_them())
+    assert sorted(manager.lora_registry.released) == ["A", "B", "C"]
+    assert manager.rid_to_state == {}
+
+
+def test_an_unknown_tokenizer_manager_is_left_alone():
+    assert DroppedRequestRelease(object()).install() is False

@@ -155,6 +155,60 @@ class PendingAdapters:
             del self.adapters[name]
 
 
+class DroppedRequestRelease:
+    """Work around sglang#34205: a dropped LoRA request keeps its adapter busy forever.
+
+    SGLang counts the requests using each adapter and unloads one (``unload_adapter``, or the
+    LRU eviction of ``max_loaded_loras``) only when its count is zero. A request's count is given
+    back only when its final output arrives; a stream closed early (client gone, a cut) or one
+    aborted while queued has its state removed first, so it never is, and the unload waits
+    forever while holding the lock every later load needs. This wraps the two methods that
+    remove such states, releasing each removed request's adapter once; it then clears the
+    request's ``lora_path``, which SGLang's 503/500 abort path checks before releasing too.
+    """
+
+    DROPPING = ("_handle_abort_req", "_discard_pending_req_states")
+
+    def __init__(self, manager):
+        self.manager = manager
+        self.tasks: set[asyncio.Task] = set()
+
+    def install(self) -> bool:
+        if not all(hasattr(self.manager, n) for n in (*self.DROPPING, "rid_to_state")):
+            log.warning("unknown SGLang TokenizerManager: adapters of dropped requests stay busy")
+            return False
+        routes = getattr(getattr(self.manager, "_result_dispatcher", None), "_mapping", [])
+        for name in self.DROPPING:
+            original = getattr(self.manager, name)
+            wrapped = self.wrap(original)
+            setattr(self.manager, name, wrapped)
+            # the output loop calls _handle_abort_req through a type → method table built at start
+            routes[:] = [(kind, wrapped if fn == original else fn) for kind, fn in routes]
+        return True
+
+    def wrap(self, drop):
+        def dropping(*args, **kwargs):
+            before = dict(self.manager.rid_to_state)
+            children = set(getattr(self.manager, "child_rid_to_logical_rid", ()))
+            try:
+                return drop(*args, **kwargs)
+            finally:
+                for rid, state in before.items():
+                    if rid not in children and self.manager.rid_to_state.get(rid) is not state:
+                        self.release(state.obj)
+
+        return dropping
+
+    def release(self, request) -> None:
+        lora_id = getattr(request, "lora_id", None)
+        if lora_id is None or not getattr(request, "lora_path", None):
+            return
+        request.lora_path = None
+        task = asyncio.get_running_loop().create_task(self.manager.lora_registry.release(lora_id))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
 def abort_error(meta: dict) -> EngineError:
     reason = meta.get("finish_reason") or {}
     message = reason.get("message") if isinstance(reason, dict) else None
@@ -196,6 +250,7 @@ class SGLangEngine(Engine):
             "starting sglang.Engine with %s", {k: v for k, v in kwargs.items() if k != "lora_paths"}
         )
         self.engine = sglang.Engine(**kwargs)
+        DroppedRequestRelease(self.engine.tokenizer_manager).install()
         self.pending = PendingAdapters(dict(list(adapters.items())[len(kwargs["lora_paths"]) :]))
         self.running = 0
 
