@@ -225,6 +225,7 @@ async def http(engine, args, names: list[str], registry) -> dict:
         "--users", ",".join(map(str, args.http_users)), "--duration", str(round(args.duration)),
         "--warmup", str(args.warmup), "--prompt-words", "-".join(map(str, args.prompt_words)),
         "--output-tokens", "-".join(map(str, args.output_tokens)), "--out", str(out),
+        "--server-pid", str(os.getpid()),
     ]  # fmt: skip
     cpu, wall = os.times(), time.perf_counter()
     try:  # a thread, not asyncio's subprocess API: SGLang swaps in uvloop's policy, which has
@@ -268,6 +269,10 @@ def http_report(direct_dir: Path, http_dir: Path) -> dict:
             both = h.get(metric) is not None and d.get(metric)
             row[f"{metric}_http_over_direct"] = h[metric] / d[metric] if both else None
         row["http_failures"] = h.get("failures")
+        row["server_cpu_cores"], row["client_cpu_cores"] = (
+            h.get("server_cpu_cores"),
+            h.get("client_cpu_cores"),
+        )
         row["http_output_throughput_vs_base"] = h.get("output_throughput_ratio")
         row["http_ttft_p50_vs_base"] = h.get("ttft_p50_ratio")
         rows.append(row)
@@ -279,8 +284,9 @@ def http_markdown(report: dict) -> str:
 
     lines = [
         "| users | adapters | HTTP tok/s | direct tok/s | HTTP ÷ direct | HTTP TTFT p50 ms | "
-        "direct TTFT p50 ms | HTTP × base (tok/s) | HTTP × base (TTFT) | failed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "direct TTFT p50 ms | HTTP × base (tok/s) | HTTP × base (TTFT) | failed | "
+        "cores busy: engine process | cores busy: Locust |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["points"]:
         lines.append(
@@ -289,11 +295,13 @@ def http_markdown(report: dict) -> str:
             f"{cell(r['output_throughput_http_over_direct'], digits=2)} | "
             f"{cell(r['http_ttft_p50'], 1000)} | {cell(r['direct_ttft_p50'], 1000)} | "
             f"{cell(r['http_output_throughput_vs_base'], digits=2)} | "
-            f"{cell(r['http_ttft_p50_vs_base'], digits=2)} | {r['http_failures']} |"
+            f"{cell(r['http_ttft_p50_vs_base'], digits=2)} | {r['http_failures']} | "
+            f"{cell(r.get('server_cpu_cores'), digits=2)} | "
+            f"{cell(r.get('client_cpu_cores'), digits=2)} |"
         )
     busy = report.get("cpu_cores_busy", {})
     lines.append(
-        f"\nCPU cores busy while it ran: engine process (API + SGLang's tokenizer manager) "
+        f"\nCPU cores busy over the whole step: engine process (API + SGLang's tokenizer manager) "
         f"{busy.get('engine_process')}, Locust clients {busy.get('locust_clients')}."
     )
     return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -25,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = [
     "users", "adapters", "distribution", "completed", "failures", "request_throughput",
     "output_throughput", "ttft_p50", "ttft_p90", "ttft_p99", "itl_p50", "itl_p90", "tpot_mean",
-    "e2e_p50", "e2e_p90", "output_throughput_ratio", "ttft_p50_ratio",
+    "e2e_p50", "e2e_p90", "output_throughput_ratio", "ttft_p50_ratio", "client_cpu_cores",
+    "server_cpu_cores",
 ]  # fmt: skip
 
 
@@ -47,6 +49,42 @@ def run_point(args, users: int, adapters: int, raw: Path) -> list[dict]:
     if done.returncode:
         raise RuntimeError(f"locust failed at {point_key(users, adapters)}:\n{done.stderr[-2000:]}")
     return [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
+
+
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds a process has used (Linux ``/proc``); None where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """Cores busy during one point: the Locust run (a finished child) and the server process.
+
+    One Python event loop near 1.0 is that side's limit; HTTP numbers then measure it, not the
+    engine.
+    """
+
+    def __init__(self, server_pid: int | None):
+        self.server_pid = server_pid
+        self.wall = time.perf_counter()
+        self.client = self.children_cpu()
+        self.server = process_cpu_seconds(server_pid) if server_pid else None
+
+    @staticmethod
+    def children_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    def cores(self) -> dict:
+        wall = time.perf_counter() - self.wall
+        server = process_cpu_seconds(self.server_pid) if self.server is not None else None
+        return {
+            "client_cpu_cores": round((self.children_cpu() - self.client) / wall, 2),
+            "server_cpu_cores": None if server is None else round((server - self.server) / wall, 2),
+        }
 
 
 def steady_window(records: list[dict], args) -> tuple[float, float] | None:
@@ -91,9 +129,10 @@ def sweep(args) -> dict:
             print(f"[{i}/{len(grid)}] {users} users, {label}: done already (resume)", flush=True)
             continue
         print(f"[{i}/{len(grid)}] {users} users, {label}: running {args.duration}s...", flush=True)
+        meter = CpuMeter(args.server_pid)
         records = run_point(args, users, adapters, out / "raw" / f"{key}.jsonl")
         point = {"users": users, "adapters": adapters}
-        point |= summarize(records, steady_window(records, args))
+        point |= summarize(records, steady_window(records, args)) | meter.cores()
         point["distribution"] = "base" if adapters == 0 else "uniform"
         control = results["points"].get(point_key(users, 0), point)
         point |= ratios(point, control)
@@ -110,10 +149,12 @@ def describe(p: dict) -> str:
         return f"{done}no request completed in the window ({p.get('failures', 0)} failures)"
     ratio = p.get("output_throughput_ratio")
     vs = f" ({ratio:.2f}× base)" if ratio and p["adapters"] else ""
+    cpu = f", cores busy: Locust {p['client_cpu_cores']}" if "client_cpu_cores" in p else ""
+    cpu += f", server {p['server_cpu_cores']}" if p.get("server_cpu_cores") is not None else ""
     return (
         f"{p['output_throughput']:.1f} output tok/s{vs}, TTFT p50 {p['ttft_p50'] * 1000:.0f} ms, "
         f"ITL p50 {(p['itl_p50'] or 0) * 1000:.0f} ms, {p['completed']} done, "
-        f"{p['failures']} failed"
+        f"{p['failures']} failed{cpu}"
     )
 
 
@@ -226,12 +267,14 @@ def main() -> None:
     parser.add_argument("--prompt-words", default="90-110")
     parser.add_argument("--output-tokens", default="90-110")
     parser.add_argument("--out", default=str(ROOT / "results" / "loadtest"))
+    parser.add_argument("--server-pid", type=int, help="record this server process's CPU per point")
     args = parser.parse_args()
     args.command = "python -m loadtest.sweep " + " ".join(sys.argv[1:])
     server = None
     if args.serve:
         server = serve(args.serve, args.port)
         args.host = f"http://127.0.0.1:{args.port}"
+        args.server_pid = server.pid
     try:
         sweep(args)
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,7 @@ def test_sweep_over_a_2x2_grid_on_a_tiny_synthetic_model_writes_everything(tmp_p
     for point in results["points"].values():
         assert point["completed"] > 0 and point["failures"] == 0
         assert point["output_throughput_ratio"] is not None
+        assert point["client_cpu_cores"] > 0 and point["server_cpu_cores"] > 0
     assert len(list(csv.DictReader((out / "results.csv").read_text().splitlines()))) == 6
     for name in ("ttft_vs_adapters.png", "throughput_vs_adapters.png"):
         assert (out / name).stat().st_size > 5_000
@@ -155,5 +157,14 @@ def test_engine_bench_sweep_evict_soak_and_http_on_a_tiny_synthetic_model(tmp_pa
     assert [(r["users"], r["adapters"]) for r in http["points"]] == [(3, 0), (3, 2)]
     for row in http["points"]:  # the same engine through the API, next to its direct numbers
         assert row["http_failures"] == 0 and row["output_throughput_http_over_direct"] > 0
+        assert row["server_cpu_cores"] > 0 and row["client_cpu_cores"] > 0
     assert http["cpu_cores_busy"]["locust_clients"] > 0
     assert "HTTP ÷ direct" in (out / "http" / "compare.md").read_text()
+
+
+def test_process_cpu_seconds_reads_a_live_process_and_not_a_missing_one():
+    from loadtest.sweep import process_cpu_seconds
+
+    sum(i * i for i in range(300_000))
+    assert process_cpu_seconds(os.getpid()) > 0
+    assert process_cpu_seconds(2**22 + 7) is None
