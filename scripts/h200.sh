@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One H200 session of the `device` tool: the 7B engine benchmarks (PLAN: sweep, evict, http,
-# soak), then tuning variants (TUNE: sweep at 128 adapters x 256 streams; TUNE_EVICT: the evict
-# test) as long as the session lasts; PARITY=1 adds SGLang parity on the shipped adapters (beside
-# the 7B engine's start-up), PEFT=1 the peft baseline (both measured in session 4); FINETUNE=1
+# One H200 session of the `device` tool: the SGLang GPU check on SmolLM2 (GPU_CHECK=1, default),
+# the 7B engine benchmarks (PLAN: sweep, evict, http, soak; ADAPTERS x USERS, default 128 x 256:
+# the full grid, measured in sessions 4 and 5, is ADAPTERS=1,8,32,64,128 USERS=32,128,256), then
+# tuning variants (TUNE: sweep at 128 adapters x 256 streams; TUNE_EVICT: the evict test) as long
+# as the session lasts; PARITY=1 adds SGLang parity on the shipped adapters (beside the 7B
+# engine's start-up), PEFT=1 the peft baseline (both measured in session 4); FINETUNE=1
 # trains (scripts/gpu_finetune.sh; its TASKS, TASKS_<base>, ARGS_<task> pass through). Jobs run
 # in the background and survive between calls while the machine stays warm (it is released ~30 s
 # after a call returns: keep the calls coming).
@@ -133,7 +135,7 @@ parity() {  # SGLang (float16) on every task's first 50 test prompts, small besi
 
 tune() {  # one engine per variant, 128 adapters at 256 streams + base control; as time allows
   local name
-  for variant in ${TUNE:-chunked_prefill_size=2048 chunked_prefill_size=16384}; do
+  for variant in ${TUNE:-chunked_prefill_size=16384}; do
     name=$(echo "$variant" | tr '=' '-')
     python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out "/tmp/tune/$name" \
       --plan sweep --adapters 128 --users 256 --duration "${TUNE_DURATION:-20}" --warmup 5 \
@@ -149,8 +151,15 @@ tune() {  # one engine per variant, 128 adapters at 256 streams + base control; 
   done
 }
 
+gpu_check() {  # SmolLM2 on SGLang vs the CPU backend; hot-load, cancel, unload after a cut stream
+  python3 scripts/gpu_check.py reference /tmp/check > /tmp/gpu-check.log 2>&1
+  timeout 420 python3 scripts/gpu_check.py run /tmp/check --out /tmp/gpu-check.json --dtypes float16 \
+    >> /tmp/gpu-check.log 2>&1
+}
+
 benchmarks() {
   cd /tmp/repo
+  [ "${GPU_CHECK:-1}" = 1 ] && gpu_check  # before the 7B engine sizes its pool from what is free
   # the adapters adapters.yaml serves when parity starts (with FINETUNE=1 it overlaps training:
   # run parity again after it if SmolLM2 adapters were retrained)
   if [ "${PARITY:-0}" = 1 ]; then parity & else touch /tmp/parity.done; fi  # measured: session 4
@@ -165,10 +174,10 @@ benchmarks() {
   wait=(--wait-for /tmp/parity.done)
   [ "${FINETUNE:-0}" = 1 ] && wait+=(--wait-for /tmp/ft/DONE)
   python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out /tmp/bench \
-    --plan "${PLAN:-sweep,evict,http}" --adapters 1,8,32,64,128 --users 32,128,256 "${wait[@]}" \
+    --plan "${PLAN:-sweep,evict,http}" --adapters "${ADAPTERS:-128}" --users "${USERS:-256}" "${wait[@]}" \
     --duration "${DURATION:-30}" --warmup 5 --soak-seconds "${SOAK:-600}" \
     --spare-adapter /tmp/synth7b/adapters/lora-135 --evict-rounds 5 \
-    --http-users "${HTTP_USERS:-32,128,256}" --http-adapters 128 \
+    --http-users "${HTTP_USERS:-256}" --http-adapters 128 \
     --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" > /tmp/bench.log 2>&1
   if [ "${PEFT:-0}" = 1 ]; then
     python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out /tmp/peft --backend hf \
@@ -183,10 +192,16 @@ benchmarks() {
 collect() {
   mkdir -p "$OUT"
   [ -d /tmp/ft ] && tar czf "$OUT/ft.tgz" -C /tmp ft
-  (cd /tmp && tar czf "$OUT/bench.tgz" $(ls -d bench peft tune parity-sglang ./*.log 2>/dev/null))
+  mkdir -p /tmp/logs
+  for log in /tmp/*.log; do  # without SGLang's per-request noise
+    grep -av -e "Received output for rid" -e "Multi-thread loading shards" -e SyntaxWarning \
+      -e '^  """Configuration class' "$log" | tr '\r' '\n' | grep -v "Capturing" > "/tmp/logs/${log##*/}"
+  done
+  (cd /tmp && tar czf "$OUT/bench.tgz" --exclude='*/raw' \
+    $(ls -d bench peft tune parity-sglang gpu-check.json logs 2>/dev/null))
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
   ls /tmp/ft 2>/dev/null | tr '\n' ' '; echo
-  for log in /tmp/bench.log /tmp/parity-sglang.log /tmp/peft.log /tmp/tune-*.log; do
+  for log in /tmp/gpu-check.log /tmp/bench.log /tmp/parity-sglang.log /tmp/peft.log /tmp/tune-*.log; do
     [ -f "$log" ] && { echo "== $log"; tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -6 | cut -c1-300; }
   done
   [ -f /tmp/bench-ALLDONE ] && echo "BENCH ALL DONE"
@@ -221,6 +236,7 @@ case "$ACTION" in
   payload) payload ;;
   finetune) finetune ;;
   benchmarks) benchmarks ;;
+  gpu-check) cd /tmp/repo && gpu_check ;;
   restart-benchmarks)
     rm -f /tmp/bench-ALLDONE
     setsid nohup bash "$0" benchmarks > /tmp/bench-driver.log 2>&1 < /dev/null &
