@@ -258,16 +258,18 @@ def backend_banner(engine: Engine) -> str:
 
 
 def benchmarks_tab(results: Path = RESULTS) -> None:
-    """One section per results folder with a targets table, a sweep summary, an eviction or a soak
-    report (``targets.md`` from ``scripts/h200_report.py`` first): tables and plots."""
+    """One section per results folder (and per folder one level below, such as a later run's
+    ``h200/session5``) with a targets table, a sweep summary, an eviction or a soak report
+    (``targets.md`` from ``scripts/h200_report.py`` first): tables and plots."""
     reports = ("targets.md", "summary.md", "evict.md", "soak.md")
-    folders = sorted(p for p in results.iterdir() if any((p / r).exists() for r in reports))
+    candidates = [*results.glob("*/"), *results.glob("*/*/")]
+    folders = sorted(p for p in candidates if any((p / r).exists() for r in reports))
     if not folders:
         gr.Markdown("No load-test results yet. Run `python -m loadtest.sweep` (see README).")
         return
     for folder in folders:
         texts = [strip_images((folder / r).read_text()) for r in reports if (folder / r).exists()]
-        gr.Markdown(f"## {folder.name}\n" + "\n\n".join(texts))
+        gr.Markdown(f"## {folder.relative_to(results)}\n" + "\n\n".join(texts))
         with gr.Row():
             for plot in sorted(folder.glob("*.png")):
                 gr.Image(str(plot), label=plot.stem, show_label=True)

@@ -3,7 +3,8 @@
     python scripts/h200_report.py results/h200 --parity results/parity-sglang
 
 Reads the sweep (``results.json``), ``evict.json``, ``soak.json``, the peft baseline
-(``peft/results.json``), the tuning variants (``tune/*/results.json``), the HTTP comparisons
+(``peft/results.json``), the tuning variants (``tune/*/results.json``), later runs' sweeps,
+evict tests and tuning variants (``session*/``), the HTTP comparisons
 (``**/http/compare.json``) where they exist, and the SGLang-vs-CPU parity (``parity.json``,
 ``margins.json``). Writes ``targets.md`` into the results folder. Every ratio is taken inside one
 run (the same engine process); numbers of different runs are shown side by side, not divided.
@@ -45,30 +46,48 @@ def peft_speedups(sweep: dict, peft: dict) -> list[dict]:
     return rows
 
 
+def runs(folder: Path) -> list[tuple[str, Path]]:
+    """The run in the folder itself, then later runs in its ``session*/`` subfolders."""
+    later = [p for p in sorted(folder.glob("session*/")) if (p / "results.json").exists()]
+    return [("", folder)] + [(p.name, p) for p in later]
+
+
+def headline_rows(sweep: dict | None, where: str) -> list[tuple[str, str, str]]:
+    point = (sweep or {}).get("points", {}).get(HEADLINE)
+    if not point:
+        return []
+    tput, ttft = point["output_throughput_ratio"], point["ttft_p50_ratio"]
+    base = sweep["points"]["u256-a0"]
+    return [
+        (
+            f"128 adapters at 256 streams: output throughput ≥ 0.9× base{where}",
+            f"**{tput:.2f}×** ({point['output_throughput']:,.0f} vs "
+            f"{base['output_throughput']:,.0f} tok/s)",
+            verdict(tput >= 0.9),
+        ),
+        (
+            f"128 adapters at 256 streams: TTFT p50 ≤ 1.5× base{where}",
+            f"**{ttft:.2f}×** ({point['ttft_p50'] * 1000:.0f} vs {base['ttft_p50'] * 1000:.0f} ms)",
+            verdict(ttft <= 1.5),
+        ),
+    ]
+
+
+def evict_row(evict: dict, where: str) -> tuple[str, str, str]:
+    added = evict["reload_added_ms"]
+    return (
+        f"evicted adapter reloads with ≤ 20 ms added TTFT{where}",
+        f"**{added:+.1f} ms** ({evict['rounds']} rounds)",
+        verdict(added <= 20),
+    )
+
+
 def targets(folder: Path, parity_dir: Path | None) -> list[tuple[str, str, str]]:
-    sweep, evict, soak = (load(folder / f) for f in ("results.json", "evict.json", "soak.json"))
+    sweep, soak = load(folder / "results.json"), load(folder / "soak.json")
     peft = load(folder / "peft" / "results.json")
     rows = []
-    point = (sweep or {}).get("points", {}).get(HEADLINE)
-    if point:
-        tput, ttft = point["output_throughput_ratio"], point["ttft_p50_ratio"]
-        base = sweep["points"]["u256-a0"]
-        rows.append(
-            (
-                "128 adapters at 256 streams: output throughput ≥ 0.9× base",
-                f"**{tput:.2f}×** ({point['output_throughput']:,.0f} vs "
-                f"{base['output_throughput']:,.0f} tok/s)",
-                verdict(tput >= 0.9),
-            )
-        )
-        rows.append(
-            (
-                "128 adapters at 256 streams: TTFT p50 ≤ 1.5× base",
-                f"**{ttft:.2f}×** ({point['ttft_p50'] * 1000:.0f} vs "
-                f"{base['ttft_p50'] * 1000:.0f} ms)",
-                verdict(ttft <= 1.5),
-            )
-        )
+    for name, path in runs(folder):
+        rows += headline_rows(load(path / "results.json"), f" (`{name}`)" if name else "")
     if sweep and peft:
         speedups = peft_speedups(sweep, peft)
         low = min(speedups, key=lambda r: r["speedup"])
@@ -83,15 +102,9 @@ def targets(folder: Path, parity_dir: Path | None) -> list[tuple[str, str, str]]
         )
     else:
         rows.append(("≥ 20× the peft baseline", "—", verdict(None)))
-    if evict:
-        added = evict["reload_added_ms"]
-        rows.append(
-            (
-                "evicted adapter reloads with ≤ 20 ms added TTFT",
-                f"**{added:+.1f} ms** ({evict['rounds']} rounds)",
-                verdict(added <= 20),
-            )
-        )
+    for name, path in runs(folder):
+        if evict := load(path / "evict.json"):
+            rows.append(evict_row(evict, f" (`{name}`)" if name else ""))
     if soak:
         lost = soak["requests"] - soak["completed"] - soak["cancelled_by_client"] - soak["failed"]
         before, after = soak["before"], soak["after"]
@@ -160,12 +173,14 @@ def http_line(http: dict | None) -> str:
 
 
 def tuning_rows(folder: Path) -> list[dict]:
-    rows = []
-    main = load(folder / "results.json")
-    runs = [("main sweep (csgmv, CUDA graphs, max_loras_per_batch=128)", main)]
-    for path in sorted((folder / "tune").glob("*/results.json")):
-        runs.append((path.parent.name.replace("-", "=", 1), load(path)))
-    for name, run in runs:
+    rows, variants = [], []
+    for label, path in runs(folder):
+        where = f" (`{label}`)" if label else ""
+        main = "main sweep (csgmv, CUDA graphs, max_loras_per_batch=128)"
+        variants.append((main + where, load(path / "results.json")))
+        for tuned in sorted((path / "tune").glob("*/results.json")):
+            variants.append((tuned.parent.name.replace("-", "=", 1) + where, load(tuned)))
+    for name, run in variants:
         points = (run or {}).get("points", {})
         if HEADLINE in points and "u256-a0" in points:
             p, b = points[HEADLINE], points["u256-a0"]

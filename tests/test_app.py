@@ -113,6 +113,8 @@ def test_benchmarks_tab_shows_sweeps_and_soak_reports(tmp_path):
     (tmp_path / "h200").mkdir()
     (tmp_path / "h200" / "soak.md").write_text("### Soak: 256 streams")
     (tmp_path / "h200" / "targets.md").write_text("### Issue #6 targets")
+    (tmp_path / "h200" / "session5").mkdir()  # a later run beside the first
+    (tmp_path / "h200" / "session5" / "evict.md").write_text("### Evicted-adapter reload")
     (tmp_path / "analysis").mkdir()  # neither report: not a benchmark
     with gr.Blocks() as demo:
         benchmarks_tab(tmp_path)
@@ -121,3 +123,4 @@ def test_benchmarks_tab_shows_sweeps_and_soak_reports(tmp_path):
     assert h200.index("Issue #6 targets") < h200.index("Soak: 256 streams")
     assert any("## loadtest-a" in t and "![x]" not in t for t in texts)
     assert not any("analysis" in t for t in texts)
+    assert any("## h200/session5" in t and "Evicted-adapter reload" in t for t in texts)
