@@ -2,12 +2,12 @@
 # One H200 session of the `device` tool: the SGLang GPU check on SmolLM2 (GPU_CHECK=1, default),
 # the 7B engine benchmarks (PLAN: sweep, evict, http, soak; ADAPTERS x USERS, default 128 x 256:
 # the full grid, measured in sessions 4 and 5, is ADAPTERS=1,8,32,64,128 USERS=32,128,256), then
-# tuning variants (TUNE: sweep at 128 adapters x 256 streams; TUNE_EVICT: the evict test) as long
-# as the session lasts; PARITY=1 adds SGLang parity on the shipped adapters (beside the 7B
-# engine's start-up), PEFT=1 the peft baseline (both measured in session 4); FINETUNE=1
-# trains (scripts/gpu_finetune.sh; its TASKS, TASKS_<base>, ARGS_<task> pass through). Jobs run
-# in the background and survive between calls while the machine stays warm (it is released ~30 s
-# after a call returns: keep the calls coming).
+# tuning variants (TUNE_EVICT: the evict test; HTTP_TUNE: sweep + http; TUNE: sweep; each at 128
+# adapters x 256 streams, one engine per variant) as long as the session lasts; PARITY=1 adds
+# SGLang parity on the shipped adapters (beside the 7B engine's start-up), PEFT=1 the peft
+# baseline (both measured in session 4); FINETUNE=1 trains (scripts/gpu_finetune.sh; its TASKS,
+# TASKS_<base>, ARGS_<task> pass through). Jobs run in the background and survive between calls
+# while the machine stays warm (it is released ~30 s after a call returns: keep the calls coming).
 #
 #   bash scripts/h200.sh payload    # here: runtime parts + payload in chunks .gpu/c*/ (FINETUNE=1: +Gemma, bnb)
 #   bash scripts/h200.sh stash      # each call: keep the chunk it carried in /tmp
@@ -121,33 +121,29 @@ print(f"{count} chunks of {room / 1e6:.1f} MB beside a {tree / 1e6:.1f} MB tree:
 PY
 }
 
-finetune() {
-  cd /tmp/repo
-  OUT=/tmp/ft bash scripts/gpu_finetune.sh
-}
-
-parity() {  # SGLang (float16) on every task's first 50 test prompts, small beside the 7B engine
-  timeout 480 python3 -m finetune.evaluate --backend sglang --dtype float16 --limit "${PARITY_LIMIT:-50}" \
-    --batch 64 --batch-timeout 180 --set mem_fraction_static=0.08 --set cuda_graph=false \
-    --out /tmp/parity-sglang > /tmp/parity-sglang.log 2>&1
-  touch /tmp/parity.done
-}
-
-tune() {  # one engine per variant, 128 adapters at 256 streams + base control; as time allows
+finetune() {  # one engine per variant, 128 adapters at 256 streams + base control; as time allows
   local name
+  # fewer adapters in host memory than in the ring: the evicted one comes back from disk
+  for variant in ${TUNE_EVICT:-max_loaded_loras=128}; do
+    name=evict-$(echo "$variant" | tr -c 'A-Za-z0-9_.\n' '-')
+    python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out "/tmp/tune/$name" \
+      --plan evict --evict-rounds 5 --set max_loras_per_batch=128 \
+      --set mem_fraction_static="${MEM:-0.7}" --set "$variant" > "/tmp/tune-$name.log" 2>&1
+  done
+  # the API and SGLang's tokenizer manager share one event loop: fewer, larger stream chunks
+  for variant in ${HTTP_TUNE:-extra=\{\"stream_interval\":4\}}; do
+    name=http-$(echo "$variant" | tr -c 'A-Za-z0-9_.\n' '-')
+    python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out "/tmp/tune/$name" \
+      --plan sweep,http --adapters 128 --users 256 --http-users 256 --http-adapters 128 \
+      --duration "${DURATION:-30}" --warmup 5 --set max_loras_per_batch=128 \
+      --set mem_fraction_static="${MEM:-0.7}" --set "$variant" > "/tmp/tune-$name.log" 2>&1
+  done
   for variant in ${TUNE:-chunked_prefill_size=16384}; do
-    name=$(echo "$variant" | tr '=' '-')
+    name=$(echo "$variant" | tr -c 'A-Za-z0-9_.\n' '-')
     python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out "/tmp/tune/$name" \
       --plan sweep --adapters 128 --users 256 --duration "${TUNE_DURATION:-20}" --warmup 5 \
       --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" --set "$variant" \
       > "/tmp/tune-$name.log" 2>&1
-  done
-  # fewer adapters in host memory than in the ring: the evicted one comes back from disk
-  for variant in ${TUNE_EVICT:-max_loaded_loras=128}; do
-    name=evict-$(echo "$variant" | tr '=' '-')
-    python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out "/tmp/tune/$name" \
-      --plan evict --evict-rounds 5 --set max_loras_per_batch=128 \
-      --set mem_fraction_static="${MEM:-0.7}" --set "$variant" > "/tmp/tune-$name.log" 2>&1
   done
 }
 
