@@ -130,7 +130,7 @@ async def closed_loop(engine, traffic: Traffic, users: int, seconds: float) -> l
 
 async def sweep(engine, args, names: list[str]) -> dict:
     from loadtest._stats import ratios, summarize
-    from loadtest.sweep import describe, point_key, write_outputs
+    from loadtest.sweep import describe, point_key, process_cpu_seconds, write_outputs
 
     out = Path(args.out)
     results = {"settings": settings_of(args, engine), "points": {}}
@@ -139,10 +139,13 @@ async def sweep(engine, args, names: list[str]) -> dict:
         label = "base-only control" if adapters == 0 else f"{adapters} adapters"
         print(f"[{i}/{len(grid)}] {users} streams, {label}: {args.duration}s", flush=True)
         traffic = Traffic(names[:adapters] or [None], args.prompt_words, args.output_tokens)
-        began = time.time()
+        began, cpu = time.time(), process_cpu_seconds(os.getpid())
         records = await closed_loop(engine, traffic, users, args.duration)
         steady = (began + args.warmup, began + args.duration)
         point = {"users": users, "adapters": adapters, **summarize(records, steady)}
+        if cpu is not None:  # the clients run in it too: one event loop for both sides
+            busy = (process_cpu_seconds(os.getpid()) - cpu) / (time.time() - began)
+            point["engine_process_cpu_cores"] = round(busy, 2)
         point["distribution"] = "base" if adapters == 0 else "uniform"
         point |= ratios(point, results["points"].get(point_key(users, 0), point))
         results["points"][point_key(users, adapters)] = point

@@ -27,7 +27,7 @@ COLUMNS = [
     "users", "adapters", "distribution", "completed", "failures", "request_throughput",
     "output_throughput", "ttft_p50", "ttft_p90", "ttft_p99", "itl_p50", "itl_p90", "tpot_mean",
     "e2e_p50", "e2e_p90", "output_throughput_ratio", "ttft_p50_ratio", "client_cpu_cores",
-    "server_cpu_cores",
+    "server_cpu_cores", "engine_process_cpu_cores",
 ]  # fmt: skip
 
 
@@ -151,6 +151,8 @@ def describe(p: dict) -> str:
     vs = f" ({ratio:.2f}× base)" if ratio and p["adapters"] else ""
     cpu = f", cores busy: Locust {p['client_cpu_cores']}" if "client_cpu_cores" in p else ""
     cpu += f", server {p['server_cpu_cores']}" if p.get("server_cpu_cores") is not None else ""
+    if p.get("engine_process_cpu_cores") is not None:
+        cpu += f", engine process {p['engine_process_cpu_cores']} cores busy"
     return (
         f"{p['output_throughput']:.1f} output tok/s{vs}, TTFT p50 {p['ttft_p50'] * 1000:.0f} ms, "
         f"ITL p50 {(p['itl_p50'] or 0) * 1000:.0f} ms, {p['completed']} done, "

@@ -143,6 +143,7 @@ def test_engine_bench_sweep_evict_soak_and_http_on_a_tiny_synthetic_model(tmp_pa
     assert set(points) == {"u3-a0", "u3-a2"}
     assert points["u3-a2"]["completed"] > 0 and points["u3-a2"]["failures"] == 0
     assert points["u3-a2"]["output_throughput_ratio"] > 0
+    assert points["u3-a2"]["engine_process_cpu_cores"] > 0  # engine and clients, one process
     assert {"results.csv", "summary.md", "throughput_vs_adapters.png"} <= {
         p.name for p in out.iterdir()
     }
@@ -168,3 +169,21 @@ def test_process_cpu_seconds_reads_a_live_process_and_not_a_missing_one():
     sum(i * i for i in range(300_000))
     assert process_cpu_seconds(os.getpid()) > 0
     assert process_cpu_seconds(2**22 + 7) is None
+
+
+@pytest.mark.parametrize("target", ["client", "api"])
+def test_http_ceiling_drives_the_real_locust_user_against_a_model_free_stream(target, tmp_path):
+    cmd = [
+        sys.executable, "-m", "loadtest.http_ceiling", "--target", target, "--users", "2",
+        "--duration", "3",
+        "--warmup", "0.5", "--output-tokens", "5", "--token-gap-ms", "1", "--port", "8797",
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    points = json.loads((tmp_path / "results.json").read_text())["points"]
+    assert set(points) == {"u2-a0", "u2-a1"}
+    for point in points.values():
+        assert point["failures"] == 0 and point["completed"] > 0
+        assert point["output_throughput"] > 0 and point["itl_p50"] >= 0.001
+        assert point["client_cpu_cores"] > 0 and point["server_cpu_cores"] > 0
