@@ -178,5 +178,12 @@ def test_adapters_of_dropped_requests_are_released_once_and_only_theirs():
     assert manager.rid_to_state == {}
 
 
+def test_a_request_dropped_after_the_loop_stopped_is_left_alone():
+    manager = Manager({"late": State("A")})
+    assert DroppedRequestRelease(manager).install()
+    manager._discard_pending_req_states(AbortReq("late"))  # no running loop: no error
+    assert manager.rid_to_state == {} and manager.lora_registry.released == []
+
+
 def test_an_unknown_tokenizer_manager_is_left_alone():
     assert DroppedRequestRelease(object()).install() is False

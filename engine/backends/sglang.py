@@ -203,8 +203,12 @@ class DroppedRequestRelease:
         lora_id = getattr(request, "lora_id", None)
         if lora_id is None or not getattr(request, "lora_path", None):
             return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a generator finalised after the loop stopped: nothing to serve
+            return
         request.lora_path = None
-        task = asyncio.get_running_loop().create_task(self.manager.lora_registry.release(lora_id))
+        task = loop.create_task(self.manager.lora_registry.release(lora_id))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
