@@ -25,8 +25,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +104,7 @@ def serve_api(port: int, gap_s: float) -> None:
     uvicorn.run(create_api(engine, registry), host="127.0.0.1", port=port, log_level="warning")
 
 
-def start_server(target: str, port: int, token_gap_ms: float) -> subprocess.Popen:
+def start_ceiling_server(target: str, port: int, token_gap_ms: float) -> subprocess.Popen:
     if target == "api":
         cmd = [sys.executable, "-m", "loadtest.http_ceiling", "--serve-api", str(port)]
     else:
@@ -114,18 +112,10 @@ def start_server(target: str, port: int, token_gap_ms: float) -> subprocess.Pope
             sys.executable, "-m", "uvicorn", "loadtest.http_ceiling:app", "--port", str(port),
             "--lifespan", "off", "--log-level", "warning",
         ]  # fmt: skip
+    from loadtest.sweep import start_server
+
     env = os.environ | {"CEILING_TOKEN_GAP_MS": str(token_gap_ms)}
-    server = subprocess.Popen(cmd, cwd=ROOT, env=env)
-    for _ in range(600):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5):
-                return server
-        except OSError:
-            if server.poll() is not None:
-                raise RuntimeError("the ceiling server exited during start-up") from None
-            time.sleep(0.1)
-    server.kill()
-    raise RuntimeError("the ceiling server did not answer in 60 s")
+    return start_server(cmd, f"http://127.0.0.1:{port}/v1/models", timeout_s=120, env=env)
 
 
 def main() -> None:
@@ -143,7 +133,7 @@ def main() -> None:
     if args.serve_api:
         gap_ms = float(os.environ.get("CEILING_TOKEN_GAP_MS", "0"))
         return serve_api(args.serve_api, gap_ms / 1000)
-    server = start_server(args.target, args.port, args.token_gap_ms)
+    server = start_ceiling_server(args.target, args.port, args.token_gap_ms)
     try:
         cmd = [
             sys.executable, "-m", "loadtest.sweep", "--host", f"http://127.0.0.1:{args.port}",

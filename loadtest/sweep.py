@@ -97,20 +97,26 @@ def steady_window(records: list[dict], args) -> tuple[float, float] | None:
 
 def serve(config: str, port: int) -> subprocess.Popen:
     """Start the API server for the sweep and wait until /health answers."""
+    cmd = [sys.executable, "-m", "engine.server", "--config", config, "--port", str(port)]
+    return start_server(cmd, f"http://127.0.0.1:{port}/health", timeout_s=600)
+
+
+def start_server(cmd: list[str], url: str, timeout_s: float, env=None) -> subprocess.Popen:
+    """Start ``cmd`` and return it once ``url`` answers; an error if it exits or never does."""
     import urllib.request
 
-    cmd = [sys.executable, "-m", "engine.server", "--config", config, "--port", str(port)]
-    server = subprocess.Popen(cmd, cwd=ROOT)
-    for _ in range(600):
+    server = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30):
+            with urllib.request.urlopen(url, timeout=30):
                 return server
         except OSError:
             if server.poll() is not None:
-                raise RuntimeError("the server exited during start-up") from None
-            time.sleep(1)
+                raise RuntimeError(f"the server exited during start-up: {' '.join(cmd)}") from None
+            time.sleep(0.2)
     server.kill()
-    raise RuntimeError("the server did not become healthy in 10 minutes")
+    raise RuntimeError(f"the server did not answer {url} in {timeout_s:.0f} s: {' '.join(cmd)}")
 
 
 def sweep(args) -> dict:
