@@ -191,7 +191,8 @@ collect() {
   mkdir -p /tmp/logs
   for log in /tmp/*.log; do  # without SGLang's per-request noise
     grep -av -e "Received output for rid" -e "Multi-thread loading shards" -e SyntaxWarning \
-      -e '^  """Configuration class' "$log" | tr '\r' '\n' | grep -v -e "Capturing" -e '^\s*$' > "/tmp/logs/${log##*/}"
+      -e '^  """Configuration class' "$log" | tr '\r' '\n' \
+      | grep -v -e "Capturing" -e '^\s*$' > "/tmp/logs/${log##*/}"
   done
   (cd /tmp && tar czf "$OUT/bench.tgz" --exclude='*/raw' \
     $(ls -d bench peft tune parity-sglang gpu-check.json logs 2>/dev/null))
