@@ -63,6 +63,9 @@ class SGLangSettings(Strict):
     """Capture CUDA graphs for decode (slower start, faster decode)."""
     chunked_prefill_size: int | None = None
     """Prefill chunk size in tokens; ``None`` = SGLang's default."""
+    stream_interval: int = Field(1, ge=1)
+    """Stream a chunk every N tokens: N times fewer outputs for the one event loop that runs the
+    API and SGLang's tokenizer manager, at the price of coarser streaming."""
     tp_size: int = Field(1, ge=1)
     """Tensor-parallel GPUs."""
     dp_size: int = Field(1, ge=1)

@@ -131,7 +131,7 @@ finetune() {  # one engine per variant, 128 adapters at 256 streams + base contr
       --set mem_fraction_static="${MEM:-0.7}" --set "$variant" > "/tmp/tune-$name.log" 2>&1
   done
   # the API and SGLang's tokenizer manager share one event loop: fewer, larger stream chunks
-  for variant in ${HTTP_TUNE:-extra=\{\"stream_interval\":4\}}; do
+  for variant in ${HTTP_TUNE:-stream_interval=4}; do
     name=http-$(echo "$variant" | tr -c 'A-Za-z0-9_.\n' '-')
     python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out "/tmp/tune/$name" \
       --plan sweep,http --adapters 128 --users 256 --http-users 256 --http-adapters 128 \

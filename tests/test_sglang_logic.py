@@ -30,6 +30,8 @@ def test_engine_kwargs_carry_the_registry_settings():
     assert kwargs["max_loras_per_batch"] == 4 and kwargs["max_loaded_loras"] == 6
     assert kwargs["lora_backend"] == "csgmv" and kwargs["disable_cuda_graph"] is True
     assert kwargs["attention_backend"] == "triton" and kwargs["sampling_backend"] == "pytorch"
+    assert kwargs["stream_interval"] == 1
+    assert engine_kwargs(SGLangSettings(stream_interval=4), "/m", {})["stream_interval"] == 4
     assert "max_lora_rank" not in kwargs and "chunked_prefill_size" not in kwargs
 
 

@@ -53,6 +53,7 @@ def engine_kwargs(
         "sampling_backend": settings.sampling_backend,
         "mem_fraction_static": settings.mem_fraction_static,
         "disable_cuda_graph": not settings.cuda_graph,
+        "stream_interval": settings.stream_interval,
         "tp_size": settings.tp_size,
         "dp_size": settings.dp_size,
         "log_level": "warning",
