@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One H200 session of the `device` tool: the SGLang GPU check on SmolLM2 (GPU_CHECK=1, default),
-# the 7B engine benchmarks (PLAN: sweep, evict, http, soak; ADAPTERS x USERS, default 128 x 256:
-# the full grid, measured in sessions 4 and 5, is ADAPTERS=1,8,32,64,128 USERS=32,128,256), then
+# One H200 session of the `device` tool: the SGLang GPU check on SmolLM2 and `python app.py` on
+# SGLang (GPU_CHECK=1, APP_CHECK=1, defaults), the 7B engine benchmarks (PLAN: sweep, evict,
+# http, soak; ADAPTERS x USERS, default 128 x 256: the full grid, measured in sessions 4 and 5,
+# is ADAPTERS=1,8,32,64,128 USERS=32,128,256), then
 # tuning variants (TUNE_EVICT: the evict test; HTTP_TUNE: sweep + http; TUNE: sweep; each at 128
 # adapters x 256 streams, one engine per variant) as long as the session lasts; PARITY=1 adds
 # SGLang parity on the shipped adapters (beside the 7B engine's start-up), PEFT=1 the peft
@@ -153,9 +154,16 @@ gpu_check() {  # SmolLM2 on SGLang vs the CPU backend; hot-load, cancel, unload 
     >> /tmp/gpu-check.log 2>&1
 }
 
+app_check() {  # `python app.py` on SGLang (adapters.yaml, shipped adapters): UI and API answer
+  timeout 420 python3 scripts/app_check.py --backend sglang --out /tmp/app-check.json \
+    > /tmp/app-check.log 2>&1
+}
+
 benchmarks() {
   cd /tmp/repo
-  [ "${GPU_CHECK:-1}" = 1 ] && gpu_check  # before the 7B engine sizes its pool from what is free
+  # before the 7B engine sizes its pool from what is free
+  [ "${GPU_CHECK:-1}" = 1 ] && gpu_check
+  [ "${APP_CHECK:-1}" = 1 ] && app_check
   # the adapters adapters.yaml serves when parity starts (with FINETUNE=1 it overlaps training:
   # run parity again after it if SmolLM2 adapters were retrained)
   if [ "${PARITY:-0}" = 1 ]; then parity & else touch /tmp/parity.done; fi  # measured: session 4
@@ -195,10 +203,10 @@ collect() {
       | grep -v -e "Capturing" -e '^\s*$' > "/tmp/logs/${log##*/}"
   done
   (cd /tmp && tar czf "$OUT/bench.tgz" --exclude='*/raw' \
-    $(ls -d bench peft tune parity-sglang gpu-check.json logs 2>/dev/null))
+    $(ls -d bench peft tune parity-sglang gpu-check.json app-check.json logs 2>/dev/null))
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
   ls /tmp/ft 2>/dev/null | tr '\n' ' '; echo
-  for log in /tmp/gpu-check.log /tmp/bench.log /tmp/parity-sglang.log /tmp/peft.log /tmp/tune-*.log; do
+  for log in /tmp/gpu-check.log /tmp/app-check.log /tmp/bench.log /tmp/parity-sglang.log /tmp/peft.log /tmp/tune-*.log; do
     [ -f "$log" ] && { echo "== $log"; tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -6 | cut -c1-300; }
   done
   [ -f /tmp/bench-ALLDONE ] && echo "BENCH ALL DONE"
@@ -234,6 +242,7 @@ case "$ACTION" in
   finetune) finetune ;;
   benchmarks) benchmarks ;;
   gpu-check) cd /tmp/repo && gpu_check ;;
+  app-check) cd /tmp/repo && app_check ;;
   restart-benchmarks)
     rm -f /tmp/bench-ALLDONE
     setsid nohup bash "$0" benchmarks > /tmp/bench-driver.log 2>&1 < /dev/null &

@@ -1,11 +1,14 @@
-"""The Gradio app: gradio_client against a launched demo, and a real headless Chromium click."""
+"""The Gradio app: gradio_client against a launched demo, a real headless Chromium click, and
+``python app.py`` started as a process (scripts/app_check.py: UI and API)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +127,20 @@ def test_benchmarks_tab_shows_sweeps_and_soak_reports(tmp_path):
     assert any("## loadtest-a" in t and "![x]" not in t for t in texts)
     assert not any("analysis" in t for t in texts)
     assert any("## h200/session5" in t and "Evicted-adapter reload" in t for t in texts)
+
+
+def test_python_app_py_serves_ui_and_api_as_the_readme_starts_it(tmp_path):
+    out = tmp_path / "app_check.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "app_check.py"),
+        "--backend",
+        "hf",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["passed"] and report["api"]["backend"] == "hf"
+    assert report["api"]["unknown_model_status"] == 404 and report["ui"]["compare_both_answered"]
