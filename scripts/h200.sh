@@ -122,7 +122,19 @@ print(f"{count} chunks of {room / 1e6:.1f} MB beside a {tree / 1e6:.1f} MB tree:
 PY
 }
 
-finetune() {  # one engine per variant, 128 adapters at 256 streams + base control; as time allows
+finetune() {
+  cd /tmp/repo
+  OUT=/tmp/ft bash scripts/gpu_finetune.sh
+}
+
+parity() {  # SGLang (float16) on every task's first 50 test prompts, small beside the 7B engine
+  timeout 480 python3 -m finetune.evaluate --backend sglang --dtype float16 --limit "${PARITY_LIMIT:-50}" \
+    --batch 64 --batch-timeout 180 --set mem_fraction_static=0.08 --set cuda_graph=false \
+    --out /tmp/parity-sglang > /tmp/parity-sglang.log 2>&1
+  touch /tmp/parity.done
+}
+
+tune() {  # one engine per variant, 128 adapters at 256 streams + base control; as time allows
   local name
   # fewer adapters in host memory than in the ring: the evicted one comes back from disk
   for variant in ${TUNE_EVICT:-max_loaded_loras=128}; do

@@ -1,0 +1,49 @@
+"""scripts/h200.sh, read as text: every command it runs resolves, and every action it starts in
+the background is one it handles. An edit dropped two of its functions twice, unnoticed until
+the GPU run (where a failure costs the session's device time)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "h200.sh"
+ON_THE_GPU_MACHINE_ONLY = {"nvidia-smi"}
+
+
+def command_words(text: str) -> set[str]:
+    """The first word of each simple command (quoted strings, expansions and the embedded
+    Python left out)."""
+    text = re.sub(r"<<'PY'\n.*?\nPY\n", "\n", text, flags=re.S)
+    words = set()
+    for line in text.splitlines():
+        line = re.sub(r"(^|\s)#.*$", "", line).strip()
+        line = re.sub(r'"[^"$]*"', '""', line)
+        line = re.sub(r"'[^']*'", "''", line)
+        line = re.sub(r"\$\{[^}]*\}|\$\(\([^)]*\)\)", "X", line)
+        line = re.sub(r"^[\w|*-]+\)\s*", "", line)  # a case arm's label
+        for piece in re.split(r";;|;|&&|\|\||\||&|\$\(|\(|\)|\bthen\b|\belse\b|\bdo\b", line):
+            piece = re.sub(r"^(\s*[A-Za-z_]\w*=\S*)+\s+", "", piece.strip())  # FOO=x cmd
+            if m := re.match(r"([A-Za-z_][\w.-]*)(\s|$)", piece):
+                words.add(m.group(1))
+    return words
+
+
+def test_every_command_is_a_function_a_builtin_or_a_program():
+    text = SCRIPT.read_text()
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    defined = set(re.findall(r"^([a-z_]+)\(\) \{", text, re.M))
+    shell = subprocess.run(["bash", "-c", "compgen -b; compgen -k"], capture_output=True, text=True)
+    known = defined | set(shell.stdout.split()) | ON_THE_GPU_MACHINE_ONLY
+    words = command_words(text)
+    assert {"tune", "parity", "finetune", "gpu_check", "app_check"} <= words  # seen as calls
+    assert sorted(w for w in words if w not in known and not shutil.which(w)) == []
+
+
+def test_every_background_action_is_handled():
+    text = SCRIPT.read_text()
+    arms = set(re.findall(r"^  ([\w-]+)\)", text[text.index('case "$ACTION" in') :], re.M))
+    started = set(re.findall(r'bash "\$0" ([\w-]+)', text))
+    assert started and started <= arms
