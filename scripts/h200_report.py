@@ -46,10 +46,17 @@ def peft_speedups(sweep: dict, peft: dict) -> list[dict]:
     return rows
 
 
+def where(folder: Path, path: Path) -> str:
+    """A row's label suffix naming the subfolder it comes from; none for the folder itself."""
+    inside = path.relative_to(folder)
+    return "" if inside == Path(".") else f" (`{inside}`)"
+
+
 def runs(folder: Path) -> list[tuple[str, Path]]:
-    """The run in the folder itself, then later runs in its ``session*/`` subfolders."""
+    """The run in the folder itself, then later runs in its ``session*/`` subfolders, each with
+    its label suffix."""
     later = [p for p in sorted(folder.glob("session*/")) if (p / "results.json").exists()]
-    return [("", folder)] + [(p.name, p) for p in later]
+    return [(where(folder, p), p) for p in [folder, *later]]
 
 
 def headline_rows(sweep: dict | None, where: str) -> list[tuple[str, str, str]]:
@@ -86,8 +93,8 @@ def targets(folder: Path, parity_dir: Path | None) -> list[tuple[str, str, str]]
     sweep, soak = load(folder / "results.json"), load(folder / "soak.json")
     peft = load(folder / "peft" / "results.json")
     rows = []
-    for name, path in runs(folder):
-        rows += headline_rows(load(path / "results.json"), f" (`{name}`)" if name else "")
+    for label, path in runs(folder):
+        rows += headline_rows(load(path / "results.json"), label)
     if sweep and peft:
         speedups = peft_speedups(sweep, peft)
         low = min(speedups, key=lambda r: r["speedup"])
@@ -102,9 +109,9 @@ def targets(folder: Path, parity_dir: Path | None) -> list[tuple[str, str, str]]
         )
     else:
         rows.append(("≥ 20× the peft baseline", "—", verdict(None)))
-    for name, path in runs(folder):
+    for label, path in runs(folder):
         if evict := load(path / "evict.json"):
-            rows.append(evict_row(evict, f" (`{name}`)" if name else ""))
+            rows.append(evict_row(evict, label))
     if soak:
         lost = soak["requests"] - soak["completed"] - soak["cancelled_by_client"] - soak["failed"]
         before, after = soak["before"], soak["after"]
@@ -127,11 +134,10 @@ def targets(folder: Path, parity_dir: Path | None) -> list[tuple[str, str, str]]
     rows += parity_rows(parity_dir)
     for path in sorted(folder.glob("**/http/compare.json")) or [None]:
         http = load(path) if path else None
-        where = f" (`{path.relative_to(folder).parent.parent}`)" if path else ""
-        where = where.replace(" (`.`)", "")
+        label = where(folder, path.parent.parent) if path else ""
         rows.append(
             (
-                f"HTTP API vs engine-direct, same engine{where}",
+                f"HTTP API vs engine-direct, same engine{label}",
                 http_line(http),
                 "measured" if http else "not run",
             )
@@ -175,11 +181,10 @@ def http_line(http: dict | None) -> str:
 def tuning_rows(folder: Path) -> list[dict]:
     rows, variants = [], []
     for label, path in runs(folder):
-        where = f" (`{label}`)" if label else ""
         main = "main sweep (csgmv, CUDA graphs, max_loras_per_batch=128)"
-        variants.append((main + where, load(path / "results.json")))
+        variants.append((main + label, load(path / "results.json")))
         for tuned in sorted((path / "tune").glob("*/results.json")):
-            variants.append((tuned.parent.name.replace("-", "=", 1) + where, load(tuned)))
+            variants.append((tuned.parent.name.replace("-", "=", 1) + label, load(tuned)))
     for name, run in variants:
         points = (run or {}).get("points", {})
         if HEADLINE in points and "u256-a0" in points:
