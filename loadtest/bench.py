@@ -130,7 +130,7 @@ async def closed_loop(engine, traffic: Traffic, users: int, seconds: float) -> l
 
 async def sweep(engine, args, names: list[str]) -> dict:
     from loadtest._stats import ratios, summarize
-    from loadtest.sweep import describe, point_key, process_cpu_seconds, write_outputs
+    from loadtest.sweep import CpuMeter, describe, point_key, write_outputs
 
     out = Path(args.out)
     results = {"settings": settings_of(args, engine), "points": {}}
@@ -139,13 +139,13 @@ async def sweep(engine, args, names: list[str]) -> dict:
         label = "base-only control" if adapters == 0 else f"{adapters} adapters"
         print(f"[{i}/{len(grid)}] {users} streams, {label}: {args.duration}s", flush=True)
         traffic = Traffic(names[:adapters] or [None], args.prompt_words, args.output_tokens)
-        began, cpu = time.time(), process_cpu_seconds(os.getpid())
+        began, meter = time.time(), CpuMeter(os.getpid())
         records = await closed_loop(engine, traffic, users, args.duration)
         steady = (began + args.warmup, began + args.duration)
         point = {"users": users, "adapters": adapters, **summarize(records, steady)}
-        if cpu is not None:  # the clients run in it too: one event loop for both sides
-            busy = (process_cpu_seconds(os.getpid()) - cpu) / (time.time() - began)
-            point["engine_process_cpu_cores"] = round(busy, 2)
+        # the clients run in this process too: one event loop for both sides
+        if (busy := meter.cores()["server_cpu_cores"]) is not None:
+            point["engine_process_cpu_cores"] = busy
         point["distribution"] = "base" if adapters == 0 else "uniform"
         point |= ratios(point, results["points"].get(point_key(users, 0), point))
         results["points"][point_key(users, adapters)] = point
@@ -230,22 +230,20 @@ async def http(engine, args, names: list[str], registry) -> dict:
         "--output-tokens", "-".join(map(str, args.output_tokens)), "--out", str(out),
         "--server-pid", str(os.getpid()),
     ]  # fmt: skip
-    cpu, wall = os.times(), time.perf_counter()
+    from loadtest.sweep import CpuMeter
+
+    meter = CpuMeter(os.getpid())  # this process (API + engine) and Locust, a finished child
     try:  # a thread, not asyncio's subprocess API: SGLang swaps in uvloop's policy, which has
         # no child watcher for the loop asyncio.run made before
         locust = await asyncio.to_thread(subprocess.run, cmd, cwd=Path(__file__).parents[1])
     finally:
         server.should_exit = True
         await serving
-    spent, wall = os.times(), time.perf_counter() - wall
+    busy = meter.cores()
     report = http_report(Path(args.out), out)
     report["cpu_cores_busy"] = {  # one Python thread serves the API: ~1.0 means it is the limit
-        "engine_process": round((spent.user + spent.system - cpu.user - cpu.system) / wall, 2),
-        "locust_clients": round(
-            (spent.children_user - cpu.children_user + spent.children_system - cpu.children_system)
-            / wall,
-            2,
-        ),
+        "engine_process": busy["server_cpu_cores"],
+        "locust_clients": busy["client_cpu_cores"],
     }
     (out / "compare.json").write_text(json.dumps(report, indent=1))
     (out / "compare.md").write_text(http_markdown(report))
