@@ -134,25 +134,29 @@ parity() {  # SGLang (float16) on every task's first 50 test prompts, small besi
   touch /tmp/parity.done
 }
 
+slug() {  # a --set value as a folder name: max_loaded_loras=128 → max_loaded_loras-128
+  echo "$1" | tr -c 'A-Za-z0-9_.\n' '-'
+}
+
 tune() {  # one engine per variant, 128 adapters at 256 streams + base control; as time allows
   local name
   # fewer adapters in host memory than in the ring: the evicted one comes back from disk
   for variant in ${TUNE_EVICT:-max_loaded_loras=128}; do
-    name=evict-$(echo "$variant" | tr -c 'A-Za-z0-9_.\n' '-')
+    name=evict-$(slug "$variant")
     python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out "/tmp/tune/$name" \
       --plan evict --evict-rounds 5 --set max_loras_per_batch=128 \
       --set mem_fraction_static="${MEM:-0.7}" --set "$variant" > "/tmp/tune-$name.log" 2>&1
   done
   # the API and SGLang's tokenizer manager share one event loop: fewer, larger stream chunks
   for variant in ${HTTP_TUNE:-stream_interval=4}; do
-    name=http-$(echo "$variant" | tr -c 'A-Za-z0-9_.\n' '-')
+    name=http-$(slug "$variant")
     python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out "/tmp/tune/$name" \
       --plan sweep,http --adapters 128 --users 256 --http-users 256 --http-adapters 128 \
       --duration "${DURATION:-30}" --warmup 5 --set max_loras_per_batch=128 \
       --set mem_fraction_static="${MEM:-0.7}" --set "$variant" > "/tmp/tune-$name.log" 2>&1
   done
   for variant in ${TUNE:-chunked_prefill_size=16384}; do
-    name=$(echo "$variant" | tr -c 'A-Za-z0-9_.\n' '-')
+    name=$(slug "$variant")
     python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out "/tmp/tune/$name" \
       --plan sweep --adapters 128 --users 256 --duration "${TUNE_DURATION:-20}" --warmup 5 \
       --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" --set "$variant" \
