@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One H200 session of the `device` tool: the SGLang GPU check on SmolLM2 and `python app.py` on
 # SGLang (GPU_CHECK=1, APP_CHECK=1, defaults), the 7B engine benchmarks (PLAN: sweep, evict,
-# http, soak; ADAPTERS x USERS, default 128 x 256: the full grid, measured in sessions 4 and 5,
+# http, soak; ADAPTERS x USERS, default 128 x 128,256: the full grid, measured in sessions 4 and 5,
 # is ADAPTERS=1,8,32,64,128 USERS=32,128,256), then
 # tuning variants (TUNE_EVICT: the evict test; HTTP_TUNE: sweep + http; TUNE: sweep; each at 128
 # adapters x 256 streams, one engine per variant) as long as the session lasts; PARITY=1 adds
@@ -166,13 +166,20 @@ tune() {  # one engine per variant, 128 adapters at 256 streams + base control; 
 
 gpu_check() {  # SmolLM2 on SGLang vs the CPU backend; hot-load, cancel, unload after a cut stream
   python3 scripts/gpu_check.py reference /tmp/check > /tmp/gpu-check.log 2>&1
-  timeout 420 python3 scripts/gpu_check.py run /tmp/check --out /tmp/gpu-check.json --dtypes float16 \
+  timeout 300 python3 scripts/gpu_check.py run /tmp/check --out /tmp/gpu-check.json --dtypes float16 \
     >> /tmp/gpu-check.log 2>&1
 }
 
 app_check() {  # `python app.py` on SGLang (adapters.yaml, shipped adapters): UI and API answer
-  timeout 420 python3 scripts/app_check.py --backend sglang --out /tmp/app-check.json \
+  timeout 300 python3 scripts/app_check.py --backend sglang --out /tmp/app-check.json \
     > /tmp/app-check.log 2>&1
+}
+
+wait_gpu_free() {  # a stopped engine's scheduler dies with its parent, a moment later
+  for _ in $(seq 30); do
+    [ "$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)" -lt 2000 ] && return
+    sleep 2
+  done
 }
 
 benchmarks() {
@@ -180,6 +187,7 @@ benchmarks() {
   # before the 7B engine sizes its pool from what is free
   [ "${GPU_CHECK:-1}" = 1 ] && gpu_check
   [ "${APP_CHECK:-1}" = 1 ] && app_check
+  wait_gpu_free
   # the adapters adapters.yaml serves when parity starts (with FINETUNE=1 it overlaps training:
   # run parity again after it if SmolLM2 adapters were retrained)
   if [ "${PARITY:-0}" = 1 ]; then parity & else touch /tmp/parity.done; fi  # measured: session 4
@@ -194,7 +202,7 @@ benchmarks() {
   wait=(--wait-for /tmp/parity.done)
   [ "${FINETUNE:-0}" = 1 ] && wait+=(--wait-for /tmp/ft/DONE)
   python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out /tmp/bench \
-    --plan "${PLAN:-sweep,evict,http}" --adapters "${ADAPTERS:-128}" --users "${USERS:-256}" "${wait[@]}" \
+    --plan "${PLAN:-sweep,evict,http}" --adapters "${ADAPTERS:-128}" --users "${USERS:-128,256}" "${wait[@]}" \
     --duration "${DURATION:-30}" --warmup 5 --soak-seconds "${SOAK:-600}" \
     --spare-adapter /tmp/synth7b/adapters/lora-135 --evict-rounds 5 \
     --http-users "${HTTP_USERS:-256}" --http-adapters 128 \
