@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 
 import pytest
 
@@ -134,11 +135,18 @@ class Registry:
 
 
 class Dispatcher:
+    """SGLang 0.5.17's sglang.utils.TypeBasedDispatcher: an ordered dict, plus an MRO cache."""
+
     def __init__(self, mapping):
-        self._mapping = mapping
+        self._mapping = OrderedDict(mapping)
+        self._mro_cache = {}
 
     def __call__(self, obj):
-        return next(fn(obj) for kind, fn in self._mapping if isinstance(obj, kind))
+        fn = self._mapping.get(type(obj)) or self._mro_cache.get(type(obj))
+        if fn is None:
+            fn = next(fn for kind, fn in self._mapping.items() if isinstance(obj, kind))
+            self._mro_cache[type(obj)] = fn
+        return fn(obj)
 
 
 class Manager:

@@ -156,6 +156,15 @@ class PendingAdapters:
             del self.adapters[name]
 
 
+def reroute(dispatcher, original, wrapped) -> None:
+    """Point SGLang's TypeBasedDispatcher (an ordered type → method dict) at ``wrapped``."""
+    routes = getattr(dispatcher, "_mapping", {})
+    for kind, fn in routes.items():
+        if fn == original:
+            routes[kind] = wrapped
+    getattr(dispatcher, "_mro_cache", {}).clear()
+
+
 class DroppedRequestRelease:
     """Work around sglang#34205: a dropped LoRA request keeps its adapter busy forever.
 
@@ -178,13 +187,13 @@ class DroppedRequestRelease:
         if not all(hasattr(self.manager, n) for n in (*self.DROPPING, "rid_to_state")):
             log.warning("unknown SGLang TokenizerManager: adapters of dropped requests stay busy")
             return False
-        routes = getattr(getattr(self.manager, "_result_dispatcher", None), "_mapping", [])
+        dispatcher = getattr(self.manager, "_result_dispatcher", None)
         for name in self.DROPPING:
             original = getattr(self.manager, name)
             wrapped = self.wrap(original)
             setattr(self.manager, name, wrapped)
             # the output loop calls _handle_abort_req through a type → method table built at start
-            routes[:] = [(kind, wrapped if fn == original else fn) for kind, fn in routes]
+            reroute(dispatcher, original, wrapped)
         return True
 
     def wrap(self, drop):
