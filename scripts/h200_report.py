@@ -89,6 +89,15 @@ def evict_row(evict: dict, where: str) -> tuple[str, str, str]:
     )
 
 
+def host_evict_row(evict: dict, where: str) -> tuple[str, str, str]:
+    """Fewer adapters in host memory than in the ring: the evicted one comes back from disk."""
+    return (
+        f"adapter evicted from GPU and host memory reloads from disk{where}",
+        f"**{evict['reload_added_ms']:+.1f} ms** ({evict['rounds']} rounds)",
+        "measured: beyond the target, which is GPU eviction (rows above)",
+    )
+
+
 def targets(folder: Path, parity_dir: Path | None) -> list[tuple[str, str, str]]:
     sweep, soak = load(folder / "results.json"), load(folder / "soak.json")
     peft = load(folder / "peft" / "results.json")
@@ -112,6 +121,8 @@ def targets(folder: Path, parity_dir: Path | None) -> list[tuple[str, str, str]]
     for label, path in runs(folder):
         if evict := load(path / "evict.json"):
             rows.append(evict_row(evict, label))
+        for host_evict in sorted((path / "tune").glob("evict-*/evict.json")):
+            rows.append(host_evict_row(load(host_evict), where(folder, host_evict.parent)))
     if soak:
         lost = soak["requests"] - soak["completed"] - soak["cancelled_by_client"] - soak["failed"]
         before, after = soak["before"], soak["after"]
@@ -178,13 +189,21 @@ def http_line(http: dict | None) -> str:
     return "; ".join(parts) + f"; engine process {busy.get('engine_process')} cores busy"
 
 
+def changed_settings(main: dict, variant: dict) -> str:
+    """A tuning variant's name: the engine settings it changes from its session's main sweep."""
+    before, after = main["settings"]["engine"], variant["settings"]["engine"]
+    return ", ".join(f"{k}={v}" for k, v in after.items() if before.get(k) != v) or "same settings"
+
+
 def tuning_rows(folder: Path) -> list[dict]:
     rows, variants = [], []
     for label, path in runs(folder):
-        main = "main sweep (csgmv, CUDA graphs, max_loras_per_batch=128)"
-        variants.append((main + label, load(path / "results.json")))
+        main = load(path / "results.json")
+        name = "main sweep (csgmv, CUDA graphs, max_loras_per_batch=128)"
+        variants.append((name + label, main))
         for tuned in sorted((path / "tune").glob("*/results.json")):
-            variants.append((tuned.parent.name.replace("-", "=", 1) + label, load(tuned)))
+            run = load(tuned)
+            variants.append((changed_settings(main, run) + label, run))
     for name, run in variants:
         points = (run or {}).get("points", {})
         if HEADLINE in points and "u256-a0" in points:

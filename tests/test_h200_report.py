@@ -25,6 +25,10 @@ def test_targets_table_from_the_shipped_results():
     later = json.loads((ROOT / "results" / "h200" / "session5" / "results.json").read_text())
     assert f"**{later['points']['u256-a128']['output_throughput_ratio']:.2f}×**" in text
     assert "chunked_prefill_size=2048 (`session5`)" in text  # a later run's variant, labelled
+    host = ROOT / "results" / "h200" / "session6" / "tune" / "evict-max_loaded_loras-128"
+    added = json.loads((host / "evict.json").read_text())["reload_added_ms"]
+    assert f"from disk (`session6/tune/evict-max_loaded_loras-128`) | **{added:+.1f} ms**" in text
+    assert "| stream_interval=4 (`session6`) |" in text  # named by the setting it changes
     assert (ROOT / "results" / "h200" / "targets.md").read_text() == text  # regenerated
 
 
