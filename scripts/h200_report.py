@@ -192,7 +192,8 @@ def http_line(http: dict | None) -> str:
 def changed_settings(main: dict, variant: dict) -> str:
     """A tuning variant's name: the engine settings it changes from its session's main sweep."""
     before, after = main["settings"]["engine"], variant["settings"]["engine"]
-    return ", ".join(f"{k}={v}" for k, v in after.items() if before.get(k) != v) or "same settings"
+    changed = [f"{k}={json.dumps(v)}" for k, v in after.items() if before.get(k) != v]
+    return ", ".join(changed).replace('"', "") or "same settings"
 
 
 def tuning_rows(folder: Path) -> list[dict]:
