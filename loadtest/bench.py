@@ -269,14 +269,16 @@ def http_report(direct_dir: Path, http_dir: Path) -> dict:
             row[f"http_{metric}"], row[f"direct_{metric}"] = h.get(metric), d.get(metric)
             both = h.get(metric) is not None and d.get(metric)
             row[f"{metric}_http_over_direct"] = h[metric] / d[metric] if both else None
-        row["http_failures"] = h.get("failures")
-        row["server_cpu_cores"], row["client_cpu_cores"] = (
-            h.get("server_cpu_cores"),
-            h.get("client_cpu_cores"),
+        rows.append(
+            row
+            | {
+                "http_failures": h.get("failures"),
+                "server_cpu_cores": h.get("server_cpu_cores"),
+                "client_cpu_cores": h.get("client_cpu_cores"),
+                "http_output_throughput_vs_base": h.get("output_throughput_ratio"),
+                "http_ttft_p50_vs_base": h.get("ttft_p50_ratio"),
+            }
         )
-        row["http_output_throughput_vs_base"] = h.get("output_throughput_ratio")
-        row["http_ttft_p50_vs_base"] = h.get("ttft_p50_ratio")
-        rows.append(row)
     return {"points": rows}
 
 

@@ -3,7 +3,8 @@
     python scripts/h200_report.py results/h200 --parity results/parity-sglang
 
 Reads the sweep (``results.json``), ``evict.json``, ``soak.json``, the peft baseline
-(``peft/results.json``), the tuning variants (``tune/*/results.json``), later runs' sweeps,
+(``peft/results.json``), the tuning variants (``tune/*/results.json``; an evict test run as a
+variant, ``tune/*/evict.json``, is one with fewer adapters in host memory), later runs' sweeps,
 evict tests and tuning variants (``session*/``), the HTTP comparisons
 (``**/http/compare.json``) where they exist, and the SGLang-vs-CPU parity (``parity.json``,
 ``margins.json``). Writes ``targets.md`` into the results folder. Every ratio is taken inside one
@@ -121,7 +122,7 @@ def targets(folder: Path, parity_dir: Path | None) -> list[tuple[str, str, str]]
     for label, path in runs(folder):
         if evict := load(path / "evict.json"):
             rows.append(evict_row(evict, label))
-        for host_evict in sorted((path / "tune").glob("evict-*/evict.json")):
+        for host_evict in sorted((path / "tune").glob("*/evict.json")):
             rows.append(host_evict_row(load(host_evict), where(folder, host_evict.parent)))
     if soak:
         lost = soak["requests"] - soak["completed"] - soak["cancelled_by_client"] - soak["failed"]
