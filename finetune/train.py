@@ -1,8 +1,14 @@
 """QLoRA fine-tuning of one task adapter (or all five) on the base model.
 
-    python -m finetune.train --task sentiment              # → adapters/sentiment + training.json
-    python -m finetune.train --task all --steps 300        # every task, registered in adapters.yaml
-    python -m finetune.train --task spam --resume          # continue from the last checkpoint
+    python -m finetune.train --task sentiment         # → out/adapters/smollm2/sentiment
+    python -m finetune.train --task all --steps 300   # every task, registered in out/adapters.yaml
+    python -m finetune.train --task spam --resume     # continue from the last checkpoint
+    python -m finetune.train --task all --publish     # into adapters/smollm2/ and adapters.yaml
+
+Without ``--publish`` nothing in the repository is overwritten: adapters and their registry go
+to the working directory (``$LORALAND_WORK``, default ``out/``), served with
+``python app.py --config out/adapters.yaml``. A checkpoint is saved every ``--save-every`` steps
+or ``--save-minutes`` minutes, whichever comes first, so a stopped run resumes.
 
 The base is loaded 4-bit NF4 with bitsandbytes (compute in bf16 on GPU, fp32 on CPU) and a peft
 LoRA is trained on the answer tokens only. Defaults follow the LoRA Land report: rank 8 on
@@ -25,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from engine.base_model import PACKAGED, display_name, resolve_base
+from engine.paths import work_dir
 
 from .data import load_split
 from .registry_update import register_adapter
@@ -50,6 +57,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 50
     save_every: int = 100
+    save_minutes: float = 2.0
     base: str = "smollm2"
 
 
@@ -185,7 +193,7 @@ def train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool = Fals
         start, history = state["step"], state["history"]
     order = random.Random(cfg.seed + start)
     model.train()
-    began = time.perf_counter()
+    began = last_save = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), desc=f"train {cfg.task}", initial=start, total=cfg.steps)
     for step in bar:
         batch = collate(order.sample(train_rows, cfg.batch_size), pad, device)
@@ -200,8 +208,12 @@ def train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool = Fals
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             history[-1]["val_loss"] = round(validation_loss(model, val_rows, pad, device, 16), 4)
             bar.write(f"step {step + 1}: val loss {history[-1]['val_loss']}")
-        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+        due = (
+            step + 1
+        ) % cfg.save_every == 0 or time.perf_counter() > last_save + 60 * cfg.save_minutes
+        if due and step + 1 < cfg.steps:
             save_checkpoint(model, optimizer, scheduler, step + 1, history, checkpoint)
+            last_save = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - began
@@ -243,12 +255,13 @@ def save_adapter(model, out: Path, base_name: str) -> None:
     (out / "README.md").unlink(missing_ok=True)
 
 
-def default_layout(base: str) -> tuple[Path, Path]:
-    """Where adapters of this base live and which registry serves them."""
-    if base == "smollm2":
-        return ROOT / "adapters", ROOT / "adapters.yaml"
+def default_layout(base: str, publish: bool) -> tuple[Path, Path]:
+    """Where adapters of this base go and which registry serves them: the repository's shipped
+    ones with ``publish``, else the working directory's."""
+    root = ROOT if publish else work_dir()
     slug = Path(base).name
-    return ROOT / "adapters" / slug, ROOT / f"adapters-{slug}.yaml"
+    registry = "adapters.yaml" if base == "smollm2" else f"adapters-{slug}.yaml"
+    return root / "adapters" / slug, root / registry
 
 
 def device_name(device: torch.device) -> str:
@@ -260,8 +273,10 @@ def device_name(device: torch.device) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", required=True, choices=[*TASKS, "all"])
-    parser.add_argument("--out-dir", type=Path, help="default: adapters/ (smollm2), adapters/BASE/")
-    parser.add_argument("--config", type=Path, help="default: adapters.yaml, adapters-BASE.yaml")
+    parser.add_argument("--out-dir", type=Path, help="default: out/adapters/BASE/")
+    parser.add_argument("--config", type=Path, help="default: out/adapters.yaml (smollm2)")
+    publish_help = "write into the repository: adapters/BASE/ and adapters.yaml"
+    parser.add_argument("--publish", action="store_true", help=publish_help)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-register", action="store_true", help="leave adapters.yaml alone")
@@ -269,7 +284,8 @@ def main() -> None:
         "--register-only", action="store_true", help="register trained adapters only"
     )
     defaults = TrainConfig(task="sentiment")
-    for name in ("steps", "batch_size", "lr", "rank", "alpha", "max_len", "max_train", "seed"):
+    tunable = ("steps", "batch_size", "lr", "rank", "alpha", "max_len", "max_train", "seed")
+    for name in (*tunable, "save_every", "save_minutes"):
         value = getattr(defaults, name)
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--targets", nargs="+", default=defaults.targets)
@@ -279,7 +295,7 @@ def main() -> None:
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
-    out_dir, config = default_layout(args.base)
+    out_dir, config = default_layout(args.base, args.publish)
     args.out_dir, args.config = args.out_dir or out_dir, args.config or config
     names = list(TASKS) if args.task == "all" else [args.task]
     for name in names:
@@ -289,7 +305,8 @@ def main() -> None:
         cfg = TrainConfig(
             task=name, steps=args.steps, batch_size=args.batch_size, lr=args.lr, rank=args.rank,
             alpha=args.alpha, max_len=args.max_len, max_train=args.max_train, seed=args.seed,
-            targets=args.targets, quant=args.quant, base=args.base,
+            targets=args.targets, quant=args.quant, base=args.base, save_every=args.save_every,
+            save_minutes=args.save_minutes,
         )  # fmt: skip
         out = args.out_dir / name
         report = train(cfg, out, device, resume=args.resume)

@@ -27,7 +27,7 @@ runs ``loadtest.sweep`` (Locust, another process) at ``--http-users`` × ``--htt
 the clients burned, to tell whether the HTTP layer is the bottleneck.
 
 Throughput is measured in the steady window (after ``--warmup``, until the clients stop),
-counting the tokens of requests cut off at the end too (``loadtest._stats.summarize``).
+counting the tokens of requests cut off at the end too (``loadtest.stats.summarize``).
 """
 
 from __future__ import annotations
@@ -45,8 +45,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# `locust -f loadtest/` imports every module here as a locustfile, outside the package: the
-# engine and package imports stay inside the functions (as in sweep.py).
+import uvicorn
+
+from engine import GenerationRequest, SamplingParams, build_engine
+from engine.api import create_api
+from engine.registry import load_registry, with_overrides
+from loadtest.procs import CpuMeter, gpu_memory_mib
+from loadtest.report import (
+    describe,
+    evict_markdown,
+    http_markdown,
+    http_report,
+    soak_markdown,
+    write_outputs,
+)
+from loadtest.stats import WORDS, parse_range, point_key, ratios, summarize
 
 
 @dataclass
@@ -60,9 +73,6 @@ class Traffic:
     records: list[dict] = field(default_factory=list)
 
     def request(self, rng: random.Random):
-        from engine import GenerationRequest, SamplingParams
-        from loadtest._stats import WORDS
-
         words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*self.prompt_words)))
         params = SamplingParams(max_tokens=rng.randint(*self.output_tokens), ignore_eos=True)
         return GenerationRequest(
@@ -129,9 +139,6 @@ async def closed_loop(engine, traffic: Traffic, users: int, seconds: float) -> l
 
 
 async def sweep(engine, args, names: list[str]) -> dict:
-    from loadtest._stats import ratios, summarize
-    from loadtest.sweep import CpuMeter, describe, point_key, write_outputs
-
     out = Path(args.out)
     results = {"settings": settings_of(args, engine), "points": {}}
     grid = [(u, a) for u in args.users for a in [0, *args.adapters]]
@@ -155,21 +162,9 @@ async def sweep(engine, args, names: list[str]) -> dict:
     return results
 
 
-def evict_markdown(report: dict) -> str:
-    ms = {k: round(v * 1000, 1) for k, v in report["ttft_p50_s"].items()}
-    return (
-        f"### Evicted-adapter reload: {report['ring']} adapters cycled through "
-        f"{report['gpu_slots']} GPU slots, {report['rounds']} rounds\n\n"
-        "| TTFT p50 (ms) | base | adapter resident on the GPU | adapter evicted, reloaded | "
-        "added by the reload |\n|---|---|---|---|---|\n"
-        f"| | {ms['base']} | {ms['resident']} | {ms['reloaded']} | "
-        f"{report['reload_added_ms']:+.1f} ms |\n"
-    )
-
-
 async def evict(engine, args, names: list[str]) -> dict:
     """TTFT of a resident adapter vs one evicted from the GPU pool since its last use."""
-    slots = getattr(getattr(engine, "settings", None), "max_loras_per_batch", None)
+    slots = engine.adapter_slots()
     ring = names[: (slots or 8) + 4]
     rng = random.Random(1)
     traffic = Traffic([None], args.prompt_words, (8, 8))
@@ -204,10 +199,6 @@ async def evict(engine, args, names: list[str]) -> dict:
 
 async def serve_in_process(engine, registry, port: int):
     """The OpenAI-compatible API over this very engine (uvicorn on this event loop)."""
-    import uvicorn
-
-    from engine.server import create_api
-
     config = uvicorn.Config(create_api(engine, registry), port=port, log_level="warning")
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
@@ -230,8 +221,6 @@ async def http(engine, args, names: list[str], registry) -> dict:
         "--output-tokens", "-".join(map(str, args.output_tokens)), "--out", str(out),
         "--server-pid", str(os.getpid()),
     ]  # fmt: skip
-    from loadtest.sweep import CpuMeter
-
     meter = CpuMeter(os.getpid())  # this process (API + engine) and Locust, a finished child
     try:  # a thread, not asyncio's subprocess API: SGLang swaps in uvloop's policy, which has
         # no child watcher for the loop asyncio.run made before
@@ -253,102 +242,8 @@ async def http(engine, args, names: list[str], registry) -> dict:
     return report
 
 
-def points_of(folder: Path) -> dict:
-    path = folder / "results.json"
-    return json.loads(path.read_text())["points"] if path.exists() else {}
-
-
-def http_report(direct_dir: Path, http_dir: Path) -> dict:
-    """HTTP vs direct at the points both measured (this run's sweep, same engine)."""
-    direct, over_http = points_of(direct_dir), points_of(http_dir)
-    rows = []
-    for key, h in sorted(over_http.items(), key=lambda kv: (kv[1]["users"], kv[1]["adapters"])):
-        d = direct.get(key, {})
-        row = {"users": h["users"], "adapters": h["adapters"]}
-        for metric in ("output_throughput", "ttft_p50", "itl_p50"):
-            row[f"http_{metric}"], row[f"direct_{metric}"] = h.get(metric), d.get(metric)
-            both = h.get(metric) is not None and d.get(metric)
-            row[f"{metric}_http_over_direct"] = h[metric] / d[metric] if both else None
-        rows.append(
-            row
-            | {
-                "http_failures": h.get("failures"),
-                "server_cpu_cores": h.get("server_cpu_cores"),
-                "client_cpu_cores": h.get("client_cpu_cores"),
-                "http_output_throughput_vs_base": h.get("output_throughput_ratio"),
-                "http_ttft_p50_vs_base": h.get("ttft_p50_ratio"),
-            }
-        )
-    return {"points": rows}
-
-
-def http_markdown(report: dict) -> str:
-    from loadtest.sweep import cell
-
-    lines = [
-        "| users | adapters | HTTP tok/s | direct tok/s | HTTP ÷ direct | HTTP TTFT p50 ms | "
-        "direct TTFT p50 ms | HTTP × base (tok/s) | HTTP × base (TTFT) | failed | "
-        "cores busy: engine process | cores busy: Locust |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report["points"]:
-        lines.append(
-            f"| {r['users']} | {r['adapters'] or 'base'} | {cell(r['http_output_throughput'])} | "
-            f"{cell(r['direct_output_throughput'])} | "
-            f"{cell(r['output_throughput_http_over_direct'], digits=2)} | "
-            f"{cell(r['http_ttft_p50'], 1000)} | {cell(r['direct_ttft_p50'], 1000)} | "
-            f"{cell(r['http_output_throughput_vs_base'], digits=2)} | "
-            f"{cell(r['http_ttft_p50_vs_base'], digits=2)} | {r['http_failures']} | "
-            f"{cell(r.get('server_cpu_cores'), digits=2)} | "
-            f"{cell(r.get('client_cpu_cores'), digits=2)} |"
-        )
-    busy = report.get("cpu_cores_busy", {})
-    lines.append(
-        f"\nCPU cores busy over the whole step: engine process (API + SGLang's tokenizer manager) "
-        f"{busy.get('engine_process')}, Locust clients {busy.get('locust_clients')}."
-    )
-    return "\n".join(lines) + "\n"
-
-
-def process_tree(root: int) -> set[int]:
-    """``root`` and its descendants (SGLang's scheduler and detokenizer are child processes)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    tree, grew = {root}, True
-    while grew:
-        more = {pid for pid, parent in parents.items() if parent in tree} - tree
-        tree |= more
-        grew = bool(more)
-    return tree
-
-
-def gpu_memory_mib() -> int | None:
-    """GPU memory held by this process and its children (other jobs on the GPU excluded)."""
-    try:
-        done = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if done.returncode:
-        return None
-    ours = process_tree(os.getpid())
-    rows = [line.split(",") for line in done.stdout.splitlines() if line.strip()]
-    return sum(int(mib) for pid, mib in rows if int(pid) in ours)
-
-
 def occupancy(engine) -> dict:
-    stats = engine.stats()
-    inner = getattr(getattr(engine, "engine", None), "tokenizer_manager", None)
-    if inner is not None:
-        stats["sglang_open_requests"] = len(inner.rid_to_state)
-    return {**stats, "gpu_memory_mib": gpu_memory_mib()}
+    return {**engine.stats(), "gpu_memory_mib": gpu_memory_mib()}
 
 
 async def settle(engine, seconds: float = 30) -> None:
@@ -381,8 +276,6 @@ async def soak(engine, args, names: list[str]) -> dict:
                                 "error": "lost: no end within 300 s"})  # fmt: skip
 
     async def hotloader() -> None:
-        from engine import GenerationRequest, SamplingParams
-
         spare = Path(args.spare_adapter) if args.spare_adapter else None
         while spare and time.perf_counter() + args.hotload_every < deadline:
             await asyncio.sleep(args.hotload_every)
@@ -424,29 +317,11 @@ async def soak(engine, args, names: list[str]) -> dict:
     return report
 
 
-def soak_markdown(report: dict) -> str:
-    """The soak's verdict as a table (the app's Benchmarks tab shows it)."""
-    before, after = report["before"], report["after"]
-    hot = report["hotloads"]
-    return (
-        f"### Soak: {report['streams']} streams over {report['adapters']} adapters, "
-        f"{report['seconds'] / 60:.0f} min\n\n"
-        "| requests | completed | left by the client | failed or lost | hot-load/use/unload |\n"
-        "|---|---|---|---|---|\n"
-        f"| {report['requests']} | {report['completed']} | {report['cancelled_by_client']} | "
-        f"{report['failed']} | {sum(h['ok'] for h in hot)}/{len(hot)} ok |\n\n"
-        "| | running | GPU memory of the engine (MiB) |\n|---|---|---|\n"
-        f"| before | {before.get('running')} | {before.get('gpu_memory_mib')} |\n"
-        f"| after | {after.get('running')} | {after.get('gpu_memory_mib')} |\n"
-    )
-
-
 def settings_of(args, engine) -> dict:
-    settings = getattr(engine, "settings", None)
     return {
         "command": "python -m loadtest.bench " + " ".join(sys.argv[1:]),
         "backend": engine.backend,
-        "engine": settings.model_dump() if hasattr(settings, "model_dump") else None,
+        "engine": engine.settings.model_dump(),
         "duration": args.duration,
         "warmup": args.warmup,
     }
@@ -470,9 +345,6 @@ async def wait_for_file(path: Path) -> None:
 
 
 async def run(args) -> None:
-    from engine import build_engine
-    from engine.registry import load_registry, with_overrides
-
     registry = load_registry(args.config)
     if args.backend == "hf":
         registry.engine.hf = with_overrides(registry.engine.hf, args.set)
@@ -500,8 +372,6 @@ async def run(args) -> None:
 
 
 def main() -> None:
-    from loadtest._stats import parse_range
-
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="adapters.yaml to serve")

@@ -1,17 +1,17 @@
 """How many streamed tokens per second the HTTP path carries with no model behind it.
 
     python -m loadtest.http_ceiling --target client --users 32,128,256 --token-gap-ms 11 \
-        --out results/http-ceiling/client-gap-11ms
+        --out results/serving/http-ceiling/client-gap-11ms
     python -m loadtest.http_ceiling --target api --users 32,128,256 --token-gap-ms 11 \
-        --out results/http-ceiling/api-gap-11ms
+        --out results/serving/http-ceiling/api-gap-11ms
 
 Runs ``loadtest.sweep`` (the Locust user of every HTTP benchmark) against a server in its own
 process that streams ``max_tokens`` chunks per request, at once or one per ``--token-gap-ms``
 step (a GPU's inter-token latency: each chunk then reaches the client in its own read, as from
 a real engine). ``--target client``: a minimal ASGI app sending the bytes our API sends, so the
-point's ceiling is the Locust client's. ``--target api``: our own API (``engine.server``, as
+point's ceiling is the Locust client's. ``--target api``: our own API (``engine.api``, as
 ``python app.py`` serves it, for the adapters of ``adapters.yaml``) over ``NoModelEngine``
-(``loadtest/_no_model.py``), which gives every open stream one token per step like a GPU batch
+(``loadtest/no_model.py``), which gives every open stream one token per step like a GPU batch
 step, so the ceiling is the API's own cost per token. Each point records its output tok/s with
 the Locust and server cores busy: an HTTP benchmark of a real engine reading near these ceilings
 measures the HTTP path, not the GPU.
@@ -26,6 +26,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import uvicorn
+
+from engine.api import create_api
+from engine.api.protocol import completion_payload, sse
+from engine.paths import work_dir
+from engine.registry import load_registry
+from loadtest.no_model import NoModelEngine
+from loadtest.procs import start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"object": "list", "data": [{"id": "base"}, {"id": "a1", "parent": "base"}]}
@@ -74,8 +83,6 @@ async def paced(parts):
 
 
 def events(request: dict):
-    from engine.server import completion_payload, sse  # `locust -f loadtest/` imports this file
-
     kind, rid, model, created = "chat.completion.chunk", "chatcmpl-ceiling", request["model"], 0
     tokens = int(request.get("max_tokens", 16))
     for i in range(tokens):
@@ -92,12 +99,6 @@ def events(request: dict):
 
 def serve_api(port: int, gap_s: float) -> None:
     """Our API for the adapters of adapters.yaml, over ``NoModelEngine`` (``--target api``)."""
-    import uvicorn
-
-    from engine.registry import load_registry
-    from engine.server import create_api
-    from loadtest._no_model import NoModelEngine
-
     registry = load_registry(ROOT / "adapters.yaml")
     base = registry.base.name or Path(registry.base.model).name
     engine = NoModelEngine(base, [a.name for a in registry.adapters], gap_s)
@@ -112,8 +113,6 @@ def start_ceiling_server(target: str, port: int, token_gap_ms: float) -> subproc
             sys.executable, "-m", "uvicorn", "loadtest.http_ceiling:app", "--port", str(port),
             "--lifespan", "off", "--log-level", "warning",
         ]  # fmt: skip
-    from loadtest.sweep import start_server
-
     env = os.environ | {"CEILING_TOKEN_GAP_MS": str(token_gap_ms)}
     return start_server(cmd, f"http://127.0.0.1:{port}/v1/models", timeout_s=120, env=env)
 
@@ -127,7 +126,7 @@ def main() -> None:
     parser.add_argument("--output-tokens", default="90-110")
     parser.add_argument("--token-gap-ms", type=float, default=0, help="pause between chunks")
     parser.add_argument("--port", type=int, default=8791)
-    parser.add_argument("--out", default=str(ROOT / "results" / "http-ceiling"))
+    parser.add_argument("--out", default=str(work_dir() / "http-ceiling"))
     parser.add_argument("--serve-api", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_api:

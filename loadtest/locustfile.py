@@ -17,13 +17,11 @@ import json
 import random
 import threading
 import time
+from pathlib import Path
 
 from locust import HttpUser, LoadTestShape, constant, events, task
 
-try:
-    from loadtest._stats import WORDS, parse_range, zipf_weights
-except ImportError:  # `locust -f loadtest/` imports this file with its own folder on sys.path
-    from _stats import WORDS, parse_range, zipf_weights
+from loadtest.stats import WORDS, parse_range, zipf_weights
 
 STATE: dict = {"adapters": [], "base": None, "weights": None, "lock": threading.Lock()}
 
@@ -35,7 +33,7 @@ OPTIONS = [
     ("--prompt-words", str, "90-110", "prompt length in words: N or LOW-HIGH"),
     ("--output-tokens", str, "90-110", "max_tokens per request: N or LOW-HIGH"),
     ("--ignore-eos", str, "true", "true | false: generate exactly max_tokens"),
-    ("--raw-out", str, "loadtest-raw.jsonl", "JSONL file of raw per-request measurements"),
+    ("--raw-out", str, "out/locust-raw.jsonl", "JSONL file of raw per-request measurements"),
     ("--steps", str, "", "step the users through these counts, e.g. 1,8,32,64,128,256"),
     ("--step-seconds", float, 30.0, "how long each step holds"),
     ("--seed", int, 0, "seed of prompts and adapter choice"),
@@ -71,7 +69,8 @@ def discover_models(environment, **_):
     if options.distribution == "zipf" and chosen:
         weights = zipf_weights(len(chosen), options.zipf_s)
     STATE.update(adapters=chosen, base=base, weights=weights)
-    open(options.raw_out, "a").close()
+    Path(options.raw_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(options.raw_out).touch()
 
 
 def request_sizes(options, rng: random.Random) -> tuple[str, int]:

@@ -2,7 +2,7 @@
 
     python -m finetune.evaluate --limit 50 --out /tmp/cpu                       # CPU backend
     python3 -m finetune.evaluate --backend sglang --dtype float16 --out $OUT/q  # on the GPU
-    python scripts/parity.py /tmp/cpu results/gpu/parity-run --first 50 --out results/gpu \
+    python scripts/parity.py /tmp/cpu /tmp/gpu --first 50 --out /tmp/parity \
         --margins adapters.yaml      # + why each mismatch happened (the reference model, CPU)
 
 Reads both runs' ``outputs.jsonl`` and compares, per task and model (base / adapter), the token

@@ -7,9 +7,9 @@ import json
 import time
 
 import pytest
+from helpers import make_peft_adapter
 
 from engine.base_model import resolve_base
-from engine.random_adapter import make_peft_adapter
 
 LORA_SETS = {
     "alpha": {"r": 8, "target_modules": ["q_proj", "v_proj"], "seed": 1},

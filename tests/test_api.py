@@ -8,7 +8,7 @@ import shutil
 import httpx
 import pytest
 
-from engine.server import create_api
+from engine.api import create_api
 
 BASE = "SmolLM2-135M-Instruct"
 TOKEN = "s3cret"

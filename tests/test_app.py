@@ -106,27 +106,38 @@ def test_browser_picks_an_adapter_runs_and_sees_both_panels(hf_engine, registry_
     assert shot.stat().st_size > 10_000
 
 
-def test_benchmarks_tab_shows_sweeps_and_soak_reports(tmp_path):
+def test_benchmarks_tab_shows_what_the_manifest_publishes_in_its_order(tmp_path):
     import gradio as gr
 
     from app import benchmarks_tab
 
-    (tmp_path / "loadtest-a").mkdir()
-    (tmp_path / "loadtest-a" / "summary.md").write_text("| users | adapters |\n![x](x.png)")
-    (tmp_path / "h200").mkdir()
-    (tmp_path / "h200" / "soak.md").write_text("### Soak: 256 streams")
+    for name in ("sweep-a", "h200", "unlisted"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "sweep-a" / "summary.md").write_text("| users | adapters |\n![x](x.png)")
     (tmp_path / "h200" / "targets.md").write_text("### Issue #6 targets")
-    (tmp_path / "h200" / "session5").mkdir()  # a later run beside the first
-    (tmp_path / "h200" / "session5" / "evict.md").write_text("### Evicted-adapter reload")
-    (tmp_path / "analysis").mkdir()  # neither report: not a benchmark
+    (tmp_path / "h200" / "soak.md").write_text("### Soak: 256 streams")
+    (tmp_path / "unlisted" / "summary.md").write_text("left by a run, not published")
+    (tmp_path / "published.yaml").write_text(
+        "- {folder: h200, title: The H200 run, reports: [targets.md, soak.md]}\n"
+        "- {folder: sweep-a, title: A sweep, reports: [summary.md]}\n"
+    )
     with gr.Blocks() as demo:
         benchmarks_tab(tmp_path)
     texts = [b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown)]
-    h200 = next(t for t in texts if "## h200" in t)
-    assert h200.index("Issue #6 targets") < h200.index("Soak: 256 streams")
-    assert any("## loadtest-a" in t and "![x]" not in t for t in texts)
-    assert not any("analysis" in t for t in texts)
-    assert any("## h200/session5" in t and "Evicted-adapter reload" in t for t in texts)
+    assert [t.splitlines()[0] for t in texts] == ["## The H200 run", "## A sweep"]
+    assert texts[0].index("Issue #6 targets") < texts[0].index("Soak: 256 streams")
+    assert "![x]" not in texts[1]
+    assert not any("left by a run" in t for t in texts)
+
+
+def test_every_published_folder_report_and_plot_exists():
+    from app import RESULTS, published
+
+    entries = published()
+    assert entries, "results/published.yaml lists nothing"
+    for entry in entries:
+        for name in [*entry.reports, *entry.plots]:
+            assert (RESULTS / entry.folder / name).is_file(), f"{entry.folder}/{name}"
 
 
 def test_python_app_py_serves_ui_and_api_as_the_readme_starts_it(tmp_path):

@@ -220,7 +220,7 @@ def test_a_stuck_batch_stops_the_evaluation_with_an_error_naming_it():
 def test_class_recall_counts_each_class_from_stored_outputs(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("class_recall", ROOT / "scripts/class_recall.py")
+    spec = importlib.util.spec_from_file_location("class_recall", ROOT / "lab/class_recall.py")
     class_recall = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(class_recall)
     targets = [e["target"] for e in load_split("spam", "test")[:6]]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest._stats import parse_range, percentile, ratios, summarize, zipf_weights
+from loadtest.stats import parse_range, percentile, ratios, summarize, zipf_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def test_ranges_and_zipf():
 def test_headless_locust_run_writes_raw_file_and_custom_ttft(hf_engine, registry_for, tmp_path):
     from conftest import LiveServer
 
-    from engine.server import create_api
+    from engine.api import create_api
 
     live = LiveServer(create_api(hf_engine, registry_for))
     raw = tmp_path / "raw.jsonl"

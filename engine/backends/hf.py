@@ -32,7 +32,7 @@ from ..text import TextStream, end_of_turn_ids, prompt_token_ids
 from .common import check_context, check_loadable
 
 log = logging.getLogger(__name__)
-BASE_ROW = "__base__"
+PEFT_BASE_ROW = "__base__"  # peft's adapter_names entry for a row that uses no adapter
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Row:
 
     @property
     def adapter_key(self) -> str:
-        return self.request.adapter or BASE_ROW
+        return self.request.adapter or PEFT_BASE_ROW
 
     def send(self, item: Chunk | Exception) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -87,7 +87,8 @@ class HFEngine(Engine):
         self.base_dir = base_dir
         self.base_model_id = base_model_id
         self.chat_template = chat_template
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = device_label(self.torch_device)
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -96,7 +97,7 @@ class HFEngine(Engine):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(
             base_dir, dtype=self.resolve_dtype(dtype)
-        ).to(self.device)
+        ).to(self.torch_device)
         self.model.eval()
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.eos_ids = self.find_eos_ids()
@@ -117,7 +118,7 @@ class HFEngine(Engine):
 
     def resolve_dtype(self, dtype: str) -> torch.dtype:
         if dtype == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
         return getattr(torch, dtype)
 
     def find_eos_ids(self) -> set[int]:
@@ -132,9 +133,9 @@ class HFEngine(Engine):
         return sorted(self.names)
 
     def attach_adapter(self, name: str, path: str) -> None:
+        """Load into the PeftModel; the caller checked it fits (at start, or on hot-load)."""
         from peft import PeftModel
 
-        check_loadable(name, Path(path), set(self.adapter_paths), self.base_dir)
         if not self.names:
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
         else:
@@ -154,6 +155,7 @@ class HFEngine(Engine):
         self.adapter_paths.pop(name, None)
 
     async def load_adapter(self, name: str, path: str) -> None:
+        check_loadable(name, Path(path), set(self.adapter_paths), self.base_dir)
         await self.control("load", name, path)
 
     async def unload_adapter(self, name: str) -> None:
@@ -305,8 +307,8 @@ class HFEngine(Engine):
         pad = self.tokenizer.pad_token_id
         ids = [[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows]
         mask = [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows]
-        input_ids = torch.tensor(ids, device=self.device)
-        mask = torch.tensor(mask, device=self.device)
+        input_ids = torch.tensor(ids, device=self.torch_device)
+        mask = torch.tensor(mask, device=self.torch_device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self.forward(rows, input_ids, mask, positions, DynamicCache())
         return Batch(rows, cache, mask, self.sample_and_emit(rows, logits))
@@ -324,7 +326,7 @@ class HFEngine(Engine):
         tokens = [sample(logits[i], row.request.params, row.rng) for i, row in enumerate(rows)]
         for row, token in zip(rows, tokens):
             self.emit(row, token)
-        return torch.tensor(tokens, device=self.device).unsqueeze(-1)
+        return torch.tensor(tokens, device=self.torch_device).unsqueeze(-1)
 
     def emit(self, row: Row, token: int) -> None:
         row.clock.token()
@@ -353,6 +355,10 @@ class HFEngine(Engine):
         if len(keep) == len(self.batch.rows):
             return
         self.batch = select_rows(self.batch, keep) if keep else None
+
+
+def device_label(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def sample(logits: torch.Tensor, params, rng: torch.Generator | None) -> int:

@@ -242,6 +242,7 @@ class SGLangEngine(Engine):
         chat_template: bool = True,
     ):
         import sglang
+        import torch
         from transformers import AutoConfig, AutoTokenizer
 
         if dtype == "float32":
@@ -255,8 +256,6 @@ class SGLangEngine(Engine):
         config = AutoConfig.from_pretrained(base_dir)
         self.context = int(getattr(config, "max_position_embeddings", 2048))
         adapters = dict(adapters or {})
-        for name, path in adapters.items():
-            check_loadable(name, Path(path), set(), base_dir)
         self.names = set(adapters)
         self.adapter_paths = dict(adapters)
         kwargs = engine_kwargs(self.settings, base_dir, adapters, dtype)
@@ -267,9 +266,13 @@ class SGLangEngine(Engine):
         DroppedRequestRelease(self.engine.tokenizer_manager).install()
         self.pending = PendingAdapters(dict(list(adapters.items())[len(kwargs["lora_paths"]) :]))
         self.running = 0
+        self.device = torch.cuda.get_device_name(0)
 
     def adapters(self) -> list[str]:
         return sorted(self.names)
+
+    def adapter_slots(self) -> int:
+        return self.settings.max_loras_per_batch
 
     async def load_into_sglang(self, name: str, path: str) -> None:
         result = await self.engine.async_load_lora_adapter(name, str(path))
@@ -332,7 +335,12 @@ class SGLangEngine(Engine):
                 self.engine.tokenizer_manager.abort_request(request.request_id)
 
     def stats(self) -> dict:
-        return {"running": self.running, "queued": 0, "adapters_loaded": len(self.names)}
+        return {
+            "running": self.running,
+            "queued": 0,
+            "adapters_loaded": len(self.names),
+            "sglang_open_requests": len(self.engine.tokenizer_manager.rid_to_state),
+        }
 
     async def shutdown(self) -> None:
         self.engine.shutdown()

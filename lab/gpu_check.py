@@ -1,9 +1,9 @@
 """SGLang backend on a GPU vs the CPU backend: same adapters, same prompts, greedy tokens compared.
 
 On the CPU machine (makes two random peft adapters and the CPU backend's greedy reference):
-    python scripts/gpu_check.py reference .gpu/check
+    python lab/gpu_check.py reference .gpu/check
 On the GPU machine (with the offline SGLang runtime on PYTHONPATH):
-    python scripts/gpu_check.py run .gpu/check --out $OUT/gpu_check.json
+    python lab/gpu_check.py run .gpu/check --out $OUT/gpu_check.json
 
 The run starts ``SGLangEngine`` with both adapters, streams one completion per adapter and the
 base, sends a mixed batch (alpha, beta, base, ...) at once, and compares every row's greedy tokens
@@ -67,7 +67,7 @@ async def run_all(engine, one_by_one: bool) -> tuple[dict[str, list[int]], float
 
 def make_reference(folder: Path) -> None:
     from engine.backends.hf import HFEngine
-    from engine.random_adapter import make_peft_adapter
+    from tests.helpers import make_peft_adapter
 
     base = resolve_base("smollm2")
     dirs = {n: make_peft_adapter(base, folder / "adapters" / n, **s) for n, s in ADAPTERS.items()}

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Train every task adapter on each base with one recipe — all in parallel processes on one GPU —
 # then evaluate base vs fine-tuned on the full test splits through the engine (HF backend).
-#   BASES="smollm2 gemma3-270m" STEPS=300 BATCH=16 LR=5e-4 OUT=/tmp/ft bash scripts/gpu_finetune.sh
+#   BASES="smollm2 gemma3-270m" STEPS=300 BATCH=16 LR=5e-4 OUT=/tmp/ft bash lab/gpu_finetune.sh
 #   TASKS_smollm2=address  # per base: train only these tasks on SmolLM2
 #   TASKS=address ARGS_address="--rank 16 --alpha 32 --targets q_proj k_proj v_proj o_proj \
-#     gate_proj up_proj down_proj --steps 600" bash scripts/gpu_finetune.sh   # one task, own recipe
+#     gate_proj up_proj down_proj --steps 600" bash lab/gpu_finetune.sh   # one task, own recipe
 # Expects the packaged GGUFs importable (PYTHONPATH), bitsandbytes, and the task splits in
 # $LORALAND_DATA (python -m finetune.data). Writes logs, quality-BASE/ and adapters.tar to $OUT,
 # then touches $OUT/DONE.

@@ -1,8 +1,8 @@
 """Does a QLoRA adapter score better on the 4-bit base it was trained against than on the
 full-precision base the engine serves? Greedy peft ``generate`` on the first N test examples.
 
-    python scripts/qlora_base_check.py --task address --adapter adapters/address --n 16 \
-        --out results/finetune/address-4bit-check/result.json
+    python lab/qlora_base_check.py --task address --adapter adapters/smollm2/address --n 16 \
+        --out results/finetune/checks/address-4bit/result.json
 
 Prints (and with ``--out`` writes) the task metrics for both bases (CPU: bitsandbytes' 4-bit
 path, float32 compute).

@@ -113,3 +113,7 @@ def zipf_weights(n: int, s: float) -> list[float]:
     weights = [1 / (k**s) for k in range(1, n + 1)]
     total = sum(weights)
     return [w / total for w in weights]
+
+
+def point_key(users: int, adapters: int) -> str:
+    return f"u{users}-a{adapters}"

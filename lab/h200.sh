@@ -6,16 +6,16 @@
 # tuning variants (TUNE_EVICT: the evict test; HTTP_TUNE: sweep + http; TUNE: sweep; each at 128
 # adapters x 256 streams, one engine per variant) as long as the session lasts; PARITY=1 adds
 # SGLang parity on the shipped adapters (beside the 7B engine's start-up), PEFT=1 the peft
-# baseline (both measured in session 4); FINETUNE=1 trains (scripts/gpu_finetune.sh; its TASKS,
+# baseline (both measured in session 4); FINETUNE=1 trains (lab/gpu_finetune.sh; its TASKS,
 # TASKS_<base>, ARGS_<task> pass through). Jobs run in the background and survive between calls
 # while the machine stays warm (it is released ~30 s after a call returns: keep the calls coming).
 #
-#   bash scripts/h200.sh payload    # here: runtime parts + payload in chunks .gpu/c*/ (FINETUNE=1: +Gemma, bnb)
-#   bash scripts/h200.sh stash      # each call: keep the chunk it carried in /tmp
-#   bash scripts/h200.sh early      # stash, and unpack the runtime in the background once it is here
-#   bash scripts/h200.sh start      # unpack runtime + payload, launch the jobs (returns at once)
-#   bash scripts/h200.sh collect    # tar logs and results into $OUT; print progress
-#   bash scripts/h200.sh http-only  # instead of `start`: only the HTTP-vs-direct point, in the call
+#   bash lab/h200.sh payload    # here: runtime parts + payload in chunks .gpu/c*/ (FINETUNE=1: +Gemma, bnb)
+#   bash lab/h200.sh stash      # each call: keep the chunk it carried in /tmp
+#   bash lab/h200.sh early      # stash, and unpack the runtime in the background once it is here
+#   bash lab/h200.sh start      # unpack runtime + payload, launch the jobs (returns at once)
+#   bash lab/h200.sh collect    # tar logs and results into $OUT; print progress
+#   bash lab/h200.sh http-only  # instead of `start`: only the HTTP-vs-direct point, in the call
 #
 # `payload` needs .gpu/part1..3 (copies of ../shared/gpu-runtime/part*). Carry .gpu/c0, .gpu/c1,
 # ... one per call with `early`, and call `start` with the last one. Jobs run from a copy of the
@@ -124,7 +124,7 @@ PY
 
 finetune() {
   cd /tmp/repo
-  OUT=/tmp/ft bash scripts/gpu_finetune.sh
+  OUT=/tmp/ft bash lab/gpu_finetune.sh
 }
 
 parity() {  # SGLang (float16) on every task's first 50 test prompts, small beside the 7B engine
@@ -165,8 +165,8 @@ tune() {  # one engine per variant, 128 adapters at 256 streams + base control; 
 }
 
 gpu_check() {  # SmolLM2 on SGLang vs the CPU backend; hot-load, cancel, unload after a cut stream
-  python3 scripts/gpu_check.py reference /tmp/check > /tmp/gpu-check.log 2>&1
-  timeout 300 python3 scripts/gpu_check.py run /tmp/check --out /tmp/gpu-check.json --dtypes float16 \
+  python3 lab/gpu_check.py reference /tmp/check > /tmp/gpu-check.log 2>&1
+  timeout 300 python3 lab/gpu_check.py run /tmp/check --out /tmp/gpu-check.json --dtypes float16 \
     >> /tmp/gpu-check.log 2>&1
 }
 

@@ -1,4 +1,4 @@
-"""scripts/h200.sh, read as text: every command it runs resolves, and every action it starts in
+"""lab/h200.sh, read as text: every command it runs resolves, and every action it starts in
 the background is one it handles. An edit dropped two of its functions twice, unnoticed until
 the GPU run (where a failure costs the session's device time)."""
 
@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "h200.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "lab" / "h200.sh"
 ON_THE_GPU_MACHINE_ONLY = {"nvidia-smi"}
 
 

@@ -1,14 +1,16 @@
 """Issue #6's targets against the H200 results files: one table, written for the app's tab.
 
-    python scripts/h200_report.py results/h200 --parity results/parity-sglang
+    python lab/h200_report.py results/serving/h200-7b-adapter-scaling \
+        --parity results/parity/sglang-vs-cpu
 
-Reads the sweep (``results.json``), ``evict.json``, ``soak.json``, the peft baseline
-(``peft/results.json``), the tuning variants (``tune/*/results.json``; an evict test run as a
-variant, ``tune/*/evict.json``, is one with fewer adapters in host memory), later runs' sweeps,
-evict tests and tuning variants (``session*/``), the HTTP comparisons
-(``**/http/compare.json``) where they exist, and the SGLang-vs-CPU parity (``parity.json``,
-``margins.json``). Writes ``targets.md`` into the results folder. Every ratio is taken inside one
-run (the same engine process); numbers of different runs are shown side by side, not divided.
+Each run of ``loadtest.bench`` is one subfolder (``--runs``, the first holding the soak and the
+peft baseline). Reads each run's sweep (``results.json``), ``evict.json``, tuning variants
+(``tune/*/results.json``; an evict test run as a variant, ``tune/*/evict.json``, is one with
+fewer adapters in host memory) and HTTP comparisons (``**/http/compare.json``); the first run's
+``soak.json`` and peft baseline (``peft/results.json``); and the SGLang-vs-CPU parity
+(``parity.json``, ``margins.json``). Writes ``targets.md`` into the folder. Every ratio is taken
+inside one run (the same engine process); numbers of different runs are shown side by side, not
+divided.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 from pathlib import Path
 
 HEADLINE = "u256-a128"
+RUNS = ("full-grid", "full-grid-repeat", "128-adapters-cpu")
 
 
 def load(path: Path) -> dict | None:
@@ -53,11 +56,9 @@ def where(folder: Path, path: Path) -> str:
     return "" if inside == Path(".") else f" (`{inside}`)"
 
 
-def runs(folder: Path) -> list[tuple[str, Path]]:
-    """The run in the folder itself, then later runs in its ``session*/`` subfolders, each with
-    its label suffix."""
-    later = [p for p in sorted(folder.glob("session*/")) if (p / "results.json").exists()]
-    return [(where(folder, p), p) for p in [folder, *later]]
+def runs(folder: Path, names: tuple[str, ...] = RUNS) -> list[tuple[str, Path]]:
+    """Each run's folder with its label suffix, in the given order."""
+    return [(where(folder, folder / n), folder / n) for n in names if (folder / n).is_dir()]
 
 
 def headline_rows(sweep: dict | None, where: str) -> list[tuple[str, str, str]]:
@@ -100,8 +101,9 @@ def host_evict_row(evict: dict, where: str) -> tuple[str, str, str]:
 
 
 def targets(folder: Path, parity_dir: Path | None) -> list[tuple[str, str, str]]:
-    sweep, soak = load(folder / "results.json"), load(folder / "soak.json")
-    peft = load(folder / "peft" / "results.json")
+    first = runs(folder)[0][1]
+    sweep, soak = load(first / "results.json"), load(first / "soak.json")
+    peft = load(first / "peft" / "results.json")
     rows = []
     for label, path in runs(folder):
         rows += headline_rows(load(path / "results.json"), label)
@@ -228,7 +230,8 @@ def tuning_rows(folder: Path) -> list[dict]:
 def markdown(folder: Path, parity_dir: Path | None) -> str:
     lines = ["### Issue #6 targets", "", "| target | measured | |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in targets(folder, parity_dir)]
-    sweep, peft = load(folder / "results.json"), load(folder / "peft" / "results.json")
+    first = runs(folder)[0][1]
+    sweep, peft = load(first / "results.json"), load(first / "peft" / "results.json")
     if sweep and peft:
         lines += [
             "",
@@ -263,7 +266,7 @@ def markdown(folder: Path, parity_dir: Path | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("folder", type=Path, help="results folder of the H200 run")
+    parser.add_argument("folder", type=Path, help="folder holding one subfolder per run")
     parser.add_argument("--parity", type=Path, help="folder of scripts/parity.py's output")
     args = parser.parse_args()
     text = markdown(args.folder, args.parity)

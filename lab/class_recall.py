@@ -1,6 +1,7 @@
 """Per-class recall of the classification adapters, from evaluation runs' stored outputs.
 
-    python scripts/class_recall.py results results/smollm2-60x8 results/gemma3-270m --first 60
+    python lab/class_recall.py results/finetune/smollm2 results/finetune/smollm2-60x8 \
+        results/finetune/gemma3-270m --first 60
 
 Accuracy rewards the majority class (spam: 52 of the first 60 test messages are ham); this shows
 what each adapter does with every class. Prints a markdown table.

@@ -1,0 +1,5 @@
+"""The OpenAI-compatible HTTP API: wire types (protocol) and routes."""
+
+from .routes import create_api
+
+__all__ = ["create_api"]

@@ -1,0 +1,97 @@
+"""Processes: start a server and wait for it; the cores a process keeps busy; GPU memory."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds a process has used (Linux ``/proc``); None where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """Cores busy during one point: the Locust run (a finished child) and the server process.
+
+    One Python event loop near 1.0 is that side's limit; HTTP numbers then measure it, not the
+    engine.
+    """
+
+    def __init__(self, server_pid: int | None):
+        self.server_pid = server_pid
+        self.wall = time.perf_counter()
+        self.client = self.children_cpu()
+        self.server = process_cpu_seconds(server_pid) if server_pid else None
+
+    @staticmethod
+    def children_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    def cores(self) -> dict:
+        wall = time.perf_counter() - self.wall
+        server = process_cpu_seconds(self.server_pid) if self.server is not None else None
+        return {
+            "client_cpu_cores": round((self.children_cpu() - self.client) / wall, 2),
+            "server_cpu_cores": None if server is None else round((server - self.server) / wall, 2),
+        }
+
+
+def start_server(cmd: list[str], url: str, timeout_s: float, env=None) -> subprocess.Popen:
+    """Start ``cmd`` and return it once ``url`` answers; an error if it exits or never does."""
+    server = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=30):
+                return server
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError(f"the server exited during start-up: {' '.join(cmd)}") from None
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError(f"the server did not answer {url} in {timeout_s:.0f} s: {' '.join(cmd)}")
+
+
+def process_tree(root: int) -> set[int]:
+    """``root`` and its descendants (SGLang's scheduler and detokenizer are child processes)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return tree
+
+
+def gpu_memory_mib() -> int | None:
+    """GPU memory held by this process and its children (other jobs on the GPU excluded)."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode:
+        return None
+    ours = process_tree(os.getpid())
+    rows = [line.split(",") for line in done.stdout.splitlines() if line.strip()]
+    return sum(int(mib) for pid, mib in rows if int(pid) in ours)
