@@ -151,11 +151,18 @@ def test_gradients_still_reach_every_layer_after_a_validation_pass(base_dir):
 
 
 def test_registry_layout_per_base_and_trained_on_check(tmp_path):
+    from engine.paths import work_dir
     from engine.registry import RegistryError, load_registry
     from finetune.train import default_layout
 
-    assert default_layout("smollm2") == (ROOT / "adapters", ROOT / "adapters.yaml")
-    assert default_layout("gemma3-270m")[1] == ROOT / "adapters-gemma3-270m.yaml"
+    shipped = (ROOT / "adapters" / "smollm2", ROOT / "adapters.yaml")
+    assert default_layout("smollm2", publish=True) == shipped
+    assert default_layout("gemma3-270m", publish=True)[1] == ROOT / "adapters-gemma3-270m.yaml"
+    work = work_dir()
+    assert default_layout("smollm2", publish=False) == (
+        work / "adapters" / "smollm2",
+        work / "adapters.yaml",
+    )
     text = (ROOT / "adapters.yaml").read_text().replace("trained_on: smollm2", "trained_on: other")
     (tmp_path / "adapters").symlink_to(ROOT / "adapters")
     (tmp_path / "adapters.yaml").write_text(text)
