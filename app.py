@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 
 from engine import GenerationRequest, SamplingParams, build_engine
 from engine.api import create_api
+from engine.api.server import run_server
 from engine.interface import Chunk, Engine, EngineError
 from engine.registry import (
     BASE_MODEL_ALIAS,
@@ -32,6 +33,7 @@ from engine.registry import (
     load_registry,
     template_fields,
 )
+from engine.sampling import resolve
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -45,10 +47,14 @@ class Catalog:
     def __init__(self, engine: Engine, registry: Registry):
         self.engine, self.registry = engine, registry
 
+    def registered(self, name: str | None) -> AdapterSpec | None:
+        """The adapter's registry entry: None for the base model and hot-loaded adapters."""
+        return next((s for s in self.registry.adapters if s.name == name), None)
+
     def spec(self, name: str) -> AdapterSpec:
-        for spec in self.registry.adapters:
-            if spec.name == name:
-                return spec
+        """The registry entry, or a stub card for a hot-loaded adapter."""
+        if spec := self.registered(name):
+            return spec
         path = self.engine.adapter_paths.get(name, ".")
         return AdapterSpec(name=name, path=Path(path), category="hot-loaded", template="{input}")
 
@@ -179,29 +185,30 @@ def build_demo(engine: Engine, registry: Registry) -> gr.Blocks:
         filled = dict(zip(fields, values))
         if not all(v.strip() for v in filled.values()):
             raise gr.Error(f"Fill in every field: {', '.join(fields)}")
-        params = SamplingParams(
-            max_tokens=spec.generation.max_tokens,
-            temperature=spec.generation.temperature,
-            stop=spec.generation.stop,
-        )
+        params = resolve(catalog.registered(name))
         async for update in side_by_side(engine, name, spec.render(filled), params):
             yield update
 
     async def chat(message: str, history: list, name: str):
+        """One chat turn: the history plus the user's message and the reply, streamed. The
+        message fills the adapter's template, as the API does."""
+        if not message or not message.strip():
+            raise gr.Error("Type a message first.")
         adapter = None if name == BASE_MODEL_ALIAS else name
-        messages = [{"role": m["role"], "content": m["content"]} for m in history]
-        messages.append({"role": "user", "content": message})
-        request = GenerationRequest(
-            adapter=adapter, messages=messages, params=SamplingParams(max_tokens=256)
-        )
-        reply = ""
+        spec = catalog.registered(adapter)
+        past = [{"role": m["role"], "content": message_text(m["content"])} for m in history or []]
+        prompt = [*past, {"role": "user", "content": fill_template(spec, message)}]
+        request = GenerationRequest(adapter=adapter, messages=prompt, params=resolve(spec))
+        shown = [*(history or []), {"role": "user", "content": message}]
+        reply = {"role": "assistant", "content": ""}
         try:
             async with contextlib.aclosing(engine.stream(request)) as chunks:
                 async for chunk in chunks:
-                    reply += chunk.text
-                    yield reply
+                    reply["content"] += chunk.text
+                    yield [*shown, dict(reply)]
         except EngineError as err:
             raise gr.Error(str(err)) from err
+        yield [*shown, dict(reply)]
 
     with gr.Blocks(title="LoRA Land in a box") as demo:
         gr.Markdown(f"# LoRA Land in a box\n{backend_banner(engine)}")
@@ -239,6 +246,7 @@ def build_demo(engine: Engine, registry: Registry) -> gr.Blocks:
                     base_stats = gr.Markdown(elem_id="base-stats")
             category.change(pick_category, category, adapter)
             adapter.change(pick_adapter, adapter, [card, template, example, *fields])
+            adapter.change(clear_answers, None, [tuned, tuned_stats, base, base_stats])
             example.input(pick_example, [adapter, example], fields)
             go.click(
                 run, [adapter, *fields], [tuned, tuned_stats, base, base_stats], api_name="compare"
@@ -247,22 +255,63 @@ def build_demo(engine: Engine, registry: Registry) -> gr.Blocks:
             who = gr.Dropdown(
                 [BASE_MODEL_ALIAS, *catalog.names()], value=BASE_MODEL_ALIAS, label="Model"
             )
-            gr.ChatInterface(chat, additional_inputs=[who], api_name="chat")
+            conversation = gr.Chatbot(label="Conversation", elem_id="chatbot", height=420)
+            with gr.Row():
+                message = gr.Textbox(
+                    placeholder="Message (Enter to send)", show_label=False, scale=5,
+                    elem_id="chat-input",
+                )  # fmt: skip
+                send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+            new_chat = gr.Button("New chat", size="sm")
+            gr.on(
+                [message.submit, send.click], chat, [message, conversation, who], conversation,
+                api_name="chat",
+            ).then(lambda: "", None, message, api_name=False)  # fmt: skip
+            who.change(lambda: [], None, conversation, api_name=False)
+            new_chat.click(lambda: [], None, conversation, api_name=False)
         with gr.Tab("Benchmarks"):
             benchmarks_tab()
     return demo
 
 
+def clear_answers():
+    """A new adapter's card must not sit beside the previous adapter's answers."""
+    return "", "", "", ""
+
+
+def message_text(content) -> str:
+    """A chat message's text: Gradio's Chatbot gives history content as a list of parts
+    (``[{"type": "text", "text": ...}]``) or, for files, dicts this app does not take."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        content = [content]
+    texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+    if len(texts) != len(content):
+        raise gr.Error("Only text messages are supported.")
+    return "\n".join(texts)
+
+
+def fill_template(spec: AdapterSpec | None, text: str) -> str:
+    """The user's message in the adapter's prompt template, as the API does by default."""
+    if spec is None:
+        return text
+    try:
+        return spec.fill(text)
+    except ValueError:
+        return text  # a several-field template: the chat sends the message as it is
+
+
 def backend_banner(engine: Engine) -> str:
     if engine.backend == "sglang":
-        import torch
-
+        return f"Serving with **SGLang** multi-LoRA batching on **{engine.device}**."
+    if engine.device != "cpu":
         return (
-            f"Serving with **SGLang** multi-LoRA batching on **{torch.cuda.get_device_name(0)}**."
+            f"Serving with **transformers + peft** (mixed-adapter batches) on **{engine.device}**."
         )
     return (
-        "Serving with the **CPU default** (transformers + peft, mixed-adapter batches): no GPU "
-        "was found, so answers are slower than on SGLang."
+        "Serving with the **CPU default** (transformers + peft, mixed-adapter batches) on the "
+        "CPU: no GPU was found, so answers are slower than on SGLang."
     )
 
 
@@ -307,6 +356,8 @@ def strip_images(markdown: str) -> str:
 
 
 def create_app(engine: Engine, registry: Registry, config_dir: Path):
+    """The API's routes first (their catch-all keeps /v1 errors in OpenAI's shape), then the UI
+    at ``/``. The UI takes no files, so Gradio's upload route gets no more than the body limit."""
     app = create_api(
         engine,
         registry,
@@ -315,7 +366,8 @@ def create_app(engine: Engine, registry: Registry, config_dir: Path):
     )
     demo = build_demo(engine, registry)
     demo.queue(default_concurrency_limit=int(os.environ.get("LORALAND_UI_CONCURRENCY", "64")))
-    return gr.mount_gradio_app(app, demo, path="/", ssr_mode=False)
+    limit = registry.server.max_body_bytes
+    return gr.mount_gradio_app(app, demo, path="/", ssr_mode=False, max_file_size=limit)
 
 
 def ensure_packaged_base() -> None:
@@ -330,8 +382,6 @@ def ensure_packaged_base() -> None:
 
 
 def main() -> None:
-    import uvicorn
-
     parser = argparse.ArgumentParser(description="LoRA Land in a box: UI + OpenAI API")
     parser.add_argument("--config", default=str(ROOT / "adapters.yaml"))
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
@@ -346,7 +396,7 @@ def main() -> None:
     engine = build_engine(registry, backend=args.backend)
     app = create_app(engine, registry, Path(args.config).resolve().parent)
     print(f"LoRA Land in a box: http://{args.host}:{args.port}/ (API /v1, {engine.backend})")
-    uvicorn.run(app, host=args.host, port=args.port)
+    run_server(app, args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from .base_model import adapter_fit_problems, display_name, resolve_base
+from .backends.common import adapter_problems
+from .base_model import display_name, resolve_base
 from .interface import Engine
 from .registry import Registry, RegistryError, load_registry
 
@@ -26,13 +27,14 @@ def choose_backend(requested: str) -> str:
     return choice
 
 
-def check_fit(registry: Registry, base_dir: str) -> None:
+def check_fit(registry: Registry, base_dir: str, backend: str) -> None:
+    """Every adapter fits the base and can be served by the backend: checked once, at start."""
     if not Path(base_dir).is_dir():
         return  # a hub id: shapes are checked when the adapter is loaded
     problems = [
         f"adapters[{i}] '{spec.name}' → path: {problem}"
         for i, spec in enumerate(registry.adapters)
-        for problem in adapter_fit_problems(spec.path, base_dir)
+        for problem in adapter_problems(spec.path, base_dir, backend, max_rank=None)
     ]
     if problems:
         raise RegistryError("adapters that do not fit the base model:\n  " + "\n  ".join(problems))
@@ -44,9 +46,9 @@ def build_engine(
     if not isinstance(registry, Registry):
         registry = load_registry(registry)
     base_dir = resolve_base(registry.base.model)
-    check_fit(registry, base_dir)
-    adapters = {spec.name: str(spec.path) for spec in registry.adapters}
     choice = choose_backend(backend or registry.engine.backend)
+    check_fit(registry, base_dir, choice)
+    adapters = {spec.name: str(spec.path) for spec in registry.adapters}
     common = dict(
         base_dir=base_dir,
         base_model_id=registry.base.name or display_name(registry.base.model, base_dir),

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
+from .constraints import Constraint
+
 
 class EngineError(Exception):
     """Base class of the errors an engine raises for a bad request or a failed operation."""
@@ -54,6 +56,13 @@ class AdapterNotFoundError(EngineError):
         self.name = name
 
 
+class RequestEndedError(EngineError):
+    """The server ended a running request: it is shutting down, or its adapter was unloaded."""
+
+    status_code = 503
+    error_type = "server_error"
+
+
 class AdapterLoadError(EngineError):
     """An adapter could not be loaded or unloaded (bad path, wrong base, shape mismatch)."""
 
@@ -63,15 +72,26 @@ class AdapterLoadError(EngineError):
 
 @dataclass
 class SamplingParams:
-    """Generation settings of one request; ``temperature == 0`` means greedy."""
+    """Generation settings of one request. The defaults here are the server-wide ones (OpenAI's,
+    plus a length cap); ``engine.sampling.resolve`` lays an adapter's defaults and the request's
+    values over them. ``temperature == 0`` means greedy."""
 
-    max_tokens: int = 128
-    temperature: float = 0.0
+    max_tokens: int = 256
+    temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    """0 = off (the API also takes -1, as vLLM and SGLang do)."""
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Token id → bias added to its logit (-100 bans it, 100 forces it)."""
+    logprobs: int | None = None
+    """None: no log-probabilities; k >= 0: each token's, with the k most likely alternatives."""
+    constraint: Constraint | None = None
+    """Structured output: the answer matches this JSON Schema or regular expression."""
 
     def validate(self) -> None:
         checks = [
@@ -80,6 +100,16 @@ class SamplingParams:
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
             ("stop", len(self.stop) <= 4 and all(self.stop), "at most 4 non-empty strings"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2**63)"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
+            (
+                "logit_bias",
+                len(self.logit_bias) <= 300
+                and all(-100 <= b <= 100 for b in self.logit_bias.values()),
+                "at most 300 tokens, each bias in [-100, 100]",
+            ),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -88,6 +118,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
 
 @dataclass
@@ -99,12 +133,17 @@ class GenerationRequest:
     messages: list[dict] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    prompt_ids: list[int] | None = None
+    """A prompt given as token ids (OpenAI's token-array prompt), instead of text."""
 
     def validate(self) -> None:
-        if (self.prompt is None) == (self.messages is None):
+        given = [x is not None for x in (self.prompt, self.messages, self.prompt_ids)]
+        if sum(given) != 1:
             raise InvalidRequestError("give exactly one of prompt and messages", "prompt")
         if self.prompt is not None and not self.prompt:
             raise InvalidRequestError("prompt is empty", "prompt")
+        if self.prompt_ids is not None and not self.prompt_ids:
+            raise InvalidRequestError("prompt has no tokens", "prompt")
         if self.messages is not None:
             validate_messages(self.messages)
         self.params.validate()
@@ -147,6 +186,17 @@ class Timings:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's log-probability, with the most likely alternatives at its step."""
+
+    token_id: int
+    text: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+    """(token id, text, logprob) of the most likely tokens, most likely first."""
+
+
+@dataclass
 class Chunk:
     """A streamed delta; the final one carries ``finish_reason`` ("stop" | "length"),
     ``usage`` and ``timings``."""
@@ -156,6 +206,8 @@ class Chunk:
     finish_reason: str | None = None
     usage: Usage | None = None
     timings: Timings | None = None
+    logprobs: list[TokenLogprob] | None = None
+    """With ``SamplingParams.logprobs``: one entry per token in ``token_ids``."""
 
 
 @dataclass
@@ -167,6 +219,7 @@ class Completion:
     finish_reason: str
     usage: Usage
     timings: Timings
+    logprobs: list[TokenLogprob] | None = None
 
 
 class RequestClock:
@@ -227,7 +280,13 @@ class Engine(ABC):
         """Names of the adapters requests may name now."""
 
     @abstractmethod
-    async def load_adapter(self, name: str, path: str) -> None: ...
+    async def load_adapter(self, name: str, path: str, max_rank: int | None = None) -> None:
+        """Hot-load: refused (``AdapterLoadError``) if the name is taken or the adapter cannot
+        be served here (wrong base, shapes, DoRA, rank above ``max_rank``, ...)."""
+
+    @abstractmethod
+    def abort(self, request_id: str, why: str) -> None:
+        """End a running request: its stream raises ``RequestEndedError(why)``."""
 
     @abstractmethod
     async def unload_adapter(self, name: str) -> None: ...
@@ -250,12 +309,14 @@ class Engine(ABC):
     async def complete(self, request: GenerationRequest) -> Completion:
         parts: list[Chunk] = [chunk async for chunk in self.stream(request)]
         last = parts[-1]
+        logprobs = [lp for p in parts for lp in p.logprobs or []]
         return Completion(
             text="".join(p.text for p in parts),
             token_ids=[t for p in parts for t in p.token_ids],
             finish_reason=last.finish_reason or "stop",
             usage=last.usage or Usage(0, 0),
             timings=last.timings or Timings(0.0, None, 0.0, None),
+            logprobs=logprobs if request.params.logprobs is not None else None,
         )
 
     async def generate(self, requests: list[GenerationRequest]) -> list[Completion]:

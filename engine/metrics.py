@@ -21,7 +21,10 @@ class Metrics:
             "loraland_requests", "Finished requests", [*labels, "endpoint", "finish"], registry=r
         )
         self.errors = Counter(
-            "loraland_request_errors", "Failed requests", [*labels, "type"], registry=r
+            "loraland_request_errors",
+            "Failed requests, by OpenAI error type and HTTP status",
+            [*labels, "type", "status"],
+            registry=r,
         )
         self.ttft = Histogram(
             "loraland_time_to_first_token_seconds",
@@ -52,8 +55,8 @@ class Metrics:
         self.adapters_loaded.set(stats.get("adapters_loaded", 0))
         return generate_latest(self.registry)
 
-    def error(self, adapter: str, kind: str) -> None:
-        self.errors.labels(adapter, kind).inc()
+    def error(self, adapter: str, kind: str, status: int) -> None:
+        self.errors.labels(adapter, kind, str(status)).inc()
 
 
 class RequestTimer:

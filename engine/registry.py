@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from .constraints import ResponseFormat
+
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 BASE_MODEL_ALIAS = "base"
 """The one name of the base model outside the engine (API ``model``, metric label, the app's
@@ -72,9 +74,19 @@ class SGLangSettings(Strict):
     """Capture CUDA graphs for decode (slower start, faster decode)."""
     chunked_prefill_size: int | None = None
     """Prefill chunk size in tokens; ``None`` = SGLang's default."""
-    stream_interval: int = Field(1, ge=1)
+    stream_interval: int | Literal["auto"] = "auto"
     """Stream a chunk every N tokens: N times fewer outputs for the one event loop that runs the
-    API and SGLang's tokenizer manager, at the price of coarser streaming."""
+    API and SGLang's tokenizer manager, at the price of coarser streaming. ``auto``: token by
+    token up to 64 running requests, then one token more per chunk for each further 64 (at most
+    8), decided per request as it starts; the first token always goes out at once."""
+
+    @field_validator("stream_interval")
+    @classmethod
+    def positive_interval(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return value
+
     tp_size: int = Field(1, ge=1)
     """Tensor-parallel GPUs."""
     dp_size: int = Field(1, ge=1)
@@ -99,6 +111,22 @@ class HFSettings(Strict):
     """torch CPU threads; ``None`` = torch's default."""
 
 
+class ServerSettings(Strict):
+    """Limits of the HTTP front end (``python app.py``, ``python -m engine.api``)."""
+
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    """Largest request body, on every route (Gradio's upload route too); a larger one is a 413
+    before it is read."""
+    drain_seconds: float = Field(30.0, ge=0.0)
+    """On SIGTERM new requests are refused and running streams may go on this long; those still
+    running then end with an error chunk and ``[DONE]``."""
+    unload_seconds: float = Field(30.0, ge=0.0)
+    """``DELETE /v1/adapters/NAME`` lets the adapter's running streams go on this long, then ends
+    them with an error chunk; new requests for it are refused at once."""
+    max_adapter_rank: int = Field(64, ge=1)
+    """Hot-loaded adapters of a higher LoRA rank are refused (422)."""
+
+
 class EngineSpec(Strict):
     backend: Literal["auto", "sglang", "hf"] = "auto"
     """``auto`` picks SGLang when CUDA and sglang are present, else the CPU default (hf)."""
@@ -109,12 +137,24 @@ class EngineSpec(Strict):
 
 
 class GenerationDefaults(Strict):
-    max_tokens: int = Field(128, ge=1)
+    """An adapter's sampling defaults: a request's own value wins; a field left out here falls
+    back to the server-wide default (``engine.interface.SamplingParams``). The API, the app, the
+    CLI and the evaluator resolve them alike (``engine.sampling.resolve``)."""
+
+    max_tokens: int | None = Field(None, ge=1)
     """Default output length for this adapter."""
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
     """Default temperature; 0 = greedy."""
-    stop: list[str] = Field(default_factory=list)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    """Default nucleus-sampling mass."""
+    top_k: int | None = Field(None, ge=0)
+    """Default top-k; 0 = off."""
+    stop: list[str] | None = Field(None, max_length=4)
     """Default stop strings."""
+    response_format: ResponseFormat | None = None
+    """Default structured output, e.g. ``{type: choice, choices: [fresh, rotten]}`` for a
+    classifier or a ``json_schema`` for an extractor; a request's ``response_format`` (also
+    ``{type: text}``) replaces it."""
 
 
 class EvalScore(Strict):
@@ -173,12 +213,23 @@ class AdapterSpec(Strict):
             raise KeyError(f"template of '{self.name}' needs fields {missing}")
         return self.template.format(**values)
 
+    def fill(self, text: str) -> str:
+        """The template with its one field set to ``text`` (what a user of the adapter types)."""
+        fields = template_fields(self.template)
+        if len(fields) != 1:
+            raise ValueError(
+                f"adapter '{self.name}' has a template with fields {fields}: give each by name"
+            )
+        return self.render({fields[0]: text})
+
 
 class Registry(Strict):
     base: BaseSpec = Field(default_factory=BaseSpec)
     """The one base model every adapter is trained on."""
     engine: EngineSpec = Field(default_factory=EngineSpec)
     """Backend choice and its settings."""
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    """Limits of the HTTP API and the app."""
     adapters: list[AdapterSpec] = Field(default_factory=list)
     """The adapters served at start."""
 

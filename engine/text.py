@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .interface import GenerationRequest
+from .interface import GenerationRequest, InvalidRequestError
 
 TURN_MARKERS = (
     "<|im_end|>", "<|im_start|>", "<|endoftext|>",  # ChatML (SmolLM2, Qwen)
@@ -24,7 +24,16 @@ def end_of_turn_ids(tokenizer) -> set[int]:
 
 
 def prompt_token_ids(tokenizer, request: GenerationRequest, chat_template: bool) -> list[int]:
-    """Chat messages go through the tokenizer's chat template; a raw prompt is tokenized as is."""
+    """Chat messages go through the tokenizer's chat template; a raw prompt is tokenized as is;
+    token ids are checked against the vocabulary."""
+    if request.prompt_ids is not None:
+        vocab = len(tokenizer)
+        bad = next((t for t in request.prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"prompt token {bad} is outside the vocabulary (0..{vocab - 1})", "prompt"
+            )
+        return list(request.prompt_ids)
     if request.messages is not None:
         if chat_template and tokenizer.chat_template:
             ids = tokenizer.apply_chat_template(

@@ -19,13 +19,16 @@ import argparse
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from engine import GenerationRequest, SamplingParams, build_engine
+from engine import GenerationRequest, build_engine
+from engine.constraints import ResponseFormat
 from engine.paths import work_dir
 from engine.registry import load_registry, with_overrides
+from engine.sampling import resolve
 
 from .data import load_split
 from .registry_update import set_eval
@@ -34,8 +37,13 @@ from .tasks import TASKS, Task
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def requests_for(task: Task, examples: list[dict], adapter: str | None) -> list[GenerationRequest]:
-    params = SamplingParams(max_tokens=task.max_tokens, temperature=0.0)
+def requests_for(
+    task: Task, examples: list[dict], adapter: str | None, spec=None, constrain: bool = False
+) -> list[GenerationRequest]:
+    """Greedy requests as the API resolves them (the adapter's defaults under the task's length),
+    with the task's answer format as a constraint when ``constrain``."""
+    shape = task.response_format() if constrain else ResponseFormat(type="text")
+    params = resolve(spec, max_tokens=task.max_tokens, temperature=0.0, response_format=shape)
     return [
         GenerationRequest(
             adapter=adapter,
@@ -80,31 +88,67 @@ def task_result(task: Task, adapter: str, examples: list[dict], base_out, tuned_
     }
 
 
-async def evaluate_task(
-    engine, task: Task, adapter: str, limit: int, batch: int, timeout: float = 900
-) -> dict:
-    examples = load_split(task.name, "test")[:limit]
+@dataclass
+class TaskRun:
+    """One task's test examples and the base's and the adapter's requests for them."""
+
+    task: Task
+    adapter: str
+    examples: list[dict]
+    base: list[GenerationRequest]
+    tuned: list[GenerationRequest]
+    constrained: bool
+
+    @classmethod
+    def build(cls, task: Task, adapter: str, spec, limit: int, constrain: bool) -> TaskRun:
+        examples = load_split(task.name, "test")[:limit]
+        base = requests_for(task, examples, None, None, constrain)
+        tuned = requests_for(task, examples, adapter, spec, constrain)
+        return cls(task, adapter, examples, base, tuned, constrain and bool(task.response_format()))
+
+    def report(self, base_done: list, tuned_done: list, seconds: float) -> dict:
+        base_out, tuned_out = [c.text for c in base_done], [c.text for c in tuned_done]
+        name = self.task.name
+        return {
+            **task_result(self.task, self.adapter, self.examples, base_out, tuned_out),
+            "constrained": self.constrained,
+            "seconds": round(seconds, 1),
+            "samples": [
+                {"input": e["input"], "target": e["target"], "base": b, "finetuned": t}
+                for e, b, t in list(zip(self.examples, base_out, tuned_out, strict=True))[:3]
+            ],
+            "outputs": [
+                {"task": name, "index": i, "model": model, "text": c.text, "ids": c.token_ids}
+                for model, done in (("base", base_done), ("adapter", tuned_done))
+                for i, c in enumerate(done)
+            ],
+        }
+
+
+async def evaluate_task(engine, run: TaskRun, batch: int, timeout: float = 900) -> dict:
+    """The base's requests, then the adapter's, in batches of ``batch``."""
+    started, name = time.perf_counter(), run.task.name
+    base_done = await run_batches(engine, run.base, batch, f"{name} base", timeout)
+    tuned_done = await run_batches(engine, run.tuned, batch, f"{name} adapter", timeout)
+    return run.report(base_done, tuned_done, time.perf_counter() - started)
+
+
+async def evaluate_interleaved(
+    engine, runs: list[TaskRun], batch: int, timeout: float = 900
+) -> list[dict]:
+    """Every task's base and adapter requests dealt out in turn, so each batch mixes all the
+    adapters and the base (the shipped serving case: many adapters in one batch)."""
     started = time.perf_counter()
-    base_done = await run_batches(
-        engine, requests_for(task, examples, None), batch, f"{task.name} base", timeout
-    )
-    tuned_done = await run_batches(
-        engine, requests_for(task, examples, adapter), batch, f"{task.name} adapter", timeout
-    )
-    base_out, tuned_out = [c.text for c in base_done], [c.text for c in tuned_done]
-    return {
-        **task_result(task, adapter, examples, base_out, tuned_out),
-        "seconds": round(time.perf_counter() - started, 1),
-        "samples": [
-            {"input": e["input"], "target": e["target"], "base": b, "finetuned": t}
-            for e, b, t in list(zip(examples, base_out, tuned_out, strict=True))[:3]
-        ],
-        "outputs": [
-            {"task": task.name, "index": i, "model": model, "text": c.text, "ids": c.token_ids}
-            for model, done in (("base", base_done), ("adapter", tuned_done))
-            for i, c in enumerate(done)
-        ],
-    }
+    lists = [r.base for r in runs] + [r.tuned for r in runs]
+    dealt = [
+        (i, j) for j in range(max(map(len, lists))) for i in range(len(lists)) if j < len(lists[i])
+    ]
+    done = await run_batches(engine, [lists[i][j] for i, j in dealt], batch, "interleaved", timeout)
+    answers = [[None] * len(x) for x in lists]
+    for (i, j), completion in zip(dealt, done, strict=True):
+        answers[i][j] = completion
+    seconds = time.perf_counter() - started
+    return [run.report(answers[k], answers[len(runs) + k], seconds) for k, run in enumerate(runs)]
 
 
 def markdown_table(results: list[dict], training: dict[str, dict]) -> str:
@@ -183,13 +227,16 @@ def run_engine(registry, args) -> tuple[list[dict], list[dict], dict]:
     if missing:
         raise SystemExit(f"no adapter in {args.config} for tasks {missing}: train them first")
 
+    specs = {a.name: a for a in registry.adapters}
+    runs = [
+        TaskRun.build(TASKS[t], by_task[t], specs[by_task[t]], args.limit, args.constrain)
+        for t in args.tasks
+    ]
+
     async def every_task() -> list[dict]:  # one event loop: SGLang binds to the first one
-        return [
-            await evaluate_task(
-                engine, TASKS[t], by_task[t], args.limit, args.batch, args.batch_timeout
-            )
-            for t in args.tasks
-        ]
+        if args.interleave:
+            return await evaluate_interleaved(engine, runs, args.batch, args.batch_timeout)
+        return [await evaluate_task(engine, r, args.batch, args.batch_timeout) for r in runs]
 
     results = asyncio.run(every_task())
     run = {"backend": engine.backend, "dtype": args.dtype, "device": engine.device}
@@ -211,6 +258,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="float32 = the CPU default's numbers")
     parser.add_argument("--out", type=Path, help="default: out/results/finetune/<config name>")
     parser.add_argument("--update-registry", action="store_true")
+    constrain = "constrain answers to each task's format (its labels, the address schema)"
+    parser.add_argument("--constrain", action="store_true", help=constrain)
+    interleave = "deal every task's base and adapter requests out in turn: mixed batches"
+    parser.add_argument("--interleave", action="store_true", help=interleave)
     parser.add_argument("--merge", action="store_true",
                         help="keep the other tasks' results already in --out")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
 from functools import cached_property
+
+from engine.constraints import ResponseFormat
 
 from .sql import chinook_db, execution_match
 
@@ -34,6 +37,10 @@ class Task:
     def score(self, output: str, target: str) -> dict[str, float]:
         return {"accuracy": float(self.parse(output) == target)}
 
+    def response_format(self) -> ResponseFormat | None:
+        """The answer's shape as a constraint: a classifier's labels (``--constrain``)."""
+        return ResponseFormat(type="choice", choices=list(self.labels)) if self.labels else None
+
 
 class AddressTask(Task):
     def parse(self, output: str) -> str:
@@ -49,6 +56,13 @@ class AddressTask(Task):
             got = {}
         return {"exact_match": float(got == want), "field_f1": field_f1(got, want)}
 
+    def response_format(self) -> ResponseFormat:
+        """A JSON object of usaddress fields (those the training data uses), string values."""
+        return ResponseFormat(
+            type="json_schema",
+            json_schema={"name": "us_address", "strict": True, "schema": address_schema()},
+        )
+
 
 class SqlTask(Task):
     def parse(self, output: str) -> str:
@@ -62,6 +76,18 @@ class SqlTask(Task):
 
     def score(self, output: str, target: str) -> dict[str, float]:
         return {"execution_accuracy": float(execution_match(self.db, self.parse(output), target))}
+
+
+@functools.cache
+def address_schema() -> dict:
+    from .data import load_split
+
+    fields = sorted({k for e in load_split("address", "train") for k in json.loads(e["target"])})
+    return {
+        "type": "object",
+        "properties": {f: {"type": "string"} for f in fields},
+        "additionalProperties": False,
+    }
 
 
 def field_f1(got: dict[str, str], want: dict[str, str]) -> float:

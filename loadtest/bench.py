@@ -120,22 +120,30 @@ async def timed_stream(
     return record
 
 
-async def closed_loop(engine, traffic: Traffic, users: int, seconds: float) -> list[dict]:
-    """``users`` clients back to back for ``seconds``; requests still running then are cut."""
-    deadline = time.perf_counter() + seconds
+async def closed_loop(
+    engine, traffic: Traffic, users: int, seconds: float, min_completed: int = 0, warmup: float = 0
+) -> tuple[list[dict], float]:
+    """``users`` clients back to back for ``seconds`` — and on until ``min_completed`` requests
+    started after ``warmup`` have finished, however slow the machine; requests still running
+    then are cut. Returns the records and the seconds it ran."""
+    began, steady_from = time.perf_counter(), time.time() + warmup
     records: list[dict] = []
+    stopping = False
 
     async def client(i: int) -> None:
         rng = random.Random(traffic.seed * 100_003 + i)
-        while time.perf_counter() < deadline:
+        while not stopping:
             await timed_stream(engine, traffic.request(rng), sink=records)
 
     tasks = [asyncio.create_task(client(i)) for i in range(users)]
     await asyncio.sleep(seconds)
+    while sum(r["ok"] and r["start"] >= steady_from for r in records) < min_completed:
+        await asyncio.sleep(0.05)
+    stopping = True
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    return records
+    return records, time.perf_counter() - began
 
 
 async def sweep(engine, args, names: list[str]) -> dict:
@@ -147,8 +155,10 @@ async def sweep(engine, args, names: list[str]) -> dict:
         print(f"[{i}/{len(grid)}] {users} streams, {label}: {args.duration}s", flush=True)
         traffic = Traffic(names[:adapters] or [None], args.prompt_words, args.output_tokens)
         began, meter = time.time(), CpuMeter(os.getpid())
-        records = await closed_loop(engine, traffic, users, args.duration)
-        steady = (began + args.warmup, began + args.duration)
+        records, ran = await closed_loop(
+            engine, traffic, users, args.duration, args.min_completed, args.warmup
+        )
+        steady = (began + args.warmup, began + ran)
         point = {"users": users, "adapters": adapters, **summarize(records, steady)}
         # the clients run in this process too: one event loop for both sides
         if (busy := meter.cores()["server_cpu_cores"]) is not None:
@@ -389,6 +399,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20, help="seconds per sweep point")
     parser.add_argument("--warmup", type=float, default=3,
                         help="seconds before the steady window starts")  # fmt: skip
+    min_help = "run each point on until this many requests finished in its steady window"
+    parser.add_argument("--min-completed", type=int, default=0, help=min_help)
     parser.add_argument("--prompt-words", type=parse_range, default=(90, 110))
     parser.add_argument("--output-tokens", type=parse_range, default=(90, 110))
     parser.add_argument("--http-users", type=ints, default=[256], help="http: concurrencies")

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import random
 import threading
 import time
 from pathlib import Path
 
+import gevent
+import requests
 from locust import HttpUser, LoadTestShape, constant, events, task
+from locust.exception import StopUser
 
 from loadtest.stats import WORDS, parse_range, zipf_weights
 
@@ -27,7 +31,12 @@ STATE: dict = {"adapters": [], "base": None, "weights": None, "lock": threading.
 
 
 OPTIONS = [
-    ("--adapters", int, 8, "distinct adapters in play (from /v1/models); 0 = base only"),
+    (
+        "--adapters",
+        int,
+        -1,
+        "distinct adapters in play (first N of /v1/models); -1 = all, 0 = base",
+    ),
     ("--distribution", str, "uniform", "uniform | zipf | base: how requests spread"),
     ("--zipf-s", float, 1.1, "Zipf skew: adapter k gets weight 1/k^s"),
     ("--prompt-words", str, "90-110", "prompt length in words: N or LOW-HIGH"),
@@ -50,27 +59,58 @@ def add_arguments(parser):
 
 @events.test_start.add_listener
 def discover_models(environment, **_):
-    """Pick the adapters in play from the server's /v1/models."""
-    import requests
+    """Pick the adapters in play from the server's /v1/models. A setup problem (no server, a bad
+    option) stops the run with one clear message instead of thousands of failed requests."""
+    try:
+        STATE.update(choose_models(environment.parsed_options, environment.host or ""))
+    except (SetupError, OSError, ValueError) as err:
+        logging.error("load test not started: %s", err)
+        environment.process_exit_code = 2
+        STATE["ready"] = False
+        gevent.spawn_later(0.1, environment.runner.quit)
+        return
+    STATE["ready"] = True
+    raw = Path(environment.parsed_options.raw_out)
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.touch()
 
-    options = environment.parsed_options
-    cards = requests.get(environment.host.rstrip("/") + "/v1/models", timeout=30).json()["data"]
-    base = next(c["id"] for c in cards if not c.get("parent"))
-    adapters = sorted(c["id"] for c in cards if c.get("parent"))
+
+class SetupError(Exception):
+    """The load test cannot start as asked."""
+
+
+def choose_models(options, host: str) -> dict:
     if options.distribution not in {"uniform", "zipf", "base"}:
-        raise ValueError(
+        raise SetupError(
             f"--distribution must be uniform, zipf or base, not {options.distribution}"
         )
+    if not host:
+        raise SetupError("no --host: the server's address, e.g. http://127.0.0.1:7860")
+    response = requests.get(host.rstrip("/") + "/v1/models", timeout=30)
+    if response.status_code != 200:
+        raise SetupError(f"GET {host}/v1/models answered {response.status_code}")
+    cards = response.json()["data"]
+    base = next(c["id"] for c in cards if not c.get("parent"))
+    adapters = sorted(c["id"] for c in cards if c.get("parent"))
     wanted = 0 if options.distribution == "base" else options.adapters
+    if wanted < 0:
+        wanted = len(adapters)
     if wanted > len(adapters):
-        raise RuntimeError(f"--adapters {wanted}, but the server has only {len(adapters)}")
+        logging.warning(
+            "--adapters %d, but the server has %d: using all %d",
+            wanted,
+            len(adapters),
+            len(adapters),
+        )
+        wanted = len(adapters)
     chosen = adapters[:wanted]
-    weights = None
-    if options.distribution == "zipf" and chosen:
-        weights = zipf_weights(len(chosen), options.zipf_s)
-    STATE.update(adapters=chosen, base=base, weights=weights)
-    Path(options.raw_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(options.raw_out).touch()
+    weights = (
+        zipf_weights(len(chosen), options.zipf_s)
+        if options.distribution == "zipf" and chosen
+        else None
+    )
+    logging.info("models in play: %s", ", ".join(chosen) or f"{base} (base only)")
+    return {"adapters": chosen, "base": base, "weights": weights}
 
 
 def request_sizes(options, rng: random.Random) -> tuple[str, int]:
@@ -96,6 +136,8 @@ class ChatUser(HttpUser):
 
     @task
     def chat(self):
+        if not STATE.get("ready"):
+            raise StopUser()
         options = self.environment.parsed_options
         model = self.pick_model()
         prompt, max_tokens = request_sizes(options, self.rng)

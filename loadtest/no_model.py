@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import asyncio
 
-from engine.interface import Chunk, Engine, GenerationRequest, RequestClock, Usage
+from engine.interface import (
+    Chunk,
+    Engine,
+    GenerationRequest,
+    RequestClock,
+    RequestEndedError,
+    Usage,
+)
+from engine.registry import HFSettings
 
 
 class NoModelEngine(Engine):
@@ -21,6 +29,9 @@ class NoModelEngine(Engine):
         self.base_model_id, self.names, self.gap_s = base_model_id, set(adapters), gap_s
         self.running = 0
         self.step: asyncio.Future | None = None
+        self.ended: dict[str, str] = {}
+        self.base_dir, self.device, self.adapter_paths = "", "cpu", {}
+        self.settings = HFSettings()
 
     async def next_step(self) -> None:
         if not self.gap_s:
@@ -42,6 +53,8 @@ class NoModelEngine(Engine):
         try:
             for i in range(1, tokens + 1):
                 await self.next_step()
+                if request.request_id in self.ended:
+                    raise RequestEndedError(self.ended.pop(request.request_id))
                 clock.token()
                 if i < tokens:
                     yield Chunk(" word", [1])
@@ -52,8 +65,11 @@ class NoModelEngine(Engine):
     def adapters(self) -> list[str]:
         return sorted(self.names)
 
-    async def load_adapter(self, name: str, path: str) -> None:
+    async def load_adapter(self, name: str, path: str, max_rank: int | None = None) -> None:
         self.names.add(name)
+
+    def abort(self, request_id: str, why: str) -> None:
+        self.ended[request_id] = why
 
     async def unload_adapter(self, name: str) -> None:
         self.check_adapter(name)

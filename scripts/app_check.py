@@ -87,13 +87,21 @@ def ui_checks(url: str, spec) -> dict:
     fields = [example.get(f, "x") for f in template_fields(spec.template)]
     fields += [""] * (MAX_FIELDS - len(fields))
     tuned, tuned_stats, base, base_stats = client.predict(spec.name, *fields, api_name="/compare")
-    reply = client.predict("Say hello.", spec.name, api_name="/chat")
+    history = []
+    for message in ("Say hello.", "Again, please.", "Once more."):
+        history = client.predict(message, history, spec.name, api_name="/chat")
+    replies = [m for m in history if m["role"] == "assistant"]
     return {
         "page_is_gradio": "gradio" in page.lower(),
         "compare_both_answered": bool(tuned) and bool(base),
         "compare_timings_shown": all("TTFT" in s for s in (tuned_stats, base_stats)),
-        "chat_answered": isinstance(reply, str) and bool(reply),
+        "chat_answered": len(replies) == 3 and all(chat_text(m) for m in replies),
     }
+
+
+def chat_text(message: dict) -> str:
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
 
 
 def passed(report: dict) -> bool:

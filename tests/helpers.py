@@ -1,4 +1,5 @@
-"""Random (non-zero) peft LoRA adapters for tests and backend checks: they change the output."""
+"""Test helpers: random (non-zero) peft LoRA adapters, which change the output (also used by
+lab/gpu_check.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from pathlib import Path
 
 
 def make_peft_adapter(
-    base_dir: str, out: str | Path, r: int, target_modules: list[str], seed: int
+    base_dir: str, out: str | Path, r: int, target_modules: list[str], seed: int, **lora
 ) -> str:
-    """Save a real peft LoRA with ``init_lora_weights=False`` (random A and B) to ``out``."""
+    """Save a real peft LoRA with ``init_lora_weights=False`` (random A and B) to ``out``;
+    ``lora`` passes further ``LoraConfig`` options (``use_dora=True``, ...)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -16,7 +18,7 @@ def make_peft_adapter(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=target_modules, init_lora_weights=False
+        r=r, lora_alpha=2 * r, target_modules=target_modules, init_lora_weights=False, **lora
     )
     get_peft_model(model, config).save_pretrained(str(out))
     return str(out)

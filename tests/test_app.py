@@ -39,10 +39,18 @@ def test_side_by_side_run_returns_both_answers_and_timings(hf_engine, registry_f
         assert tuned and base and tuned != base
         for stats in (tuned_stats, base_stats):
             assert "TTFT" in stats and "tok/s" in stats and "finish:" in stats
-        reply = client.predict("Say hi.", "beta", api_name="/chat")
-        assert isinstance(reply, str) and reply
+        history = []
+        for turn, message in enumerate(["Say hi.", "Name a colour.", "And another one."], 1):
+            history = client.predict(message, history, "base", api_name="/chat")
+            assert [m["role"] for m in history] == ["user", "assistant"] * turn
+            assert chat_text(history[-1]) and chat_text(history[-2]) == message
     finally:
         demo.close()
+
+
+def chat_text(message: dict) -> str:
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(p["text"] for p in content)
 
 
 def chromium_path() -> str:
@@ -68,6 +76,29 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+CLEARED = """() => ['#tuned-output textarea', '#base-output textarea'].every(
+    s => document.querySelector(s).value === '')"""
+BOT_MESSAGES = "#chatbot .message.bot"
+
+
+def chat_in_the_browser(page, messages: list[str]) -> list[str]:
+    """Send each message in the Chat tab; return the assistant's replies as shown."""
+    page.get_by_role("tab", name="Chat").click()
+    box = page.locator("#chat-input textarea")
+    for turn, message in enumerate(messages, 1):
+        box.fill(message)
+        box.press("Enter")
+        page.wait_for_function(
+            f"() => document.querySelectorAll('{BOT_MESSAGES}').length >= {turn}"
+            f" && document.querySelector('#chat-input textarea').value === ''",
+            timeout=120_000,
+        )
+        page.wait_for_function(  # the reply has stopped growing
+            "() => !document.querySelector('#chatbot .pending')", timeout=120_000
+        )
+    return [m.inner_text() for m in page.locator(BOT_MESSAGES).all()]
+
+
 BOTH_FINISHED = """() => ['#tuned-stats', '#base-stats'].every(
     s => document.querySelector(s) && document.querySelector(s).innerText.includes('finish'))"""
 
@@ -99,11 +130,17 @@ def test_browser_picks_an_adapter_runs_and_sees_both_panels(hf_engine, registry_
             tuned = page.locator("#tuned-output textarea").input_value()
             base = page.locator("#base-output textarea").input_value()
             page.screenshot(path=str(shot), full_page=True)
+            page.get_by_label("Adapter", exact=True).click()
+            page.get_by_role("option", name="alpha").click()
+            page.wait_for_selector("#adapter-card:has-text('alpha')")
+            page.wait_for_function(CLEARED, timeout=30_000)  # no answers of the last adapter
+            turns = chat_in_the_browser(page, ["Say hi.", "Name a colour.", "And another one."])
             browser.close()
     finally:
         live.stop()
     assert tuned and base
     assert shot.stat().st_size > 10_000
+    assert len(turns) == 3 and all(turns) and not any("Error" in t for t in turns)
 
 
 def test_benchmarks_tab_shows_what_the_manifest_publishes_in_its_order(tmp_path):

@@ -23,7 +23,9 @@ QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
 
 def chat(adapter=None, content=None, max_tokens=16, **params) -> GenerationRequest:
+    """A chat request, greedy unless a temperature is given."""
     messages = [{"role": "user", "content": content}] if content else QUESTION
+    params = {"temperature": 0.0} | params
     return GenerationRequest(
         adapter=adapter, messages=messages, params=SamplingParams(max_tokens=max_tokens, **params)
     )
@@ -189,7 +191,7 @@ def test_shipped_sql_adapter_stops_at_the_end_of_its_answer():
         request = GenerationRequest(
             adapter="sql",
             messages=[{"role": "user", "content": TASKS["sql"].prompt(example["input"])}],
-            params=SamplingParams(max_tokens=128),
+            params=SamplingParams(max_tokens=128, temperature=0.0),
         )
         done = asyncio.run(engine.complete(request))
     finally:

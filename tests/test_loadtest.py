@@ -135,7 +135,7 @@ def test_engine_bench_sweep_evict_soak_and_http_on_a_tiny_synthetic_model(tmp_pa
         "--evict-rounds", "1", "--soak-seconds", "6", "--soak-users", "6", "--soak-adapters", "2",
         "--disconnect", "0.5", "--hotload-every", "2", "--spare-adapter",
         str(synth / "adapters" / "lora-002"), "--http-users", "3", "--http-adapters", "2",
-        "--http-port", "8798", "--out", str(out),
+        "--http-port", "8798", "--min-completed", "2", "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

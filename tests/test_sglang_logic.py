@@ -11,6 +11,7 @@ from engine.backends.sglang import (
     DeltaTracker,
     DroppedRequestRelease,
     PendingAdapters,
+    adaptive_interval,
     check_event_loop,
     engine_kwargs,
     finish_reason,
@@ -31,7 +32,9 @@ def test_engine_kwargs_carry_the_registry_settings():
     assert kwargs["max_loras_per_batch"] == 4 and kwargs["max_loaded_loras"] == 6
     assert kwargs["lora_backend"] == "csgmv" and kwargs["disable_cuda_graph"] is True
     assert kwargs["attention_backend"] == "triton" and kwargs["sampling_backend"] == "pytorch"
-    assert kwargs["stream_interval"] == 1
+    assert kwargs["stream_interval"] == 1  # "auto": per request, 1 for the server
+    assert kwargs["incremental_streaming_output"] is True
+    assert kwargs["grammar_backend"] == "llguidance"
     assert engine_kwargs(SGLangSettings(stream_interval=4), "/m", {})["stream_interval"] == 4
     assert "max_lora_rank" not in kwargs and "chunked_prefill_size" not in kwargs
 
@@ -57,23 +60,53 @@ def test_sampling_params_translate():
     assert "stop" not in sampling_params(SamplingParams())
     assert sampling_params(params, {2, 1})["stop_token_ids"] == [1, 2]
     assert "stop_token_ids" not in sampling_params(SamplingParams(ignore_eos=True), {1, 2})
+    assert "stream_interval" not in out and sampling_params(params, None, 4)["stream_interval"] == 4
 
 
-def test_cumulative_chunks_become_deltas():
-    tracker = DeltaTracker()
-    outs = [
-        {"text": "Hel", "output_ids": [1]},
-        {"text": "Hello", "output_ids": [1, 2]},
-        {"text": "Hello", "output_ids": [1, 2, 3]},
-        {"text": "Hello world", "output_ids": [1, 2, 3, 4]},
+def test_penalties_bias_and_constraints_reach_sglang():
+    from engine.constraints import ResponseFormat
+
+    choice = ResponseFormat(type="choice", choices=["spam", "ham"]).constraint()
+    params = SamplingParams(
+        presence_penalty=0.5, frequency_penalty=-0.2, logit_bias={7: -100.0}, constraint=choice
+    )
+    out = sampling_params(params)
+    assert out["presence_penalty"] == 0.5 and out["frequency_penalty"] == -0.2
+    assert out["logit_bias"] == {"7": -100.0} and out["regex"] == "(spam|ham)"
+    schema = ResponseFormat(
+        type="json_schema", json_schema={"name": "x", "schema": {"type": "object"}}
+    )
+    assert sampling_params(SamplingParams(constraint=schema.constraint()))["json_schema"] == (
+        '{"type": "object"}'
+    )
+
+
+def test_adaptive_stream_interval_keeps_a_lone_stream_token_by_token():
+    assert [adaptive_interval(n) for n in (0, 1, 63, 64, 128, 255, 256, 511, 512, 4096)] == [
+        1, 1, 1, 1, 2, 3, 4, 7, 8, 8,
+    ]  # fmt: skip
+
+
+def test_incremental_outputs_add_up_with_their_logprobs():
+    class Tokenizer:
+        def decode(self, ids):
+            return {1: "Hel", 2: "lo", 3: " world"}[ids[0]]
+
+    tracker = DeltaTracker(Tokenizer())
+    assert tracker.update({"text": "Hel", "output_ids": [1]}) == ("Hel", [1])
+    assert tracker.update({"text": "lo world", "output_ids": [2, 3]}) == ("lo world", [2, 3])
+    assert tracker.update({"text": None, "output_ids": []}) == ("", [])
+    assert tracker.ids == [1, 2, 3]
+    meta = {
+        "output_token_logprobs": [(-0.1, 2, None), (-0.5, 3, None)],
+        "output_top_logprobs": [[(-0.1, 2, None), (-2.0, 1, None)], [(-0.5, 3, None)]],
+    }
+    entries = tracker.logprobs(meta, 1)
+    assert [(e.token_id, e.text, e.logprob) for e in entries] == [
+        (2, "lo", -0.1),
+        (3, " world", -0.5),
     ]
-    deltas = [tracker.update(o) for o in outs]
-    assert deltas == [("Hel", [1]), ("lo", [2]), ("", [3]), (" world", [4])]
-
-
-def test_chunk_after_a_non_incremental_none_text_is_safe():
-    tracker = DeltaTracker()
-    assert tracker.update({"text": None, "output_ids": [5]}) == ("", [5])
+    assert entries[0].top == [(2, "lo", -0.1)]
 
 
 def test_finish_reasons():

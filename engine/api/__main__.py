@@ -10,15 +10,13 @@ import logging
 import os
 from pathlib import Path
 
+from ..factory import build_engine
+from ..registry import load_registry
 from .routes import create_api
+from .server import run_server
 
 
 def main() -> None:
-    import uvicorn
-
-    from ..factory import build_engine
-    from ..registry import load_registry
-
     parser = argparse.ArgumentParser(description="OpenAI-compatible API over adapters.yaml")
     parser.add_argument("--config", default="adapters.yaml")
     parser.add_argument("--host", default="127.0.0.1")
@@ -34,7 +32,7 @@ def main() -> None:
         admin_token=os.environ.get("LORALAND_ADMIN_TOKEN"),
         adapter_root=os.environ.get("LORALAND_ADAPTER_ROOT", Path(args.config).parent / "adapters"),
     )
-    uvicorn.run(app, host=args.host, port=args.port)
+    run_server(app, args.host, args.port)
 
 
 if __name__ == "__main__":

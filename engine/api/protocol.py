@@ -1,73 +1,218 @@
-"""The OpenAI wire format: request bodies, errors, response payloads and SSE rendering."""
+"""The OpenAI wire format: typed request bodies, errors, response payloads and SSE rendering.
+
+Requests are strict: a field of the wrong type (``"max_tokens": "8"``, ``"stream": "yes"``) or
+a field this server does not know is a 400 naming it; an OpenAI field it cannot honour is a 400
+saying so (``UNSUPPORTED``), never silently ignored. Extensions, as in vLLM and SGLang:
+``top_k``, ``ignore_eos``, ``prompt_template`` / ``template_fields`` (an adapter's prompt
+template), and ``response_format`` types ``choice`` and ``regex``.
+"""
 
 from __future__ import annotations
 
 import json
+from typing import Any, Literal
 
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..interface import Chunk, EngineError
+from ..constraints import ResponseFormat
+from ..interface import EngineError, TokenLogprob, Usage
 
-DEFAULT_MAX_TOKENS = 256
+Endpoint = Literal["chat", "completions"]
+UNSUPPORTED = {
+    "tools": "tool calling is not supported",
+    "tool_choice": "tool calling is not supported",
+    "functions": "function calling is not supported",
+    "function_call": "function calling is not supported",
+    "parallel_tool_calls": "tool calling is not supported",
+    "audio": "audio output is not supported",
+    "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "the models here do not reason",
+    "web_search_options": "web search is not supported",
+    "store": "stored completions are not supported",
+    "metadata": "stored completions are not supported",
+    "service_tier": "there are no service tiers",
+    "suffix": "suffix (insertion) is not supported",
+}
+"""OpenAI fields this server cannot honour: a request that sets one (other than to null, an
+empty list, or ``tool_choice: "none"``) gets a 400 naming it."""
 
 
 class OpenAIError(Exception):
+    """An error with its HTTP status and OpenAI error type; ``param`` names the field."""
+
     def __init__(self, status: int, message: str, kind: str, param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
-
-class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = Field(1, ge=1)
-    stream: bool = False
-    stream_options: dict | None = None
-    ignore_eos: bool = False
-    """Extension (as in vLLM/SGLang): keep generating past end-of-sequence."""
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.status,
+            }
+        }
 
 
-class CompletionBody(SamplingFields):
-    prompt: str | list[str]
-    echo: bool = False
-    logprobs: int | None = None
+def invalid(message: str, param: str | None = None, status: int = 400) -> OpenAIError:
+    return OpenAIError(status, message, "invalid_request_error", param)
 
 
-class ChatBody(SamplingFields):
-    messages: list[dict]
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-
-
-class AdapterBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    path: str
-
-
-def error_response(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status)
-
-
-def engine_error(err: EngineError) -> OpenAIError:
+def from_engine(err: EngineError) -> OpenAIError:
     return OpenAIError(err.status_code, str(err), err.error_type, getattr(err, "param", None))
 
 
-def completion_payload(kind: str, rid: str, model: str, created: int, chunk_fields: dict) -> dict:
-    return {"id": rid, "object": kind, "created": created, "model": model, **chunk_fields}
+def refuse_unsupported(body: dict) -> None:
+    """A 400 for an OpenAI field this server cannot honour; the same field left empty (null,
+    [], {}, ``tool_choice: "none"``) asks for nothing and is dropped."""
+    for name, why in UNSUPPORTED.items():
+        if name not in body:
+            continue
+        value = body[name]
+        if value in (None, [], {}) or (name == "tool_choice" and value == "none"):
+            del body[name]
+            continue
+        raise invalid(f"{name}: {why}", name)
+    if body.get("best_of") not in (None, body.get("n", 1)):
+        raise invalid("best_of: only best_of = n is supported (no server-side ranking)", "best_of")
 
 
-def usage_dict(usage) -> dict:
+class Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(Wire):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Wire):
+    role: Literal["system", "developer", "user", "assistant"]
+    """``developer`` is OpenAI's newer name for ``system``, and is treated as one."""
+    content: str | list[TextPart]
+    name: str | None = None
+    """Accepted and not used: the chat templates here have no participant names."""
+
+    def as_engine_message(self) -> dict:
+        role = "system" if self.role == "developer" else self.role
+        if isinstance(self.content, str):
+            return {"role": role, "content": self.content}
+        return {"role": role, "content": "\n".join(part.text for part in self.content)}
+
+
+class StreamOptions(Wire):
+    include_usage: bool = False
+
+
+class SamplingFields(Wire):
+    """What both endpoints take. ``None`` = not given: the adapter's default from adapters.yaml,
+    else the server's (``engine.sampling.resolve``)."""
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    """Extension: -1 or 0 = off."""
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string, as OpenAI sends it) → bias in [-100, 100]."""
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+    """Accepted, as OpenAI does: an end-user id that does not change the answer."""
+    ignore_eos: bool = False
+    """Extension: keep generating past end-of-sequence (load tests use it)."""
+    best_of: int | None = Field(None, ge=1)
+    """Accepted only equal to ``n``."""
+
+    @field_validator("stop")
+    @classmethod
+    def at_most_four_stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > 4 or not all(stops):
+            raise ValueError("at most 4 non-empty strings")
+        return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def token_ids_as_keys(cls, bias):
+        if bias is None:
+            return None
+        if len(bias) > 300:
+            raise ValueError("at most 300 tokens")
+        for key, value in bias.items():
+            if not key.isdigit() or not -100 <= value <= 100:
+                raise ValueError(f"want token id → bias in [-100, 100], got {key!r}: {value!r}")
+        return bias
+
+    def stops(self) -> list[str] | None:
+        return [self.stop] if isinstance(self.stop, str) else self.stop
+
+    def engine_seed(self) -> int | None:
+        return None if self.seed is None else self.seed % 2**63
+
+
+class CompletionBody(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    """Prepend the prompt to the answer."""
+    logprobs: int | None = Field(None, ge=0, le=5)
+    """Log-probabilities of each token and the most likely ``logprobs`` alternatives."""
+
+
+class ChatBody(SamplingFields):
+    messages: list[ChatMessage] = Field(default_factory=list)
+    """May be empty only with ``template_fields``."""
+    prompt_template: Literal["apply", "raw"] = "apply"
+    """Extension: ``apply`` fills the adapter's prompt template (from adapters.yaml) with the
+    last user message; ``raw`` sends the messages as they are."""
+    template_fields: dict[str, str] | None = None
+    """Extension: values of the adapter template's named fields; the filled template becomes a
+    new last user message."""
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class AdapterBody(Wire):
+    name: str = Field(min_length=1, max_length=64)
+    path: str = Field(min_length=1, max_length=4096)
+
+
+TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def field_path(loc) -> list[str]:
+    """A pydantic error's location without the union-branch tags it adds (``str``,
+    ``list[int]``, ``function-after[...]``)."""
+    return [str(p) for p in loc if str(p) not in TYPE_TAGS and "[" not in str(p)]
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """Pydantic's errors → (message, param) in plain words, naming the field. Of a union's
+    errors, the one that got furthest into the value is the one that explains it."""
+    error = max(errors, key=lambda e: len(field_path(e.get("loc", ()))))
+    param = ".".join(field_path(error.get("loc", ()))) or None
+    if error["type"] == "extra_forbidden":
+        return f"unknown field '{param}'", param
+    if error["type"] == "missing":
+        return f"{param}: required", param
+    message = error.get("msg", "invalid").removeprefix("Value error, ")
+    return (f"{param}: {message}" if param else message), param
+
+
+# ----- responses ------------------------------------------------------------------------------
+
+
+def usage_dict(usage: Usage) -> dict:
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
@@ -75,51 +220,86 @@ def usage_dict(usage) -> dict:
     }
 
 
-def sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
-
-
-async def stream_events(endpoint, rid, model, created, first, chunks, include_usage):
-    kind = "text_completion" if endpoint == "completions" else "chat.completion.chunk"
-    try:
-        if endpoint == "chat":
-            role = {
-                "index": 0,
-                "delta": {"role": "assistant", "content": ""},
-                "finish_reason": None,
+def chat_logprobs(entries: list[TokenLogprob]) -> dict:
+    return {
+        "content": [
+            {
+                "token": e.text,
+                "logprob": e.logprob,
+                "bytes": list(e.text.encode("utf-8", "replace")),
+                "top_logprobs": [
+                    {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8", "replace"))}
+                    for _, text, lp in e.top
+                ],
             }
-            yield sse(completion_payload(kind, rid, model, created, {"choices": [role]}))
-        chunk, usage = first, None
-        while chunk is not None:
-            choice = {"index": 0, "finish_reason": chunk.finish_reason}
-            if endpoint == "chat":
-                choice["delta"] = {"content": chunk.text} if chunk.text else {}
-            else:
-                choice |= {"text": chunk.text, "logprobs": None}
-            if chunk.text or chunk.finish_reason:
-                yield sse(completion_payload(kind, rid, model, created, {"choices": [choice]}))
-            usage = chunk.usage or usage
-            chunk = await anext(chunks, None)
-        if include_usage and usage is not None:
-            fields = {"choices": [], "usage": usage_dict(usage)}
-            yield sse(completion_payload(kind, rid, model, created, fields))
-        yield sse("[DONE]")
-    except OpenAIError as err:
-        yield sse({"error": {"message": err.message, "type": err.kind, "code": err.status}})
-        raise
-    finally:
-        await chunks.aclose()
+            for e in entries
+        ],
+        "refusal": None,
+    }
 
 
-def whole_response(endpoint, rid, model, created, parts: list[Chunk]) -> dict:
-    text = "".join(p.text for p in parts)
-    last = parts[-1]
-    if endpoint == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-        kind = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None}
-        kind = "text_completion"
-    choice["finish_reason"] = last.finish_reason
-    fields = {"choices": [choice], "usage": usage_dict(last.usage)}
-    return completion_payload(kind, rid, model, created, fields)
+def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict:
+    offsets, at = [], offset
+    for e in entries:
+        offsets.append(at)
+        at += len(e.text)
+    return {
+        "tokens": [e.text for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{text: lp for _, text, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def sse(payload: dict | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+class ChunkWriter:
+    """SSE events of one streamed response. Text-only chunks, the hot path at hundreds of
+    streams, are one ``json.dumps`` of the text between a precomputed prefix and suffix."""
+
+    def __init__(self, endpoint: Endpoint, rid: str, model: str, created: int):
+        self.endpoint = endpoint
+        self.kind = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
+        self.head = {"id": rid, "object": self.kind, "created": created, "model": model}
+        self.text_prefix: dict[int, str] = {}
+        self.text_suffix = ', "logprobs": null, "finish_reason": null}]}\n\n'
+
+    def payload(self, **fields: Any) -> bytes:
+        return sse({**self.head, **fields})
+
+    def role(self, index: int) -> bytes:
+        choice = {"index": index, "delta": {"role": "assistant", "content": ""}}
+        return self.payload(choices=[{**choice, "logprobs": None, "finish_reason": None}])
+
+    def text(self, index: int, text: str) -> bytes:
+        prefix = self.text_prefix.get(index)
+        if prefix is None:
+            head = json.dumps(self.head, ensure_ascii=False)[:-1]
+            field = '"delta": {"content": ' if self.endpoint == "chat" else '"text": '
+            prefix = f'data: {head}, "choices": [{{"index": {index}, {field}'
+            self.text_prefix[index] = prefix
+        close = "}" if self.endpoint == "chat" else ""
+        return f"{prefix}{json.dumps(text, ensure_ascii=False)}{close}{self.text_suffix}".encode()
+
+    def choice(
+        self, index: int, text: str, finish: str | None, logprobs: dict | None = None
+    ) -> bytes:
+        body = {"delta": {"content": text} if text else {}}
+        if self.endpoint == "completions":
+            body = {"text": text}
+        choice = {"index": index, **body, "logprobs": logprobs, "finish_reason": finish}
+        return self.payload(choices=[choice])
+
+    def usage(self, usage: Usage) -> bytes:
+        return self.payload(choices=[], usage=usage_dict(usage))
+
+    @staticmethod
+    def error(err: OpenAIError) -> bytes:
+        return sse(err.body())
+
+    @staticmethod
+    def done() -> bytes:
+        return b"data: [DONE]\n\n"

@@ -3,23 +3,30 @@
     python app.py                                    # UI + this API on one port (7860)
     python -m engine.api --port 8000                 # the API alone
 
-Routes: POST /v1/completions, POST /v1/chat/completions (both streaming and not), GET /v1/models,
-POST /v1/adapters + DELETE /v1/adapters/{name} (admin token when set), GET /health, GET /metrics.
-``model`` is an adapter name, the base model id (or ``base``), or SGLang's ``base:adapter`` form.
+Routes: POST /v1/completions, POST /v1/chat/completions (both streaming and not), GET /v1/models
+(and /v1/models/{id}), POST /v1/adapters + DELETE /v1/adapters/{name} (only with an admin token),
+GET /health, GET /metrics. ``model`` is an adapter name, the base model id (or ``base``), or
+SGLang's ``base:adapter`` form. Every failure is a 4xx/5xx in OpenAI's error shape.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hmac
+import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
 
+from ..constraints import grammar_problem
 from ..interface import (
     AdapterLoadError,
     AdapterNotFoundError,
@@ -28,25 +35,92 @@ from ..interface import (
     EngineError,
     GenerationRequest,
     SamplingParams,
+    Usage,
 )
 from ..metrics import Metrics, RequestTimer
-from ..registry import BASE_MODEL_ALIAS, Registry
+from ..registry import BASE_MODEL_ALIAS, SLUG, AdapterSpec, Registry, template_fields
+from ..sampling import resolve
+from .limits import BodyLimit
 from .protocol import (
-    DEFAULT_MAX_TOKENS,
     AdapterBody,
     ChatBody,
+    ChunkWriter,
     CompletionBody,
     OpenAIError,
     SamplingFields,
-    engine_error,
-    error_response,
-    stream_events,
-    whole_response,
+    chat_logprobs,
+    completion_logprobs,
+    from_engine,
+    invalid,
+    refuse_unsupported,
+    usage_dict,
+    validation_message,
 )
+
+log = logging.getLogger(__name__)
+API_PATHS = {
+    "/v1/chat/completions": {"POST"},
+    "/v1/completions": {"POST"},
+    "/v1/models": {"GET"},
+    "/v1/adapters": {"POST"},
+}
+MAX_PROMPTS = 16
+
+
+def error_response(err: OpenAIError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+async def read_json(request: Request) -> dict:
+    """The body as a JSON object, or a 400 saying why not (the size limit is ``BodyLimit``'s)."""
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise invalid(f"the body is not UTF-8: {err.reason} at byte {err.start}") from None
+    try:
+        body = json.loads(text)
+    except RecursionError:
+        raise invalid("the body is nested too deeply") from None
+    except json.JSONDecodeError as err:
+        raise invalid(f"the body is not valid JSON: {err.msg} at {err.pos}") from None
+    if not isinstance(body, dict):
+        raise invalid("the body must be a JSON object")
+    if where := lone_surrogate(body):
+        raise invalid(f"{where}: contains a lone surrogate (not valid Unicode)", where)
+    return body
+
+
+def lone_surrogate(value, where: str = "") -> str | None:
+    """The path of the first string holding an unpaired UTF-16 surrogate (JSON allows the
+    escape, no tokenizer can encode it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+        return None
+    if not isinstance(value, dict | list):
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        found = lone_surrogate(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
+def parse(model: type[BaseModel], body: dict):
+    try:
+        return model.model_validate(body)
+    except ValidationError as err:
+        message, param = validation_message(err.errors())
+        raise invalid(message, param) from None
 
 
 class Api:
-    """Translates OpenAI requests into engine requests and back; owns the metrics."""
+    """Translates OpenAI requests into engine requests and back; owns the metrics, the admin
+    policy and the shutdown drain."""
 
     def __init__(
         self,
@@ -55,13 +129,22 @@ class Api:
         admin_token: str | None = None,
         adapter_root: str | Path | None = None,
     ):
-        self.engine, self.registry = engine, registry
-        self.admin_token = admin_token
+        self.engine, self.registry, self.limits = engine, registry, registry.server
+        self.admin_token = admin_token or None
         self.adapter_root = Path(adapter_root).resolve() if adapter_root else None
         self.metrics = Metrics()
         self.created = int(time.time())
+        self.active: dict[str, str | None] = {}
+        """request id → adapter of every generation in flight (drain and unload end them)."""
+        self.unloading: set[str] = set()
+        self.draining = False
+        if self.admin_token is None:
+            log.warning("admin routes are off: set LORALAND_ADMIN_TOKEN to hot-load and unload")
 
     # ----- model names ----------------------------------------------------------------------
+
+    def spec(self, adapter: str | None) -> AdapterSpec | None:
+        return next((a for a in self.registry.adapters if a.name == adapter), None)
 
     def resolve_model(self, model: str) -> str | None:
         """Model id → adapter name, or None for the base model; unknown ids are a 404."""
@@ -71,32 +154,29 @@ class Api:
         prefix, sep, adapter = model.partition(":")
         name = adapter if sep and prefix in base_ids else model
         if name not in self.engine.adapters():
+            available = ", ".join([self.engine.base_model_id, *self.engine.adapters()])
             raise OpenAIError(
                 404,
-                f"The model '{model}' does not exist. Available: "
-                + ", ".join([self.engine.base_model_id, *self.engine.adapters()]),
+                f"The model '{model}' does not exist. Available: {available}",
                 "not_found_error",
                 "model",
             )
         return name
 
     def model_cards(self) -> list[dict]:
-        specs = {a.name: a for a in self.registry.adapters}
         base = self.engine.base_model_id
         cards = [{"id": base, "object": "model", "created": self.created, "owned_by": "loraland"}]
         for name in self.engine.adapters():
-            spec = specs.get(name)
+            spec = self.spec(name)
+            card = {"id": name, "object": "model", "created": self.created}
+            card |= {"owned_by": "loraland", "parent": base, "root": base}
             cards.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": self.created,
-                    "owned_by": "loraland",
-                    "parent": base,
-                    "root": base,
+                card
+                | {
                     "task": spec.task if spec else "",
                     "category": spec.category if spec else "hot-loaded",
                     "description": spec.description if spec else "",
+                    "template_fields": template_fields(spec.template) if spec else [],
                     "eval": spec.eval.model_dump() if spec and spec.eval else None,
                 }
             )
@@ -104,47 +184,122 @@ class Api:
 
     # ----- requests -------------------------------------------------------------------------
 
-    def sampling(self, body: SamplingFields, adapter: str | None, max_tokens: int | None):
-        if body.n != 1:
-            raise OpenAIError(
-                400, "n > 1 is not supported; send n requests", "invalid_request_error", "n"
+    def sampling(
+        self, body: SamplingFields, spec: AdapterSpec | None, max_tokens, logprobs
+    ) -> SamplingParams:
+        top_k = None if body.top_k is None else max(body.top_k, 0)
+        bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
+        try:
+            params = resolve(
+                spec,
+                max_tokens=max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=top_k,
+                stop=body.stops(),
+                seed=body.engine_seed(),
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                logit_bias=bias or None,
+                logprobs=logprobs,
+                response_format=body.response_format,
+                ignore_eos=body.ignore_eos or None,
             )
-        spec = next((a for a in self.registry.adapters if a.name == adapter), None)
-        default = spec.generation.max_tokens if spec else DEFAULT_MAX_TOKENS
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        return SamplingParams(
-            max_tokens=max_tokens or default,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=max(body.top_k, 0),
-            stop=stop,
-            seed=body.seed,
-            ignore_eos=body.ignore_eos,
-        )
+        except EngineError as err:
+            raise from_engine(err) from err
+        if params.constraint is not None and (problem := grammar_problem(params.constraint)):
+            raise invalid(f"response_format: {problem}", "response_format")
+        return params
 
-    def completion_request(self, body: CompletionBody) -> GenerationRequest:
-        adapter = self.resolve_model(body.model)
-        if body.echo or body.logprobs:
-            param = "echo" if body.echo else "logprobs"
-            raise OpenAIError(400, f"{param} is not supported", "invalid_request_error", param)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise OpenAIError(
-                400, "prompt must be one string (batching: send requests concurrently)",
-                "invalid_request_error", "prompt",
-            )  # fmt: skip
-        params = self.sampling(body, adapter, body.max_tokens)
-        return GenerationRequest(adapter=adapter, prompt=prompts[0], params=params)
+    def copies(self, request: GenerationRequest, n: int) -> list[GenerationRequest]:
+        """``n`` generations of one request; with a seed, seed + i for the i-th."""
+        out = []
+        for i in range(n):
+            params = SamplingParams(**vars(request.params))
+            if params.seed is not None:
+                params.seed = (params.seed + i) % 2**63
+            out.append(
+                GenerationRequest(
+                    adapter=request.adapter,
+                    prompt=request.prompt,
+                    messages=request.messages,
+                    prompt_ids=request.prompt_ids,
+                    params=params,
+                )
+            )
+        return out
 
-    def chat_request(self, body: ChatBody) -> GenerationRequest:
+    def chat_requests(self, body: ChatBody) -> list[GenerationRequest]:
         adapter = self.resolve_model(body.model)
-        if body.logprobs:
-            raise OpenAIError(400, "logprobs is not supported", "invalid_request_error", "logprobs")
-        params = self.sampling(body, adapter, body.max_completion_tokens or body.max_tokens)
-        return GenerationRequest(adapter=adapter, messages=body.messages, params=params)
+        spec = self.spec(adapter)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        params = self.sampling(body, spec, max_tokens, logprobs)
+        messages = self.chat_messages(body, spec)
+        request = GenerationRequest(adapter=adapter, messages=messages, params=params)
+        return self.copies(request, body.n)
+
+    def chat_messages(self, body: ChatBody, spec: AdapterSpec | None) -> list[dict]:
+        """The engine's messages, with the adapter's prompt template filled (unless ``raw``)."""
+        messages = [m.as_engine_message() for m in body.messages]
+        if body.prompt_template == "raw" or spec is None:
+            if body.template_fields is not None:
+                why = "raw" if spec else "a model without a template"
+                raise invalid(f"template_fields cannot be used with {why}", "template_fields")
+            if not messages:
+                raise invalid("messages: give at least one message", "messages")
+            return messages
+        fields = template_fields(spec.template)
+        if body.template_fields is not None:
+            unknown = sorted(set(body.template_fields) - set(fields))
+            missing = sorted(set(fields) - set(body.template_fields))
+            if unknown or missing:
+                raise invalid(
+                    f"template_fields: adapter '{spec.name}' takes {fields}"
+                    + (f"; unknown {unknown}" if unknown else "")
+                    + (f"; missing {missing}" if missing else ""),
+                    "template_fields",
+                )
+            return [*messages, {"role": "user", "content": spec.render(body.template_fields)}]
+        if not messages or messages[-1]["role"] != "user":
+            raise invalid(
+                "messages: the last message must be the user's (it fills the adapter's "
+                "template), or send prompt_template: raw",
+                "messages",
+            )
+        try:
+            filled = spec.fill(messages[-1]["content"])
+        except ValueError as err:
+            hint = " as template_fields, or send prompt_template: raw"
+            raise invalid(f"{err}{hint}", "template_fields") from None
+        messages[-1] = {**messages[-1], "content": filled}
+        return messages
+
+    def completion_requests(self, body: CompletionBody) -> list[GenerationRequest]:
+        adapter = self.resolve_model(body.model)
+        prompts = completion_prompts(body.prompt)
+        if body.echo and body.logprobs is not None:
+            raise invalid("echo with logprobs is not supported (no prompt logprobs)", "echo")
+        if body.echo and any(isinstance(p, list) for p in prompts):
+            raise invalid("echo needs text prompts, not token ids", "echo")
+        params = self.sampling(body, self.spec(adapter), body.max_tokens, body.logprobs)
+        requests = []
+        for prompt in prompts:
+            as_text = isinstance(prompt, str)
+            request = GenerationRequest(
+                adapter=adapter,
+                prompt=prompt if as_text else None,
+                prompt_ids=None if as_text else prompt,
+                params=params,
+            )
+            requests += self.copies(request, body.n)
+        return requests
 
     async def run(self, request: GenerationRequest, timer: RequestTimer) -> AsyncIterator[Chunk]:
         """Engine stream with metrics; closing it cancels the generation."""
+        self.active[request.request_id] = request.adapter
         try:
             async with contextlib.aclosing(self.engine.stream(request)) as chunks:
                 async for chunk in chunks:
@@ -153,11 +308,49 @@ class Api:
                         timer.finish(chunk.finish_reason, chunk.usage)
                     yield chunk
         except EngineError as err:
-            raise engine_error(err) from err
+            raise from_engine(err) from err
+        finally:
+            self.active.pop(request.request_id, None)
 
-    async def first_chunk(self, chunks: AsyncIterator[Chunk]) -> Chunk:
-        """Start the generation before the 200 goes out, so request errors still get a 4xx."""
-        return await chunks.__anext__()
+    def abort(self, adapter: str | None = None, everything: bool = False, why: str = "") -> int:
+        """End the generations of ``adapter`` (or all): each stream ends with an error chunk."""
+        doomed = [rid for rid, a in self.active.items() if everything or a == adapter]
+        for rid in doomed:
+            self.engine.abort(rid, why)
+        return len(doomed)
+
+    # ----- shutdown -------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """SIGTERM: refuse new requests; end the streams still running after the deadline."""
+        if self.draining:
+            return
+        self.draining = True
+        deadline = self.limits.drain_seconds
+        log.warning("shutting down: %d streams may run %.0f s more", len(self.active), deadline)
+        asyncio.get_running_loop().call_later(deadline, self.end_streams)
+
+    def end_streams(self) -> None:
+        ended = self.abort(everything=True, why="the server is shutting down")
+        if ended:
+            log.warning("drain deadline: ended %d streams with an error chunk", ended)
+
+    def refuse_while_draining(self) -> None:
+        if self.draining:
+            raise OpenAIError(503, "the server is shutting down", "server_error")
+
+
+def completion_prompts(prompt) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    if not prompt or len(prompt) > MAX_PROMPTS:
+        raise invalid(f"prompt: give 1 to {MAX_PROMPTS} prompts", "prompt")
+    return list(prompt)
+
+
+# ----- the app ----------------------------------------------------------------------------------
 
 
 def create_api(
@@ -167,110 +360,299 @@ def create_api(
     adapter_root: str | Path | None = None,
     app: FastAPI | None = None,
 ) -> FastAPI:
-    """Add the OpenAI-compatible routes to ``app`` (a new FastAPI app when None)."""
+    """Add the OpenAI-compatible routes to ``app`` (a new FastAPI app when None). Call it
+    before mounting anything at ``/``: its catch-all keeps ``/v1/...`` answers in OpenAI's
+    shape."""
     api = Api(engine, registry, admin_token, adapter_root)
     app = app or FastAPI(title="LoRA Land in a box")
+    app.router.redirect_slashes = False
     app.state.api = api
+    app.add_middleware(BodyLimit, max_bytes=registry.server.max_body_bytes, metrics=api.metrics)
 
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, err: OpenAIError):
-        return error_response(err.status, err.message, err.kind, err.param)
+        return error_response(err)
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, err: RequestValidationError):
-        first = err.errors()[0]
-        if first.get("type") == "json_invalid":
-            return error_response(400, "request body is not valid JSON", "invalid_request_error")
-        api.metrics.error("unknown", "invalid_request_error")
-        loc = [str(p) for p in first.get("loc", []) if p != "body"]
-        param = ".".join(loc) or None
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        return error_response(400, message, "invalid_request_error", param)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException):
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        return error_response(OpenAIError(err.status_code, message, kind), err.headers)
 
-    async def serve(body: SamplingFields, build, endpoint: str):
+    async def serve(request: Request, model: type[SamplingFields], endpoint: str):
         label = "unknown"  # an unknown model name must not become a label value
         try:
-            request = build(body)
-            label = request.adapter or "base"
-            timer = RequestTimer(api.metrics, label, endpoint)
-            chunks = api.run(request, timer)
-            first = await api.first_chunk(chunks)
+            api.refuse_while_draining()
+            raw = await read_json(request)
+            refuse_unsupported(raw)
+            body = parse(model, raw)
+            build = api.chat_requests if endpoint == "chat" else api.completion_requests
+            requests = build(body)
+            label = requests[0].adapter or BASE_MODEL_ALIAS
+            streams = [api.run(r, RequestTimer(api.metrics, label, endpoint)) for r in requests]
+            firsts = await first_chunks(streams)
         except OpenAIError as err:
-            api.metrics.error(label, err.kind)
+            api.metrics.error(label, err.kind, err.status)
             raise
         rid = ("cmpl-" if endpoint == "completions" else "chatcmpl-") + uuid.uuid4().hex
-        created = int(time.time())
+        writer = ChunkWriter(endpoint, rid, body.model, int(time.time()))
+        echo = [r.prompt or "" for r in requests] if getattr(body, "echo", False) else None
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            events = stream_events(endpoint, rid, body.model, created, first, chunks, include_usage)
-            return StreamingResponse(
-                count_stream_errors(events, api.metrics, label), media_type="text/event-stream"
-            )
-        parts = [first] + [c async for c in chunks]
-        return JSONResponse(whole_response(endpoint, rid, body.model, created, parts))
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = stream_events(writer, firsts, streams, include_usage, echo)
+            counted = count_stream_errors(events, api.metrics, label)
+            return StreamingResponse(counted, media_type="text/event-stream")
+        parts = await collect(firsts, streams)
+        return JSONResponse(whole_response(writer, parts, echo))
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
-        return await serve(body, api.completion_request, "completions")
+    async def completions(request: Request):
+        return await serve(request, CompletionBody, "completions")
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody):
-        return await serve(body, api.chat_request, "chat")
+    async def chat_completions(request: Request):
+        return await serve(request, ChatBody, "chat")
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": api.model_cards()}
 
+    @app.get("/v1/models/{model:path}")
+    async def model_card(model: str):
+        card = next((c for c in api.model_cards() if c["id"] == model), None)
+        if card is None:
+            api.resolve_model(model)  # the 404 with the list of models
+        return card
+
     def check_admin(request: Request) -> None:
-        if api.admin_token and request.headers.get("authorization") != f"Bearer {api.admin_token}":
+        if api.admin_token is None:
+            raise OpenAIError(
+                403,
+                "admin routes are off: start the server with LORALAND_ADMIN_TOKEN set",
+                "permission_error",
+            )
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, f"Bearer {api.admin_token}".encode()):
             raise OpenAIError(401, "admin token required", "authentication_error")
 
     def allowed_path(raw: str) -> str:
-        path = Path(raw)
+        if any(ord(c) < 32 for c in raw):
+            raise invalid("path: control characters are not allowed", "path")
         if api.adapter_root is None:
             raise OpenAIError(
                 403, "hot-loading is off: no adapter root configured", "permission_error"
             )
-        if not path.is_absolute():
-            path = api.adapter_root / path
-        path = path.resolve()
+        path = Path(raw)
+        path = (path if path.is_absolute() else api.adapter_root / path).resolve()
         if not path.is_relative_to(api.adapter_root):
             raise OpenAIError(
-                403, f"path must be under the adapter root {api.adapter_root}",
-                "permission_error", "path",
-            )  # fmt: skip
+                403,
+                f"path must be under the adapter root {api.adapter_root}",
+                "permission_error",
+                "path",
+            )
         return str(path)
 
+    def check_name(name: str) -> None:
+        if not SLUG.match(name):
+            raise invalid(f"name {name!r} must be a slug (a-z, 0-9, -, _)", "name", 422)
+        if name in {BASE_MODEL_ALIAS, engine.base_model_id}:
+            raise invalid(f"name {name!r} is reserved for the base model", "name", 422)
+        if name in api.unloading:
+            raise OpenAIError(409, f"adapter '{name}' is being unloaded", "conflict_error", "name")
+
     @app.post("/v1/adapters")
-    async def load_adapter(body: AdapterBody, request: Request):
+    async def load_adapter(request: Request):
         check_admin(request)
+        body = parse(AdapterBody, await read_json(request))
+        check_name(body.name)
+        path = allowed_path(body.path)
         try:
-            await engine.load_adapter(body.name, allowed_path(body.path))
+            await engine.load_adapter(body.name, path, max_rank=api.limits.max_adapter_rank)
         except AdapterLoadError as err:
-            raise engine_error(err) from err
+            raise from_engine(err) from err
+        log.info("hot-loaded adapter %s from %s", body.name, path)
         return {"loaded": body.name, "adapters": engine.adapters()}
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str, request: Request):
         check_admin(request)
+        if name in api.unloading:
+            raise OpenAIError(409, f"adapter '{name}' is being unloaded", "conflict_error")
         try:
-            await engine.unload_adapter(name)
+            engine.check_adapter(name)
+        except AdapterNotFoundError as err:
+            raise from_engine(err) from err
+        api.unloading.add(name)
+        try:
+            unloading = asyncio.ensure_future(engine.unload_adapter(name))
+            done, _ = await asyncio.wait({unloading}, timeout=api.limits.unload_seconds)
+            ended = 0 if done else api.abort(name, why=f"adapter '{name}' was unloaded")
+            await unloading
         except (AdapterNotFoundError, AdapterLoadError) as err:
-            raise engine_error(err) from err
-        return {"unloaded": name, "adapters": engine.adapters()}
+            raise from_engine(err) from err
+        finally:
+            api.unloading.discard(name)
+        return {"unloaded": name, "streams_ended": ended, "adapters": engine.adapters()}
 
     @app.get("/health")
     async def health():
+        if api.draining:
+            return error_response(OpenAIError(503, "shutting down", "server_error"))
         try:
             return await engine.health()
         except EngineError as err:
-            return error_response(503, f"engine unhealthy: {err}", "server_error")
+            return error_response(OpenAIError(503, f"engine unhealthy: {err}", "server_error"))
 
     @app.get("/metrics")
     async def metrics():
-        return Response(api.metrics.render(engine.stats()), media_type="text/plain; version=0.0.4")
+        text = api.metrics.render(engine.stats())
+        return Response(text, media_type="text/plain; version=0.0.4")
+
+    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    async def no_such_route(request: Request, rest: str):
+        path = request.url.path
+        named = path.startswith("/v1/adapters/") and path != "/v1/adapters/"
+        allowed = API_PATHS.get(path) or ({"DELETE"} if named else None)
+        if allowed and request.method not in allowed:
+            err = OpenAIError(405, f"{request.method} {path}: use {', '.join(sorted(allowed))}",
+                              "invalid_request_error")  # fmt: skip
+            return error_response(err, {"allow": ", ".join(sorted(allowed))})
+        return error_response(OpenAIError(404, f"no route {path}", "not_found_error"))
 
     return app
+
+
+# ----- responses --------------------------------------------------------------------------------
+
+
+async def first_chunks(streams: list[AsyncIterator[Chunk]]) -> list[Chunk]:
+    """Start every generation before the 200 goes out, so request errors still get a 4xx."""
+    try:
+        return list(await asyncio.gather(*(anext(s) for s in streams)))
+    except BaseException:
+        for s in streams:
+            await s.aclose()
+        raise
+
+
+async def collect(firsts: list[Chunk], streams) -> list[list[Chunk]]:
+    async def rest(first, stream):
+        return [first] + [c async for c in stream]
+
+    try:
+        return list(await asyncio.gather(*(rest(f, s) for f, s in zip(firsts, streams))))
+    finally:
+        for s in streams:
+            await s.aclose()
+
+
+def whole_response(writer: ChunkWriter, parts: list[list[Chunk]], echo) -> dict:
+    choices, usage = [], Usage(0, 0)
+    for index, chunks in enumerate(parts):
+        last = chunks[-1]
+        text = "".join(c.text for c in chunks)
+        logprobs = [lp for c in chunks for lp in c.logprobs or []] if last.logprobs else None
+        if writer.endpoint == "chat":
+            choice = {"message": {"role": "assistant", "content": text, "refusal": None}}
+            choice["logprobs"] = chat_logprobs(logprobs) if logprobs is not None else None
+        else:
+            prefix = echo[index] if echo else ""
+            choice = {"text": prefix + text}
+            choice["logprobs"] = completion_logprobs(logprobs) if logprobs is not None else None
+        choices.append({"index": index, **choice, "finish_reason": last.finish_reason})
+        usage = Usage(
+            usage.prompt_tokens + last.usage.prompt_tokens,
+            usage.completion_tokens + last.usage.completion_tokens,
+        )
+    kind = "chat.completion" if writer.endpoint == "chat" else "text_completion"
+    return {**writer.head, "object": kind, "choices": choices, "usage": usage_dict(usage)}
+
+
+def encoded(writer: ChunkWriter, index: int, chunk: Chunk) -> bytes | None:
+    if chunk.logprobs is not None or chunk.finish_reason:
+        logprobs = None
+        if chunk.logprobs is not None:
+            render = chat_logprobs if writer.endpoint == "chat" else completion_logprobs
+            logprobs = render(chunk.logprobs)
+        return writer.choice(index, chunk.text, chunk.finish_reason, logprobs)
+    return writer.text(index, chunk.text) if chunk.text else None
+
+
+async def stream_events(writer, firsts, streams, include_usage: bool, echo):
+    """SSE events: the role (chat), every choice's deltas, usage, ``[DONE]``. A failure after
+    the 200 ends this stream with an error event and ``[DONE]``; other streams never see it."""
+    prompt_tokens = completion_tokens = 0
+    failure = None
+    try:
+        for index in range(len(streams)):
+            if writer.endpoint == "chat":
+                yield writer.role(index)
+            elif echo:
+                yield writer.text(index, echo[index])
+        async with contextlib.aclosing(merged(firsts, streams)) as chunks:
+            async for index, chunk in chunks:
+                if event := encoded(writer, index, chunk):
+                    yield event
+                if chunk.usage:
+                    prompt_tokens += chunk.usage.prompt_tokens
+                    completion_tokens += chunk.usage.completion_tokens
+        if include_usage:
+            yield writer.usage(Usage(prompt_tokens, completion_tokens))
+    except OpenAIError as err:
+        failure = err
+    finally:
+        for s in streams:
+            await s.aclose()
+    if failure is not None:
+        yield writer.error(failure)
+    yield writer.done()
+    if failure is not None:
+        raise StreamFailed(failure)
+
+
+async def merged(firsts, streams) -> AsyncIterator[tuple[int, Chunk]]:
+    """(choice index, chunk) from every stream; one stream is read directly (the hot path)."""
+    if len(streams) == 1:
+        yield 0, firsts[0]
+        async for chunk in streams[0]:
+            yield 0, chunk
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int):
+        try:
+            await queue.put((index, firsts[index]))
+            async for chunk in streams[index]:
+                await queue.put((index, chunk))
+        except OpenAIError as err:
+            await queue.put((index, err))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(streams))]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, OpenAIError):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class StreamFailed(Exception):
+    """A stream that ended with an error event (counted, then swallowed)."""
+
+    def __init__(self, err: OpenAIError):
+        super().__init__(err.message)
+        self.err = err
 
 
 async def count_stream_errors(events, metrics: Metrics, label: str):
@@ -278,5 +660,5 @@ async def count_stream_errors(events, metrics: Metrics, label: str):
     try:
         async for event in events:
             yield event
-    except OpenAIError as err:
-        metrics.error(label, err.kind)
+    except StreamFailed as failed:
+        metrics.error(label, failed.err.kind, failed.err.status)

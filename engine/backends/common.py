@@ -1,22 +1,68 @@
-"""Checks both backends make before loading an adapter or admitting a request."""
+"""Checks both backends make before loading an adapter or admitting a request, and the prompt's
+tokenization off the event loop."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 
 from ..base_model import adapter_fit_problems
-from ..interface import AdapterLoadError, PromptTooLongError, SamplingParams
+from ..interface import AdapterLoadError, GenerationRequest, PromptTooLongError, SamplingParams
 from ..registry import SLUG, adapter_dir_problems
+from ..text import prompt_token_ids
+
+OFF_LOOP_CHARS = 4096
+"""Prompts longer than this are tokenized in a worker thread, so the event loop keeps serving."""
 
 
-def check_loadable(name: str, path: Path, loaded: set[str], base_dir: str) -> None:
+def support_problems(config: dict, backend: str) -> list[str]:
+    """What in a peft LoRA config the backend cannot serve in a mixed batch."""
+    problems = []
+    if config.get("use_dora"):
+        problems.append("DoRA (use_dora) is not supported: mixed-adapter batches cannot run it")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save {config['modules_to_save']} is not supported")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']!r} is not supported (only 'none')")
+    if backend == "sglang":
+        if config.get("use_rslora"):
+            problems.append("use_rslora is not supported by SGLang (it scales by alpha/r)")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if config.get(key):
+                problems.append(f"{key} is not supported by SGLang (one rank and alpha)")
+    return problems
+
+
+def adapter_problems(path: Path, base_dir: str, backend: str, max_rank: int | None) -> list[str]:
+    """Every reason this adapter directory cannot be served on this base by this backend."""
+    problems = adapter_dir_problems(path)
+    if problems:
+        return problems
+    config = json.loads((path / "adapter_config.json").read_text())
+    if not isinstance(config, dict):
+        return ["adapter_config.json is not a JSON object"]
+    problems = support_problems(config, backend)
+    rank = config.get("r")
+    if max_rank is not None and isinstance(rank, int) and rank > max_rank:
+        problems.append(f"rank {rank} is above the server's maximum ({max_rank})")
+    return problems or adapter_fit_problems(path, base_dir)
+
+
+def check_loadable(
+    name: str, path: Path, loaded: set[str], base_dir: str, backend: str, max_rank: int | None
+) -> None:
+    """Hot-load guard: a slug not in use, and an adapter this backend can serve on this base."""
     if not SLUG.match(name):
         raise AdapterLoadError(f"adapter name {name!r} must be a slug (a-z, 0-9, -, _)")
     if name in loaded:
         raise AdapterLoadError(f"adapter '{name}' is already loaded")
-    problems = adapter_dir_problems(path) or adapter_fit_problems(path, base_dir)
+    try:
+        problems = adapter_problems(path, base_dir, backend, max_rank)
+    except (OSError, ValueError) as err:
+        problems = [f"cannot read it: {err}"]
     if problems:
-        raise AdapterLoadError(f"adapter '{name}' does not fit the base model: {problems[0]}")
+        raise AdapterLoadError(f"adapter '{name}' cannot be served: {problems[0]}")
 
 
 def check_context(prompt_tokens: int, params: SamplingParams, context: int) -> None:
@@ -26,3 +72,28 @@ def check_context(prompt_tokens: int, params: SamplingParams, context: int) -> N
             f"the context of {context} tokens",
             "max_tokens",
         )
+
+
+def longest_token_chars(tokenizer) -> int:
+    """The most characters one token decodes to: a prompt longer than context × this cannot
+    fit, whatever it says."""
+    return max(len(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+
+
+def prompt_chars(request: GenerationRequest) -> int:
+    if request.prompt is not None:
+        return len(request.prompt)
+    return sum(len(m["content"]) for m in request.messages or [])
+
+
+async def tokenize(tokenizer, request: GenerationRequest, chat_template: bool, limit: int) -> list:
+    """The prompt's token ids; a prompt of more than ``limit`` characters is refused untokenized,
+    a long one is tokenized in a worker thread."""
+    chars = prompt_chars(request)
+    if chars > limit:
+        raise PromptTooLongError(
+            f"prompt of {chars} characters cannot fit the context (at most {limit})", "messages"
+        )
+    if chars <= OFF_LOOP_CHARS:
+        return prompt_token_ids(tokenizer, request, chat_template)
+    return await asyncio.to_thread(prompt_token_ids, tokenizer, request, chat_template)

@@ -25,11 +25,14 @@ from ..interface import (
     EngineError,
     GenerationRequest,
     RequestClock,
+    RequestEndedError,
+    TokenLogprob,
     Usage,
 )
 from ..registry import HFSettings
-from ..text import TextStream, end_of_turn_ids, prompt_token_ids
-from .common import check_context, check_loadable
+from ..text import TextStream, end_of_turn_ids
+from .common import check_context, check_loadable, longest_token_chars, tokenize
+from .sample import Grammar, Grammars, adjusted, choose, logprob_entry
 
 log = logging.getLogger(__name__)
 PEFT_BASE_ROW = "__base__"  # peft's adapter_names entry for a row that uses no adapter
@@ -47,6 +50,7 @@ class Row:
     clock: RequestClock = field(default_factory=RequestClock)
     generated: list[int] = field(default_factory=list)
     rng: torch.Generator | None = None
+    grammar: Grammar | None = None
     cancelled: bool = False
     done: bool = False
 
@@ -56,6 +60,15 @@ class Row:
 
     def send(self, item: Chunk | Exception) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def fail(self, err: Exception) -> None:
+        """End this row with an error delivered to its own stream only."""
+        if not self.done:
+            self.done = True
+            wrapped = (
+                err if isinstance(err, EngineError) else EngineError(f"generation failed: {err}")
+            )
+            self.send(wrapped)
 
 
 @dataclass
@@ -100,7 +113,9 @@ class HFEngine(Engine):
         ).to(self.torch_device)
         self.model.eval()
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.prompt_char_limit = self.context * longest_token_chars(self.tokenizer)
         self.eos_ids = self.find_eos_ids()
+        self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size)
         self.names: set[str] = set()
         self.adapter_paths: dict[str, str] = {}
         for name, path in (adapters or {}).items():
@@ -112,6 +127,7 @@ class HFEngine(Engine):
         self.stopping = False
         self.peak_running = 0
         self.generated_tokens = 0
+        self.rebuilt = False
         self.worker = threading.Thread(target=self.run, name="hf-engine", daemon=True)
         self.worker.start()
         log.info("hf engine ready on %s with adapters %s", self.device, sorted(self.names))
@@ -154,8 +170,9 @@ class HFEngine(Engine):
         self.names.discard(name)
         self.adapter_paths.pop(name, None)
 
-    async def load_adapter(self, name: str, path: str) -> None:
-        check_loadable(name, Path(path), set(self.adapter_paths), self.base_dir)
+    async def load_adapter(self, name: str, path: str, max_rank: int | None = None) -> None:
+        loaded = set(self.adapter_paths)
+        check_loadable(name, Path(path), loaded, self.base_dir, self.backend, max_rank)
         await self.control("load", name, path)
 
     async def unload_adapter(self, name: str) -> None:
@@ -194,7 +211,7 @@ class HFEngine(Engine):
     # ----- requests -------------------------------------------------------------------------
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        row = self.admit_request(request)
+        row = await self.admit_request(request)
         try:
             while True:
                 item = await row.queue.get()
@@ -209,24 +226,35 @@ class HFEngine(Engine):
                 with self.wake:
                     self.wake.notify()
 
-    def admit_request(self, request: GenerationRequest) -> Row:
+    async def admit_request(self, request: GenerationRequest) -> Row:
         request.validate()
         self.check_adapter(request.adapter)
-        ids = prompt_token_ids(self.tokenizer, request, self.chat_template)
-        check_context(len(ids), request.params, self.context)
+        params = request.params
+        ids = await tokenize(self.tokenizer, request, self.chat_template, self.prompt_char_limit)
+        check_context(len(ids), params, self.context)
         row = Row(
             request=request,
             prompt_ids=ids,
-            text=TextStream(self.tokenizer, request.params.stop),
+            text=TextStream(self.tokenizer, params.stop),
             queue=asyncio.Queue(),
             loop=asyncio.get_running_loop(),
         )
-        if request.params.seed is not None:
-            row.rng = torch.Generator().manual_seed(request.params.seed)
+        if params.seed is not None:
+            row.rng = torch.Generator().manual_seed(params.seed)
+        if params.constraint is not None:
+            row.grammar = await asyncio.to_thread(self.grammars.compile, params.constraint)
+        self.check_adapter(request.adapter)  # still served after the awaits above
         with self.wake:
             self.pending.append(row)
             self.wake.notify()
         return row
+
+    def abort(self, request_id: str, why: str) -> None:
+        with self.wake:
+            for row in self.active_rows():
+                if row.request.request_id == request_id:
+                    row.fail(RequestEndedError(why or "the request was ended"))
+            self.wake.notify()
 
     def active_rows(self) -> list[Row]:
         return (self.batch.rows if self.batch else []) + self.pending
@@ -258,15 +286,8 @@ class HFEngine(Engine):
                 if self.controls:
                     self.apply_controls()
                 fresh = self.take_pending()
-            try:
-                with torch.inference_mode():
-                    self.step(fresh)
-            except Exception as err:  # keep serving: fail the rows of this batch, not the engine
-                log.exception("generation step failed")
-                for row in fresh + (self.batch.rows if self.batch else []):
-                    row.done = True
-                    row.send(EngineError(f"generation failed: {err}"))
-                self.batch = None
+            with torch.inference_mode():
+                self.step(fresh)
 
     def take_pending(self) -> list[Row]:
         self.pending = [r for r in self.pending if not r.cancelled]
@@ -275,14 +296,54 @@ class HFEngine(Engine):
         return fresh
 
     def step(self, fresh: list[Row]) -> None:
+        """Admit ``fresh`` rows and decode one token for every row. A failure is kept to the
+        rows that cause it: a failed prefill is retried row by row, a failed decode rebuilds
+        each row's cache alone, and only a row that fails by itself gets the error."""
         self.drop_rows()
         if fresh:
-            self.batch = merge_batches(self.batch, self.prefill(fresh))
-            self.peak_running = max(self.peak_running, len(self.batch.rows))
-            self.drop_rows()
-        if self.batch:
+            self.admit(fresh)
+        if not self.batch:
+            return
+        try:
             self.decode()
-            self.drop_rows()
+        except Exception as err:
+            if self.rebuilt:  # fails in a batch, never alone: end these rows, keep serving
+                log.exception("decode failed again after a rebuild: ending its rows")
+                for row in self.batch.rows:
+                    row.fail(err)
+                self.batch = None
+                return
+            log.exception("decode step failed: rebuilding the batch row by row")
+            self.rebuild()
+            return
+        self.rebuilt = False
+        self.drop_rows()
+
+    def admit(self, fresh: list[Row]) -> None:
+        try:
+            batches = [self.prefill(fresh)]
+        except Exception:
+            log.exception("prefill of %d rows failed: retrying each alone", len(fresh))
+            batches = [b for row in fresh if (b := self.alone(row, self.prefill))]
+        for batch in batches:
+            self.batch = merge_batches(self.batch, batch)
+        self.peak_running = max(self.peak_running, len(self.batch.rows) if self.batch else 0)
+        self.drop_rows()
+
+    def alone(self, row: Row, build):
+        try:
+            return build([row])
+        except Exception as err:
+            log.exception("row %s failed on its own", row.request.request_id)
+            row.fail(err)
+            return None
+
+    def rebuild(self) -> None:
+        self.rebuilt = True
+        rows, self.batch = self.batch.rows, None
+        for batch in [b for row in rows if (b := self.alone(row, self.replay))]:
+            self.batch = merge_batches(self.batch, batch)
+        self.drop_rows()
 
     def forward(self, rows: list[Row], input_ids, mask, positions, cache=None):
         kwargs = {}
@@ -322,31 +383,67 @@ class HFEngine(Engine):
         )
         batch.next_tokens = self.sample_and_emit(batch.rows, logits)
 
+    def replay(self, rows: list[Row]) -> Batch:
+        """A row's cache rebuilt from its prompt and the tokens it generated (all but the last,
+        which is the next input)."""
+        (row,) = rows
+        ids = row.prompt_ids + row.generated[:-1]
+        input_ids = torch.tensor([ids], device=self.torch_device)
+        mask = torch.ones_like(input_ids)
+        positions = torch.arange(len(ids), device=self.torch_device).unsqueeze(0)
+        from transformers import DynamicCache
+
+        _, cache = self.forward(rows, input_ids, mask, positions, DynamicCache())
+        last = torch.tensor([[row.generated[-1]]], device=self.torch_device)
+        return Batch(rows, cache, mask, last)
+
     def sample_and_emit(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
-        tokens = [sample(logits[i], row.request.params, row.rng) for i, row in enumerate(rows)]
-        for row, token in zip(rows, tokens):
-            self.emit(row, token)
+        tokens = []
+        for i, row in enumerate(rows):
+            try:
+                token, entry = self.choose_token(row, logits[i])
+                self.emit(row, token, entry)
+            except Exception as err:
+                log.exception("sampling failed for row %s", row.request.request_id)
+                row.fail(err)
+                token = next(iter(self.eos_ids))
+            tokens.append(token)
         return torch.tensor(tokens, device=self.torch_device).unsqueeze(-1)
 
-    def emit(self, row: Row, token: int) -> None:
+    def choose_token(self, row: Row, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+        params = row.request.params
+        token = choose(adjusted(logits, params, row.generated, row.grammar), params, row.rng)
+        if row.grammar is not None:
+            row.grammar.accept(token)
+        entry = None
+        if params.logprobs is not None:
+            entry = logprob_entry(logits, token, params.logprobs, self.token_text)
+        return token, entry
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def emit(self, row: Row, token: int, entry: TokenLogprob | None = None) -> None:
         row.clock.token()
         row.generated.append(token)
         self.generated_tokens += 1
         params = row.request.params
         is_eos = token in self.eos_ids and not params.ignore_eos
         delta = "" if is_eos else row.text.push(token)
+        logprobs = None if entry is None else [entry]
         finish = None
-        if is_eos or row.text.stopped:
+        if is_eos or row.text.stopped or (row.grammar is not None and row.grammar.finished):
             finish = "stop"
         elif len(row.generated) >= params.max_tokens:
             finish = "length"
         if finish is None:
-            row.send(Chunk(delta, [token]))
+            row.send(Chunk(delta, [token], logprobs=logprobs))
             return
         row.done = True
         usage = Usage(len(row.prompt_ids), len(row.generated))
         tail = delta + row.text.flush()
-        row.send(Chunk(tail, [token], finish, usage, row.clock.timings(len(row.generated))))
+        timings = row.clock.timings(len(row.generated))
+        row.send(Chunk(tail, [token], finish, usage, timings, logprobs))
 
     def drop_rows(self) -> None:
         if not self.batch:
@@ -359,21 +456,6 @@ class HFEngine(Engine):
 
 def device_label(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def sample(logits: torch.Tensor, params, rng: torch.Generator | None) -> int:
-    if params.greedy:
-        return int(torch.argmax(logits))
-    logits = logits / params.temperature
-    if params.top_k:
-        cutoff = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < cutoff, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-    return int(torch.multinomial(probs.cpu(), 1, generator=rng))
 
 
 def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

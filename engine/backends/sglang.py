@@ -15,19 +15,23 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from ..constraints import grammar_problem
 from ..interface import (
     AdapterLoadError,
     Chunk,
     Engine,
     EngineError,
     GenerationRequest,
+    InvalidRequestError,
     RequestClock,
+    RequestEndedError,
     SamplingParams,
+    TokenLogprob,
     Usage,
 )
 from ..registry import SGLangSettings
-from ..text import end_of_turn_ids, prompt_token_ids
-from .common import check_context, check_loadable
+from ..text import end_of_turn_ids
+from .common import check_context, check_loadable, longest_token_chars, tokenize
 
 log = logging.getLogger(__name__)
 UNSUPPORTED_FLOAT32 = (
@@ -53,7 +57,9 @@ def engine_kwargs(
         "sampling_backend": settings.sampling_backend,
         "mem_fraction_static": settings.mem_fraction_static,
         "disable_cuda_graph": not settings.cuda_graph,
-        "stream_interval": settings.stream_interval,
+        "stream_interval": 1 if settings.stream_interval == "auto" else settings.stream_interval,
+        "incremental_streaming_output": True,
+        "grammar_backend": "llguidance",
         "tp_size": settings.tp_size,
         "dp_size": settings.dp_size,
         "log_level": "warning",
@@ -73,7 +79,9 @@ def engine_kwargs(
     return kwargs
 
 
-def sampling_params(params: SamplingParams, stop_ids: set[int] | None = None) -> dict:
+def sampling_params(
+    params: SamplingParams, stop_ids: set[int] | None = None, stream_interval: int | None = None
+) -> dict:
     """Our ``SamplingParams`` → SGLang's sampling dict; ``stop_ids`` end the answer too."""
     out = {
         "max_new_tokens": params.max_tokens,
@@ -83,13 +91,26 @@ def sampling_params(params: SamplingParams, stop_ids: set[int] | None = None) ->
         "ignore_eos": params.ignore_eos,
         "skip_special_tokens": True,
     }
-    if params.stop:
-        out["stop"] = list(params.stop)
-    if stop_ids and not params.ignore_eos:
-        out["stop_token_ids"] = sorted(stop_ids)
-    if params.seed is not None:
-        out["sampling_seed"] = params.seed
+    optional = {
+        "stop": list(params.stop) or None,
+        "stop_token_ids": sorted(stop_ids) if stop_ids and not params.ignore_eos else None,
+        "sampling_seed": params.seed,
+        "presence_penalty": params.presence_penalty or None,
+        "frequency_penalty": params.frequency_penalty or None,
+        "logit_bias": {str(k): v for k, v in params.logit_bias.items()} or None,
+        "stream_interval": stream_interval,
+    }
+    out.update({k: v for k, v in optional.items() if v is not None})
+    if params.constraint is not None:
+        out.update(params.constraint.sglang_params())
     return out
+
+
+def adaptive_interval(running: int) -> int:
+    """Tokens per streamed chunk when many streams share the event loop: 1 (token by token) up to
+    64 running requests, then one more per 64, at most 8. The first token is always sent at once
+    (SGLang emits token 1, 1 + N, 1 + 2N, ...), so TTFT does not change."""
+    return max(1, min(8, running // 64))
 
 
 def finish_reason(meta: dict) -> str | None:
@@ -102,19 +123,36 @@ def finish_reason(meta: dict) -> str | None:
 
 
 class DeltaTracker:
-    """SGLang streams cumulative ``text`` / ``output_ids``; this yields what is new each time."""
+    """SGLang's incremental streaming outputs (``incremental_streaming_output``): each holds the
+    new text, token ids and, with logprobs, their log-probabilities; this keeps the totals."""
 
-    def __init__(self) -> None:
-        self.text = ""
+    def __init__(self, tokenizer=None) -> None:
+        self.tokenizer = tokenizer
         self.ids: list[int] = []
 
     def update(self, out: dict) -> tuple[str, list[int]]:
-        text = out.get("text") or ""
-        ids = list(out.get("output_ids") or [])
-        delta_text = text[len(self.text) :] if text.startswith(self.text) else text
-        delta_ids = ids[len(self.ids) :]
-        self.text, self.ids = text, ids
-        return delta_text, delta_ids
+        new_ids = list(out.get("output_ids") or [])
+        self.ids.extend(new_ids)
+        return out.get("text") or "", new_ids
+
+    def logprobs(self, meta: dict, top: int) -> list[TokenLogprob]:
+        """This output's tokens with their log-probabilities (``return_logprob`` requests)."""
+        chosen = meta.get("output_token_logprobs") or []
+        tops = meta.get("output_top_logprobs") or [[] for _ in chosen]
+        return [
+            TokenLogprob(
+                int(token),
+                self.text_of(int(token)),
+                float(logprob),
+                [(int(t), self.text_of(int(t)), float(lp)) for lp, t, *_ in (alternatives or [])][
+                    :top
+                ],
+            )
+            for (logprob, token, *_), alternatives in zip(chosen, tops)
+        ]
+
+    def text_of(self, token: int) -> str:
+        return self.tokenizer.decode([token]) if self.tokenizer is not None else ""
 
 
 def check_event_loop(bound, running) -> None:
@@ -266,6 +304,9 @@ class SGLangEngine(Engine):
         DroppedRequestRelease(self.engine.tokenizer_manager).install()
         self.pending = PendingAdapters(dict(list(adapters.items())[len(kwargs["lora_paths"]) :]))
         self.running = 0
+        self.adaptive = self.settings.stream_interval == "auto"
+        self.aborted: dict[str, RequestEndedError] = {}
+        self.prompt_char_limit = self.context * longest_token_chars(self.tokenizer)
         self.device = torch.cuda.get_device_name(0)
 
     def adapters(self) -> list[str]:
@@ -279,8 +320,8 @@ class SGLangEngine(Engine):
         if not getattr(result, "success", True):
             raise AdapterLoadError(f"SGLang could not load '{name}': {result.error_message}")
 
-    async def load_adapter(self, name: str, path: str) -> None:
-        check_loadable(name, Path(path), self.names, self.base_dir)
+    async def load_adapter(self, name: str, path: str, max_rank: int | None = None) -> None:
+        check_loadable(name, Path(path), self.names, self.base_dir, self.backend, max_rank)
         await self.pending.ensure(self.load_into_sglang)
         await self.load_into_sglang(name, path)
         self.names.add(name)
@@ -297,20 +338,27 @@ class SGLangEngine(Engine):
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         request.validate()
         self.check_adapter(request.adapter)
-        ids = prompt_token_ids(self.tokenizer, request, self.chat_template)
-        check_context(len(ids), request.params, self.context)
+        params = request.params
+        ids = await tokenize(self.tokenizer, request, self.chat_template, self.prompt_char_limit)
+        check_context(len(ids), params, self.context)
+        if params.constraint is not None and (problem := grammar_problem(params.constraint)):
+            raise InvalidRequestError(f"response_format: {problem}", "response_format")
         bound = getattr(self.engine.tokenizer_manager, "event_loop", None)
         check_event_loop(bound, asyncio.get_running_loop())
         await self.pending.ensure(self.load_into_sglang)
-        clock, tracker, finished = RequestClock(), DeltaTracker(), False
+        interval = adaptive_interval(self.running) if self.adaptive else None
+        logprobs = params.logprobs is not None
+        clock, tracker, finished = RequestClock(), DeltaTracker(self.tokenizer), False
         self.running += 1
         try:
             outputs = await self.engine.async_generate(
                 input_ids=ids,
-                sampling_params=sampling_params(request.params, self.stop_ids),
+                sampling_params=sampling_params(params, self.stop_ids, interval),
                 lora_path=request.adapter,
                 stream=True,
                 rid=request.request_id,
+                return_logprob=logprobs,
+                top_logprobs_num=params.logprobs or None,
             )
             clock.start()  # handed to SGLang's scheduler; its queue is not visible from here
             async for out in outputs:
@@ -318,21 +366,28 @@ class SGLangEngine(Engine):
                 text, new_ids = tracker.update(out)
                 if new_ids:
                     clock.token()
+                entries = tracker.logprobs(meta, params.logprobs) if logprobs else None
                 reason = finish_reason(meta)
                 if reason == "abort":
-                    raise abort_error(meta)
+                    raise self.aborted.pop(request.request_id, None) or abort_error(meta)
                 if reason is None:
                     if text or new_ids:
-                        yield Chunk(text, new_ids)
+                        yield Chunk(text, new_ids, logprobs=entries)
                     continue
                 finished = True
                 usage = Usage(meta.get("prompt_tokens", len(ids)), len(tracker.ids))
-                yield Chunk(text, new_ids, reason, usage, clock.timings(len(tracker.ids)))
+                timings = clock.timings(len(tracker.ids))
+                yield Chunk(text, new_ids, reason, usage, timings, entries)
                 return
         finally:
             self.running -= 1
+            self.aborted.pop(request.request_id, None)
             if not finished:
                 self.engine.tokenizer_manager.abort_request(request.request_id)
+
+    def abort(self, request_id: str, why: str) -> None:
+        self.aborted[request_id] = RequestEndedError(why or "the request was ended")
+        self.engine.tokenizer_manager.abort_request(request_id)
 
     def stats(self) -> dict:
         return {

@@ -1,0 +1,108 @@
+"""The CPU default's choice of one row's next token, as OpenAI defines the knobs: log-probabilities
+of the model's own distribution; then logit bias, presence and frequency penalties and the
+structured-output grammar's mask; then greedy, or temperature with top-k and top-p."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import torch
+
+from ..constraints import Constraint
+from ..interface import InvalidRequestError, SamplingParams, TokenLogprob
+
+
+class Grammar:
+    """One row's structured-output state: which tokens may come next (llguidance)."""
+
+    def __init__(self, matcher):
+        self.matcher = matcher
+
+    def mask(self, logits: torch.Tensor) -> None:
+        import llguidance.torch
+
+        bitmask = llguidance.torch.allocate_token_bitmask(1, logits.shape[-1])
+        llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, 0)
+        llguidance.torch.apply_token_bitmask_inplace(logits.view(1, -1), bitmask)
+
+    def accept(self, token: int) -> None:
+        if not self.matcher.consume_token(token):
+            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+
+    @property
+    def finished(self) -> bool:
+        return self.matcher.is_stopped()
+
+
+class Grammars:
+    """Compiles constraints for one tokenizer; llguidance's view of the vocabulary is built once,
+    on first use (~2 s)."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.lock = threading.Lock()
+        self.llg_tokenizer = None
+
+    def compile(self, constraint: Constraint) -> Grammar:
+        import llguidance
+        import llguidance.hf
+
+        with self.lock:
+            if self.llg_tokenizer is None:
+                self.llg_tokenizer = llguidance.hf.from_tokenizer(
+                    self.tokenizer, n_vocab=self.vocab_size
+                )
+        matcher = llguidance.LLMatcher(self.llg_tokenizer, constraint.grammar())
+        if matcher.is_error():
+            raise InvalidRequestError(
+                f"response_format cannot be compiled: {matcher.get_error()}", "response_format"
+            )
+        return Grammar(matcher)
+
+
+def logprob_entry(logits: torch.Tensor, token: int, top: int, decode) -> TokenLogprob:
+    """The chosen token's log-probability under the model, and the ``top`` most likely."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logprobs, top) if top else None
+    alternatives = (
+        [(int(i), decode(int(i)), float(v)) for v, i in zip(best.values, best.indices)]
+        if best is not None
+        else []
+    )
+    return TokenLogprob(token, decode(token), float(logprobs[token]), alternatives)
+
+
+def adjusted(
+    logits: torch.Tensor, params: SamplingParams, generated: list[int], grammar: Grammar | None
+) -> torch.Tensor:
+    """Logits after bias, penalties and the grammar's mask (a copy when any applies)."""
+    if not (params.logit_bias or params.penalised or grammar):
+        return logits
+    logits = logits.clone()
+    for token, bias in params.logit_bias.items():
+        if token < logits.shape[-1]:
+            logits[token] += bias
+    if params.penalised and generated:
+        counts = Counter(generated)
+        ids = torch.tensor(list(counts), device=logits.device)
+        n = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+        logits[ids] -= params.presence_penalty + params.frequency_penalty * n
+    if grammar is not None:
+        grammar.mask(logits)
+    return logits
+
+
+def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> int:
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if params.top_k:
+        cutoff = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < cutoff, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs.cpu(), 1, generator=rng))

@@ -1,0 +1,308 @@
+"""The HTTP front end under pressure: huge bodies do not stall other streams, a failing row
+reaches only its own request, SIGTERM drains with a deadline, unload ends its streams after
+its deadline, admin is off without a token, Gradio's upload route is capped. Real HTTP, real
+uvicorn, the real SmolLM2 tokenizer and the CPU default where a model is needed.
+
+No assertion depends on this machine's speed except the stall test's 1-second bound, which is
+~50× the token gap it watches (the tokens come from a paced engine with no model)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from engine.api import create_api
+from engine.backends.common import check_context, longest_token_chars, tokenize
+from loadtest.no_model import NoModelEngine
+
+MIB = 1 << 20
+
+
+class TokenizingNoModel(NoModelEngine):
+    """The no-model engine, admitting requests as the real backends do: the SmolLM2 tokenizer,
+    its chat template, the character pre-check and the context check."""
+
+    def __init__(self, tokenizer, adapters: list[str], gap_s: float):
+        super().__init__("SmolLM2-135M-Instruct", adapters, gap_s)
+        self.tokenizer, self.context = tokenizer, 8192
+        self.limit = self.context * longest_token_chars(tokenizer)
+
+    async def stream(self, request):
+        ids = await tokenize(self.tokenizer, request, True, self.limit)
+        check_context(len(ids), request.params, self.context)
+        async for chunk in super().stream(request):
+            yield chunk
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_dir)
+
+
+def serve(engine, registry, **kwargs):
+    from conftest import LiveServer
+
+    return LiveServer(create_api(engine, registry, **kwargs))
+
+
+def stream_gaps(url: str, body: dict) -> dict:
+    """Read one SSE stream; the largest gap between events, and how it ended."""
+    gaps, events, last = [], [], None
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+            events.append(line[6:])
+    return {"max_gap": max(gaps), "events": events}
+
+
+def streamed_text(events: list[str]) -> str:
+    chunks = [json.loads(e) for e in events if e != "[DONE]"]
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+
+
+def headers_only(port: int, size: int) -> int:
+    """Announce a ``size``-byte body, send none of it, and read the status the server answers."""
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        f"content-length: {size}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head.encode())
+        return int(s.recv(4096).split(b" ")[1])
+
+
+def test_huge_bodies_do_not_stall_other_streams_or_health(tokenizer, registry_for):
+    engine = TokenizingNoModel(tokenizer, ["alpha"], gap_s=0.02)
+    live = serve(engine, registry_for)
+    body = {
+        "model": "base",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 250,
+        "stream": True,
+    }
+    long_prompt = {"model": "base", "messages": [{"role": "user", "content": "word " * 120_000}]}
+    try:
+        with ThreadPoolExecutor(24) as pool:
+            watched = pool.submit(stream_gaps, live.url, body)
+            time.sleep(0.5)
+            door = [pool.submit(headers_only, live.port, 5 * MIB) for _ in range(8)]
+            inside = [
+                pool.submit(
+                    httpx.post, f"{live.url}/v1/chat/completions", json=long_prompt, timeout=120
+                )
+                for _ in range(2)
+            ]
+            health = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                assert httpx.get(f"{live.url}/health", timeout=30).status_code == 200
+                health.append(time.perf_counter() - t0)
+            statuses = [f.result() for f in door]
+            answers = [f.result() for f in inside]
+            stream = watched.result()
+    finally:
+        live.stop()
+    assert statuses == [413] * 8  # refused by Content-Length, before any byte of the body
+    for answer in answers:  # 600 KB: under the body limit, tokenized off the loop, too long
+        assert answer.status_code == 413 and "context" in answer.json()["error"]["message"]
+    assert stream["events"][-1] == "[DONE]" and len(stream["events"]) > 250
+    assert stream["max_gap"] < 1.0, f"another stream stalled for {stream['max_gap']:.2f} s"
+    assert max(health) < 1.0, f"/health took {max(health):.2f} s"
+
+
+def test_a_failing_row_fails_only_its_own_request(hf_engine, registry_for, monkeypatch):
+    """A row whose forward pass raises (here: any batch holding adapter beta) ends with an error
+    for its own request; the base stream beside it goes on to the end, token for token as alone."""
+    base = {
+        "model": "base",
+        "messages": [{"role": "user", "content": "Count to twenty."}],
+        "max_tokens": 40,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    live = serve(hf_engine, registry_for)
+    try:
+        alone = stream_gaps(live.url, base)["events"]
+        forward = hf_engine.forward
+
+        def poisoned(rows, *args, **kwargs):
+            if any(row.request.adapter == "beta" for row in rows):
+                raise RuntimeError("kernel failure on beta")
+            return forward(rows, *args, **kwargs)
+
+        monkeypatch.setattr(hf_engine, "forward", poisoned)
+        with ThreadPoolExecutor(2) as pool:
+            beside = pool.submit(stream_gaps, live.url, base)
+            time.sleep(0.2)
+            beta = {
+                "model": "beta",
+                "template_fields": {"context": "a", "question": "b"},
+                "max_tokens": 20,
+                "temperature": 0,
+            }
+            failed = httpx.post(f"{live.url}/v1/chat/completions", json=beta, timeout=120)
+            events = beside.result()["events"]
+        metrics = httpx.get(f"{live.url}/metrics").text
+    finally:
+        live.stop()
+    assert failed.status_code == 500 and "kernel failure" in failed.json()["error"]["message"]
+    assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
+    assert streamed_text(events) == streamed_text(alone)
+    assert 'type="server_error",status="500"' in metrics
+
+
+def test_sigterm_refuses_new_requests_and_ends_streams_at_the_drain_deadline(
+    tokenizer, registry_for
+):
+    import uvicorn
+
+    from engine.api.server import DrainingServer
+
+    registry = registry_for.model_copy(deep=True)
+    registry.server.drain_seconds = 1.0
+    engine = TokenizingNoModel(tokenizer, [], gap_s=0.05)
+    app = create_api(engine, registry)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=3
+    )
+    server = DrainingServer(config, app.state.api)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    body = {
+        "model": "base",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 2000,
+        "stream": True,
+    }
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(stream_gaps, url, body)
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        server.handle_exit(15, None)  # what uvicorn's SIGTERM handler calls
+        events = running.result()["events"]
+        ended = time.perf_counter() - t0
+    thread.join(10)
+    assert not thread.is_alive(), "the server did not exit after the drain"
+    assert events[-1] == "[DONE]" and "shutting down" in events[-2]
+    assert 0.8 < ended < 3.0, f"the stream ended {ended:.1f} s after SIGTERM (deadline 1 s)"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health", timeout=5)
+
+
+def test_unload_ends_its_streams_after_the_deadline_and_holds_the_name(
+    hf_engine, registry_for, adapter_dirs, tmp_path
+):
+    import shutil
+
+    shutil.copytree(adapter_dirs["alpha"], tmp_path / "delta")
+    registry = registry_for.model_copy(deep=True)
+    registry.server.unload_seconds = 1.0
+    live = serve(hf_engine, registry, admin_token="t", adapter_root=tmp_path)
+    auth = {"authorization": "Bearer t"}
+    try:
+        loaded = httpx.post(
+            f"{live.url}/v1/adapters",
+            json={"name": "delta", "path": "delta"},
+            headers=auth,
+            timeout=120,
+        )
+        assert loaded.status_code == 200, loaded.text
+        body = {
+            "model": "delta",
+            "prompt_template": "raw",
+            "max_tokens": 4000,
+            "ignore_eos": True,
+            "stream": True,
+            "messages": [{"role": "user", "content": "Go on."}],
+        }
+        with ThreadPoolExecutor(3) as pool:
+            running = pool.submit(stream_gaps, live.url, body)
+            time.sleep(1.0)
+            unloading = pool.submit(
+                httpx.delete, f"{live.url}/v1/adapters/delta", headers=auth, timeout=120
+            )
+            time.sleep(0.3)
+            again = httpx.post(
+                f"{live.url}/v1/adapters",
+                json={"name": "delta", "path": "delta"},
+                headers=auth,
+                timeout=30,
+            )
+            used = httpx.post(
+                f"{live.url}/v1/chat/completions",
+                json=body | {"stream": False, "max_tokens": 2},
+                timeout=30,
+            )
+            unloaded = unloading.result()
+            events = running.result()["events"]
+    finally:
+        live.stop()
+    assert again.status_code == 409 and "being unloaded" in again.json()["error"]["message"]
+    assert used.status_code == 404
+    assert unloaded.status_code == 200 and unloaded.json()["streams_ended"] == 1
+    assert events[-1] == "[DONE]" and "unloaded" in events[-2]
+    assert "delta" not in hf_engine.adapters()
+
+
+@pytest.mark.parametrize("token", [None, ""])
+def test_admin_routes_are_off_without_a_token(hf_engine, registry_for, token, tmp_path):
+    live = serve(hf_engine, registry_for, admin_token=token, adapter_root=tmp_path)
+    try:
+        load = httpx.post(f"{live.url}/v1/adapters", json={"name": "x", "path": "x"})
+        unload = httpx.delete(f"{live.url}/v1/adapters/alpha")
+    finally:
+        live.stop()
+    for response in (load, unload):
+        assert response.status_code == 403
+        assert "LORALAND_ADMIN_TOKEN" in response.json()["error"]["message"]
+    assert "alpha" in hf_engine.adapters()
+
+
+def test_gradio_upload_route_is_capped_at_the_body_limit(hf_engine, registry_for, tmp_path):
+    from conftest import LiveServer
+
+    from app import create_app
+
+    registry = registry_for.model_copy(deep=True)
+    registry.server.max_body_bytes = 100_000
+    live = LiveServer(create_app(hf_engine, registry, tmp_path))
+    try:
+        files = {"files": ("big.bin", b"x" * 2_000_000, "application/octet-stream")}
+        upload = httpx.post(f"{live.url}/gradio_api/upload", files=files, timeout=60)
+    finally:
+        live.stop()
+    assert upload.status_code == 413
+
+
+def test_hot_loading_a_dora_adapter_is_refused_naming_why(hf_engine, base_dir, tmp_path):
+    from helpers import make_peft_adapter
+
+    from engine import AdapterLoadError
+
+    dora = make_peft_adapter(
+        base_dir, tmp_path / "dora", r=4, target_modules=["q_proj"], seed=5, use_dora=True
+    )
+    with pytest.raises(AdapterLoadError, match="DoRA"):
+        asyncio.run(hf_engine.load_adapter("dora", dora))
+    assert "dora" not in hf_engine.adapters()

@@ -1,0 +1,249 @@
+"""Hostile and malformed requests, table-driven, over real HTTP against the CPU default: each gets
+the expected 4xx in OpenAI's error shape (never a 500, a redirect or another shape), and the
+server keeps serving (``/health`` answers after every one, on the same keep-alive connection).
+
+The cases that once crashed a request or reset the connection are here first."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from engine.api import create_api
+
+TOKEN = "s3cret"
+CHAT = "/v1/chat/completions"
+DONE = "/v1/completions"
+OK_CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+OK_DONE = {"model": "base", "prompt": "The sky is", "max_tokens": 2}
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+def chat(**changes):
+    body = {**OK_CHAT, **changes}
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+def completion(**changes):
+    body = {**OK_DONE, **changes}
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+def message(**fields):
+    return chat(messages=[{"role": "user", "content": "Hi"} | fields])
+
+
+# (id, method, path, body: dict | bytes | None, headers, status, param or None)
+# fmt: off
+CASES = [
+    # once 500s or resets
+    ("lone-surrogate-chat", "POST", CHAT, message(content="x\ud800y"), {}, 400, "messages.0.content"),
+    ("lone-surrogate-completion", "POST", DONE, completion(prompt="x\udc00"), {}, 400, "prompt"),
+    ("lone-surrogate-stop", "POST", CHAT, chat(stop="\ud800"), {}, 400, "stop"),
+    ("seed-2^64", "POST", CHAT, chat(seed=2**64), {}, 400, "seed"),
+    ("seed-huge-negative", "POST", CHAT, chat(seed=-(2**70)), {}, 400, "seed"),
+    ("nul-in-adapter-path", "POST", "/v1/adapters", {"name": "x2", "path": "alpha\u0000"}, AUTH, 400, "path"),
+    ("non-utf8-body", "POST", CHAT, b'{"model": "\xff\xfe"}', {}, 400, None),
+    ("deep-nesting", "POST", CHAT, b"[" * 30_000 + b"]" * 30_000, {}, 400, None),
+    ("deep-nesting-object", "POST", CHAT, b'{"a":' * 10_000 + b"1" + b"}" * 10_000, {}, 400, None),
+    # loose types are refused
+    ("max_tokens-string", "POST", CHAT, chat(max_tokens="8"), {}, 400, "max_tokens"),
+    ("max_tokens-bool", "POST", CHAT, chat(max_tokens=True), {}, 400, "max_tokens"),
+    ("max_tokens-float", "POST", CHAT, chat(max_tokens=8.5), {}, 400, "max_tokens"),
+    ("max_tokens-zero", "POST", CHAT, chat(max_tokens=0), {}, 400, "max_tokens"),
+    ("max_tokens-negative", "POST", CHAT, chat(max_tokens=-5), {}, 400, "max_tokens"),
+    ("max_tokens-huge", "POST", CHAT, chat(max_tokens=10**9), {}, 413, "max_tokens"),
+    ("max_completion_tokens-string", "POST", CHAT, chat(max_completion_tokens="4"), {}, 400, "max_completion_tokens"),
+    ("stream-string", "POST", CHAT, chat(stream="yes"), {}, 400, "stream"),
+    ("stream-int", "POST", CHAT, chat(stream=1), {}, 400, "stream"),
+    ("stream_options-not-object", "POST", CHAT, chat(stream=True, stream_options=True), {}, 400, "stream_options"),
+    ("stream_options-unknown", "POST", CHAT, chat(stream=True, stream_options={"x": 1}), {}, 400, "stream_options.x"),
+    ("temperature-string", "POST", CHAT, chat(temperature="0.5"), {}, 400, "temperature"),
+    ("temperature-bool", "POST", CHAT, chat(temperature=False), {}, 400, "temperature"),
+    ("temperature-negative", "POST", CHAT, chat(temperature=-0.1), {}, 400, "temperature"),
+    ("temperature-too-high", "POST", CHAT, chat(temperature=2.5), {}, 400, "temperature"),
+    ("temperature-nan", "POST", CHAT, b'{"model": "alpha", "messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}', {}, 400, "temperature"),
+    ("temperature-infinity", "POST", CHAT, b'{"model": "alpha", "messages": [{"role": "user", "content": "Hi"}], "temperature": Infinity}', {}, 400, "temperature"),
+    ("top_p-zero", "POST", CHAT, chat(top_p=0), {}, 400, "top_p"),
+    ("top_p-above-one", "POST", CHAT, chat(top_p=1.5), {}, 400, "top_p"),
+    ("top_k-below-minus-one", "POST", CHAT, chat(top_k=-2), {}, 400, "top_k"),
+    ("top_k-float", "POST", CHAT, chat(top_k=2.5), {}, 400, "top_k"),
+    ("n-zero", "POST", CHAT, chat(n=0), {}, 400, "n"),
+    ("n-too-many", "POST", CHAT, chat(n=17), {}, 400, "n"),
+    ("n-string", "POST", CHAT, chat(n="2"), {}, 400, "n"),
+    ("seed-string", "POST", CHAT, chat(seed="1"), {}, 400, "seed"),
+    ("seed-float", "POST", CHAT, chat(seed=1.5), {}, 400, "seed"),
+    ("presence_penalty-range", "POST", CHAT, chat(presence_penalty=3), {}, 400, "presence_penalty"),
+    ("frequency_penalty-range", "POST", CHAT, chat(frequency_penalty=-2.5), {}, 400, "frequency_penalty"),
+    ("frequency_penalty-string", "POST", CHAT, chat(frequency_penalty="1"), {}, 400, "frequency_penalty"),
+    ("logit_bias-not-token-id", "POST", CHAT, chat(logit_bias={"hello": 5}), {}, 400, "logit_bias"),
+    ("logit_bias-out-of-range", "POST", CHAT, chat(logit_bias={"5": 101}), {}, 400, "logit_bias"),
+    ("logit_bias-list", "POST", CHAT, chat(logit_bias=[1, 2]), {}, 400, "logit_bias"),
+    ("stop-five", "POST", CHAT, chat(stop=["a", "b", "c", "d", "e"]), {}, 400, "stop"),
+    ("stop-empty-string", "POST", CHAT, chat(stop=[""]), {}, 400, "stop"),
+    ("stop-int", "POST", CHAT, chat(stop=5), {}, 400, "stop"),
+    ("stop-nested", "POST", CHAT, chat(stop=[["a"]]), {}, 400, "stop"),
+    ("ignore_eos-string", "POST", CHAT, chat(ignore_eos="true"), {}, 400, "ignore_eos"),
+    ("user-int", "POST", CHAT, chat(user=5), {}, 400, "user"),
+    ("logprobs-int-on-chat", "POST", CHAT, chat(logprobs=3), {}, 400, "logprobs"),
+    ("top_logprobs-without-logprobs", "POST", CHAT, chat(top_logprobs=2), {}, 400, "top_logprobs"),
+    ("top_logprobs-too-many", "POST", CHAT, chat(logprobs=True, top_logprobs=21), {}, 400, "top_logprobs"),
+    ("completion-logprobs-too-many", "POST", DONE, completion(logprobs=6), {}, 400, "logprobs"),
+    ("completion-logprobs-bool", "POST", DONE, completion(logprobs=True), {}, 400, "logprobs"),
+    ("completion-echo-with-logprobs", "POST", DONE, completion(echo=True, logprobs=1), {}, 400, "echo"),
+    ("completion-echo-token-prompt", "POST", DONE, completion(echo=True, prompt=[1, 2]), {}, 400, "echo"),
+    ("completion-echo-string", "POST", DONE, completion(echo="yes"), {}, 400, "echo"),
+    # fields that would be ignored are refused, naming them
+    ("tools", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), {}, 400, "tools"),
+    ("tool_choice", "POST", CHAT, chat(tool_choice="required"), {}, 400, "tool_choice"),
+    ("functions", "POST", CHAT, chat(functions=[{"name": "f"}]), {}, 400, "functions"),
+    ("function_call", "POST", CHAT, chat(function_call="auto"), {}, 400, "function_call"),
+    ("parallel_tool_calls", "POST", CHAT, chat(parallel_tool_calls=True), {}, 400, "parallel_tool_calls"),
+    ("audio", "POST", CHAT, chat(audio={"voice": "alloy"}), {}, 400, "audio"),
+    ("modalities", "POST", CHAT, chat(modalities=["text", "audio"]), {}, 400, "modalities"),
+    ("prediction", "POST", CHAT, chat(prediction={"type": "content", "content": "x"}), {}, 400, "prediction"),
+    ("reasoning_effort", "POST", CHAT, chat(reasoning_effort="high"), {}, 400, "reasoning_effort"),
+    ("store", "POST", CHAT, chat(store=True), {}, 400, "store"),
+    ("metadata", "POST", CHAT, chat(metadata={"a": "b"}), {}, 400, "metadata"),
+    ("service_tier", "POST", CHAT, chat(service_tier="flex"), {}, 400, "service_tier"),
+    ("web_search_options", "POST", CHAT, chat(web_search_options={}), {}, 200, None),
+    ("suffix", "POST", DONE, completion(suffix="end"), {}, 400, "suffix"),
+    ("best_of-larger-than-n", "POST", DONE, completion(best_of=3), {}, 400, "best_of"),
+    ("unknown-field", "POST", CHAT, chat(repetition_penalty=1.2), {}, 400, "repetition_penalty"),
+    ("unknown-field-typo", "POST", CHAT, chat(max_token=5), {}, 400, "max_token"),
+    ("response_format-unknown-type", "POST", CHAT, chat(response_format={"type": "xml"}), {}, 400, "response_format.type"),
+    ("response_format-schema-missing", "POST", CHAT, chat(response_format={"type": "json_schema"}), {}, 400, "response_format"),
+    ("response_format-choice-empty", "POST", CHAT, chat(response_format={"type": "choice", "choices": []}), {}, 400, "response_format.choices"),
+    ("response_format-bad-regex", "POST", CHAT, chat(response_format={"type": "regex", "regex": "(("}), {}, 400, "response_format"),
+    ("response_format-bad-schema", "POST", CHAT, chat(response_format={ "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}, } ), {}, 400, "response_format"),
+    ("response_format-string", "POST", CHAT, chat(response_format="json"), {}, 400, "response_format"),
+    # messages
+    ("messages-missing", "POST", CHAT, chat(messages=...), {}, 400, "messages"),
+    ("messages-empty", "POST", CHAT, chat(messages=[]), {}, 400, "messages"),
+    ("messages-not-list", "POST", CHAT, chat(messages="Hi"), {}, 400, "messages"),
+    ("message-not-object", "POST", CHAT, chat(messages=["Hi"]), {}, 400, "messages.0"),
+    ("message-role-wizard", "POST", CHAT, message(role="wizard"), {}, 400, "messages.0.role"),
+    ("message-role-tool", "POST", CHAT, message(role="tool"), {}, 400, "messages.0.role"),
+    ("message-role-missing", "POST", CHAT, chat(messages=[{"content": "Hi"}]), {}, 400, "messages.0.role"),
+    ("message-content-int", "POST", CHAT, message(content=5), {}, 400, "messages.0.content"),
+    ("message-content-null", "POST", CHAT, message(content=None), {}, 400, "messages.0.content"),
+    ("message-content-missing", "POST", CHAT, chat(messages=[{"role": "user"}]), {}, 400, "messages.0.content"),
+    ("message-image-part", "POST", CHAT, message(content=[{"type": "image_url", "image_url": {"url": "http://x"}}]), {}, 400, "messages.0.content"),
+    ("message-part-without-text", "POST", CHAT, message(content=[{"type": "text"}]), {}, 400, "messages.0.content"),
+    ("message-unknown-key", "POST", CHAT, message(tool_calls=[]), {}, 400, "messages.0.tool_calls"),
+    ("last-message-not-user", "POST", CHAT, chat(messages=[{"role": "assistant", "content": "Hi"}]), {}, 400, "messages"),
+    ("template_fields-unknown", "POST", CHAT, chat(template_fields={"nope": "x"}), {}, 400, "template_fields"),
+    ("template_fields-not-strings", "POST", CHAT, chat(template_fields={"review": 5}), {}, 400, "template_fields.review"),
+    ("template_fields-on-base", "POST", CHAT, chat(model="base", template_fields={"x": "y"}), {}, 400, "template_fields"),
+    ("prompt_template-unknown", "POST", CHAT, chat(prompt_template="maybe"), {}, 400, "prompt_template"),
+    ("two-field-template-needs-fields", "POST", CHAT, chat(model="beta"), {}, 400, "template_fields"),
+    # prompts
+    ("prompt-missing", "POST", DONE, completion(prompt=...), {}, 400, "prompt"),
+    ("prompt-empty", "POST", DONE, completion(prompt=""), {}, 400, "prompt"),
+    ("prompt-int", "POST", DONE, completion(prompt=5), {}, 400, "prompt"),
+    ("prompt-empty-list", "POST", DONE, completion(prompt=[]), {}, 400, "prompt"),
+    ("prompt-too-many", "POST", DONE, completion(prompt=["a"] * 17), {}, 400, "prompt"),
+    ("prompt-token-out-of-vocab", "POST", DONE, completion(prompt=[1, 10**7]), {}, 400, "prompt"),
+    ("prompt-negative-token", "POST", DONE, completion(prompt=[-1]), {}, 400, "prompt"),
+    ("prompt-mixed-list", "POST", DONE, completion(prompt=["a", 1]), {}, 400, "prompt"),
+    ("prompt_template-on-completions", "POST", DONE, completion(prompt_template="raw"), {}, 400, "prompt_template"),
+    ("prompt-over-the-context", "POST", DONE, completion(prompt="word " * 9000), {}, 413, "max_tokens"),
+    # models
+    ("model-unknown", "POST", CHAT, chat(model="nope"), {}, 404, "model"),
+    ("model-empty", "POST", CHAT, chat(model=""), {}, 400, "model"),
+    ("model-int", "POST", CHAT, chat(model=5), {}, 400, "model"),
+    ("model-base-colon-unknown", "POST", CHAT, chat(model="base:nope"), {}, 404, "model"),
+    ("model-retrieve-unknown", "GET", "/v1/models/nope", None, {}, 404, "model"),
+    # bodies and routes
+    ("empty-body", "POST", CHAT, b"", {}, 400, None),
+    ("body-array", "POST", CHAT, b"[]", {}, 400, None),
+    ("body-string", "POST", CHAT, b'"hi"', {}, 400, None),
+    ("body-null", "POST", CHAT, b"null", {}, 400, None),
+    ("truncated-json", "POST", CHAT, b'{"model": "alpha", "messages": [', {}, 400, None),
+    ("body-over-the-limit", "POST", CHAT, b"x" * 70_000, {}, 413, None),
+    ("get-on-chat", "GET", CHAT, None, {}, 405, None),
+    ("put-on-completions", "PUT", DONE, b"{}", {}, 405, None),
+    ("unknown-v1-route", "GET", "/v1/embeddings", None, {}, 404, None),
+    ("unknown-route", "GET", "/nope", None, {}, 404, None),
+    ("delete-adapters-slash", "DELETE", "/v1/adapters/", None, AUTH, 404, None),
+    ("post-models", "POST", "/v1/models", b"{}", {}, 405, None),
+    # admin
+    ("admin-no-token", "POST", "/v1/adapters", {"name": "x", "path": "gamma"}, {}, 401, None),
+    ("admin-wrong-token", "DELETE", "/v1/adapters/alpha", None, {"authorization": "Bearer nope"}, 401, None),
+    ("admin-token-prefix", "DELETE", "/v1/adapters/alpha", None, {"authorization": f"Bearer {TOKEN[:-1]}"}, 401, None),
+    ("admin-path-traversal", "POST", "/v1/adapters", {"name": "x", "path": "../../etc"}, AUTH, 403, "path"),
+    ("admin-absolute-outside", "POST", "/v1/adapters", {"name": "x", "path": "/etc"}, AUTH, 403, "path"),
+    ("admin-reserved-base", "POST", "/v1/adapters", {"name": "base", "path": "gamma"}, AUTH, 422, "name"),
+    ("admin-bad-slug", "POST", "/v1/adapters", {"name": "Bad Name", "path": "gamma"}, AUTH, 422, "name"),
+    ("admin-already-loaded", "POST", "/v1/adapters", {"name": "alpha", "path": "gamma"}, AUTH, 422, None),
+    ("admin-not-an-adapter", "POST", "/v1/adapters", {"name": "x", "path": "."}, AUTH, 422, None),
+    ("admin-dora", "POST", "/v1/adapters", {"name": "x", "path": "dora"}, AUTH, 422, None),
+    ("admin-rank-too-high", "POST", "/v1/adapters", {"name": "x", "path": "big"}, AUTH, 422, None),
+    ("admin-unknown-field", "POST", "/v1/adapters", {"name": "x", "path": "gamma", "force": True}, AUTH, 400, "force"),
+    ("admin-unload-unknown", "DELETE", "/v1/adapters/nope", None, AUTH, 404, None),
+]
+# fmt: on
+
+
+@pytest.fixture(scope="module")
+def server(hf_engine, registry_for, adapter_dirs, base_dir, tmp_path_factory):
+    import shutil
+
+    from conftest import LiveServer
+    from helpers import make_peft_adapter
+
+    root = tmp_path_factory.mktemp("hostile_root")
+    shutil.copytree(adapter_dirs["beta"], root / "gamma")
+    make_peft_adapter(
+        base_dir, root / "dora", r=4, target_modules=["q_proj"], seed=3, use_dora=True
+    )
+    make_peft_adapter(base_dir, root / "big", r=16, target_modules=["q_proj"], seed=4)
+    registry = registry_for.model_copy(deep=True)
+    registry.server.max_body_bytes = 65_536
+    registry.server.max_adapter_rank = 8
+    app = create_api(hf_engine, registry, admin_token=TOKEN, adapter_root=root)
+    live = LiveServer(app)
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:  # one keep-alive connection
+        yield c
+
+
+def send(client, method, path, body, headers):
+    content = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    headers = {"content-type": "application/json"} | headers
+    return client.request(method, path, content=content, headers=headers)
+
+
+def test_there_are_over_a_hundred_cases():
+    assert len(CASES) >= 100 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize(("name", "method", "path", "body", "headers", "status", "param"), CASES,
+                         ids=[c[0] for c in CASES])  # fmt: skip
+def test_bad_request_gets_its_4xx_in_openai_shape_and_serving_goes_on(
+    client, name, method, path, body, headers, status, param
+):
+    response = send(client, method, path, body, headers)
+    assert response.status_code == status, response.text[:500]
+    if status != 200:
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["message"] and error["type"] and error["code"] == status
+        if param is not None:
+            assert (error["param"] or "").startswith(param), error
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json()["ok"] is True
+
+
+def test_the_metrics_count_every_status_class_that_happened(client):
+    send(client, "POST", CHAT, chat(model="nope"), {})
+    send(client, "POST", CHAT, b"{", {})
+    text = client.get("/metrics").text
+    assert 'status="404"' in text and 'status="400"' in text and 'status="413"' in text

@@ -1,0 +1,154 @@
+"""The official ``openai`` SDK against the API on the CPU default: streaming with usage, errors
+as the SDK's exceptions, structured output, logprobs, ``n``, penalties, seeds, and the inputs
+OpenAI accepts (content parts, the developer role, token-array prompts)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import openai
+import pytest
+from openai import OpenAI
+
+from engine.api import create_api
+
+ADDRESS_SCHEMA = {
+    "type": "object",
+    "properties": {"number": {"type": "string"}, "street": {"type": "string"}},
+    "required": ["number", "street"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def client(hf_engine, registry_for):
+    from conftest import LiveServer
+
+    live = LiveServer(create_api(hf_engine, registry_for))
+    yield OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=300)
+    live.stop()
+
+
+def ask(client, content="Name a fruit.", model="base", **extra):
+    messages = [{"role": "user", "content": content}]
+    return client.chat.completions.create(model=model, messages=messages, **extra)
+
+
+def test_streaming_with_usage_matches_the_whole_answer(client):
+    whole = ask(client, max_tokens=12, temperature=0)
+    chunks = list(ask(client, max_tokens=12, temperature=0, stream=True,
+                      stream_options={"include_usage": True}))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-2].choices[0].finish_reason in {"stop", "length"}
+
+
+def test_errors_arrive_as_the_sdks_exceptions(client):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        ask(client, model="nope")
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        ask(client, temperature=3)
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        ask(client, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    with pytest.raises(openai.BadRequestError, match="unknown field 'repetition_penalty'"):
+        ask(client, extra_body={"repetition_penalty": 1.1})
+
+
+def test_json_schema_output_parses_and_matches_the_schema(client):
+    response = ask(
+        client,
+        content="Parse the address 12 Main Street into its number and street.",
+        max_tokens=60,
+        temperature=0,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "address", "schema": ADDRESS_SCHEMA, "strict": True},
+        },
+    )
+    parsed = json.loads(response.choices[0].message.content)
+    assert set(parsed) == {"number", "street"}
+    assert all(isinstance(v, str) for v in parsed.values())
+
+
+def test_json_object_and_choice_constraints(client):
+    obj = ask(client, content="Describe an apple.", max_tokens=40, temperature=0,
+              response_format={"type": "json_object"})  # fmt: skip
+    assert obj.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    yes_no = {"response_format": {"type": "choice", "choices": ["yes", "no"]}}
+    choice = ask(client, content="Is the sky green?", max_tokens=8, temperature=0.9, seed=3,
+                 extra_body=yes_no)  # fmt: skip
+    assert choice.choices[0].message.content in {"yes", "no"}
+
+
+def test_logprobs_and_top_logprobs_have_openais_shape(client):
+    response = ask(client, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    content = response.choices[0].logprobs.content
+    assert len(content) == response.usage.completion_tokens
+    first = content[0]
+    assert first.logprob <= 0 and len(first.top_logprobs) == 3
+    assert first.top_logprobs[0].token == first.token  # greedy: the chosen token is the best
+    assert math.isclose(first.top_logprobs[0].logprob, first.logprob, abs_tol=1e-5)
+    assert bytes(first.bytes).decode() == first.token
+    done = client.completions.create(model="base", prompt="The sky is", max_tokens=4,
+                                     temperature=0, logprobs=2)  # fmt: skip
+    lp = done.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert "".join(lp.tokens) == done.choices[0].text
+
+
+def test_n_choices_with_a_seed_are_reproducible_and_distinct(client):
+    first = ask(client, n=3, max_tokens=10, temperature=1.0, seed=11)
+    again = ask(client, n=3, max_tokens=10, temperature=1.0, seed=11)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in again.choices]
+    assert len(set(texts)) > 1
+    streamed = list(ask(client, n=2, max_tokens=6, temperature=0, stream=True))
+    assert {c.choices[0].index for c in streamed if c.choices} == {0, 1}
+
+
+def test_penalties_and_logit_bias_change_the_answer(client, base_dir):
+    from transformers import AutoTokenizer
+
+    plain = ask(client, content="Repeat: la la la la la la", max_tokens=16, temperature=0)
+    penalised = ask(client, content="Repeat: la la la la la la", max_tokens=16, temperature=0,
+                    frequency_penalty=2.0, presence_penalty=2.0)  # fmt: skip
+    assert plain.choices[0].message.content != penalised.choices[0].message.content
+    greedy = ask(client, max_tokens=4, temperature=0).choices[0].message.content
+    first = AutoTokenizer.from_pretrained(base_dir).encode(greedy)[0]
+    biased = ask(client, max_tokens=4, temperature=0, logit_bias={str(first): -100})
+    assert biased.choices[0].message.content != greedy
+
+
+def test_openai_inputs_content_parts_developer_role_and_token_prompts(client):
+    parts = [{"type": "text", "text": "Name a fruit."}]
+    with_parts = client.chat.completions.create(
+        model="base", max_tokens=8, temperature=0,
+        messages=[{"role": "developer", "content": "Answer in one word."},
+                  {"role": "user", "content": parts}],
+    )  # fmt: skip
+    as_system = client.chat.completions.create(
+        model="base", max_tokens=8, temperature=0,
+        messages=[{"role": "system", "content": "Answer in one word."},
+                  {"role": "user", "content": "Name a fruit."}],
+    )  # fmt: skip
+    assert with_parts.choices[0].message.content == as_system.choices[0].message.content
+    by_ids = client.completions.create(model="base", prompt=[504, 3384, 314], max_tokens=4,
+                                       temperature=0)  # fmt: skip
+    assert by_ids.usage.prompt_tokens == 3 and by_ids.choices[0].text
+    batch = client.completions.create(model="base", prompt=["One", "Two"], max_tokens=2)
+    assert [c.index for c in batch.choices] == [0, 1]
+    echoed = client.completions.create(model="base", prompt="The sky is", max_tokens=3,
+                                       temperature=0, echo=True)  # fmt: skip
+    assert echoed.choices[0].text.startswith("The sky is")
+
+
+def test_models_list_and_retrieve(client):
+    ids = [m.id for m in client.models.list()]
+    assert ids[0] == "SmolLM2-135M-Instruct" and {"alpha", "beta"} <= set(ids)
+    assert client.models.retrieve("alpha").id == "alpha"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
