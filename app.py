@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -137,6 +138,32 @@ async def side_by_side(engine: Engine, adapter: str, text: str, params: Sampling
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def every_adapter(engine: Engine, catalog: Catalog, text: str) -> list[list]:
+    """One input through every adapter (each filling its own template) and the base, in one
+    batch: each answer with its TTFT and the probability the model gave it."""
+    models = [*catalog.names(), None]
+    requests = []
+    for name in models:
+        spec = catalog.registered(name)
+        params = resolve(spec, logprobs=0)
+        content = fill_template(spec, text)
+        requests.append(
+            GenerationRequest(name, messages=[{"role": "user", "content": content}], params=params)
+        )
+    done = await engine.generate(requests)
+    return [
+        [name or BASE_MODEL_ALIAS, c.text.strip(), f"{c.timings.ttft_s * 1000:.0f}", confidence(c)]
+        for name, c in zip(models, done)
+    ]
+
+
+def confidence(completion) -> str:
+    """The answer's probability under the model (the product of its tokens')."""
+    if not completion.logprobs:
+        return "—"
+    return f"{math.exp(sum(e.logprob for e in completion.logprobs)):.1%}"
 
 
 def build_demo(engine: Engine, registry: Registry) -> gr.Blocks:
@@ -269,6 +296,27 @@ def build_demo(engine: Engine, registry: Registry) -> gr.Blocks:
             ).then(lambda: "", None, message, api_name=False)  # fmt: skip
             who.change(lambda: [], None, conversation, api_name=False)
             new_chat.click(lambda: [], None, conversation, api_name=False)
+        with gr.Tab("Every adapter"):
+            gr.Markdown(
+                "One input through every adapter (each in its own prompt template) and the base "
+                "model, in one batch."
+            )
+            fan_in = gr.Textbox(label="Input", lines=3, elem_id="fanout-input")
+            fan_go = gr.Button("Run every adapter", variant="primary", elem_id="fanout-run")
+            fan_out = gr.Dataframe(
+                headers=["model", "answer", "TTFT ms", "probability"],
+                interactive=False, wrap=True, elem_id="fanout-table",
+            )  # fmt: skip
+
+            async def fan(text: str):
+                if not text or not text.strip():
+                    raise gr.Error("Type an input first.")
+                try:
+                    return await every_adapter(engine, catalog, text)
+                except EngineError as err:
+                    raise gr.Error(str(err)) from err
+
+            gr.on([fan_go.click, fan_in.submit], fan, fan_in, fan_out, api_name="every_adapter")
         with gr.Tab("Benchmarks"):
             benchmarks_tab()
     return demo

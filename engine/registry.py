@@ -134,6 +134,10 @@ class EngineSpec(Strict):
     """Settings of the SGLang backend."""
     hf: HFSettings = Field(default_factory=HFSettings)
     """Settings of the CPU default backend (transformers + peft)."""
+    load_on_demand: bool = False
+    """A request naming an adapter that is not loaded but lies under the adapter root
+    (``<root>/<name>``) loads it first (fit-checked as a hot-load), however many ask at once;
+    a name that exists nowhere is still a 404."""
 
 
 class GenerationDefaults(Strict):

@@ -223,6 +223,10 @@ def run_engine(registry, args) -> tuple[list[dict], list[dict], dict]:
     registry.engine.hf.max_batch_size = args.batch
     engine = build_engine(registry, backend=args.backend)
     by_task = {a.task: a.name for a in registry.adapters}
+    if args.adapter:  # one adapter (a merged one, say) on every task
+        if args.adapter not in {a.name for a in registry.adapters}:
+            raise SystemExit(f"--adapter {args.adapter}: not in {args.config}")
+        by_task = dict.fromkeys(args.tasks, args.adapter)
     missing = [t for t in args.tasks if t not in by_task]
     if missing:
         raise SystemExit(f"no adapter in {args.config} for tasks {missing}: train them first")
@@ -260,6 +264,7 @@ def main() -> None:
     parser.add_argument("--update-registry", action="store_true")
     constrain = "constrain answers to each task's format (its labels, the address schema)"
     parser.add_argument("--constrain", action="store_true", help=constrain)
+    parser.add_argument("--adapter", help="evaluate this one adapter on every task")
     interleave = "deal every task's base and adapter requests out in turn: mixed batches"
     parser.add_argument("--interleave", action="store_true", help=interleave)
     parser.add_argument("--merge", action="store_true",
@@ -269,6 +274,8 @@ def main() -> None:
     parser.add_argument("--rescore", type=Path, metavar="DIR",
                         help="no engine: score DIR's outputs, first --limit examples")  # fmt: skip
     args = parser.parse_args()
+    if args.adapter and args.update_registry:
+        raise SystemExit("--update-registry records each task's own adapter: not with --adapter")
     registry = load_registry(args.config)
     args.out = args.out or work_dir() / "results" / "finetune" / args.config.stem
     if args.rescore:

@@ -39,6 +39,7 @@ import itertools
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -207,15 +208,26 @@ async def evict(engine, args, names: list[str]) -> dict:
     return report
 
 
-async def serve_in_process(engine, registry, port: int):
-    """The OpenAI-compatible API over this very engine (uvicorn on this event loop)."""
-    config = uvicorn.Config(create_api(engine, registry), port=port, log_level="warning")
+async def serve_app(app, port: int = 0):
+    """Serve ``app`` with uvicorn on this event loop (``port`` 0: a free one); returns the server,
+    its task and its URL."""
+    if not port:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    config = uvicorn.Config(app, port=port, log_level="warning")
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
     while not server.started:
         if serving.done():
             raise RuntimeError(f"the API did not start on port {port}: {serving.exception()}")
         await asyncio.sleep(0.1)
+    return server, serving, f"http://127.0.0.1:{port}"
+
+
+async def serve_in_process(engine, registry, port: int):
+    """The OpenAI-compatible API over this very engine (uvicorn on this event loop)."""
+    server, serving, _ = await serve_app(create_api(engine, registry), port)
     return server, serving
 
 

@@ -16,9 +16,12 @@ import itertools
 import json
 import logging
 import random
+import sys
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `-f loadtest/locustfile.py` anywhere
 
 import gevent
 import requests

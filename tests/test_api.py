@@ -179,7 +179,7 @@ def test_health_and_per_adapter_metrics(client):
     assert samples['loraland_time_to_first_token_seconds_count{adapter="beta"}'] >= 1
     assert samples['loraland_inter_token_latency_seconds_count{adapter="beta"}'] >= 1
     assert samples['loraland_generation_tokens_total{adapter="beta"}'] >= 3
-    unknown = 'loraland_request_errors_total{adapter="unknown",type="not_found_error",status="404"}'
+    unknown = 'loraland_request_errors_total{adapter="unknown",status="404",type="not_found_error"}'
     assert samples[unknown] >= 1
     assert not any("no-such-adapter" in name for name in samples)
     assert "loraland_adapters_loaded 2.0" in text

@@ -39,6 +39,11 @@ def test_side_by_side_run_returns_both_answers_and_timings(hf_engine, registry_f
         assert tuned and base and tuned != base
         for stats in (tuned_stats, base_stats):
             assert "TTFT" in stats and "tok/s" in stats and "finish:" in stats
+        table = client.predict("A joyless slog.", api_name="/every_adapter")
+        rows = {row[0]: row for row in table["data"]}
+        assert set(rows) == {"alpha", "beta", "base"}
+        for _, answer, ttft, probability in rows.values():
+            assert answer and float(ttft) > 0 and probability.endswith("%")
         history = []
         for turn, message in enumerate(["Say hi.", "Name a colour.", "And another one."], 1):
             history = client.predict(message, history, "base", api_name="/chat")

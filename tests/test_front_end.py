@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from engine.api import create_api
-from engine.backends.common import check_context, longest_token_chars, tokenize
+from engine.backends.common import PromptTokenizer, check_context
 from loadtest.no_model import NoModelEngine
 
 MIB = 1 << 20
@@ -29,13 +29,13 @@ class TokenizingNoModel(NoModelEngine):
     """The no-model engine, admitting requests as the real backends do: the SmolLM2 tokenizer,
     its chat template, the character pre-check and the context check."""
 
-    def __init__(self, tokenizer, adapters: list[str], gap_s: float):
+    def __init__(self, tokenizer, base_dir: str, adapters: list[str], gap_s: float):
         super().__init__("SmolLM2-135M-Instruct", adapters, gap_s)
-        self.tokenizer, self.context = tokenizer, 8192
-        self.limit = self.context * longest_token_chars(tokenizer)
+        self.context = 8192
+        self.prompt_tokenizer = PromptTokenizer(tokenizer, base_dir, True, self.context)
 
     async def stream(self, request):
-        ids = await tokenize(self.tokenizer, request, True, self.limit)
+        ids = await self.prompt_tokenizer(request)
         check_context(len(ids), request.params, self.context)
         async for chunk in super().stream(request):
             yield chunk
@@ -85,8 +85,8 @@ def headers_only(port: int, size: int) -> int:
         return int(s.recv(4096).split(b" ")[1])
 
 
-def test_huge_bodies_do_not_stall_other_streams_or_health(tokenizer, registry_for):
-    engine = TokenizingNoModel(tokenizer, ["alpha"], gap_s=0.02)
+def test_huge_bodies_do_not_stall_other_streams_or_health(tokenizer, base_dir, registry_for):
+    engine = TokenizingNoModel(tokenizer, base_dir, ["alpha"], gap_s=0.02)
     live = serve(engine, registry_for)
     body = {
         "model": "base",
@@ -163,11 +163,11 @@ def test_a_failing_row_fails_only_its_own_request(hf_engine, registry_for, monke
     assert failed.status_code == 500 and "kernel failure" in failed.json()["error"]["message"]
     assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
     assert streamed_text(events) == streamed_text(alone)
-    assert 'type="server_error",status="500"' in metrics
+    assert 'status="500",type="server_error"' in metrics
 
 
 def test_sigterm_refuses_new_requests_and_ends_streams_at_the_drain_deadline(
-    tokenizer, registry_for
+    tokenizer, base_dir, registry_for
 ):
     import uvicorn
 
@@ -175,7 +175,7 @@ def test_sigterm_refuses_new_requests_and_ends_streams_at_the_drain_deadline(
 
     registry = registry_for.model_copy(deep=True)
     registry.server.drain_seconds = 1.0
-    engine = TokenizingNoModel(tokenizer, [], gap_s=0.05)
+    engine = TokenizingNoModel(tokenizer, base_dir, [], gap_s=0.05)
     app = create_api(engine, registry)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -72,14 +72,14 @@ def test_headless_locust_run_writes_raw_file_and_custom_ttft(hf_engine, registry
 
     live = LiveServer(create_api(hf_engine, registry_for))
     raw = tmp_path / "raw.jsonl"
-    cmd = [
-        sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest"), "--headless",
+    cmd = [  # from the repository root, as docs/loadtest.md says
+        sys.executable, "-m", "locust", "-f", "loadtest/", "--headless",
         "-u", "2", "-r", "2", "-t", "6s", "--host", live.url, "--adapters", "2",
         "--distribution", "zipf", "--prompt-words", "5-8", "--output-tokens", "4",
         "--raw-out", str(raw), "--csv", str(tmp_path / "run"), "--stop-timeout", "20",
     ]  # fmt: skip
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     finally:
         live.stop()
     assert done.returncode == 0, done.stderr[-2000:]
@@ -164,7 +164,7 @@ def test_engine_bench_sweep_evict_soak_and_http_on_a_tiny_synthetic_model(tmp_pa
 
 
 def test_process_cpu_seconds_reads_a_live_process_and_not_a_missing_one():
-    from loadtest.sweep import process_cpu_seconds
+    from loadtest.procs import process_cpu_seconds
 
     sum(i * i for i in range(300_000))
     assert process_cpu_seconds(os.getpid()) > 0

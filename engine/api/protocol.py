@@ -132,6 +132,17 @@ class SamplingFields(Wire):
     """Extension: keep generating past end-of-sequence (load tests use it)."""
     best_of: int | None = Field(None, ge=1)
     """Accepted only equal to ``n``."""
+    models: list[str] | None = Field(None, min_length=1, max_length=32)
+    """Extension, fan-out: the same request to each of these models (adapters, ``base``) in one
+    batch; ``model`` must then be ``"fanout"``. Choice *i* is ``models[i]``'s (with ``n`` > 1,
+    ``models[i // n]``) and names it in ``model``; streamed chunks carry it as their ``model``."""
+
+    @field_validator("models")
+    @classmethod
+    def distinct_models(cls, models):
+        if models is not None and len(set(models)) != len(models):
+            raise ValueError("list each model once")
+        return models
 
     @field_validator("stop")
     @classmethod
@@ -258,26 +269,33 @@ def sse(payload: dict | str) -> bytes:
 
 class ChunkWriter:
     """SSE events of one streamed response. Text-only chunks, the hot path at hundreds of
-    streams, are one ``json.dumps`` of the text between a precomputed prefix and suffix."""
+    streams, are one ``json.dumps`` of the text between a precomputed prefix and suffix.
+    ``choice_models[i]`` is the model choice *i* comes from (its chunks' ``model``): the request's
+    model, or with fan-out each choice's own."""
 
-    def __init__(self, endpoint: Endpoint, rid: str, model: str, created: int):
+    def __init__(
+        self, endpoint: Endpoint, rid: str, model: str, created: int, choice_models: list[str]
+    ):
         self.endpoint = endpoint
         self.kind = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
         self.head = {"id": rid, "object": self.kind, "created": created, "model": model}
+        self.choice_models = choice_models
         self.text_prefix: dict[int, str] = {}
         self.text_suffix = ', "logprobs": null, "finish_reason": null}]}\n\n'
 
-    def payload(self, **fields: Any) -> bytes:
-        return sse({**self.head, **fields})
+    def payload(self, index: int | None = None, **fields: Any) -> bytes:
+        head = self.head if index is None else self.head | {"model": self.choice_models[index]}
+        return sse({**head, **fields})
 
     def role(self, index: int) -> bytes:
         choice = {"index": index, "delta": {"role": "assistant", "content": ""}}
-        return self.payload(choices=[{**choice, "logprobs": None, "finish_reason": None}])
+        return self.payload(index, choices=[{**choice, "logprobs": None, "finish_reason": None}])
 
     def text(self, index: int, text: str) -> bytes:
         prefix = self.text_prefix.get(index)
         if prefix is None:
-            head = json.dumps(self.head, ensure_ascii=False)[:-1]
+            head = self.head | {"model": self.choice_models[index]}
+            head = json.dumps(head, ensure_ascii=False)[:-1]
             field = '"delta": {"content": ' if self.endpoint == "chat" else '"text": '
             prefix = f'data: {head}, "choices": [{{"index": {index}, {field}'
             self.text_prefix[index] = prefix
@@ -291,7 +309,7 @@ class ChunkWriter:
         if self.endpoint == "completions":
             body = {"text": text}
         choice = {"index": index, **body, "logprobs": logprobs, "finish_reason": finish}
-        return self.payload(choices=[choice])
+        return self.payload(index, choices=[choice])
 
     def usage(self, usage: Usage) -> bytes:
         return self.payload(choices=[], usage=usage_dict(usage))

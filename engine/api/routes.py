@@ -65,6 +65,8 @@ API_PATHS = {
     "/v1/adapters": {"POST"},
 }
 MAX_PROMPTS = 16
+FANOUT = "fanout"
+"""The ``model`` of a fan-out request (the ``models`` extension)."""
 
 
 def error_response(err: OpenAIError, headers: dict | None = None) -> JSONResponse:
@@ -137,6 +139,7 @@ class Api:
         self.active: dict[str, str | None] = {}
         """request id → adapter of every generation in flight (drain and unload end them)."""
         self.unloading: set[str] = set()
+        self.loading: dict[str, asyncio.Future] = {}
         self.draining = False
         if self.admin_token is None:
             log.warning("admin routes are off: set LORALAND_ADMIN_TOKEN to hot-load and unload")
@@ -146,14 +149,18 @@ class Api:
     def spec(self, adapter: str | None) -> AdapterSpec | None:
         return next((a for a in self.registry.adapters if a.name == adapter), None)
 
-    def resolve_model(self, model: str) -> str | None:
-        """Model id → adapter name, or None for the base model; unknown ids are a 404."""
+    def adapter_name(self, model: str) -> str | None:
+        """Model id → the adapter it names (None: the base model), served or not."""
         base_ids = {self.engine.base_model_id, BASE_MODEL_ALIAS}
         if model in base_ids:
             return None
         prefix, sep, adapter = model.partition(":")
-        name = adapter if sep and prefix in base_ids else model
-        if name not in self.engine.adapters():
+        return adapter if sep and prefix in base_ids else model
+
+    def resolve_model(self, model: str) -> str | None:
+        """Model id → adapter name, or None for the base model; unknown ids are a 404."""
+        name = self.adapter_name(model)
+        if name is not None and name not in self.engine.adapters():
             available = ", ".join([self.engine.base_model_id, *self.engine.adapters()])
             raise OpenAIError(
                 404,
@@ -162,6 +169,41 @@ class Api:
                 "model",
             )
         return name
+
+    async def ensure_model(self, model: str) -> str | None:
+        """``resolve_model``, loading the adapter first when ``engine.load_on_demand`` allows and
+        it lies under the adapter root; concurrent requests for it share one load."""
+        try:
+            return self.resolve_model(model)
+        except OpenAIError:
+            path = self.on_demand_path(self.adapter_name(model))
+            if path is None:
+                raise
+        name = self.adapter_name(model)
+        loading = self.loading.get(name)
+        if loading is None:
+            loading = asyncio.ensure_future(self.load_on_demand(name, path))
+            self.loading[name] = loading
+            loading.add_done_callback(lambda _: self.loading.pop(name, None))
+        await asyncio.shield(loading)
+        return self.resolve_model(model)
+
+    def on_demand_path(self, name: str | None) -> str | None:
+        if not (self.registry.engine.load_on_demand and self.adapter_root and name):
+            return None
+        if not SLUG.match(name) or name in self.unloading:
+            return None
+        path = self.adapter_root / name
+        return str(path) if (path / "adapter_config.json").is_file() else None
+
+    async def load_on_demand(self, name: str, path: str) -> None:
+        t0 = time.perf_counter()
+        try:
+            await self.engine.load_adapter(name, path, max_rank=self.limits.max_adapter_rank)
+        except AdapterLoadError as err:
+            if name not in self.engine.adapters():  # not a race with another loader
+                raise from_engine(err) from err
+        log.info("loaded adapter %s on first use in %.2f s", name, time.perf_counter() - t0)
 
     def model_cards(self) -> list[dict]:
         base = self.engine.base_model_id
@@ -229,17 +271,30 @@ class Api:
             )
         return out
 
-    def chat_requests(self, body: ChatBody) -> list[GenerationRequest]:
-        adapter = self.resolve_model(body.model)
-        spec = self.spec(adapter)
+    async def targets(self, body: SamplingFields) -> list[tuple[str, str | None]]:
+        """(model as named, adapter) of each model the request asks for: ``model``, or with the
+        fan-out extension each of ``models``."""
+        if body.models is None:
+            if body.model == FANOUT:
+                raise invalid("model 'fanout' needs the models extension: a list", "models")
+            return [(body.model, await self.ensure_model(body.model))]
+        if body.model != FANOUT:
+            raise invalid(f"with models (fan-out), model must be '{FANOUT}'", "model")
+        return [(m, await self.ensure_model(m)) for m in body.models]
+
+    async def chat_requests(self, body: ChatBody) -> list[tuple[str, GenerationRequest]]:
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = self.sampling(body, spec, max_tokens, logprobs)
-        messages = self.chat_messages(body, spec)
-        request = GenerationRequest(adapter=adapter, messages=messages, params=params)
-        return self.copies(request, body.n)
+        requests = []
+        for model, adapter in await self.targets(body):
+            spec = self.spec(adapter)
+            params = self.sampling(body, spec, max_tokens, logprobs)
+            messages = self.chat_messages(body, spec)
+            request = GenerationRequest(adapter=adapter, messages=messages, params=params)
+            requests += [(model, r) for r in self.copies(request, body.n)]
+        return requests
 
     def chat_messages(self, body: ChatBody, spec: AdapterSpec | None) -> list[dict]:
         """The engine's messages, with the adapter's prompt template filled (unless ``raw``)."""
@@ -277,24 +332,26 @@ class Api:
         messages[-1] = {**messages[-1], "content": filled}
         return messages
 
-    def completion_requests(self, body: CompletionBody) -> list[GenerationRequest]:
-        adapter = self.resolve_model(body.model)
+    async def completion_requests(
+        self, body: CompletionBody
+    ) -> list[tuple[str, GenerationRequest]]:
         prompts = completion_prompts(body.prompt)
         if body.echo and body.logprobs is not None:
             raise invalid("echo with logprobs is not supported (no prompt logprobs)", "echo")
         if body.echo and any(isinstance(p, list) for p in prompts):
             raise invalid("echo needs text prompts, not token ids", "echo")
-        params = self.sampling(body, self.spec(adapter), body.max_tokens, body.logprobs)
         requests = []
-        for prompt in prompts:
-            as_text = isinstance(prompt, str)
-            request = GenerationRequest(
-                adapter=adapter,
-                prompt=prompt if as_text else None,
-                prompt_ids=None if as_text else prompt,
-                params=params,
-            )
-            requests += self.copies(request, body.n)
+        for model, adapter in await self.targets(body):
+            params = self.sampling(body, self.spec(adapter), body.max_tokens, body.logprobs)
+            for prompt in prompts:
+                as_text = isinstance(prompt, str)
+                request = GenerationRequest(
+                    adapter=adapter,
+                    prompt=prompt if as_text else None,
+                    prompt_ids=None if as_text else prompt,
+                    params=params,
+                )
+                requests += [(model, r) for r in self.copies(request, body.n)]
         return requests
 
     async def run(self, request: GenerationRequest, timer: RequestTimer) -> AsyncIterator[Chunk]:
@@ -387,15 +444,20 @@ def create_api(
             refuse_unsupported(raw)
             body = parse(model, raw)
             build = api.chat_requests if endpoint == "chat" else api.completion_requests
-            requests = build(body)
+            named = await build(body)
+            requests = [r for _, r in named]
             label = requests[0].adapter or BASE_MODEL_ALIAS
-            streams = [api.run(r, RequestTimer(api.metrics, label, endpoint)) for r in requests]
+            streams = [
+                api.run(r, RequestTimer(api.metrics, r.adapter or BASE_MODEL_ALIAS, endpoint))
+                for r in requests
+            ]
             firsts = await first_chunks(streams)
         except OpenAIError as err:
             api.metrics.error(label, err.kind, err.status)
             raise
         rid = ("cmpl-" if endpoint == "completions" else "chatcmpl-") + uuid.uuid4().hex
-        writer = ChunkWriter(endpoint, rid, body.model, int(time.time()))
+        choice_models = [m for m, _ in named]
+        writer = ChunkWriter(endpoint, rid, body.model, int(time.time()), choice_models)
         echo = [r.prompt or "" for r in requests] if getattr(body, "echo", False) else None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -403,7 +465,7 @@ def create_api(
             counted = count_stream_errors(events, api.metrics, label)
             return StreamingResponse(counted, media_type="text/event-stream")
         parts = await collect(firsts, streams)
-        return JSONResponse(whole_response(writer, parts, echo))
+        return JSONResponse(whole_response(writer, parts, echo, fanout=body.models is not None))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -547,7 +609,7 @@ async def collect(firsts: list[Chunk], streams) -> list[list[Chunk]]:
             await s.aclose()
 
 
-def whole_response(writer: ChunkWriter, parts: list[list[Chunk]], echo) -> dict:
+def whole_response(writer: ChunkWriter, parts: list[list[Chunk]], echo, fanout: bool) -> dict:
     choices, usage = [], Usage(0, 0)
     for index, chunks in enumerate(parts):
         last = chunks[-1]
@@ -560,7 +622,8 @@ def whole_response(writer: ChunkWriter, parts: list[list[Chunk]], echo) -> dict:
             prefix = echo[index] if echo else ""
             choice = {"text": prefix + text}
             choice["logprobs"] = completion_logprobs(logprobs) if logprobs is not None else None
-        choices.append({"index": index, **choice, "finish_reason": last.finish_reason})
+        tag = {"model": writer.choice_models[index]} if fanout else {}
+        choices.append({"index": index, **tag, **choice, "finish_reason": last.finish_reason})
         usage = Usage(
             usage.prompt_tokens + last.usage.prompt_tokens,
             usage.completion_tokens + last.usage.completion_tokens,

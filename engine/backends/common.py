@@ -4,7 +4,9 @@ tokenization off the event loop."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import multiprocessing
 from pathlib import Path
 
 from ..base_model import adapter_fit_problems
@@ -12,8 +14,8 @@ from ..interface import AdapterLoadError, GenerationRequest, PromptTooLongError,
 from ..registry import SLUG, adapter_dir_problems
 from ..text import prompt_token_ids
 
-OFF_LOOP_CHARS = 4096
-"""Prompts longer than this are tokenized in a worker thread, so the event loop keeps serving."""
+OFF_LOOP_CHARS = 8192
+"""Prompts longer than this are tokenized in a worker process, so the event loop keeps serving."""
 
 
 def support_problems(config: dict, backend: str) -> list[str]:
@@ -86,14 +88,48 @@ def prompt_chars(request: GenerationRequest) -> int:
     return sum(len(m["content"]) for m in request.messages or [])
 
 
-async def tokenize(tokenizer, request: GenerationRequest, chat_template: bool, limit: int) -> list:
-    """The prompt's token ids; a prompt of more than ``limit`` characters is refused untokenized,
-    a long one is tokenized in a worker thread."""
-    chars = prompt_chars(request)
-    if chars > limit:
-        raise PromptTooLongError(
-            f"prompt of {chars} characters cannot fit the context (at most {limit})", "messages"
-        )
-    if chars <= OFF_LOOP_CHARS:
-        return prompt_token_ids(tokenizer, request, chat_template)
-    return await asyncio.to_thread(prompt_token_ids, tokenizer, request, chat_template)
+WORKER_TOKENIZER = None
+
+
+def load_worker_tokenizer(base_dir: str) -> None:
+    global WORKER_TOKENIZER
+    from transformers import AutoTokenizer
+
+    WORKER_TOKENIZER = AutoTokenizer.from_pretrained(base_dir)
+
+
+def worker_token_ids(request: GenerationRequest, chat_template: bool) -> list[int]:
+    return prompt_token_ids(WORKER_TOKENIZER, request, chat_template)
+
+
+class PromptTokenizer:
+    """A request's prompt → token ids without holding up the event loop: a prompt longer than
+    ``context`` × the longest token cannot fit and is refused untokenized; a short one is
+    tokenized at once; a long one in a worker process of its own (so neither its CPU nor the
+    interpreter lock is taken from the streams the loop serves)."""
+
+    def __init__(self, tokenizer, base_dir: str, chat_template: bool, context: int):
+        self.tokenizer, self.base_dir, self.chat_template = tokenizer, base_dir, chat_template
+        self.limit = context * longest_token_chars(tokenizer)
+        self.pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    async def __call__(self, request: GenerationRequest) -> list[int]:
+        chars = prompt_chars(request)
+        if chars > self.limit:
+            raise PromptTooLongError(
+                f"prompt of {chars} characters cannot fit the context (at most {self.limit})",
+                "messages",
+            )
+        if chars <= OFF_LOOP_CHARS:
+            return prompt_token_ids(self.tokenizer, request, self.chat_template)
+        if self.pool is None:
+            context = multiprocessing.get_context("spawn")
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                1, context, initializer=load_worker_tokenizer, initargs=(self.base_dir,)
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, worker_token_ids, request, self.chat_template)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)

@@ -31,7 +31,7 @@ from ..interface import (
 )
 from ..registry import HFSettings
 from ..text import TextStream, end_of_turn_ids
-from .common import check_context, check_loadable, longest_token_chars, tokenize
+from .common import PromptTokenizer, check_context, check_loadable
 from .sample import Grammar, Grammars, adjusted, choose, logprob_entry
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,9 @@ class HFEngine(Engine):
         ).to(self.torch_device)
         self.model.eval()
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
-        self.prompt_char_limit = self.context * longest_token_chars(self.tokenizer)
+        self.prompt_tokenizer = PromptTokenizer(
+            self.tokenizer, base_dir, chat_template, self.context
+        )
         self.eos_ids = self.find_eos_ids()
         self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size)
         self.names: set[str] = set()
@@ -230,7 +232,7 @@ class HFEngine(Engine):
         request.validate()
         self.check_adapter(request.adapter)
         params = request.params
-        ids = await tokenize(self.tokenizer, request, self.chat_template, self.prompt_char_limit)
+        ids = await self.prompt_tokenizer(request)
         check_context(len(ids), params, self.context)
         row = Row(
             request=request,
@@ -269,6 +271,7 @@ class HFEngine(Engine):
         }
 
     async def shutdown(self) -> None:
+        self.prompt_tokenizer.close()
         with self.wake:
             self.stopping = True
             self.wake.notify()

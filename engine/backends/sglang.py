@@ -31,7 +31,7 @@ from ..interface import (
 )
 from ..registry import SGLangSettings
 from ..text import end_of_turn_ids
-from .common import check_context, check_loadable, longest_token_chars, tokenize
+from .common import PromptTokenizer, check_context, check_loadable
 
 log = logging.getLogger(__name__)
 UNSUPPORTED_FLOAT32 = (
@@ -306,7 +306,9 @@ class SGLangEngine(Engine):
         self.running = 0
         self.adaptive = self.settings.stream_interval == "auto"
         self.aborted: dict[str, RequestEndedError] = {}
-        self.prompt_char_limit = self.context * longest_token_chars(self.tokenizer)
+        self.prompt_tokenizer = PromptTokenizer(
+            self.tokenizer, base_dir, chat_template, self.context
+        )
         self.device = torch.cuda.get_device_name(0)
 
     def adapters(self) -> list[str]:
@@ -339,7 +341,7 @@ class SGLangEngine(Engine):
         request.validate()
         self.check_adapter(request.adapter)
         params = request.params
-        ids = await tokenize(self.tokenizer, request, self.chat_template, self.prompt_char_limit)
+        ids = await self.prompt_tokenizer(request)
         check_context(len(ids), params, self.context)
         if params.constraint is not None and (problem := grammar_problem(params.constraint)):
             raise InvalidRequestError(f"response_format: {problem}", "response_format")
@@ -398,4 +400,5 @@ class SGLangEngine(Engine):
         }
 
     async def shutdown(self) -> None:
+        self.prompt_tokenizer.close()
         self.engine.shutdown()

@@ -1,0 +1,121 @@
+"""Adapters that combine, over real HTTP on the CPU default: one input fanned out to several
+adapters and the base in one batch, and adapters loaded on first use."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from engine.api import create_api
+
+FANOUT = {
+    "model": "fanout",
+    "models": ["alpha", "beta", "base"],
+    "template_fields": None,
+    "messages": [{"role": "user", "content": "A joyless slog."}],
+    "prompt_template": "raw",
+    "max_tokens": 8,
+    "temperature": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def server(hf_engine, registry_for):
+    from conftest import LiveServer
+
+    live = LiveServer(create_api(hf_engine, registry_for))
+    yield live
+    live.stop()
+
+
+def chat(url: str, body: dict) -> httpx.Response:
+    body = {k: v for k, v in body.items() if v is not None}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+
+
+def test_fanout_answers_once_per_model_each_as_that_model_alone(server):
+    fanned = chat(server.url, FANOUT)
+    assert fanned.status_code == 200, fanned.text
+    choices = fanned.json()["choices"]
+    assert [(c["index"], c["model"]) for c in choices] == [(0, "alpha"), (1, "beta"), (2, "base")]
+    for choice in choices:
+        alone = chat(server.url, {**FANOUT, "model": choice["model"], "models": None}).json()
+        assert choice["message"]["content"] == alone["choices"][0]["message"]["content"]
+
+
+def test_fanout_streams_each_chunk_tagged_with_its_model(server):
+    body = {**FANOUT, "stream": True}
+    by_model: dict[str, str] = {}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=300) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                for choice in chunk["choices"]:
+                    delta = choice["delta"].get("content") or ""
+                    by_model[chunk["model"]] = by_model.get(chunk["model"], "") + delta
+    whole = {
+        c["model"]: c["message"]["content"] for c in chat(server.url, FANOUT).json()["choices"]
+    }
+    assert by_model == whole
+
+
+def test_fanout_mistakes_are_400s(server):
+    assert chat(server.url, {**FANOUT, "model": "alpha"}).status_code == 400
+    assert chat(server.url, {**FANOUT, "models": None}).status_code == 400
+    assert chat(server.url, {**FANOUT, "models": ["alpha", "alpha"]}).status_code == 400
+    assert chat(server.url, {**FANOUT, "models": ["alpha", "nope"]}).status_code == 404
+
+
+def test_an_adapter_under_the_root_loads_on_first_use_once_for_many_requests(
+    hf_engine, registry_for, adapter_dirs, tmp_path
+):
+    from conftest import LiveServer
+
+    shutil.copytree(adapter_dirs["beta"], tmp_path / "omega")
+    registry = registry_for.model_copy(deep=True)
+    registry.engine.load_on_demand = True
+    loads = []
+    load = hf_engine.load_adapter
+
+    async def counted(name, path, **kwargs):
+        loads.append(name)
+        await asyncio.sleep(0.5)  # a slow load: the other requests arrive while it runs
+        return await load(name, path, **kwargs)
+
+    hf_engine.load_adapter = counted
+    live = LiveServer(create_api(hf_engine, registry, adapter_root=tmp_path))
+    body = {"model": "omega", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,
+            "temperature": 0}  # fmt: skip
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: chat(live.url, body), range(4)))
+        missing = chat(live.url, {**body, "model": "nowhere"})
+        beta = chat(live.url, {**body, "model": "beta"})
+    finally:
+        live.stop()
+        del hf_engine.load_adapter
+        asyncio.run(hf_engine.unload_adapter("omega"))
+    assert [a.status_code for a in answers] == [200] * 4
+    assert loads == ["omega"]
+    texts = {a.json()["choices"][0]["message"]["content"] for a in answers}
+    assert texts == {beta.json()["choices"][0]["message"]["content"]}  # omega is beta's copy
+    assert missing.status_code == 404
+
+
+def test_without_the_setting_an_adapter_on_disk_is_not_loaded(
+    hf_engine, registry_for, adapter_dirs, tmp_path
+):
+    from conftest import LiveServer
+
+    shutil.copytree(adapter_dirs["beta"], tmp_path / "omega")
+    live = LiveServer(create_api(hf_engine, registry_for, adapter_root=tmp_path))
+    try:
+        answer = chat(live.url, {"model": "omega", "messages": [{"role": "user", "content": "Hi"}]})
+    finally:
+        live.stop()
+    assert answer.status_code == 404 and "omega" not in hf_engine.adapters()
