@@ -6,9 +6,15 @@ from pathlib import Path
 
 
 def make_peft_adapter(
-    base_dir: str, out: str | Path, r: int, target_modules: list[str], seed: int
+    base_dir: str,
+    out: str | Path,
+    r: int,
+    target_modules: list[str],
+    seed: int,
+    layers: list[int] | None = None,
 ) -> str:
-    """Save a real peft LoRA with ``init_lora_weights=False`` (random A and B) to ``out``."""
+    """Save a real peft LoRA with ``init_lora_weights=False`` (random A and B) to ``out``;
+    ``layers`` limits it to those decoder layers (``layers_to_transform``)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -16,7 +22,11 @@ def make_peft_adapter(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=target_modules, init_lora_weights=False
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=target_modules,
+        init_lora_weights=False,
+        layers_to_transform=layers,
     )
     get_peft_model(model, config).save_pretrained(str(out))
     return str(out)

@@ -62,6 +62,8 @@ class Source:
     rank: int
     targets: list[str] | str
     lora_alpha: float
+    layers: list[int] | None = None
+    """``layers_to_transform``: the decoder layers it covers; ``None`` = all."""
 
     @property
     def label(self) -> str:
@@ -100,7 +102,9 @@ def read_source(name: str, path: str | Path) -> Source:
     rank = max([int(config["r"]), *map(int, (config.get("rank_pattern") or {}).values())])
     targets = config["target_modules"]
     targets = sorted(targets) if isinstance(targets, list) else targets
-    return Source(name, path, rank, targets, float(config.get("lora_alpha", rank)))
+    layers = config.get("layers_to_transform")
+    layers = [layers] if isinstance(layers, int) else layers
+    return Source(name, path, rank, targets, float(config.get("lora_alpha", rank)), layers)
 
 
 def source_refusal(config: dict) -> str | None:
@@ -136,6 +140,7 @@ def plan_merge(
     weights = check_weights(sources, weights)
     density = check_density(method, density)
     targets = merged_targets(sources)
+    check_layers(sources)
     combination, notes = combination_for(sources, method, strict)
     if svd_rank is not None and not combination.endswith("svd"):
         raise MergeError(f"--svd-rank is used by svd merges only, not by {combination}")
@@ -180,6 +185,16 @@ def merged_targets(sources: list[Source]) -> list[str] | str:
     if kinds == {str}:
         return "|".join(f"({s.targets})" for s in sources)
     return sorted(set().union(*(s.targets for s in sources)))
+
+
+def check_layers(sources: list[Source]) -> None:
+    """peft gives the merged adapter the first source's ``layers_to_transform``."""
+    if len({json.dumps(s.layers) for s in sources}) > 1:
+        covered = ", ".join(f"{s.name}: {s.layers or 'all'}" for s in sources)
+        raise MergeError(
+            f"the adapters cover different layers (layers_to_transform {covered}); peft would "
+            "give the merge the first adapter's layers and drop the others' updates elsewhere"
+        )
 
 
 def combination_for(sources: list[Source], method: str, strict: bool) -> tuple[str, list[str]]:
@@ -377,14 +392,23 @@ def registry_entry(name: str, out: Path, config: Path, registry: Registry | None
     return entry
 
 
-def register_merged(config: Path, name: str, out: Path, registry: Registry | None) -> None:
-    """Add (or replace a previous merge's) entry in ``config``; never replace a trained one."""
-    head, entries = read_entries(config)
-    names = [e.get("name") for e in entries]
-    if name in names and entries[names.index(name)].get("task") != "merge":
+def check_registrable(config: Path, name: str) -> None:
+    """``config`` exists and ``name`` is free there or names a previous merge (checked first)."""
+    if not config.is_file():
+        raise MergeError(f"--register {config}: no such registry file")
+    _, entries = read_entries(config)
+    clash = [e for e in entries if e.get("name") == name and e.get("task") != "merge"]
+    if clash:
         raise MergeError(
             f"{config} already has an adapter '{name}' that is not a merge; pick another --name"
         )
+
+
+def register_merged(config: Path, name: str, out: Path, registry: Registry | None) -> None:
+    """Add (or replace a previous merge's) entry in ``config``; never replace a trained one."""
+    check_registrable(config, name)
+    head, entries = read_entries(config)
+    names = [e.get("name") for e in entries]
     entry = registry_entry(name, out, config, registry)
     if name in names:
         entries[names.index(name)] = entry
@@ -446,6 +470,8 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", "-m", "finetune.merge", *(argv or sys.argv[1:])])
     try:
         sources = resolve_sources(args.adapters, registry)
+        if args.register:
+            check_registrable(args.register, name)
         out = merge_adapters(
             resolve_base(base),
             sources,
