@@ -120,7 +120,7 @@ def source_refusal(config: dict) -> str | None:
     if config.get("target_parameters"):
         return "it targets nn.Parameter (target_parameters)"
     if config.get("modules_to_save"):
-        return "it has modules_to_save, which peft cannot merge"
+        return "it has modules_to_save (whole trained modules), which a merged LoRA cannot hold"
     return None
 
 
@@ -142,9 +142,10 @@ def plan_merge(
     targets = merged_targets(sources)
     check_layers(sources)
     combination, notes = combination_for(sources, method, strict)
-    if svd_rank is not None and not combination.endswith("svd"):
-        raise MergeError(f"--svd-rank is used by svd merges only, not by {combination}")
     ranks = [s.rank for s in sources]
+    check_svd_rank(combination, svd_rank, sum(ranks))
+    if combination == "linear":
+        density = None  # one adapter: peft runs linear, which prunes nothing
     if combination == "cat":
         rank = sum(ranks)
     elif combination.endswith("svd"):
@@ -171,6 +172,18 @@ def check_density(method: str, density: float | None) -> float | None:
     if not 0.0 < density <= 1.0:
         raise MergeError(f"{method}: density must be in (0, 1], got {density}")
     return density
+
+
+def check_svd_rank(combination: str, svd_rank: int | None, rank_sum: int) -> None:
+    if svd_rank is None:
+        return
+    if not combination.endswith("svd"):
+        raise MergeError(f"--svd-rank is used by svd merges only, not by {combination}")
+    if not 1 <= svd_rank <= rank_sum:
+        raise MergeError(
+            f"--svd-rank {svd_rank}: the merged update has rank at most {rank_sum} (the sum of "
+            "the source ranks), so pick 1 to that"
+        )
 
 
 def merged_targets(sources: list[Source]) -> list[str] | str:
@@ -236,6 +249,8 @@ def merge_adapters(
     out = Path(out or ROOT / "out" / "adapters" / f"merged-{method}").resolve()
     read = [read_source(name, path) for name, path in sources.items()]
     plan = plan_merge(read, method, weights, density, svd_rank, strict)
+    if out in {s.path for s in read}:
+        raise MergeError(f"--out {out} is one of the adapters being merged")
     prepare_out(out, overwrite)
     for note in plan.notes:
         progress(f"note: {note}")

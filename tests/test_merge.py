@@ -152,6 +152,8 @@ def test_bad_weights_density_and_svd_rank_are_refused_clearly():
         plan_merge(two, "ties", density=1.5)
     with pytest.raises(MergeError, match="--svd-rank is used by svd merges only"):
         plan_merge(two, "cat", svd_rank=4)
+    with pytest.raises(MergeError, match="rank at most 16"):
+        plan_merge(two, "svd", svd_rank=17)
     assert plan_merge(two, "ties").density == 0.5
 
 
