@@ -231,6 +231,10 @@ def combination_for(sources: list[Source], method: str, strict: bool) -> tuple[s
     ]
 
 
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
 def merge_adapters(
     base_dir: str,
     sources: dict[str, str | Path],
@@ -242,11 +246,12 @@ def merge_adapters(
     strict: bool = False,
     seed: int = 0,
     overwrite: bool = False,
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] | None = None,
     command: str | None = None,
 ) -> Path:
     """Merge ``sources`` ({name: adapter dir}) on ``base_dir`` into a peft adapter at ``out``."""
     out = Path(out or ROOT / "out" / "adapters" / f"merged-{method}").resolve()
+    progress = progress or say
     read = [read_source(name, path) for name, path in sources.items()]
     plan = plan_merge(read, method, weights, density, svd_rank, strict)
     if out in {s.path for s in read}:
