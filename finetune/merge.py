@@ -46,6 +46,10 @@ EQUAL_RANK_METHODS = {"linear", "ties", "dare_ties"}
 SVD_VARIANT = {"linear": "svd", "ties": "ties_svd", "dare_ties": "dare_ties_svd"}
 DEFAULT_DENSITY = 0.5
 MERGED = "default"  # peft saves the adapter named "default" at the top of the output folder
+LINEAR_CROSS_TERMS = (
+    "linear sums the A and the B factors apart, so B·A gains cross terms B_i·A_j between "
+    "adapters, which can swamp independently trained updates; cat and svd sum the updates exactly"
+)
 WRITTEN = ("adapter_config.json", "adapter_model.safetensors", "README.md", "merge.json")
 
 
@@ -213,10 +217,11 @@ def check_layers(sources: list[Source]) -> None:
 def combination_for(sources: list[Source], method: str, strict: bool) -> tuple[str, list[str]]:
     """peft's ``combination_type``: the method, or its SVD variant where ranks differ."""
     if len(sources) == 1:
-        return "linear", [f"one adapter: peft merges it with linear whatever the method ({method})"]
+        note = f"one adapter: peft runs linear, not {method}"
+        return "linear", [] if method == "linear" else [note]
     ranks = {s.rank for s in sources}
     if method not in EQUAL_RANK_METHODS or len(ranks) == 1:
-        return method, []
+        return method, [LINEAR_CROSS_TERMS] if method == "linear" else []
     labels = ", ".join(s.label for s in sources)
     why = f"peft's {method} needs adapters of one rank, and these have ranks {sorted(ranks)}"
     if strict:

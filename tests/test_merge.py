@@ -134,6 +134,11 @@ def test_equal_rank_methods_on_mixed_ranks_run_their_svd_variant_and_say_so(meth
     assert "ranks [8, 16]" in plan.notes[0] and variant in plan.notes[0]
 
 
+def test_linear_of_several_adapters_warns_of_cross_terms():
+    assert "cross terms" in plan_merge([source("a", 8), source("b", 8)], "linear").notes[0]
+    assert plan_merge([source("a", 8)], "linear").notes == []
+
+
 def test_strict_refuses_mixed_ranks_naming_the_method_the_adapters_and_why():
     with pytest.raises(MergeError) as err:
         plan_merge([source("sentiment", 8), source("address", 16)], "ties", strict=True)
