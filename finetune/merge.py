@@ -254,7 +254,12 @@ def merge_adapters(
     progress: Callable[[str], None] | None = None,
     command: str | None = None,
 ) -> Path:
-    """Merge ``sources`` ({name: adapter dir}) on ``base_dir`` into a peft adapter at ``out``."""
+    """Merge ``sources`` ({name: adapter dir}) on ``base_dir`` into a peft adapter at ``out``.
+
+    Returns ``out``; raises ``MergeError`` (before any model is loaded where peft's rules or the
+    arguments forbid the merge). Blocking and CPU-bound: minutes for SVD merges. ``progress``
+    gets each step (default: print); ``command`` is recorded in merge.json.
+    """
     out = Path(out or ROOT / "out" / "adapters" / f"merged-{method}").resolve()
     progress = progress or say
     read = [read_source(name, path) for name, path in sources.items()]
@@ -277,7 +282,7 @@ def merge_adapters(
 def prepare_out(out: Path, overwrite: bool) -> None:
     """``out`` must be new or empty; ``overwrite`` removes only the files a merge writes there.
 
-    The folder itself is made by the save, so a merge that fails leaves nothing behind."""
+    The folder itself is made by the save: a merge refused or failing before it leaves none."""
     existing = [p.name for p in out.iterdir()] if out.is_dir() else []
     if existing and not overwrite:
         raise MergeError(
