@@ -7,10 +7,17 @@ from pathlib import Path
 
 
 def make_peft_adapter(
-    base_dir: str, out: str | Path, r: int, target_modules: list[str], seed: int, **lora
+    base_dir: str,
+    out: str | Path,
+    r: int,
+    target_modules: list[str],
+    seed: int,
+    layers: list[int] | None = None,
+    **lora,
 ) -> str:
     """Save a real peft LoRA with ``init_lora_weights=False`` (random A and B) to ``out``;
-    ``lora`` passes further ``LoraConfig`` options (``use_dora=True``, ...)."""
+    ``layers`` limits it to those decoder layers (``layers_to_transform``), ``lora`` passes
+    further ``LoraConfig`` options (``use_dora=True``, ...)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -18,7 +25,12 @@ def make_peft_adapter(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=target_modules, init_lora_weights=False, **lora
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=target_modules,
+        init_lora_weights=False,
+        layers_to_transform=layers,
+        **lora,
     )
     get_peft_model(model, config).save_pretrained(str(out))
     return str(out)
