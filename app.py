@@ -35,6 +35,7 @@ from engine.registry import (
     template_fields,
 )
 from engine.sampling import resolve
+from finetune.merge import merge_adapters
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -166,7 +167,9 @@ def confidence(completion) -> str:
     return f"{math.exp(sum(e.logprob for e in completion.logprobs)):.1%}"
 
 
-def build_demo(engine: Engine, registry: Registry) -> gr.Blocks:
+def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
+    """The UI; with the API's ``Api`` object (``create_app`` passes it) the Merge tab can create
+    adapters, behind the admin token."""
     catalog = Catalog(engine, registry)
     first = (catalog.names() or [None])[0]
 
@@ -317,9 +320,47 @@ def build_demo(engine: Engine, registry: Registry) -> gr.Blocks:
                     raise gr.Error(str(err)) from err
 
             gr.on([fan_go.click, fan_in.submit], fan, fan_in, fan_out, api_name="every_adapter")
+        with gr.Tab("Merge"):
+            merge_tab(engine, catalog, api)
         with gr.Tab("Benchmarks"):
             benchmarks_tab()
     return demo
+
+
+def merge_tab(engine: Engine, catalog: Catalog, api) -> None:
+    """Pick served adapters, a method and weights: a new adapter (peft's merge), loaded and shown
+    as a card. Creating adapters is admin work: it needs the server's admin token."""
+    if api is None or api.admin_token is None or api.adapter_root is None:
+        gr.Markdown("Merging is off: start the app with `LORALAND_ADMIN_TOKEN` set.")
+        return
+    with gr.Row():
+        sources = gr.Dropdown(catalog.names(), multiselect=True, label="Adapters to merge")
+        method = gr.Dropdown(["cat", "svd", "ties", "dare_ties", "linear"], value="cat",
+                             label="Method")  # fmt: skip
+    with gr.Row():
+        weights = gr.Textbox(label="Weights (one per adapter; empty: 1.0 each)")
+        name = gr.Textbox(label="New adapter name", value="merged")
+        token = gr.Textbox(label="Admin token", type="password")
+    go = gr.Button("Merge", variant="primary")
+    card = gr.Markdown(elem_id="merge-card")
+
+    async def merge(chosen, method_name, weight_text, new_name, admin_token):
+        from engine.api.protocol import MergeBody, OpenAIError
+
+        if not api.admin_allows(f"Bearer {admin_token}"):
+            raise gr.Error("Wrong admin token.")
+        try:
+            numbers = [float(w) for w in weight_text.replace(",", " ").split()] or None
+            body = MergeBody(name=new_name, adapters=chosen or [], method=method_name,
+                             weights=numbers)  # fmt: skip
+            done = await api.merge(body, merge_adapters, api.adapter_root / new_name)
+        except (ValueError, OpenAIError) as err:
+            raise gr.Error(str(getattr(err, "message", err))) from err
+        info = done["merge"]
+        how = f"**{info['combination_type']}** (rank {info['rank']})"
+        return catalog.card(new_name) + f"\n\nMerged from {', '.join(chosen)} with {how}."
+
+    go.click(merge, [sources, method, weights, name, token], card, api_name="merge")
 
 
 def clear_answers():
@@ -411,8 +452,9 @@ def create_app(engine: Engine, registry: Registry, config_dir: Path):
         registry,
         admin_token=os.environ.get("LORALAND_ADMIN_TOKEN"),
         adapter_root=os.environ.get("LORALAND_ADAPTER_ROOT", config_dir / "adapters"),
+        merger=merge_adapters,
     )
-    demo = build_demo(engine, registry)
+    demo = build_demo(engine, registry, app.state.api)
     demo.queue(default_concurrency_limit=int(os.environ.get("LORALAND_UI_CONCURRENCY", "64")))
     limit = registry.server.max_body_bytes
     return gr.mount_gradio_app(app, demo, path="/", ssr_mode=False, max_file_size=limit)

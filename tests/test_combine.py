@@ -119,3 +119,33 @@ def test_without_the_setting_an_adapter_on_disk_is_not_loaded(
     finally:
         live.stop()
     assert answer.status_code == 404 and "omega" not in hf_engine.adapters()
+
+
+def test_merging_served_adapters_through_the_api_makes_a_new_served_adapter(
+    hf_engine, registry_for, tmp_path
+):
+    from conftest import LiveServer
+
+    from finetune.merge import merge_adapters
+
+    app = create_api(hf_engine, registry_for, admin_token="t", adapter_root=tmp_path,
+                     merger=merge_adapters)  # fmt: skip
+    live = LiveServer(app)
+    auth = {"authorization": "Bearer t"}
+    body = {"name": "alpha-beta", "adapters": ["alpha", "beta"], "method": "cat"}
+    try:
+        refused = httpx.post(f"{live.url}/v1/adapters/merge", json=body, timeout=600)
+        merged = httpx.post(f"{live.url}/v1/adapters/merge", json=body, headers=auth, timeout=600)
+        again = httpx.post(f"{live.url}/v1/adapters/merge", json=body, headers=auth, timeout=60)
+        answer = chat(live.url, {"model": "alpha-beta", "max_tokens": 4,
+                                 "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
+    finally:
+        live.stop()
+        if "alpha-beta" in hf_engine.adapters():
+            asyncio.run(hf_engine.unload_adapter("alpha-beta"))
+    assert refused.status_code == 401
+    assert merged.status_code == 200, merged.text
+    assert merged.json()["merge"]["rank"] == 12  # cat: the ranks add up (8 + 4)
+    assert (tmp_path / "alpha-beta" / "merge.json").is_file()
+    assert again.status_code == 409
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]

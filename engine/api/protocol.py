@@ -198,6 +198,18 @@ class AdapterBody(Wire):
     path: str = Field(min_length=1, max_length=4096)
 
 
+class MergeBody(Wire):
+    """``POST /v1/adapters/merge``: served adapters combined into a new one (peft's
+    ``add_weighted_adapter``), written under the adapter root and loaded."""
+
+    name: str = Field(min_length=1, max_length=64)
+    adapters: list[str] = Field(min_length=1, max_length=16)
+    method: Literal["linear", "cat", "ties", "dare_ties", "svd"]
+    weights: list[float] | None = None
+    density: float | None = Field(None, gt=0.0, le=1.0)
+    svd_rank: int | None = Field(None, ge=1)
+
+
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -46,6 +46,7 @@ from .protocol import (
     ChatBody,
     ChunkWriter,
     CompletionBody,
+    MergeBody,
     OpenAIError,
     SamplingFields,
     chat_logprobs,
@@ -58,11 +59,14 @@ from .protocol import (
 )
 
 log = logging.getLogger(__name__)
+Merger = Callable[..., Path]
+"""``merge_adapters(base_dir, sources, method, weights, density, out, svd_rank, progress=)``."""
 API_PATHS = {
     "/v1/chat/completions": {"POST"},
     "/v1/completions": {"POST"},
     "/v1/models": {"GET"},
     "/v1/adapters": {"POST"},
+    "/v1/adapters/merge": {"POST"},
 }
 MAX_PROMPTS = 16
 FANOUT = "fanout"
@@ -376,6 +380,37 @@ class Api:
             self.engine.abort(rid, why)
         return len(doomed)
 
+    async def merge(self, body: MergeBody, merger: Merger, out: Path) -> dict:
+        """Served adapters merged into ``out`` (under the adapter root), then loaded."""
+        if out.exists() or body.name in self.engine.adapters():
+            raise OpenAIError(409, f"'{body.name}' exists already", "conflict_error", "name")
+        unknown = [a for a in body.adapters if a not in self.engine.adapter_paths]
+        if unknown:
+            raise OpenAIError(404, f"not served: {unknown}", "not_found_error", "adapters")
+        sources = {a: self.engine.adapter_paths[a] for a in body.adapters}
+        t0 = time.perf_counter()
+        try:
+            await asyncio.to_thread(
+                merger, self.engine.base_dir, sources, body.method, body.weights, body.density,
+                out, body.svd_rank, progress=log.info,
+            )  # fmt: skip
+            await self.engine.load_adapter(body.name, str(out), self.limits.max_adapter_rank)
+        except (ValueError, AdapterLoadError) as err:
+            raise invalid(f"cannot merge: {err}", "adapters", 422) from err
+        manifest = json.loads((out / "merge.json").read_text())
+        return {
+            "merged": body.name,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "merge": manifest,
+            "adapters": self.engine.adapters(),
+        }
+
+    def admin_allows(self, authorization: str) -> bool:
+        """Admin is on (a token is set) and ``authorization`` is ``Bearer <token>``."""
+        if self.admin_token is None:
+            return False
+        return hmac.compare_digest(authorization.encode(), f"Bearer {self.admin_token}".encode())
+
     # ----- shutdown -------------------------------------------------------------------------
 
     def begin_drain(self) -> None:
@@ -416,10 +451,12 @@ def create_api(
     admin_token: str | None = None,
     adapter_root: str | Path | None = None,
     app: FastAPI | None = None,
+    merger: Merger | None = None,
 ) -> FastAPI:
     """Add the OpenAI-compatible routes to ``app`` (a new FastAPI app when None). Call it
     before mounting anything at ``/``: its catch-all keeps ``/v1/...`` answers in OpenAI's
-    shape."""
+    shape. With a ``merger`` (``finetune.merge.merge_adapters``, which ``python app.py``
+    passes), ``POST /v1/adapters/merge`` combines served adapters."""
     api = Api(engine, registry, admin_token, adapter_root)
     app = app or FastAPI(title="LoRA Land in a box")
     app.router.redirect_slashes = False
@@ -493,8 +530,7 @@ def create_api(
                 "admin routes are off: start the server with LORALAND_ADMIN_TOKEN set",
                 "permission_error",
             )
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, f"Bearer {api.admin_token}".encode()):
+        if not api.admin_allows(request.headers.get("authorization", "")):
             raise OpenAIError(401, "admin token required", "authentication_error")
 
     def allowed_path(raw: str) -> str:
@@ -535,6 +571,15 @@ def create_api(
             raise from_engine(err) from err
         log.info("hot-loaded adapter %s from %s", body.name, path)
         return {"loaded": body.name, "adapters": engine.adapters()}
+
+    @app.post("/v1/adapters/merge")
+    async def merge_adapters(request: Request):
+        check_admin(request)
+        if merger is None:
+            raise OpenAIError(404, "merging is served by python app.py", "not_found_error")
+        body = parse(MergeBody, await read_json(request))
+        check_name(body.name)
+        return await api.merge(body, merger, Path(allowed_path(body.name)))
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str, request: Request):

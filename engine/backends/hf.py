@@ -123,6 +123,8 @@ class HFEngine(Engine):
         for name, path in (adapters or {}).items():
             self.attach_adapter(name, path)
         self.pending: list[Row] = []
+        self.rows: dict[str, Row] = {}
+        """Every admitted request's row by request id, until its stream closes."""
         self.controls: list[tuple] = []
         self.batch: Batch | None = None
         self.wake = threading.Condition()
@@ -214,6 +216,7 @@ class HFEngine(Engine):
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         row = await self.admit_request(request)
+        self.rows[request.request_id] = row
         try:
             while True:
                 item = await row.queue.get()
@@ -223,6 +226,7 @@ class HFEngine(Engine):
                 if item.finish_reason is not None:
                     return
         finally:
+            self.rows.pop(request.request_id, None)
             if not row.done:
                 row.cancelled = True
                 with self.wake:
@@ -252,11 +256,12 @@ class HFEngine(Engine):
         return row
 
     def abort(self, request_id: str, why: str) -> None:
-        with self.wake:
-            for row in self.active_rows():
-                if row.request.request_id == request_id:
-                    row.fail(RequestEndedError(why or "the request was ended"))
-            self.wake.notify()
+        """Wherever the row is (waiting, in a prefill, in the batch), it ends at once."""
+        row = self.rows.get(request_id)
+        if row is not None:
+            row.fail(RequestEndedError(why or "the request was ended"))
+            with self.wake:
+                self.wake.notify()
 
     def active_rows(self) -> list[Row]:
         return (self.batch.rows if self.batch else []) + self.pending
@@ -293,7 +298,7 @@ class HFEngine(Engine):
                 self.step(fresh)
 
     def take_pending(self) -> list[Row]:
-        self.pending = [r for r in self.pending if not r.cancelled]
+        self.pending = [r for r in self.pending if not (r.cancelled or r.done)]
         room = self.settings.max_batch_size - (len(self.batch.rows) if self.batch else 0)
         fresh, self.pending = self.pending[:room], self.pending[room:]
         return fresh
@@ -427,6 +432,8 @@ class HFEngine(Engine):
         return self.tokenizer.decode([token])
 
     def emit(self, row: Row, token: int, entry: TokenLogprob | None = None) -> None:
+        if row.done:  # ended meanwhile (aborted): it leaves the batch at the next step
+            return
         row.clock.token()
         row.generated.append(token)
         self.generated_tokens += 1
