@@ -107,8 +107,18 @@ class SGLangSettings(Strict):
 class HFSettings(Strict):
     max_batch_size: int = Field(16, ge=1)
     """Rows (requests) decoded together; adapters and base rows mix freely in one batch."""
-    threads: int | None = Field(None, ge=1)
-    """torch CPU threads; ``None`` = torch's default."""
+    threads: int | None = Field(1, ge=1)
+    """torch CPU threads. 1: with 2 threads on a 2-core machine that anything else shares,
+    decode slows several-fold (``results/cpu/serving-options``); ``None`` = torch's default."""
+    lora: Literal["batched", "peft"] = "batched"
+    """``batched``: every row's LoRA in one gathered op per layer
+    (``engine/backends/lora_batched.py``); ``peft``: peft's ``adapter_names``, a loop over the
+    batch's adapters. On a GPU the CPU default always uses peft."""
+    base_weights: Literal["fp16", "fp32", "int8"] = "fp16"
+    """The base's Linear weights on the ``batched`` path (activations and the LoRA terms stay
+    fp32): ``fp16`` halves the bytes read per decode step and is lossless for a base stored in
+    bf16 such as SmolLM2; ``fp32`` is the exact mode (peft's greedy tokens, used by the
+    evaluator); ``int8`` is faster still and lossy."""
 
 
 class ServerSettings(Strict):

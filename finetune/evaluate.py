@@ -218,7 +218,10 @@ def rescore(source: Path, limit: int, tasks: list[str]) -> tuple[list[dict], lis
 
 
 def run_engine(registry, args) -> tuple[list[dict], list[dict], dict]:
-    registry.engine.sglang = with_overrides(registry.engine.sglang, args.set)
+    if args.backend == "hf":  # the CPU default's exact mode unless --set says otherwise
+        registry.engine.hf = with_overrides(registry.engine.hf, ["base_weights=fp32", *args.set])
+    else:
+        registry.engine.sglang = with_overrides(registry.engine.sglang, args.set)
     registry.base.dtype = args.dtype
     registry.engine.hf.max_batch_size = args.batch
     engine = build_engine(registry, backend=args.backend)
@@ -244,6 +247,8 @@ def run_engine(registry, args) -> tuple[list[dict], list[dict], dict]:
 
     results = asyncio.run(every_task())
     run = {"backend": engine.backend, "dtype": args.dtype, "device": engine.device}
+    if engine.backend == "hf":
+        run["base_weights"] = registry.engine.hf.base_weights
     outputs = [o for r in results for o in r.pop("outputs")]
     for r in results:
         r.update(run)
@@ -269,8 +274,8 @@ def main() -> None:
     parser.add_argument("--interleave", action="store_true", help=interleave)
     parser.add_argument("--merge", action="store_true",
                         help="keep the other tasks' results already in --out")  # fmt: skip
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                        help="SGLang setting, e.g. mem_fraction_static=0.1")  # fmt: skip
+    setting = "a backend setting: mem_fraction_static=0.1 (SGLang), base_weights=fp16 (CPU)"
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help=setting)
     parser.add_argument("--rescore", type=Path, metavar="DIR",
                         help="no engine: score DIR's outputs, first --limit examples")  # fmt: skip
     args = parser.parse_args()

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.backends.lora_batched import BatchedLora
 from engine.base_model import resolve_base
-from engine.random_adapter import make_peft_adapter
+from tests.helpers import make_peft_adapter
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {

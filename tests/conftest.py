@@ -32,9 +32,12 @@ def adapter_dirs(base_dir, tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def hf_engine(base_dir, adapter_dirs):
+    """The CPU default in its exact mode (fp32 base weights: tokens compared exactly)."""
     from engine.backends.hf import HFEngine
+    from engine.registry import HFSettings
 
-    engine = HFEngine(base_dir, "SmolLM2-135M-Instruct", adapters=adapter_dirs)
+    exact = HFSettings(base_weights="fp32")
+    engine = HFEngine(base_dir, "SmolLM2-135M-Instruct", adapters=adapter_dirs, settings=exact)
     yield engine
     asyncio.run(engine.shutdown())
 

@@ -54,8 +54,9 @@ def serve(engine, registry, **kwargs):
     return LiveServer(create_api(engine, registry, **kwargs))
 
 
-def stream_gaps(url: str, body: dict) -> dict:
-    """Read one SSE stream; the largest gap between events, and how it ended."""
+def stream_gaps(url: str, body: dict, started: threading.Event | None = None) -> dict:
+    """Read one SSE stream; the largest gap between events, and how it ended. ``started`` is
+    set once the first event arrived."""
     gaps, events, last = [], [], None
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
         for line in response.iter_lines():
@@ -66,7 +67,9 @@ def stream_gaps(url: str, body: dict) -> dict:
                 gaps.append(now - last)
             last = now
             events.append(line[6:])
-    return {"max_gap": max(gaps), "events": events}
+            if started is not None:
+                started.set()
+    return {"max_gap": max(gaps, default=0.0), "events": events}
 
 
 def streamed_text(events: list[str]) -> str:
@@ -195,9 +198,10 @@ def test_sigterm_refuses_new_requests_and_ends_streams_at_the_drain_deadline(
         "max_tokens": 2000,
         "stream": True,
     }
+    streaming = threading.Event()
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(stream_gaps, url, body)
-        time.sleep(0.5)
+        running = pool.submit(stream_gaps, url, body, streaming)
+        assert streaming.wait(120), "the stream never started"
         t0 = time.perf_counter()
         server.handle_exit(15, None)  # what uvicorn's SIGTERM handler calls
         events = running.result()["events"]
@@ -205,7 +209,8 @@ def test_sigterm_refuses_new_requests_and_ends_streams_at_the_drain_deadline(
     thread.join(10)
     assert not thread.is_alive(), "the server did not exit after the drain"
     assert events[-1] == "[DONE]" and "shutting down" in events[-2]
-    assert 0.8 < ended < 3.0, f"the stream ended {ended:.1f} s after SIGTERM (deadline 1 s)"
+    # the deadline (1 s), not the stream's own end (2000 tokens × 50 ms = 100 s)
+    assert 0.8 < ended < 10.0, f"the stream ended {ended:.1f} s after SIGTERM (deadline 1 s)"
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health", timeout=5)
 
@@ -236,9 +241,10 @@ def test_unload_ends_its_streams_after_the_deadline_and_holds_the_name(
             "stream": True,
             "messages": [{"role": "user", "content": "Go on."}],
         }
+        streaming = threading.Event()
         with ThreadPoolExecutor(3) as pool:
-            running = pool.submit(stream_gaps, live.url, body)
-            time.sleep(1.0)
+            running = pool.submit(stream_gaps, live.url, body, streaming)
+            assert streaming.wait(300), "the stream never started"
             unloading = pool.submit(
                 httpx.delete, f"{live.url}/v1/adapters/delta", headers=auth, timeout=120
             )

@@ -198,3 +198,36 @@ def test_shipped_sql_adapter_stops_at_the_end_of_its_answer():
         asyncio.run(engine.shutdown())
     assert done.finish_reason == "stop" and done.usage.completion_tokens < 100
     assert done.text.strip().upper().startswith("SELECT") and "user" not in done.text
+
+
+def test_the_fast_default_gives_the_exact_modes_greedy_tokens_on_task_prompts():
+    """The CPU default's fast mode (batched LoRA over fp16 base weights) against its exact mode
+    (fp32), the shipped adapters and the base on two test prompts of every task, one mixed
+    batch each: SmolLM2's weights are bf16 values, which fp16 holds exactly."""
+    from engine import build_engine
+    from engine.registry import load_registry
+    from finetune.data import load_split
+    from finetune.tasks import TASKS
+
+    requests = [
+        GenerationRequest(
+            adapter=adapter,
+            messages=[{"role": "user", "content": TASKS[task].prompt(example["input"])}],
+            params=SamplingParams(max_tokens=24, temperature=0.0),
+        )
+        for task in TASKS
+        for example in load_split(task, "test")[:2]
+        for adapter in (task, None)
+    ]
+    tokens = {}
+    for weights in ("fp16", "fp32"):
+        registry = load_registry(ROOT / "adapters.yaml")
+        registry.engine.hf.base_weights = weights
+        engine = build_engine(registry, backend="hf")
+        try:
+            done = asyncio.run(engine.generate(requests))
+        finally:
+            asyncio.run(engine.shutdown())
+        tokens[weights] = [c.token_ids for c in done]
+    same = sum(a == b for a, b in zip(tokens["fp16"], tokens["fp32"]))
+    assert same >= 0.9 * len(requests), f"{same}/{len(requests)} sequences identical"

@@ -1,9 +1,11 @@
-"""CPU default backend: transformers + peft, all adapters on one PeftModel, mixed-adapter batches.
+"""CPU default backend: transformers with every adapter on one model, mixed-adapter batches.
 
 One worker thread owns the model. Each step it admits waiting requests (prefilled together,
 left-padded), merges them into the running batch, and decodes one token for every row, each row
-with its own adapter through peft's ``adapter_names`` (base-model rows use ``__base__``).
-Finished or cancelled rows leave the batch at once, so their slot is free for the next request.
+with its own adapter: on the CPU by default every row's LoRA in one gathered op per layer over
+fp16 base weights (``lora_batched.py``; ``base_weights: fp32`` is the exact mode), else peft's
+``adapter_names``. Finished or cancelled rows leave the batch at once, so their slot is free for
+the next request.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..interface import (
 from ..registry import HFSettings
 from ..text import TextStream, end_of_turn_ids
 from .common import PromptTokenizer, check_context, check_loadable
+from .lora_batched import BatchedLora
 from .sample import Grammar, Grammars, adjusted, choose, logprob_entry
 
 log = logging.getLogger(__name__)
@@ -81,6 +84,54 @@ class Batch:
     next_tokens: torch.Tensor
 
 
+class PeftRows:
+    """One PeftModel holding every adapter; a mixed batch runs peft's loop over its adapters."""
+
+    def __init__(self, model):
+        self.model = model.eval()
+        self.names: set[str] = set()
+
+    def attach(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        if not self.names:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+        else:
+            self.model.load_adapter(path, adapter_name=name)
+        self.model.eval()
+        self.names.add(name)
+
+    def detach(self, name: str) -> None:
+        self.names.discard(name)
+        if self.names:
+            self.model.set_adapter(sorted(self.names)[0])
+            self.model.delete_adapter(name)
+        else:
+            self.model = self.model.unload()
+
+    def row_kwargs(self, adapters: list[str | None]) -> dict:
+        if not self.names:
+            return {}
+        return {"adapter_names": [a or PEFT_BASE_ROW for a in adapters]}
+
+
+class BatchedRows:
+    """Every row's LoRA in one gathered op per layer (``lora_batched.BatchedLora``), over a base
+    whose Linear weights are ``settings.base_weights``."""
+
+    def __init__(self, model, settings: HFSettings):
+        self.model = BatchedLora(model, base_weights=settings.base_weights)
+
+    def attach(self, name: str, path: str) -> None:
+        self.model.load_adapter(name, path)
+
+    def detach(self, name: str) -> None:
+        self.model.delete_adapter(name)
+
+    def row_kwargs(self, adapters: list[str | None]) -> dict:
+        return {"adapter_index": self.model.index_for(adapters)}
+
+
 class HFEngine(Engine):
     backend = "hf"
 
@@ -108,10 +159,11 @@ class HFEngine(Engine):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(
-            base_dir, dtype=self.resolve_dtype(dtype)
-        ).to(self.torch_device)
-        self.model.eval()
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=self.resolve_dtype(dtype)).to(
+            self.torch_device
+        )
+        batched = self.settings.lora == "batched" and self.torch_device.type == "cpu"
+        self.lora = BatchedRows(model, self.settings) if batched else PeftRows(model)
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.prompt_tokenizer = PromptTokenizer(
             self.tokenizer, base_dir, chat_template, self.context
@@ -153,26 +205,19 @@ class HFEngine(Engine):
         return sorted(self.names)
 
     def attach_adapter(self, name: str, path: str) -> None:
-        """Load into the PeftModel; the caller checked it fits (at start, or on hot-load)."""
-        from peft import PeftModel
-
-        if not self.names:
-            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
-        else:
-            self.model.load_adapter(path, adapter_name=name)
-        self.model.eval()
+        """Load into the model; the caller checked it fits (at start, or on hot-load)."""
+        self.lora.attach(name, path)
         self.names.add(name)
         self.adapter_paths[name] = str(path)
 
     def detach_adapter(self, name: str) -> None:
-        remaining = sorted(set(self.adapter_paths) - {name})
-        if remaining:
-            self.model.set_adapter(remaining[0])
-            self.model.delete_adapter(name)
-        else:
-            self.model = self.model.unload()
+        self.lora.detach(name)
         self.names.discard(name)
         self.adapter_paths.pop(name, None)
+
+    @property
+    def model(self):
+        return self.lora.model
 
     async def load_adapter(self, name: str, path: str, max_rank: int | None = None) -> None:
         loaded = set(self.adapter_paths)
@@ -354,16 +399,14 @@ class HFEngine(Engine):
         self.drop_rows()
 
     def forward(self, rows: list[Row], input_ids, mask, positions, cache=None):
-        kwargs = {}
-        if self.names:
-            kwargs["adapter_names"] = [row.adapter_key for row in rows]
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-            **kwargs,
+            logits_to_keep=1,  # only the last position is sampled from
+            **self.lora.row_kwargs([row.request.adapter for row in rows]),
         )
         return out.logits[:, -1, :].float(), out.past_key_values
 
