@@ -95,13 +95,10 @@ def nearest(question: str, others: list[str]) -> tuple[float, str]:
 
 
 def generated_examples() -> list[dict]:
-    """Every generated question: the template splits (train, val, test) and the families."""
+    """Every generated question: the template splits and the training-only families."""
     from .data import SPLITS, load_split
-    from .sql import chinook_db
-    from .sql_families import build_family_questions
 
-    rows = [e for s in SPLITS for e in load_split("sql", s)]
-    return rows + build_family_questions(chinook_db())
+    return [e for s in SPLITS for e in load_split("sql", s)]
 
 
 def main() -> None:
@@ -109,10 +106,11 @@ def main() -> None:
     shapes = {skeleton(e["target"]) for e in generated}
     questions = [e["input"]["question"] for e in generated]
     print(f"{len(fresh)} fresh questions; coverage: {coverage(fresh)}")
-    for ex in fresh:
-        score, other = nearest(ex["input"]["question"], questions)
-        shared = "SHAPE SHARED" if skeleton(ex["target"]) in shapes else ""
-        print(f"{score:.2f} {ex['input']['question']}  ~  {other} {shared}")
+    print("word overlap with the nearest generated question (Jaccard), highest first:")
+    rows = [(nearest(e["input"]["question"], questions), e) for e in fresh]
+    for (score, other), ex in sorted(rows, key=lambda r: -r[0][0]):
+        shared = "  SAME QUERY SHAPE" if skeleton(ex["target"]) in shapes else ""
+        print(f"{score:.2f}  {ex['input']['question']}  ~  {other}{shared}")
 
 
 if __name__ == "__main__":
