@@ -45,7 +45,7 @@ class DataSourceError(RuntimeError):
 
 
 CACHE_SUFFIX = ".v2.jsonl"  # v2: splits in hashed order (v1 kept the sources' class order)
-TRAIN_ONLY_FILE = "train-only.v1.jsonl"  # the additions to the train split, cached apart
+TRAIN_ONLY_FILE = "train-only.v1.jsonl"  # additions to the train split; bump when they change
 
 
 def data_root() -> Path:

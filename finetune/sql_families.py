@@ -265,6 +265,16 @@ FAMILIES = [
         "customer.id WHERE " + CUSTOMER_NAMED + " AND strftime('%Y', invoice.invoicedate) = {year}",
     ),
     Family(
+        "customer_invoices_over",
+        "SELECT firstname AS first, lastname AS last, CAST(AVG(total) AS INTEGER) AS x "
+        "FROM customer JOIN invoice ON invoice.customer_id = customer.id GROUP BY customer.id",
+        ("On which dates did {first} {last} get an invoice of more than {x} dollars?",
+         "When was {first} {last} billed over ${x}? Give the invoice dates.",
+         "List the dates of {first} {last}'s invoices with a total above {x}."),
+        "SELECT invoice.invoicedate FROM invoice JOIN customer ON invoice.customer_id = "
+        "customer.id WHERE " + CUSTOMER_NAMED + " AND invoice.total > {x}",
+    ),
+    Family(
         "country_buyers_in_year",
         "SELECT DISTINCT country, strftime('%Y', invoicedate) AS year FROM customer "
         "JOIN invoice ON invoice.customer_id = customer.id",
