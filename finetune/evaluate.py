@@ -3,6 +3,7 @@
     python -m finetune.evaluate                          # all tasks, ≤200 test examples each
     python -m finetune.evaluate --tasks spam sql --limit 50 --out results
     python -m finetune.evaluate --rescore results --limit 200 --out /tmp/first200   # no engine
+    python -m finetune.evaluate --tasks sql --split fresh --out results/finetune/sql-fresh
 
 Writes ``results/quality.json`` and ``results/quality.md`` (task, metric, base, fine-tuned,
 delta) and, with ``--update-registry``, each adapter's ``eval`` in adapters.yaml (the app's cards).
@@ -26,9 +27,20 @@ from engine.registry import load_registry, with_overrides
 
 from .data import load_split
 from .registry_update import set_eval
+from .sql_fresh import load_fresh
 from .tasks import TASKS, Task
 
 ROOT = Path(__file__).resolve().parents[1]
+HELD_OUT_SETS = {("sql", "fresh"): load_fresh}  # --split: hand-written sets beside a test split
+
+
+def examples_of(task: str, split: str) -> list[dict]:
+    """The examples a run scores: the task's test split, or a held-out set named by --split."""
+    if split == "test":
+        return load_split(task, "test")
+    if (task, split) not in HELD_OUT_SETS:
+        raise SystemExit(f"no {split!r} set for task {task}: {sorted(HELD_OUT_SETS)}")
+    return HELD_OUT_SETS[task, split]()
 
 
 def requests_for(task: Task, examples: list[dict], adapter: str | None) -> list[GenerationRequest]:
@@ -78,9 +90,9 @@ def task_result(task: Task, adapter: str, examples: list[dict], base_out, tuned_
 
 
 async def evaluate_task(
-    engine, task: Task, adapter: str, limit: int, batch: int, timeout: float = 900
+    engine, task: Task, adapter: str, limit: int, batch: int, timeout: float = 900, split="test"
 ) -> dict:
-    examples = load_split(task.name, "test")[:limit]
+    examples = examples_of(task.name, split)[:limit]
     started = time.perf_counter()
     base_done = await run_batches(
         engine, requests_for(task, examples, None), batch, f"{task.name} base", timeout
@@ -158,14 +170,16 @@ def merge_previous(out: Path, results: list[dict], outputs: list[dict]):
     return merged, old_outputs + outputs
 
 
-def rescore(source: Path, limit: int, tasks: list[str]) -> tuple[list[dict], list[dict]]:
+def rescore(
+    source: Path, limit: int, tasks: list[str], split: str = "test"
+) -> tuple[list[dict], list[dict]]:
     """Score the outputs stored in ``source`` again, on each task's first ``limit`` examples."""
     quality = json.loads((source / "quality.json").read_text())
     rows = [json.loads(line) for line in (source / "outputs.jsonl").read_text().splitlines()]
     results, kept = [], []
     for old in (r for r in quality["results"] if r["task"] in tasks):
         task = TASKS[old["task"]]
-        examples = load_split(task.name, "test")[: min(limit, old["n"])]
+        examples = examples_of(task.name, split)[: min(limit, old["n"])]
         mine = sorted(
             (o for o in rows if o["task"] == task.name and o["index"] < len(examples)),
             key=lambda o: o["index"],
@@ -192,7 +206,7 @@ def run_engine(registry, args) -> tuple[list[dict], list[dict], dict]:
     async def every_task() -> list[dict]:  # one event loop: SGLang binds to the first one
         return [
             await evaluate_task(
-                engine, TASKS[t], by_task[t], args.limit, args.batch, args.batch_timeout
+                engine, TASKS[t], by_task[t], args.limit, args.batch, args.batch_timeout, args.split
             )
             for t in args.tasks
         ]
@@ -223,10 +237,14 @@ def main() -> None:
                         help="SGLang setting, e.g. mem_fraction_static=0.1")  # fmt: skip
     parser.add_argument("--rescore", type=Path, metavar="DIR",
                         help="no engine: score DIR's outputs, first --limit examples")  # fmt: skip
+    parser.add_argument("--split", default="test",
+                        help="test, or a held-out set beside it: fresh (sql)")  # fmt: skip
     args = parser.parse_args()
+    if args.split != "test" and args.update_registry:
+        parser.error("--update-registry takes test-split scores only")
     registry = load_registry(args.config)
     if args.rescore:
-        results, outputs = rescore(args.rescore, args.limit, args.tasks)
+        results, outputs = rescore(args.rescore, args.limit, args.tasks, args.split)
         run = {k: results[0][k] for k in ("backend", "dtype", "device")} if results else {}
     else:
         results, outputs, run = run_engine(registry, args)
@@ -241,7 +259,7 @@ def main() -> None:
     }
     with (args.out / "outputs.jsonl").open("w") as f:
         f.writelines(json.dumps(o) + "\n" for o in outputs)
-    meta = {"limit": args.limit, **run}
+    meta = {"limit": args.limit, "split": args.split, **run}
     (args.out / "quality.json").write_text(json.dumps({**meta, "results": results}, indent=1))
     (args.out / "quality.md").write_text(markdown_table(results, training))
     print(markdown_table(results, training))

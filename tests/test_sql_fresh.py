@@ -91,3 +91,18 @@ def test_skeleton_masks_literals_only():
     assert skeleton("SELECT id FROM invoice WHERE total > 20") != skeleton(
         "SELECT id FROM invoice WHERE total < 20"
     )
+
+
+def test_evaluate_split_fresh_scores_the_fresh_set_and_never_the_registry(monkeypatch):
+    import sys
+
+    from finetune.evaluate import examples_of, main
+
+    assert examples_of("sql", "fresh") == FRESH
+    with pytest.raises(SystemExit, match="no 'fresh' set for task spam"):
+        examples_of("spam", "fresh")
+    argv = ["evaluate", "--tasks", "sql", "--split", "fresh", "--update-registry"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert stopped.value.code == 2  # argparse's usage error, before any engine starts
