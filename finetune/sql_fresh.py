@@ -2,6 +2,7 @@
 
     python -m finetune.sql_fresh          # coverage, and each question's nearest generated one
     python -m finetune.evaluate --tasks sql --split fresh --out results/finetune/sql-fresh
+    python -m finetune.sql_fresh --by-feature results/finetune/sql-fresh   # → by_feature.md
 
 ``sql_fresh.jsonl`` holds one ``{"question", "sql"}`` per line: questions as a person would ask
 them (joins of 2-6 tables, GROUP BY / HAVING, top-N, date and price filters, subqueries, the
@@ -13,6 +14,7 @@ that no fresh query has the shape (literals masked) of any generated one.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -101,7 +103,35 @@ def generated_examples() -> list[dict]:
     return [e for s in SPLITS for e in load_split("sql", s)]
 
 
-def main() -> None:
+def answered_right(out_dir: Path) -> dict[str, list[bool]]:
+    """Per model (base, adapter) of an evaluate run on the fresh set: each question right or not."""
+    from .tasks import TASKS
+
+    fresh = load_fresh()
+    right: dict[str, list[bool]] = {}
+    for line in (out_dir / "outputs.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        gold = fresh[row["index"]]["target"]
+        score = TASKS["sql"].score(row["text"], gold)["execution_accuracy"]
+        right.setdefault(row["model"], [False] * len(fresh))[row["index"]] = score == 1.0
+    return right
+
+
+def by_feature_table(right: dict[str, list[bool]]) -> str:
+    """Right answers per feature of the gold query, for each model."""
+    fresh, models = load_fresh(), sorted(right, key=lambda m: m != "base")
+    lines = [
+        "| gold query has | n | " + " | ".join(models) + " |",
+        "|---" * (2 + len(models)) + "|",
+    ]
+    for name in ["(all)", *coverage(fresh)]:
+        rows = [i for i, e in enumerate(fresh) if name == "(all)" or name in features(e["target"])]
+        cells = [f"{sum(right[m][i] for i in rows)}/{len(rows)}" for m in models]
+        lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_overlaps() -> None:
     fresh, generated = load_fresh(), generated_examples()
     shapes = {skeleton(e["target"]) for e in generated}
     questions = [e["input"]["question"] for e in generated]
@@ -111,6 +141,20 @@ def main() -> None:
     for (score, other), ex in sorted(rows, key=lambda r: -r[0][0]):
         shared = "  SAME QUERY SHAPE" if skeleton(ex["target"]) in shapes else ""
         print(f"{score:.2f}  {ex['input']['question']}  ~  {other}{shared}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--by-feature", type=Path, metavar="DIR", help="an evaluate --split fresh output folder"
+    )
+    args = parser.parse_args()
+    if args.by_feature:
+        table = by_feature_table(answered_right(args.by_feature))
+        (args.by_feature / "by_feature.md").write_text(table)
+        print(table)
+    else:
+        print_overlaps()
 
 
 if __name__ == "__main__":

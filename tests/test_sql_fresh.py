@@ -106,3 +106,15 @@ def test_evaluate_split_fresh_scores_the_fresh_set_and_never_the_registry(monkey
     with pytest.raises(SystemExit) as stopped:
         main()
     assert stopped.value.code == 2  # argparse's usage error, before any engine starts
+
+
+def test_by_feature_table_counts_right_answers_per_feature():
+    from finetune.sql_fresh import by_feature_table
+
+    joins = [bool(features(e["target"]) & {"join"}) for e in FRESH]
+    table = by_feature_table({"adapter": joins, "base": [False] * len(FRESH)})
+    lines = table.splitlines()
+    assert lines[0] == "| gold query has | n | base | adapter |"
+    n_join = sum(joins)
+    assert f"| (all) | {len(FRESH)} | 0/{len(FRESH)} | {n_join}/{len(FRESH)} |" in lines
+    assert f"| join | {n_join} | 0/{n_join} | {n_join}/{n_join} |" in lines
