@@ -4,6 +4,7 @@
     python -m finetune.evaluate --tasks spam sql --limit 50
     python -m finetune.evaluate --rescore results/finetune/smollm2 --limit 200   # no engine
     python -m finetune.evaluate --limit 2000 --out results/finetune/smollm2 --update-registry
+    python -m finetune.evaluate --tasks sql --split fresh --out results/finetune/sql-fresh
 
 Writes ``quality.json`` and ``quality.md`` (task, metric, base, fine-tuned, delta) into ``--out``
 (default ``out/results/finetune/<config>``; the shipped results are ``results/finetune/smollm2``)
@@ -32,9 +33,20 @@ from engine.sampling import resolve
 
 from .data import load_split
 from .registry_update import set_eval
+from .sql_fresh import load_fresh
 from .tasks import TASKS, Task
 
 ROOT = Path(__file__).resolve().parents[1]
+HELD_OUT_SETS = {("sql", "fresh"): load_fresh}  # --split: hand-written sets beside a test split
+
+
+def examples_of(task: str, split: str) -> list[dict]:
+    """The examples a run scores: the task's test split, or a held-out set named by --split."""
+    if split == "test":
+        return load_split(task, "test")
+    if (task, split) not in HELD_OUT_SETS:
+        raise SystemExit(f"no {split!r} set for task {task}: {sorted(HELD_OUT_SETS)}")
+    return HELD_OUT_SETS[task, split]()
 
 
 def requests_for(
@@ -100,8 +112,10 @@ class TaskRun:
     constrained: bool
 
     @classmethod
-    def build(cls, task: Task, adapter: str, spec, limit: int, constrain: bool) -> TaskRun:
-        examples = load_split(task.name, "test")[:limit]
+    def build(
+        cls, task: Task, adapter: str, spec, limit: int, constrain: bool, split: str = "test"
+    ) -> TaskRun:
+        examples = examples_of(task.name, split)[:limit]
         base = requests_for(task, examples, None, None, constrain)
         tuned = requests_for(task, examples, adapter, spec, constrain)
         return cls(task, adapter, examples, base, tuned, constrain and bool(task.response_format()))
@@ -196,14 +210,16 @@ def merge_previous(out: Path, results: list[dict], outputs: list[dict]):
     return merged, old_outputs + outputs
 
 
-def rescore(source: Path, limit: int, tasks: list[str]) -> tuple[list[dict], list[dict]]:
+def rescore(
+    source: Path, limit: int, tasks: list[str], split: str = "test"
+) -> tuple[list[dict], list[dict]]:
     """Score the outputs stored in ``source`` again, on each task's first ``limit`` examples."""
     quality = json.loads((source / "quality.json").read_text())
     rows = [json.loads(line) for line in (source / "outputs.jsonl").read_text().splitlines()]
     results, kept = [], []
     for old in (r for r in quality["results"] if r["task"] in tasks):
         task = TASKS[old["task"]]
-        examples = load_split(task.name, "test")[: min(limit, old["n"])]
+        examples = examples_of(task.name, split)[: min(limit, old["n"])]
         mine = sorted(
             (o for o in rows if o["task"] == task.name and o["index"] < len(examples)),
             key=lambda o: o["index"],
@@ -236,7 +252,9 @@ def run_engine(registry, args) -> tuple[list[dict], list[dict], dict]:
 
     specs = {a.name: a for a in registry.adapters}
     runs = [
-        TaskRun.build(TASKS[t], by_task[t], specs[by_task[t]], args.limit, args.constrain)
+        TaskRun.build(
+            TASKS[t], by_task[t], specs[by_task[t]], args.limit, args.constrain, args.split
+        )
         for t in args.tasks
     ]
 
@@ -278,13 +296,17 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help=setting)
     parser.add_argument("--rescore", type=Path, metavar="DIR",
                         help="no engine: score DIR's outputs, first --limit examples")  # fmt: skip
+    parser.add_argument("--split", default="test",
+                        help="test, or a held-out set beside it: fresh (sql)")  # fmt: skip
     args = parser.parse_args()
     if args.adapter and args.update_registry:
         raise SystemExit("--update-registry records each task's own adapter: not with --adapter")
+    if args.split != "test" and args.update_registry:
+        parser.error("--update-registry takes test-split scores only")
     registry = load_registry(args.config)
     args.out = args.out or work_dir() / "results" / "finetune" / args.config.stem
     if args.rescore:
-        results, outputs = rescore(args.rescore, args.limit, args.tasks)
+        results, outputs = rescore(args.rescore, args.limit, args.tasks, args.split)
         run = {k: results[0][k] for k in ("backend", "dtype", "device")} if results else {}
     else:
         results, outputs, run = run_engine(registry, args)
@@ -299,7 +321,7 @@ def main() -> None:
     }
     with (args.out / "outputs.jsonl").open("w") as f:
         f.writelines(json.dumps(o) + "\n" for o in outputs)
-    meta = {"limit": args.limit, **run}
+    meta = {"limit": args.limit, "split": args.split, **run}
     (args.out / "quality.json").write_text(json.dumps({**meta, "results": results}, indent=1))
     (args.out / "quality.md").write_text(markdown_table(results, training))
     print(markdown_table(results, training))

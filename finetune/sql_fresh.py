@@ -1,0 +1,161 @@
+"""A second SQL test set: questions written by hand, outside the generator's templates.
+
+    python -m finetune.sql_fresh          # coverage, and each question's nearest generated one
+    python -m finetune.evaluate --tasks sql --split fresh --out results/finetune/sql-fresh
+    python -m finetune.sql_fresh --by-feature results/finetune/sql-fresh   # → by_feature.md
+
+``sql_fresh.jsonl`` holds one ``{"question", "sql"}`` per line: questions as a person would ask
+them (joins of 2-6 tables, GROUP BY / HAVING, top-N, date and price filters, subqueries, the
+employee self-join, playlists, media types, invoice lines, support reps), each with a gold query
+checked on the real Chinook rows. None is trained on: the old templates and the training-only
+families (``sql_families``) have other question shapes, and ``tests/test_sql_fresh.py`` checks
+that no fresh query has the shape (literals masked) of any generated one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+FRESH_FILE = Path(__file__).with_name("sql_fresh.jsonl")
+AGGREGATES = re.compile(r"\b(COUNT|SUM|AVG|MAX|MIN)\s*\(", re.IGNORECASE)
+CLAUSES = re.compile(r"\b(?:WHERE|GROUP BY|HAVING|ORDER BY)\b", re.IGNORECASE)
+DATE_COLUMNS = re.compile(r"\b(invoicedate|hiredate|birthdate)\b", re.IGNORECASE)
+PRICES = re.compile(r"\b(total|unit_price)\b", re.IGNORECASE)
+
+
+def load_fresh() -> list[dict]:
+    """The fresh questions in the shape of ``load_split``: ``{"input": {...}, "target": sql}``."""
+    rows = [json.loads(line) for line in FRESH_FILE.read_text(encoding="utf-8").splitlines()]
+    return [{"input": {"question": r["question"]}, "target": r["sql"]} for r in rows if r]
+
+
+def skeleton(sql: str) -> str:
+    """A query's shape: string and number literals masked, case and spacing ignored."""
+    masked = re.sub(r"'(?:[^']|'')*'", "?", sql)
+    masked = re.sub(r"\b\d+(?:\.\d+)?\b", "?", masked)
+    return " ".join(masked.lower().split())
+
+
+def tail_clauses(sql: str) -> str:
+    """The query from its first WHERE / GROUP BY / HAVING / ORDER BY on ("" if none)."""
+    parts = CLAUSES.split(sql, maxsplit=1)
+    return parts[1] if len(parts) == 2 else ""
+
+
+def is_self_join(sql: str) -> bool:
+    tables = re.findall(r"\b(FROM|JOIN)\s+employee\b", sql, re.IGNORECASE)
+    return len(tables) > 1 and any(kind.upper() == "JOIN" for kind in tables)
+
+
+def join_count(sql: str) -> int:
+    return len(re.findall(r"\bJOIN\b", sql, re.IGNORECASE))
+
+
+def features(sql: str) -> set[str]:
+    """What a gold query exercises, read from its text (the coverage the tests assert)."""
+    upper = sql.upper()
+    found = {
+        "join": join_count(sql) >= 1,
+        "join_3plus_tables": join_count(sql) >= 2,
+        "aggregate": bool(AGGREGATES.search(sql)),
+        "group_by": "GROUP BY" in upper,
+        "having": "HAVING" in upper,
+        "order_limit": "ORDER BY" in upper and "LIMIT" in upper,
+        "subquery": upper.count("SELECT") > 1,
+        "dates": bool(DATE_COLUMNS.search(tail_clauses(sql))),
+        "self_join": is_self_join(sql),
+        "manager": "REPORTS_TO_ID" in upper,
+        "prices": bool(PRICES.search(tail_clauses(sql))),
+        "playlist": "PLAYLIST" in upper,
+        "mediatype": "MEDIATYPE" in upper,
+        "invoiceline": "INVOICELINE" in upper,
+        "support_rep": "SUPPORT_REP_ID" in upper,
+    }
+    return {name for name, present in found.items() if present}
+
+
+def coverage(examples: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for ex in examples:
+        for name in features(ex["target"]):
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def nearest(question: str, others: list[str]) -> tuple[float, str]:
+    """The most similar other question by word overlap (Jaccard), with its score."""
+    mine = words(question)
+    scored = ((len(mine & words(o)) / len(mine | words(o)), o) for o in others)
+    return max(scored, default=(0.0, ""))
+
+
+def generated_examples() -> list[dict]:
+    """Every generated question: the template splits and the training-only families."""
+    from .data import SPLITS, load_split
+
+    return [e for s in SPLITS for e in load_split("sql", s)]
+
+
+def answered_right(out_dir: Path) -> dict[str, list[bool]]:
+    """Per model (base, adapter) of an evaluate run on the fresh set: each question right or not."""
+    from .tasks import TASKS
+
+    fresh = load_fresh()
+    right: dict[str, list[bool]] = {}
+    for line in (out_dir / "outputs.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        gold = fresh[row["index"]]["target"]
+        score = TASKS["sql"].score(row["text"], gold)["execution_accuracy"]
+        right.setdefault(row["model"], [False] * len(fresh))[row["index"]] = score == 1.0
+    return right
+
+
+def by_feature_table(right: dict[str, list[bool]]) -> str:
+    """Right answers per feature of the gold query, for each model."""
+    fresh, models = load_fresh(), sorted(right, key=lambda m: m != "base")
+    lines = [
+        "| gold query has | n | " + " | ".join(models) + " |",
+        "|---" * (2 + len(models)) + "|",
+    ]
+    for name in ["(all)", *coverage(fresh)]:
+        rows = [i for i, e in enumerate(fresh) if name == "(all)" or name in features(e["target"])]
+        cells = [f"{sum(right[m][i] for i in rows)}/{len(rows)}" for m in models]
+        lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_overlaps() -> None:
+    fresh, generated = load_fresh(), generated_examples()
+    shapes = {skeleton(e["target"]) for e in generated}
+    questions = [e["input"]["question"] for e in generated]
+    print(f"{len(fresh)} fresh questions; coverage: {coverage(fresh)}")
+    print("word overlap with the nearest generated question (Jaccard), highest first:")
+    rows = [(nearest(e["input"]["question"], questions), e) for e in fresh]
+    for (score, other), ex in sorted(rows, key=lambda r: -r[0][0]):
+        shared = "  SAME QUERY SHAPE" if skeleton(ex["target"]) in shapes else ""
+        print(f"{score:.2f}  {ex['input']['question']}  ~  {other}{shared}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--by-feature", type=Path, metavar="DIR", help="an evaluate --split fresh output folder"
+    )
+    args = parser.parse_args()
+    if args.by_feature:
+        table = by_feature_table(answered_right(args.by_feature))
+        (args.by_feature / "by_feature.md").write_text(table)
+        print(table)
+    else:
+        print_overlaps()
+
+
+if __name__ == "__main__":
+    main()

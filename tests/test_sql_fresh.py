@@ -1,0 +1,135 @@
+"""The hand-written SQL test set (finetune/sql_fresh.jsonl): gold queries run on the real Chinook
+rows, no question is a generated one or has a generated query's shape, and its coverage."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune.sql import chinook_db, execution_match, run_sql
+from finetune.sql_fresh import (
+    by_feature_table,
+    coverage,
+    features,
+    generated_examples,
+    load_fresh,
+    nearest,
+    skeleton,
+)
+
+FRESH = load_fresh()
+CLAIMED_COVERAGE = {
+    "join": 40, "join_3plus_tables": 15, "aggregate": 45, "group_by": 30, "having": 6,
+    "order_limit": 15, "subquery": 8, "dates": 8, "prices": 8, "manager": 6, "self_join": 4,
+    "playlist": 5, "mediatype": 5, "invoiceline": 8, "support_rep": 5,
+}  # fmt: skip
+MAX_WORD_OVERLAP = 0.6  # Jaccard of word sets with the nearest generated question (highest: 0.58)
+
+
+def normalised(question: str) -> str:
+    return " ".join(question.lower().rstrip("?.").split())
+
+
+def test_there_are_at_least_60_distinct_questions_in_the_tasks_shape():
+    assert len(FRESH) >= 60
+    assert len({normalised(e["input"]["question"]) for e in FRESH}) == len(FRESH)
+    assert all(set(e) == {"input", "target"} and set(e["input"]) == {"question"} for e in FRESH)
+
+
+@pytest.mark.parametrize("example", FRESH, ids=lambda e: e["input"]["question"][:50])
+def test_gold_runs_returns_rows_without_repeats_and_matches_itself(example):
+    with sqlite3.connect(chinook_db()) as db:
+        rows = db.execute(example["target"]).fetchall()
+        assert run_sql(db, example["target"]) is not None  # within the scorer's step limit
+    assert rows and any(v is not None for row in rows for v in row)
+    assert len(rows) == len(set(rows))  # a list answer names each thing once
+    assert execution_match(chinook_db(), example["target"], example["target"])
+
+
+def test_coverage_is_at_least_what_the_docs_claim():
+    counts = coverage(FRESH)
+    short = {k: counts.get(k, 0) for k, n in CLAIMED_COVERAGE.items() if counts.get(k, 0) < n}
+    assert short == {}
+
+
+def test_features_read_from_the_query_text():
+    sql = (
+        "SELECT boss.firstname, COUNT(*) FROM employee JOIN employee AS boss "
+        "ON employee.reports_to_id = boss.id WHERE employee.hiredate LIKE '2003%' GROUP BY boss.id"
+    )
+    assert features(sql) == {"join", "aggregate", "group_by", "dates", "self_join", "manager"}
+    nested = "SELECT COUNT(*) FROM employee WHERE reports_to_id = (SELECT id FROM employee)"
+    assert features(nested) == {"aggregate", "subquery", "manager"}
+    assert features("SELECT hiredate, total FROM invoice") == set()
+
+
+def test_no_fresh_question_is_generated_or_has_a_generated_querys_shape_or_wording():
+    """Against the template splits and the training-only families (both in load_split)."""
+    generated = generated_examples()
+    assert len(generated) > 5000
+    questions = {normalised(e["input"]["question"]) for e in generated}
+    shapes = {skeleton(e["target"]) for e in generated}
+    assert not questions & {normalised(e["input"]["question"]) for e in FRESH}
+    assert not shapes & {skeleton(e["target"]) for e in FRESH}
+    everything = [e["input"]["question"] for e in generated]
+    overlaps = {e["input"]["question"]: nearest(e["input"]["question"], everything) for e in FRESH}
+    assert {q: o for q, o in overlaps.items() if o[0] >= MAX_WORD_OVERLAP} == {}
+
+
+def test_nearest_is_word_set_jaccard():
+    assert nearest("Which genre sells best?", ["which genre sells best", "no"]) == (
+        1.0,
+        "which genre sells best",
+    )
+    assert nearest("a b", ["b c"])[0] == pytest.approx(1 / 3)
+
+
+def test_skeleton_masks_literals_only():
+    a = "SELECT COUNT(*) FROM album WHERE artist_id = (SELECT id FROM artist WHERE name = 'U2')"
+    b = "select count(*) from album where artist_id = (select id from artist where name = 'It''s')"
+    assert skeleton(a) == skeleton(b)
+    assert skeleton("SELECT id FROM invoice WHERE total > 20") != skeleton(
+        "SELECT id FROM invoice WHERE total < 20"
+    )
+
+
+def test_evaluate_split_fresh_scores_the_fresh_set_and_never_the_registry(monkeypatch):
+    from finetune.evaluate import examples_of, main
+
+    assert examples_of("sql", "fresh") == FRESH
+    with pytest.raises(SystemExit, match="no 'fresh' set for task spam"):
+        examples_of("spam", "fresh")
+    argv = ["evaluate", "--tasks", "sql", "--split", "fresh", "--update-registry"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert stopped.value.code == 2  # argparse's usage error, before any engine starts
+
+
+def test_by_feature_table_counts_right_answers_per_feature():
+    joins = ["join" in features(e["target"]) for e in FRESH]
+    table = by_feature_table({"adapter": joins, "base": [False] * len(FRESH)})
+    lines = table.splitlines()
+    assert lines[0] == "| gold query has | n | base | adapter |"
+    n_join = sum(joins)
+    assert f"| (all) | {len(FRESH)} | 0/{len(FRESH)} | {n_join}/{len(FRESH)} |" in lines
+    assert f"| join | {n_join} | 0/{n_join} | {n_join}/{n_join} |" in lines
+
+
+def test_the_stored_fresh_run_rescores_to_its_own_numbers():
+    """results/finetune/sql-fresh was scored on this very set, with this scorer."""
+    from finetune.evaluate import rescore
+
+    out = Path(__file__).resolve().parents[1] / "results" / "finetune" / "sql-fresh"
+    stored = json.loads((out / "quality.json").read_text())
+    assert stored["split"] == "fresh"
+    (again,), outputs = rescore(out, len(FRESH), ["sql"], "fresh")
+    assert again["n"] == stored["results"][0]["n"] == len(FRESH) and len(outputs) == 2 * len(FRESH)
+    assert (again["base"], again["finetuned"]) == (
+        stored["results"][0]["base"],
+        stored["results"][0]["finetuned"],
+    )
