@@ -95,7 +95,7 @@ def test_an_adapter_under_the_root_loads_on_first_use_once_for_many_requests(
         with ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda _: chat(live.url, body), range(4)))
         missing = chat(live.url, {**body, "model": "nowhere"})
-        beta = chat(live.url, {**body, "model": "beta"})
+        beta = chat(live.url, {**body, "model": "beta", "prompt_template": "raw"})
     finally:
         live.stop()
         del hf_engine.load_adapter
