@@ -140,7 +140,7 @@ def test_hot_load_use_unload(client):
     loaded = client.post("/v1/adapters", json={"name": "gamma", "path": "gamma"}, headers=auth)
     assert loaded.status_code == 200 and "gamma" in loaded.json()["adapters"]
     gamma = client.post("/v1/chat/completions", json=chat_body("gamma")).json()
-    beta = client.post("/v1/chat/completions", json=chat_body("beta")).json()
+    beta = client.post("/v1/chat/completions", json=chat_body("beta", prompt_template="raw")).json()
     assert gamma["choices"][0]["message"] == beta["choices"][0]["message"]
     assert "gamma" in {m["id"] for m in client.get("/v1/models").json()["data"]}
     assert client.delete("/v1/adapters/gamma", headers=auth).status_code == 200
@@ -167,7 +167,7 @@ def test_client_disconnect_cancels_the_generation(client, hf_engine):
 
 def test_health_and_per_adapter_metrics(client):
     assert client.get("/health").json()["ok"] is True
-    client.post("/v1/chat/completions", json=chat_body("beta", max_tokens=3))
+    client.post("/v1/chat/completions", json=chat_body("beta", max_tokens=3, prompt_template="raw"))
     client.post("/v1/chat/completions", json=chat_body("no-such-adapter"))
     text = client.get("/metrics").text
     samples = {

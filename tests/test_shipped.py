@@ -89,8 +89,10 @@ def test_the_app_and_the_api_give_the_same_answer_for_the_same_adapter_and_input
     }
     api = httpx.post(f"{shipped.url}/v1/chat/completions", json=body, timeout=300).json()
     assert api["choices"][0]["message"]["content"] == tuned
-    chat = client.predict("Free entry! Txt WIN to 80086 now", "spam", api_name="/chat")
-    assert chat == tuned
+    history = client.predict("Free entry! Txt WIN to 80086 now", [], "spam", api_name="/chat")
+    reply = history[-1]["content"]
+    reply = reply if isinstance(reply, str) else "".join(p["text"] for p in reply)
+    assert reply == tuned
 
 
 def test_locust_with_its_defaults_runs_against_the_shipped_app(shipped, tmp_path):
