@@ -8,7 +8,7 @@
         --adapters 1,2 --users 2 --duration 4 --out /tmp/bench     # CI-sized
 
 Same clients as the Locust harness, minus the HTTP layer: each of ``users`` coroutines streams
-requests back to back (random words, ``ignore_eos`` so every request makes its full
+requests back to back (random words, greedy, ``ignore_eos`` so every request makes its full
 ``--output-tokens``), adapters drawn uniformly from the first N of the registry; the base-only
 control runs first at every concurrency, in the same process. Per point the statistics and
 ratios are those of ``loadtest.sweep`` (vLLM's definitions), written the same way (results.json,
@@ -84,7 +84,9 @@ class Traffic:
 
     def request(self, rng: random.Random):
         words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*self.prompt_words)))
-        params = SamplingParams(max_tokens=rng.randint(*self.output_tokens), ignore_eos=True)
+        # greedy, as the Locust user asks (temperature 0): SamplingParams' default is OpenAI's 1.0
+        tokens = rng.randint(*self.output_tokens)
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
         return GenerationRequest(
             adapter=rng.choice(self.adapters), prompt=f"Continue this text: {words}", params=params
         )
@@ -389,7 +391,7 @@ async def soak(engine, args, names: list[str]) -> dict:
             name, t0 = f"hot-{len(hotloads)}", time.perf_counter()
             try:
                 await engine.load_adapter(name, str(spare))
-                probe = GenerationRequest(name, "Go on: a river", params=SamplingParams(16))
+                probe = GenerationRequest(name, "Go on: a river", params=SamplingParams(16, 0.0))
                 used = await timed_stream(engine, probe)
                 await engine.unload_adapter(name)
                 hotloads.append({"name": name, "ok": used["ok"], "s": time.perf_counter() - t0})
