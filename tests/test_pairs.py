@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def point(tok_s, ttft, cores=0.5, failures=0, http=True):
     cpu = {"server_cpu_cores": cores} if http else {"engine_process_cpu_cores": cores}
-    return {"output_throughput": tok_s, "ttft_p50": ttft, "itl_p50": 0.01, "completed": 100,
+    return {"output_throughput": tok_s, "ttft_p50": ttft, "itl_p50": 0.01, "tpot_mean": 0.02,
+            "completed": 100,
             "failures": failures, "client_cpu_cores": 0.3, **cpu}  # fmt: skip
 
 
