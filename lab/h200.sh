@@ -315,7 +315,7 @@ flags = ["--model-path", "--served-model-name", "--enable-lora", "--lora-paths",
 missing = [f for f in flags if f not in text]
 print(f"PREFLIGHT FAILED: launch_server --help lacks {missing}" if missing else "launch_server flags ok")
 PY
-  python3 -m locust -f loadtest/locustfile.py --help 2>&1 | grep -q -- --model-format ||
+  python3 -c 'import locust; from loadtest.locustfile import OPTIONS; assert "--model-format" in {o[0] for o in OPTIONS}' ||
     echo "PREFLIGHT FAILED: the Locust user has no --model-format"
   python3 -m loadtest.bench --help | grep -q -- --sync-theirs || echo "PREFLIGHT FAILED: bench"
   python3 -m loadtest.peer --help > /dev/null || echo "PREFLIGHT FAILED: loadtest.peer"
