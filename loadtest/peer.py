@@ -187,6 +187,10 @@ def run_pairs(args, server_pid: int | None) -> dict:
                     {"users": users, "adapters": adapters, "round": number, "points": points}
                 )
                 write_pairs(out, results, f"Peer ({args.launch or args.host}), HTTP")
+                bad = [k for k, p in points.items()
+                       if p.get("failures") or not p.get("output_throughput")]  # fmt: skip
+                if args.strict and bad:
+                    raise RuntimeError(f"peer: points without a clean result: {bad}")
     print((out / "summary.md").read_text(), flush=True)
     return results
 
@@ -210,6 +214,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=5)
     parser.add_argument("--prompt-words", default="90-110")
     parser.add_argument("--output-tokens", default="90-110")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop where a point had failures or no result")  # fmt: skip
     parser.add_argument("--sync-users", type=int, help="start these rounds with the other job")
     parser.add_argument("--sync-mine", help="file touched when this server is ready")
     parser.add_argument("--sync-theirs", help="file the other job touches when it is due")
