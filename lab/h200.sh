@@ -31,6 +31,7 @@
 #   bash lab/h200.sh collect    # results (≤ 4 files) into $OUT, and where each step stands
 #   bash lab/h200.sh restart ours|check|all   # stop a job (its process group) and start it again
 #   STEPS="peer" bash lab/h200.sh restart check   # ... with only these steps
+#   STEPS="parity-constrained" GPU=1 bash lab/h200.sh restart extra   # a step beside the jobs
 #
 # Knobs (environment of `start`/`restart`): PAIRS (3), PEER_PAIRS (3), USERS (512,256; one GPU:
 # 256), DURATION (20 s a point, the first 5 s warm-up), MEM (0.7), SYNC_TIMEOUT (360 s),
@@ -221,7 +222,11 @@ peer() {  # SGLang's launch_server over the same model and adapters, the same Lo
 }
 
 gpu_check() {  # SmolLM2 on SGLang (float16) vs the CPU backend, and the request features
-  wait_file /tmp/check/reference.json 600 || { echo "no CPU reference: see reference.log"; return 1; }
+  for _ in $(seq 600); do  # the CPU reference, made meanwhile: until it is there or has failed
+    [ -f /tmp/check/reference.json ] || [ -f /tmp/check-reference.rc ] && break
+    sleep 1
+  done
+  [ -f /tmp/check/reference.json ] || { echo "no CPU reference: see reference.log"; return 1; }
   gpu_free
   timeout 480 python3 lab/gpu_check.py run /tmp/check --out "$RESULTS/gpu-check.json" \
     --dtypes float16
@@ -282,11 +287,15 @@ job() {  # job NAME: its steps in order, on its GPU
     ours) export GPU=0 SYNC=1 USERS=${USERS:-512,256}; list=${STEPS:-${STEPS_OURS:-$STEPS_OURS_DEFAULT}} ;;
     check) export GPU=1 SYNC=1; list=${STEPS:-${STEPS_CHECK:-$STEPS_CHECK_DEFAULT}} ;;
     all) export GPU=0 SYNC=0 USERS=${USERS:-256}; list=${STEPS:-${STEPS_ALL:-$STEPS_ALL_DEFAULT}} ;;
+    extra) export GPU=${GPU:-1} SYNC=0 USERS=${USERS:-256}; list=${STEPS:?STEPS=...} ;;
+    *) echo "no job $name"; return 1 ;;
   esac
   export CUDA_VISIBLE_DEVICES=$GPU
   if [ ! -f /tmp/check/reference.json ] && [[ " $list " == *" gpu-check "* ]]; then
     # the CPU reference (CPU only) while the first GPU steps run
-    (python3 lab/gpu_check.py reference /tmp/check > "$RAW_LOGS/reference.log" 2>&1 &)
+    rm -f /tmp/check-reference.rc
+    (python3 lab/gpu_check.py reference /tmp/check > "$RAW_LOGS/reference.log" 2>&1
+      echo $? > /tmp/check-reference.rc) &
   fi
   for s in $list; do step "$s"; done
   touch "$JOBS/$name.done"
@@ -375,14 +384,14 @@ collect() {
     echo "== $log"; tr '\r' '\n' < "$log" | grep -v -e '^\s*$' -e "Received output" | tail -4 | cut -c1-240
   done
   grep -h -e "GPU CHECK" -e "PREFLIGHT" "$RAW_LOGS"/*.log 2>/dev/null
-  for j in ours check all; do
+  for j in ours check all extra; do
     [ -f "$JOBS/$j.done" ] && echo "job $j: DONE"
     [ -f "$JOBS/$j.pgid" ] && [ ! -f "$JOBS/$j.done" ] && echo "job $j: still going"
   done
 }
 
 watch() {  # watch SECONDS: until every launched job is done or the time is up, then collect
-  local busy deadline
+  local busy deadline left
   deadline=$(($(date +%s) + ${1:-540}))
   ls "$JOBS"/*.pgid > /dev/null 2>&1 || { echo "no job launched"; collect; return; }
   while [ "$(date +%s)" -lt "$deadline" ]; do
@@ -391,7 +400,9 @@ watch() {  # watch SECONDS: until every launched job is done or the time is up, 
       [ -f "${pgid%.pgid}.done" ] || busy=1
     done
     [ $busy = 0 ] && break
-    sleep 60
+    left=$((-$(date +%s) + deadline))
+    [ "$left" -gt 30 ] && left=30
+    [ "$left" -gt 0 ] && sleep "$left"
     echo "$(date +%T) $(tail -1 "$RESULTS/steps.log" 2>/dev/null)"
   done
   collect
@@ -431,6 +442,8 @@ case "$ACTION" in
   restart)
     stop_job "$2"
     cp -r lab loadtest engine finetune scripts /tmp/repo/ 2>/dev/null  # fixes carried in this call
+    [ -d "$CONSTRAINED_CPU" ] && mkdir -p /tmp/repo/results/finetune &&
+      cp -r "$CONSTRAINED_CPU" /tmp/repo/results/finetune/
     cd /tmp/repo && launch "$2"
     sleep 5
     ;;
