@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ import requests
 from engine.base_model import resolve_base
 from engine.registry import SGLangSettings, load_registry, with_overrides
 from loadtest.pairs import write_pairs
-from loadtest.procs import ChildrenMeter, start_server
+from loadtest.procs import ChildrenMeter, process_tree, start_server
 from loadtest.report import describe
 from loadtest.sweep import measure_point
 
@@ -233,11 +234,24 @@ def main() -> None:
         run_pairs(args, server.pid if server else None)
     finally:
         if server:
-            server.terminate()
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop(server)
+
+
+def stop(server: subprocess.Popen) -> None:
+    """End the server and every process it started (SGLang's scheduler and detokenizer hold the
+    GPU's memory; the next step on this GPU needs it back)."""
+    family = process_tree(server.pid) - {server.pid}
+    server.terminate()
+    try:
+        server.wait(60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(10)
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
 
 
 if __name__ == "__main__":
