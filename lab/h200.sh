@@ -271,7 +271,7 @@ step() {  # step NAME: run it, log it, record its outcome; never stop the job
   local name=$1 fn=${1//-/_} t0 rc
   t0=$(date +%s)
   echo "$(date +%T) $name started on GPU $GPU" >> "$RESULTS/steps.log"
-  "$fn" > "$RAW_LOGS/$name.log" 2>&1
+  ("$fn") > "$RAW_LOGS/$name.log" 2>&1  # a subshell: an exit or unset variable ends the step only
   rc=$?
   printf '%s\t%s\t%s\t%s\n' "$name" "$GPU" "$rc" "$(($(date +%s) - t0))" >> "$RESULTS/steps.tsv"
   echo "$(date +%T) $name $([ $rc = 0 ] && echo ok || echo "FAILED (exit $rc)") in $(($(date +%s) - t0)) s" \
