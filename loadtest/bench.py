@@ -26,10 +26,11 @@ runs ``loadtest.sweep`` (Locust, another process) at ``--http-users`` × ``--htt
 ``http/compare.md`` sets each point beside its direct one, with the CPU the engine process and
 the clients burned, to tell whether the HTTP layer is the bottleneck.
 ``pairs`` repeats, ``--pairs`` times at each of ``--users`` × ``--adapters``, a round of four
-points: base and adapters engine-direct, then base and adapters through the HTTP API (Locust,
-as ``http``), and reports each ratio (HTTP ÷ direct, adapters ÷ base) as the median over the
-rounds with its range (``loadtest.pairs``; ``pairs/results.json``, ``pairs/summary.md``). Each
-point records the cores of the serving process and of SGLang's scheduler and detokenizer.
+points: base and adapters engine-direct (chat messages, as Locust sends), then base and adapters
+through the HTTP API (Locust, as ``http``), and reports each ratio (HTTP ÷ direct, adapters ÷
+base) as the median over the rounds with its range (``loadtest.pairs``; ``pairs/results.json``,
+``pairs/summary.md``). Each point records the cores of the serving process and of SGLang's
+scheduler and detokenizer.
 ``--sync-users`` makes the rounds at that concurrency start together with another job's
 (``loadtest.peer`` on another GPU): touch ``--sync-mine``, wait up to ``--sync-timeout`` s for
 ``--sync-theirs``.
@@ -81,15 +82,20 @@ class Traffic:
     output_tokens: tuple[int, int] = (90, 110)
     seed: int = 0
     records: list[dict] = field(default_factory=list)
+    chat: bool = False
+    """Send the prompt as one user message (chat template applied), as the Locust user does;
+    otherwise as a raw prompt (the sweeps of sessions 1-6)."""
 
     def request(self, rng: random.Random):
         words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*self.prompt_words)))
         # greedy, as the Locust user asks (temperature 0): SamplingParams' default is OpenAI's 1.0
         tokens = rng.randint(*self.output_tokens)
         params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-        return GenerationRequest(
-            adapter=rng.choice(self.adapters), prompt=f"Continue this text: {words}", params=params
-        )
+        text, adapter = f"Continue this text: {words}", rng.choice(self.adapters)
+        if self.chat:
+            message = {"role": "user", "content": text}
+            return GenerationRequest(adapter=adapter, messages=[message], params=params)
+        return GenerationRequest(adapter=adapter, prompt=text, params=params)
 
 
 async def timed_stream(
@@ -174,10 +180,13 @@ async def sweep(engine, args, names: list[str]) -> dict:
     return results
 
 
-async def direct_point(engine, args, names: list[str], users: int, adapters: int) -> dict:
+async def direct_point(
+    engine, args, names: list[str], users: int, adapters: int, chat: bool = False
+) -> dict:
     """One engine-direct point: ``users`` clients over the first ``adapters`` adapters (0: the
     base), statistics in the steady window, and the cores busy meanwhile."""
     traffic = Traffic(names[:adapters] or [None], args.prompt_words, args.output_tokens)
+    traffic.chat = chat
     began, meter = time.time(), CpuMeter(os.getpid())
     children = ChildrenMeter(os.getpid())
     records, ran = await closed_loop(
@@ -241,7 +250,10 @@ async def pairs(engine, args, names: list[str], registry) -> dict:
     (out / "raw").mkdir(parents=True, exist_ok=True)
     server, serving = await serve_in_process(engine, registry, args.http_port)
     options = locust_options(args, args.http_port)
-    results = {"settings": settings_of(args, engine) | {"pairs": args.pairs}, "rounds": []}
+    # direct clients send chat messages, as Locust does: the same tokens on both paths (the API
+    # fills an adapter's template too; the synthetic registry's is "{input}", the message itself)
+    settings = settings_of(args, engine) | {"pairs": args.pairs, "direct_requests": "chat"}
+    results = {"settings": settings, "rounds": []}
     try:
         for users in args.users:
             await sync_with_peer(args, users)
@@ -252,7 +264,7 @@ async def pairs(engine, args, names: list[str], registry) -> dict:
                                         ("http-base", 0), ("http-adapters", adapters)]:  # fmt: skip
                         print(f"[pairs] {users} streams, round {number}, {kind}", flush=True)
                         if kind.startswith("direct"):
-                            point = await direct_point(engine, args, names, users, count)
+                            point = await direct_point(engine, args, names, users, count, True)
                         else:
                             raw = out / "raw" / f"u{users}-a{count}-r{number}.jsonl"
                             point = await http_point(options, users, count, raw)

@@ -79,7 +79,10 @@ def test_headless_locust_run_writes_raw_file_and_custom_ttft(hf_engine, registry
         "--raw-out", str(raw), "--csv", str(tmp_path / "run"), "--stop-timeout", "20",
     ]  # fmt: skip
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}  # Locust imports every module there
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env
+        )
     finally:
         live.stop()
     assert done.returncode == 0, done.stderr[-2000:]
@@ -164,7 +167,7 @@ def test_engine_bench_sweep_evict_soak_and_http_on_a_tiny_synthetic_model(tmp_pa
 
 
 def test_process_cpu_seconds_reads_a_live_process_and_not_a_missing_one():
-    from loadtest.sweep import process_cpu_seconds
+    from loadtest.procs import process_cpu_seconds
 
     sum(i * i for i in range(300_000))
     assert process_cpu_seconds(os.getpid()) > 0
