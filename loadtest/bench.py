@@ -8,7 +8,7 @@
         --adapters 1,2 --users 2 --duration 4 --out /tmp/bench     # CI-sized
 
 Same clients as the Locust harness, minus the HTTP layer: each of ``users`` coroutines streams
-requests back to back (random words, ``ignore_eos`` so every request makes its full
+requests back to back (random words, greedy, ``ignore_eos`` so every request makes its full
 ``--output-tokens``), adapters drawn uniformly from the first N of the registry; the base-only
 control runs first at every concurrency, in the same process. Per point the statistics and
 ratios are those of ``loadtest.sweep`` (vLLM's definitions), written the same way (results.json,
@@ -25,6 +25,15 @@ seconds an extra adapter is loaded, used and unloaded. It reports failures, lost
 runs ``loadtest.sweep`` (Locust, another process) at ``--http-users`` × ``--http-adapters``:
 ``http/compare.md`` sets each point beside its direct one, with the CPU the engine process and
 the clients burned, to tell whether the HTTP layer is the bottleneck.
+``pairs`` repeats, ``--pairs`` times at each of ``--users`` × ``--adapters``, a round of four
+points: base and adapters engine-direct (chat messages, as Locust sends), then base and adapters
+through the HTTP API (Locust, as ``http``), and reports each ratio (HTTP ÷ direct, adapters ÷
+base) as the median over the rounds with its range (``loadtest.pairs``; ``pairs/results.json``,
+``pairs/summary.md``). Each point records the cores of the serving process and of SGLang's
+scheduler and detokenizer.
+``--sync-users`` makes the rounds at that concurrency start together with another job's
+(``loadtest.peer`` on another GPU): touch ``--sync-mine``, wait up to ``--sync-timeout`` s for
+``--sync-theirs``.
 
 Throughput is measured in the steady window (after ``--warmup``, until the clients stop),
 counting the tokens of requests cut off at the end too (``loadtest.stats.summarize``).
@@ -51,7 +60,8 @@ import uvicorn
 from engine import GenerationRequest, SamplingParams, build_engine
 from engine.api import create_api
 from engine.registry import load_registry, with_overrides
-from loadtest.procs import CpuMeter, gpu_memory_mib
+from loadtest.pairs import write_pairs
+from loadtest.procs import ChildrenMeter, CpuMeter, gpu_memory_mib
 from loadtest.report import (
     describe,
     evict_markdown,
@@ -61,6 +71,7 @@ from loadtest.report import (
     write_outputs,
 )
 from loadtest.stats import WORDS, parse_range, point_key, ratios, summarize
+from loadtest.sweep import measure_point
 
 
 @dataclass
@@ -72,13 +83,20 @@ class Traffic:
     output_tokens: tuple[int, int] = (90, 110)
     seed: int = 0
     records: list[dict] = field(default_factory=list)
+    chat: bool = False
+    """Send the prompt as one user message (chat template applied), as the Locust user does;
+    otherwise as a raw prompt (the sweeps of sessions 1-6)."""
 
     def request(self, rng: random.Random):
         words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*self.prompt_words)))
-        params = SamplingParams(max_tokens=rng.randint(*self.output_tokens), ignore_eos=True)
-        return GenerationRequest(
-            adapter=rng.choice(self.adapters), prompt=f"Continue this text: {words}", params=params
-        )
+        # greedy, as the Locust user asks (temperature 0): SamplingParams' default is OpenAI's 1.0
+        tokens = rng.randint(*self.output_tokens)
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        text, adapter = f"Continue this text: {words}", rng.choice(self.adapters)
+        if self.chat:
+            message = {"role": "user", "content": text}
+            return GenerationRequest(adapter=adapter, messages=[message], params=params)
+        return GenerationRequest(adapter=adapter, prompt=text, params=params)
 
 
 async def timed_stream(
@@ -154,22 +172,115 @@ async def sweep(engine, args, names: list[str]) -> dict:
     for i, (users, adapters) in enumerate(grid, 1):
         label = "base-only control" if adapters == 0 else f"{adapters} adapters"
         print(f"[{i}/{len(grid)}] {users} streams, {label}: {args.duration}s", flush=True)
-        traffic = Traffic(names[:adapters] or [None], args.prompt_words, args.output_tokens)
-        began, meter = time.time(), CpuMeter(os.getpid())
-        records, ran = await closed_loop(
-            engine, traffic, users, args.duration, args.min_completed, args.warmup
-        )
-        steady = (began + args.warmup, began + ran)
-        point = {"users": users, "adapters": adapters, **summarize(records, steady)}
-        # the clients run in this process too: one event loop for both sides
-        if (busy := meter.cores()["server_cpu_cores"]) is not None:
-            point["engine_process_cpu_cores"] = busy
-        point["distribution"] = "base" if adapters == 0 else "uniform"
+        point = await direct_point(engine, args, names, users, adapters)
         point |= ratios(point, results["points"].get(point_key(users, 0), point))
         results["points"][point_key(users, adapters)] = point
         (out / "results.json").write_text(json.dumps(results, indent=1))
         print(f"    {describe(point)}", flush=True)
     write_outputs(results, out)
+    return results
+
+
+async def direct_point(
+    engine, args, names: list[str], users: int, adapters: int, chat: bool = False
+) -> dict:
+    """One engine-direct point: ``users`` clients over the first ``adapters`` adapters (0: the
+    base), statistics in the steady window, and the cores busy meanwhile."""
+    traffic = Traffic(names[:adapters] or [None], args.prompt_words, args.output_tokens)
+    traffic.chat = chat
+    began, meter = time.time(), CpuMeter(os.getpid())
+    children = ChildrenMeter(os.getpid())
+    records, ran = await closed_loop(
+        engine, traffic, users, args.duration, args.min_completed, args.warmup
+    )
+    steady = (began + args.warmup, began + ran)
+    point = {"users": users, "adapters": adapters, **summarize(records, steady)}
+    # the clients run in this process too: one event loop for both sides
+    if (busy := meter.cores()["server_cpu_cores"]) is not None:
+        point["engine_process_cpu_cores"] = busy
+    point["engine_children_cpu_cores"] = children.cores()  # SGLang's scheduler, detokenizer
+    point["distribution"] = "base" if adapters == 0 else "uniform"
+    return point
+
+
+def locust_options(args, port: int) -> argparse.Namespace:
+    """What ``loadtest.sweep.measure_point`` needs to run one Locust point against our API."""
+    return argparse.Namespace(
+        host=f"http://127.0.0.1:{port}",
+        duration=round(args.duration),
+        warmup=args.warmup,
+        prompt_words="-".join(map(str, args.prompt_words)),
+        output_tokens="-".join(map(str, args.output_tokens)),
+        server_pid=os.getpid(),
+    )
+
+
+async def http_point(options, users: int, adapters: int, raw: Path) -> dict:
+    """One Locust point through the API this process serves (Locust from a thread: the event
+    loop goes on serving)."""
+    children = ChildrenMeter(os.getpid())
+    point = await asyncio.to_thread(measure_point, options, users, adapters, raw)
+    point["engine_children_cpu_cores"] = children.cores()
+    return point
+
+
+async def sync_with_peer(args, users: int) -> None:
+    """Start this concurrency's rounds together with the other job (if it comes in time)."""
+    if users != args.sync_users:
+        return
+    if args.sync_mine:
+        Path(args.sync_mine).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.sync_mine).touch()
+    if not args.sync_theirs:
+        return
+    t0 = time.perf_counter()
+    while not Path(args.sync_theirs).exists() and time.perf_counter() - t0 < args.sync_timeout:
+        await asyncio.sleep(1)
+    seen = "appeared" if Path(args.sync_theirs).exists() else "did not appear: going on alone"
+    print(f"sync: {args.sync_theirs} {seen} after {time.perf_counter() - t0:.0f}s", flush=True)
+
+
+def unhealthy(points: dict) -> list[str]:
+    """Points with failed requests or no token streamed in the window."""
+    return [k for k, p in points.items() if p.get("failures") or not p.get("output_throughput")]
+
+
+async def pairs(engine, args, names: list[str], registry) -> dict:
+    """Rounds of (base, adapters) direct, then (base, adapters) through the HTTP API."""
+    out = Path(args.out) / "pairs"
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    server, serving = await serve_in_process(engine, registry, args.http_port)
+    options = locust_options(args, args.http_port)
+    # direct clients send chat messages, as Locust does: the same tokens on both paths (the API
+    # fills an adapter's template too; the synthetic registry's is "{input}", the message itself)
+    settings = settings_of(args, engine) | {"pairs": args.pairs, "direct_requests": "chat"}
+    results = {"settings": settings, "rounds": []}
+    try:
+        for users in args.users:
+            await sync_with_peer(args, users)
+            for adapters in args.adapters:
+                for number in range(1, args.pairs + 1):
+                    points = {}
+                    for kind, count in [("direct-base", 0), ("direct-adapters", adapters),
+                                        ("http-base", 0), ("http-adapters", adapters)]:  # fmt: skip
+                        print(f"[pairs] {users} streams, round {number}, {kind}", flush=True)
+                        if kind.startswith("direct"):
+                            point = await direct_point(engine, args, names, users, count, True)
+                        else:
+                            raw = out / "raw" / f"u{users}-a{count}-r{number}.jsonl"
+                            point = await http_point(options, users, count, raw)
+                        points[kind] = point
+                        print(f"    {describe(point)}", flush=True)
+                    results["rounds"].append(
+                        {"users": users, "adapters": adapters, "round": number, "points": points}
+                    )
+                    write_pairs(out, results, "Our server: engine-direct and HTTP")
+                    if args.pairs_strict and (bad := unhealthy(points)):
+                        raise RuntimeError(f"pairs: points without a clean result: {bad}")
+    finally:
+        server.should_exit = True
+        await serving
+    print((out / "summary.md").read_text(), flush=True)
     return results
 
 
@@ -304,7 +415,7 @@ async def soak(engine, args, names: list[str]) -> dict:
             name, t0 = f"hot-{len(hotloads)}", time.perf_counter()
             try:
                 await engine.load_adapter(name, str(spare))
-                probe = GenerationRequest(name, "Go on: a river", params=SamplingParams(16))
+                probe = GenerationRequest(name, "Go on: a river", params=SamplingParams(16, 0.0))
                 used = await timed_stream(engine, probe)
                 await engine.unload_adapter(name)
                 hotloads.append({"name": name, "ok": used["ok"], "s": time.perf_counter() - t0})
@@ -384,7 +495,8 @@ async def run(args) -> None:
     try:
         await warm_up(engine, names)
         steps = {"sweep": sweep, "evict": evict, "soak": soak,
-                 "http": functools.partial(http, registry=registry)}  # fmt: skip
+                 "http": functools.partial(http, registry=registry),
+                 "pairs": functools.partial(pairs, registry=registry)}  # fmt: skip
         for step in args.plan.split(","):
             for path in args.wait_for if step != "soak" else []:
                 await wait_for_file(Path(path))
@@ -405,7 +517,8 @@ def main() -> None:
                         help="wait for FILE (repeatable) before each measurement: a soak may "
                              "overlap other GPU jobs, a measurement must not")  # fmt: skip
     parser.add_argument("--keep", type=int, help="serve only the first N registry adapters")
-    parser.add_argument("--plan", default="sweep", help="comma list of sweep, evict, soak, http")
+    parser.add_argument("--plan", default="sweep",
+                        help="comma list of sweep, evict, soak, http, pairs")  # fmt: skip
     parser.add_argument("--adapters", type=ints, default=[1, 8, 32, 64, 128])
     parser.add_argument("--users", type=ints, default=[32, 128, 256])
     parser.add_argument("--duration", type=float, default=20, help="seconds per sweep point")
@@ -418,6 +531,13 @@ def main() -> None:
     parser.add_argument("--http-users", type=ints, default=[256], help="http: concurrencies")
     parser.add_argument("--http-adapters", type=ints, default=[128], help="http: adapter counts")
     parser.add_argument("--http-port", type=int, default=8766)
+    parser.add_argument("--pairs", type=int, default=3, help="pairs: rounds per point")
+    parser.add_argument("--pairs-strict", action="store_true",
+                        help="pairs: stop where a point had failures or no result")  # fmt: skip
+    parser.add_argument("--sync-users", type=int, help="pairs: start these rounds with a peer")
+    parser.add_argument("--sync-mine", help="pairs: file touched when those rounds are due")
+    parser.add_argument("--sync-theirs", help="pairs: file the peer touches when it is ready")
+    parser.add_argument("--sync-timeout", type=float, default=300)
     parser.add_argument("--evict-rounds", type=int, default=5)
     parser.add_argument("--soak-seconds", type=float, default=600)
     parser.add_argument("--soak-users", type=int, default=256)

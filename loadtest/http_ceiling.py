@@ -30,7 +30,7 @@ from pathlib import Path
 import uvicorn
 
 from engine.api import create_api
-from engine.api.protocol import completion_payload, sse
+from engine.api.protocol import sse
 from engine.paths import work_dir
 from engine.registry import load_registry
 from loadtest.no_model import NoModelEngine
@@ -83,18 +83,17 @@ async def paced(parts):
 
 
 def events(request: dict):
-    kind, rid, model, created = "chat.completion.chunk", "chatcmpl-ceiling", request["model"], 0
+    head = {"id": "chatcmpl-ceiling", "object": "chat.completion.chunk", "created": 0,
+            "model": request["model"]}  # fmt: skip
     tokens = int(request.get("max_tokens", 16))
     for i in range(tokens):
         choice = {"index": 0, "delta": {"content": " word"}, "finish_reason": None}
         if i == tokens - 1:
             choice["finish_reason"] = "length"
-        yield sse(completion_payload(kind, rid, model, created, {"choices": [choice]})).encode()
+        yield sse({**head, "choices": [choice]})
     usage = {"prompt_tokens": 100, "completion_tokens": tokens, "total_tokens": 100 + tokens}
-    yield sse(
-        completion_payload(kind, rid, model, created, {"choices": [], "usage": usage})
-    ).encode()
-    yield sse("[DONE]").encode()
+    yield sse({**head, "choices": [], "usage": usage})
+    yield sse("[DONE]")
 
 
 def serve_api(port: int, gap_s: float) -> None:

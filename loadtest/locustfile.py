@@ -4,10 +4,17 @@
     locust -f loadtest/ --host http://127.0.0.1:7860 --headless -u 32 -r 32 -t 60s \
         --adapters 8 --distribution zipf --prompt-words 90-110 --output-tokens 90-110
     locust -f loadtest/ --host ... --headless --steps 1,8,32,64,128,256 --step-seconds 30
+    locust -f loadtest/ --host http://127.0.0.1:30000 ... --model-format '{base}:{adapter}'
+                                               # SGLang's own server (0.5.17): base:adapter
 
 Each user streams chat completions (SSE, read line by line) and fires Locust custom metrics:
 ``TTFT``, ``ITL`` (mean gap between tokens of the request), ``E2E`` (response_length = output
 tokens). Raw per-request measurements go to ``--raw-out`` (JSONL), unrounded.
+
+The adapters in play are the first N of ``/v1/models`` (cards with a ``parent``; ``--models``
+names them instead). ``--model-format`` says how a request names one: ``{adapter}`` (our API,
+the default) or ``{base}:{adapter}`` (SGLang's own OpenAI server, which reads an adapter from
+``model`` only after a colon and serves the base for any other name).
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import requests
 from locust import HttpUser, LoadTestShape, constant, events, task
 from locust.exception import StopUser
 
-from loadtest.stats import WORDS, parse_range, zipf_weights
+from loadtest.stats import WORDS, parse_range
+from loadtest.targets import SetupError, pick_models
 
 STATE: dict = {"adapters": [], "base": None, "weights": None, "lock": threading.Lock()}
 
@@ -49,6 +57,20 @@ OPTIONS = [
     ("--steps", str, "", "step the users through these counts, e.g. 1,8,32,64,128,256"),
     ("--step-seconds", float, 30.0, "how long each step holds"),
     ("--seed", int, 0, "seed of prompts and adapter choice"),
+    (
+        "--prompt-template",
+        str,
+        "raw",
+        "our API's extension: raw (the words as they are), apply (each adapter's template), "
+        "or '' to send no such field (another server)",
+    ),
+    (
+        "--model-format",
+        str,
+        "{adapter}",
+        "a request's model for an adapter: {adapter} (ours) or {base}:{adapter} (SGLang's server)",
+    ),
+    ("--models", str, "", "comma list of adapters to use instead of /v1/models' (in this order)"),
 ]
 
 
@@ -78,10 +100,6 @@ def discover_models(environment, **_):
     raw.touch()
 
 
-class SetupError(Exception):
-    """The load test cannot start as asked."""
-
-
 def choose_models(options, host: str) -> dict:
     if options.distribution not in {"uniform", "zipf", "base"}:
         raise SetupError(
@@ -92,28 +110,7 @@ def choose_models(options, host: str) -> dict:
     response = requests.get(host.rstrip("/") + "/v1/models", timeout=30)
     if response.status_code != 200:
         raise SetupError(f"GET {host}/v1/models answered {response.status_code}")
-    cards = response.json()["data"]
-    base = next(c["id"] for c in cards if not c.get("parent"))
-    adapters = sorted(c["id"] for c in cards if c.get("parent"))
-    wanted = 0 if options.distribution == "base" else options.adapters
-    if wanted < 0:
-        wanted = len(adapters)
-    if wanted > len(adapters):
-        logging.warning(
-            "--adapters %d, but the server has %d: using all %d",
-            wanted,
-            len(adapters),
-            len(adapters),
-        )
-        wanted = len(adapters)
-    chosen = adapters[:wanted]
-    weights = (
-        zipf_weights(len(chosen), options.zipf_s)
-        if options.distribution == "zipf" and chosen
-        else None
-    )
-    logging.info("models in play: %s", ", ".join(chosen) or f"{base} (base only)")
-    return {"adapters": chosen, "base": base, "weights": weights}
+    return pick_models(options, response.json()["data"])
 
 
 def request_sizes(options, rng: random.Random) -> tuple[str, int]:
@@ -153,6 +150,8 @@ class ChatUser(HttpUser):
             "stream_options": {"include_usage": True},
             "ignore_eos": options.ignore_eos == "true",
         }
+        if options.prompt_template:
+            body["prompt_template"] = options.prompt_template
         record = self.stream(body, "base" if model == STATE["base"] else "lora")
         record["model"] = model
         with STATE["lock"], open(options.raw_out, "a") as f:

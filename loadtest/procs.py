@@ -81,6 +81,28 @@ def process_tree(root: int) -> set[int]:
     return tree
 
 
+class ChildrenMeter:
+    """Cores busy in a process's descendants that live through the whole measurement: SGLang's
+    scheduler and detokenizer (a Locust run, started and ended inside, is not counted)."""
+
+    def __init__(self, root: int):
+        self.root = root
+        self.wall = time.perf_counter()
+        self.before = self.seconds()
+
+    def seconds(self) -> dict[int, float]:
+        times = {pid: process_cpu_seconds(pid) for pid in process_tree(self.root) - {self.root}}
+        return {pid: t for pid, t in times.items() if t is not None}
+
+    def cores(self) -> float | None:
+        wall = time.perf_counter() - self.wall
+        after = self.seconds()
+        both = set(self.before) & set(after)
+        if not both:
+            return None
+        return round(sum(after[p] - self.before[p] for p in both) / wall, 2)
+
+
 def gpu_memory_mib() -> int | None:
     """GPU memory held by this process and its children (other jobs on the GPU excluded)."""
     try:

@@ -36,11 +36,26 @@ def run_point(args, users: int, adapters: int, raw: Path) -> list[dict]:
         "--adapters", str(adapters), "--distribution", "base" if adapters == 0 else "uniform",
         "--prompt-words", args.prompt_words, "--output-tokens", args.output_tokens,
         "--raw-out", str(raw), "--exit-code-on-error", "0",
+        "--model-format", getattr(args, "model_format", "{adapter}"),
+        "--prompt-template", getattr(args, "prompt_template", "raw"),
     ]  # fmt: skip
+    if getattr(args, "models", ""):
+        cmd += ["--models", args.models]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         raise RuntimeError(f"locust failed at {point_key(users, adapters)}:\n{done.stderr[-2000:]}")
     return [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
+
+
+def measure_point(args, users: int, adapters: int, raw: Path) -> dict:
+    """One Locust point: its statistics in the steady window and the cores the server process
+    (``args.server_pid``) and Locust used meanwhile."""
+    meter = CpuMeter(args.server_pid)
+    records = run_point(args, users, adapters, raw)
+    point = {"users": users, "adapters": adapters}
+    point |= summarize(records, steady_window(records, args)) | meter.cores()
+    point["distribution"] = "base" if adapters == 0 else "uniform"
+    return point
 
 
 def steady_window(records: list[dict], args) -> tuple[float, float] | None:
@@ -71,11 +86,7 @@ def sweep(args) -> dict:
             print(f"[{i}/{len(grid)}] {users} users, {label}: done already (resume)", flush=True)
             continue
         print(f"[{i}/{len(grid)}] {users} users, {label}: running {args.duration}s...", flush=True)
-        meter = CpuMeter(args.server_pid)
-        records = run_point(args, users, adapters, out / "raw" / f"{key}.jsonl")
-        point = {"users": users, "adapters": adapters}
-        point |= summarize(records, steady_window(records, args)) | meter.cores()
-        point["distribution"] = "base" if adapters == 0 else "uniform"
+        point = measure_point(args, users, adapters, out / "raw" / f"{key}.jsonl")
         control = results["points"].get(point_key(users, 0), point)
         point |= ratios(point, control)
         results["points"][key] = point
@@ -103,6 +114,12 @@ def main() -> None:
     parser.add_argument("--output-tokens", default="90-110")
     parser.add_argument("--out", default=str(work_dir() / "loadtest"))
     parser.add_argument("--server-pid", type=int, help="record this server process's CPU per point")
+    parser.add_argument("--model-format", default="{adapter}",
+                        help="how a request names an adapter: {adapter} (ours) or "
+                             "{base}:{adapter} (SGLang's own server)")  # fmt: skip
+    parser.add_argument("--models", default="", help="comma list of adapters to use instead")
+    template = "raw | apply | '' (send no prompt_template: another server)"
+    parser.add_argument("--prompt-template", default="raw", help=template)
     args = parser.parse_args()
     args.command = "python -m loadtest.sweep " + " ".join(sys.argv[1:])
     server = None

@@ -173,8 +173,9 @@ def main() -> None:
     meta = {"reference": str(args.reference), "candidate": str(args.candidate)}
     (args.out / "parity.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     text = markdown(rows)
-    if args.margins:
-        found = margins(args.margins, mismatches(reference, candidate, args.first))
+    cases = mismatches(reference, candidate, args.first) if args.margins else []
+    if cases:  # nothing to replay when every sequence matched
+        found = margins(args.margins, cases)
         (args.out / "margins.json").write_text(json.dumps(found, indent=1))
         text += "\n### Why they differ\n\n" + margins_markdown(found)
     (args.out / "parity.md").write_text(text)

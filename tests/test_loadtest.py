@@ -187,3 +187,62 @@ def test_http_ceiling_drives_the_real_locust_user_against_a_model_free_stream(ta
         assert point["failures"] == 0 and point["completed"] > 0
         assert point["output_throughput"] > 0 and point["itl_p50"] >= 0.001
         assert point["client_cpu_cores"] > 0 and point["server_cpu_cores"] > 0
+
+
+def test_engine_bench_pairs_alternate_direct_and_http_rounds_on_a_tiny_model(tmp_path):
+    synth, out = tmp_path / "synth", tmp_path / "bench"
+    subprocess.run(
+        [sys.executable, "-m", "loadtest.synth", "--shape", "tiny", "--adapters", "2",
+         "--out", str(synth)],
+        check=True, cwd=ROOT, capture_output=True,
+    )  # fmt: skip
+    theirs = tmp_path / "peer-ready"
+    theirs.touch()  # the peer is there already: no wait
+    cmd = [
+        sys.executable, "-m", "loadtest.bench", "--config", str(synth / "adapters.yaml"),
+        "--backend", "hf", "--plan", "pairs", "--pairs", "2", "--adapters", "2", "--users", "2",
+        "--duration", "3", "--warmup", "0.5", "--prompt-words", "4-6", "--output-tokens", "4-6",
+        "--http-port", "8796", "--min-completed", "1", "--pairs-strict", "--sync-users", "2",
+        "--sync-mine", str(tmp_path / "ours-due"), "--sync-theirs", str(theirs),
+        "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "ours-due").exists() and "appeared after" in done.stdout
+    results = json.loads((out / "pairs" / "results.json").read_text())
+    assert [(r["users"], r["adapters"], r["round"]) for r in results["rounds"]] == [
+        (2, 2, 1), (2, 2, 2)
+    ]  # fmt: skip
+    for r in results["rounds"]:
+        assert list(r["points"]) == ["direct-base", "direct-adapters", "http-base", "http-adapters"]
+        assert all(p["output_throughput"] > 0 and not p["failures"] for p in r["points"].values())
+        assert r["points"]["http-base"]["server_cpu_cores"] > 0
+        assert r["points"]["direct-base"]["engine_process_cpu_cores"] > 0
+    ratios = results["summary"]["u2-a2"]["ratios"]
+    assert ratios["http_over_direct_tok_s_base"]["n"] == 2
+    assert ratios["adapters_over_base_tok_s_http"]["median"] > 0
+    assert "HTTP ÷ direct, tok/s, base" in (out / "pairs" / "summary.md").read_text()
+
+
+def test_peer_drives_a_launched_server_in_pairs_after_checking_its_adapter_names(tmp_path):
+    synth, out = tmp_path / "synth", tmp_path / "peer"
+    subprocess.run(
+        [sys.executable, "-m", "loadtest.synth", "--shape", "tiny", "--adapters", "2",
+         "--out", str(synth)],
+        check=True, cwd=ROOT, capture_output=True,
+    )  # fmt: skip
+    cmd = [
+        sys.executable, "-m", "loadtest.peer", "--launch", "ours", "--config",
+        str(synth / "adapters.yaml"), "--port", "8795", "--users", "2", "--adapters", "2",
+        "--pairs", "1", "--duration", "3", "--warmup", "0.5", "--prompt-words", "4",
+        "--output-tokens", "4", "--strict", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    routing = results["routing"]
+    assert routing["known_status"] == 200 and routing["unknown_status"] == 404
+    (only,) = results["rounds"]
+    assert list(only["points"]) == ["http-base", "http-adapters"]
+    assert all(p["output_throughput"] > 0 for p in only["points"].values())
+    assert results["summary"]["u2-a2"]["ratios"]["adapters_over_base_tok_s_http"]["n"] == 1

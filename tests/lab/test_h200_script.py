@@ -38,8 +38,32 @@ def test_every_command_is_a_function_a_builtin_or_a_program():
     shell = subprocess.run(["bash", "-c", "compgen -b; compgen -k"], capture_output=True, text=True)
     known = defined | set(shell.stdout.split()) | ON_THE_GPU_MACHINE_ONLY
     words = command_words(text)
-    assert {"tune", "parity", "finetune", "gpu_check", "app_check"} <= words  # seen as calls
+    assert {"step", "launch", "stash", "unpack", "collect", "finetune"} <= words  # seen as calls
     assert sorted(w for w in words if w not in known and not shutil.which(w)) == []
+
+
+def test_every_step_a_job_lists_is_a_function():
+    """Steps are called by name (``step NAME`` runs ``NAME`` with - as _): a step whose function
+    went missing would fail only on the GPU machine."""
+    text = SCRIPT.read_text()
+    defined = set(re.findall(r"^([a-z_]+)\(\) \{", text, re.M))
+    lists = re.findall(r'^STEPS_\w+_DEFAULT="([^"]*)"', text, re.M)
+    assert len(lists) == 3
+    steps = {s for names in lists for s in names.split()}
+    assert {"bench-smoke", "pairs", "peer-smoke", "gpu-check", "parity", "peer"} <= steps
+    assert sorted(s for s in steps if s.replace("-", "_") not in defined) == []
+
+
+def test_the_job_arms_and_gpus():
+    """Two GPUs: `ours` on GPU 0 and `check` on GPU 1 in parallel; one GPU: `all` on GPU 0."""
+    text = SCRIPT.read_text()
+    job = text[text.index("job() {") : text.index("launch() {")]
+    assert re.search(r"ours\) export GPU=0 SYNC=1", job)
+    assert re.search(r"check\) export GPU=1 SYNC=1", job)
+    assert re.search(r"all\) export GPU=0 SYNC=0", job)
+    assert "export CUDA_VISIBLE_DEVICES=$GPU" in job
+    start = text[text.index("  start)") : text.index("  job) job")]
+    assert "launch ours" in start and "launch check" in start and "launch all" in start
 
 
 def test_every_background_action_is_handled():

@@ -1,0 +1,263 @@
+"""Alternating pairs: each headline ratio as a median over rounds, with its range.
+
+One engine instance's absolute throughput moves ±15 % from the next one's, and one 20-s point by
+several per cent, so a single point pair says little. ``loadtest.bench --plan pairs`` measures
+rounds of (base, adapters) at one concurrency, engine-direct and through the HTTP API, one round
+after the other; ``loadtest.peer`` does the same through HTTP against another server. Each round
+gives its ratios (adapters ÷ base, HTTP ÷ direct); this module reduces the rounds to medians
+and ranges and writes them as JSON and markdown:
+
+    python -m loadtest.pairs side-by-side /tmp/pairs /tmp/peer --users 256 --out /tmp/side
+
+A round: ``{"users": 256, "adapters": 128, "round": 1, "points": {"direct-base": {...},
+"direct-adapters": {...}, "http-base": {...}, "http-adapters": {...}}}``, each point the
+statistics of ``loadtest.stats.summarize`` plus the cores busy meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+KINDS = ("direct-base", "direct-adapters", "http-base", "http-adapters")
+RATIOS = {  # name: (numerator point, denominator point, metric)
+    "adapters_over_base_tok_s_direct": ("direct-adapters", "direct-base", "output_throughput"),
+    "adapters_over_base_tok_s_http": ("http-adapters", "http-base", "output_throughput"),
+    "http_over_direct_tok_s_base": ("http-base", "direct-base", "output_throughput"),
+    "http_over_direct_tok_s_adapters": ("http-adapters", "direct-adapters", "output_throughput"),
+    "http_over_direct_ttft_p50_base": ("http-base", "direct-base", "ttft_p50"),
+    "http_over_direct_ttft_p50_adapters": ("http-adapters", "direct-adapters", "ttft_p50"),
+    "adapters_over_base_ttft_p50_direct": ("direct-adapters", "direct-base", "ttft_p50"),
+    "adapters_over_base_ttft_p50_http": ("http-adapters", "http-base", "ttft_p50"),
+}
+LABELS = {
+    "adapters_over_base_tok_s_direct": "adapters ÷ base, tok/s, direct",
+    "adapters_over_base_tok_s_http": "adapters ÷ base, tok/s, HTTP",
+    "http_over_direct_tok_s_base": "HTTP ÷ direct, tok/s, base",
+    "http_over_direct_tok_s_adapters": "HTTP ÷ direct, tok/s, adapters",
+    "http_over_direct_ttft_p50_base": "HTTP ÷ direct, TTFT p50, base",
+    "http_over_direct_ttft_p50_adapters": "HTTP ÷ direct, TTFT p50, adapters",
+    "adapters_over_base_ttft_p50_direct": "adapters ÷ base, TTFT p50, direct",
+    "adapters_over_base_ttft_p50_http": "adapters ÷ base, TTFT p50, HTTP",
+}
+FIGURES = ("output_throughput", "ttft_p50", "itl_p50", "tpot_mean", "process_cpu_cores",
+           "engine_children_cpu_cores", "client_cpu_cores", "completed", "failures")  # fmt: skip
+
+
+def median_range(values) -> dict:
+    """Median, lowest and highest of the values that exist (None left out), and how many."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return {"median": None, "min": None, "max": None, "n": 0, "values": []}
+    return {
+        "median": statistics.median(present),
+        "min": min(present),
+        "max": max(present),
+        "n": len(present),
+        "values": present,
+    }
+
+
+def process_cores(point: dict) -> float | None:
+    """Cores the serving process kept busy: the server's (HTTP points), or the bench's own
+    process, where clients and engine share one interpreter (direct points)."""
+    if point.get("server_cpu_cores") is not None:
+        return point["server_cpu_cores"]
+    return point.get("engine_process_cpu_cores")
+
+
+def figure(point: dict | None, metric: str) -> float | None:
+    if not point:
+        return None
+    return process_cores(point) if metric == "process_cpu_cores" else point.get(metric)
+
+
+def round_ratios(points: dict) -> dict[str, float | None]:
+    """One round's ratios; None where a point is missing or a denominator is zero or absent."""
+    out = {}
+    for name, (top, bottom, metric) in RATIOS.items():
+        a, b = figure(points.get(top), metric), figure(points.get(bottom), metric)
+        out[name] = a / b if a is not None and b else None
+    return out
+
+
+def group_key(r: dict) -> str:
+    return f"u{r['users']}-a{r['adapters']}"
+
+
+def figures_of(group: list[dict], kind: str) -> dict:
+    return {m: median_range([figure(r["points"].get(kind), m) for r in group]) for m in FIGURES}
+
+
+def summarize_rounds(rounds: list[dict]) -> dict:
+    """Per (users, adapters): each ratio and each point's figures as median and range."""
+    groups: dict[str, list[dict]] = {}
+    for r in rounds:
+        groups.setdefault(group_key(r), []).append(r)
+    summary = {}
+    for key, group in groups.items():
+        per_round = [round_ratios(r["points"]) for r in group]
+        kinds = [k for k in KINDS if any(k in r["points"] for r in group)]
+        summary[key] = {
+            "users": group[0]["users"],
+            "adapters": group[0]["adapters"],
+            "rounds": len(group),
+            "ratios": {
+                name: median_range([rr[name] for rr in per_round])
+                for name in RATIOS
+                if any(rr[name] is not None for rr in per_round)
+            },
+            "points": {kind: figures_of(group, kind) for kind in kinds},
+        }
+    return summary
+
+
+def fmt(stat: dict | None, scale: float = 1.0, digits: int = 2) -> tuple[str, str]:
+    """(median, "low–high") as table cells; "—" where there is nothing."""
+    if not stat or stat.get("median") is None:
+        return "—", "—"
+    m, lo, hi = (stat[k] * scale for k in ("median", "min", "max"))
+    return f"{m:.{digits}f}", f"{lo:.{digits}f}–{hi:.{digits}f}"
+
+
+def pairs_markdown(summary: dict, title: str = "Alternating pairs") -> str:
+    lines = []
+    for group in sorted(summary.values(), key=lambda g: (g["users"], g["adapters"])):
+        lines += [
+            f"### {title}: {group['users']} streams, base vs {group['adapters']} adapters, "
+            f"{group['rounds']} rounds\n",
+            "| ratio (per round, then over rounds) | median | range | rounds |",
+            "|---|---|---|---|",
+        ]
+        for name, stat in group["ratios"].items():
+            median, spread = fmt(stat)
+            lines.append(f"| {LABELS[name]} | {median} | {spread} | {stat['n']} |")
+        lines += [
+            "",
+            "| point | tok/s median | tok/s range | TTFT p50 ms median | TTFT p50 ms range | "
+            "TPOT ms median | ITL p50 ms median (per chunk) | serving process cores | "
+            "SGLang children cores | Locust cores | failed (sum) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for kind, figures in group["points"].items():
+            tok, tok_range = fmt(figures["output_throughput"], digits=0)
+            ttft, ttft_range = fmt(figures["ttft_p50"], 1000, 0)
+            itl, _ = fmt(figures["itl_p50"], 1000, 1)
+            tpot, _ = fmt(figures["tpot_mean"], 1000, 1)
+            cores, _ = fmt(figures["process_cpu_cores"])
+            children, _ = fmt(figures["engine_children_cpu_cores"])
+            client, _ = fmt(figures["client_cpu_cores"])
+            failed = sum(figures["failures"]["values"])
+            lines.append(
+                f"| {kind} | {tok} | {tok_range} | {ttft} | {ttft_range} | {tpot} | {itl} | "
+                f"{cores} | {children} | {client} | {failed} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def side_by_side(ours: dict, peer: dict, users: int) -> dict:
+    """Our server against the peer through HTTP, same Locust user, at ``users`` streams: the
+    medians and ranges of both summaries' HTTP points and adapter ratios."""
+    mine = next((g for g in ours.values() if g["users"] == users), None)
+    theirs = next((g for g in peer.values() if g["users"] == users), None)
+    if mine is None or theirs is None:
+        missing = [n for n, g in (("ours", mine), ("peer", theirs)) if g is None]
+        return {"users": users, "missing": missing, "rows": []}
+    rows, n = [], theirs["adapters"]
+    for label, kind, metric, scale in [
+        ("base, tok/s", "http-base", "output_throughput", 1),
+        (f"{theirs['adapters']} adapters, tok/s", "http-adapters", "output_throughput", 1),
+        ("base, TTFT p50 ms", "http-base", "ttft_p50", 1000),
+        (f"{theirs['adapters']} adapters, TTFT p50 ms", "http-adapters", "ttft_p50", 1000),
+        ("base, TPOT mean ms", "http-base", "tpot_mean", 1000),
+        (f"{theirs['adapters']} adapters, TPOT mean ms", "http-adapters", "tpot_mean", 1000),
+        ("base, ITL p50 ms (per chunk)", "http-base", "itl_p50", 1000),
+        (f"{n} adapters, ITL p50 ms (per chunk)", "http-adapters", "itl_p50", 1000),
+        ("base, serving process cores", "http-base", "process_cpu_cores", 1),
+        ("adapters, serving process cores", "http-adapters", "process_cpu_cores", 1),
+    ]:
+        a = mine["points"].get(kind, {}).get(metric)
+        b = theirs["points"].get(kind, {}).get(metric)
+        rows.append(row(label, a, b, scale))
+    for label, name in [
+        ("adapters ÷ base, tok/s", "adapters_over_base_tok_s_http"),
+        ("adapters ÷ base, TTFT p50", "adapters_over_base_ttft_p50_http"),
+    ]:
+        rows.append(row(label, mine["ratios"].get(name), theirs["ratios"].get(name), 1))
+    return {"users": users, "adapters": theirs["adapters"], "rounds": {
+        "ours": mine["rounds"], "peer": theirs["rounds"]}, "rows": rows}  # fmt: skip
+
+
+def row(label: str, ours: dict | None, peer: dict | None, scale: float) -> dict:
+    def scaled(stat):
+        if not stat or stat.get("median") is None:
+            return None
+        return {k: stat[k] * scale for k in ("median", "min", "max")} | {"n": stat["n"]}
+
+    a, b = scaled(ours), scaled(peer)
+    ratio = a["median"] / b["median"] if a and b and b["median"] else None
+    return {"figure": label, "ours": a, "peer": b, "ours_over_peer": ratio}
+
+
+def side_by_side_markdown(report: dict, peer_name: str = "SGLang's own server") -> str:
+    if report.get("missing"):
+        users, missing = report["users"], report["missing"]
+        return f"No side-by-side at {users} streams: no rounds from {missing}.\n"
+    lines = [
+        f"### Ours vs {peer_name}: HTTP, the same Locust user, {report['users']} streams "
+        f"(rounds: ours {report['rounds']['ours']}, peer {report['rounds']['peer']})\n",
+        "| figure | ours: median | ours: range | peer: median | peer: range | ours ÷ peer |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        digits = 2 if "÷" in r["figure"] or "cores" in r["figure"] else 0
+        if "ITL" in r["figure"] or "TPOT" in r["figure"]:
+            digits = 1
+        a_med, a_rng = fmt(r["ours"], digits=digits)
+        b_med, b_rng = fmt(r["peer"], digits=digits)
+        ratio = "—" if r["ours_over_peer"] is None else f"{r['ours_over_peer']:.2f}"
+        lines.append(f"| {r['figure']} | {a_med} | {a_rng} | {b_med} | {b_rng} | {ratio} |")
+    lines.append(
+        "\nITL is the gap between streamed chunks: ours sends up to 4 tokens a chunk at 256 "
+        "streams (`stream_interval: auto`), SGLang's server one (its default); TPOT is per token "
+        "on both sides."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def write_pairs(out: Path, results: dict, title: str = "Alternating pairs") -> dict:
+    """results.json (rounds + summary) and summary.md into ``out``; returns the summary."""
+    results["summary"] = summarize_rounds(results["rounds"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    command = results.get("settings", {}).get("command", "")
+    head = f"`{command}`\n\n" if command else ""
+    (out / "summary.md").write_text(head + pairs_markdown(results["summary"], title))
+    return results["summary"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    both = sub.add_parser("side-by-side", help="ours vs a peer server, HTTP points")
+    both.add_argument("ours", type=Path, help="folder of bench --plan pairs (results.json)")
+    both.add_argument("peer", type=Path, help="folder of loadtest.peer (results.json)")
+    both.add_argument("--users", type=int, default=256)
+    both.add_argument("--peer-name", default="SGLang's own server")
+    both.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    ours = summarize_rounds(json.loads((args.ours / "results.json").read_text())["rounds"])
+    peer = summarize_rounds(json.loads((args.peer / "results.json").read_text())["rounds"])
+    report = side_by_side(ours, peer, args.users)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "side-by-side.json").write_text(json.dumps(report, indent=1))
+    text = side_by_side_markdown(report, args.peer_name)
+    (args.out / "side-by-side.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

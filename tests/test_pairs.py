@@ -1,0 +1,204 @@
+"""Alternating pairs (medians and ranges of per-round ratios), the Locust user's model names, and
+the peer server's command line: pure logic, no model."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.registry import SGLangSettings
+from loadtest.pairs import (
+    median_range,
+    pairs_markdown,
+    round_ratios,
+    side_by_side,
+    side_by_side_markdown,
+    summarize_rounds,
+    write_pairs,
+)
+from loadtest.peer import sglang_server_cmd
+from loadtest.targets import SetupError, model_name, pick_models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def point(tok_s, ttft, cores=0.5, failures=0, http=True):
+    cpu = {"server_cpu_cores": cores} if http else {"engine_process_cpu_cores": cores}
+    return {"output_throughput": tok_s, "ttft_p50": ttft, "itl_p50": 0.01, "tpot_mean": 0.02,
+            "completed": 100,
+            "failures": failures, "client_cpu_cores": 0.3, **cpu}  # fmt: skip
+
+
+def a_round(number, direct_base, direct_lora, http_base, http_lora, users=256):
+    return {
+        "users": users, "adapters": 128, "round": number,
+        "points": {
+            "direct-base": point(*direct_base, http=False),
+            "direct-adapters": point(*direct_lora, http=False),
+            "http-base": point(*http_base),
+            "http-adapters": point(*http_lora),
+        },
+    }  # fmt: skip
+
+
+ROUNDS = [
+    a_round(1, (10000, 0.080), (9000, 0.090), (9500, 0.100), (8100, 0.120)),
+    a_round(2, (12000, 0.080), (12000, 0.080), (6000, 0.400), (6600, 0.320)),
+    a_round(3, (11000, 0.100), (10450, 0.110), (11000, 0.100), (10450, 0.110)),
+]
+
+
+def test_median_and_range_skip_missing_values():
+    assert median_range([3, None, 1, 2]) == {
+        "median": 2, "min": 1, "max": 3, "n": 3, "values": [3, 1, 2]
+    }  # fmt: skip
+    assert median_range([4, 1, 2, 3])["median"] == 2.5  # an even count: the middle two's mean
+    assert median_range([None, None]) == {
+        "median": None, "min": None, "max": None, "n": 0, "values": []
+    }  # fmt: skip
+
+
+def test_each_ratio_is_taken_within_a_round():
+    r = round_ratios(ROUNDS[0]["points"])
+    assert r["adapters_over_base_tok_s_direct"] == pytest.approx(0.9)
+    assert r["adapters_over_base_tok_s_http"] == pytest.approx(8100 / 9500)
+    assert r["http_over_direct_tok_s_base"] == pytest.approx(0.95)
+    assert r["http_over_direct_tok_s_adapters"] == pytest.approx(0.9)
+    assert r["http_over_direct_ttft_p50_base"] == pytest.approx(1.25)
+    assert r["adapters_over_base_ttft_p50_http"] == pytest.approx(1.2)
+    missing = round_ratios({"http-base": point(100, 0.1), "http-adapters": point(None, 0.2)})
+    assert missing["adapters_over_base_tok_s_http"] is None  # no throughput figure
+    assert missing["http_over_direct_tok_s_base"] is None  # no direct point
+    zero = round_ratios({"http-base": point(0, 0.1), "http-adapters": point(50, 0.2)})
+    assert zero["adapters_over_base_tok_s_http"] is None
+
+
+def test_rounds_reduce_to_medians_and_ranges_of_the_ratios_not_ratios_of_medians():
+    summary = summarize_rounds(ROUNDS)
+    group = summary["u256-a128"]
+    assert group["rounds"] == 3 and group["users"] == 256 and group["adapters"] == 128
+    tok = group["ratios"]["adapters_over_base_tok_s_direct"]
+    assert tok["values"] == pytest.approx([0.9, 1.0, 0.95])
+    assert (tok["median"], tok["min"], tok["max"]) == pytest.approx((0.95, 0.9, 1.0))
+    http = group["ratios"]["http_over_direct_tok_s_base"]
+    assert (http["median"], http["min"], http["max"]) == pytest.approx((0.95, 0.5, 1.0))
+    ttft = group["ratios"]["http_over_direct_ttft_p50_base"]
+    assert (ttft["median"], ttft["min"], ttft["max"]) == pytest.approx((1.25, 1.0, 5.0))
+    base = group["points"]["http-base"]
+    assert base["output_throughput"]["median"] == 9500
+    assert base["process_cpu_cores"]["median"] == 0.5  # the server's cores through HTTP
+    direct = group["points"]["direct-base"]
+    assert direct["process_cpu_cores"]["median"] == 0.5  # the bench process's, direct
+    table = pairs_markdown(summary)
+    assert "| HTTP ÷ direct, tok/s, base | 0.95 | 0.50–1.00 | 3 |" in table
+    assert "| adapters ÷ base, tok/s, direct | 0.95 | 0.90–1.00 | 3 |" in table
+    assert "| http-base | 9500 | 6000–11000 | 100 | 100–400 |" in table
+
+
+def test_concurrencies_are_summarised_apart(tmp_path):
+    rounds = [*ROUNDS, a_round(1, (20000, 0.2), (18000, 0.2), (15000, 0.5), (14000, 0.6), 512)]
+    summary = write_pairs(tmp_path, {"settings": {"command": "bench"}, "rounds": rounds})
+    assert set(summary) == {"u256-a128", "u512-a128"}
+    assert summary["u512-a128"]["rounds"] == 1
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["summary"]["u512-a128"]["ratios"]["adapters_over_base_tok_s_direct"]["n"] == 1
+    text = (tmp_path / "summary.md").read_text()
+    assert text.startswith("`bench`") and "512 streams" in text and "256 streams" in text
+
+
+def test_side_by_side_sets_our_http_points_beside_the_peers():
+    ours = summarize_rounds(ROUNDS)
+    peer_rounds = [
+        {"users": 256, "adapters": 128, "round": n,
+         "points": {"http-base": point(b, 0.05), "http-adapters": point(a, 0.06)}}
+        for n, (b, a) in enumerate([(12000, 11000), (13000, 12000), (11000, 9000)], 1)
+    ]  # fmt: skip
+    report = side_by_side(ours, summarize_rounds(peer_rounds), 256)
+    rows = {r["figure"]: r for r in report["rows"]}
+    assert rows["base, tok/s"]["ours"]["median"] == 9500
+    assert rows["base, tok/s"]["peer"]["median"] == 12000
+    assert rows["base, tok/s"]["ours_over_peer"] == pytest.approx(9500 / 12000)
+    assert rows["128 adapters, TTFT p50 ms"]["peer"]["median"] == pytest.approx(60)
+    assert rows["adapters ÷ base, tok/s"]["peer"]["min"] == pytest.approx(9000 / 11000)
+    text = side_by_side_markdown(report)
+    assert "| base, tok/s | 9500 | 6000–11000 | 12000 | 11000–13000 | 0.79 |" in text
+    assert side_by_side(ours, {}, 256)["missing"] == ["peer"]
+    assert "no rounds from ['peer']" in side_by_side_markdown(side_by_side(ours, {}, 256))
+
+
+def test_side_by_side_command_writes_json_and_markdown(tmp_path):
+    write_pairs(tmp_path / "ours", {"rounds": ROUNDS})
+    write_pairs(tmp_path / "peer", {"rounds": ROUNDS})
+    cmd = [sys.executable, "-m", "loadtest.pairs", "side-by-side", str(tmp_path / "ours"),
+           str(tmp_path / "peer"), "--users", "256", "--out", str(tmp_path / "side")]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+    report = json.loads((tmp_path / "side" / "side-by-side.json").read_text())
+    assert all(r["ours_over_peer"] == pytest.approx(1) for r in report["rows"])
+    assert "Ours vs SGLang's own server" in (tmp_path / "side" / "side-by-side.md").read_text()
+
+
+def options(**kw):
+    defaults = {"distribution": "uniform", "adapters": -1, "zipf_s": 1.1, "models": "",
+                "model_format": "{adapter}"}  # fmt: skip
+    return argparse.Namespace(**defaults | kw)
+
+
+OUR_CARDS = [{"id": "SmolLM2"}, *({"id": n, "parent": "SmolLM2"} for n in ("b", "a", "c"))]
+SGLANG_CARDS = [  # SGLang 0.5.17's /v1/models: the served name, then each adapter with a parent
+    {"id": "base", "root": "base"},
+    *({"id": n, "root": f"/tmp/{n}", "parent": "base"} for n in ("lora-001", "lora-000")),
+]
+
+
+def test_model_names_default_to_the_adapter_and_take_a_format_for_sglangs_server():
+    chosen = pick_models(options(adapters=2), OUR_CARDS)
+    assert chosen == {"adapters": ["a", "b"], "base": "SmolLM2", "weights": None}
+    sglang = pick_models(options(model_format="{base}:{adapter}"), SGLANG_CARDS)
+    assert sglang["adapters"] == ["base:lora-000", "base:lora-001"] and sglang["base"] == "base"
+    assert pick_models(options(distribution="base"), SGLANG_CARDS)["adapters"] == []
+    assert model_name("{base}:{adapter}", "/m/base", "x") == "/m/base:x"  # split on the first :
+
+
+def test_an_explicit_adapter_list_replaces_the_servers_order_and_must_exist():
+    chosen = pick_models(options(models="c, a"), OUR_CARDS)
+    assert chosen["adapters"] == ["c", "a"]
+    assert pick_models(options(models="c,a", adapters=1), OUR_CARDS)["adapters"] == ["c"]
+    with pytest.raises(SetupError, match="does not list"):
+        pick_models(options(models="a,zzz"), OUR_CARDS)
+
+
+def test_a_model_format_without_the_adapter_or_with_unknown_fields_is_refused():
+    with pytest.raises(SetupError, match="must contain"):
+        model_name("{base}", "base", "a")  # every request would go to the base
+    with pytest.raises(SetupError, match="only"):
+        model_name("{adapter}-{task}", "base", "a")
+    with pytest.raises(SetupError, match="no base model"):
+        pick_models(options(), [{"id": "a", "parent": "x"}])
+
+
+def test_the_peer_server_gets_the_registry_settings_as_sglang_0_5_17_flags():
+    settings = SGLangSettings(max_loras_per_batch=128, mem_fraction_static=0.7)
+    adapters = {"lora-000": "/s/adapters/lora-000", "lora-001": "/s/adapters/lora-001"}
+    cmd = sglang_server_cmd("/s/base", adapters, settings, "auto", 31000)
+    assert cmd[1:3] == ["-m", "sglang.launch_server"]
+    flags = dict(itertools.pairwise(cmd))
+    assert flags["--model-path"] == "/s/base" and flags["--port"] == "31000"
+    assert flags["--max-loras-per-batch"] == "128" and flags["--mem-fraction-static"] == "0.7"
+    assert flags["--lora-backend"] == "csgmv" and flags["--attention-backend"] == "triton"
+    assert flags["--sampling-backend"] == "pytorch" and flags["--dtype"] == "auto"
+    assert "--enable-lora" in cmd and "--disable-cuda-graph" not in cmd
+    assert "--stream-interval" not in cmd  # "auto" is ours; SGLang's server keeps its default
+    at = cmd.index("--lora-paths")  # nargs='*': the list comes last
+    assert cmd[at + 1 :] == ["lora-000=/s/adapters/lora-000", "lora-001=/s/adapters/lora-001"]
+    off = SGLangSettings(cuda_graph=False, stream_interval=4, max_loaded_loras=8)
+    cmd = sglang_server_cmd("/s/base", {}, off, "float16", 1)
+    flags = dict(itertools.pairwise(cmd))
+    assert "--disable-cuda-graph" in cmd and flags["--stream-interval"] == "4"
+    assert flags["--max-loaded-loras"] == "8" and "--lora-paths" not in cmd
+    assert flags["--max-lora-rank"] == "64" and flags["--lora-target-modules"] == "all"
