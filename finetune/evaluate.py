@@ -132,7 +132,14 @@ class TaskRun:
                 for e, b, t in list(zip(self.examples, base_out, tuned_out, strict=True))[:3]
             ],
             "outputs": [
-                {"task": name, "index": i, "model": model, "text": c.text, "ids": c.token_ids}
+                {
+                    "task": name,
+                    "adapter": self.adapter,
+                    "index": i,
+                    "model": model,
+                    "text": c.text,
+                    "ids": c.token_ids,
+                }
                 for model, done in (("base", base_done), ("adapter", tuned_done))
                 for i, c in enumerate(done)
             ],
@@ -176,8 +183,9 @@ def markdown_table(results: list[dict], training: dict[str, dict]) -> str:
         cost = (
             f"{t.get('steps')} steps, {t.get('wall_seconds')} s on {t.get('device')}" if t else "—"
         )
+        task = r["task"] if r["adapter"] == r["task"] else f"{r['task']} (`{r['adapter']}`)"
         lines.append(
-            f"| {r['task']} | {m} | {r['base'][m]:.3f} | {r['finetuned'][m]:.3f} | "
+            f"| {task} | {m} | {r['base'][m]:.3f} | {r['finetuned'][m]:.3f} | "
             f"{r['delta_points']:+.1f} | {r['n']} | {cost} | {evaluated_on(r)} |"
         )
     mean = sum(r["delta_points"] for r in results) / max(1, len(results))
@@ -241,10 +249,11 @@ def run_engine(registry, args) -> tuple[list[dict], list[dict], dict]:
     registry.base.dtype = args.dtype
     registry.engine.hf.max_batch_size = args.batch
     engine = build_engine(registry, backend=args.backend)
-    by_task = {a.task: a.name for a in registry.adapters}
-    if args.adapter:  # one adapter (a merged one, say) on every task
-        if args.adapter not in {a.name for a in registry.adapters}:
-            raise SystemExit(f"--adapter {args.adapter}: not in {args.config}")
+    by_task = {a.task: [a.name] for a in registry.adapters}
+    if args.adapter:  # these adapters (merged ones, say) on every task
+        unknown = sorted(set(args.adapter) - {a.name for a in registry.adapters})
+        if unknown:
+            raise SystemExit(f"--adapter {unknown}: not in {args.config}")
         by_task = dict.fromkeys(args.tasks, args.adapter)
     missing = [t for t in args.tasks if t not in by_task]
     if missing:
@@ -252,10 +261,9 @@ def run_engine(registry, args) -> tuple[list[dict], list[dict], dict]:
 
     specs = {a.name: a for a in registry.adapters}
     runs = [
-        TaskRun.build(
-            TASKS[t], by_task[t], specs[by_task[t]], args.limit, args.constrain, args.split
-        )
+        TaskRun.build(TASKS[t], name, specs[name], args.limit, args.constrain, args.split)
         for t in args.tasks
+        for name in by_task[t]
     ]
 
     async def every_task() -> list[dict]:  # one event loop: SGLang binds to the first one
@@ -287,7 +295,7 @@ def main() -> None:
     parser.add_argument("--update-registry", action="store_true")
     constrain = "constrain answers to each task's format (its labels, the address schema)"
     parser.add_argument("--constrain", action="store_true", help=constrain)
-    parser.add_argument("--adapter", help="evaluate this one adapter on every task")
+    parser.add_argument("--adapter", nargs="+", help="evaluate these adapters on every task")
     interleave = "deal every task's base and adapter requests out in turn: mixed batches"
     parser.add_argument("--interleave", action="store_true", help=interleave)
     parser.add_argument("--merge", action="store_true",

@@ -52,7 +52,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 SYNTH=/tmp/synth7b
 CONSTRAINED_CPU=results/finetune/constrained-cpu
 STEPS_OURS_DEFAULT="bench-smoke synth pairs"
-STEPS_CHECK_DEFAULT="peer-smoke gpu-check parity parity-constrained peer sql"
+STEPS_CHECK_DEFAULT="peer-smoke gpu-check parity parity-constrained peer full-evals sql-fresh merges sql"
 STEPS_ALL_DEFAULT="bench-smoke peer-smoke synth pairs peer gpu-check parity parity-constrained sql"
 
 # ---------------------------------------------------------------- transport (unchanged)
@@ -257,6 +257,54 @@ parity_constrained() {  # the same with each task's answer format as a constrain
     --out "$out/margins" --margins adapters.yaml > /dev/null
 }
 
+full_evals() {  # #17: every task's whole test split, mixed batches, with and without its format
+  local out=$RESULTS/full-evals
+  gpu_free
+  timeout 600 python3 -m finetune.evaluate --backend sglang --dtype float16 --limit 2000 \
+    --interleave --batch 512 --batch-timeout 300 --out "$out/unconstrained" || return 1
+  timeout 600 python3 -m finetune.evaluate --backend sglang --dtype float16 --limit 2000 \
+    --interleave --constrain --batch 512 --batch-timeout 300 --out "$out/constrained"
+}
+
+sql_fresh() {  # #17: the shipped SQL adapter and the base on the hand-written questions
+  gpu_free
+  timeout 300 python3 -m finetune.evaluate --backend sglang --dtype float16 --tasks sql \
+    --split fresh --batch 256 --out "$RESULTS/sql-fresh"
+}
+
+build_merges() {  # #18, on the CPU (no GPU): the five shipped adapters merged per method
+  local registry=/tmp/merged.yaml method
+  python3 - <<'PY'
+import yaml
+config = yaml.safe_load(open("adapters.yaml"))
+for entry in config["adapters"]:
+    entry["path"] = "/tmp/repo/" + entry["path"]
+yaml.safe_dump(config, open("/tmp/merged.yaml", "w"), sort_keys=False)
+PY
+  for method in cat svd ties dare_ties; do
+    taskset -c 24-29 python3 -m finetune.merge --adapters sentiment news spam address sql \
+      --method "$method" \
+      --out "/tmp/merged/five-$method" --name "five-$method" --register "$registry" || return 1
+  done
+  taskset -c 24-29 python3 -m finetune.merge --adapters sentiment spam --method cat \
+    --out /tmp/merged/pair-cat \
+    --name pair-cat --register "$registry" || return 1
+  touch /tmp/merges.done
+}
+
+merges() {  # #18: each merged adapter on every task's whole test split (one SGLang engine)
+  wait_file /tmp/merges.done 900 || return 3
+  gpu_free
+  timeout 900 python3 -m finetune.evaluate --backend sglang --dtype float16 --limit 2000 \
+    --config /tmp/merged.yaml --adapter five-cat five-svd five-ties five-dare_ties pair-cat \
+    --interleave --batch 512 --batch-timeout 300 --set cuda_graph=false --out "$RESULTS/merges"
+}
+
+cpu_targets() {  # #20 on 2 quiet cores of this machine's CPU: the CPU default's three modes
+  CUDA_VISIBLE_DEVICES= taskset -c 30,31 timeout 1500 python3 -m loadtest.cpu_serving \
+    --rounds 3 --tokens 48 --out "$RESULTS/cpu-targets"
+}
+
 sql() {  # RETRAIN_SQL=1: retrain the SQL adapter (lab/gpu_finetune.sh; ARGS_sql passes through)
   [ "${RETRAIN_SQL:-0}" = 1 ] || { echo "skipped (RETRAIN_SQL=0)"; return 0; }
   gpu_free
@@ -288,6 +336,7 @@ job() {  # job NAME: its steps in order, on its GPU
     check) export GPU=1 SYNC=1; list=${STEPS:-${STEPS_CHECK:-$STEPS_CHECK_DEFAULT}} ;;
     all) export GPU=0 SYNC=0 USERS=${USERS:-256}; list=${STEPS:-${STEPS_ALL:-$STEPS_ALL_DEFAULT}} ;;
     extra) export GPU=${GPU:-1} SYNC=0 USERS=${USERS:-256}; list=${STEPS:?STEPS=...} ;;
+    cpu) export GPU="" SYNC=0; list=${STEPS:-build-merges cpu-targets} ;;
     *) echo "no job $name"; return 1 ;;
   esac
   export CUDA_VISIBLE_DEVICES=$GPU
@@ -384,7 +433,7 @@ collect() {
     echo "== $log"; tr '\r' '\n' < "$log" | grep -v -e '^\s*$' -e "Received output" | tail -4 | cut -c1-240
   done
   grep -h -e "GPU CHECK" -e "PREFLIGHT" "$RAW_LOGS"/*.log 2>/dev/null
-  for j in ours check all extra; do
+  for j in ours check all extra cpu; do
     [ -f "$JOBS/$j.done" ] && echo "job $j: DONE"
     [ -f "$JOBS/$j.pgid" ] && [ ! -f "$JOBS/$j.done" ] && echo "job $j: still going"
   done
@@ -429,9 +478,11 @@ case "$ACTION" in
     if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
       launch ours
       launch check
+      launch cpu
     else
       echo "one GPU: the steps run one after the other (job all)"
       launch all
+      launch cpu
     fi
     sleep 20
     collect
