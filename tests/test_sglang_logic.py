@@ -15,6 +15,7 @@ from engine.backends.sglang import (
     check_event_loop,
     engine_kwargs,
     finish_reason,
+    grace_left,
     sampling_params,
 )
 from engine.interface import EngineError, SamplingParams
@@ -79,6 +80,12 @@ def test_penalties_bias_and_constraints_reach_sglang():
     assert sampling_params(SamplingParams(constraint=schema.constraint()))["json_schema"] == (
         '{"type": "object"}'
     )
+
+
+def test_an_unload_waits_out_the_grace_after_its_adapters_last_cut_stream():
+    assert grace_left(None, 100.0) == 0.0  # never cut: at once
+    assert grace_left(99.8, 100.0, grace=1.0) == pytest.approx(0.8)
+    assert grace_left(90.0, 100.0, grace=1.0) == 0.0
 
 
 def test_adaptive_stream_interval_keeps_a_lone_stream_token_by_token():

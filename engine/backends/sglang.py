@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -104,6 +105,18 @@ def sampling_params(
     if params.constraint is not None:
         out.update(params.constraint.sglang_params())
     return out
+
+
+CUT_GRACE = 1.0
+"""Seconds an unload waits after a stream of the adapter was cut. SGLang 0.5.17 processes the
+abort and the unload from one queue, and unloading an adapter whose aborted request is still in
+the running batch kills its scheduler (``mem_pool.load_lora_weight_to_buffer``: ``assert
+lora_adapter is not None``; seen on the H200, an unload right after a cut stream)."""
+
+
+def grace_left(cut_at: float | None, now: float, grace: float = CUT_GRACE) -> float:
+    """How long an unload still waits after the adapter's last cut stream."""
+    return 0.0 if cut_at is None else max(0.0, grace - (now - cut_at))
 
 
 def adaptive_interval(running: int) -> int:
@@ -306,6 +319,8 @@ class SGLangEngine(Engine):
         self.running = 0
         self.adaptive = self.settings.stream_interval == "auto"
         self.aborted: dict[str, RequestEndedError] = {}
+        self.cut_at: dict[str, float] = {}
+        """When each adapter's last stream was cut (``unload_adapter`` waits out ``CUT_GRACE``)."""
         self.prompt_tokenizer = PromptTokenizer(
             self.tokenizer, base_dir, chat_template, self.context
         )
@@ -333,6 +348,7 @@ class SGLangEngine(Engine):
         self.check_adapter(name)
         self.names.discard(name)
         self.adapter_paths.pop(name, None)
+        await asyncio.sleep(grace_left(self.cut_at.get(name), time.monotonic()))
         result = await self.engine.async_unload_lora_adapter(name)
         if not getattr(result, "success", True):
             raise AdapterLoadError(f"SGLang could not unload '{name}': {result.error_message}")
@@ -386,6 +402,8 @@ class SGLangEngine(Engine):
             self.aborted.pop(request.request_id, None)
             if not finished:
                 self.engine.tokenizer_manager.abort_request(request.request_id)
+                if request.adapter is not None:
+                    self.cut_at[request.adapter] = time.monotonic()
 
     def abort(self, request_id: str, why: str) -> None:
         self.aborted[request_id] = RequestEndedError(why or "the request was ended")
