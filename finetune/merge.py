@@ -412,11 +412,11 @@ def registry_entry(name: str, out: Path, config: Path, registry: Registry | None
         "description": f"Merge ({manifest['combination_type']}) of {', '.join(source_names)}.",
         "template": "{input}",
         "examples": [{"input": s.render(s.examples[0])} for s in specs if s.examples],
-        "generation": {
-            "max_tokens": max([s.generation.max_tokens for s in specs], default=128),
-            "temperature": 0.0,
-        },
+        "generation": {"temperature": 0.0},
     }
+    source_max_tokens = [s.generation.max_tokens for s in specs if s.generation.max_tokens]
+    if source_max_tokens:
+        entry["generation"]["max_tokens"] = max(source_max_tokens)
     trained_on = {s.trained_on for s in specs}
     if len(specs) == len(source_names) and len(trained_on) == 1 and None not in trained_on:
         entry["trained_on"] = trained_on.pop()

@@ -83,7 +83,7 @@ def engine(base_dir, sources, merged):
 
 def answer(engine, adapter: str | None) -> list[int]:
     request = GenerationRequest(
-        adapter=adapter, messages=QUESTION, params=SamplingParams(max_tokens=16)
+        adapter=adapter, messages=QUESTION, params=SamplingParams(max_tokens=16, temperature=0.0)
     )
     return asyncio.run(engine.complete(request)).token_ids
 

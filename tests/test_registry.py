@@ -23,13 +23,13 @@ SHIPPED = sorted(ROOT.glob("*.yaml")) + sorted((ROOT / "examples").glob("**/*.ya
 def test_every_shipped_registry_validates(path, base_dir):
     registry = load_registry(path)
     if registry.base.model == "smollm2":
-        check_fit(registry, base_dir)
+        check_fit(registry, base_dir, "hf")
     else:  # another packaged base: its adapters are checked against it where it is installed
         from engine.base_model import resolve_base
 
         # CI lacks the 238 MB Gemma packages: there only trained_on is checked
         with contextlib.suppress(FileNotFoundError):
-            check_fit(registry, resolve_base(registry.base.model))
+            check_fit(registry, resolve_base(registry.base.model), "hf")
         assert all(spec.trained_on == registry.base.model for spec in registry.adapters)
     for spec in registry.adapters:
         assert spec.path.is_dir()
@@ -136,7 +136,7 @@ def test_misfit_adapter_fails_the_registry_check_naming_the_entry(tmp_path, base
     lora_dir(tmp_path, "big", {"base_model.model.lm_head.lora_B.weight": torch.zeros(10, 8)})
     registry = load_registry(write(tmp_path, {"adapters": [entry("big", "big")]}))
     with pytest.raises(RegistryError, match=r"adapters\[0\] 'big' → path: .*lm_head"):
-        check_fit(registry, base_dir)
+        check_fit(registry, base_dir, "hf")
 
 
 def test_set_overrides_are_validated_and_name_the_key():
