@@ -106,8 +106,9 @@ def stats_line(chunk: Chunk | None, tokens: int) -> str:
     )
 
 
-async def side_by_side(engine: Engine, adapter: str, text: str, params: SamplingParams):
-    """Stream the adapter and the base on the same prompt at once; yield both panels each time."""
+async def side_by_side(source, adapter: str, text: str, params: SamplingParams):
+    """Stream the adapter and the base on the same prompt at once; yield both panels each time.
+    ``source.stream``: the engine's, or the API's (``Api``: then drain and unload reach it)."""
     panels = {"tuned": ["", None, 0], "base": ["", None, 0]}
     updates: asyncio.Queue = asyncio.Queue()
 
@@ -116,7 +117,7 @@ async def side_by_side(engine: Engine, adapter: str, text: str, params: Sampling
             adapter=name, messages=[{"role": "user", "content": text}], params=params
         )
         try:
-            async with contextlib.aclosing(engine.stream(request)) as chunks:
+            async with contextlib.aclosing(source.stream(request)) as chunks:
                 async for chunk in chunks:
                     panel = panels[key]
                     panel[0] += chunk.text
@@ -172,6 +173,7 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
     adapters, behind the admin token."""
     catalog = Catalog(engine, registry)
     first = (catalog.names() or [None])[0]
+    source = engine if api is None else api  # the API's streams: drain and unload reach them
 
     def field_updates(name: str | None) -> list:
         fields = template_fields(catalog.spec(name).template) if name else []
@@ -216,7 +218,7 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
         if not all(v.strip() for v in filled.values()):
             raise gr.Error(f"Fill in every field: {', '.join(fields)}")
         params = resolve(catalog.registered(name))
-        async for update in side_by_side(engine, name, spec.render(filled), params):
+        async for update in side_by_side(source, name, spec.render(filled), params):
             yield update
 
     async def chat(message: str, history: list, name: str):
@@ -232,7 +234,7 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
         shown = [*(history or []), {"role": "user", "content": message}]
         reply = {"role": "assistant", "content": ""}
         try:
-            async with contextlib.aclosing(engine.stream(request)) as chunks:
+            async with contextlib.aclosing(source.stream(request)) as chunks:
                 async for chunk in chunks:
                     reply["content"] += chunk.text
                     yield [*shown, dict(reply)]
@@ -353,7 +355,7 @@ def merge_tab(engine: Engine, catalog: Catalog, api) -> None:
             numbers = [float(w) for w in weight_text.replace(",", " ").split()] or None
             body = MergeBody(name=new_name, adapters=chosen or [], method=method_name,
                              weights=numbers)  # fmt: skip
-            done = await api.merge(body, merge_adapters, api.adapter_root / new_name)
+            done = await api.merge(body, merge_adapters)
         except (ValueError, OpenAIError) as err:
             raise gr.Error(str(getattr(err, "message", err))) from err
         info = done["merge"]

@@ -327,8 +327,11 @@ class Engine(ABC):
         """Answer a one-token generation on the base model."""
         probe = GenerationRequest(prompt="Hi", params=SamplingParams(max_tokens=1))
         done = await self.complete(probe)
+        return self.health_report(done.usage.completion_tokens == 1)
+
+    def health_report(self, ok: bool) -> dict:
         return {
-            "ok": done.usage.completion_tokens == 1,
+            "ok": ok,
             "backend": self.backend,
             "base_model": self.base_model_id,
             "adapters": self.adapters(),

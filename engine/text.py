@@ -25,9 +25,14 @@ def end_of_turn_ids(tokenizer) -> set[int]:
 
 def prompt_token_ids(tokenizer, request: GenerationRequest, chat_template: bool) -> list[int]:
     """Chat messages go through the tokenizer's chat template; a raw prompt is tokenized as is;
-    token ids are checked against the vocabulary."""
+    token ids (the prompt's, ``logit_bias``'s) are checked against the vocabulary."""
+    vocab = len(tokenizer)
+    biased = request.params.logit_bias or {}
+    if (bad := next((t for t in biased if not 0 <= t < vocab), None)) is not None:
+        raise InvalidRequestError(
+            f"logit_bias token {bad} is outside the vocabulary (0..{vocab - 1})", "logit_bias"
+        )
     if request.prompt_ids is not None:
-        vocab = len(tokenizer)
         bad = next((t for t in request.prompt_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(

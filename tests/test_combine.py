@@ -149,3 +149,32 @@ def test_merging_served_adapters_through_the_api_makes_a_new_served_adapter(
     assert (tmp_path / "alpha-beta" / "merge.json").is_file()
     assert again.status_code == 409
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
+
+
+def test_a_failed_or_misnamed_merge_leaves_nothing_behind_whoever_asks(
+    hf_engine, registry_for, tmp_path
+):
+    """The app's Merge tab and the route share ``Api.merge``: a name outside the adapter root is
+    refused before any work, and a merge that cannot be served (here: rank 12 over the limit
+    of 8) leaves no folder, so the name stays free."""
+    from engine.api.protocol import MergeBody, OpenAIError
+    from finetune.merge import merge_adapters
+
+    registry = registry_for.model_copy(deep=True)
+    registry.server.max_adapter_rank = 8
+    api = create_api(hf_engine, registry, admin_token="t", adapter_root=tmp_path / "root",
+                     merger=merge_adapters).state.api  # fmt: skip
+    (tmp_path / "root").mkdir()
+
+    def merge(name: str):
+        body = MergeBody(name=name, adapters=["alpha", "beta"], method="cat")
+        with pytest.raises(OpenAIError) as refused:
+            asyncio.run(api.merge(body, merge_adapters))
+        return refused.value
+
+    for outside in ("../evil", "/tmp/evil", "base"):
+        assert merge(outside).status == 422
+    too_big = merge("alpha-beta")
+    assert too_big.status == 422 and "rank" in too_big.message
+    assert list((tmp_path / "root").iterdir()) == [] and not (tmp_path / "evil").exists()
+    assert "alpha-beta" not in hf_engine.adapters() and not api.merging

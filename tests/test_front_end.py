@@ -169,6 +169,96 @@ def test_a_failing_row_fails_only_its_own_request(hf_engine, registry_for, monke
     assert 'status="500",type="server_error"' in metrics
 
 
+def test_a_failing_choice_ends_its_whole_request_with_its_own_error_and_stops_the_others(
+    hf_engine, registry_for, monkeypatch
+):
+    """Fan-out (not streamed) to the base and beta, beta's forward pass raising after its first
+    tokens: the answer is beta's error (not a cleanup failure hiding it), and the base choice,
+    mid-generation, stops."""
+    forward, beta_passes = hf_engine.forward, []
+
+    def poisoned(rows, *args, **kwargs):
+        if any(row.request.adapter == "beta" for row in rows):
+            beta_passes.append(len(rows))
+            if len(beta_passes) > 3:
+                raise RuntimeError("kernel failure on beta")
+        return forward(rows, *args, **kwargs)
+
+    body = {
+        "model": "fanout",
+        "models": ["base", "beta"],
+        "prompt_template": "raw",
+        "messages": [{"role": "user", "content": "Count on."}],
+        "max_tokens": 4000,
+        "ignore_eos": True,
+    }
+    live = serve(hf_engine, registry_for)
+    try:
+        monkeypatch.setattr(hf_engine, "forward", poisoned)
+        failed = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=120)
+        monkeypatch.undo()
+        for _ in range(600):  # the base row ends at once; 4000 tokens would take minutes
+            if hf_engine.stats()["running"] == 0:
+                break
+            time.sleep(0.1)
+        after = httpx.post(
+            f"{live.url}/v1/chat/completions", json=body | {"max_tokens": 2}, timeout=120
+        )
+    finally:
+        live.stop()
+    assert failed.status_code == 500, failed.text
+    assert "kernel failure on beta" in failed.json()["error"]["message"]
+    assert hf_engine.stats()["running"] == 0
+    assert after.status_code == 200 and len(after.json()["choices"]) == 2
+
+
+def test_a_step_failing_outside_its_rows_ends_them_and_the_worker_serves_on(hf_engine):
+    """An error where no row can be blamed (merging a prefill into the batch) ends the rows in
+    play with it; the worker thread lives on and the next request is answered."""
+    from engine.backends import hf
+    from engine.interface import EngineError, GenerationRequest, SamplingParams
+
+    merge, calls = hf.merge_batches, []
+
+    def out_of_memory(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise MemoryError("no room to merge")
+        return merge(*args)
+
+    request = GenerationRequest(prompt="Hi", params=SamplingParams(max_tokens=3))
+    hf.merge_batches = out_of_memory
+    try:
+        with pytest.raises(EngineError, match="no room to merge"):
+            asyncio.run(hf_engine.complete(request))
+    finally:
+        hf.merge_batches = merge
+    assert hf_engine.worker.is_alive()
+    done = asyncio.run(hf_engine.complete(GenerationRequest(prompt="Hi")))
+    assert done.usage.completion_tokens > 0
+    assert asyncio.run(hf_engine.health())["ok"] is True
+
+
+def test_an_abort_while_a_request_is_being_admitted_ends_it(hf_engine):
+    """A constrained request compiles its grammar off the loop before joining the batch; an
+    abort (drain or unload deadline) then ends it instead of being lost."""
+    from engine.constraints import Constraint
+    from engine.interface import GenerationRequest, RequestEndedError, SamplingParams
+
+    async def scenario():
+        params = SamplingParams(max_tokens=4, constraint=Constraint("regex", "(yes|no)"))
+        request = GenerationRequest(prompt="Yes or no?", params=params)
+        first = asyncio.ensure_future(anext(hf_engine.stream(request)))
+        while request.request_id not in hf_engine.admitting:
+            await asyncio.sleep(0)
+        hf_engine.abort(request.request_id, "ended by the drain")
+        with pytest.raises(RequestEndedError, match="drain"):
+            await first
+        assert not hf_engine.early_aborts and request.request_id not in hf_engine.rows
+
+    asyncio.run(scenario())
+
+
 def test_sigterm_refuses_new_requests_and_ends_streams_at_the_drain_deadline(
     tokenizer, base_dir, registry_for
 ):
@@ -312,3 +402,15 @@ def test_hot_loading_a_dora_adapter_is_refused_naming_why(hf_engine, base_dir, t
     with pytest.raises(AdapterLoadError, match="DoRA"):
         asyncio.run(hf_engine.load_adapter("dora", dora))
     assert "dora" not in hf_engine.adapters()
+
+
+def test_many_empty_messages_are_a_long_prompt_refused_untokenized(tokenizer, base_dir):
+    """Each message costs its turn markers: 30,000 empty ones (under 1 MB of JSON) cannot fit
+    8,192 tokens, and are refused before the tokenizer sees them (on the event loop)."""
+    from engine.interface import GenerationRequest, PromptTooLongError
+
+    tokenize = PromptTokenizer(tokenizer, base_dir, True, 8192)
+    empty = GenerationRequest(messages=[{"role": "user", "content": ""}] * 30_000)
+    with pytest.raises(PromptTooLongError, match="cannot fit"):
+        asyncio.run(tokenize(empty))
+    assert tokenize.pool is None  # refused before any worker was started

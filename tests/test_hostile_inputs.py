@@ -78,6 +78,13 @@ CASES = [
     ("presence_penalty-range", "POST", CHAT, chat(presence_penalty=3), {}, 400, "presence_penalty"),
     ("frequency_penalty-range", "POST", CHAT, chat(frequency_penalty=-2.5), {}, 400, "frequency_penalty"),
     ("frequency_penalty-string", "POST", CHAT, chat(frequency_penalty="1"), {}, 400, "frequency_penalty"),
+    ("mixed-prompts-one-out-of-vocab", "POST", DONE, completion(prompt=[[1, 2, 3], [10**7]]), {}, 400, "prompt"),
+    ("mixed-prompts-stream-one-out-of-vocab", "POST", DONE, completion(prompt=[[1, 2], [10**7]], stream=True), {}, 400, "prompt"),
+    ("integer-of-5000-digits", "POST", CHAT, b'{"model": "alpha", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1' + b"0" * 5000 + b"}", {}, 400, None),
+    ("logit_bias-superscript-digit", "POST", CHAT, chat(logit_bias={"\u00b2": 1}), {}, 400, "logit_bias"),
+    ("logit_bias-out-of-vocab", "POST", CHAT, chat(logit_bias={"99999999": 1}), {}, 400, "logit_bias"),
+    ("fanout-one-model-two-names", "POST", CHAT, chat(model="fanout", models=["alpha", "base:alpha"]), {}, 400, "models"),
+    ("generations-over-the-limit", "POST", DONE, completion(prompt=["a"] * 16, n=16), {}, 400, "n"),
     ("logit_bias-not-token-id", "POST", CHAT, chat(logit_bias={"hello": 5}), {}, 400, "logit_bias"),
     ("logit_bias-out-of-range", "POST", CHAT, chat(logit_bias={"5": 101}), {}, 400, "logit_bias"),
     ("logit_bias-list", "POST", CHAT, chat(logit_bias=[1, 2]), {}, 400, "logit_bias"),
@@ -242,8 +249,14 @@ def test_bad_request_gets_its_4xx_in_openai_shape_and_serving_goes_on(
     assert health.status_code == 200 and health.json()["ok"] is True
 
 
-def test_the_metrics_count_every_status_class_that_happened(client):
-    send(client, "POST", CHAT, chat(model="nope"), {})
-    send(client, "POST", CHAT, b"{", {})
+def test_the_metrics_count_every_status_that_happened(client):
+    picked = {"model-unknown", "truncated-json", "body-over-the-limit", "admin-no-token",
+              "admin-path-traversal", "admin-reserved-base", "max_tokens-huge"}  # fmt: skip
+    statuses = {
+        send(client, method, path, body, headers).status_code
+        for name, method, path, body, headers, _, _ in CASES
+        if name in picked
+    }
+    assert statuses == {400, 401, 403, 404, 413, 422}
     text = client.get("/metrics").text
-    assert 'status="404"' in text and 'status="400"' in text and 'status="413"' in text
+    assert all(f'status="{status}"' in text for status in statuses), text[-3000:]

@@ -97,6 +97,17 @@ def test_logprobs_and_top_logprobs_have_openais_shape(client):
     lp = done.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     assert "".join(lp.tokens) == done.choices[0].text
+    streamed = client.completions.create(model="base", prompt="The sky is", max_tokens=6,
+                                         temperature=0, logprobs=1, stream=True)  # fmt: skip
+    text, offsets, tokens = "", [], []
+    for chunk in streamed:
+        for choice in chunk.choices:
+            if choice.logprobs:  # text_offset counts from the start of the choice's text
+                offsets += choice.logprobs.text_offset
+                tokens += choice.logprobs.tokens
+            text += choice.text
+    assert len(tokens) == 6 and "".join(tokens) == text
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(6)]
 
 
 def test_n_choices_with_a_seed_are_reproducible_and_distinct(client):
@@ -106,8 +117,12 @@ def test_n_choices_with_a_seed_are_reproducible_and_distinct(client):
     assert [c.index for c in first.choices] == [0, 1, 2]
     assert texts == [c.message.content for c in again.choices]
     assert len(set(texts)) > 1
-    streamed = list(ask(client, n=2, max_tokens=6, temperature=0, stream=True))
+    one = ask(client, max_tokens=10, temperature=1.0, seed=11)
+    assert first.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
+    streamed = list(ask(client, n=2, max_tokens=6, temperature=0, stream=True,
+                        stream_options={"include_usage": True}))  # fmt: skip
     assert {c.choices[0].index for c in streamed if c.choices} == {0, 1}
+    assert streamed[-1].usage.prompt_tokens == one.usage.prompt_tokens
 
 
 def test_penalties_and_logit_bias_change_the_answer(client, base_dir):
@@ -150,5 +165,8 @@ def test_models_list_and_retrieve(client):
     ids = [m.id for m in client.models.list()]
     assert ids[0] == "SmolLM2-135M-Instruct" and {"alpha", "beta"} <= set(ids)
     assert client.models.retrieve("alpha").id == "alpha"
+    for base in ("base", "SmolLM2-135M-Instruct"):
+        assert client.models.retrieve(base).id == "SmolLM2-135M-Instruct"
+    assert client.models.retrieve("base:alpha").id == "alpha"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import time
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import pytest
 
 from engine.backends.sglang import (
+    CUT_GRACE,
     DeltaTracker,
     DroppedRequestRelease,
     PendingAdapters,
+    SGLangEngine,
     adaptive_interval,
     check_event_loop,
     engine_kwargs,
@@ -18,7 +23,7 @@ from engine.backends.sglang import (
     grace_left,
     sampling_params,
 )
-from engine.interface import EngineError, SamplingParams
+from engine.interface import EngineError, GenerationRequest, RequestEndedError, SamplingParams
 from engine.registry import SGLangSettings
 
 
@@ -86,6 +91,97 @@ def test_an_unload_waits_out_the_grace_after_its_adapters_last_cut_stream():
     assert grace_left(None, 100.0) == 0.0  # never cut: at once
     assert grace_left(99.8, 100.0, grace=1.0) == pytest.approx(0.8)
     assert grace_left(90.0, 100.0, grace=1.0) == 0.0
+
+
+class FakeSGLang:
+    """sglang.Engine's surface the backend drives: streams that run until aborted, unloads."""
+
+    def __init__(self):
+        self.cut: set[str] = set()
+        self.generated: list[str] = []
+        self.unloaded_at: float | None = None
+        self.tokenizer_manager = SimpleNamespace(
+            event_loop=None, abort_request=self.cut.add, rid_to_state={}
+        )
+
+    async def async_generate(self, rid, **_):
+        self.generated.append(rid)
+
+        async def outputs():
+            while rid not in self.cut:
+                await asyncio.sleep(0.01)
+                yield {"output_ids": [7], "text": "x", "meta_info": {}}
+            yield {"output_ids": [], "text": "", "meta_info": {"finish_reason": {"type": "abort"}}}
+
+        return outputs()
+
+    async def async_unload_lora_adapter(self, name):
+        self.unloaded_at = time.monotonic()
+        return SimpleNamespace(success=True)
+
+
+def backend_over(fake: FakeSGLang, tokenize) -> SGLangEngine:
+    """The SGLang backend without its GPU engine (``__init__`` starts one)."""
+    engine = object.__new__(SGLangEngine)
+    engine.engine, engine.tokenizer, engine.stop_ids, engine.context = fake, None, set(), 4096
+    engine.names, engine.adapter_paths = {"a"}, {"a": "/a"}
+    engine.pending, engine.running, engine.adaptive = PendingAdapters({}), 0, False
+    engine.aborted, engine.cut_at, engine.streams_on = {}, {}, collections.Counter()
+    engine.prompt_tokenizer = tokenize
+    return engine
+
+
+async def three_ids(_request):
+    return [1, 2, 3]
+
+
+def test_an_unload_waits_for_the_adapters_streams_and_then_the_grace_after_the_cut():
+    async def scenario():
+        fake = FakeSGLang()
+        engine = backend_over(fake, three_ids)
+        request = GenerationRequest(adapter="a", prompt="hi", params=SamplingParams(max_tokens=50))
+        stream = engine.stream(request)
+        await anext(stream)
+        unloading = asyncio.ensure_future(engine.unload_adapter("a"))
+        await asyncio.sleep(0.3)
+        assert fake.unloaded_at is None and "a" not in engine.adapters()
+        engine.abort(request.request_id, "adapter 'a' was unloaded")  # the API's deadline
+        with pytest.raises(RequestEndedError, match="unloaded"):
+            async for _ in stream:
+                pass
+        cut = time.monotonic()
+        await unloading
+        assert fake.unloaded_at - cut >= CUT_GRACE * 0.99
+
+    asyncio.run(scenario())
+
+
+def test_an_abort_or_unload_during_tokenization_ends_the_request_before_sglang_sees_it():
+    async def scenario():
+        fake, release = FakeSGLang(), asyncio.Event()
+
+        async def slow_tokenize(_request):
+            await release.wait()
+            return [1, 2, 3]
+
+        engine = backend_over(fake, slow_tokenize)
+        aborted = GenerationRequest(adapter="a", prompt="hi")
+        unloaded = GenerationRequest(adapter="a", prompt="hi")
+        streams = [engine.stream(aborted), engine.stream(unloaded)]
+        waiting = [asyncio.ensure_future(anext(s)) for s in streams]
+        await asyncio.sleep(0.05)
+        engine.abort(aborted.request_id, "ended by the drain")
+        unloading = asyncio.ensure_future(engine.unload_adapter("a"))
+        await asyncio.sleep(0.05)
+        release.set()
+        with pytest.raises(RequestEndedError, match="drain"):
+            await waiting[0]
+        with pytest.raises(EngineError, match="a"):
+            await waiting[1]
+        await unloading
+        assert fake.generated == [] and engine.streams_on["a"] == 0
+
+    asyncio.run(scenario())
 
 
 def test_adaptive_stream_interval_keeps_a_lone_stream_token_by_token():

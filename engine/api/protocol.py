@@ -44,6 +44,8 @@ class OpenAIError(Exception):
     def __init__(self, status: int, message: str, kind: str, param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.counted = False
+        """Already in ``/metrics`` (a generation request counts its own, under its adapter)."""
 
     def body(self) -> dict:
         return {
@@ -160,7 +162,8 @@ class SamplingFields(Wire):
         if len(bias) > 300:
             raise ValueError("at most 300 tokens")
         for key, value in bias.items():
-            if not key.isdigit() or not -100 <= value <= 100:
+            token_id = key.isascii() and key.isdigit() and len(key) <= 9
+            if not token_id or not -100 <= value <= 100:
                 raise ValueError(f"want token id → bias in [-100, 100], got {key!r}: {value!r}")
         return bias
 

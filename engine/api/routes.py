@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import json
 import logging
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -69,6 +70,8 @@ API_PATHS = {
     "/v1/adapters/merge": {"POST"},
 }
 MAX_PROMPTS = 16
+MAX_CHOICES = 64
+"""At most this many generations per request: models × prompts × n."""
 FANOUT = "fanout"
 """The ``model`` of a fan-out request (the ``models`` extension)."""
 
@@ -90,6 +93,8 @@ async def read_json(request: Request) -> dict:
         raise invalid("the body is nested too deeply") from None
     except json.JSONDecodeError as err:
         raise invalid(f"the body is not valid JSON: {err.msg} at {err.pos}") from None
+    except ValueError as err:  # e.g. an integer literal of more than 4300 digits
+        raise invalid(f"the body cannot be read: {err}") from None
     if not isinstance(body, dict):
         raise invalid("the body must be a JSON object")
     if where := lone_surrogate(body):
@@ -143,6 +148,7 @@ class Api:
         self.active: dict[str, str | None] = {}
         """request id → adapter of every generation in flight (drain and unload end them)."""
         self.unloading: set[str] = set()
+        self.merging: set[str] = set()
         self.loading: dict[str, asyncio.Future] = {}
         self.draining = False
         if self.admin_token is None:
@@ -284,7 +290,11 @@ class Api:
             return [(body.model, await self.ensure_model(body.model))]
         if body.model != FANOUT:
             raise invalid(f"with models (fan-out), model must be '{FANOUT}'", "model")
-        return [(m, await self.ensure_model(m)) for m in body.models]
+        targets = [(m, await self.ensure_model(m)) for m in body.models]
+        adapters = [adapter for _, adapter in targets]
+        if len(set(adapters)) != len(adapters):
+            raise invalid("models: list each model once (base:x and x name one model)", "models")
+        return targets
 
     async def chat_requests(self, body: ChatBody) -> list[tuple[str, GenerationRequest]]:
         if body.top_logprobs is not None and not body.logprobs:
@@ -298,7 +308,7 @@ class Api:
             messages = self.chat_messages(body, spec)
             request = GenerationRequest(adapter=adapter, messages=messages, params=params)
             requests += [(model, r) for r in self.copies(request, body.n)]
-        return requests
+        return within_choice_limit(requests)
 
     def chat_messages(self, body: ChatBody, spec: AdapterSpec | None) -> list[dict]:
         """The engine's messages, with the adapter's prompt template filled (unless ``raw``)."""
@@ -356,13 +366,12 @@ class Api:
                     params=params,
                 )
                 requests += [(model, r) for r in self.copies(request, body.n)]
-        return requests
+        return within_choice_limit(requests)
 
     async def run(self, request: GenerationRequest, timer: RequestTimer) -> AsyncIterator[Chunk]:
         """Engine stream with metrics; closing it cancels the generation."""
-        self.active[request.request_id] = request.adapter
         try:
-            async with contextlib.aclosing(self.engine.stream(request)) as chunks:
+            async with contextlib.aclosing(self.stream(request)) as chunks:
                 async for chunk in chunks:
                     timer.chunk(len(chunk.token_ids))
                     if chunk.finish_reason:
@@ -370,6 +379,15 @@ class Api:
                     yield chunk
         except EngineError as err:
             raise from_engine(err) from err
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """The engine's stream, known to the drain and unload deadlines (the app's tabs use it
+        too); closing it cancels the generation."""
+        self.active[request.request_id] = request.adapter
+        try:
+            async with contextlib.aclosing(self.engine.stream(request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
             self.active.pop(request.request_id, None)
 
@@ -380,8 +398,41 @@ class Api:
             self.engine.abort(rid, why)
         return len(doomed)
 
-    async def merge(self, body: MergeBody, merger: Merger, out: Path) -> dict:
-        """Served adapters merged into ``out`` (under the adapter root), then loaded."""
+    def check_name(self, name: str) -> None:
+        """A new adapter's name: a slug, not the base model's, not one being unloaded/merged."""
+        if not SLUG.match(name):
+            raise invalid(f"name {name!r} must be a slug (a-z, 0-9, -, _)", "name", 422)
+        if name in {BASE_MODEL_ALIAS, self.engine.base_model_id}:
+            raise invalid(f"name {name!r} is reserved for the base model", "name", 422)
+        if name in self.unloading:
+            raise OpenAIError(409, f"adapter '{name}' is being unloaded", "conflict_error", "name")
+        if name in self.merging:
+            raise OpenAIError(409, f"adapter '{name}' is being merged", "conflict_error", "name")
+
+    def allowed_path(self, raw: str) -> str:
+        """``raw`` (absolute, or relative to the adapter root) resolved; 403 outside the root."""
+        if any(ord(c) < 32 for c in raw):
+            raise invalid("path: control characters are not allowed", "path")
+        if self.adapter_root is None:
+            raise OpenAIError(
+                403, "hot-loading is off: no adapter root configured", "permission_error"
+            )
+        path = Path(raw)
+        path = (path if path.is_absolute() else self.adapter_root / path).resolve()
+        if not path.is_relative_to(self.adapter_root):
+            raise OpenAIError(
+                403,
+                f"path must be under the adapter root {self.adapter_root}",
+                "permission_error",
+                "path",
+            )
+        return str(path)
+
+    async def merge(self, body: MergeBody, merger: Merger) -> dict:
+        """Served adapters merged into <adapter root>/<name>, then loaded. The name is held
+        while it runs; a failed merge leaves no folder behind."""
+        self.check_name(body.name)
+        out = Path(self.allowed_path(body.name))
         if out.exists() or body.name in self.engine.adapters():
             raise OpenAIError(409, f"'{body.name}' exists already", "conflict_error", "name")
         unknown = [a for a in body.adapters if a not in self.engine.adapter_paths]
@@ -389,14 +440,20 @@ class Api:
             raise OpenAIError(404, f"not served: {unknown}", "not_found_error", "adapters")
         sources = {a: self.engine.adapter_paths[a] for a in body.adapters}
         t0 = time.perf_counter()
+        self.merging.add(body.name)
         try:
             await asyncio.to_thread(
                 merger, self.engine.base_dir, sources, body.method, body.weights, body.density,
                 out, body.svd_rank, progress=log.info,
             )  # fmt: skip
             await self.engine.load_adapter(body.name, str(out), self.limits.max_adapter_rank)
-        except (ValueError, AdapterLoadError) as err:
-            raise invalid(f"cannot merge: {err}", "adapters", 422) from err
+        except BaseException as err:
+            shutil.rmtree(out, ignore_errors=True)
+            if isinstance(err, ValueError | AdapterLoadError):
+                raise invalid(f"cannot merge: {err}", "adapters", 422) from err
+            raise
+        finally:
+            self.merging.discard(body.name)
         manifest = json.loads((out / "merge.json").read_text())
         return {
             "merged": body.name,
@@ -432,6 +489,15 @@ class Api:
             raise OpenAIError(503, "the server is shutting down", "server_error")
 
 
+def within_choice_limit(requests: list) -> list:
+    if len(requests) > MAX_CHOICES:
+        raise invalid(
+            f"{len(requests)} generations asked (models × prompts × n); at most {MAX_CHOICES}",
+            "n",
+        )
+    return requests
+
+
 def completion_prompts(prompt) -> list[str | list[int]]:
     if isinstance(prompt, str):
         return [prompt]
@@ -463,15 +529,20 @@ def create_api(
     app.state.api = api
     app.add_middleware(BodyLimit, max_bytes=registry.server.max_body_bytes, metrics=api.metrics)
 
+    def counted(err: OpenAIError, headers: dict | None = None) -> JSONResponse:
+        """An error outside a generation request (admin, routes), counted under ``none``."""
+        api.metrics.error("none", err.kind, err.status)
+        return error_response(err, headers)
+
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, err: OpenAIError):
-        return error_response(err)
+        return error_response(err) if err.counted else counted(err)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException):
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {err.detail}"
-        return error_response(OpenAIError(err.status_code, message, kind), err.headers)
+        return counted(OpenAIError(err.status_code, message, kind), err.headers)
 
     async def serve(request: Request, model: type[SamplingFields], endpoint: str):
         label = "unknown"  # an unknown model name must not become a label value
@@ -491,6 +562,7 @@ def create_api(
             firsts = await first_chunks(streams)
         except OpenAIError as err:
             api.metrics.error(label, err.kind, err.status)
+            err.counted = True
             raise
         rid = ("cmpl-" if endpoint == "completions" else "chatcmpl-") + uuid.uuid4().hex
         choice_models = [m for m, _ in named]
@@ -498,11 +570,12 @@ def create_api(
         echo = [r.prompt or "" for r in requests] if getattr(body, "echo", False) else None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = stream_events(writer, firsts, streams, include_usage, echo)
+            events = stream_events(writer, firsts, streams, include_usage, echo, body.n)
             counted = count_stream_errors(events, api.metrics, label)
             return StreamingResponse(counted, media_type="text/event-stream")
         parts = await collect(firsts, streams)
-        return JSONResponse(whole_response(writer, parts, echo, fanout=body.models is not None))
+        fanout = body.models is not None
+        return JSONResponse(whole_response(writer, parts, echo, fanout, body.n))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -518,10 +591,9 @@ def create_api(
 
     @app.get("/v1/models/{model:path}")
     async def model_card(model: str):
-        card = next((c for c in api.model_cards() if c["id"] == model), None)
-        if card is None:
-            api.resolve_model(model)  # the 404 with the list of models
-        return card
+        adapter = api.resolve_model(model)  # the 404 with the list of models
+        wanted = engine.base_model_id if adapter is None else adapter
+        return next(c for c in api.model_cards() if c["id"] == wanted)
 
     def check_admin(request: Request) -> None:
         if api.admin_token is None:
@@ -533,38 +605,12 @@ def create_api(
         if not api.admin_allows(request.headers.get("authorization", "")):
             raise OpenAIError(401, "admin token required", "authentication_error")
 
-    def allowed_path(raw: str) -> str:
-        if any(ord(c) < 32 for c in raw):
-            raise invalid("path: control characters are not allowed", "path")
-        if api.adapter_root is None:
-            raise OpenAIError(
-                403, "hot-loading is off: no adapter root configured", "permission_error"
-            )
-        path = Path(raw)
-        path = (path if path.is_absolute() else api.adapter_root / path).resolve()
-        if not path.is_relative_to(api.adapter_root):
-            raise OpenAIError(
-                403,
-                f"path must be under the adapter root {api.adapter_root}",
-                "permission_error",
-                "path",
-            )
-        return str(path)
-
-    def check_name(name: str) -> None:
-        if not SLUG.match(name):
-            raise invalid(f"name {name!r} must be a slug (a-z, 0-9, -, _)", "name", 422)
-        if name in {BASE_MODEL_ALIAS, engine.base_model_id}:
-            raise invalid(f"name {name!r} is reserved for the base model", "name", 422)
-        if name in api.unloading:
-            raise OpenAIError(409, f"adapter '{name}' is being unloaded", "conflict_error", "name")
-
     @app.post("/v1/adapters")
     async def load_adapter(request: Request):
         check_admin(request)
         body = parse(AdapterBody, await read_json(request))
-        check_name(body.name)
-        path = allowed_path(body.path)
+        api.check_name(body.name)
+        path = api.allowed_path(body.path)
         try:
             await engine.load_adapter(body.name, path, max_rank=api.limits.max_adapter_rank)
         except AdapterLoadError as err:
@@ -577,9 +623,7 @@ def create_api(
         check_admin(request)
         if merger is None:
             raise OpenAIError(404, "merging is served by python app.py", "not_found_error")
-        body = parse(MergeBody, await read_json(request))
-        check_name(body.name)
-        return await api.merge(body, merger, Path(allowed_path(body.name)))
+        return await api.merge(parse(MergeBody, await read_json(request)), merger)
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str, request: Request):
@@ -624,8 +668,8 @@ def create_api(
         if allowed and request.method not in allowed:
             err = OpenAIError(405, f"{request.method} {path}: use {', '.join(sorted(allowed))}",
                               "invalid_request_error")  # fmt: skip
-            return error_response(err, {"allow": ", ".join(sorted(allowed))})
-        return error_response(OpenAIError(404, f"no route {path}", "not_found_error"))
+            return counted(err, {"allow": ", ".join(sorted(allowed))})
+        return counted(OpenAIError(404, f"no route {path}", "not_found_error"))
 
     return app
 
@@ -633,10 +677,23 @@ def create_api(
 # ----- responses --------------------------------------------------------------------------------
 
 
+async def all_or_nothing(coroutines) -> list:
+    """Every result, or (on the first failure, or when cancelled) every other one cancelled
+    and awaited before the failure is raised: no generator is left running."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 async def first_chunks(streams: list[AsyncIterator[Chunk]]) -> list[Chunk]:
     """Start every generation before the 200 goes out, so request errors still get a 4xx."""
     try:
-        return list(await asyncio.gather(*(anext(s) for s in streams)))
+        return await all_or_nothing(anext(s) for s in streams)
     except BaseException:
         for s in streams:
             await s.aclose()
@@ -648,18 +705,22 @@ async def collect(firsts: list[Chunk], streams) -> list[list[Chunk]]:
         return [first] + [c async for c in stream]
 
     try:
-        return list(await asyncio.gather(*(rest(f, s) for f, s in zip(firsts, streams))))
+        return await all_or_nothing(rest(f, s) for f, s in zip(firsts, streams))
     finally:
         for s in streams:
             await s.aclose()
 
 
-def whole_response(writer: ChunkWriter, parts: list[list[Chunk]], echo, fanout: bool) -> dict:
+def whole_response(
+    writer: ChunkWriter, parts: list[list[Chunk]], echo, fanout: bool, n: int
+) -> dict:
+    """The non-streamed answer; usage counts each prompt once, not once per copy (``n``)."""
     choices, usage = [], Usage(0, 0)
     for index, chunks in enumerate(parts):
         last = chunks[-1]
         text = "".join(c.text for c in chunks)
-        logprobs = [lp for c in chunks for lp in c.logprobs or []] if last.logprobs else None
+        with_logprobs = last.logprobs is not None
+        logprobs = [lp for c in chunks for lp in c.logprobs or []] if with_logprobs else None
         if writer.endpoint == "chat":
             choice = {"message": {"role": "assistant", "content": text, "refusal": None}}
             choice["logprobs"] = chat_logprobs(logprobs) if logprobs is not None else None
@@ -670,27 +731,32 @@ def whole_response(writer: ChunkWriter, parts: list[list[Chunk]], echo, fanout: 
         tag = {"model": writer.choice_models[index]} if fanout else {}
         choices.append({"index": index, **tag, **choice, "finish_reason": last.finish_reason})
         usage = Usage(
-            usage.prompt_tokens + last.usage.prompt_tokens,
+            usage.prompt_tokens + (last.usage.prompt_tokens if index % n == 0 else 0),
             usage.completion_tokens + last.usage.completion_tokens,
         )
     kind = "chat.completion" if writer.endpoint == "chat" else "text_completion"
     return {**writer.head, "object": kind, "choices": choices, "usage": usage_dict(usage)}
 
 
-def encoded(writer: ChunkWriter, index: int, chunk: Chunk) -> bytes | None:
+def encoded(writer: ChunkWriter, index: int, chunk: Chunk, offset: int) -> bytes | None:
+    """One chunk's event; ``offset``: the characters of this choice sent before it (a
+    completion's ``text_offset`` counts from the start of the choice's text)."""
     if chunk.logprobs is not None or chunk.finish_reason:
         logprobs = None
-        if chunk.logprobs is not None:
-            render = chat_logprobs if writer.endpoint == "chat" else completion_logprobs
-            logprobs = render(chunk.logprobs)
+        if writer.endpoint == "chat" and chunk.logprobs is not None:
+            logprobs = chat_logprobs(chunk.logprobs)
+        elif chunk.logprobs is not None:
+            logprobs = completion_logprobs(chunk.logprobs, offset)
         return writer.choice(index, chunk.text, chunk.finish_reason, logprobs)
     return writer.text(index, chunk.text) if chunk.text else None
 
 
-async def stream_events(writer, firsts, streams, include_usage: bool, echo):
-    """SSE events: the role (chat), every choice's deltas, usage, ``[DONE]``. A failure after
-    the 200 ends this stream with an error event and ``[DONE]``; other streams never see it."""
+async def stream_events(writer, firsts, streams, include_usage: bool, echo, n: int):
+    """SSE events: the role (chat), every choice's deltas, usage (each prompt once, not once
+    per copy), ``[DONE]``. A failure after the 200 ends this stream with an error event and
+    ``[DONE]``; other streams never see it."""
     prompt_tokens = completion_tokens = 0
+    offsets = [len(echo[i]) if echo else 0 for i in range(len(streams))]
     failure = None
     try:
         for index in range(len(streams)):
@@ -700,10 +766,11 @@ async def stream_events(writer, firsts, streams, include_usage: bool, echo):
                 yield writer.text(index, echo[index])
         async with contextlib.aclosing(merged(firsts, streams)) as chunks:
             async for index, chunk in chunks:
-                if event := encoded(writer, index, chunk):
+                if event := encoded(writer, index, chunk, offsets[index]):
                     yield event
+                offsets[index] += len(chunk.text)
                 if chunk.usage:
-                    prompt_tokens += chunk.usage.prompt_tokens
+                    prompt_tokens += chunk.usage.prompt_tokens if index % n == 0 else 0
                     completion_tokens += chunk.usage.completion_tokens
         if include_usage:
             yield writer.usage(Usage(prompt_tokens, completion_tokens))

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import concurrent.futures.process
 import json
 import multiprocessing
 from pathlib import Path
 
 from ..base_model import adapter_fit_problems
-from ..interface import AdapterLoadError, GenerationRequest, PromptTooLongError, SamplingParams
+from ..interface import (
+    AdapterLoadError,
+    EngineError,
+    GenerationRequest,
+    PromptTooLongError,
+    SamplingParams,
+)
 from ..registry import SLUG, adapter_dir_problems
 from ..text import prompt_token_ids
 
@@ -82,10 +89,15 @@ def longest_token_chars(tokenizer) -> int:
     return max(len(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
 
 
+MESSAGE_CHARS = 32
+"""What a message costs beyond its content (role, turn markers), counted as characters: many
+empty messages are a long prompt too."""
+
+
 def prompt_chars(request: GenerationRequest) -> int:
     if request.prompt is not None:
         return len(request.prompt)
-    return sum(len(m["content"]) for m in request.messages or [])
+    return sum(len(m["content"]) + MESSAGE_CHARS for m in request.messages or [])
 
 
 WORKER_TOKENIZER = None
@@ -128,7 +140,13 @@ class PromptTokenizer:
                 1, context, initializer=load_worker_tokenizer, initargs=(self.base_dir,)
             )
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, worker_token_ids, request, self.chat_template)
+        try:
+            return await loop.run_in_executor(
+                self.pool, worker_token_ids, request, self.chat_template
+            )
+        except concurrent.futures.process.BrokenProcessPool:
+            self.pool = None  # the next long prompt starts a fresh worker
+            raise EngineError("the tokenizer worker stopped; send the request again") from None
 
     def close(self) -> None:
         if self.pool is not None:

@@ -177,6 +177,9 @@ class HFEngine(Engine):
         self.pending: list[Row] = []
         self.rows: dict[str, Row] = {}
         """Every admitted request's row by request id, until its stream closes."""
+        self.admitting: set[str] = set()
+        """Request ids being tokenized: an abort meanwhile is kept in ``early_aborts``."""
+        self.early_aborts: dict[str, str] = {}
         self.controls: list[tuple] = []
         self.batch: Batch | None = None
         self.wake = threading.Condition()
@@ -260,8 +263,16 @@ class HFEngine(Engine):
     # ----- requests -------------------------------------------------------------------------
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        row = await self.admit_request(request)
-        self.rows[request.request_id] = row
+        rid = request.request_id
+        self.admitting.add(rid)
+        try:
+            row = await self.admit_request(request)
+        finally:
+            self.admitting.discard(rid)
+        if (why := self.early_aborts.pop(rid, None)) is not None:
+            row.cancelled = True
+            raise RequestEndedError(why)
+        self.rows[rid] = row
         try:
             while True:
                 item = await row.queue.get()
@@ -302,17 +313,30 @@ class HFEngine(Engine):
 
     def abort(self, request_id: str, why: str) -> None:
         """Wherever the row is (waiting, in a prefill, in the batch), it ends at once."""
+        why = why or "the request was ended"
         row = self.rows.get(request_id)
+        if row is None and request_id in self.admitting:  # tokenizing: it ends once admitted
+            self.early_aborts[request_id] = why
         if row is not None:
-            row.fail(RequestEndedError(why or "the request was ended"))
+            row.fail(RequestEndedError(why))
             with self.wake:
                 self.wake.notify()
 
     def active_rows(self) -> list[Row]:
         return (self.batch.rows if self.batch else []) + self.pending
 
+    async def health(self) -> dict:
+        """A dead worker is unhealthy; a busy one is healthy without a probe queued behind the
+        users' requests; an idle one answers a one-token probe."""
+        if not self.worker.is_alive():
+            raise EngineError("the generation worker has stopped")
+        if self.batch is not None:
+            return self.health_report(True)
+        return await super().health()
+
     def stats(self) -> dict:
-        running = len(self.batch.rows) if self.batch else 0
+        batch = self.batch  # the worker may end it meanwhile
+        running = len(batch.rows) if batch else 0
         return {
             "running": running,
             "queued": len(self.pending),
@@ -340,7 +364,16 @@ class HFEngine(Engine):
                     self.apply_controls()
                 fresh = self.take_pending()
             with torch.inference_mode():
-                self.step(fresh)
+                try:
+                    self.step(fresh)
+                except Exception as err:  # outside the per-row recovery: end them, keep serving
+                    log.exception("generation step failed: ending %d rows", len(fresh))
+                    self.fail_all(fresh, err)
+
+    def fail_all(self, fresh: list[Row], err: Exception) -> None:
+        for row in (self.batch.rows if self.batch else []) + fresh:
+            row.fail(err)
+        self.batch = None
 
     def take_pending(self) -> list[Row]:
         self.pending = [r for r in self.pending if not (r.cancelled or r.done)]

@@ -11,6 +11,8 @@ SGLang's stream chunks are cumulative; ``DeltaTracker`` turns them into deltas.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -321,6 +323,8 @@ class SGLangEngine(Engine):
         self.aborted: dict[str, RequestEndedError] = {}
         self.cut_at: dict[str, float] = {}
         """When each adapter's last stream was cut (``unload_adapter`` waits out ``CUT_GRACE``)."""
+        self.streams_on: collections.Counter[str] = collections.Counter()
+        """Our streams per adapter, admitted or being admitted (``unload_adapter`` waits them)."""
         self.prompt_tokenizer = PromptTokenizer(
             self.tokenizer, base_dir, chat_template, self.context
         )
@@ -348,6 +352,8 @@ class SGLangEngine(Engine):
         self.check_adapter(name)
         self.names.discard(name)
         self.adapter_paths.pop(name, None)
+        while self.streams_on[name]:  # the API ends them at its unload deadline
+            await asyncio.sleep(0.05)
         await asyncio.sleep(grace_left(self.cut_at.get(name), time.monotonic()))
         result = await self.engine.async_unload_lora_adapter(name)
         if not getattr(result, "success", True):
@@ -356,6 +362,18 @@ class SGLangEngine(Engine):
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         request.validate()
         self.check_adapter(request.adapter)
+        self.streams_on[request.adapter] += 1
+        try:
+            async with contextlib.aclosing(self.generate(request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            self.streams_on[request.adapter] -= 1
+            self.aborted.pop(request.request_id, None)
+
+    async def admit(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids, once the request is checked; checked again after the awaits
+        (an unload or an abort may have come meanwhile)."""
         params = request.params
         ids = await self.prompt_tokenizer(request)
         check_context(len(ids), params, self.context)
@@ -364,6 +382,14 @@ class SGLangEngine(Engine):
         bound = getattr(self.engine.tokenizer_manager, "event_loop", None)
         check_event_loop(bound, asyncio.get_running_loop())
         await self.pending.ensure(self.load_into_sglang)
+        if (ended := self.aborted.pop(request.request_id, None)) is not None:
+            raise ended
+        self.check_adapter(request.adapter)
+        return ids
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        ids = await self.admit(request)
+        params = request.params
         interval = adaptive_interval(self.running) if self.adaptive else None
         logprobs = params.logprobs is not None
         clock, tracker, finished = RequestClock(), DeltaTracker(self.tokenizer), False
@@ -397,9 +423,10 @@ class SGLangEngine(Engine):
                 timings = clock.timings(len(tracker.ids))
                 yield Chunk(text, new_ids, reason, usage, timings, entries)
                 return
+        except ValueError as err:  # SGLang's own checks of a request (its sampling params)
+            raise InvalidRequestError(f"SGLang refused the request: {err}") from err
         finally:
             self.running -= 1
-            self.aborted.pop(request.request_id, None)
             if not finished:
                 self.engine.tokenizer_manager.abort_request(request.request_id)
                 if request.adapter is not None:
