@@ -4,12 +4,16 @@
     locust -f loadtest/ --host http://127.0.0.1:7860 --headless -u 32 -r 32 -t 60s \
         --adapters 8 --distribution zipf --prompt-words 90-110 --output-tokens 90-110
     locust -f loadtest/ --host ... --headless --steps 1,8,32,64,128,256 --step-seconds 30
+    locust -f loadtest/ --host ... --headless -u 1 -t 60s --arrival-rate 20     # open loop
     locust -f loadtest/ --host http://127.0.0.1:30000 ... --model-format '{base}:{adapter}'
                                                # SGLang's own server (0.5.17): base:adapter
 
-Each user streams chat completions (SSE, read line by line) and fires Locust custom metrics:
+Each request streams a chat completion (SSE, read line by line) and fires Locust custom metrics:
 ``TTFT``, ``ITL`` (mean gap between tokens of the request), ``E2E`` (response_length = output
-tokens). Raw per-request measurements go to ``--raw-out`` (JSONL), unrounded.
+tokens, with the failure's exception), a row per model (``--rows kind``: lora and base). Raw
+per-request measurements go to ``--raw-out`` (JSONL), unrounded. Closed loop by default (a user
+sends its next request when the last ends); ``--arrival-rate R``: open loop, Poisson arrivals.
+The web UI gains a Tokens/s tab.
 
 The adapters in play are the first N of ``/v1/models`` (cards with a ``parent``; ``--models``
 names them instead). ``--model-format`` says how a request names one: ``{adapter}`` (our API,
@@ -71,6 +75,8 @@ OPTIONS = [
         "a request's model for an adapter: {adapter} (ours) or {base}:{adapter} (SGLang's server)",
     ),
     ("--models", str, "", "comma list of adapters to use instead of /v1/models' (in this order)"),
+    ("--rows", str, "model", "model (a row per model) | kind (rows lora and base)"),
+    ("--arrival-rate", float, 0.0, "open loop: requests per second arriving (Poisson); 0 = closed"),
 ]
 
 
@@ -119,10 +125,9 @@ def request_sizes(options, rng: random.Random) -> tuple[str, int]:
     return f"Continue this text: {text}", rng.randint(*parse_range(options.output_tokens))
 
 
-class ChatUser(HttpUser):
-    """One client streaming chat completions back to back."""
-
-    wait_time = constant(0)
+class Streaming:
+    """What both users do per request: pick a model, stream a chat completion, time it, report
+    it to Locust (per model rows, failures with their exception) and to the raw file."""
 
     def on_start(self):
         options = self.environment.parsed_options
@@ -134,10 +139,7 @@ class ChatUser(HttpUser):
             return STATE["base"]
         return self.rng.choices(adapters, weights=STATE["weights"])[0]
 
-    @task
-    def chat(self):
-        if not STATE.get("ready"):
-            raise StopUser()
+    def one_request(self) -> None:
         options = self.environment.parsed_options
         model = self.pick_model()
         prompt, max_tokens = request_sizes(options, self.rng)
@@ -152,12 +154,13 @@ class ChatUser(HttpUser):
         }
         if options.prompt_template:
             body["prompt_template"] = options.prompt_template
-        record = self.stream(body, "base" if model == STATE["base"] else "lora")
+        kind = "base" if model == STATE["base"] else "lora"
+        record = self.stream(body, model if options.rows == "model" else kind, model)
         record["model"] = model
         with STATE["lock"], open(options.raw_out, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def stream(self, body: dict, label: str) -> dict:
+    def stream(self, body: dict, label: str, model: str) -> dict:
         start = time.time()
         t0 = time.perf_counter()
         token_times, usage, error = [], None, None
@@ -183,21 +186,26 @@ class ChatUser(HttpUser):
                     response.failure(error)
                 else:
                     response.success()
-        return self.report(start, t0, token_times, usage, error, label)
+        return self.report(start, t0, token_times, usage, error, label, model)
 
-    def report(self, start, t0, token_times, usage, error, label) -> dict:
+    def report(self, start, t0, token_times, usage, error, label, model) -> dict:
         e2e = time.perf_counter() - t0
         ttft = token_times[0] if token_times else None
         itl = [b - a for a, b in itertools.pairwise(token_times)]
         output_tokens = usage["completion_tokens"] if usage else len(token_times)
         fire = self.environment.events.request.fire
+        context = {"model": model}
         if error is None and ttft is not None:
-            fire(request_type="TTFT", name=label, response_time=ttft * 1000, response_length=0)
+            fire(request_type="TTFT", name=label, response_time=ttft * 1000, response_length=0,
+                 context=context)  # fmt: skip
             if itl:
                 mean_itl = sum(itl) / len(itl) * 1000
-                fire(request_type="ITL", name=label, response_time=mean_itl, response_length=0)
-            fire(request_type="E2E", name=label, response_time=e2e * 1000,
-                 response_length=output_tokens)  # fmt: skip
+                fire(request_type="ITL", name=label, response_time=mean_itl, response_length=0,
+                     context=context)  # fmt: skip
+        failure = None if error is None and ttft is not None else RuntimeError(error or "no token")
+        fire(request_type="E2E", name=label, response_time=e2e * 1000,
+             response_length=output_tokens, exception=failure, context=context)  # fmt: skip
+        TOKENS.add(label, output_tokens)
         return {
             "start": start,
             "ttft": ttft,
@@ -205,9 +213,107 @@ class ChatUser(HttpUser):
             "itl": itl,
             "token_times": token_times,
             "output_tokens": output_tokens,
-            "ok": error is None and ttft is not None,
+            "ok": failure is None,
             "error": error,
         }
+
+
+class ChatUser(Streaming, HttpUser):
+    """Closed loop: one client streaming chat completions back to back."""
+
+    wait_time = constant(0)
+
+    @task
+    def chat(self):
+        if not STATE.get("ready"):
+            raise StopUser()
+        self.one_request()
+
+
+class OpenLoopUser(Streaming, HttpUser):
+    """Open loop (``--arrival-rate R``): requests arrive as a Poisson process, R a second, whatever
+    the server's speed — each in its own greenlet; one such user drives them all (``-u 1``)."""
+
+    abstract = True  # chosen by --arrival-rate (the init listener), not by default
+    wait_time = constant(0)
+
+    @task
+    def arrive(self):
+        if not STATE.get("ready"):
+            raise StopUser()
+        gevent.sleep(self.rng.expovariate(self.environment.parsed_options.arrival_rate))
+        gevent.spawn(self.one_request)
+
+
+class TokenCounter:
+    """Output tokens per row, for the web UI's tokens/s tab (a sliding 10-s window)."""
+
+    WINDOW = 10.0
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.events: list[tuple[float, str, int]] = []
+        self.totals: dict[str, int] = {}
+
+    def add(self, label: str, tokens: int) -> None:
+        now = time.time()
+        with self.lock:
+            self.events.append((now, label, tokens))
+            self.totals[label] = self.totals.get(label, 0) + tokens
+            self.events = [e for e in self.events if e[0] > now - self.WINDOW]
+
+    def table(self) -> list[dict]:
+        now = time.time()
+        with self.lock:
+            recent: dict[str, int] = {}
+            for at, label, tokens in self.events:
+                if at > now - self.WINDOW:
+                    recent[label] = recent.get(label, 0) + tokens
+            rows = [
+                {
+                    "name": label,
+                    "tokens_per_s": round(recent.get(label, 0) / self.WINDOW, 1),
+                    "tokens": total,
+                }
+                for label, total in sorted(self.totals.items())
+            ]
+        total = {
+            "name": "Aggregated",
+            "tokens_per_s": round(sum(r["tokens_per_s"] for r in rows), 1),
+            "tokens": sum(r["tokens"] for r in rows),
+        }
+        return [*rows, total]
+
+
+TOKENS = TokenCounter()
+
+
+@events.init.add_listener
+def on_init(environment, **_):
+    """``--arrival-rate``: the open-loop user instead of the closed-loop one; the web UI gets a
+    tokens/s tab (per row, the last 10 s)."""
+    options = environment.parsed_options
+    if options is not None and options.arrival_rate > 0:
+        environment.user_classes[:] = [OpenLoopUser]
+    if environment.web_ui:
+        add_tokens_tab(environment.web_ui)
+
+
+def add_tokens_tab(web_ui) -> None:
+    from flask import request as flask_request
+
+    web_ui.template_args["extendedTabs"] = [{"title": "Tokens/s", "key": "tokens"}]
+    web_ui.template_args["extendedTables"] = [{"key": "tokens", "structure": [
+        {"key": "name", "title": "Name"}, {"key": "tokens_per_s", "title": "Output tokens/s"},
+        {"key": "tokens", "title": "Output tokens"}]}]  # fmt: skip
+
+    @web_ui.app.after_request
+    def with_tokens(response):
+        if flask_request.path != "/stats/requests" or not response.is_json:
+            return response
+        extended = [{"key": "tokens", "data": TOKENS.table()}]
+        response.set_data(json.dumps({**response.json, "extended_stats": extended}))
+        return response
 
 
 class StepShape(LoadTestShape):

@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_point(args, users: int, adapters: int, raw: Path) -> list[dict]:
+    """One Locust run; beside ``raw`` (<key>.jsonl) Locust's own report: <key>_stats.csv and the
+    rest of ``--csv``, and <key>.html."""
     raw.unlink(missing_ok=True)
     cmd = [
         sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"),
@@ -36,6 +38,7 @@ def run_point(args, users: int, adapters: int, raw: Path) -> list[dict]:
         "--adapters", str(adapters), "--distribution", "base" if adapters == 0 else "uniform",
         "--prompt-words", args.prompt_words, "--output-tokens", args.output_tokens,
         "--raw-out", str(raw), "--exit-code-on-error", "0",
+        "--csv", str(raw.with_suffix("")), "--html", str(raw.with_suffix(".html")),
         "--model-format", getattr(args, "model_format", "{adapter}"),
         "--prompt-template", getattr(args, "prompt_template", "raw"),
     ]  # fmt: skip

@@ -5,15 +5,24 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from loadtest.stats import parse_range, percentile, ratios, summarize, zipf_weights
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_percentile_matches_linear_interpolation():
@@ -89,7 +98,46 @@ def test_headless_locust_run_writes_raw_file_and_custom_ttft(hf_engine, registry
     assert all(r["output_tokens"] == 4 and r["ttft"] > 0 for r in records)
     stats = list(csv.DictReader((tmp_path / "run_stats.csv").read_text().splitlines()))
     ttft = [row for row in stats if row["Type"] == "TTFT"]
-    assert ttft and 0 < int(ttft[0]["Request Count"]) <= len(records)
+    assert ttft and 0 < sum(int(row["Request Count"]) for row in ttft) <= len(records)
+    assert {row["Name"] for row in ttft} <= {"alpha", "beta"}  # a row per adapter
+
+
+def test_open_loop_locust_in_its_web_ui_shows_tokens_per_second_per_kind(
+    hf_engine, registry_for, tmp_path
+):
+    from conftest import LiveServer
+
+    from engine.api import create_api
+
+    live = LiveServer(create_api(hf_engine, registry_for))
+    web_port = free_port()
+    cmd = [
+        sys.executable, "-m", "locust", "-f", "loadtest/", "--autostart", "-u", "1", "-r", "1",
+        "-t", "8s", "--autoquit", "30", "--web-host", "127.0.0.1", "--web-port", str(web_port),
+        "--host", live.url, "--arrival-rate", "2", "--rows", "kind", "--adapters", "1",
+        "--prompt-words", "5", "--output-tokens", "3", "--raw-out", str(tmp_path / "raw.jsonl"),
+        "--csv", str(tmp_path / "run"), "--stop-timeout", "20",
+    ]  # fmt: skip
+    locust = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    tokens = []
+    try:
+        while locust.poll() is None and not any(row["tokens"] for row in tokens):
+            time.sleep(0.5)
+            try:
+                stats = requests.get(f"http://127.0.0.1:{web_port}/stats/requests", timeout=5)
+            except requests.ConnectionError:
+                continue
+            extended = stats.json().get("extended_stats", [])
+            tokens = [row for table in extended for row in table["data"] if row["name"] == "lora"]
+        locust.wait(timeout=120)
+    finally:
+        locust.kill()
+        live.stop()
+    assert tokens and tokens[0]["tokens"] > 0, locust.stderr.read()[-2000:]
+    stats = list(csv.DictReader((tmp_path / "run_stats.csv").open()))
+    assert {row["Name"] for row in stats if row["Type"] == "E2E"} == {"lora"}
+    records = [json.loads(line) for line in (tmp_path / "raw.jsonl").read_text().splitlines()]
+    assert records and all(r["ok"] and r["model"] == "alpha" for r in records)
 
 
 def test_sweep_over_a_2x2_grid_on_a_tiny_synthetic_model_writes_everything(tmp_path):
@@ -117,6 +165,9 @@ def test_sweep_over_a_2x2_grid_on_a_tiny_synthetic_model_writes_everything(tmp_p
     for name in ("ttft_vs_adapters.png", "throughput_vs_adapters.png"):
         assert (out / name).stat().st_size > 5_000
     assert "Recommendation" in (out / "summary.md").read_text()
+    locust_rows = list(csv.DictReader((out / "raw" / "u2-a2_stats.csv").open()))
+    assert {row["Name"] for row in locust_rows if row["Type"] == "TTFT"} <= {"lora-000", "lora-001"}
+    assert (out / "raw" / "u2-a2.html").stat().st_size > 10_000
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert again.stdout.count("done already (resume)") == 6
 
