@@ -297,3 +297,20 @@ def test_peer_drives_a_launched_server_in_pairs_after_checking_its_adapter_names
     assert list(only["points"]) == ["http-base", "http-adapters"]
     assert all(p["output_throughput"] > 0 for p in only["points"].values())
     assert results["summary"]["u2-a2"]["ratios"]["adapters_over_base_tok_s_http"]["n"] == 1
+
+
+def test_structured_overhead_runs_both_modes_in_pairs_and_every_schema_answer_is_json(tmp_path):
+    from loadtest import structured
+
+    out = tmp_path / "structured"
+    structured.main(["--streams", "1,2", "--pairs", "2", "--out", str(out)])
+    result = json.loads((out / "results.json").read_text())
+    assert [p["streams"] for p in result["points"]] == [1, 2]
+    for point in result["points"]:
+        assert [list(run) for run in point["pairs"]] == [["free", "schema"], ["schema", "free"]]
+        for run in point["pairs"]:
+            assert run["schema"]["json_answers"] == point["streams"]
+            assert all(run[m]["completion_tokens"] > 0 for m in structured.MODES)
+        assert point["decode_ratio"]["min"] <= point["decode_ratio"]["median"] > 0
+    assert "| 2 |" in (out / "results.md").read_text()
+    assert (out / "overhead.png").stat().st_size > 10_000
