@@ -158,9 +158,14 @@ async def evaluate_interleaved(
     engine, runs: list[TaskRun], batch: int, timeout: float = 900
 ) -> list[dict]:
     """Every task's base and adapter requests dealt out in turn, so each batch mixes all the
-    adapters and the base (the shipped serving case: many adapters in one batch)."""
+    adapters and the base (the shipped serving case: many adapters in one batch). The base
+    answers a task once, however many adapters are scored on it."""
     started = time.perf_counter()
-    lists = [r.base for r in runs] + [r.tuned for r in runs]
+    base_of: dict[str, int] = {}
+    for run in runs:
+        base_of.setdefault(run.task.name, len(base_of))
+    firsts = {run.task.name: run for run in reversed(runs)}
+    lists = [firsts[name].base for name in base_of] + [r.tuned for r in runs]
     dealt = [
         (i, j) for j in range(max(map(len, lists))) for i in range(len(lists)) if j < len(lists[i])
     ]
@@ -169,7 +174,10 @@ async def evaluate_interleaved(
     for (i, j), completion in zip(dealt, done, strict=True):
         answers[i][j] = completion
     seconds = time.perf_counter() - started
-    return [run.report(answers[k], answers[len(runs) + k], seconds) for k, run in enumerate(runs)]
+    return [
+        run.report(answers[base_of[run.task.name]], answers[len(base_of) + k], seconds)
+        for k, run in enumerate(runs)
+    ]
 
 
 def markdown_table(results: list[dict], training: dict[str, dict]) -> str:

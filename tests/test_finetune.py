@@ -237,3 +237,27 @@ def test_class_recall_counts_each_class_from_stored_outputs(tmp_path):
     counts = class_recall.recall(tmp_path, "spam", first=6)
     assert counts["ham"] == (targets.count("ham"), targets.count("ham"))
     assert counts.get("spam", (0, 0)) == (0, targets.count("spam"))
+
+
+def test_interleaved_evaluation_asks_the_base_once_per_task_for_many_adapters(hf_engine):
+    import asyncio
+
+    from finetune.evaluate import TaskRun, evaluate_interleaved
+
+    asked = []
+
+    class Counting:
+        async def generate(self, requests):
+            asked.extend(r.adapter for r in requests)
+            return await hf_engine.generate(requests)
+
+    task = TASKS["sentiment"]
+    runs = [TaskRun.build(task, name, None, 3, False) for name in ("alpha", "beta")]
+    for request in [r for run in runs for r in run.base + run.tuned]:
+        request.params.max_tokens = 4
+    results = asyncio.run(evaluate_interleaved(Counting(), runs, batch=8))
+    assert sorted(asked, key=str) == sorted([None] * 3 + ["alpha"] * 3 + ["beta"] * 3, key=str)
+    assert [r["adapter"] for r in results] == ["alpha", "beta"]
+    assert results[0]["base"] == results[1]["base"]
+    base_ids = [[o["ids"] for o in r["outputs"] if o["model"] == "base"] for r in results]
+    assert base_ids[0] == base_ids[1] and len(base_ids[0]) == 3

@@ -327,3 +327,50 @@ def test_unknown_adapter_names_are_refused_before_any_work(registry_file, tmp_pa
             str(tmp_path / "x"),
         )
     assert not (tmp_path / "x").exists()
+
+
+def run_dir(root: Path, name: str, rows: list[tuple]) -> Path:
+    """An evaluate output folder: (task, adapter, n, base accuracy, adapter accuracy) rows."""
+    results = [
+        {"task": t, "adapter": a, "metric": "accuracy", "n": n,
+         "base": {"accuracy": b}, "finetuned": {"accuracy": f}}
+        for t, a, n, b, f in rows
+    ]  # fmt: skip
+    (root / name).mkdir()
+    (root / name / "quality.json").write_text(json.dumps({"results": results}))
+    return root / name
+
+
+def test_merge_report_gives_each_merge_the_share_of_each_tasks_lift_it_keeps(tmp_path):
+    from finetune import merge_report
+
+    own = run_dir(tmp_path, "own", [("spam", "spam", 50, 0.5, 0.9), ("news", "news", 50, 0.2, 0.6)])
+    merged = run_dir(
+        tmp_path,
+        "merged",
+        [("spam", "m-a", 50, 0.5, 0.86), ("news", "m-a", 50, 0.2, 0.54),
+         ("spam", "m-b", 50, 0.5, 0.3), ("news", "m-b", 50, 0.25, 0.6)],
+    )  # fmt: skip
+    merge_report.main(["--own", str(own), "--merged", str(merged), "--out", str(tmp_path / "r")])
+    report = json.loads((tmp_path / "r" / "merges.json").read_text())
+    kept = {
+        m: {t: round(c["kept"], 3) for t, c in cells.items()}
+        for m, cells in report["merged"].items()
+    }
+    assert kept == {"m-a": {"spam": 0.9, "news": 0.85}, "m-b": {"spam": -0.5, "news": 1.0}}
+    text = (tmp_path / "r" / "merges.md").read_text()
+    assert "| m-a | 0.860 (90%) | 0.540 (85%) | 85% |" in text
+    assert "keep ≥ 80% of the lift on every task it was scored on: m-a." in text
+    assert "news (0.200, 0.250)" in text  # the base moved in the merged run: said
+    assert (tmp_path / "r" / "lift_kept.png").stat().st_size > 10_000
+
+
+def test_merge_report_refuses_runs_over_different_examples(tmp_path):
+    from finetune import merge_report
+
+    own = run_dir(tmp_path, "own", [("spam", "spam", 50, 0.5, 0.9)])
+    merged = run_dir(tmp_path, "merged", [("spam", "m-a", 40, 0.5, 0.8)])
+    with pytest.raises(SystemExit, match="spam: 40 examples here, 50 in --own"):
+        merge_report.main(
+            ["--own", str(own), "--merged", str(merged), "--out", str(tmp_path / "r")]
+        )
