@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from engine import GenerationRequest, SamplingParams, build_engine
 from engine.api import create_api
 from engine.api.server import run_server
-from engine.interface import Chunk, Engine, EngineError
+from engine.interface import Chunk, Engine, EngineError, collect
 from engine.registry import (
     BASE_MODEL_ALIAS,
     AdapterSpec,
@@ -142,9 +142,10 @@ async def side_by_side(source, adapter: str, text: str, params: SamplingParams):
             task.cancel()
 
 
-async def every_adapter(engine: Engine, catalog: Catalog, text: str) -> list[list]:
+async def every_adapter(source, catalog: Catalog, text: str) -> list[list]:
     """One input through every adapter (each filling its own template) and the base, in one
-    batch: each answer with its TTFT and the probability the model gave it."""
+    batch: each answer with its TTFT and the probability the model gave it. ``source.stream``
+    as in ``stream_pair``."""
     models = [*catalog.names(), None]
     requests = []
     for name in models:
@@ -154,11 +155,16 @@ async def every_adapter(engine: Engine, catalog: Catalog, text: str) -> list[lis
         requests.append(
             GenerationRequest(name, messages=[{"role": "user", "content": content}], params=params)
         )
-    done = await engine.generate(requests)
+    done = await asyncio.gather(*(collect(source.stream(r), r) for r in requests))
     return [
-        [name or BASE_MODEL_ALIAS, c.text.strip(), f"{c.timings.ttft_s * 1000:.0f}", confidence(c)]
+        [name or BASE_MODEL_ALIAS, c.text.strip(), ttft_ms(c), confidence(c)]
         for name, c in zip(models, done)
     ]
+
+
+def ttft_ms(completion) -> str:
+    ttft = completion.timings.ttft_s
+    return "—" if ttft is None else f"{ttft * 1000:.0f}"
 
 
 def confidence(completion) -> str:
@@ -317,7 +323,7 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
                 if not text or not text.strip():
                     raise gr.Error("Type an input first.")
                 try:
-                    return await every_adapter(engine, catalog, text)
+                    return await every_adapter(source, catalog, text)
                 except EngineError as err:
                     raise gr.Error(str(err)) from err
 

@@ -307,17 +307,7 @@ class Engine(ABC):
             raise AdapterNotFoundError(name, self.adapters())
 
     async def complete(self, request: GenerationRequest) -> Completion:
-        parts: list[Chunk] = [chunk async for chunk in self.stream(request)]
-        last = parts[-1]
-        logprobs = [lp for p in parts for lp in p.logprobs or []]
-        return Completion(
-            text="".join(p.text for p in parts),
-            token_ids=[t for p in parts for t in p.token_ids],
-            finish_reason=last.finish_reason or "stop",
-            usage=last.usage or Usage(0, 0),
-            timings=last.timings or Timings(0.0, None, 0.0, None),
-            logprobs=logprobs if request.params.logprobs is not None else None,
-        )
+        return await collect(self.stream(request), request)
 
     async def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         """Run a batch concurrently; the backend batches the rows together."""
@@ -337,3 +327,18 @@ class Engine(ABC):
             "adapters": self.adapters(),
             **self.stats(),
         }
+
+
+async def collect(chunks: AsyncIterator[Chunk], request: GenerationRequest) -> Completion:
+    """The whole answer of one request from its stream of chunks."""
+    parts: list[Chunk] = [chunk async for chunk in chunks]
+    last = parts[-1]
+    logprobs = [lp for p in parts for lp in p.logprobs or []]
+    return Completion(
+        text="".join(p.text for p in parts),
+        token_ids=[t for p in parts for t in p.token_ids],
+        finish_reason=last.finish_reason or "stop",
+        usage=last.usage or Usage(0, 0),
+        timings=last.timings or Timings(0.0, None, 0.0, None),
+        logprobs=logprobs if request.params.logprobs is not None else None,
+    )

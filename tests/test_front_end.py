@@ -239,6 +239,40 @@ def test_a_step_failing_outside_its_rows_ends_them_and_the_worker_serves_on(hf_e
     assert asyncio.run(hf_engine.health())["ok"] is True
 
 
+def test_a_step_that_never_ends_makes_health_fail_and_serving_resumes_after_it(hf_engine):
+    """A wedged worker (here: a step blocked on an event) is reported by /health once the step
+    has run past the limit, instead of the engine looking busy and healthy forever."""
+    import threading
+
+    from engine.backends import hf
+    from engine.interface import EngineError, GenerationRequest, SamplingParams
+
+    release, entered, merge = threading.Event(), threading.Event(), hf.merge_batches
+
+    def wedged(*args):
+        entered.set()
+        release.wait(60)
+        return merge(*args)
+
+    async def scenario():
+        request = GenerationRequest(prompt="Hi", params=SamplingParams(max_tokens=2))
+        answer = asyncio.ensure_future(hf_engine.complete(request))
+        await asyncio.to_thread(entered.wait, 60)
+        await asyncio.sleep(0.2)
+        with pytest.raises(EngineError, match="one generation step has run for"):
+            await hf_engine.health()
+        release.set()
+        assert (await answer).usage.completion_tokens > 0
+
+    hf.merge_batches, limit, hf.STALLED_AFTER_S = wedged, hf.STALLED_AFTER_S, 0.1
+    try:
+        asyncio.run(scenario())
+    finally:
+        hf.merge_batches, hf.STALLED_AFTER_S = merge, limit
+        release.set()
+    assert asyncio.run(hf_engine.health())["ok"] is True
+
+
 def test_an_abort_while_a_request_is_being_admitted_ends_it(hf_engine):
     """A constrained request compiles its grammar off the loop before joining the batch; an
     abort (drain or unload deadline) then ends it instead of being lost."""

@@ -85,6 +85,7 @@ CASES = [
     ("logit_bias-out-of-vocab", "POST", CHAT, chat(logit_bias={"99999999": 1}), {}, 400, "logit_bias"),
     ("fanout-one-model-two-names", "POST", CHAT, chat(model="fanout", models=["alpha", "base:alpha"]), {}, 400, "models"),
     ("generations-over-the-limit", "POST", DONE, completion(prompt=["a"] * 16, n=16), {}, 400, "n"),
+    ("prompts-over-the-limit", "POST", DONE, completion(prompt=["a"] * 65), {}, 400, "prompt"),
     ("logit_bias-not-token-id", "POST", CHAT, chat(logit_bias={"hello": 5}), {}, 400, "logit_bias"),
     ("logit_bias-out-of-range", "POST", CHAT, chat(logit_bias={"5": 101}), {}, 400, "logit_bias"),
     ("logit_bias-list", "POST", CHAT, chat(logit_bias=[1, 2]), {}, 400, "logit_bias"),

@@ -21,9 +21,16 @@ from engine.backends.sglang import (
     engine_kwargs,
     finish_reason,
     grace_left,
+    refusals_as_400,
     sampling_params,
 )
-from engine.interface import EngineError, GenerationRequest, RequestEndedError, SamplingParams
+from engine.interface import (
+    EngineError,
+    GenerationRequest,
+    InvalidRequestError,
+    RequestEndedError,
+    SamplingParams,
+)
 from engine.registry import SGLangSettings
 
 
@@ -180,6 +187,60 @@ def test_an_abort_or_unload_during_tokenization_ends_the_request_before_sglang_s
             await waiting[1]
         await unloading
         assert fake.generated == [] and engine.streams_on["a"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_an_abort_before_sglang_knows_the_request_id_still_ends_the_stream():
+    """SGLang drops an abort for an id it has not registered; the stream checks its own."""
+
+    async def scenario():
+        fake = FakeSGLang()
+        fake.tokenizer_manager.abort_request = lambda rid: None  # an id it does not know yet
+        engine = backend_over(fake, three_ids)
+        request = GenerationRequest(adapter="a", prompt="hi", params=SamplingParams(max_tokens=50))
+        stream = engine.stream(request)
+        await anext(stream)
+        engine.abort(request.request_id, "ended by the drain")
+
+        async def drain():
+            async for _ in stream:
+                pass
+
+        with pytest.raises(RequestEndedError, match="drain"):
+            await asyncio.wait_for(drain(), 30)
+        assert engine.streams_on["a"] == 0 and not engine.aborted
+
+    asyncio.run(scenario())
+
+
+def test_sglang_refusing_a_request_is_a_400_and_other_errors_are_not():
+    async def refused(**_):
+        async def outputs():
+            raise ValueError("top_k must be -1 or positive")
+            yield
+
+        return outputs()
+
+    async def scenario():
+        fake = FakeSGLang()
+        engine = backend_over(fake, three_ids)
+        fake.async_generate = refused
+        with pytest.raises(InvalidRequestError, match="SGLang refused the request: top_k"):
+            await engine.complete(GenerationRequest(adapter="a", prompt="hi"))
+
+        async def fails_later():
+            async def outputs():
+                yield {"output_ids": [7], "text": "x", "meta_info": {}}
+                raise ValueError("a bug after the start")
+
+            return outputs()
+
+        seen = []
+        with pytest.raises(ValueError, match="a bug after the start"):
+            async for out in refusals_as_400(fails_later()):
+                seen.append(out)
+        assert len(seen) == 1
 
     asyncio.run(scenario())
 

@@ -301,6 +301,7 @@ class Api:
             raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
+        check_choice_count(body)
         requests = []
         for model, adapter in await self.targets(body):
             spec = self.spec(adapter)
@@ -308,7 +309,7 @@ class Api:
             messages = self.chat_messages(body, spec)
             request = GenerationRequest(adapter=adapter, messages=messages, params=params)
             requests += [(model, r) for r in self.copies(request, body.n)]
-        return within_choice_limit(requests)
+        return requests
 
     def chat_messages(self, body: ChatBody, spec: AdapterSpec | None) -> list[dict]:
         """The engine's messages, with the adapter's prompt template filled (unless ``raw``)."""
@@ -354,6 +355,7 @@ class Api:
             raise invalid("echo with logprobs is not supported (no prompt logprobs)", "echo")
         if body.echo and any(isinstance(p, list) for p in prompts):
             raise invalid("echo needs text prompts, not token ids", "echo")
+        check_choice_count(body, len(prompts))
         requests = []
         for model, adapter in await self.targets(body):
             params = self.sampling(body, self.spec(adapter), body.max_tokens, body.logprobs)
@@ -366,7 +368,7 @@ class Api:
                     params=params,
                 )
                 requests += [(model, r) for r in self.copies(request, body.n)]
-        return within_choice_limit(requests)
+        return requests
 
     async def run(self, request: GenerationRequest, timer: RequestTimer) -> AsyncIterator[Chunk]:
         """Engine stream with metrics; closing it cancels the generation."""
@@ -441,13 +443,16 @@ class Api:
         sources = {a: self.engine.adapter_paths[a] for a in body.adapters}
         t0 = time.perf_counter()
         self.merging.add(body.name)
+        merging = asyncio.ensure_future(asyncio.to_thread(
+            merger, self.engine.base_dir, sources, body.method, body.weights, body.density,
+            out, body.svd_rank, progress=log.info,
+        ))  # fmt: skip
         try:
-            await asyncio.to_thread(
-                merger, self.engine.base_dir, sources, body.method, body.weights, body.density,
-                out, body.svd_rank, progress=log.info,
-            )  # fmt: skip
+            await asyncio.shield(merging)
             await self.engine.load_adapter(body.name, str(out), self.limits.max_adapter_rank)
         except BaseException as err:
+            with contextlib.suppress(BaseException):  # a thread cannot be stopped: let it end
+                await merging
             shutil.rmtree(out, ignore_errors=True)
             if isinstance(err, ValueError | AdapterLoadError):
                 raise invalid(f"cannot merge: {err}", "adapters", 422) from err
@@ -489,13 +494,18 @@ class Api:
             raise OpenAIError(503, "the server is shutting down", "server_error")
 
 
-def within_choice_limit(requests: list) -> list:
-    if len(requests) > MAX_CHOICES:
+def check_choice_count(body: SamplingFields, prompts: int = 1) -> None:
+    """At most ``MAX_CHOICES`` generations (models × prompts × n), checked before any adapter is
+    loaded on first use; the error names the field that multiplies."""
+    models = len(body.models) if body.models else 1
+    count = models * prompts * body.n
+    if count > MAX_CHOICES:
+        param = "n" if body.n > 1 else "models" if models > 1 else "prompt"
         raise invalid(
-            f"{len(requests)} generations asked (models × prompts × n); at most {MAX_CHOICES}",
-            "n",
+            f"{count} generations asked (models {models} × prompts {prompts} × n {body.n}); "
+            f"at most {MAX_CHOICES}",
+            param,
         )
-    return requests
 
 
 def completion_prompts(prompt) -> list[str | list[int]]:
@@ -738,6 +748,14 @@ def whole_response(
     return {**writer.head, "object": kind, "choices": choices, "usage": usage_dict(usage)}
 
 
+def text_length(chunk: Chunk) -> int:
+    """Characters a chunk moves ``text_offset`` by: its tokens' texts where logprobs are on (as
+    the non-streamed answer counts them), else its text."""
+    if chunk.logprobs is not None:
+        return sum(len(entry.text) for entry in chunk.logprobs)
+    return len(chunk.text)
+
+
 def encoded(writer: ChunkWriter, index: int, chunk: Chunk, offset: int) -> bytes | None:
     """One chunk's event; ``offset``: the characters of this choice sent before it (a
     completion's ``text_offset`` counts from the start of the choice's text)."""
@@ -768,7 +786,7 @@ async def stream_events(writer, firsts, streams, include_usage: bool, echo, n: i
             async for index, chunk in chunks:
                 if event := encoded(writer, index, chunk, offsets[index]):
                     yield event
-                offsets[index] += len(chunk.text)
+                offsets[index] += text_length(chunk)
                 if chunk.usage:
                     prompt_tokens += chunk.usage.prompt_tokens if index % n == 0 else 0
                     completion_tokens += chunk.usage.completion_tokens

@@ -139,13 +139,12 @@ class PromptTokenizer:
             self.pool = concurrent.futures.ProcessPoolExecutor(
                 1, context, initializer=load_worker_tokenizer, initargs=(self.base_dir,)
             )
-        loop = asyncio.get_running_loop()
+        pool, loop = self.pool, asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(
-                self.pool, worker_token_ids, request, self.chat_template
-            )
+            return await loop.run_in_executor(pool, worker_token_ids, request, self.chat_template)
         except concurrent.futures.process.BrokenProcessPool:
-            self.pool = None  # the next long prompt starts a fresh worker
+            if self.pool is pool:  # the next long prompt starts a fresh worker (once)
+                self.pool = None
             raise EngineError("the tokenizer worker stopped; send the request again") from None
 
     def close(self) -> None:

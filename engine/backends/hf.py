@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from .lora_batched import BatchedLora
 from .sample import Grammar, Grammars, adjusted, choose, logprob_entry
 
 log = logging.getLogger(__name__)
+STALLED_AFTER_S = 300.0  # one step (a prefill of a full batch included) never takes this long
 PEFT_BASE_ROW = "__base__"  # peft's adapter_names entry for a row that uses no adapter
 
 
@@ -187,6 +189,8 @@ class HFEngine(Engine):
         self.peak_running = 0
         self.generated_tokens = 0
         self.rebuilt = False
+        self.step_started: float | None = None
+        """When the step in progress began (None between steps): a stuck step shows in health."""
         self.worker = threading.Thread(target=self.run, name="hf-engine", daemon=True)
         self.worker.start()
         log.info("hf engine ready on %s with adapters %s", self.device, sorted(self.names))
@@ -269,7 +273,8 @@ class HFEngine(Engine):
             row = await self.admit_request(request)
         finally:
             self.admitting.discard(rid)
-        if (why := self.early_aborts.pop(rid, None)) is not None:
+            why = self.early_aborts.pop(rid, None)
+        if why is not None:
             row.cancelled = True
             raise RequestEndedError(why)
         self.rows[rid] = row
@@ -326,10 +331,14 @@ class HFEngine(Engine):
         return (self.batch.rows if self.batch else []) + self.pending
 
     async def health(self) -> dict:
-        """A dead worker is unhealthy; a busy one is healthy without a probe queued behind the
+        """A dead worker is unhealthy, and so is one whose step has run for more than
+        ``STALLED_AFTER_S``; a busy one that steps is healthy without a probe queued behind the
         users' requests; an idle one answers a one-token probe."""
         if not self.worker.is_alive():
             raise EngineError("the generation worker has stopped")
+        started = self.step_started
+        if started is not None and (running := time.monotonic() - started) > STALLED_AFTER_S:
+            raise EngineError(f"one generation step has run for {running:.0f} s")
         if self.batch is not None:
             return self.health_report(True)
         return await super().health()
@@ -363,12 +372,14 @@ class HFEngine(Engine):
                 if self.controls:
                     self.apply_controls()
                 fresh = self.take_pending()
+            self.step_started = time.monotonic()
             with torch.inference_mode():
                 try:
                     self.step(fresh)
                 except Exception as err:  # outside the per-row recovery: end them, keep serving
                     log.exception("generation step failed: ending %d rows", len(fresh))
                     self.fail_all(fresh, err)
+            self.step_started = None
 
     def fail_all(self, fresh: list[Row], err: Exception) -> None:
         for row in (self.batch.rows if self.batch else []) + fresh:

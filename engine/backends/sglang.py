@@ -15,7 +15,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 from ..constraints import grammar_problem
@@ -114,6 +114,22 @@ CUT_GRACE = 1.0
 abort and the unload from one queue, and unloading an adapter whose aborted request is still in
 the running batch kills its scheduler (``mem_pool.load_lora_weight_to_buffer``: ``assert
 lora_adapter is not None``; seen on the H200, an unload right after a cut stream)."""
+
+
+async def refusals_as_400(generating: Awaitable[AsyncIterator[dict]]) -> AsyncIterator[dict]:
+    """SGLang's output stream, with its own checks of a request (a ``ValueError`` from its
+    sampling-parameter validation, raised when the stream starts) as a 400; errors of the code
+    reading the stream are not its refusals and pass through."""
+    try:
+        outputs = aiter(await generating)
+        first = await anext(outputs, None)
+    except ValueError as err:
+        raise InvalidRequestError(f"SGLang refused the request: {err}") from err
+    if first is None:
+        return
+    yield first
+    async for out in outputs:
+        yield out
 
 
 def grace_left(cut_at: float | None, now: float, grace: float = CUT_GRACE) -> float:
@@ -395,17 +411,21 @@ class SGLangEngine(Engine):
         clock, tracker, finished = RequestClock(), DeltaTracker(self.tokenizer), False
         self.running += 1
         try:
-            outputs = await self.engine.async_generate(
-                input_ids=ids,
-                sampling_params=sampling_params(params, self.stop_ids, interval),
-                lora_path=request.adapter,
-                stream=True,
-                rid=request.request_id,
-                return_logprob=logprobs,
-                top_logprobs_num=params.logprobs or None,
+            outputs = refusals_as_400(
+                self.engine.async_generate(
+                    input_ids=ids,
+                    sampling_params=sampling_params(params, self.stop_ids, interval),
+                    lora_path=request.adapter,
+                    stream=True,
+                    rid=request.request_id,
+                    return_logprob=logprobs,
+                    top_logprobs_num=params.logprobs or None,
+                )
             )
             clock.start()  # handed to SGLang's scheduler; its queue is not visible from here
             async for out in outputs:
+                if (ended := self.aborted.pop(request.request_id, None)) is not None:
+                    raise ended  # an abort that came before SGLang knew the request id
                 meta = out.get("meta_info", {})
                 text, new_ids = tracker.update(out)
                 if new_ids:
@@ -423,8 +443,6 @@ class SGLangEngine(Engine):
                 timings = clock.timings(len(tracker.ids))
                 yield Chunk(text, new_ids, reason, usage, timings, entries)
                 return
-        except ValueError as err:  # SGLang's own checks of a request (its sampling params)
-            raise InvalidRequestError(f"SGLang refused the request: {err}") from err
         finally:
             self.running -= 1
             if not finished:
@@ -433,6 +451,8 @@ class SGLangEngine(Engine):
                     self.cut_at[request.adapter] = time.monotonic()
 
     def abort(self, request_id: str, why: str) -> None:
+        """Ends the request at its next output (SGLang drops an abort for an id it has not
+        registered yet, so the stream checks ``aborted`` too)."""
         self.aborted[request_id] = RequestEndedError(why or "the request was ended")
         self.engine.tokenizer_manager.abort_request(request_id)
 
