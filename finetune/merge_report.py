@@ -21,6 +21,7 @@ from pathlib import Path
 from loadtest.report import plt
 
 KEEP_GOAL = 0.8  # issue #18: keep at least 80 % of each task's lift
+MIN_LIFT_EXAMPLES = 3
 
 
 def read_results(run_dir: Path) -> list[dict]:
@@ -33,6 +34,13 @@ def score(result: dict, model: str) -> float:
 
 def task_references(own: list[dict], merged: list[dict]) -> dict[str, dict]:
     """Per task: its metric, example count, the base's score and its own adapter's."""
+    if not own:
+        raise SystemExit("--own holds no results")
+    tasks = [r["task"] for r in own]
+    if len(set(tasks)) != len(tasks):
+        raise SystemExit(
+            f"--own scores a task more than once: {sorted(tasks)} (one own adapter each)"
+        )
     refs = {
         r["task"]: {
             "metric": r["metric"],
@@ -55,8 +63,10 @@ def task_references(own: list[dict], merged: list[dict]) -> dict[str, dict]:
 
 
 def lift_kept(value: float, ref: dict) -> float | None:
+    """None where the own adapter's lift is under ``MIN_LIFT_EXAMPLES`` examples' worth (a share
+    of a lift that small is noise)."""
     lift = ref["own"] - ref["base"]
-    return (value - ref["base"]) / lift if lift > 0 else None
+    return (value - ref["base"]) / lift if lift * ref["n"] >= MIN_LIFT_EXAMPLES else None
 
 
 def table(own: list[dict], merged: list[dict]) -> dict:
@@ -71,7 +81,10 @@ def table(own: list[dict], merged: list[dict]) -> dict:
     return {"tasks": refs, "merged": rows}
 
 
-def worst_kept(cells: dict[str, dict]) -> float | None:
+def worst_kept(cells: dict[str, dict], tasks: list[str]) -> float | None:
+    """The smallest share kept; None unless the merge was scored on every task."""
+    if set(cells) != set(tasks):
+        return None
     kept = [c["kept"] for c in cells.values() if c["kept"] is not None]
     return min(kept) if kept else None
 
@@ -105,7 +118,7 @@ def markdown(report: dict, command: str) -> str:
                 row.append(f"{cell['score']:.3f}")
             else:
                 row.append(f"{cell['score']:.3f} ({cell['kept']:.0%})")
-        worst = worst_kept(cells)
+        worst = worst_kept(cells, tasks)
         lines.append(
             f"| {name} | " + " | ".join(row) + f" | {'—' if worst is None else f'{worst:.0%}'} |"
         )
@@ -120,9 +133,13 @@ def markdown(report: dict, command: str) -> str:
             )
             + "; shares use the own run's base.",
         ]
-    keepers = [n for n, c in report["merged"].items() if (worst_kept(c) or 0) >= KEEP_GOAL]
-    goal = f"≥ {KEEP_GOAL:.0%} of the lift on every task it was scored on"
-    lines += ["", f"Merges that keep {goal}: {', '.join(keepers) if keepers else 'none'}."]
+    keepers = [n for n, c in report["merged"].items() if (worst_kept(c, tasks) or 0) >= KEEP_GOAL]
+    goal = f"≥ {KEEP_GOAL:.0%} of the lift on every task"
+    lines += [
+        "",
+        f"No share where the own adapter's lift is under {MIN_LIFT_EXAMPLES} examples' worth.",
+        f"Merges that keep {goal}: {', '.join(keepers) if keepers else 'none'}.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -38,11 +38,13 @@ import gevent
 import requests
 from locust import HttpUser, LoadTestShape, constant, events, task
 from locust.exception import StopUser
+from urllib3 import PoolManager
 
 from loadtest.stats import WORDS, parse_range
 from loadtest.targets import SetupError, pick_models
 
 STATE: dict = {"adapters": [], "base": None, "weights": None, "lock": threading.Lock()}
+OPEN_LOOP_CONNECTIONS = 1024
 
 
 OPTIONS = [
@@ -231,17 +233,20 @@ class ChatUser(Streaming, HttpUser):
 
 
 class OpenLoopUser(Streaming, HttpUser):
-    """Open loop (``--arrival-rate R``): requests arrive as a Poisson process, R a second, whatever
-    the server's speed — each in its own greenlet; one such user drives them all (``-u 1``)."""
+    """Open loop (``--arrival-rate R``): requests arrive as a Poisson process, R a second in all,
+    whatever the server's speed — each in its own greenlet. With ``-u N`` each user sends R/N a
+    second (``-u 1`` is enough)."""
 
     abstract = True  # chosen by --arrival-rate (the init listener), not by default
     wait_time = constant(0)
+    pool_manager = PoolManager(maxsize=OPEN_LOOP_CONNECTIONS)  # one per request in flight
 
     @task
     def arrive(self):
         if not STATE.get("ready"):
             raise StopUser()
-        gevent.sleep(self.rng.expovariate(self.environment.parsed_options.arrival_rate))
+        users = max(1, self.environment.runner.user_count if self.environment.runner else 1)
+        gevent.sleep(self.rng.expovariate(self.environment.parsed_options.arrival_rate / users))
         gevent.spawn(self.one_request)
 
 

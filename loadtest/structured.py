@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine import build_engine
+from engine import build_engine, choose_backend
 from engine.registry import load_registry, with_overrides
 from finetune.data import load_split
 from finetune.evaluate import requests_for
@@ -94,8 +94,8 @@ async def measure(engine, spec, streams: list[int], pairs: int, max_tokens, prog
         for i, order in enumerate(pair_orders(pairs)):
             run = {mode: await measure_batch(engine, batches[mode]) for mode in order}
             runs.append(run)
-            free, schema = (run[m]["stream_decode_tok_s"] for m in MODES)
-            progress(f"{n} streams, pair {i + 1}/{pairs}: {free:.1f} → {schema:.1f} tok/s a stream")
+            free, schema = (number(run[m]["stream_decode_tok_s"]) for m in MODES)
+            progress(f"{n} streams, pair {i + 1}/{pairs}: {free} → {schema} tok/s a stream")
         points.append(
             {
                 "streams": n,
@@ -114,8 +114,14 @@ def fmt(s: dict, digits: int = 2) -> str:
     return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
 
 
-def mode_median(point: dict, mode: str, key: str) -> float:
-    return statistics.median(r[mode][key] for r in point["pairs"])
+def number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def mode_median(point: dict, mode: str, key: str) -> float | None:
+    """The median over the pairs; None where no pair measured it (every answer one token)."""
+    values = [r[mode][key] for r in point["pairs"] if r[mode][key] is not None]
+    return statistics.median(values) if values else None
 
 
 def markdown(result: dict) -> str:
@@ -137,8 +143,9 @@ def markdown(result: dict) -> str:
         schema = mode_median(p, "schema", "stream_decode_tok_s")
         json_free = mode_median(p, "free", "json_answers")
         json_schema = mode_median(p, "schema", "json_answers")
+        decode = f"{number(free)} → {number(schema)}"
         lines.append(
-            f"| {p['streams']} | {free:.1f} → {schema:.1f} | **{fmt(p['decode_ratio'])}** | "
+            f"| {p['streams']} | {decode} | **{fmt(p['decode_ratio'])}** | "
             f"{fmt(p['total_ratio'])} | {fmt(p['ttft_ratio'])} | "
             f"{json_free:.0f} / {json_schema:.0f} of {p['streams']} |"
         )
@@ -172,12 +179,13 @@ def run(args, command: str) -> dict:
         raise SystemExit(f"--adapter {args.adapter}: not in {args.config}")
     if TASKS[specs[args.adapter].task].response_format() is None:
         raise SystemExit(f"--adapter {args.adapter}: its task has no answer format")
-    if args.backend == "hf":  # every stream in one batch
+    backend = choose_backend(args.backend)
+    if backend == "hf":  # every stream in one batch
         overrides = [f"max_batch_size={max(args.streams)}", *args.set]
         registry.engine.hf = with_overrides(registry.engine.hf, overrides)
     else:
         registry.engine.sglang = with_overrides(registry.engine.sglang, args.set)
-    engine = build_engine(registry, backend=args.backend)
+    engine = build_engine(registry, backend=backend)
 
     async def everything() -> list:
         try:

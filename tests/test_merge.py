@@ -360,9 +360,22 @@ def test_merge_report_gives_each_merge_the_share_of_each_tasks_lift_it_keeps(tmp
     assert kept == {"m-a": {"spam": 0.9, "news": 0.85}, "m-b": {"spam": -0.5, "news": 1.0}}
     text = (tmp_path / "r" / "merges.md").read_text()
     assert "| m-a | 0.860 (90%) | 0.540 (85%) | 85% |" in text
-    assert "keep ≥ 80% of the lift on every task it was scored on: m-a." in text
+    assert "keep ≥ 80% of the lift on every task: m-a." in text
     assert "news (0.200, 0.250)" in text  # the base moved in the merged run: said
     assert (tmp_path / "r" / "lift_kept.png").stat().st_size > 10_000
+
+
+def test_merge_report_gives_no_share_of_a_tiny_lift_and_no_verdict_on_a_partial_row(tmp_path):
+    from finetune import merge_report
+
+    own = run_dir(
+        tmp_path, "own", [("spam", "spam", 50, 0.5, 0.54), ("news", "news", 50, 0.2, 0.6)]
+    )
+    merged = run_dir(tmp_path, "merged", [("spam", "m-a", 50, 0.5, 0.9)])
+    merge_report.main(["--own", str(own), "--merged", str(merged), "--out", str(tmp_path / "r")])
+    report = json.loads((tmp_path / "r" / "merges.json").read_text())
+    assert report["merged"]["m-a"]["spam"]["kept"] is None  # a lift of 2 examples of 50
+    assert "| m-a | 0.900 | — | — |" in (tmp_path / "r" / "merges.md").read_text()
 
 
 def test_merge_report_refuses_runs_over_different_examples(tmp_path):
