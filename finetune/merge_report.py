@@ -6,10 +6,12 @@ own adapter's, as the share of the own adapter's lift it keeps, ``(merged − ba
     python -m finetune.evaluate --config out/merges/merged.yaml --limit 100 --interleave \\
         --set base_weights='"fp16"' --adapter five-cat five-svd --out out/merge-eval/merged
     python -m finetune.merge_report --own out/merge-eval/own --merged out/merge-eval/merged \\
-        --out results/combine/merges
+        [more runs of merges …] --out results/combine/merges
 
-Both runs must score the same examples (the same ``--limit`` and split), so their base answers
-agree; the report says so or stops. Writes ``merges.json``, ``merges.md`` and ``lift_kept.png``.
+The runs must score the same examples (the same ``--limit`` and split; it stops otherwise). Where
+the base scored differently in a run of merges (fp16 batches may flip a rare greedy token), the
+report says so and uses the own run's base. Writes ``merges.json``, ``merges.md`` and
+``lift_kept.png``.
 """
 
 from __future__ import annotations
@@ -81,10 +83,8 @@ def table(own: list[dict], merged: list[dict]) -> dict:
     return {"tasks": refs, "merged": rows}
 
 
-def worst_kept(cells: dict[str, dict], tasks: list[str]) -> float | None:
-    """The smallest share kept; None unless the merge was scored on every task."""
-    if set(cells) != set(tasks):
-        return None
+def worst_kept(cells: dict[str, dict]) -> float | None:
+    """The smallest share kept over the tasks the merge was scored on."""
     kept = [c["kept"] for c in cells.values() if c["kept"] is not None]
     return min(kept) if kept else None
 
@@ -118,7 +118,7 @@ def markdown(report: dict, command: str) -> str:
                 row.append(f"{cell['score']:.3f}")
             else:
                 row.append(f"{cell['score']:.3f} ({cell['kept']:.0%})")
-        worst = worst_kept(cells, tasks)
+        worst = worst_kept(cells)
         lines.append(
             f"| {name} | " + " | ".join(row) + f" | {'—' if worst is None else f'{worst:.0%}'} |"
         )
@@ -133,7 +133,11 @@ def markdown(report: dict, command: str) -> str:
             )
             + "; shares use the own run's base.",
         ]
-    keepers = [n for n, c in report["merged"].items() if (worst_kept(c, tasks) or 0) >= KEEP_GOAL]
+    keepers = [
+        name
+        for name, cells in report["merged"].items()
+        if set(cells) == set(tasks) and (worst_kept(cells) or 0) >= KEEP_GOAL
+    ]
     goal = f"≥ {KEEP_GOAL:.0%} of the lift on every task"
     lines += [
         "",
@@ -169,13 +173,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--own", type=Path, required=True, help="evaluate's run of the own adapters"
     )
-    parser.add_argument("--merged", type=Path, required=True, help="evaluate's run of the merges")
+    parser.add_argument(
+        "--merged", type=Path, nargs="+", required=True, help="evaluate's runs of the merges"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    report = table(read_results(args.own), read_results(args.merged))
-    command = (
-        f"python -m finetune.merge_report --own {args.own} --merged {args.merged} --out {args.out}"
-    )
+    merged = [result for run in args.merged for result in read_results(run)]
+    report = table(read_results(args.own), merged)
+    runs = " ".join(map(str, args.merged))
+    command = f"python -m finetune.merge_report --own {args.own} --merged {runs} --out {args.out}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "merges.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "merges.md").write_text(markdown(report, command))
