@@ -89,6 +89,11 @@ def worst_kept(cells: dict[str, dict]) -> float | None:
     return min(kept) if kept else None
 
 
+def example_counts(refs: dict[str, dict]) -> str:
+    low, high = min(r["n"] for r in refs.values()), max(r["n"] for r in refs.values())
+    return str(low) if low == high else f"{low}–{high}"
+
+
 def markdown(report: dict, command: str) -> str:
     tasks = list(report["tasks"])
     refs = report["tasks"]
@@ -98,8 +103,7 @@ def markdown(report: dict, command: str) -> str:
         f"`{command}`",
         "",
         "Score on each task, and in brackets the share of the task's own adapter's lift over the "
-        f"base that the merge keeps. First {min(r['n'] for r in refs.values())}–"
-        f"{max(r['n'] for r in refs.values())} test examples per task.",
+        f"base that the merge keeps. First {example_counts(refs)} test examples per task.",
         "",
         "| adapter | "
         + " | ".join(f"{t} ({refs[t]['metric']})" for t in tasks)
