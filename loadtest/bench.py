@@ -61,7 +61,7 @@ from engine import GenerationRequest, SamplingParams, build_engine
 from engine.api import create_api
 from engine.registry import load_registry, with_overrides
 from loadtest.pairs import write_pairs
-from loadtest.procs import ChildrenMeter, CpuMeter, gpu_memory_mib
+from loadtest.procs import ChildrenMeter, CpuMeter, gpu_memory_mib, wait_for_peer
 from loadtest.report import (
     describe,
     evict_markdown,
@@ -226,18 +226,8 @@ async def http_point(options, users: int, adapters: int, raw: Path) -> dict:
 
 async def sync_with_peer(args, users: int) -> None:
     """Start this concurrency's rounds together with the other job (if it comes in time)."""
-    if users != args.sync_users:
-        return
-    if args.sync_mine:
-        Path(args.sync_mine).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.sync_mine).touch()
-    if not args.sync_theirs:
-        return
-    t0 = time.perf_counter()
-    while not Path(args.sync_theirs).exists() and time.perf_counter() - t0 < args.sync_timeout:
-        await asyncio.sleep(1)
-    seen = "appeared" if Path(args.sync_theirs).exists() else "did not appear: going on alone"
-    print(f"sync: {args.sync_theirs} {seen} after {time.perf_counter() - t0:.0f}s", flush=True)
+    if users == args.sync_users:
+        await asyncio.to_thread(wait_for_peer, args)
 
 
 def unhealthy(points: dict) -> list[str]:

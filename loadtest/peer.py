@@ -36,7 +36,7 @@ import requests
 from engine.base_model import resolve_base
 from engine.registry import SGLangSettings, load_registry, with_overrides
 from loadtest.pairs import write_pairs
-from loadtest.procs import ChildrenMeter, process_tree, start_server
+from loadtest.procs import ChildrenMeter, process_tree, start_server, wait_for_peer
 from loadtest.report import describe
 from loadtest.sweep import measure_point
 
@@ -135,20 +135,6 @@ def check_routing(host: str, model_format: str) -> dict:
     if seen["known_status"] != 200 or seen["base_status"] != 200:
         raise RuntimeError(f"the peer refused a model it lists: {seen}")
     return seen
-
-
-def wait_for_peer(args) -> None:
-    """Touch ``--sync-mine`` (ready), wait up to ``--sync-timeout`` for ``--sync-theirs``."""
-    if args.sync_mine:
-        Path(args.sync_mine).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.sync_mine).touch()
-    if not args.sync_theirs:
-        return
-    t0 = time.perf_counter()
-    while not Path(args.sync_theirs).exists() and time.perf_counter() - t0 < args.sync_timeout:
-        time.sleep(1)
-    seen = "appeared" if Path(args.sync_theirs).exists() else "did not appear: going on alone"
-    print(f"sync: {args.sync_theirs} {seen} after {time.perf_counter() - t0:.0f}s", flush=True)
 
 
 def warm_up(options, adapters: int, out: Path) -> None:

@@ -117,3 +117,17 @@ def gpu_memory_mib() -> int | None:
     ours = process_tree(os.getpid())
     rows = [line.split(",") for line in done.stdout.splitlines() if line.strip()]
     return sum(int(mib) for pid, mib in rows if int(pid) in ours)
+
+
+def wait_for_peer(args) -> None:
+    """Touch ``--sync-mine`` (ready), wait up to ``--sync-timeout`` for ``--sync-theirs``."""
+    if args.sync_mine:
+        Path(args.sync_mine).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.sync_mine).touch()
+    if not args.sync_theirs:
+        return
+    t0 = time.perf_counter()
+    while not Path(args.sync_theirs).exists() and time.perf_counter() - t0 < args.sync_timeout:
+        time.sleep(1)
+    seen = "appeared" if Path(args.sync_theirs).exists() else "did not appear: going on alone"
+    print(f"sync: {args.sync_theirs} {seen} after {time.perf_counter() - t0:.0f}s", flush=True)
