@@ -25,6 +25,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tiny_synth(out: Path, adapters: int) -> None:
+    """A CI-sized synthetic model with ``adapters`` random adapters and their registry."""
+    cmd = [sys.executable, "-m", "loadtest.synth", "--shape", "tiny", "--adapters", str(adapters)]
+    subprocess.run([*cmd, "--out", str(out)], check=True, cwd=ROOT, capture_output=True)
+
+
 def test_percentile_matches_linear_interpolation():
     assert percentile([1, 2, 3, 4], 50) == 2.5
     assert percentile([10], 99) == 10
@@ -142,11 +148,7 @@ def test_open_loop_locust_in_its_web_ui_shows_tokens_per_second_per_kind(
 
 def test_sweep_over_a_2x2_grid_on_a_tiny_synthetic_model_writes_everything(tmp_path):
     synth = tmp_path / "synth"
-    subprocess.run(
-        [sys.executable, "-m", "loadtest.synth", "--shape", "tiny", "--adapters", "2",
-         "--out", str(synth)],
-        check=True, cwd=ROOT, capture_output=True,
-    )  # fmt: skip
+    tiny_synth(synth, adapters=2)
     out = tmp_path / "sweep"
     cmd = [
         sys.executable, "-m", "loadtest.sweep", "--serve", str(synth / "adapters.yaml"),
@@ -174,11 +176,7 @@ def test_sweep_over_a_2x2_grid_on_a_tiny_synthetic_model_writes_everything(tmp_p
 
 def test_engine_bench_sweep_evict_soak_and_http_on_a_tiny_synthetic_model(tmp_path):
     synth, out = tmp_path / "synth", tmp_path / "bench"
-    subprocess.run(
-        [sys.executable, "-m", "loadtest.synth", "--shape", "tiny", "--adapters", "3",
-         "--out", str(synth)],
-        check=True, cwd=ROOT, capture_output=True,
-    )  # fmt: skip
+    tiny_synth(synth, adapters=3)
     cmd = [
         sys.executable, "-m", "loadtest.bench", "--config", str(synth / "adapters.yaml"),
         "--backend", "hf", "--plan", "sweep,evict,soak,http", "--adapters", "2", "--users", "3",
@@ -242,11 +240,7 @@ def test_http_ceiling_drives_the_real_locust_user_against_a_model_free_stream(ta
 
 def test_engine_bench_pairs_alternate_direct_and_http_rounds_on_a_tiny_model(tmp_path):
     synth, out = tmp_path / "synth", tmp_path / "bench"
-    subprocess.run(
-        [sys.executable, "-m", "loadtest.synth", "--shape", "tiny", "--adapters", "2",
-         "--out", str(synth)],
-        check=True, cwd=ROOT, capture_output=True,
-    )  # fmt: skip
+    tiny_synth(synth, adapters=2)
     theirs = tmp_path / "peer-ready"
     theirs.touch()  # the peer is there already: no wait
     cmd = [
@@ -277,11 +271,7 @@ def test_engine_bench_pairs_alternate_direct_and_http_rounds_on_a_tiny_model(tmp
 
 def test_peer_drives_a_launched_server_in_pairs_after_checking_its_adapter_names(tmp_path):
     synth, out = tmp_path / "synth", tmp_path / "peer"
-    subprocess.run(
-        [sys.executable, "-m", "loadtest.synth", "--shape", "tiny", "--adapters", "2",
-         "--out", str(synth)],
-        check=True, cwd=ROOT, capture_output=True,
-    )  # fmt: skip
+    tiny_synth(synth, adapters=2)
     cmd = [
         sys.executable, "-m", "loadtest.peer", "--launch", "ours", "--config",
         str(synth / "adapters.yaml"), "--port", "8795", "--users", "2", "--adapters", "2",
