@@ -287,15 +287,20 @@ async def constraint_check(engine, single: dict, reference: dict | None) -> dict
     return out
 
 
+def long_story(adapter: str) -> GenerationRequest:
+    """A stream that runs for 2000 tokens unless it is ended."""
+    return GenerationRequest(
+        adapter=adapter,
+        messages=[{"role": "user", "content": "Tell me a long story."}],
+        params=greedy(2000, ignore_eos=True),
+    )
+
+
 async def abort_check(engine) -> dict:
     """``engine.abort`` on a running stream: the stream ends with RequestEndedError."""
     from engine.interface import RequestEndedError
 
-    long = GenerationRequest(
-        adapter="beta",
-        messages=[{"role": "user", "content": "Tell me a long story."}],
-        params=greedy(2000, ignore_eos=True),
-    )
+    long = long_story("beta")
     stream = engine.stream(long)
     before = 0
     for _ in range(3):
@@ -401,11 +406,7 @@ async def settled_running(engine, seconds: float = 5) -> int:
 
 async def cancel_check(engine) -> dict:
     """Leave a long stream after 3 chunks; the engine aborts it and goes on serving."""
-    long = GenerationRequest(
-        adapter="alpha",
-        messages=[{"role": "user", "content": "Tell me a long story."}],
-        params=greedy(2000, ignore_eos=True),
-    )
+    long = long_story("alpha")
     stream = engine.stream(long)
     for _ in range(3):
         await stream.__anext__()
