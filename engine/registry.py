@@ -137,6 +137,46 @@ class ServerSettings(Strict):
     """Hot-loaded adapters of a higher LoRA rank are refused (422)."""
 
 
+class ClusterSettings(Strict):
+    """Several engine replicas behind sglang-router (``python -m engine.cluster``)."""
+
+    replicas: int = Field(1, ge=1)
+    """Engine replicas, one ``python -m engine.api`` process each, started together; requests
+    reach them through sglang-router."""
+    gpus_per_replica: int = Field(1, ge=1)
+    """GPUs each replica takes (``CUDA_VISIBLE_DEVICES``); ``tp_size`` × ``dp_size`` of the
+    SGLang settings must fit in them. Replica *i* gets GPUs *i*·n … *i*·n + n − 1 of
+    ``gpus``."""
+    gpus: list[int] | None = None
+    """The GPUs to share out; ``None`` = 0 … replicas × gpus_per_replica − 1. On the CPU
+    default no GPU is set and every replica runs on the CPU."""
+    policy: Literal["adapter_affinity", "round_robin", "cache_aware", "random"] = "adapter_affinity"
+    """sglang-router's policy. ``adapter_affinity`` is its ``manual`` policy keyed by the
+    ``X-SMG-Routing-Key`` header, which the app and the load test set to the adapter's name:
+    one adapter's requests stay on one replica while it is healthy (a request without the
+    header goes to a random replica). The others are sglang-router's policies of that name."""
+    hosts: list[str] | None = None
+    """Replicas already running elsewhere (``http://host:port`` each, started there with
+    ``python -m engine.api``): the router fronts these instead of starting local replicas."""
+
+    @model_validator(mode="after")
+    def enough_gpus(self) -> ClusterSettings:
+        wanted = self.replicas * self.gpus_per_replica
+        if self.gpus is not None and len(self.gpus) < wanted:
+            raise ValueError(
+                f"{self.replicas} replicas × {self.gpus_per_replica} GPUs need {wanted} GPUs, "
+                f"gpus lists {len(self.gpus)}"
+            )
+        if self.hosts is not None and len(self.hosts) != self.replicas:
+            raise ValueError(f"hosts lists {len(self.hosts)} replicas, replicas is {self.replicas}")
+        return self
+
+    def replica_gpus(self, index: int) -> list[int]:
+        gpus = self.gpus if self.gpus is not None else range(self.replicas * self.gpus_per_replica)
+        n = self.gpus_per_replica
+        return list(gpus[index * n : index * n + n])
+
+
 class EngineSpec(Strict):
     backend: Literal["auto", "sglang", "hf"] = "auto"
     """``auto`` picks SGLang when CUDA and sglang are present, else the CPU default (hf)."""
@@ -244,8 +284,20 @@ class Registry(Strict):
     """Backend choice and its settings."""
     server: ServerSettings = Field(default_factory=ServerSettings)
     """Limits of the HTTP API and the app."""
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    """Replicas behind sglang-router (``python -m engine.cluster``); one replica by default."""
     adapters: list[AdapterSpec] = Field(default_factory=list)
     """The adapters served at start."""
+
+    @model_validator(mode="after")
+    def replicas_fit_their_gpus(self) -> Registry:
+        sglang, cluster = self.engine.sglang, self.cluster
+        if cluster.replicas > 1 and sglang.tp_size * sglang.dp_size > cluster.gpus_per_replica:
+            raise ValueError(
+                f"cluster.gpus_per_replica ({cluster.gpus_per_replica}) < engine.sglang tp_size "
+                f"× dp_size ({sglang.tp_size * sglang.dp_size}): a replica needs that many GPUs"
+            )
+        return self
 
     def adapter(self, name: str) -> AdapterSpec:
         for spec in self.adapters:

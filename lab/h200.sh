@@ -20,6 +20,9 @@
 #                       peer         SGLang's launch_server on the 7B shape, the same 136
 #                                    adapters, the same Locust user, PEER_PAIRS rounds at 256
 #                       sql          RETRAIN_SQL=1 only: retrain the SQL adapter (default off)
+#   Both GPUs, job `router` (JOBS_X2=router): synth-many (520 adapters), router (loadtest.router:
+#                       two replicas behind sglang-router vs one, affinity vs round-robin, a
+#                       hot-load across replicas), structured-h200 (#17), first-use-7b (#18)
 #   One GPU (`nvidia-h200`): job `all` runs the steps one after the other on GPU 0, the 7B
 #   ones first, at 256 streams only, without the start barrier.
 #
@@ -33,7 +36,7 @@
 #   STEPS="peer" bash lab/h200.sh restart check   # ... with only these steps
 #   STEPS="parity-constrained" GPU=1 bash lab/h200.sh restart extra   # a step beside the jobs
 #
-# Knobs (environment of `start`/`restart`): PAIRS (3), PEER_PAIRS (3), USERS (512,256; one GPU:
+# Knobs (environment of `start`/`restart`): JOBS_X2 (ours check cpu), PAIRS (3), PEER_PAIRS (3), USERS (512,256; one GPU:
 # 256), DURATION (20 s a point, the first 5 s warm-up), MEM (0.7), SYNC_TIMEOUT (360 s),
 # RETRAIN_SQL (0), STEPS_OURS / STEPS_CHECK / STEPS_ALL (the step lists). Jobs run from a copy
 # of the repo in /tmp/repo (each call re-syncs the working tree) and write under /tmp/results.
@@ -45,7 +48,7 @@ RAW_LOGS=/tmp/logs-raw
 JOBS=/tmp/jobs
 LOCAL_DATA=${LORALAND_DATA:-$HOME/.cache/loraland/data}  # for `payload`, before the device paths
 LOCAL_CACHE=${LORALAND_CACHE:-$HOME/.cache/loraland}
-export PYTHONPATH=/tmp/site:/tmp/payload/gguf:/tmp/bnb LORALAND_CACHE=/tmp/cache
+export PYTHONPATH=/tmp/site:/tmp/payload/gguf:/tmp/bnb:/tmp/extra LORALAND_CACHE=/tmp/cache
 export LORALAND_DATA=/tmp/payload/data PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # the device page: NVLink multicast stays off, also for the processes started here
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -53,6 +56,7 @@ SYNTH=/tmp/synth7b
 CONSTRAINED_CPU=results/finetune/constrained-cpu
 STEPS_OURS_DEFAULT="bench-smoke synth pairs"
 STEPS_CHECK_DEFAULT="peer-smoke gpu-check parity parity-constrained peer full-evals sql-fresh merges sql"
+STEPS_ROUTER_DEFAULT="synth-many router structured-h200 first-use-7b"
 STEPS_ALL_DEFAULT="bench-smoke peer-smoke synth pairs peer gpu-check parity parity-constrained sql"
 
 # ---------------------------------------------------------------- transport (unchanged)
@@ -102,6 +106,9 @@ unpack() {
   python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/bundle/part3/*.whl 2>&1 | tail -2
   tar xzf /tmp/bundle/payload.tgz -C /tmp
   [ -d /tmp/payload/bnb ] && cp -r /tmp/payload/bnb /tmp/bnb
+  # sglang-router and what it imports beyond the runtime, last on PYTHONPATH (/tmp/extra)
+  [ -d /tmp/payload/wheels ] && python3 -m pip install -q --no-index --no-deps --target /tmp/extra \
+    /tmp/payload/wheels/*.whl 2>&1 | tail -2
   mkdir -p /tmp/cache/gguf && cp /tmp/payload/gguf/*.gguf /tmp/cache/gguf/ 2>/dev/null
   [ -d /tmp/payload/tokenizers ] && cp -r /tmp/payload/tokenizers /tmp/cache/
   rm -rf /tmp/repo && mkdir /tmp/repo && tar cf - --exclude=./.gpu . | tar xf - -C /tmp/repo
@@ -133,6 +140,9 @@ payload() {  # on the CPU machine: runtime parts + local caches, in chunks that 
     # the device has CUDA 13.0: the other CUDA builds are 140 MB of carry
     find "$work/payload/bnb" -name 'libbitsandbytes_cuda*.so' ! -name '*cuda130.so' -delete
   fi
+  (cd "$work" && pip download -q --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
+    --python-version 3.12 -d payload/wheels sglang-router==0.3.2 setproctitle aiohttp multidict \
+    yarl frozenlist aiosignal propcache aiohappyeyeballs) || return 1
   (cd "$work" && tar czf payload.tgz payload)
   tar cf "$work/bundle.tar" -C .gpu part1 part2 part3 -C "$work" payload.tgz
   local runtime_bytes
@@ -198,6 +208,31 @@ pairs() {  # our engine at its shipped defaults: only the batch slots and the me
   local rc=$?
   touch /tmp/sync/ours-256  # the peer need not wait for rounds that will not come
   return $rc
+}
+
+synth_many() {  # the Mistral-7B shape with 520 adapters: 512 served, the rest hot-loaded
+  [ -d "$SYNTH/adapters/lora-519" ] && return 0
+  python3 -m loadtest.synth --shape mistral-7b --adapters 520 --rank 8 --out "$SYNTH"
+}
+
+router() {  # #16: two replicas behind sglang-router vs one; adapter affinity vs round-robin
+  wait_file "$SYNTH/adapters.yaml" 600 || return 1
+  GPU=0 gpu_free; GPU=1 gpu_free
+  CUDA_VISIBLE_DEVICES=0,1 timeout 1500 python3 -m loadtest.router \
+    --config "$SYNTH/adapters.yaml" --set max_loras_per_batch=128 \
+    --set mem_fraction_static="${MEM:-0.7}" --users 512 --adapters 128 --many 512 \
+    --pairs "${PAIRS:-3}" --duration "${DURATION:-20}" --warmup 5 --out "$RESULTS/router"
+}
+
+structured_h200() {  # #17: what a JSON schema costs per decoded token on SGLang
+  gpu_free
+  timeout 600 python3 -m loadtest.structured --backend sglang --out "$RESULTS/structured-h200"
+}
+
+first_use_7b() {  # #18: TTFT of a 7B-shape adapter loaded by its first request
+  gpu_free
+  timeout 600 python3 -m loadtest.first_use --config "$SYNTH/adapters.yaml" --adapters 8 \
+    --out "$RESULTS/first-use-7b"
 }
 
 peer_smoke() {  # SGLang's own server with the peer's flags, on SmolLM2: flags, routing, Locust
@@ -334,6 +369,7 @@ job() {  # job NAME: its steps in order, on its GPU
   case "$name" in
     ours) export GPU=0 SYNC=1 USERS=${USERS:-512,256}; list=${STEPS:-${STEPS_OURS:-$STEPS_OURS_DEFAULT}} ;;
     check) export GPU=1 SYNC=1; list=${STEPS:-${STEPS_CHECK:-$STEPS_CHECK_DEFAULT}} ;;
+    router) export GPU=0 SYNC=0; list=${STEPS:-${STEPS_ROUTER:-$STEPS_ROUTER_DEFAULT}} ;;
     all) export GPU=0 SYNC=0 USERS=${USERS:-256}; list=${STEPS:-${STEPS_ALL:-$STEPS_ALL_DEFAULT}} ;;
     extra) export GPU=${GPU:-1} SYNC=0 USERS=${USERS:-256}; list=${STEPS:?STEPS=...} ;;
     cpu) export GPU="" SYNC=0; list=${STEPS:-build-merges cpu-targets} ;;
@@ -377,6 +413,8 @@ PY
     echo "PREFLIGHT FAILED: the Locust user has no --model-format"
   python3 -m loadtest.bench --help | grep -q -- --sync-theirs || echo "PREFLIGHT FAILED: bench"
   python3 -m loadtest.peer --help > /dev/null || echo "PREFLIGHT FAILED: loadtest.peer"
+  python3 -m sglang_router.launch_router --help > /dev/null 2>&1 ||
+    echo "PREFLIGHT FAILED: sglang_router: $(python3 -c 'import sglang_router.launch_router' 2>&1 | tail -1)"
   [ -f "$CONSTRAINED_CPU/outputs.jsonl" ] ||
     echo "PREFLIGHT: no $CONSTRAINED_CPU/outputs.jsonl: the constrained parity step will be skipped"
   echo "preflight done"
@@ -399,7 +437,8 @@ if check.exists():
     for key, value in report.items():
         if key.startswith("sglang_"):
             print(f"\n## gpu_check {key}: ok = {json.dumps(value.get('ok') or value.get('error'))}")
-for name in ["side-by-side/side-by-side.md", "ours/pairs/summary.md", "peer/summary.md",
+for name in ["router/summary.md", "structured-h200/results.md", "first-use-7b/first_use.md",
+             "side-by-side/side-by-side.md", "ours/pairs/summary.md", "peer/summary.md",
              "parity-shipped/parity.md", "parity-constrained/parity.md",
              "parity-shipped/sglang/quality.md", "parity-constrained/sglang/quality.md",
              "smoke/bench/pairs/summary.md", "smoke/peer/summary.md"]:
@@ -433,7 +472,7 @@ collect() {
     echo "== $log"; tr '\r' '\n' < "$log" | grep -v -e '^\s*$' -e "Received output" | tail -4 | cut -c1-240
   done
   grep -h -e "GPU CHECK" -e "PREFLIGHT" "$RAW_LOGS"/*.log 2>/dev/null
-  for j in ours check all extra cpu; do
+  for j in ours check all extra cpu router; do
     [ -f "$JOBS/$j.done" ] && echo "job $j: DONE"
     [ -f "$JOBS/$j.pgid" ] && [ ! -f "$JOBS/$j.done" ] && echo "job $j: still going"
   done
@@ -476,9 +515,7 @@ case "$ACTION" in
     python3 -m engine.base_model smollm2 2>&1 | tail -1  # before the jobs use it
     preflight
     if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-      launch ours
-      launch check
-      launch cpu
+      for j in ${JOBS_X2:-ours check cpu}; do launch "$j"; done
     else
       echo "one GPU: the steps run one after the other (job all)"
       launch all

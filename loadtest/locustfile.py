@@ -45,6 +45,9 @@ from loadtest.targets import SetupError, pick_models
 
 STATE: dict = {"adapters": [], "base": None, "weights": None, "lock": threading.Lock()}
 OPEN_LOOP_CONNECTIONS = 1024
+ROUTING_HEADER = "X-SMG-Routing-Key"
+"""Set to the model's name on every request: behind ``python -m engine.cluster`` with
+``adapter_affinity``, sglang-router keeps one adapter's requests on one replica."""
 
 
 OPTIONS = [
@@ -77,6 +80,13 @@ OPTIONS = [
         "a request's model for an adapter: {adapter} (ours) or {base}:{adapter} (SGLang's server)",
     ),
     ("--models", str, "", "comma list of adapters to use instead of /v1/models' (in this order)"),
+    (
+        "--models-from",
+        str,
+        "",
+        "a server whose /v1/models lists the adapters (default: --host); behind "
+        "python -m engine.cluster: its control API, the router's port + 1",
+    ),
     ("--rows", str, "model", "model (a row per model) | kind (rows lora and base)"),
     ("--arrival-rate", float, 0.0, "open loop: requests per second arriving (Poisson); 0 = closed"),
 ]
@@ -115,9 +125,10 @@ def choose_models(options, host: str) -> dict:
         )
     if not host:
         raise SetupError("no --host: the server's address, e.g. http://127.0.0.1:7860")
-    response = requests.get(host.rstrip("/") + "/v1/models", timeout=30)
+    listing = (options.models_from or host).rstrip("/") + "/v1/models"
+    response = requests.get(listing, timeout=30)
     if response.status_code != 200:
-        raise SetupError(f"GET {host}/v1/models answered {response.status_code}")
+        raise SetupError(f"GET {listing} answered {response.status_code}")
     return pick_models(options, response.json()["data"])
 
 
@@ -167,7 +178,12 @@ class Streaming:
         t0 = time.perf_counter()
         token_times, usage, error = [], None, None
         with self.client.post(
-            "/v1/chat/completions", json=body, stream=True, catch_response=True, name=label
+            "/v1/chat/completions",
+            json=body,
+            headers={ROUTING_HEADER: model},
+            stream=True,
+            catch_response=True,
+            name=label,
         ) as response:
             if response.status_code != 200:
                 error = f"HTTP {response.status_code}: {response.text[:200]}"

@@ -44,6 +44,10 @@ def run_point(args, users: int, adapters: int, raw: Path) -> list[dict]:
     ]  # fmt: skip
     if getattr(args, "models", ""):
         cmd += ["--models", args.models]
+    if getattr(args, "models_from", ""):
+        cmd += ["--models-from", args.models_from]
+    if getattr(args, "processes", 1) > 1:
+        cmd += ["--processes", str(args.processes)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         raise RuntimeError(f"locust failed at {point_key(users, adapters)}:\n{done.stderr[-2000:]}")

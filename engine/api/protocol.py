@@ -36,6 +36,17 @@ UNSUPPORTED = {
 }
 """OpenAI fields this server cannot honour: a request that sets one (other than to null, an
 empty list, or ``tool_choice: "none"``) gets a 400 naming it."""
+SGLANG_DEFAULTS = {
+    "no_stop_trim": False,
+    "continue_final_message": False,
+    "skip_special_tokens": True,
+    "separate_reasoning": True,
+    "stream_reasoning": True,
+    "return_hidden_states": False,
+}
+"""SGLang's extension fields at the values that ask for what this server does anyway.
+sglang-router writes them into every request it forwards (``engine.cluster``); at these values
+they are accepted, at any other a 400 names the field."""
 
 
 class OpenAIError(Exception):
@@ -77,6 +88,9 @@ def refuse_unsupported(body: dict) -> None:
             del body[name]
             continue
         raise invalid(f"{name}: {why}", name)
+    for name, default in SGLANG_DEFAULTS.items():
+        if name in body and body.pop(name) is not default:
+            raise invalid(f"{name}: only {json.dumps(default)} is supported", name)
     if body.get("best_of") not in (None, body.get("n", 1)):
         raise invalid("best_of: only best_of = n is supported (no server-side ranking)", "best_of")
 

@@ -670,6 +670,12 @@ def create_api(
         text = api.metrics.render(engine.stats())
         return Response(text, media_type="text/plain; version=0.0.4")
 
+    @app.get("/get_model_info")
+    async def model_info():
+        """SGLang's worker route, which sglang-router reads when it registers a replica."""
+        base = engine.base_model_id
+        return {"model_path": base, "served_model_name": base, "is_generation": True}
+
     @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     async def no_such_route(request: Request, rest: str):
         path = request.url.path

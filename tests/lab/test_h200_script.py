@@ -17,6 +17,7 @@ def command_words(text: str) -> set[str]:
     """The first word of each simple command (quoted strings, expansions and the embedded
     Python left out)."""
     text = re.sub(r"<<'PY'\n.*?\nPY\n", "\n", text, flags=re.S)
+    text = re.sub(r"\\\n\s*", " ", text)  # continued lines are one command
     words = set()
     for line in text.splitlines():
         line = re.sub(r"(^|\s)#.*$", "", line).strip()
@@ -34,7 +35,7 @@ def command_words(text: str) -> set[str]:
 def test_every_command_is_a_function_a_builtin_or_a_program():
     text = SCRIPT.read_text()
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
-    defined = set(re.findall(r"^([a-z_]+)\(\) \{", text, re.M))
+    defined = set(re.findall(r"^([a-z_][a-z0-9_]*)\(\) \{", text, re.M))
     shell = subprocess.run(["bash", "-c", "compgen -b; compgen -k"], capture_output=True, text=True)
     known = defined | set(shell.stdout.split()) | ON_THE_GPU_MACHINE_ONLY
     words = command_words(text)
@@ -46,16 +47,17 @@ def test_every_step_a_job_lists_is_a_function():
     """Steps are called by name (``step NAME`` runs ``NAME`` with - as _): a step whose function
     went missing would fail only on the GPU machine."""
     text = SCRIPT.read_text()
-    defined = set(re.findall(r"^([a-z_]+)\(\) \{", text, re.M))
+    defined = set(re.findall(r"^([a-z_][a-z0-9_]*)\(\) \{", text, re.M))
     lists = re.findall(r'^STEPS_\w+_DEFAULT="([^"]*)"', text, re.M)
-    assert len(lists) == 3
+    assert len(lists) == 4
     steps = {s for names in lists for s in names.split()}
-    assert {"bench-smoke", "pairs", "peer-smoke", "gpu-check", "parity", "peer"} <= steps
+    assert {"bench-smoke", "pairs", "peer-smoke", "gpu-check", "parity", "peer", "router"} <= steps
     assert sorted(s for s in steps if s.replace("-", "_") not in defined) == []
 
 
 def test_the_job_arms_and_gpus():
-    """Two GPUs: `ours` on GPU 0 and `check` on GPU 1 in parallel; one GPU: `all` on GPU 0."""
+    """Two GPUs: `ours` on GPU 0 and `check` on GPU 1 in parallel (or the jobs JOBS_X2 names,
+    e.g. `router` over both); one GPU: `all` on GPU 0."""
     text = SCRIPT.read_text()
     job = text[text.index("job() {") : text.index("launch() {")]
     assert re.search(r"ours\) export GPU=0 SYNC=1", job)
@@ -63,7 +65,8 @@ def test_the_job_arms_and_gpus():
     assert re.search(r"all\) export GPU=0 SYNC=0", job)
     assert "export CUDA_VISIBLE_DEVICES=$GPU" in job
     start = text[text.index("  start)") : text.index("  job) job")]
-    assert "launch ours" in start and "launch check" in start and "launch all" in start
+    assert "${JOBS_X2:-ours check cpu}" in start and "launch all" in start
+    assert re.search(r"router\) export GPU=0 SYNC=0", job)
 
 
 def test_every_background_action_is_handled():
