@@ -44,6 +44,10 @@ replica. Clients set it to the adapter's name for ``adapter_affinity``."""
 ROUTER_POLICY = {"adapter_affinity": "manual"}
 """``cluster.policy`` → sglang-router's ``--policy``; the others keep their names."""
 REPLICA_PORT_OFFSET = 10
+HEALTH_PROBE = "/get_model_info"
+"""What the router polls: a replica's ``/health`` runs a generation, which waits behind a busy
+batch for longer than the router's probe timeout (seen on the H200 at 256 streams a replica),
+and a replica marked unhealthy gets no traffic."""
 START_TIMEOUT_S = 1800.0
 
 
@@ -70,6 +74,7 @@ def router_command(urls: list[str], host: str, port: int, policy: str) -> list[s
         sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
         "--worker-urls", *urls, "--policy", ROUTER_POLICY.get(policy, policy),
         "--prometheus-host", host, "--prometheus-port", str(port + 2), "--log-level", "warn",
+        "--health-check-endpoint", HEALTH_PROBE,
     ]  # fmt: skip
     if policy == "adapter_affinity":
         cmd += ["--assignment-mode", "min_group"]  # a new adapter goes to the emptiest replica
@@ -91,16 +96,22 @@ def wait_until_up(url: str, process: subprocess.Popen | None, timeout_s: float) 
 
 
 def start_replicas(
-    registry: Registry, config: str, port: int, backend: str | None, on_gpu: bool
-) -> list[subprocess.Popen]:
-    cluster, replicas = registry.cluster, []
+    registry: Registry,
+    config: str,
+    port: int,
+    backend: str | None,
+    on_gpu: bool,
+    started: list[subprocess.Popen],
+) -> None:
+    """Start every replica at once, then wait for each; ``started`` holds them as they start
+    (the caller stops them whatever happens)."""
+    cluster = registry.cluster
     for i, url in enumerate(replica_urls(cluster, port)):
         cmd = replica_command(config, int(url.rsplit(":", 1)[1]), backend)
         log.info("replica %d on %s: %s", i, url, " ".join(cmd[1:]))
-        replicas.append(subprocess.Popen(cmd, env=replica_env(cluster, i, on_gpu)))
-    for url, process in zip(replica_urls(cluster, port), replicas, strict=True):
+        started.append(subprocess.Popen(cmd, env=replica_env(cluster, i, on_gpu)))
+    for url, process in zip(replica_urls(cluster, port), started, strict=True):
         wait_until_up(f"{url}/health", process, START_TIMEOUT_S)
-    return replicas
 
 
 def stop_all(processes: list[subprocess.Popen]) -> None:
@@ -275,22 +286,23 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     registry = load_registry(args.config)
     cluster = registry.cluster
-    on_gpu = args.backend != "hf" and has_gpu()
-    replicas = []
-    if cluster.hosts is None:
-        config = str(Path(args.config).resolve())
-        replicas = start_replicas(registry, config, args.port, args.backend, on_gpu)
     urls = replica_urls(cluster, args.port)
-    router_cmd = router_command(urls, args.host, args.port, cluster.policy)
-    router = subprocess.Popen(router_cmd)
     router_url = f"http://{args.host}:{args.port}"
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stop while starting stops all
+    started: list[subprocess.Popen] = []
     try:
+        if cluster.hosts is None:
+            config = str(Path(args.config).resolve())
+            on_gpu = args.backend != "hf" and has_gpu()
+            start_replicas(registry, config, args.port, args.backend, on_gpu, started)
+        router = subprocess.Popen(router_command(urls, args.host, args.port, cluster.policy))
+        started.insert(0, router)
         wait_until_up(f"{router_url}/readiness", router, 120)
         log.info("router on %s over %d replicas (%s)", router_url, len(urls), cluster.policy)
         app = create_control(urls, router_url)
         uvicorn.run(app, host=args.host, port=args.port + 1, log_level="warning")
     finally:
-        stop_all([router, *replicas])
+        stop_all(started)
 
 
 def has_gpu() -> bool:

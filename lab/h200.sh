@@ -221,7 +221,8 @@ router() {  # #16: two replicas behind sglang-router vs one; adapter affinity vs
   CUDA_VISIBLE_DEVICES=0,1 timeout 1500 python3 -m loadtest.router \
     --config "$SYNTH/adapters.yaml" --set max_loras_per_batch=128 \
     --set mem_fraction_static="${MEM:-0.7}" --users 512 --adapters 128 --many 512 \
-    --pairs "${PAIRS:-3}" --duration "${DURATION:-20}" --warmup 5 --out "$RESULTS/router"
+    --pairs "${PAIRS:-3}" --duration "${DURATION:-20}" --warmup 5 ${ROUTER_ARGS:-} \
+    --out "$RESULTS/${ROUTER_OUT:-router}"
 }
 
 structured_h200() {  # #17: what a JSON schema costs per decoded token on SGLang

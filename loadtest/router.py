@@ -48,6 +48,10 @@ def cluster_config(args, out: Path) -> tuple[Path, str | None]:
     path of an adapter left out, for the hot-load check."""
     source = Path(args.config).resolve()
     config = yaml.safe_load(source.read_text())
+    base = config.setdefault("base", {})
+    local_model = source.parent / str(base.get("model", ""))
+    if base.get("model") and local_model.exists():  # a folder beside the source registry
+        base["model"] = str(local_model.resolve())
     for entry in config["adapters"]:
         entry["path"] = str((source.parent / entry["path"]).resolve())
     spare = config["adapters"][args.many]["path"] if len(config["adapters"]) > args.many else None
@@ -126,6 +130,8 @@ def summarize(results: dict) -> dict:
     summary = {}
     for comparison, (low, high) in ARMS.items():
         rounds = [r for r in results["rounds"] if r["comparison"] == comparison]
+        if not rounds:
+            continue
         for metric in ("output_throughput", "ttft_p50"):
             pairs = [(r["points"][high].get(metric), r["points"][low].get(metric)) for r in rounds]
             ratios = [a / b for a, b in pairs if a and b]
@@ -216,7 +222,8 @@ def run(args) -> dict:
         warm = point_options(args, f"http://127.0.0.1:{args.port + 200}", control)
         warm.duration, warm.warmup = 10, 0
         measure_point(warm, min(args.users, 128), args.many, out / "raw" / "warm-up.jsonl")
-        for comparison, adapters in [("scale", args.adapters), ("affinity", args.many)]:
+        wanted = [("scale", args.adapters), ("affinity", args.many)]
+        for comparison, adapters in [c for c in wanted if c[0] in args.comparisons]:
             for number in range(1, args.pairs + 1):
                 arms = ARMS[comparison] if number % 2 else ARMS[comparison][::-1]
                 points = {}
@@ -265,6 +272,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=128, help="adapters in the scale rounds")
     parser.add_argument("--many", type=int, default=512, help="adapters in the affinity rounds")
     parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--comparisons", default="scale,affinity", type=lambda t: t.split(","))
     parser.add_argument("--duration", type=int, default=20, help="seconds per point")
     parser.add_argument("--warmup", type=float, default=5)
     parser.add_argument("--prompt-words", default="90-110")

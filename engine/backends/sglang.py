@@ -380,7 +380,7 @@ class SGLangEngine(Engine):
         self.check_adapter(request.adapter)
         self.streams_on[request.adapter] += 1
         try:
-            async with contextlib.aclosing(self.generate(request)) as chunks:
+            async with contextlib.aclosing(self.sglang_chunks(request)) as chunks:
                 async for chunk in chunks:
                     yield chunk
         finally:
@@ -403,7 +403,7 @@ class SGLangEngine(Engine):
         self.check_adapter(request.adapter)
         return ids
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def sglang_chunks(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         ids = await self.admit(request)
         params = request.params
         interval = adaptive_interval(self.running) if self.adaptive else None
