@@ -394,3 +394,14 @@ def test_a_request_dropped_after_the_loop_stopped_is_left_alone():
 
 def test_an_unknown_tokenizer_manager_is_left_alone():
     assert DroppedRequestRelease(object()).install() is False
+
+
+def test_the_engine_calls_keep_their_meaning_on_sglang():
+    """Engine's public calls are not redefined with another shape: ``generate`` (a batch →
+    completions, used by the evaluator and the benchmarks) was once shadowed by the backend's
+    per-request stream, and broke only on the GPU."""
+    from engine.backends.sglang import SGLangEngine
+    from engine.interface import Engine
+
+    for name in ("generate", "complete", "health", "check_adapter"):
+        assert getattr(SGLangEngine, name) is getattr(Engine, name), name
