@@ -195,6 +195,7 @@ def plot(results: dict, out: Path) -> None:
             values = [(r["points"][arm].get("output_throughput") or 0) / 1000 for r in rounds]
             ax.plot(range(1, len(values) + 1), values, marker="o", label=arm)
         ax.set_title(f"{comparison}: output tok/s per round")
+        ax.set_xticks(range(1, len(rounds) + 1))
         ax.set_xlabel("round")
         ax.set_ylabel("k tok/s")
         ax.set_ylim(bottom=0)
