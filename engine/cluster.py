@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from .registry import ClusterSettings, Registry, load_registry
+from .registry import SLUG, ClusterSettings, Registry, load_registry
 
 log = logging.getLogger("loraland.cluster")
 ROUTING_HEADER = "X-SMG-Routing-Key"
@@ -49,6 +50,8 @@ HEALTH_PROBE = "/get_model_info"
 batch for longer than the router's probe timeout (seen on the H200 at 256 streams a replica),
 and a replica marked unhealthy gets no traffic."""
 START_TIMEOUT_S = 1800.0
+MAX_ADMIN_BODY = 65_536
+"""An admin body is a name and a path; anything larger is refused before it is read whole."""
 
 
 def replica_urls(cluster: ClusterSettings, port: int) -> list[str]:
@@ -163,10 +166,11 @@ def summed_metrics(texts: list[str]) -> str:
 
 
 class Control:
-    """What the control API asks of the replicas."""
+    """What the control API asks of the replicas. Admin calls are checked here first (the same
+    ``LORALAND_ADMIN_TOKEN`` as the replicas'), so a refused one reaches no replica."""
 
-    def __init__(self, urls: list[str], router_url: str):
-        self.urls, self.router_url = urls, router_url
+    def __init__(self, urls: list[str], router_url: str, admin_token: str | None):
+        self.urls, self.router_url, self.admin_token = urls, router_url, admin_token or None
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0))
 
     async def each(self, method: str, path: str, **kwargs) -> list[httpx.Response | Exception]:
@@ -181,7 +185,7 @@ class Control:
         if not failed:
             loaded = answers[0].json()
             return JSONResponse(loaded | {"replicas": len(self.urls)})
-        name = adapter_name(body)
+        name = adapter_name(body)  # every replica accepted it: a slug
         undone = [i for i, a in enumerate(answers) if ok(a)]
         for i in undone:
             await self.client.delete(f"{self.urls[i]}/v1/adapters/{name}", headers=headers)
@@ -190,7 +194,7 @@ class Control:
         return relayed(answer, f"replica {index}", note)
 
     async def unload(self, name: str, headers: dict) -> JSONResponse:
-        answers = await self.each("DELETE", f"/v1/adapters/{name}", headers=headers)
+        answers = await self.each("DELETE", f"/v1/adapters/{name}", headers=headers)  # a slug
         failed = [(i, a) for i, a in enumerate(answers) if not ok(a)]
         if not failed:
             ended = sum(a.json().get("streams_ended", 0) for a in answers)
@@ -198,6 +202,14 @@ class Control:
         index, answer = failed[0]
         done = [i for i, a in enumerate(answers) if ok(a)]
         return relayed(answer, f"replica {index}", f"unloaded on replicas {done}" if done else "")
+
+    def refuse_admin(self, authorization: str) -> JSONResponse | None:
+        if self.admin_token is None:
+            message = "admin routes are off: start the cluster with LORALAND_ADMIN_TOKEN set"
+            return error(403, message, "permission_error")
+        if not hmac.compare_digest(authorization.encode(), f"Bearer {self.admin_token}".encode()):
+            return error(401, "admin token required", "authentication_error")
+        return None
 
 
 def ok(answer) -> bool:
@@ -229,8 +241,23 @@ def forward_headers(request: Request) -> dict:
     return {k: v for k, v in request.headers.items() if k.lower() in wanted}
 
 
-def create_control(urls: list[str], router_url: str) -> FastAPI:
-    control = Control(urls, router_url)
+async def admin_body(request: Request) -> bytes | JSONResponse:
+    """The body of an admin call, up to ``MAX_ADMIN_BODY`` bytes, else a 413."""
+    message = f"an admin body is at most {MAX_ADMIN_BODY} bytes"
+    too_large = error(413, message, "invalid_request_error")
+    declared = request.headers.get("content-length", "0")
+    if not declared.isdigit() or int(declared) > MAX_ADMIN_BODY:
+        return too_large
+    body = b""
+    async for part in request.stream():
+        body += part
+        if len(body) > MAX_ADMIN_BODY:
+            return too_large
+    return body
+
+
+def create_control(urls: list[str], router_url: str, admin_token: str | None = None) -> FastAPI:
+    control = Control(urls, router_url, admin_token)
     app = FastAPI(title="LoRA Land cluster control")
 
     async def from_first(path: str) -> Response:
@@ -262,10 +289,19 @@ def create_control(urls: list[str], router_url: str) -> FastAPI:
 
     @app.post("/v1/adapters")
     async def load_adapter(request: Request):
-        return await control.load(await request.body(), forward_headers(request))
+        if refused := control.refuse_admin(request.headers.get("authorization", "")):
+            return refused
+        body = await admin_body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        return await control.load(body, forward_headers(request))
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str, request: Request):
+        if refused := control.refuse_admin(request.headers.get("authorization", "")):
+            return refused
+        if not SLUG.match(name):
+            return error(404, f"adapter {name!r} is not loaded", "not_found_error", "name")
         return await control.unload(name, forward_headers(request))
 
     @app.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
@@ -299,7 +335,7 @@ def main() -> None:
         started.insert(0, router)
         wait_until_up(f"{router_url}/readiness", router, 120)
         log.info("router on %s over %d replicas (%s)", router_url, len(urls), cluster.policy)
-        app = create_control(urls, router_url)
+        app = create_control(urls, router_url, os.environ.get("LORALAND_ADMIN_TOKEN"))
         uvicorn.run(app, host=args.host, port=args.port + 1, log_level="warning")
     finally:
         stop_all(started)

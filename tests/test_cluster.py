@@ -203,3 +203,14 @@ def test_cluster_settings_check_their_rules(tmp_path, cluster_section, engine_se
     path.write_text(yaml.safe_dump({"cluster": cluster_section, "engine": engine_section}))
     with pytest.raises(RegistryError, match=problem):
         load_registry(path)
+
+
+def test_the_control_api_refuses_bad_admin_calls_before_any_replica(cluster):
+    control, auth = cluster["control"], {"authorization": f"Bearer {TOKEN}"}
+    wrong = httpx.delete(f"{control}/v1/adapters/alpha", headers={"authorization": "Bearer x"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+    huge = httpx.post(f"{control}/v1/adapters", headers=auth, content=b"{" + b" " * 100_000 + b"}")
+    assert huge.status_code == 413
+    sneaky = httpx.delete(f"{control}/v1/adapters/alpha%3Fx", headers=auth)  # 'alpha?x'
+    assert sneaky.status_code == 404
+    assert all("alpha" in listed(r) for r in cluster["replicas"])
