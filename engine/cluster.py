@@ -21,15 +21,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import uvicorn
@@ -50,6 +55,8 @@ HEALTH_PROBE = "/get_model_info"
 batch for longer than the router's probe timeout (seen on the H200 at 256 streams a replica),
 and a replica marked unhealthy gets no traffic."""
 START_TIMEOUT_S = 1800.0
+STOPPING = threading.Event()
+"""Set once the cluster is being stopped: the watchdog then lets processes exit."""
 MAX_ADMIN_BODY = 65_536
 """An admin body is a name and a path; anything larger is refused before it is read whole."""
 
@@ -72,12 +79,19 @@ def replica_env(cluster: ClusterSettings, index: int, on_gpu: bool) -> dict[str,
     return env
 
 
-def router_command(urls: list[str], host: str, port: int, policy: str) -> list[str]:
+def router_command(
+    urls: list[str], host: str, port: int, policy: str, max_body_bytes: int = 1_048_576
+) -> list[str]:
+    """sglang-router over the replicas. Its own worker-management routes (``/workers``) take a
+    key made here and told to no one: nobody can add or remove a replica through the router. No
+    retries: a generation that failed is not run again behind the client's back."""
+    locked = f"cluster:cluster:admin:{secrets.token_hex(16)}"
     cmd = [
         sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
         "--worker-urls", *urls, "--policy", ROUTER_POLICY.get(policy, policy),
         "--prometheus-host", host, "--prometheus-port", str(port + 2), "--log-level", "warn",
-        "--health-check-endpoint", HEALTH_PROBE,
+        "--health-check-endpoint", HEALTH_PROBE, "--control-plane-api-keys", locked,
+        "--max-payload-size", str(max_body_bytes), "--disable-retries",
     ]  # fmt: skip
     if policy == "adapter_affinity":
         cmd += ["--assignment-mode", "min_group"]  # a new adapter goes to the emptiest replica
@@ -98,6 +112,20 @@ def wait_until_up(url: str, process: subprocess.Popen | None, timeout_s: float) 
     raise TimeoutError(f"{url} did not answer in {timeout_s:.0f} s")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A port already answering would pass for the new process's (a leftover from a run that
+    was killed): refuse to start instead."""
+    with socket.socket() as probe:
+        if probe.connect_ex((host, port)) == 0:
+            raise RuntimeError(f"port {port} is in use: stop what listens there first")
+
+
+def start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+    """In its own process group, so that stopping it also stops what it started (SGLang's
+    scheduler and detokenizer)."""
+    return subprocess.Popen(cmd, env=env, start_new_session=True)
+
+
 def start_replicas(
     registry: Registry,
     config: str,
@@ -110,23 +138,43 @@ def start_replicas(
     (the caller stops them whatever happens)."""
     cluster = registry.cluster
     for i, url in enumerate(replica_urls(cluster, port)):
-        cmd = replica_command(config, int(url.rsplit(":", 1)[1]), backend)
+        replica_port = int(url.rsplit(":", 1)[1])
+        check_port_free("127.0.0.1", replica_port)
+        cmd = replica_command(config, replica_port, backend)
         log.info("replica %d on %s: %s", i, url, " ".join(cmd[1:]))
-        started.append(subprocess.Popen(cmd, env=replica_env(cluster, i, on_gpu)))
+        started.append(start(cmd, replica_env(cluster, i, on_gpu)))
     for url, process in zip(replica_urls(cluster, port), started, strict=True):
         wait_until_up(f"{url}/health", process, START_TIMEOUT_S)
 
 
 def stop_all(processes: list[subprocess.Popen]) -> None:
-    """SIGTERM to all (replicas drain their streams), then wait; SIGKILL what is left."""
+    """SIGTERM to each (replicas drain their streams), wait, then SIGKILL each one's process
+    group: what it started goes with it."""
     for process in processes:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
     for process in processes:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def watch(processes: list[subprocess.Popen]) -> None:
+    """In the background: when a replica or the router exits, stop the cluster (the control API
+    would otherwise answer for a cluster that is gone)."""
+
+    def loop() -> None:
+        while all(p.poll() is None for p in processes) and not STOPPING.is_set():
+            time.sleep(2)
+        if STOPPING.is_set():
+            return
+        gone = next(p for p in processes if p.poll() is not None)
+        log.error("%s exited (%s): stopping the cluster", " ".join(gone.args[1:4]), gone.returncode)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=loop, daemon=True).start()
 
 
 # ----- the control API ------------------------------------------------------------------------
@@ -139,8 +187,9 @@ def error(status: int, message: str, kind: str, param: str | None = None) -> JSO
 
 def summed_metrics(texts: list[str]) -> str:
     """Prometheus text of several replicas → one, each series' values summed (counters,
-    histogram buckets and gauges of running requests alike; ``_created`` times: the earliest),
-    in the order first seen."""
+    histogram buckets, running and queued requests), in the order first seen; start times
+    (``_created``) take the earliest and the count of loaded adapters the largest (each replica
+    holds every adapter)."""
     totals: dict[str, float] = {}
     comments: dict[str, None] = {}
     order: list[str] = []
@@ -157,12 +206,19 @@ def summed_metrics(texts: list[str]) -> str:
             if series not in totals:
                 totals[series] = float(value)
                 order.append(series)
-            elif series.split("{")[0].endswith("_created"):  # a start time, not a count
+            elif series.split("{")[0].endswith("_created"):
                 totals[series] = min(totals[series], float(value))
+            elif series.split("{")[0].endswith("adapters_loaded"):
+                totals[series] = max(totals[series], float(value))
             else:
                 totals[series] += float(value)
-    lines = [item if item in comments else f"{item} {totals[item]:g}" for item in order]
+    lines = [item if item in comments else f"{item} {exact(totals[item])}" for item in order]
     return "\n".join(lines) + "\n"
+
+
+def exact(value: float) -> str:
+    """A sample value with every digit: 12345678 stays 12345678 (``%g`` would round it)."""
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 class Control:
@@ -172,28 +228,45 @@ class Control:
     def __init__(self, urls: list[str], router_url: str, admin_token: str | None):
         self.urls, self.router_url, self.admin_token = urls, router_url, admin_token or None
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0))
+        self.admin_lock = asyncio.Lock()
+        """One hot-load or unload at a time: two on one name must not interleave."""
 
     async def each(self, method: str, path: str, **kwargs) -> list[httpx.Response | Exception]:
         calls = [self.client.request(method, url + path, **kwargs) for url in self.urls]
         return await asyncio.gather(*calls, return_exceptions=True)
 
     async def load(self, body: bytes, headers: dict) -> JSONResponse:
-        """Every replica loads the adapter, or none keeps it: the replicas that loaded it unload
-        it again when another refused."""
-        answers = await self.each("POST", "/v1/adapters", content=body, headers=headers)
-        failed = [(i, a) for i, a in enumerate(answers) if not ok(a)]
-        if not failed:
-            loaded = answers[0].json()
-            return JSONResponse(loaded | {"replicas": len(self.urls)})
-        name = adapter_name(body)  # every replica accepted it: a slug
-        undone = [i for i, a in enumerate(answers) if ok(a)]
-        for i in undone:
-            await self.client.delete(f"{self.urls[i]}/v1/adapters/{name}", headers=headers)
+        """Every replica loads the adapter, or none keeps it: when one refused, it is unloaded
+        again from the replicas that loaded it and from those that did not answer (which may
+        have loaded it); the answer says what that undoing did."""
+        async with self.admin_lock:
+            answers = await self.each("POST", "/v1/adapters", content=body, headers=headers)
+            failed = [(i, a) for i, a in enumerate(answers) if not ok(a)]
+            if not failed:
+                return JSONResponse(answers[0].json() | {"replicas": len(self.urls)})
+            name = adapter_name(body)
+            unsure = [i for i, a in enumerate(answers) if ok(a) or isinstance(a, Exception)]
+            note = await self.undo_load(name, unsure, headers) if SLUG.match(name) else ""
         index, answer = failed[0]
-        note = f"unloaded again on replicas {undone}" if undone else ""
         return relayed(answer, f"replica {index}", note)
 
+    async def undo_load(self, name: str, replicas: list[int], headers: dict) -> str:
+        calls = [self.client.delete(f"{self.urls[i]}/v1/adapters/{name}", headers=headers)
+                 for i in replicas]  # fmt: skip
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        undone = [i for i, o in zip(replicas, outcomes, strict=True) if ok(o)]
+        absent = [i for i, o in zip(replicas, outcomes, strict=True) if status_of(o) == 404]
+        stuck = [i for i in replicas if i not in undone and i not in absent]
+        note = f"unloaded again on replicas {undone}" if undone else ""
+        if stuck:
+            note += f"{'; ' if note else ''}STILL LOADED OR UNREACHABLE on replicas {stuck}"
+        return note
+
     async def unload(self, name: str, headers: dict) -> JSONResponse:
+        async with self.admin_lock:
+            return await self.unload_everywhere(name, headers)
+
+    async def unload_everywhere(self, name: str, headers: dict) -> JSONResponse:
         answers = await self.each("DELETE", f"/v1/adapters/{name}", headers=headers)  # a slug
         failed = [(i, a) for i, a in enumerate(answers) if not ok(a)]
         if not failed:
@@ -212,8 +285,12 @@ class Control:
         return None
 
 
+def status_of(answer) -> int | None:
+    return answer.status_code if isinstance(answer, httpx.Response) else None
+
+
 def ok(answer) -> bool:
-    return isinstance(answer, httpx.Response) and answer.status_code == 200
+    return status_of(answer) == 200
 
 
 def adapter_name(body: bytes) -> str:
@@ -260,17 +337,24 @@ def create_control(urls: list[str], router_url: str, admin_token: str | None = N
     control = Control(urls, router_url, admin_token)
     app = FastAPI(title="LoRA Land cluster control")
 
-    async def from_first(path: str) -> Response:
-        answer = await control.client.get(urls[0] + path)
-        return Response(answer.content, answer.status_code, media_type="application/json")
+    async def from_a_replica(path: str) -> Response:
+        """The first replica that answers (they serve the same adapters)."""
+        for url in urls:
+            try:
+                answer = await control.client.get(url + path)
+            except httpx.HTTPError:
+                continue
+            if answer.status_code < 500:
+                return Response(answer.content, answer.status_code, media_type="application/json")
+        return error(502, "no replica answered", "server_error")
 
     @app.get("/v1/models")
     async def models():
-        return await from_first("/v1/models")
+        return await from_a_replica("/v1/models")
 
     @app.get("/v1/models/{model:path}")
     async def model_card(model: str):
-        return await from_first(f"/v1/models/{model}")
+        return await from_a_replica(f"/v1/models/{quote(model, safe='')}")
 
     @app.get("/health")
     async def health():
@@ -331,13 +415,18 @@ def main() -> None:
             config = str(Path(args.config).resolve())
             on_gpu = args.backend != "hf" and has_gpu()
             start_replicas(registry, config, args.port, args.backend, on_gpu, started)
-        router = subprocess.Popen(router_command(urls, args.host, args.port, cluster.policy))
+        for port in (args.port, args.port + 1, args.port + 2):
+            check_port_free(args.host, port)
+        limit = registry.server.max_body_bytes
+        router = start(router_command(urls, args.host, args.port, cluster.policy, limit))
         started.insert(0, router)
         wait_until_up(f"{router_url}/readiness", router, 120)
+        watch(started)
         log.info("router on %s over %d replicas (%s)", router_url, len(urls), cluster.policy)
         app = create_control(urls, router_url, os.environ.get("LORALAND_ADMIN_TOKEN"))
         uvicorn.run(app, host=args.host, port=args.port + 1, log_level="warning")
     finally:
+        STOPPING.set()
         stop_all(started)
 
 

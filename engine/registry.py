@@ -26,7 +26,7 @@ from pydantic import (
 
 from .constraints import ResponseFormat
 
-SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
 BASE_MODEL_ALIAS = "base"
 """The one name of the base model outside the engine (API ``model``, metric label, the app's
 choice); inside the engine the base is ``adapter=None``."""
@@ -292,7 +292,8 @@ class Registry(Strict):
     @model_validator(mode="after")
     def replicas_fit_their_gpus(self) -> Registry:
         sglang, cluster = self.engine.sglang, self.cluster
-        if cluster.replicas > 1 and sglang.tp_size * sglang.dp_size > cluster.gpus_per_replica:
+        local = cluster.replicas > 1 and cluster.hosts is None  # remote replicas size themselves
+        if local and sglang.tp_size * sglang.dp_size > cluster.gpus_per_replica:
             raise ValueError(
                 f"cluster.gpus_per_replica ({cluster.gpus_per_replica}) < engine.sglang tp_size "
                 f"× dp_size ({sglang.tp_size * sglang.dp_size}): a replica needs that many GPUs"

@@ -31,10 +31,17 @@ from pathlib import Path
 import requests
 import yaml
 
-from engine.cluster import REPLICA_PORT_OFFSET, replica_urls, router_command, wait_until_up
+from engine.cluster import (
+    REPLICA_PORT_OFFSET,
+    check_port_free,
+    replica_urls,
+    router_command,
+    start,
+    stop_all,
+    wait_until_up,
+)
 from engine.registry import load_registry
 from loadtest.pairs import median_range
-from loadtest.peer import stop
 from loadtest.report import describe
 from loadtest.sweep import measure_point
 
@@ -69,21 +76,20 @@ def cluster_config(args, out: Path) -> tuple[Path, str | None]:
     return path, spare
 
 
-def start_cluster(config: Path, port: int, backend: str | None) -> subprocess.Popen:
+def start_cluster(config: Path, port: int, backend: str | None, started: list) -> None:
     cmd = [sys.executable, "-m", "engine.cluster", "--config", str(config), "--port", str(port)]
     cmd += ["--backend", backend] if backend else []
     print("starting:", " ".join(cmd[1:]), flush=True)
-    process = subprocess.Popen(cmd)
+    started.append(subprocess.Popen(cmd))
     t0 = time.perf_counter()
-    wait_until_up(f"http://127.0.0.1:{port + 1}/health", process, timeout_s=1800)
+    wait_until_up(f"http://127.0.0.1:{port + 1}/health", started[-1], timeout_s=1800)
     print(f"cluster up in {time.perf_counter() - t0:.0f} s", flush=True)
-    return process
 
 
-def start_router(urls: list[str], port: int, policy: str) -> subprocess.Popen:
-    process = subprocess.Popen(router_command(urls, "127.0.0.1", port, policy))
-    wait_until_up(f"http://127.0.0.1:{port}/readiness", process, timeout_s=120)
-    return process
+def start_router(urls: list[str], port: int, policy: str, started: list) -> None:
+    check_port_free("127.0.0.1", port)
+    started.append(start(router_command(urls, "127.0.0.1", port, policy)))
+    wait_until_up(f"http://127.0.0.1:{port}/readiness", started[-1], timeout_s=120)
 
 
 def point_options(args, host: str, control: str) -> argparse.Namespace:
@@ -99,7 +105,8 @@ def hot_load_check(control: str, router: str, urls: list[str], spare: str | None
     router, then unloaded from every replica."""
     if spare is None:
         return {"skipped": "no adapter beyond --many under the adapter root"}
-    name, auth = "hot-" + Path(spare).name, {"authorization": f"Bearer {os.environ['TOKEN']}"}
+    name = "hot-" + Path(spare).name
+    auth = {"authorization": f"Bearer {os.environ['LORALAND_ADMIN_TOKEN']}"}
     seen = {"name": name}
     answer = requests.post(f"{control}/v1/adapters", json={"name": name, "path": spare},
                            headers=auth, timeout=600)  # fmt: skip
@@ -212,12 +219,11 @@ def run(args) -> dict:
     control, main_router = f"http://127.0.0.1:{args.port + 1}", f"http://127.0.0.1:{args.port}"
     results = {"settings": {k: v for k, v in vars(args).items()}, "rounds": []}
     results["settings"]["command"] = "python -m loadtest.router " + " ".join(sys.argv[1:])
-    cluster = start_cluster(config, args.port, args.backend)
-    extra = []
+    started: list[subprocess.Popen] = []
     try:
-        one_gpu = start_router(urls[:1], args.port + 100, "round_robin")
-        round_robin = start_router(urls, args.port + 200, "round_robin")
-        extra = [one_gpu, round_robin]
+        start_cluster(config, args.port, args.backend, started)
+        start_router(urls[:1], args.port + 100, "round_robin", started)
+        start_router(urls, args.port + 200, "round_robin", started)
         hosts = {"one-gpu": args.port + 100, "round-robin": args.port + 200,
                  "replicas": args.port, "adapter-affinity": args.port}  # fmt: skip
         warm = point_options(args, f"http://127.0.0.1:{args.port + 200}", control)
@@ -243,7 +249,7 @@ def run(args) -> dict:
         write(out, results)
         plot(results, out)
     finally:
-        stop_all_quietly([*extra, cluster])
+        stop_all(started[::-1])  # the routers first, then the cluster (which stops its replicas)
     print((out / "summary.md").read_text(), flush=True)
     return results
 
@@ -251,12 +257,6 @@ def run(args) -> dict:
 def write(out: Path, results: dict) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "summary.md").write_text(markdown(results))
-
-
-def stop_all_quietly(processes: list[subprocess.Popen]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            stop(process)
 
 
 def main() -> None:
@@ -288,8 +288,7 @@ def main() -> None:
     if args.plot_only:
         plot(json.loads((Path(args.out) / "results.json").read_text()), Path(args.out))
         return
-    os.environ.setdefault("TOKEN", os.urandom(8).hex())
-    os.environ["LORALAND_ADMIN_TOKEN"] = os.environ["TOKEN"]  # the cluster's admin token
+    os.environ["LORALAND_ADMIN_TOKEN"] = os.urandom(16).hex()  # this run's cluster's only
     run(args)
 
 

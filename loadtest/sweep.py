@@ -125,6 +125,10 @@ def main() -> None:
                         help="how a request names an adapter: {adapter} (ours) or "
                              "{base}:{adapter} (SGLang's own server)")  # fmt: skip
     parser.add_argument("--models", default="", help="comma list of adapters to use instead")
+    parser.add_argument("--models-from", default="",
+                        help="a server listing the adapters (behind engine.cluster: its control "
+                        "API, the router's port + 1)")  # fmt: skip
+    parser.add_argument("--processes", type=int, default=1, help="Locust processes per point")
     template = "raw | apply | '' (send no prompt_template: another server)"
     parser.add_argument("--prompt-template", default="raw", help=template)
     args = parser.parse_args()

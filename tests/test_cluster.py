@@ -63,6 +63,8 @@ def cluster(base_dir, adapter_dirs, tmp_path_factory):
             "control": f"http://127.0.0.1:{port + 1}",
             "replicas": [f"http://127.0.0.1:{port + 10}", f"http://127.0.0.1:{port + 11}"],
             "spare": spare,
+            "process": process,
+            "config": path,
         }
     finally:
         process.terminate()
@@ -182,11 +184,65 @@ def test_locust_runs_against_the_cluster(cluster, tmp_path):
     assert {r["model"] for r in records} <= {"alpha", "beta"}
 
 
+def test_nobody_can_change_the_routers_replicas(cluster):
+    added = httpx.post(f"{cluster['router']}/workers", json={"url": "http://127.0.0.1:9"})
+    assert added.status_code == 401
+    assert httpx.get(f"{cluster['router']}/workers").status_code == 401
+
+
+def test_the_control_api_with_a_replica_gone(cluster):
+    """A dead replica first: /v1/models comes from the next; a hot-load fails in OpenAI's shape
+    and is undone on the live replica, saying the dead one could not be reached."""
+    from fastapi.testclient import TestClient
+
+    from engine.cluster import create_control
+
+    dead, live = f"http://127.0.0.1:{free_base_port()}", cluster["replicas"][0]
+    with TestClient(create_control([dead, live], cluster["router"], TOKEN)) as client:
+        assert "alpha" in {c["id"] for c in client.get("/v1/models").json()["data"]}
+        auth = {"authorization": f"Bearer {TOKEN}"}
+        body = {"name": "gamma-3", "path": cluster["spare"]}
+        answer = client.post("/v1/adapters", headers=auth, json=body)
+        assert answer.status_code == 502
+        message = answer.json()["error"]["message"]
+        assert "unloaded again on replicas [1]" in message
+        assert "UNREACHABLE on replicas [0]" in message
+        assert "gamma-3" not in listed(live)
+    with TestClient(create_control([dead], cluster["router"], TOKEN)) as client:
+        gone = client.get("/v1/models")
+        assert gone.status_code == 502 and gone.json()["error"]["type"] == "server_error"
+
+
+def test_the_router_benchmark_runs_end_to_end(cluster, tmp_path):
+    """``loadtest.router`` on the CPU, at toy sizes: its own cluster and routers, every arm,
+    the hot-load check; nothing left listening."""
+    config = yaml.safe_load(cluster["config"].read_text())
+    config["adapters"].append({"name": "gamma", "path": cluster["spare"]})
+    path = cluster["config"].with_name("router-adapters.yaml")  # the spare under its root
+    path.write_text(yaml.safe_dump(config))
+    port, out = free_base_port(), tmp_path / "router"
+    cmd = [sys.executable, "-m", "loadtest.router", "--config", str(path), "--backend", "hf",
+           "--users", "2", "--adapters", "1", "--many", "2", "--pairs", "1", "--duration", "4",
+           "--warmup", "1", "--output-tokens", "4", "--prompt-words", "5",
+           "--locust-processes", "1", "--port", str(port), "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [r["comparison"] for r in results["rounds"]] == ["scale", "affinity"]
+    assert all(p["completed"] and not p["failures"] for r in results["rounds"]
+               for p in r["points"].values())  # fmt: skip
+    assert results["hot_load"]["ok"], results["hot_load"]
+    assert (out / "rounds.png").exists()
+    assert all(port_is_free(port + k) for k in (0, 1, 10, 11, 100, 200))
+
+
 def test_summed_metrics_add_series_and_keep_the_earliest_start():
-    one = '# TYPE x counter\nx_total{a="1"} 2\nx_created{a="1"} 100\n'
-    two = '# TYPE x counter\nx_total{a="1"} 3\nx_total{a="2"} 1\nx_created{a="1"} 90\n'
+    one = '# TYPE x counter\nx_total{a="1"} 12345678\nx_created{a="1"} 100\nadapters_loaded 5\n'
+    two = '# TYPE x counter\nx_total{a="1"} 3\nx_total{a="2"} 0.25\nx_created{a="1"} 90\n'
+    two += "adapters_loaded 5\n"
     assert summed_metrics([one, two]).splitlines() == [
-        "# TYPE x counter", 'x_total{a="1"} 5', 'x_created{a="1"} 90', 'x_total{a="2"} 1'
+        "# TYPE x counter", 'x_total{a="1"} 12345681', 'x_created{a="1"} 90',
+        "adapters_loaded 5", 'x_total{a="2"} 0.25',
     ]  # fmt: skip
 
 
@@ -209,8 +265,26 @@ def test_the_control_api_refuses_bad_admin_calls_before_any_replica(cluster):
     control, auth = cluster["control"], {"authorization": f"Bearer {TOKEN}"}
     wrong = httpx.delete(f"{control}/v1/adapters/alpha", headers={"authorization": "Bearer x"})
     assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+    assert "(replica" not in wrong.json()["error"]["message"]  # refused here, not by a replica
     huge = httpx.post(f"{control}/v1/adapters", headers=auth, content=b"{" + b" " * 100_000 + b"}")
     assert huge.status_code == 413
-    sneaky = httpx.delete(f"{control}/v1/adapters/alpha%3Fx", headers=auth)  # 'alpha?x'
-    assert sneaky.status_code == 404
+    for sneaky in ("alpha%3Fx", "alpha%0A"):  # 'alpha?x', 'alpha\n'
+        assert httpx.delete(f"{control}/v1/adapters/{sneaky}", headers=auth).status_code == 404
+    card = httpx.get(f"{control}/v1/models/..%2F..%2Fmetrics")
+    assert card.status_code == 404 and card.json()["error"]["type"] == "not_found_error"
     assert all("alpha" in listed(r) for r in cluster["replicas"])
+
+
+def test_the_cluster_stops_when_a_replica_dies(cluster):
+    """Last: the control API must not go on answering for a cluster that lost a replica."""
+    os.kill(replica_pid(cluster["replicas"][1]), 9)
+    cluster["process"].wait(120)
+    assert port_is_free(int(cluster["control"].rsplit(":", 1)[1]))
+
+
+def replica_pid(url: str) -> int:
+    import psutil  # Locust's dependency
+
+    port = int(url.rsplit(":", 1)[1])
+    listening = psutil.net_connections(kind="tcp")
+    return next(c.pid for c in listening if c.laddr.port == port and c.status == "LISTEN")
