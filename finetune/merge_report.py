@@ -155,18 +155,20 @@ def plot(report: dict, path: Path) -> None:
     tasks = list(report["tasks"])
     names = list(report["merged"])
     width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    colours = plt.get_cmap("tab20").colors
     for i, name in enumerate(names):
         cells = report["merged"][name]
         kept = [(cells.get(t) or {}).get("kept") for t in tasks]
         x = [j + (i - (len(names) - 1) / 2) * width for j in range(len(tasks))]
-        ax.bar(x, [100 * k if k is not None else 0 for k in kept], width, label=name)
+        heights = [100 * k if k is not None else 0 for k in kept]
+        ax.bar(x, heights, width, label=name, color=colours[i % len(colours)])
     ax.axhline(100 * KEEP_GOAL, color="grey", ls="--", lw=0.8, label=f"goal {KEEP_GOAL:.0%}")
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("share of the own adapter's lift kept (%)")
     ax.set_title("What merging keeps, per task")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
