@@ -169,6 +169,10 @@ class ClusterSettings(Strict):
             )
         if self.hosts is not None and len(self.hosts) != self.replicas:
             raise ValueError(f"hosts lists {len(self.hosts)} replicas, replicas is {self.replicas}")
+        if self.hosts is not None and self.gpus is not None:
+            raise ValueError("gpus places local replicas; with hosts each host places its own")
+        if self.gpus is not None and len(set(self.gpus)) != len(self.gpus):
+            raise ValueError(f"gpus lists a GPU twice: {self.gpus}")
         return self
 
     def replica_gpus(self, index: int) -> list[int]:

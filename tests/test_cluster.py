@@ -252,6 +252,8 @@ def test_summed_metrics_add_series_and_keep_the_earliest_start():
         ({"replicas": 2, "gpus": [0]}, {}, "need 2 GPUs"),
         ({"replicas": 2, "hosts": ["http://a:1"]}, {}, "hosts lists 1"),
         ({"replicas": 2}, {"sglang": {"tp_size": 2}}, "gpus_per_replica"),
+        ({"replicas": 2, "gpus": [0, 0]}, {}, "a GPU twice"),
+        ({"replicas": 1, "hosts": ["http://a:1"], "gpus": [0]}, {}, "each host places"),
     ],
 )
 def test_cluster_settings_check_their_rules(tmp_path, cluster_section, engine_section, problem):
