@@ -271,7 +271,8 @@ class Control:
         failed = [(i, a) for i, a in enumerate(answers) if not ok(a)]
         if not failed:
             ended = sum(a.json().get("streams_ended", 0) for a in answers)
-            return JSONResponse(answers[0].json() | {"streams_ended": ended})
+            summary = {"streams_ended": ended, "replicas": len(self.urls)}
+            return JSONResponse(answers[0].json() | summary)
         index, answer = failed[0]
         done = [i for i, a in enumerate(answers) if ok(a)]
         return relayed(answer, f"replica {index}", f"unloaded on replicas {done}" if done else "")
@@ -422,7 +423,8 @@ def main() -> None:
         started.insert(0, router)
         wait_until_up(f"{router_url}/readiness", router, 120)
         watch(started)
-        log.info("router on %s over %d replicas (%s)", router_url, len(urls), cluster.policy)
+        log.info("router on %s over %d replicas (%s); control API on http://%s:%d",
+                 router_url, len(urls), cluster.policy, args.host, args.port + 1)  # fmt: skip
         app = create_control(urls, router_url, os.environ.get("LORALAND_ADMIN_TOKEN"))
         uvicorn.run(app, host=args.host, port=args.port + 1, log_level="warning")
     finally:

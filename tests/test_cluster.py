@@ -150,6 +150,7 @@ def test_a_hot_load_reaches_every_replica_and_unloads_from_every_one(cluster):
     assert served.status_code == 200, served.text
     gone = httpx.delete(f"{cluster['control']}/v1/adapters/gamma", headers=auth, timeout=600)
     assert gone.status_code == 200, gone.text
+    assert gone.json()["replicas"] == 2
     assert not any("gamma" in listed(r) for r in cluster["replicas"])
 
 
@@ -182,6 +183,18 @@ def test_locust_runs_against_the_cluster(cluster, tmp_path):
     records = [json.loads(line) for line in raw.read_text().splitlines()]
     assert records and all(r["ok"] for r in records)
     assert {r["model"] for r in records} <= {"alpha", "beta"}
+
+
+def test_the_routers_own_listing_and_metrics(cluster):
+    """The router names the base (from the replicas' SGLang routes) and merges their metrics;
+    its probes while starting left no error in them."""
+    listing = httpx.get(f"{cluster['router']}/v1/models").json()["data"]
+    assert [card["id"] for card in listing] == ["SmolLM2-135M-Instruct"]
+    merged = httpx.get(f"{cluster['router']}/engine_metrics")
+    assert merged.status_code == 200 and 'worker_addr="' in merged.text
+    metrics = httpx.get(f"{cluster['control']}/metrics").text.splitlines()
+    not_found = [m for m in metrics if m.startswith("loraland_request_errors_total{adapter")]
+    assert [m for m in not_found if 'status="404"' in m] == []
 
 
 def test_nobody_can_change_the_routers_replicas(cluster):

@@ -552,6 +552,8 @@ def create_api(
     async def http_error(request: Request, err: HTTPException):
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {err.detail}"
+        if request.method == "PRI":  # HTTP/2's preface, which sglang-router tries first
+            return error_response(OpenAIError(err.status_code, message, kind), err.headers)
         return counted(OpenAIError(err.status_code, message, kind), err.headers)
 
     async def serve(request: Request, model: type[SamplingFields], endpoint: str):
@@ -670,11 +672,14 @@ def create_api(
         text = api.metrics.render(engine.stats())
         return Response(text, media_type="text/plain; version=0.0.4")
 
-    @app.get("/get_model_info")
     async def model_info():
-        """SGLang's worker route, which sglang-router reads when it registers a replica."""
+        """SGLang's worker routes, which sglang-router reads when it registers a replica (it
+        tries each of these paths: answering them all keeps 404s out of ``/metrics``)."""
         base = engine.base_model_id
         return {"model_path": base, "served_model_name": base, "is_generation": True}
+
+    for path in ("/get_model_info", "/model_info", "/get_server_info", "/server_info"):
+        app.add_api_route(path, model_info, methods=["GET"])
 
     @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     async def no_such_route(request: Request, rest: str):
