@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import os
@@ -41,6 +40,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from .api.protocol import OpenAIError
+from .api.routes import admin_refusal, error_response
 from .registry import SLUG, ClusterSettings, Registry, load_registry
 
 log = logging.getLogger("loraland.cluster")
@@ -181,8 +182,7 @@ def watch(processes: list[subprocess.Popen]) -> None:
 
 
 def error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status)
+    return error_response(OpenAIError(status, message, kind, param))
 
 
 def summed_metrics(texts: list[str]) -> str:
@@ -278,12 +278,8 @@ class Control:
         return relayed(answer, f"replica {index}", f"unloaded on replicas {done}" if done else "")
 
     def refuse_admin(self, authorization: str) -> JSONResponse | None:
-        if self.admin_token is None:
-            message = "admin routes are off: start the cluster with LORALAND_ADMIN_TOKEN set"
-            return error(403, message, "permission_error")
-        if not hmac.compare_digest(authorization.encode(), f"Bearer {self.admin_token}".encode()):
-            return error(401, "admin token required", "authentication_error")
-        return None
+        refused = admin_refusal(self.admin_token, authorization)
+        return error_response(refused) if refused else None
 
 
 def status_of(answer) -> int | None:

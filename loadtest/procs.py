@@ -6,8 +6,9 @@ import os
 import resource
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
+
+from engine.cluster import wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,17 +52,12 @@ class CpuMeter:
 def start_server(cmd: list[str], url: str, timeout_s: float, env=None) -> subprocess.Popen:
     """Start ``cmd`` and return it once ``url`` answers; an error if it exits or never does."""
     server = subprocess.Popen(cmd, cwd=ROOT, env=env)
-    deadline = time.perf_counter() + timeout_s
-    while time.perf_counter() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=30):
-                return server
-        except OSError:
-            if server.poll() is not None:
-                raise RuntimeError(f"the server exited during start-up: {' '.join(cmd)}") from None
-            time.sleep(0.2)
-    server.kill()
-    raise RuntimeError(f"the server did not answer {url} in {timeout_s:.0f} s: {' '.join(cmd)}")
+    try:
+        wait_until_up(url, server, timeout_s)
+    except (RuntimeError, TimeoutError) as err:
+        server.kill()
+        raise RuntimeError(f"{err}: {' '.join(cmd)}") from None
+    return server
 
 
 def process_tree(root: int) -> set[int]:

@@ -41,7 +41,7 @@ from engine.cluster import (
     wait_until_up,
 )
 from engine.registry import load_registry
-from loadtest.pairs import median_range
+from loadtest.pairs import fmt, median_range
 from loadtest.report import describe
 from loadtest.sweep import measure_point
 
@@ -179,10 +179,8 @@ def markdown(results: dict) -> str:
 
 
 def cell(stat: dict, scale: float = 1.0, digits: int = 0) -> str:
-    if not stat or stat.get("median") is None:
-        return "—"
-    f = lambda v: f"{v * scale:.{digits}f}"  # noqa: E731
-    return f"{f(stat['median'])} [{f(stat['min'])}–{f(stat['max'])}]"
+    median, spread = fmt(stat, scale, digits)
+    return median if spread == "—" else f"{median} [{spread}]"
 
 
 def plot(results: dict, out: Path) -> None:

@@ -76,6 +76,17 @@ FANOUT = "fanout"
 """The ``model`` of a fan-out request (the ``models`` extension)."""
 
 
+def admin_refusal(token: str | None, authorization: str) -> OpenAIError | None:
+    """Why an admin call is refused (admin off: 403; not ``Bearer <token>``: 401), or None;
+    the token compared in constant time. The API and the cluster's control API share it."""
+    if token is None:
+        message = "admin routes are off: start the server with LORALAND_ADMIN_TOKEN set"
+        return OpenAIError(403, message, "permission_error")
+    if not hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode()):
+        return OpenAIError(401, "admin token required", "authentication_error")
+    return None
+
+
 def error_response(err: OpenAIError, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
@@ -469,9 +480,7 @@ class Api:
 
     def admin_allows(self, authorization: str) -> bool:
         """Admin is on (a token is set) and ``authorization`` is ``Bearer <token>``."""
-        if self.admin_token is None:
-            return False
-        return hmac.compare_digest(authorization.encode(), f"Bearer {self.admin_token}".encode())
+        return admin_refusal(self.admin_token, authorization) is None
 
     # ----- shutdown -------------------------------------------------------------------------
 
@@ -608,14 +617,8 @@ def create_api(
         return next(c for c in api.model_cards() if c["id"] == wanted)
 
     def check_admin(request: Request) -> None:
-        if api.admin_token is None:
-            raise OpenAIError(
-                403,
-                "admin routes are off: start the server with LORALAND_ADMIN_TOKEN set",
-                "permission_error",
-            )
-        if not api.admin_allows(request.headers.get("authorization", "")):
-            raise OpenAIError(401, "admin token required", "authentication_error")
+        if refused := admin_refusal(api.admin_token, request.headers.get("authorization", "")):
+            raise refused
 
     @app.post("/v1/adapters")
     async def load_adapter(request: Request):
