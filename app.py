@@ -3,9 +3,11 @@ base model answer side by side; chat with any adapter; see the load-test results
 
     python app.py                      # UI at http://127.0.0.1:7860/, OpenAI API at /v1 (same port)
     python app.py --host 0.0.0.0 --port 7860 --config adapters.yaml --backend auto
+    python app.py --remote http://127.0.0.1:8000   # over python -m engine.cluster (or engine.api)
 
 One process: the engine (SGLang on a GPU, else the CPU default), the HTTP API and the Gradio UI
-(FastAPI with Gradio mounted at /). Deployable as a Hugging Face Space (see README).
+(FastAPI with Gradio mounted at /). With ``--remote`` the engine is a running server or cluster
+(``engine.remote.RemoteEngine``). Deployable as a Hugging Face Space (see README).
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ from pathlib import Path
 
 import gradio as gr
 import yaml
+from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
 
 from engine import GenerationRequest, SamplingParams, build_engine
 from engine.api import create_api
+from engine.api.protocol import OpenAIError
+from engine.api.routes import error_response
 from engine.api.server import run_server
 from engine.interface import Chunk, Engine, EngineError, collect
 from engine.registry import (
@@ -34,6 +39,7 @@ from engine.registry import (
     load_registry,
     template_fields,
 )
+from engine.remote import RemoteEngine
 from engine.sampling import resolve
 from finetune.merge import merge_adapters
 
@@ -54,9 +60,12 @@ class Catalog:
         return next((s for s in self.registry.adapters if s.name == name), None)
 
     def spec(self, name: str) -> AdapterSpec:
-        """The registry entry, or a stub card for a hot-loaded adapter."""
+        """The registry entry, or a stub card for a hot-loaded adapter (over a remote server:
+        from the server's ``/v1/models`` card)."""
         if spec := self.registered(name):
             return spec
+        if isinstance(self.engine, RemoteEngine) and (card := self.engine.card(name)):
+            return served_spec(card)
         path = self.engine.adapter_paths.get(name, ".")
         return AdapterSpec(name=name, path=Path(path), category="hot-loaded", template="{input}")
 
@@ -81,6 +90,22 @@ class Catalog:
                 score += f" vs {e.base_score:.3f} base ({(e.score - e.base_score) * 100:+.1f} pts)"
             lines.append(score + (f" on {e.n} held-out examples" if e.n else ""))
         return "\n\n".join(lines)
+
+
+def served_spec(card: dict) -> AdapterSpec:
+    """A card for an adapter a remote server serves and the local adapters.yaml does not list.
+    Its template, if the server has one, is known there only: the fields are shown, and requests
+    are refused (``RemoteEngine.check_template``) rather than answered without it."""
+    fields = card.get("template_fields") or ["input"]
+    return AdapterSpec(
+        name=card["id"],
+        path=Path("."),
+        task=card.get("task") or "",
+        category=card.get("category") or "hot-loaded",
+        description=card.get("description") or "",
+        template="\n".join(f"{{{f}}}" for f in fields),
+        eval=card.get("eval"),
+    )
 
 
 def lora_shape(path: Path) -> str:
@@ -338,6 +363,9 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
 def merge_tab(engine: Engine, catalog: Catalog, api) -> None:
     """Pick served adapters, a method and weights: a new adapter (peft's merge), loaded and shown
     as a card. Creating adapters is admin work: it needs the server's admin token."""
+    if isinstance(engine, RemoteEngine):
+        gr.Markdown(REMOTE_MERGE)
+        return
     if api is None or api.admin_token is None or api.adapter_root is None:
         gr.Markdown("Merging is off: start the app with `LORALAND_ADMIN_TOKEN` set.")
         return
@@ -371,6 +399,14 @@ def merge_tab(engine: Engine, catalog: Catalog, api) -> None:
     go.click(merge, [sources, method, weights, name, token], card, api_name="merge")
 
 
+REMOTE_MERGE = (
+    "Merging reads the base model and the adapters' files, so it runs beside them: over a "
+    "remote server it is off here. Run `python app.py` on the server's host (or "
+    "`python -m finetune.merge`) and hot-load the result with `POST /v1/adapters` on the "
+    "server (a cluster's control API)."
+)
+
+
 def clear_answers():
     """A new adapter's card must not sit beside the previous adapter's answers."""
     return "", "", "", ""
@@ -400,6 +436,9 @@ def fill_template(spec: AdapterSpec | None, text: str) -> str:
 
 
 def backend_banner(engine: Engine) -> str:
+    if isinstance(engine, RemoteEngine):
+        control = f" (models and admin: {engine.control_url})" if engine.settings.cluster else ""
+        return f"Serving from **{engine.device}**{control}."
     if engine.backend == "sglang":
         return f"Serving with **SGLang** multi-LoRA batching on **{engine.device}**."
     if engine.device != "cpu":
@@ -454,18 +493,37 @@ def strip_images(markdown: str) -> str:
 
 def create_app(engine: Engine, registry: Registry, config_dir: Path):
     """The API's routes first (their catch-all keeps /v1 errors in OpenAI's shape), then the UI
-    at ``/``. The UI takes no files, so Gradio's upload route gets no more than the body limit."""
+    at ``/``. The UI takes no files, so Gradio's upload route gets no more than the body limit.
+    Over a ``RemoteEngine`` the API passes requests on to the server, and merging is refused."""
+    remote = isinstance(engine, RemoteEngine)
     app = create_api(
         engine,
         registry,
         admin_token=os.environ.get("LORALAND_ADMIN_TOKEN"),
         adapter_root=os.environ.get("LORALAND_ADAPTER_ROOT", config_dir / "adapters"),
-        merger=merge_adapters,
+        app=remote_merge_refused() if remote else None,
+        merger=None if remote else merge_adapters,
     )
     demo = build_demo(engine, registry, app.state.api)
     demo.queue(default_concurrency_limit=int(os.environ.get("LORALAND_UI_CONCURRENCY", "64")))
     limit = registry.server.max_body_bytes
     return gr.mount_gradio_app(app, demo, path="/", ssr_mode=False, max_file_size=limit)
+
+
+def remote_merge_refused() -> FastAPI:
+    """An app whose ``POST /v1/adapters/merge`` (matched before the API's own) says why there is
+    no merging over a remote server."""
+    app = FastAPI(title="LoRA Land in a box")
+
+    @app.post("/v1/adapters/merge")
+    async def no_merge():
+        message = (
+            "merging is not served over --remote: it runs beside the base model and the "
+            "adapters' files (python app.py on the server's host), then POST /v1/adapters"
+        )
+        return error_response(OpenAIError(404, message, "not_found_error"))
+
+    return app
 
 
 def ensure_packaged_base() -> None:
@@ -485,16 +543,47 @@ def main() -> None:
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "7860")))
     parser.add_argument("--backend", choices=["auto", "hf", "sglang"])
+    parser.add_argument(
+        "--remote", metavar="URL",
+        help="serve the UI over a running server instead of an embedded engine: a cluster's "
+        "router (python -m engine.cluster --port P: http://host:P) or python -m engine.api",
+    )  # fmt: skip
+    parser.add_argument(
+        "--control", metavar="URL",
+        help="with --remote on a cluster: its control API (default: the router's port + 1)",
+    )  # fmt: skip
     args = parser.parse_args()
+    check_remote_args(parser, args)
     logging.basicConfig(level=logging.INFO)
     if os.environ.get("SPACE_ID"):  # on a Hugging Face Space the app must listen on all addresses
         args.host = "0.0.0.0"
-        ensure_packaged_base()
+        if not args.remote:
+            ensure_packaged_base()
     registry = load_registry(args.config)
-    engine = build_engine(registry, backend=args.backend)
+    engine = make_engine(parser, args, registry)
     app = create_app(engine, registry, Path(args.config).resolve().parent)
     print(f"LoRA Land in a box: http://{args.host}:{args.port}/ (API /v1, {engine.backend})")
     run_server(app, args.host, args.port)
+
+
+def check_remote_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.control and not args.remote:
+        parser.error("--control names a cluster's control API: it needs --remote")
+    if args.remote and args.backend:
+        parser.error("--backend picks an embedded engine; with --remote the server has its own")
+
+
+def make_engine(parser: argparse.ArgumentParser, args: argparse.Namespace, registry) -> Engine:
+    if not args.remote:
+        return build_engine(registry, backend=args.backend)
+    try:
+        engine = RemoteEngine(
+            args.remote, registry, args.control, os.environ.get("LORALAND_ADMIN_TOKEN")
+        )
+    except EngineError as err:
+        parser.error(f"--remote: {err}")
+    print(f"over {engine.device} (control API {engine.control_url}): {engine.adapters()}")
+    return engine
 
 
 if __name__ == "__main__":

@@ -1,0 +1,222 @@
+"""``RemoteEngine`` and ``python app.py --remote`` against a real ``python -m engine.api`` on the
+CPU default (SmolLM2, the test adapters); the cluster case is in tests/test_cluster.py, over the
+cluster that file starts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from app import Catalog, create_app
+from engine.cluster import wait_until_up
+from engine.interface import (
+    AdapterNotFoundError,
+    GenerationRequest,
+    InvalidRequestError,
+    SamplingParams,
+    collect,
+)
+from engine.registry import AdapterSpec, Registry
+from engine.remote import AdminRefusedError, RemoteEngine, RemoteError, response_format, unfilled
+from engine.sampling import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "remote-test-token"
+REVIEW = "A joyless slog."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(registry_for, adapter_dirs, tmp_path_factory):
+    """``python -m engine.api`` serving the app's test registry, in the exact mode of the
+    ``hf_engine`` fixture (fp32 base weights), with the admin token set."""
+    root = tmp_path_factory.mktemp("remote")
+    config = registry_for.model_dump(mode="json", exclude_defaults=True)
+    config["engine"] = {"backend": "hf", "hf": {"base_weights": "fp32"}}
+    path = root / "adapters.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    adapter_root = str(Path(adapter_dirs["alpha"]).parent)
+    env = dict(os.environ, LORALAND_ADMIN_TOKEN=TOKEN, LORALAND_ADAPTER_ROOT=adapter_root)
+    cmd = [sys.executable, "-m", "engine.api", "--config", str(path), "--port", str(port),
+           "--backend", "hf"]  # fmt: skip
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(f"{url}/get_model_info", process, timeout_s=600)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(120)
+
+
+@pytest.fixture(scope="module")
+def remote(server, registry_for):
+    return RemoteEngine(server, registry_for, admin_token=TOKEN)
+
+
+def greedy_request(spec: AdapterSpec | None, content: str, **sampling) -> GenerationRequest:
+    params = resolve(spec, temperature=0.0, **sampling)
+    adapter = spec.name if spec else None
+    messages = [{"role": "user", "content": content}]
+    return GenerationRequest(adapter, messages=messages, params=params)
+
+
+async def chunks_of(engine, request: GenerationRequest) -> list:
+    return [chunk async for chunk in engine.stream(request)]
+
+
+def test_the_remote_engine_streams_what_the_embedded_engine_answers(
+    remote, hf_engine, registry_for
+):
+    """Templates filled by the caller (one field, two fields, the base): the same greedy text
+    and token count, streamed in several chunks, with usage and timings on the last."""
+    alpha, beta = registry_for.adapter("alpha"), registry_for.adapter("beta")
+    contents = [
+        (alpha, alpha.fill(REVIEW)),
+        (beta, beta.render({"context": "Paris is in France.", "question": "Where is Paris?"})),
+        (None, "Say hi."),
+    ]
+    assert remote.base_model_id == hf_engine.base_model_id and not remote.settings.cluster
+    for spec, content in contents:
+        request = greedy_request(spec, content)
+        embedded = asyncio.run(collect(hf_engine.stream(request), request))
+        chunks = asyncio.run(chunks_of(remote, greedy_request(spec, content)))
+        last = chunks[-1]
+        assert "".join(c.text for c in chunks) == embedded.text, spec
+        assert len([c for c in chunks if c.text]) > 1  # token by token, not one block
+        assert last.finish_reason == embedded.finish_reason
+        assert last.usage.completion_tokens == embedded.usage.completion_tokens
+        assert sum(len(c.token_ids) for c in chunks) == embedded.usage.completion_tokens
+        assert last.usage.prompt_tokens == embedded.usage.prompt_tokens  # the same prompt
+        assert last.timings.ttft_s is not None and last.timings.e2e_s >= last.timings.ttft_s
+
+
+def test_log_probabilities_come_back_per_token(remote, hf_engine, registry_for):
+    alpha = registry_for.adapter("alpha")
+    request = greedy_request(alpha, alpha.fill(REVIEW), logprobs=2)
+    embedded = asyncio.run(collect(hf_engine.stream(request), request))
+    again = greedy_request(alpha, alpha.fill(REVIEW), logprobs=2)
+    answer = asyncio.run(collect(remote.stream(again), again))
+    assert [e.text for e in answer.logprobs] == [e.text for e in embedded.logprobs]
+    for ours, theirs in zip(answer.logprobs, embedded.logprobs):
+        assert ours.logprob == pytest.approx(theirs.logprob, abs=1e-4)
+        assert len(ours.top) == 2
+
+
+def test_refusals_become_the_engines_errors(remote, hf_engine):
+    unknown = GenerationRequest("nope", prompt="Hi", params=SamplingParams(max_tokens=2))
+    with pytest.raises(AdapterNotFoundError) as embedded:
+        asyncio.run(chunks_of(hf_engine, unknown))
+    with pytest.raises(AdapterNotFoundError) as remotely:
+        asyncio.run(chunks_of(remote, unknown))
+    assert str(remotely.value) == str(embedded.value)
+    too_many = GenerationRequest(prompt="Hi", params=SamplingParams(max_tokens=2, logprobs=9))
+    with pytest.raises(InvalidRequestError) as refused:  # the server's 400: at most 5 here
+        asyncio.run(chunks_of(remote, too_many))
+    assert refused.value.param == "logprobs"
+
+
+def test_admin_needs_the_token_and_reaches_the_server(server, remote, registry_for, adapter_dirs):
+    no_token = RemoteEngine(server, registry_for)
+    with pytest.raises(AdminRefusedError) as refused:
+        asyncio.run(no_token.load_adapter("alpha-2", adapter_dirs["alpha"]))
+    assert refused.value.status_code == 401 and "admin token" in str(refused.value)
+    asyncio.run(remote.load_adapter("alpha-2", adapter_dirs["alpha"]))
+    try:
+        assert "alpha-2" in remote.adapters()
+        with pytest.raises(AdminRefusedError) as taken:
+            asyncio.run(remote.load_adapter("alpha-2", adapter_dirs["alpha"]))
+        assert taken.value.status_code == 422 and "already loaded" in str(taken.value)
+    finally:
+        asyncio.run(remote.unload_adapter("alpha-2"))
+    assert "alpha-2" not in remote.adapters()
+    with pytest.raises(AdapterNotFoundError):
+        asyncio.run(remote.unload_adapter("alpha-2"))
+
+
+def test_the_app_over_a_remote_engine(remote, registry_for, tmp_path):
+    """gradio_client drives the UI; the app's own API passes requests on; merging is refused."""
+    from conftest import LiveServer
+    from gradio_client import Client
+
+    live = LiveServer(create_app(remote, registry_for, tmp_path))
+    try:
+        client = Client(f"{live.url}/", verbose=False)
+        tuned, tuned_stats, base, base_stats = client.predict(
+            "alpha", REVIEW, "", "", "", api_name="/compare"
+        )
+        assert tuned and base
+        for stats in (tuned_stats, base_stats):
+            assert "TTFT" in stats and "tok/s" in stats and "finish:" in stats
+        history = client.predict("Say hi.", [], "beta", api_name="/chat")
+        assert [m["role"] for m in history] == ["user", "assistant"]
+        body = {"model": "alpha", "messages": [{"role": "user", "content": REVIEW}],
+                "max_tokens": 3}  # fmt: skip
+        answer = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=300)
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
+        missing = httpx.post(f"{live.url}/v1/chat/completions", json=body | {"model": "nope"})
+        assert missing.status_code == 404
+        merge = httpx.post(f"{live.url}/v1/adapters/merge", json={})
+        assert merge.status_code == 404 and "--remote" in merge.json()["error"]["message"]
+        assert httpx.get(f"{live.url}/health", timeout=300).json()["ok"]
+    finally:
+        live.stop()
+
+
+def test_an_adapter_the_local_registry_lacks(server, registry_for):
+    """Its card comes from the server; its template is the server's only, so requests to it
+    are refused instead of answered without it."""
+    alpha_only = Registry(adapters=[registry_for.adapter("alpha")])
+    engine = RemoteEngine(server, alpha_only)
+    card = Catalog(engine, alpha_only).spec("beta")
+    assert card.category == "generation" and card.task == "qa"
+    assert "{context}" in card.template and "{question}" in card.template
+    request = greedy_request(None, "Where is Paris?")
+    request.adapter = "beta"
+    with pytest.raises(InvalidRequestError, match=r"server's adapters\.yaml"):
+        asyncio.run(chunks_of(engine, request))
+
+
+def test_nothing_answering_is_a_clear_error(registry_for):
+    with pytest.raises(RemoteError, match="nothing answers"):
+        RemoteEngine(f"http://127.0.0.1:{free_port()}", registry_for)
+
+
+@pytest.mark.parametrize(
+    "template, content, value",
+    [
+        ("Review: {review}", "Review: Review: x", "Review: x"),
+        ("Q {q}\nA {q}", "Q a\nA a", "a"),
+        ("Q {q}\nA {q}", "Q a\nA b", None),
+        ("{input}", "anything\nat all", "anything\nat all"),
+        ("Say {x} {{literally}}", "Say hi {literally}", "hi"),
+        ("Review: {review}", "Critique: x", None),
+    ],
+)
+def test_unfilled_inverts_a_one_field_template(template, content, value):
+    spec = AdapterSpec(name="t", path=Path("."), template=template)
+    assert unfilled(spec, content) == value
+
+
+def test_a_regex_constraint_is_refused_behind_the_router_only():
+    from engine.constraints import Constraint
+
+    params = SamplingParams(constraint=Constraint("regex", "(fresh|rotten)"))
+    assert response_format(params, cluster=False) == {"type": "regex", "regex": "(fresh|rotten)"}
+    with pytest.raises(InvalidRequestError, match="sglang-router"):
+        response_format(params, cluster=True)
+    assert response_format(SamplingParams(), cluster=True) == {"type": "text"}
