@@ -313,8 +313,8 @@ sql_fresh() {  # #17: the shipped SQL adapter and the base on the hand-written q
     --split fresh --batch 256 --out "$RESULTS/sql-fresh"
 }
 
-build_merges() {  # #18, on the CPU (no GPU): the five shipped adapters merged per method
-  local registry=/tmp/merged.yaml method
+build_merges() {  # #18, on the CPU (no GPU): the merges of results/combine/merges, with peft
+  local method all="sentiment news spam address sql"  # word-split on purpose
   python3 - <<'PY'
 import yaml
 config = yaml.safe_load(open("adapters.yaml"))
@@ -323,22 +323,44 @@ for entry in config["adapters"]:
 yaml.safe_dump(config, open("/tmp/merged.yaml", "w"), sort_keys=False)
 PY
   for method in cat svd ties dare_ties; do
-    taskset -c 24-29 python3 -m finetune.merge --adapters sentiment news spam address sql \
-      --method "$method" \
-      --out "/tmp/merged/five-$method" --name "five-$method" --register "$registry" || return 1
+    merge "five-$method" $all --method "$method" || return 1
   done
-  taskset -c 24-29 python3 -m finetune.merge --adapters sentiment spam --method cat \
-    --out /tmp/merged/pair-cat \
-    --name pair-cat --register "$registry" || return 1
+  merge five-ties-w11122 $all --method ties --weights 1 1 1 2 2 || return 1
+  merge five-ties-d08 $all --method ties --density 0.8 || return 1
+  merge five-ties-w11122-d08 $all --method ties --weights 1 1 1 2 2 --density 0.8 || return 1
+  merge pair-cat sentiment spam --method cat || return 1
+  merge pair-cat-sentiment-news sentiment news --method cat || return 1
+  merge pair-cat-address-sql address sql --method cat || return 1
+  merge triple-cat-classifiers sentiment news spam --method cat || return 1
   touch /tmp/merges.done
 }
 
-merges() {  # #18: each merged adapter on every task's whole test split (one SGLang engine)
+merge() {  # merge NAME ADAPTERS... [OPTIONS]: one peft merge, registered in /tmp/merged.yaml
+  local name=$1 adapters=()
+  shift
+  while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do adapters+=("$1"); shift; done
+  taskset -c 24-29 python3 -m finetune.merge --adapters "${adapters[@]}" "$@" \
+    --out "/tmp/merged/$name" --name "$name" --register /tmp/merged.yaml
+}
+
+merges() {  # #18: every merge and each own adapter on every task's whole test split (SGLang)
   wait_file /tmp/merges.done 900 || return 3
   gpu_free
-  timeout 900 python3 -m finetune.evaluate --backend sglang --dtype float16 --limit 2000 \
-    --config /tmp/merged.yaml --adapter five-cat five-svd five-ties five-dare_ties pair-cat \
-    --interleave --batch 512 --batch-timeout 300 --set cuda_graph=false --out "$RESULTS/merges"
+  local out=$RESULTS/merges run
+  run=(timeout 900 python3 -m finetune.evaluate --backend sglang --dtype float16 --limit 2000
+    --config /tmp/merged.yaml --interleave --batch 512 --batch-timeout 300 --set cuda_graph=false)
+  "${run[@]}" --out "$out/own" || return 1
+  "${run[@]}" --adapter five-cat five-svd five-ties five-dare_ties five-ties-w11122 five-ties-d08 \
+    five-ties-w11122-d08 --out "$out/five" || return 1
+  "${run[@]}" --tasks sentiment spam --adapter pair-cat --out "$out/pair" || return 1
+  "${run[@]}" --tasks sentiment news --adapter pair-cat-sentiment-news \
+    --out "$out/pair-sentiment-news" || return 1
+  "${run[@]}" --tasks address sql --adapter pair-cat-address-sql --out "$out/pair-address-sql" ||
+    return 1
+  "${run[@]}" --tasks sentiment news spam --adapter triple-cat-classifiers \
+    --out "$out/triple-classifiers" || return 1
+  python3 -m finetune.merge_report --own "$out/own" --merged "$out/five" "$out/pair" \
+    "$out/pair-sentiment-news" "$out/pair-address-sql" "$out/triple-classifiers" --out "$out"
 }
 
 cpu_targets() {  # #20 on 2 quiet cores of this machine's CPU: the CPU default's three modes
@@ -495,7 +517,7 @@ if check.exists():
     for key, value in report.items():
         if key.startswith("sglang_"):
             print(f"\n## gpu_check {key}: ok = {json.dumps(value.get('ok') or value.get('error'))}")
-for name in ["sql-variants/test/quality.md", "sql-variants/fresh/quality.md", "merges/quality.md",
+for name in ["sql-variants/test/quality.md", "sql-variants/fresh/quality.md", "merges/merges.md",
              "profile/profile.md", "router/summary.md", "structured-h200/results.md", "first-use-7b/first_use.md",
              "side-by-side/side-by-side.md", "ours/pairs/summary.md", "peer/summary.md",
              "parity-shipped/parity.md", "parity-constrained/parity.md",
