@@ -5,6 +5,7 @@
         --adapters 8 --distribution zipf --prompt-words 90-110 --output-tokens 90-110
     locust -f loadtest/ --host ... --headless --steps 1,8,32,64,128,256 --step-seconds 30
     locust -f loadtest/ --host ... --headless -u 1 -t 60s --arrival-rate 20     # open loop
+    locust -f loadtest/ --host ... --headless -u 256 -r 256 -t 60s --think-time 1  # LoRA Land's k6
     locust -f loadtest/ --host http://127.0.0.1:30000 ... --model-format '{base}:{adapter}'
                                                # SGLang's own server (0.5.17): base:adapter
 
@@ -12,7 +13,8 @@ Each request streams a chat completion (SSE, read line by line) and fires Locust
 ``TTFT``, ``ITL`` (mean gap between tokens of the request), ``E2E`` (response_length = output
 tokens, with the failure's exception), a row per model (``--rows kind``: lora and base). Raw
 per-request measurements go to ``--raw-out`` (JSONL), unrounded. Closed loop by default (a user
-sends its next request when the last ends); ``--arrival-rate R``: open loop, Poisson arrivals.
+sends its next request when the last ends; ``--think-time S``: S seconds after it, as the LoRA
+Land report's k6 users sleep 1 s); ``--arrival-rate R``: open loop, Poisson arrivals.
 The web UI gains a Tokens/s tab.
 
 The adapters in play are the first N of ``/v1/models`` (cards with a ``parent``; ``--models``
@@ -89,6 +91,7 @@ OPTIONS = [
     ),
     ("--rows", str, "model", "model (a row per model) | kind (rows lora and base)"),
     ("--arrival-rate", float, 0.0, "open loop: requests per second arriving (Poisson); 0 = closed"),
+    ("--think-time", float, 0.0, "closed loop: seconds a user waits after each answer (k6: 1)"),
 ]
 
 
@@ -237,9 +240,12 @@ class Streaming:
 
 
 class ChatUser(Streaming, HttpUser):
-    """Closed loop: one client streaming chat completions back to back."""
+    """Closed loop: one client streaming chat completions back to back, or ``--think-time``
+    seconds apart."""
 
-    wait_time = constant(0)
+    def wait_time(self) -> float:
+        options = self.environment.parsed_options
+        return options.think_time if options is not None else 0.0
 
     @task
     def chat(self):

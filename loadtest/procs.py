@@ -1,4 +1,5 @@
-"""Processes: start a server and wait for it; the cores a process keeps busy; GPU memory."""
+"""Processes: start a server and wait for it, the registry it serves; the cores a process keeps
+busy; GPU memory."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import yaml
+
 from engine.cluster import wait_until_up
+from engine.registry import load_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,3 +131,28 @@ def wait_for_peer(args) -> None:
         time.sleep(1)
     seen = "appeared" if Path(args.sync_theirs).exists() else "did not appear: going on alone"
     print(f"sync: {args.sync_theirs} {seen} after {time.perf_counter() - t0:.0f}s", flush=True)
+
+
+def absolute_registry(source: Path, sets: list[str]) -> dict:
+    """``source`` as a dict that works from anywhere (absolute base and adapter paths), with
+    each ``KEY=YAML`` of ``sets`` as an ``engine.sglang`` setting."""
+    source = source.resolve()
+    config = yaml.safe_load(source.read_text())
+    base = config.setdefault("base", {})
+    local_model = source.parent / str(base.get("model", ""))
+    if base.get("model") and local_model.exists():  # a folder beside the source registry
+        base["model"] = str(local_model.resolve())
+    for entry in config["adapters"]:
+        entry["path"] = str((source.parent / entry["path"]).resolve())
+    sglang = config.setdefault("engine", {}).setdefault("sglang", {})
+    for item in sets:
+        key, _, raw = item.partition("=")
+        sglang[key] = yaml.safe_load(raw)
+    return config
+
+
+def write_registry(config: dict, path: Path) -> Path:
+    """Write it and load it back: a bad setting fails here, not in a server started on it."""
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    load_registry(path)
+    return path

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import requests
-import yaml
 
 from engine.cluster import (
     REPLICA_PORT_OFFSET,
@@ -42,6 +41,7 @@ from engine.cluster import (
 )
 from engine.registry import load_registry
 from loadtest.pairs import fmt, median_range
+from loadtest.procs import absolute_registry, write_registry
 from loadtest.report import describe
 from loadtest.sweep import measure_point
 
@@ -54,26 +54,12 @@ def cluster_config(args, out: Path) -> tuple[Path, str | None]:
     settings, absolute adapter paths, and its first ``--many`` adapters; returns it and the
     path of an adapter left out, for the hot-load check."""
     source = Path(args.config).resolve()
-    config = yaml.safe_load(source.read_text())
-    base = config.setdefault("base", {})
-    local_model = source.parent / str(base.get("model", ""))
-    if base.get("model") and local_model.exists():  # a folder beside the source registry
-        base["model"] = str(local_model.resolve())
-    for entry in config["adapters"]:
-        entry["path"] = str((source.parent / entry["path"]).resolve())
+    config = absolute_registry(source, args.set)
     spare = config["adapters"][args.many]["path"] if len(config["adapters"]) > args.many else None
     config["adapters"] = config["adapters"][: args.many]
-    engine = config.setdefault("engine", {})
-    sglang = engine.setdefault("sglang", {})
-    for item in args.set:
-        key, _, raw = item.partition("=")
-        sglang[key] = yaml.safe_load(raw)
     config["cluster"] = {"replicas": args.replicas, "policy": "adapter_affinity"}
     os.environ["LORALAND_ADAPTER_ROOT"] = str(source.parent / "adapters")  # the replicas'
-    path = out / "cluster.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    load_registry(path)  # a bad --set fails here, not in the replicas
-    return path, spare
+    return write_registry(config, out / "cluster.yaml"), spare
 
 
 def start_cluster(config: Path, port: int, backend: str | None, started: list) -> None:

@@ -48,6 +48,10 @@ def run_point(args, users: int, adapters: int, raw: Path) -> list[dict]:
         cmd += ["--models-from", args.models_from]
     if getattr(args, "processes", 1) > 1:
         cmd += ["--processes", str(args.processes)]
+    if getattr(args, "think_time", 0):
+        cmd += ["--think-time", str(args.think_time)]
+    if getattr(args, "arrival_rate", 0):
+        cmd += ["--arrival-rate", str(args.arrival_rate)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         raise RuntimeError(f"locust failed at {point_key(users, adapters)}:\n{done.stderr[-2000:]}")
@@ -129,6 +133,10 @@ def main() -> None:
                         help="a server listing the adapters (behind engine.cluster: its control "
                         "API, the router's port + 1)")  # fmt: skip
     parser.add_argument("--processes", type=int, default=1, help="Locust processes per point")
+    parser.add_argument("--think-time", type=float, default=0.0,
+                        help="closed loop: seconds a user waits after each answer")  # fmt: skip
+    parser.add_argument("--arrival-rate", type=float, default=0.0,
+                        help="open loop: requests a second (Poisson)")  # fmt: skip
     template = "raw | apply | '' (send no prompt_template: another server)"
     parser.add_argument("--prompt-template", default="raw", help=template)
     args = parser.parse_args()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import socket
@@ -313,3 +314,47 @@ def test_structured_overhead_runs_both_modes_in_pairs_and_every_schema_answer_is
         }
     assert "| 2 |" in (out / "results.md").read_text()
     assert (out / "overhead.png").stat().st_size > 10_000
+
+
+def test_think_time_spaces_each_users_requests(hf_engine, registry_for, tmp_path):
+    """--think-time: a user's next request starts no sooner than that long after its last ended
+    (a floor that holds however slow the machine is)."""
+    from conftest import LiveServer
+
+    from engine.api import create_api
+
+    live = LiveServer(create_api(hf_engine, registry_for))
+    raw = tmp_path / "raw.jsonl"
+    cmd = [
+        sys.executable, "-m", "locust", "-f", "loadtest/", "--headless", "-u", "1", "-r", "1",
+        "-t", "6s", "--host", live.url, "--adapters", "1", "--prompt-words", "3",
+        "--output-tokens", "2", "--think-time", "1.5", "--raw-out", str(raw),
+        "--stop-timeout", "20",
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    finally:
+        live.stop()
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = sorted((json.loads(line) for line in raw.read_text().splitlines()),
+                     key=lambda r: r["start"])  # fmt: skip
+    assert len(records) >= 2 and all(r["ok"] for r in records)
+    gaps = [b["start"] - (a["start"] + a["e2e"]) for a, b in itertools.pairwise(records)]
+    assert min(gaps) >= 1.4
+
+
+def test_bursty_arrival_profile_on_known_arrivals():
+    from loadtest.bursty import arrival_profile, arrivals_per_bin, burst_of, in_flight
+
+    waves = [{"start": s + i * 0.001, "e2e": 0.5, "ttft": 0.1 + 0.02 * i}
+             for s in (0.0, 1.0) for i in range(10)]  # fmt: skip
+    steady = [{"start": 0.05 + 0.1 * i, "e2e": 0.5, "ttft": 0.1} for i in range(20)]
+    starts = sorted(r["start"] for r in waves)
+    assert burst_of(0.0095, starts) == 10 and burst_of(0.5, starts) == 0
+    assert arrivals_per_bin(starts, 0.0, 2.0)[:11] == [10] + [0] * 9 + [10]
+    assert in_flight(waves, 0.0, 2.0) == pytest.approx(20 * 0.5 / 2.0)
+    bunched, even = arrival_profile(waves, (0.0, 2.0)), arrival_profile(steady, (0.0, 2.0))
+    assert bunched["arrival_cv"] == pytest.approx(3.0) and even["arrival_cv"] == 0
+    assert bunched["arrivals_per_100ms"] == even["arrivals_per_100ms"] == 1.0
+    assert bunched["ttft_p50_busiest_quarter"] == pytest.approx(0.26)  # bursts 8, 9, 9, 10, 10
+    assert bunched["ttft_p50_quietest_quarter"] == pytest.approx(0.12)  # bursts 1, 1, 2, 2, 3
