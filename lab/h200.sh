@@ -23,6 +23,9 @@
 #   Any job's list:     sql-variants three SQL recipes trained at once on the whole-store data
 #                                    (FINETUNE=1 payload), then the shipped adapter, the variants
 #                                    and the base on the template test split and the fresh set
+#                       profile-decode  lab/profile_decode.py: torch-profiler traces of the
+#                                    decode step at 128/256 streams, base vs 128 adapters
+#                       bursty       loadtest.bursty: closed loop vs 1 s think time vs Poisson
 #   Both GPUs, job `router` (JOBS_X2=router): synth-many (520 adapters), router (loadtest.router:
 #                       two replicas behind sglang-router vs one, affinity vs round-robin, a
 #                       hot-load across replicas), structured-h200 (#17), first-use-7b (#18)
@@ -363,6 +366,22 @@ merges() {  # #18: every merge and each own adapter on every task's whole test s
     "$out/pair-sentiment-news" "$out/pair-address-sql" "$out/triple-classifiers" --out "$out"
 }
 
+profile_decode() {  # #16: what bounds the decode step (torch profiler through SGLang's own API)
+  wait_file "$SYNTH/adapters.yaml" 600 || return 1
+  gpu_free
+  timeout 900 python3 lab/profile_decode.py run --config "$SYNTH/adapters.yaml" \
+    --out "$RESULTS/profile" --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" \
+    --streams 128 256 --arms base adapters
+}
+
+bursty() {  # #16: closed loop vs the k6 profile (1 s think time) vs Poisson at the same rate
+  wait_file "$SYNTH/adapters.yaml" 600 || return 1
+  gpu_free
+  timeout 1200 python3 -m loadtest.bursty --config "$SYNTH/adapters.yaml" \
+    --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" --users 256 \
+    --adapters 128 --pairs 3 --duration 30 --warmup 8 --out "$RESULTS/bursty"
+}
+
 cpu_targets() {  # #20 on 2 quiet cores of this machine's CPU: the CPU default's three modes
   CUDA_VISIBLE_DEVICES= taskset -c 30,31 timeout 1500 python3 -m loadtest.cpu_serving \
     --rounds 3 --tokens 48 --out "$RESULTS/cpu-targets"
@@ -378,7 +397,7 @@ sql_variants() {  # #17: the SQL adapter retrained on the whole-store data, thre
   # shellcheck disable=SC2086
   train_variant r16all-2000 --steps 2000 --rank 16 --alpha 32 --targets $all &
   wait
-  python3 - "$v" <<'PY' || return 1
+  python3 - "$v" <<'PY'
 import sys
 from pathlib import Path
 
@@ -392,10 +411,13 @@ sql = next(e for e in config["adapters"] if e["name"] == "sql")
 for variant in sorted(p.parent.parent.name for p in root.glob("*/sql/adapter_config.json")):
     config["adapters"].append({**sql, "name": f"sql-{variant}", "path": str(root / variant / "sql")})
 yaml.safe_dump(config, open(root / "adapters.yaml", "w"), sort_keys=False)
-print("variants:", [e["name"] for e in config["adapters"] if e["name"].startswith("sql-")])
+names = [e["name"] for e in config["adapters"] if e["task"] == "sql"]
+(root / "names.txt").write_text(" ".join(names))
+print("adapters of the SQL task:", names)
 PY
+  [ -f "$v/names.txt" ] || return 1
   local names
-  names=$(python3 -c "import yaml; print(' '.join(e['name'] for e in yaml.safe_load(open('$v/adapters.yaml'))['adapters'] if e['task'] == 'sql'))")
+  names=$(cat "$v/names.txt")
   # shellcheck disable=SC2086
   timeout 600 python3 -m finetune.evaluate --backend sglang --dtype float16 --config "$v/adapters.yaml" \
     --tasks sql --adapter $names --limit 2000 --batch 512 --set cuda_graph=false \
@@ -518,7 +540,7 @@ if check.exists():
         if key.startswith("sglang_"):
             print(f"\n## gpu_check {key}: ok = {json.dumps(value.get('ok') or value.get('error'))}")
 for name in ["sql-variants/test/quality.md", "sql-variants/fresh/quality.md", "merges/merges.md",
-             "profile/profile.md", "router/summary.md", "structured-h200/results.md", "first-use-7b/first_use.md",
+             "profile/profile.md", "bursty/bursty.md", "router/summary.md", "structured-h200/results.md", "first-use-7b/first_use.md",
              "side-by-side/side-by-side.md", "ours/pairs/summary.md", "peer/summary.md",
              "parity-shipped/parity.md", "parity-constrained/parity.md",
              "parity-shipped/sglang/quality.md", "parity-constrained/sglang/quality.md",
