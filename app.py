@@ -576,6 +576,7 @@ def check_remote_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
 def make_engine(parser: argparse.ArgumentParser, args: argparse.Namespace, registry) -> Engine:
     if not args.remote:
         return build_engine(registry, backend=args.backend)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per proxied request
     try:
         engine = RemoteEngine(
             args.remote, registry, args.control, os.environ.get("LORALAND_ADMIN_TOKEN")

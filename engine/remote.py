@@ -371,8 +371,8 @@ class RemoteEngine(Engine):
 def is_router(url: str) -> bool:
     """sglang-router answers ``/readiness`` with its worker counts; ``python -m engine.api``
     answers ``/get_model_info``; anything else is refused here, saying what was found."""
-    readiness = probe(f"{url}/readiness")
-    if readiness is not None and readiness.status_code == 200 and "workers" in readiness.text:
+    readiness = probe(f"{url}/readiness")  # 503 "insufficient healthy workers" is a router too
+    if readiness is not None and "workers" in readiness.text:
         return True
     info = probe(f"{url}/get_model_info")
     if info is not None and info.status_code == 200:
@@ -451,7 +451,7 @@ def common_sampling(params: SamplingParams, cluster: bool) -> dict:
         "max_tokens": params.max_tokens,
         "temperature": params.temperature,
         "top_p": params.top_p,
-        "top_k": params.top_k,
+        "top_k": params.top_k or -1,  # off: the router refuses 0, the API takes -1 as 0
         "stop": list(params.stop),
         "presence_penalty": params.presence_penalty,
         "frequency_penalty": params.frequency_penalty,

@@ -162,6 +162,12 @@ def test_the_app_over_a_remote_engine(remote, registry_for, tmp_path):
         assert tuned and base
         for stats in (tuned_stats, base_stats):
             assert "TTFT" in stats and "tok/s" in stats and "finish:" in stats
+        table = client.predict(REVIEW, api_name="/every_adapter")
+        rows = {row[0]: row for row in table["data"]}
+        assert set(rows) == {"alpha", "beta", "base"}
+        assert all(
+            answer and probability.endswith("%") for _, answer, _, probability in rows.values()
+        )
         history = client.predict("Say hi.", [], "beta", api_name="/chat")
         assert [m["role"] for m in history] == ["user", "assistant"]
         body = {"model": "alpha", "messages": [{"role": "user", "content": REVIEW}],
