@@ -21,6 +21,7 @@ from engine.registry import RegistryError, load_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "cluster-test-token"
+ALPHA_TEMPLATE = "Is this review positive or negative?\n{review}"
 pytest.importorskip("sglang_router", reason="sglang-router is in requirements/dev.txt")
 
 
@@ -49,6 +50,7 @@ def cluster(base_dir, adapter_dirs, tmp_path_factory):
         "cluster": {"replicas": 2, "policy": "adapter_affinity"},
         "adapters": [{"name": n, "path": p} for n, p in adapter_dirs.items()],
     }
+    config["adapters"][0]["template"] = ALPHA_TEMPLATE  # the app's remote mode fills it once
     path = root / "adapters.yaml"
     path.write_text(yaml.safe_dump(config))
     port = free_base_port()
@@ -287,6 +289,36 @@ def test_the_control_api_refuses_bad_admin_calls_before_any_replica(cluster):
     card = httpx.get(f"{control}/v1/models/..%2F..%2Fmetrics")
     assert card.status_code == 404 and card.json()["error"]["type"] == "not_found_error"
     assert all("alpha" in listed(r) for r in cluster["replicas"])
+
+
+def test_the_apps_remote_engine_over_the_cluster(cluster):
+    """``python app.py --remote ROUTER``: the control API is found at port + 1; through the
+    router (which drops ``prompt_template``) alpha's template is filled once, as a replica
+    asked directly with ``prompt_template: raw`` fills it; admin without the token is refused."""
+    import asyncio
+
+    from engine.interface import GenerationRequest, collect
+    from engine.remote import AdminRefusedError, RemoteEngine
+    from engine.sampling import resolve
+
+    registry = load_registry(cluster["config"])
+    routed = RemoteEngine(cluster["router"], registry)
+    direct = RemoteEngine(cluster["replicas"][0], registry)
+    assert routed.settings.cluster and routed.control_url == cluster["control"]
+    assert not direct.settings.cluster
+    alpha = registry.adapter("alpha")
+
+    def answer(engine: RemoteEngine) -> tuple[str, int]:
+        messages = [{"role": "user", "content": alpha.fill("A joyless slog.")}]
+        params = resolve(alpha, temperature=0.0, max_tokens=8)
+        request = GenerationRequest("alpha", messages=messages, params=params)
+        done = asyncio.run(collect(engine.stream(request), request))
+        return done.text, done.usage.prompt_tokens
+
+    assert answer(routed) == answer(direct)
+    with pytest.raises(AdminRefusedError) as refused:
+        asyncio.run(routed.unload_adapter("alpha"))
+    assert refused.value.status_code == 401
 
 
 def test_the_cluster_stops_when_a_replica_dies(cluster):
