@@ -187,7 +187,7 @@ def markdown_table(results: list[dict], training: dict[str, dict]) -> str:
     ]
     for r in results:
         m = r["metric"]
-        t = training.get(r["task"], {})
+        t = training.get(r["adapter"], {})
         cost = (
             f"{t.get('steps')} steps, {t.get('wall_seconds')} s on {t.get('device')}" if t else "—"
         )
@@ -330,8 +330,8 @@ def main() -> None:
     if args.merge:
         results, outputs = merge_previous(args.out, results, outputs)
     paths = {a.name: a.path for a in registry.adapters}
-    training = {
-        r["task"]: json.loads(p.read_text())
+    training = {  # by adapter: a run with --adapter scores several adapters of one task
+        r["adapter"]: json.loads(p.read_text())
         for r in results
         if r["adapter"] in paths and (p := paths[r["adapter"]] / "training.json").exists()
     }

@@ -104,7 +104,8 @@ def generated_examples() -> list[dict]:
 
 
 def answered_right(out_dir: Path) -> dict[str, list[bool]]:
-    """Per model (base, adapter) of an evaluate run on the fresh set: each question right or not."""
+    """Per model of an evaluate run on the fresh set (``base``, and each adapter by name: a run
+    with ``--adapter`` scores several): each question right or not."""
     from .tasks import TASKS
 
     fresh = load_fresh()
@@ -113,7 +114,8 @@ def answered_right(out_dir: Path) -> dict[str, list[bool]]:
         row = json.loads(line)
         gold = fresh[row["index"]]["target"]
         score = TASKS["sql"].score(row["text"], gold)["execution_accuracy"]
-        right.setdefault(row["model"], [False] * len(fresh))[row["index"]] = score == 1.0
+        model = "base" if row["model"] == "base" else row["adapter"]
+        right.setdefault(model, [False] * len(fresh))[row["index"]] = score == 1.0
     return right
 
 
