@@ -3,6 +3,7 @@
     python -m finetune.sql_fresh          # coverage, and each question's nearest generated one
     python -m finetune.evaluate --tasks sql --split fresh --out results/finetune/sql-fresh
     python -m finetune.sql_fresh --by-feature results/finetune/sql-fresh   # → by_feature.md
+    python -m finetune.sql_fresh --plot results/finetune/sql-recipes-h200  # → template_vs_fresh.png
 
 ``sql_fresh.jsonl`` holds one ``{"question", "sql"}`` per line: questions as a person would ask
 them (joins of 2-6 tables, GROUP BY / HAVING, top-N, date and price filters, subqueries, the
@@ -133,6 +134,35 @@ def by_feature_table(right: dict[str, list[bool]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_template_vs_fresh(folder: Path) -> Path:
+    """Grouped bars per adapter: execution accuracy on the template test split (``test/``) and
+    on the hand-written set (``fresh/``), each ``quality.json`` of one evaluate run."""
+    from loadtest.report import plt
+
+    runs = {s: json.loads((folder / s / "quality.json").read_text())["results"] for s in SPLITS}
+    adapters = [r["adapter"] for r in runs["test"]]
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    width = 0.38
+    for k, split in enumerate(SPLITS):
+        score = {r["adapter"]: r["finetuned"]["execution_accuracy"] for r in runs[split]}
+        places = [i + (k - 0.5) * width for i in range(len(adapters))]
+        heights = [score.get(a, 0.0) for a in adapters]
+        bars = ax.bar(places, heights, width, label=SPLITS[split])
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(range(len(adapters)), adapters)
+    ax.set(ylabel="execution accuracy", ylim=(0, 1), title="SQL adapters: template vs hand-written")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.legend()
+    fig.tight_layout()
+    path = folder / "template_vs_fresh.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+SPLITS = {"test": "template test split", "fresh": "hand-written (fresh)"}
+
+
 def print_overlaps() -> None:
     fresh, generated = load_fresh(), generated_examples()
     shapes = {skeleton(e["target"]) for e in generated}
@@ -150,8 +180,12 @@ def main() -> None:
     parser.add_argument(
         "--by-feature", type=Path, metavar="DIR", help="an evaluate --split fresh output folder"
     )
+    plot_help = "DIR/test and DIR/fresh: evaluate runs → template_vs_fresh.png"
+    parser.add_argument("--plot", type=Path, metavar="DIR", help=plot_help)
     args = parser.parse_args()
-    if args.by_feature:
+    if args.plot:
+        print(plot_template_vs_fresh(args.plot))
+    elif args.by_feature:
         table = by_feature_table(answered_right(args.by_feature))
         (args.by_feature / "by_feature.md").write_text(table)
         print(table)

@@ -133,3 +133,14 @@ def test_the_stored_fresh_run_rescores_to_its_own_numbers():
         stored["results"][0]["base"],
         stored["results"][0]["finetuned"],
     )
+
+
+def test_template_vs_fresh_plot_from_two_runs(tmp_path):
+    from finetune.sql_fresh import plot_template_vs_fresh
+
+    for split, score in (("test", 0.9), ("fresh", 0.2)):
+        result = {"adapter": "sql", "finetuned": {"execution_accuracy": score}}
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "quality.json").write_text(json.dumps({"results": [result]}))
+    path = plot_template_vs_fresh(tmp_path)
+    assert path == tmp_path / "template_vs_fresh.png" and path.stat().st_size > 1000
