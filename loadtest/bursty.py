@@ -13,7 +13,8 @@ loop at the request rate the ``think`` point reached in that round, so the two d
 how arrivals bunch). Per point, beside Locust's figures: requests in flight, how arrivals bunch
 (the coefficient of variation of arrivals per 100 ms; Poisson gives about 1 / sqrt(mean)), and
 TTFT p50 of the quarter of requests that arrived in the busiest 250 ms against the quietest
-quarter. Writes ``results.json``, ``bursty.md`` and ``bursty.png`` into ``--out``.
+quarter. Writes ``results.json``, ``bursty.md``, ``rounds.png`` (per round, from results.json)
+and ``bursty.png`` (the last round's measured window, from the raw records) into ``--out``.
 """
 
 from __future__ import annotations
@@ -163,29 +164,58 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def octiles(records: list[dict]) -> list[list[tuple[int, float]]]:
+def steady_records(records: list[dict], settings: dict) -> tuple[list[dict], float]:
+    """The requests that started in the measured window (after the warm-up), and its start."""
+    began = min(r["start"] for r in records) + settings["warmup"]
+    ended = began - settings["warmup"] + settings["duration"]
+    return [r for r in records if began <= r["start"] <= ended], began
+
+
+def octiles(records: list[dict], starts: list[float]) -> list[list[tuple[int, float]]]:
     """(bunching, TTFT) of every answered request, sorted by bunching, in eight slices."""
-    starts = sorted(r["start"] for r in records)
     pairs = sorted((burst_of(r["start"], starts), r["ttft"]) for r in records if r.get("ttft"))
     size = max(1, len(pairs) // 8)
     return [pairs[i : i + size] for i in range(0, len(pairs), size)]
 
 
+def plot_rounds(results: dict, out: Path) -> None:
+    """From results.json alone: TTFT p50 and arrival CV per arm, each round."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    rounds = [r["round"] for r in results["rounds"]]
+    for k, arm in enumerate(ARMS):
+        points = [r["points"][arm] for r in results["rounds"]]
+        places = [i + (k - 1) * 0.27 for i in range(len(rounds))]
+        axes[0].bar(places, [1000 * (p.get("ttft_p50") or 0) for p in points], 0.27, label=arm)
+        axes[1].bar(places, [p.get("arrival_cv") or 0 for p in points], 0.27, label=arm)
+    for ax, label in zip(axes, ("TTFT p50 (ms)", "arrival CV (per 100 ms)"), strict=True):
+        ax.set_xticks(range(len(rounds)), [f"round {r}" for r in rounds])
+        ax.set(ylabel=label)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "rounds.png", dpi=110)
+    plt.close(fig)
+
+
 def plot(results: dict, out: Path) -> None:
-    """Arrivals per 100 ms in the last round (think against poisson), and TTFT by bunching."""
+    """The last round's measured window: arrivals per 100 ms over its first 10 s, and TTFT
+    against how many requests arrived just before (the start-up wave left out)."""
     number = results["rounds"][-1]["round"]
     fig, (timeline, by_burst) = plt.subplots(1, 2, figsize=(12, 4.2))
     for arm in ("think", "poisson", "closed"):
-        records = read_records(out / "raw" / f"{arm}-r{number}.jsonl")
-        began = min(r["start"] for r in records)
-        bins = arrivals_per_bin([r["start"] for r in records], began, began + 10)
+        raw = out / "raw" / f"{arm}-r{number}.jsonl"
+        if not raw.exists():
+            continue
+        records = read_records(raw)
+        inside, began = steady_records(records, results["settings"])
+        starts = sorted(r["start"] for r in records)
+        bins = arrivals_per_bin(starts, began, began + 10)
         timeline.plot([i * BIN_S for i in range(len(bins))], bins, label=arm, lw=1)
-        chunks = octiles(records)
+        chunks = octiles(inside, starts)
         by_burst.plot([statistics.fmean(b for b, _ in c) for c in chunks],
                       [1000 * statistics.median(t for _, t in c) for c in chunks], "o-",
                       label=arm)  # fmt: skip
-    timeline.set(xlabel="seconds from the point's start", ylabel="requests arriving per 100 ms",
-                 title=f"Arrivals, round {number} (first 10 s)")  # fmt: skip
+    timeline.set(xlabel="seconds into the measured window", ylabel="requests arriving per 100 ms",
+                 title=f"Arrivals, round {number} (first 10 s after the warm-up)")  # fmt: skip
     by_burst.set(xlabel=f"requests arrived in the {BURST_S * 1000:.0f} ms before (octiles)",
                  ylabel="TTFT p50 (ms)", title="TTFT against bunching")  # fmt: skip
     for ax in (timeline, by_burst):
@@ -218,6 +248,7 @@ def run(args) -> dict:
             results["rounds"].append(run_round(args, number))
             results["summary"] = summarize(results["rounds"])
             write(out, results)
+        plot_rounds(results, out)
         plot(results, out)
     finally:
         server.terminate()
@@ -228,7 +259,7 @@ def run(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="the registry to serve")
+    parser.add_argument("--config", help="the registry to serve")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
                         help="an engine.sglang setting")  # fmt: skip
     parser.add_argument("--port", type=int, default=8400)
@@ -243,8 +274,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--plot-only", action="store_true", help="bursty.png from results.json")
     args = parser.parse_args()
+    if not args.plot_only and not args.config:
+        parser.error("--config is required")
     if args.plot_only:
-        plot(json.loads((Path(args.out) / "results.json").read_text()), Path(args.out))
+        results = json.loads((Path(args.out) / "results.json").read_text())
+        plot_rounds(results, Path(args.out))
+        plot(results, Path(args.out))
         return
     run(args)
 
