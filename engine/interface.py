@@ -306,6 +306,11 @@ class Engine(ABC):
         if name is not None and name not in self.adapters():
             raise AdapterNotFoundError(name, self.adapters())
 
+    async def discover_adapter(self, name: str) -> bool:
+        """Whether ``name`` is served, after what re-reading the engine can do: an engine over
+        HTTP asks its server, where an adapter may have been hot-loaded since."""
+        return name in self.adapters()
+
     async def complete(self, request: GenerationRequest) -> Completion:
         return await collect(self.stream(request), request)
 

@@ -195,6 +195,11 @@ class RemoteEngine(Engine):
             self.running.discard(rid)
             self.aborted.pop(rid, None)
 
+    async def discover_adapter(self, name: str) -> bool:
+        if name not in self.cards:
+            await self.refresh()
+        return name in self.cards
+
     async def ensure_served(self, adapter: str | None) -> None:
         """An adapter not seen yet may have been hot-loaded since: ask once, then refuse."""
         if adapter is not None and adapter not in self.cards:

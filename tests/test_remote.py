@@ -148,6 +148,33 @@ def test_admin_needs_the_token_and_reaches_the_server(server, remote, registry_f
         asyncio.run(remote.unload_adapter("alpha-2"))
 
 
+def test_an_adapter_hot_loaded_on_the_server_since_is_served_by_the_apps_api(
+    server, remote, registry_for, adapter_dirs
+):
+    """The app's API asks the server before a 404: the adapter list it read at start is old."""
+    from conftest import LiveServer
+
+    from engine.api import create_api
+
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    body = {"name": "alpha-3", "path": adapter_dirs["alpha"]}
+    loaded = httpx.post(f"{server}/v1/adapters", json=body, headers=auth, timeout=300)
+    assert loaded.status_code == 200, loaded.text
+    live = LiveServer(create_api(remote, registry_for))
+    try:
+        assert "alpha-3" not in remote.adapters()  # not read since the load
+        chat = {"model": "alpha-3", "messages": [{"role": "user", "content": REVIEW}],
+                "max_tokens": 2}  # fmt: skip
+        answer = httpx.post(f"{live.url}/v1/chat/completions", json=chat, timeout=300)
+        assert answer.status_code == 200, answer.text
+        assert "alpha-3" in remote.adapters()
+        missing = httpx.post(f"{live.url}/v1/chat/completions", json=chat | {"model": "alpha-4"})
+        assert missing.status_code == 404
+    finally:
+        live.stop()
+        httpx.delete(f"{server}/v1/adapters/alpha-3", headers=auth, timeout=300)
+
+
 def test_the_app_over_a_remote_engine(remote, registry_for, tmp_path):
     """gradio_client drives the UI; the app's own API passes requests on; merging is refused."""
     from conftest import LiveServer

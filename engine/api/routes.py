@@ -197,10 +197,12 @@ class Api:
         try:
             return self.resolve_model(model)
         except OpenAIError:
-            path = self.on_demand_path(self.adapter_name(model))
+            name = self.adapter_name(model)
+            if name is not None and await self.engine.discover_adapter(name):
+                return name
+            path = self.on_demand_path(name)
             if path is None:
                 raise
-        name = self.adapter_name(model)
         loading = self.loading.get(name)
         if loading is None:
             loading = asyncio.ensure_future(self.load_on_demand(name, path))
@@ -646,6 +648,7 @@ def create_api(
         if name in api.unloading:
             raise OpenAIError(409, f"adapter '{name}' is being unloaded", "conflict_error")
         try:
+            await engine.discover_adapter(name)
             engine.check_adapter(name)
         except AdapterNotFoundError as err:
             raise from_engine(err) from err
