@@ -128,7 +128,9 @@ class RemoteEngine(Engine):
 
     def use_listing(self, listing: dict) -> None:
         """``GET /v1/models`` → the base id and every adapter's card."""
-        data = listing.get("data") or []
+        data = listing.get("data") if isinstance(listing, dict) else None
+        if not isinstance(data, list) or not all(isinstance(c, dict) and "id" in c for c in data):
+            raise RemoteError(f"{self.control_url}/v1/models is not an OpenAI model list")
         base = next((card for card in data if "parent" not in card), None)
         if base is None:
             raise RemoteError(f"{self.control_url}/v1/models lists no base model")
@@ -415,7 +417,10 @@ def get_json(url: str) -> dict:
         raise RemoteError(f"{url}: {type(err).__name__}: {err}") from err
     if answer.status_code != 200:
         raise RemoteError(f"{url} answered {answer.status_code}: {answer.text[:300]}")
-    return answer.json()
+    try:
+        return answer.json()
+    except ValueError:
+        raise RemoteError(f"{url} answered what is not JSON: {answer.text[:300]!r}") from None
 
 
 def check_same_base(router_url: str, base_model_id: str) -> None:
@@ -507,7 +512,13 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[dict]:
         data = line[len("data:") :].strip()
         if data == "[DONE]":
             return
-        yield json.loads(data)
+        try:
+            event = json.loads(data)
+        except ValueError:
+            raise RemoteError(
+                f"the server streamed an event that is not JSON: {data[:200]!r}"
+            ) from None
+        yield event
 
 
 def parse_choice(choice: dict, chat: bool) -> Chunk:
