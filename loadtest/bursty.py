@@ -9,12 +9,13 @@ and against Poisson arrivals at the same request rate, on one server, in alterna
 Starts ``python -m engine.api`` once with the shipped defaults (plus ``--set``), then each round
 runs three Locust points at ``--users`` × ``--adapters``: ``closed`` (back to back), ``think``
 (each user waits ``--think-time`` after an answer, as k6's ``sleep(1)``) and ``poisson`` (open
-loop at the request rate the ``think`` point reached in that round, so the two differ only in
-how arrivals bunch). Per point, beside Locust's figures: requests in flight, how arrivals bunch
-(the coefficient of variation of arrivals per 100 ms; Poisson gives about 1 / sqrt(mean)), and
-TTFT p50 of the quarter of requests that arrived in the busiest 250 ms against the quietest
-quarter. Writes ``results.json``, ``bursty.md``, ``rounds.png`` (per round, from results.json)
-and ``bursty.png`` (the last round's measured window, from the raw records) into ``--out``.
+loop at the rate requests arrived in the ``think`` point's measured window, so the two differ
+only in how arrivals bunch). Per point, beside Locust's figures: requests in flight, how
+arrivals bunch (the coefficient of variation of arrivals per 100 ms; Poisson gives about
+1 / sqrt(mean)), and TTFT p50 of the quarter of requests that arrived in the busiest 250 ms
+against the quietest quarter. Writes ``results.json``, ``bursty.md``, ``rounds.png`` (per
+round, from results.json) and ``bursty.png`` (the last round's measured window, from the raw
+records) into ``--out``.
 """
 
 from __future__ import annotations
@@ -106,10 +107,10 @@ def run_round(args, number: int) -> dict:
     order = ARMS if number % 2 else ARMS[1:] + ARMS[:1]
     points: dict[str, dict] = {}
     for arm in order:
-        rate = (points.get("think") or {}).get("request_throughput") or 0.0
+        rate = 10 * ((points.get("think") or {}).get("arrivals_per_100ms") or 0.0)
         print(f"[bursty] round {number}: {arm}", flush=True)
         if arm == "poisson" and not rate:  # rate 0 would make the open-loop user a closed one
-            points[arm] = {"skipped": "no request finished in the think point's steady window"}
+            points[arm] = {"skipped": "no request arrived in the think point's steady window"}
             continue
         points[arm] = run_arm(args, arm, number, rate)
         print(f"    {describe(points[arm])}", flush=True)
