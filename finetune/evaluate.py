@@ -197,7 +197,10 @@ def markdown_table(results: list[dict], training: dict[str, dict]) -> str:
             f"{r['delta_points']:+.1f} | {r['n']} | {cost} | {evaluated_on(r)} |"
         )
     mean = sum(r["delta_points"] for r in results) / max(1, len(results))
-    lines.append(f"\nMean lift over the base: **{mean:+.1f} points** on {len(results)} tasks.")
+    tasks = len({r["task"] for r in results})
+    named = f"{tasks} task" + ("s" if tasks != 1 else "")
+    over = named if tasks == len(results) else f"{len(results)} adapters, {named}"
+    lines.append(f"\nMean lift over the base: **{mean:+.1f} points** on {over}.")
     return "\n".join(lines) + "\n"
 
 

@@ -391,12 +391,13 @@ sql_variants() {  # #17: the SQL adapter retrained on the whole-store data, thre
   local v=/tmp/sqlv all="q_proj k_proj v_proj o_proj gate_proj up_proj down_proj"
   gpu_free
   python3 -m engine.base_model smollm2 > "$RAW_LOGS/sql-convert.log" 2>&1 || return 1
-  train_variant r8-1300 --steps 1300 &
+  local pid pids=()
+  train_variant r8-1300 --steps 1300 & pids+=($!)
   # shellcheck disable=SC2086
-  train_variant r16all-1300 --steps 1300 --rank 16 --alpha 32 --targets $all &
+  train_variant r16all-1300 --steps 1300 --rank 16 --alpha 32 --targets $all & pids+=($!)
   # shellcheck disable=SC2086
-  train_variant r16all-2000 --steps 2000 --rank 16 --alpha 32 --targets $all &
-  wait
+  train_variant r16all-2000 --steps 2000 --rank 16 --alpha 32 --targets $all & pids+=($!)
+  for pid in "${pids[@]}"; do wait "$pid" || echo "a SQL recipe failed, process $pid: see its log"; done
   python3 - "$v" <<'PY'
 import sys
 from pathlib import Path
