@@ -273,7 +273,8 @@ def main() -> None:
     parser.add_argument("--prompt-words", default="90-110")
     parser.add_argument("--output-tokens", default="90-110")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--plot-only", action="store_true", help="bursty.png from results.json")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="rounds.png, and bursty.png where raw/ is kept")  # fmt: skip
     args = parser.parse_args()
     if not args.plot_only and not args.config:
         parser.error("--config is required")
