@@ -8,6 +8,7 @@ Relative paths resolve against the folder of the YAML file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import string
@@ -309,6 +310,11 @@ class Registry(Strict):
             if spec.name == name:
                 return spec
         raise KeyError(name)
+
+
+def template_digest(template: str) -> str | None:
+    """A short fingerprint of a prompt template (None: no template), for telling two apart."""
+    return hashlib.sha256(template.encode()).hexdigest()[:16] if template else None
 
 
 def template_fields(template: str) -> list[str]:

@@ -55,7 +55,13 @@ from .interface import (
     TokenLogprob,
     Usage,
 )
-from .registry import BASE_MODEL_ALIAS, AdapterSpec, Registry, template_fields
+from .registry import (
+    BASE_MODEL_ALIAS,
+    AdapterSpec,
+    Registry,
+    template_digest,
+    template_fields,
+)
 
 NO_TOKEN_ID = -1
 """What ``Chunk.token_ids`` holds for each token: ids are not sent over HTTP."""
@@ -160,7 +166,8 @@ class RemoteEngine(Engine):
         return list(card.get("template_fields") or []) if card else []
 
     def check_template(self, adapter: str | None) -> None:
-        """The server's template for the adapter has the local one's fields, or it has none."""
+        """The server's template for the adapter is the local one (the same fields and, where
+        the server says, the same text), or it has none."""
         served = self.served_fields(adapter)
         spec = self.local_spec(adapter)
         local = template_fields(spec.template) if spec else []
@@ -168,6 +175,14 @@ class RemoteEngine(Engine):
             raise InvalidRequestError(
                 f"adapter '{adapter}': the server fills a prompt template of fields {served}, "
                 f"the local adapters.yaml {'one of ' + str(local) if spec else 'has none'}: "
+                "start the app with the server's adapters.yaml",
+                "model",
+            )
+        digest = (self.cards.get(adapter) or {}).get("template_digest") if adapter else None
+        if spec and digest and digest != template_digest(spec.template):
+            raise InvalidRequestError(
+                f"adapter '{adapter}': the server's prompt template is worded otherwise than the "
+                "local adapters.yaml's, so the app and the server would answer differently: "
                 "start the app with the server's adapters.yaml",
                 "model",
             )

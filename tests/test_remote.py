@@ -224,6 +224,17 @@ def test_an_adapter_the_local_registry_lacks(server, registry_for):
         asyncio.run(chunks_of(engine, request))
 
 
+def test_a_template_worded_otherwise_than_the_servers_is_refused(server, registry_for):
+    """The same fields, other words: the app would answer otherwise than the server's API."""
+    alpha = registry_for.adapter("alpha")
+    reworded = alpha.model_copy(update={"template": alpha.template.replace("positive", "good")})
+    assert reworded.template != alpha.template
+    engine = RemoteEngine(server, Registry(adapters=[reworded]))
+    request = greedy_request(reworded, reworded.fill(REVIEW))
+    with pytest.raises(InvalidRequestError, match="worded otherwise"):
+        asyncio.run(chunks_of(engine, request))
+
+
 def test_nothing_answering_is_a_clear_error(registry_for):
     with pytest.raises(RemoteError, match="nothing answers"):
         RemoteEngine(f"http://127.0.0.1:{free_port()}", registry_for)

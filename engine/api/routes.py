@@ -39,7 +39,14 @@ from ..interface import (
     Usage,
 )
 from ..metrics import Metrics, RequestTimer
-from ..registry import BASE_MODEL_ALIAS, SLUG, AdapterSpec, Registry, template_fields
+from ..registry import (
+    BASE_MODEL_ALIAS,
+    SLUG,
+    AdapterSpec,
+    Registry,
+    template_digest,
+    template_fields,
+)
 from ..sampling import resolve
 from .limits import BodyLimit
 from .protocol import (
@@ -242,6 +249,7 @@ class Api:
                     "category": spec.category if spec else "hot-loaded",
                     "description": spec.description if spec else "",
                     "template_fields": template_fields(spec.template) if spec else [],
+                    "template_digest": template_digest(spec.template) if spec else None,
                     "eval": spec.eval.model_dump() if spec and spec.eval else None,
                 }
             )
