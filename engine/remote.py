@@ -342,21 +342,29 @@ class RemoteEngine(Engine):
         raise AdminRefusedError(message, status, error.get("type") or "server_error")
 
     async def health(self) -> dict:
-        """The server's own ``/health`` (a cluster's: every replica's), with this engine's view."""
+        """The server's own ``/health`` (a cluster's: every replica's) and, on a cluster, the
+        router's ``/readiness`` (generations go through it), with this engine's view."""
+        report = {
+            "server": self.url,
+            "server_health": await self.answer_of(f"{self.control_url}/health"),
+        }
+        if self.cluster:
+            report["router_readiness"] = await self.answer_of(f"{self.url}/readiness")
+        return self.health_report(True) | report
+
+    async def answer_of(self, url: str) -> dict:
+        """A GET that must answer 200 with JSON; anything else is a ``RemoteError``."""
         try:
-            answer = await self.client().get(f"{self.control_url}/health")
+            answer = await self.client().get(url)
         except httpx.HTTPError as err:
-            raise RemoteError(f"{self.control_url}: {type(err).__name__}: {err}") from err
+            raise RemoteError(f"{url}: {type(err).__name__}: {err}") from err
         if answer.status_code != 200:
             status, error = error_of(answer)
-            raise RemoteError(f"{self.control_url}/health: {error.get('message')}", status)
-        return self.health_report(True) | {"server": self.url, "server_health": answer.json()}
-
-    async def server_metrics(self) -> str:
-        """The server's Prometheus text (a cluster's: the replicas' series summed)."""
-        answer = await self.client().get(f"{self.control_url}/metrics")
-        answer.raise_for_status()
-        return answer.text
+            raise RemoteError(f"{url}: {error.get('message')}", status)
+        try:
+            return answer.json()
+        except ValueError:
+            return {"text": answer.text[:300]}
 
     def stats(self) -> dict:
         """This client's view: its streams in flight; the queue is the server's (0 here)."""

@@ -316,6 +316,9 @@ def test_the_apps_remote_engine_over_the_cluster(cluster):
         return done.text, done.usage.prompt_tokens
 
     assert answer(routed) == answer(direct)
+    health = asyncio.run(routed.health())
+    assert health["server_health"]["ok"] and "router_readiness" in health
+    assert "router_readiness" not in asyncio.run(direct.health())
     with pytest.raises(AdminRefusedError) as refused:
         asyncio.run(routed.unload_adapter("alpha"))
     assert refused.value.status_code == 401
