@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import string
 import weakref
 from collections.abc import AsyncIterator
@@ -460,19 +459,21 @@ def check_same_base(router_url: str, base_model_id: str) -> None:
 
 
 def unfilled(spec: AdapterSpec | None, content: str) -> str | None:
-    """The value ``v`` of a one-field template with ``spec.fill(v) == content``, or None."""
+    """The value ``v`` of a one-field template with ``spec.fill(v) == content``, or None. The
+    field may recur: ``v``'s length follows from the content's and the literals' (linear time,
+    whatever the content)."""
     if spec is None:
         return None
-    pattern, seen = "", False
-    for literal, field, _, _ in string.Formatter().parse(spec.template):
-        pattern += re.escape(literal)
-        if field is not None:
-            pattern += "(?P=value)" if seen else "(?P<value>.*)"
-            seen = True
-    found = re.fullmatch(pattern, content, flags=re.DOTALL)
-    if found is None or spec.fill(found["value"]) != content:
+    parts = list(string.Formatter().parse(spec.template))
+    fields = sum(field is not None for _, field, _, _ in parts)
+    if fields == 0:
         return None
-    return found["value"]
+    size, rest = divmod(len(content) - sum(len(literal) for literal, *_ in parts), fields)
+    if size < 0 or rest:
+        return None
+    start = len(parts[0][0])
+    value = content[start : start + size]
+    return value if spec.fill(value) == content else None
 
 
 # ----- the wire format --------------------------------------------------------------------------
