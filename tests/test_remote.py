@@ -173,6 +173,8 @@ def test_an_adapter_hot_loaded_on_the_server_since_is_served_by_the_apps_api(
     finally:
         live.stop()
         httpx.delete(f"{server}/v1/adapters/alpha-3", headers=auth, timeout=300)
+        asyncio.run(remote.refresh())  # the module's engine: the next tests see alpha-3 gone
+    assert "alpha-3" not in remote.adapters()
 
 
 def test_the_app_over_a_remote_engine(remote, registry_for, tmp_path):
