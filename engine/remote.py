@@ -345,25 +345,11 @@ class RemoteEngine(Engine):
         router's ``/readiness`` (generations go through it), with this engine's view."""
         report = {
             "server": self.url,
-            "server_health": await self.answer_of(f"{self.control_url}/health"),
+            "server_health": await self.get_json(f"{self.control_url}/health"),
         }
         if self.cluster:
-            report["router_readiness"] = await self.answer_of(f"{self.url}/readiness")
+            report["router_readiness"] = await self.get_json(f"{self.url}/readiness")
         return self.health_report(True) | report
-
-    async def answer_of(self, url: str) -> dict:
-        """A GET that must answer 200 with JSON; anything else is a ``RemoteError``."""
-        try:
-            answer = await self.client().get(url)
-        except httpx.HTTPError as err:
-            raise RemoteError(f"{url}: {type(err).__name__}: {err}") from err
-        if answer.status_code != 200:
-            status, error = error_of(answer)
-            raise RemoteError(f"{url}: {error.get('message')}", status)
-        try:
-            return answer.json()
-        except ValueError:
-            return {"text": answer.text[:300]}
 
     def stats(self) -> dict:
         """This client's view: its streams in flight; the queue is the server's (0 here)."""
@@ -385,13 +371,17 @@ class RemoteEngine(Engine):
         return self.clients[loop]
 
     async def get_json(self, url: str) -> dict:
+        """A GET that must answer 200 with JSON; anything else is an ``EngineError``."""
         try:
             answer = await self.client().get(url)
         except httpx.HTTPError as err:
             raise RemoteError(f"{url}: {type(err).__name__}: {err}") from err
         if answer.status_code != 200:
             raise engine_error(*error_of(answer))
-        return answer.json()
+        try:
+            return answer.json()
+        except ValueError:
+            raise RemoteError(f"{url} answered what is not JSON: {answer.text[:300]!r}") from None
 
 
 # ----- what answers at the URL ------------------------------------------------------------------
