@@ -194,7 +194,7 @@ class RemoteEngine(Engine):
         self.check_template(request.adapter)
         path, body = self.request_body(request)
         headers = {ROUTING_HEADER: request.adapter or BASE_MODEL_ALIAS} if self.cluster else {}
-        rid = request.request_id
+        rid, clock = request.request_id, RequestClock()  # from the send: TTFT as the caller sees it
         self.running.add(rid)
         try:
             async with self.client().stream(
@@ -203,7 +203,7 @@ class RemoteEngine(Engine):
                 if response.status_code != 200:
                     await response.aread()
                     raise await self.generation_error(response, request.adapter)
-                async for chunk in self.chunks(response, request, path):
+                async for chunk in self.chunks(response, request, path, clock):
                     yield chunk
         except httpx.HTTPError as err:
             raise RemoteError(f"{self.url}: {type(err).__name__}: {err}") from err
@@ -269,10 +269,10 @@ class RemoteEngine(Engine):
         return [*messages[:-1], {**last, "content": value}]
 
     async def chunks(
-        self, response: httpx.Response, request: GenerationRequest, path: str
+        self, response: httpx.Response, request: GenerationRequest, path: str, clock: RequestClock
     ) -> AsyncIterator[Chunk]:
         """SSE events → ``Chunk``s; the finishing event is held until the usage event."""
-        clock, counted = RequestClock(), 0
+        counted = 0
         final: Chunk | None = None
         usage: Usage | None = None
         chat = path.endswith("chat/completions")

@@ -117,6 +117,25 @@ def test_log_probabilities_come_back_per_token(remote, hf_engine, registry_for):
         assert len(ours.top) == 2
 
 
+def server_ttft_sum(server: str, adapter: str) -> float:
+    """The server's own TTFT histogram sum for one adapter (seconds, all its requests)."""
+    metric = f'loraland_time_to_first_token_seconds_sum{{adapter="{adapter}"}}'
+    lines = httpx.get(f"{server}/metrics", timeout=60).text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(metric))
+
+
+def test_ttft_is_timed_from_the_send_so_it_holds_the_servers(server, remote, registry_for):
+    """The server's clock starts after the request is sent and stops before its first token
+    arrives here: the TTFT the remote engine reports is at least the server's own."""
+    beta = registry_for.adapter("beta")
+    filled = beta.render({"context": "Paris is in France.", "question": "Where?"})
+    request = greedy_request(beta, filled)
+    before = server_ttft_sum(server, "beta")
+    done = asyncio.run(collect(remote.stream(request), request))
+    server_ttft = server_ttft_sum(server, "beta") - before
+    assert server_ttft > 0 and done.timings.ttft_s >= server_ttft
+
+
 def test_refusals_become_the_engines_errors(remote, hf_engine):
     unknown = GenerationRequest("nope", prompt="Hi", params=SamplingParams(max_tokens=2))
     with pytest.raises(AdapterNotFoundError) as embedded:
