@@ -5,10 +5,12 @@
 The sources are in ``finetune/sources.py`` (and ``finetune/sql.py`` for Chinook). A split is chosen
 by a hash of the example's input, so it never changes and no input is in two splits.
 
-Training-only additions (``TRAIN_ONLY``: the SQL question families of ``finetune.sql_families``
-and the whole-store questions of ``finetune.sql_store``)
-are appended to a task's train split and cached apart from it, minus any input already in a
-split, so the template splits — val and test — are exactly what they were.
+Training-only additions (``TRAIN_ONLY``: the SQL question families of ``finetune.sql_families``,
+the whole-store questions of ``finetune.sql_store`` and the cross-table ones of
+``finetune.sql_paths``, minus anything near a hand-written test question —
+``sql_fresh.Decontaminator``) are appended to a task's train split and cached apart from it,
+minus any input already in a split, so the template splits — val and test — are exactly what
+they were.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from pathlib import Path
 from .sources import data_root, read_address, read_news, read_sentiment, read_spam
 from .sql import chinook_db, read_sql
 from .sql_families import build_family_questions
+from .sql_fresh import Decontaminator
+from .sql_paths import build_path_questions
 from .sql_store import build_store_questions
 
 SPLITS = ("train", "val", "test")
 CACHE_SUFFIX = ".v2.jsonl"  # v2: splits in hashed order (v1 kept the sources' class order)
-TRAIN_ONLY_FILE = "train-only.v2.jsonl"  # additions to the train split; bump when they change
+TRAIN_ONLY_FILE = "train-only.v3.jsonl"  # additions to the train split; bump when they change
 
 
 def bucket_of(key: str) -> float:
@@ -37,7 +41,14 @@ def split_of(key: str, val: float = 0.1, test: float = 0.1) -> str:
 
 
 def read_sql_families() -> list[dict]:
-    return build_family_questions(chinook_db()) + build_store_questions(chinook_db())
+    import sqlite3
+
+    db_path = chinook_db()
+    made = build_family_questions(db_path) + build_store_questions(db_path)
+    made += build_path_questions(db_path)
+    with sqlite3.connect(db_path) as db:
+        clean = Decontaminator(db)
+        return [e for e in made if clean.keeps(e)]
 
 
 READERS = {

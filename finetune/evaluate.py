@@ -21,6 +21,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
@@ -33,11 +34,12 @@ from engine.sampling import resolve
 
 from .data import load_split
 from .registry_update import set_eval
-from .sql_fresh import load_fresh
+from .sql_fresh import HAND_WRITTEN, load_fresh
 from .tasks import TASKS, Task
 
 ROOT = Path(__file__).resolve().parents[1]
-HELD_OUT_SETS = {("sql", "fresh"): load_fresh}  # --split: hand-written sets beside a test split
+HELD_OUT_SETS = {("sql", name): partial(load_fresh, name) for name in HAND_WRITTEN}
+"""``--split``: hand-written sets beside a task's test split."""
 
 
 def examples_of(task: str, split: str) -> list[dict]:
@@ -316,7 +318,7 @@ def main() -> None:
     parser.add_argument("--rescore", type=Path, metavar="DIR",
                         help="no engine: score DIR's outputs, first --limit examples")  # fmt: skip
     parser.add_argument("--split", default="test",
-                        help="test, or a held-out set beside it: fresh (sql)")  # fmt: skip
+                        help="test, or a hand-written set: fresh, fresh2 (sql)")  # fmt: skip
     args = parser.parse_args()
     if args.adapter and args.update_registry:
         raise SystemExit("--update-registry records each task's own adapter: not with --adapter")

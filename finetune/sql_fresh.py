@@ -1,16 +1,20 @@
-"""A second SQL test set: questions written by hand, outside the generator's templates.
+"""Hand-written SQL test sets: questions written by hand, outside the generators' templates.
 
     python -m finetune.sql_fresh          # coverage, and each question's nearest generated one
     python -m finetune.evaluate --tasks sql --split fresh --out results/finetune/sql-fresh
     python -m finetune.sql_fresh --by-feature results/finetune/sql-fresh   # → by_feature.md
+    python -m finetune.evaluate --tasks sql --split fresh2 --out results/finetune/sql-fresh2
+    python -m finetune.sql_fresh --by-feature results/finetune/sql-fresh2 --set fresh2
     python -m finetune.sql_fresh --plot results/finetune/sql-recipes-h200  # → template_vs_fresh.png
 
-``sql_fresh.jsonl`` holds one ``{"question", "sql"}`` per line: questions as a person would ask
+``sql_fresh.jsonl`` (77) and ``sql_fresh2.jsonl`` (87, written later by someone who had read
+neither the generators nor the first set) hold one ``{"question", "sql"}`` per line: questions
+as a person would ask
 them (joins of 2-6 tables, GROUP BY / HAVING, top-N, date and price filters, subqueries, the
 employee self-join, playlists, media types, invoice lines, support reps), each with a gold query
-checked on the real Chinook rows. None is trained on: the old templates and the training-only
-families (``sql_families``) have other question shapes, and ``tests/test_sql_fresh.py`` checks
-that no fresh query has the shape (literals masked) of any generated one.
+checked on the real Chinook rows. None is trained on: ``Decontaminator`` drops every generated
+training question near a hand-written one (same query shape, wording or result), and
+``tests/test_sql_fresh.py`` checks that none is left, nor in the template splits.
 """
 
 from __future__ import annotations
@@ -18,19 +22,57 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sqlite3
 from pathlib import Path
 
 FRESH_FILE = Path(__file__).with_name("sql_fresh.jsonl")
+HAND_WRITTEN = {"fresh": FRESH_FILE, "fresh2": Path(__file__).with_name("sql_fresh2.jsonl")}
+"""Each hand-written set by its ``--split`` name. ``fresh2`` was written after the training
+generators, by someone who had not read them nor the first set."""
+MAX_WORD_OVERLAP = 0.6
 AGGREGATES = re.compile(r"\b(COUNT|SUM|AVG|MAX|MIN)\s*\(", re.IGNORECASE)
 CLAUSES = re.compile(r"\b(?:WHERE|GROUP BY|HAVING|ORDER BY)\b", re.IGNORECASE)
 DATE_COLUMNS = re.compile(r"\b(invoicedate|hiredate|birthdate)\b", re.IGNORECASE)
 PRICES = re.compile(r"\b(total|unit_price)\b", re.IGNORECASE)
 
 
-def load_fresh() -> list[dict]:
-    """The fresh questions in the shape of ``load_split``: ``{"input": {...}, "target": sql}``."""
-    rows = [json.loads(line) for line in FRESH_FILE.read_text(encoding="utf-8").splitlines()]
-    return [{"input": {"question": r["question"]}, "target": r["sql"]} for r in rows if r]
+def load_fresh(name: str = "fresh") -> list[dict]:
+    """A hand-written set in the shape of ``load_split``: ``{"input": {...}, "target": sql}``."""
+    text = HAND_WRITTEN[name].read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [{"input": {"question": r["question"]}, "target": r["sql"]} for r in rows]
+
+
+def load_all_hand_written() -> list[dict]:
+    return [e for name in HAND_WRITTEN for e in load_fresh(name)]
+
+
+def tables_of(sql: str) -> frozenset[str]:
+    return frozenset(t.lower() for t in re.findall(r"\b(?:FROM|JOIN)\s+(\w+)", sql, re.I))
+
+
+class Decontaminator:
+    """Keeps a generated example only if no hand-written question is near it: not the same
+    query shape (literals masked), not ≥ 60 % of the same words, and not an equivalent query —
+    the same tables giving the same rows (a join written in another order has another shape)."""
+
+    def __init__(self, db: sqlite3.Connection, hand_written: list[dict] | None = None):
+        from .sql import run_sql
+
+        self.db, self.run_sql = db, run_sql
+        held_out = load_all_hand_written() if hand_written is None else hand_written
+        self.shapes = {skeleton(e["target"]) for e in held_out}
+        self.words = [words(e["input"]["question"]) for e in held_out]
+        self.results = {(tables_of(e["target"]), repr(run_sql(db, e["target"]))) for e in held_out}
+
+    def keeps(self, example: dict) -> bool:
+        sql, mine = example["target"], words(example["input"]["question"])
+        if skeleton(sql) in self.shapes:
+            return False
+        if any(len(mine & o) / len(mine | o) >= MAX_WORD_OVERLAP for o in self.words):
+            return False
+        rows = self.run_sql(self.db, sql)
+        return bool(rows) and (tables_of(sql), repr(rows)) not in self.results
 
 
 def skeleton(sql: str) -> str:
@@ -104,12 +146,12 @@ def generated_examples() -> list[dict]:
     return [e for s in SPLITS for e in load_split("sql", s)]
 
 
-def answered_right(out_dir: Path) -> dict[str, list[bool]]:
-    """Per model of an evaluate run on the fresh set (``base``, and each adapter by name: a run
-    with ``--adapter`` scores several): each question right or not."""
+def answered_right(out_dir: Path, name: str = "fresh") -> dict[str, list[bool]]:
+    """Per model of an evaluate run on a hand-written set (``base``, and each adapter by name: a
+    run with ``--adapter`` scores several): each question right or not."""
     from .tasks import TASKS
 
-    fresh = load_fresh()
+    fresh = load_fresh(name)
     right: dict[str, list[bool]] = {}
     for line in (out_dir / "outputs.jsonl").read_text().splitlines():
         row = json.loads(line)
@@ -120,9 +162,9 @@ def answered_right(out_dir: Path) -> dict[str, list[bool]]:
     return right
 
 
-def by_feature_table(right: dict[str, list[bool]]) -> str:
+def by_feature_table(right: dict[str, list[bool]], name: str = "fresh") -> str:
     """Right answers per feature of the gold query, for each model."""
-    fresh, models = load_fresh(), sorted(right, key=lambda m: m != "base")
+    fresh, models = load_fresh(name), sorted(right, key=lambda m: m != "base")
     lines = [
         "| gold query has | n | " + " | ".join(models) + " |",
         "|---" * (2 + len(models)) + "|",
@@ -136,16 +178,18 @@ def by_feature_table(right: dict[str, list[bool]]) -> str:
 
 def plot_template_vs_fresh(folder: Path) -> Path:
     """Grouped bars per adapter: execution accuracy on the template test split (``test/``) and
-    on the hand-written set (``fresh/``), each ``quality.json`` of one evaluate run."""
+    on each hand-written set there is a run of (``fresh/``, ``fresh2/``), each ``quality.json``
+    of one evaluate run."""
     from loadtest.report import plt
 
-    runs = {s: json.loads((folder / s / "quality.json").read_text())["results"] for s in SPLITS}
+    splits = [s for s in SPLITS if (folder / s / "quality.json").exists()]
+    runs = {s: json.loads((folder / s / "quality.json").read_text())["results"] for s in splits}
     adapters = [r["adapter"] for r in runs["test"]]
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    width = 0.38
-    for k, split in enumerate(SPLITS):
+    fig, ax = plt.subplots(figsize=(7.5 + len(adapters) * 0.3 * (len(splits) - 2), 4))
+    width = 0.8 / len(splits)
+    for k, split in enumerate(splits):
         score = {r["adapter"]: r["finetuned"]["execution_accuracy"] for r in runs[split]}
-        places = [i + (k - 0.5) * width for i in range(len(adapters))]
+        places = [i + (k - (len(splits) - 1) / 2) * width for i in range(len(adapters))]
         heights = [score.get(a, 0.0) for a in adapters]
         bars = ax.bar(places, heights, width, label=SPLITS[split])
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
@@ -160,14 +204,15 @@ def plot_template_vs_fresh(folder: Path) -> Path:
     return path
 
 
-SPLITS = {"test": "template test split", "fresh": "hand-written (fresh)"}
+SPLITS = {"test": "template test split", "fresh": "hand-written (fresh)",
+          "fresh2": "hand-written, second set (fresh2)"}  # fmt: skip
 
 
 def print_overlaps() -> None:
-    fresh, generated = load_fresh(), generated_examples()
+    fresh, generated = load_all_hand_written(), generated_examples()
     shapes = {skeleton(e["target"]) for e in generated}
     questions = [e["input"]["question"] for e in generated]
-    print(f"{len(fresh)} fresh questions; coverage: {coverage(fresh)}")
+    print(f"{len(fresh)} hand-written questions; coverage: {coverage(fresh)}")
     print("word overlap with the nearest generated question (Jaccard), highest first:")
     rows = [(nearest(e["input"]["question"], questions), e) for e in fresh]
     for (score, other), ex in sorted(rows, key=lambda r: -r[0][0]):
@@ -180,13 +225,15 @@ def main() -> None:
     parser.add_argument(
         "--by-feature", type=Path, metavar="DIR", help="an evaluate --split fresh output folder"
     )
+    parser.add_argument("--set", default="fresh", choices=sorted(HAND_WRITTEN),
+                        help="the hand-written set of that run (--by-feature)")  # fmt: skip
     plot_help = "DIR/test and DIR/fresh: evaluate runs → template_vs_fresh.png"
     parser.add_argument("--plot", type=Path, metavar="DIR", help=plot_help)
     args = parser.parse_args()
     if args.plot:
         print(plot_template_vs_fresh(args.plot))
     elif args.by_feature:
-        table = by_feature_table(answered_right(args.by_feature))
+        table = by_feature_table(answered_right(args.by_feature, args.set), args.set)
         (args.by_feature / "by_feature.md").write_text(table)
         print(table)
     else:

@@ -1,5 +1,6 @@
-"""The hand-written SQL test set (finetune/sql_fresh.jsonl): gold queries run on the real Chinook
-rows, no question is a generated one or has a generated query's shape, and its coverage."""
+"""The hand-written SQL test sets (finetune/sql_fresh.jsonl, sql_fresh2.jsonl): gold queries run
+on the real Chinook rows, no question is a generated one or has a generated query's shape, wording
+or result, and their coverage."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 
 from finetune.sql import chinook_db, execution_match, run_sql
 from finetune.sql_fresh import (
+    HAND_WRITTEN,
+    Decontaminator,
     by_feature_table,
     coverage,
     features,
@@ -22,10 +25,17 @@ from finetune.sql_fresh import (
 )
 
 FRESH = load_fresh()
+SECOND = load_fresh("fresh2")
+EVERY = FRESH + SECOND
 CLAIMED_COVERAGE = {
     "join": 40, "join_3plus_tables": 15, "aggregate": 45, "group_by": 30, "having": 6,
     "order_limit": 15, "subquery": 8, "dates": 8, "prices": 8, "manager": 6, "self_join": 4,
     "playlist": 5, "mediatype": 5, "invoiceline": 8, "support_rep": 5,
+}  # fmt: skip
+CLAIMED_COVERAGE_2 = {
+    "join": 45, "join_3plus_tables": 20, "aggregate": 50, "group_by": 30, "having": 5,
+    "order_limit": 15, "subquery": 6, "dates": 10, "prices": 10, "manager": 6, "self_join": 5,
+    "playlist": 10, "mediatype": 4, "invoiceline": 13, "support_rep": 7,
 }  # fmt: skip
 MAX_WORD_OVERLAP = 0.6  # Jaccard of word sets with the nearest generated question (highest: 0.58)
 
@@ -34,13 +44,22 @@ def normalised(question: str) -> str:
     return " ".join(question.lower().rstrip("?.").split())
 
 
-def test_there_are_at_least_60_distinct_questions_in_the_tasks_shape():
-    assert len(FRESH) >= 60
-    assert len({normalised(e["input"]["question"]) for e in FRESH}) == len(FRESH)
-    assert all(set(e) == {"input", "target"} and set(e["input"]) == {"question"} for e in FRESH)
+@pytest.mark.parametrize("name", sorted(HAND_WRITTEN))
+def test_there_are_at_least_60_distinct_questions_in_the_tasks_shape(name):
+    hand_written = load_fresh(name)
+    assert len(hand_written) >= 60
+    assert len({normalised(e["input"]["question"]) for e in hand_written}) == len(hand_written)
+    assert all(set(e) == {"input", "target"} and set(e["input"]) == {"question"}
+               for e in hand_written)  # fmt: skip
 
 
-@pytest.mark.parametrize("example", FRESH, ids=lambda e: e["input"]["question"][:50])
+def test_the_two_sets_share_no_question():
+    assert not {normalised(e["input"]["question"]) for e in FRESH} & {
+        normalised(e["input"]["question"]) for e in SECOND
+    }
+
+
+@pytest.mark.parametrize("example", EVERY, ids=lambda e: e["input"]["question"][:50])
 def test_gold_runs_returns_rows_without_repeats_and_matches_itself(example):
     with sqlite3.connect(chinook_db()) as db:
         rows = db.execute(example["target"]).fetchall()
@@ -50,9 +69,12 @@ def test_gold_runs_returns_rows_without_repeats_and_matches_itself(example):
     assert execution_match(chinook_db(), example["target"], example["target"])
 
 
-def test_coverage_is_at_least_what_the_docs_claim():
-    counts = coverage(FRESH)
-    short = {k: counts.get(k, 0) for k, n in CLAIMED_COVERAGE.items() if counts.get(k, 0) < n}
+@pytest.mark.parametrize(
+    "name, claimed", [("fresh", CLAIMED_COVERAGE), ("fresh2", CLAIMED_COVERAGE_2)]
+)
+def test_coverage_is_at_least_what_the_docs_claim(name, claimed):
+    counts = coverage(load_fresh(name))
+    short = {k: counts.get(k, 0) for k, n in claimed.items() if counts.get(k, 0) < n}
     assert short == {}
 
 
@@ -68,16 +90,40 @@ def test_features_read_from_the_query_text():
 
 
 def test_no_fresh_question_is_generated_or_has_a_generated_querys_shape_or_wording():
-    """Against the template splits and the training-only families (both in load_split)."""
+    """Both sets, against the template splits and the training-only families (both in
+    load_split)."""
     generated = generated_examples()
     assert len(generated) > 5000
     questions = {normalised(e["input"]["question"]) for e in generated}
     shapes = {skeleton(e["target"]) for e in generated}
-    assert not questions & {normalised(e["input"]["question"]) for e in FRESH}
-    assert not shapes & {skeleton(e["target"]) for e in FRESH}
+    assert not questions & {normalised(e["input"]["question"]) for e in EVERY}
+    assert not shapes & {skeleton(e["target"]) for e in EVERY}
     everything = [e["input"]["question"] for e in generated]
-    overlaps = {e["input"]["question"]: nearest(e["input"]["question"], everything) for e in FRESH}
+    overlaps = {e["input"]["question"]: nearest(e["input"]["question"], everything) for e in EVERY}
     assert {q: o for q, o in overlaps.items() if o[0] >= MAX_WORD_OVERLAP} == {}
+
+
+def test_no_training_only_query_answers_a_hand_written_one_from_the_same_tables():
+    """A join written in another order has another shape; the decontamination compares results."""
+    from finetune.data import load_train_only
+
+    with sqlite3.connect(chinook_db()) as db:
+        clean = Decontaminator(db)
+        assert all(clean.keeps(e) for e in load_train_only("sql"))
+
+
+def test_decontamination_drops_the_same_query_written_another_way():
+    gold = FRESH[0]  # "Which genre has the most tracks?"
+    reordered = ("SELECT genre.name FROM track JOIN genre ON track.genre_id = genre.id "
+                 "GROUP BY genre.name ORDER BY COUNT(*) DESC LIMIT 1")  # fmt: skip
+    assert skeleton(reordered) != skeleton(gold["target"])
+    with sqlite3.connect(chinook_db()) as db:
+        clean = Decontaminator(db, [gold])
+        assert not clean.keeps({"input": {"question": "Top genre by size?"}, "target": reordered})
+        assert not clean.keeps({"input": gold["input"], "target": "SELECT 1"})  # the wording
+        other = "SELECT genre.name FROM genre ORDER BY genre.name LIMIT 1"
+        assert clean.keeps({"input": {"question": "First genre by name?"}, "target": other})
+        assert not clean.keeps({"input": {"question": "Nothing?"}, "target": "SELECT 1 WHERE 0"})
 
 
 def test_nearest_is_word_set_jaccard():
@@ -101,6 +147,7 @@ def test_evaluate_split_fresh_scores_the_fresh_set_and_never_the_registry(monkey
     from finetune.evaluate import examples_of, main
 
     assert examples_of("sql", "fresh") == FRESH
+    assert examples_of("sql", "fresh2") == SECOND
     with pytest.raises(SystemExit, match="no 'fresh' set for task spam"):
         examples_of("spam", "fresh")
     argv = ["evaluate", "--tasks", "sql", "--split", "fresh", "--update-registry"]
