@@ -26,6 +26,9 @@
 #                       profile-decode  lab/profile_decode.py: torch-profiler traces of the
 #                                    decode step at 128/256 streams, base vs 128 adapters
 #                       bursty       loadtest.bursty: closed loop vs 1 s think time vs Poisson
+#                       shared-gpu   loadtest.router --replicas-per-gpu 2: two replicas on this GPU
+#                                    (two API processes and schedulers) vs one, 256 streams
+#                       shared-gpu-4 the same with four replicas on the GPU
 #   Both GPUs, job `router` (JOBS_X2=router): synth-many (520 adapters), router (loadtest.router:
 #                       two replicas behind sglang-router vs one, affinity vs round-robin, a
 #                       hot-load across replicas), structured-h200 (#17), first-use-7b (#18)
@@ -233,6 +236,21 @@ router() {  # #16: two replicas behind sglang-router vs one; adapter affinity vs
     --out "$RESULTS/${ROUTER_OUT:-router}"
 }
 
+shared_gpu() {  # #16: two replicas (two API processes, two schedulers) on one GPU vs one of them
+  wait_file "$SYNTH/adapters.yaml" 600 || return 1
+  gpu_free
+  CUDA_VISIBLE_DEVICES=$GPU timeout 1500 python3 -m loadtest.router \
+    --config "$SYNTH/adapters.yaml" --set max_loras_per_batch=128 \
+    --set mem_fraction_static="${SHARED_MEM:-0.35}" --replicas "${SHARED:-2}" \
+    --replicas-per-gpu "${SHARED:-2}" --users "${SHARED_USERS:-256}" --adapters 128 --many 128 \
+    --comparisons scale --pairs "${PAIRS:-3}" --duration "${DURATION:-20}" --warmup 5 \
+    --port "${SHARED_PORT:-8400}" --out "$RESULTS/shared-gpu-${SHARED:-2}"
+}
+
+shared_gpu_4() {  # the same with four replicas on the GPU
+  SHARED=4 SHARED_MEM=0.2 SHARED_PORT=8500 shared_gpu
+}
+
 structured_h200() {  # #17: what a JSON schema costs per decoded token on SGLang
   gpu_free
   timeout 600 python3 -m loadtest.structured --backend sglang --out "$RESULTS/structured-h200"
@@ -392,11 +410,12 @@ sql_variants() {  # #17: the SQL adapter retrained on the whole-store data, thre
   gpu_free
   python3 -m engine.base_model smollm2 > "$RAW_LOGS/sql-convert.log" 2>&1 || return 1
   local pid pids=()
-  train_variant r8-1300 --steps 1300 & pids+=($!)
   # shellcheck disable=SC2086
   train_variant r16all-1300 --steps 1300 --rank 16 --alpha 32 --targets $all & pids+=($!)
   # shellcheck disable=SC2086
   train_variant r16all-2000 --steps 2000 --rank 16 --alpha 32 --targets $all & pids+=($!)
+  # shellcheck disable=SC2086
+  train_variant r32all-2000 --steps 2000 --rank 32 --alpha 64 --targets $all & pids+=($!)
   for pid in "${pids[@]}"; do wait "$pid" || echo "a SQL recipe failed, process $pid: see its log"; done
   python3 - "$v" <<'PY'
 import sys
@@ -427,6 +446,10 @@ PY
   timeout 600 python3 -m finetune.evaluate --backend sglang --dtype float16 --config "$v/adapters.yaml" \
     --tasks sql --adapter $names --split fresh --batch 512 --set cuda_graph=false \
     --out "$RESULTS/sql-variants/fresh" || return 1
+  # shellcheck disable=SC2086
+  timeout 600 python3 -m finetune.evaluate --backend sglang --dtype float16 --config "$v/adapters.yaml" \
+    --tasks sql --adapter $names --split fresh2 --batch 512 --set cuda_graph=false \
+    --out "$RESULTS/sql-variants/fresh2" || return 1
   mkdir -p "$RESULTS/sql-variants/adapters"  # one archive each: a file back from $OUT is ≤ 16 MiB
   for d in "$v"/*/sql; do
     local name
@@ -440,7 +463,7 @@ train_variant() {  # train_variant NAME ARGS...: one SQL recipe into /tmp/sqlv/N
   local name=$1
   shift
   timeout 1200 python3 -m finetune.train --task sql --base smollm2 --batch-size 16 --lr 5e-4 \
-    --max-train 8000 --no-register --out-dir "/tmp/sqlv/$name" "$@" > "$RAW_LOGS/sql-$name.log" 2>&1
+    --max-train 10000 --no-register --out-dir "/tmp/sqlv/$name" "$@" > "$RAW_LOGS/sql-$name.log" 2>&1
 }
 
 sql() {  # RETRAIN_SQL=1: retrain the SQL adapter (lab/gpu_finetune.sh; ARGS_sql passes through)
@@ -540,7 +563,8 @@ if check.exists():
     for key, value in report.items():
         if key.startswith("sglang_"):
             print(f"\n## gpu_check {key}: ok = {json.dumps(value.get('ok') or value.get('error'))}")
-for name in ["sql-variants/test/quality.md", "sql-variants/fresh/quality.md", "merges/merges.md",
+for name in ["sql-variants/test/quality.md", "sql-variants/fresh/quality.md",
+             "sql-variants/fresh2/quality.md", "shared-gpu-2/summary.md", "shared-gpu-4/summary.md", "merges/merges.md",
              "profile/profile.md", "bursty/bursty.md", "router/summary.md", "structured-h200/results.md", "first-use-7b/first_use.md",
              "side-by-side/side-by-side.md", "ours/pairs/summary.md", "peer/summary.md",
              "parity-shipped/parity.md", "parity-constrained/parity.md",
