@@ -33,11 +33,6 @@ BASE_MODEL_ALIAS = "base"
 choice); inside the engine the base is ``adapter=None``."""
 
 
-MAX_SHARED_MEMORY = 0.9
-"""The share of one GPU's memory that replicas sharing it may take together (CUDA contexts and
-activations need the rest)."""
-
-
 class RegistryError(ValueError):
     """adapters.yaml is invalid; the message lists every problem, one per line."""
 
@@ -153,11 +148,6 @@ class ClusterSettings(Strict):
     """GPUs each replica takes (``CUDA_VISIBLE_DEVICES``); ``tp_size`` × ``dp_size`` of the
     SGLang settings must fit in them. Replica *i* gets GPUs *i*·n … *i*·n + n − 1 of
     ``gpus``."""
-    replicas_per_gpu: int = Field(1, ge=1)
-    """Replicas sharing one GPU (``gpus_per_replica`` must then be 1): replica *i* runs on GPU
-    *i* // k. Each replica is one API process with its own SGLang scheduler, so one GPU is fed
-    by k of them; each takes ``engine.sglang.mem_fraction_static`` of the GPU's memory, and k
-    of those must fit in 0.9 of it."""
     gpus: list[int] | None = None
     """The GPUs to share out; ``None`` = 0 … replicas × gpus_per_replica − 1. On the CPU
     default no GPU is set and every replica runs on the CPU."""
@@ -172,9 +162,7 @@ class ClusterSettings(Strict):
 
     @model_validator(mode="after")
     def enough_gpus(self) -> ClusterSettings:
-        if self.replicas_per_gpu > 1 and self.gpus_per_replica > 1:
-            raise ValueError("replicas_per_gpu > 1 shares one GPU: gpus_per_replica must be 1")
-        wanted = self.gpus_used()
+        wanted = self.replicas * self.gpus_per_replica
         if self.gpus is not None and len(self.gpus) < wanted:
             raise ValueError(
                 f"{self.replicas} replicas × {self.gpus_per_replica} GPUs need {wanted} GPUs, "
@@ -185,18 +173,13 @@ class ClusterSettings(Strict):
         if self.hosts is not None and self.gpus is not None:
             raise ValueError("gpus places local replicas; with hosts each host places its own")
         if self.gpus is not None and len(set(self.gpus)) != len(self.gpus):
-            raise ValueError(
-                f"gpus lists a GPU twice: {self.gpus} (to share one GPU: replicas_per_gpu)"
-            )
+            raise ValueError(f"gpus lists a GPU twice: {self.gpus}")
         return self
 
-    def gpus_used(self) -> int:
-        return -(-self.replicas // self.replicas_per_gpu) * self.gpus_per_replica
-
     def replica_gpus(self, index: int) -> list[int]:
-        gpus = self.gpus if self.gpus is not None else range(self.gpus_used())
-        n, first = self.gpus_per_replica, index // self.replicas_per_gpu * self.gpus_per_replica
-        return list(gpus[first : first + n])
+        gpus = self.gpus if self.gpus is not None else range(self.replicas * self.gpus_per_replica)
+        n = self.gpus_per_replica
+        return list(gpus[index * n : index * n + n])
 
 
 class EngineSpec(Strict):
@@ -319,13 +302,6 @@ class Registry(Strict):
             raise ValueError(
                 f"cluster.gpus_per_replica ({cluster.gpus_per_replica}) < engine.sglang tp_size "
                 f"× dp_size ({sglang.tp_size * sglang.dp_size}): a replica needs that many GPUs"
-            )
-        sharing = min(cluster.replicas, cluster.replicas_per_gpu)
-        if local and sharing * sglang.mem_fraction_static > MAX_SHARED_MEMORY:
-            raise ValueError(
-                f"{sharing} replicas share a GPU, each with engine.sglang.mem_fraction_static "
-                f"{sglang.mem_fraction_static}: together over {MAX_SHARED_MEMORY} of its memory "
-                f"(set mem_fraction_static ≤ {MAX_SHARED_MEMORY / sharing:.2f})"
             )
         return self
 

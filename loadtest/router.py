@@ -2,18 +2,13 @@
 
     python -m loadtest.router --config /tmp/synth7b/adapters.yaml --out /tmp/router \
         --set max_loras_per_batch=128 --set mem_fraction_static=0.7
-    python -m loadtest.router --config /tmp/synth7b/adapters.yaml --out /tmp/shared \
-        --set max_loras_per_batch=128 --set mem_fraction_static=0.35 --replicas-per-gpu 2 \
-        --comparisons scale      # two replicas sharing one GPU against one replica on it
 
 Starts ``python -m engine.cluster`` with ``--replicas`` replicas (its router uses the shipped
 policy, ``adapter_affinity``) and two more routers over the same replicas: one over replica 0
-alone and one round-robin over all. The engines are the same for every arm, so each ratio
-compares routing only. Then, in alternating rounds (the order flips each round):
+alone (one GPU) and one round-robin over all. The engines are the same for every arm, so each
+ratio compares routing only. Then, in alternating rounds (the order flips each round):
 
-- ``scale``: ``--users`` streams over ``--adapters`` adapters, one replica vs all (with
-  ``--replicas-per-gpu 2`` both replicas share one GPU: one API process and scheduler feeding
-  it against two);
+- ``scale``: ``--users`` streams over ``--adapters`` adapters, one GPU vs all;
 - ``affinity``: the same streams over ``--many`` adapters (more than a batch holds),
   round-robin vs affinity;
 - a hot-load through the control API (the first adapter under the adapter root that the
@@ -50,7 +45,7 @@ from loadtest.procs import absolute_registry, write_registry
 from loadtest.report import describe
 from loadtest.sweep import measure_point
 
-ARMS = {"scale": ("one-replica", "replicas"), "affinity": ("round-robin", "adapter-affinity")}
+ARMS = {"scale": ("one-gpu", "replicas"), "affinity": ("round-robin", "adapter-affinity")}
 """Each comparison: (denominator arm, numerator arm)."""
 
 
@@ -62,8 +57,7 @@ def cluster_config(args, out: Path) -> tuple[Path, str | None]:
     config = absolute_registry(source, args.set)
     spare = config["adapters"][args.many]["path"] if len(config["adapters"]) > args.many else None
     config["adapters"] = config["adapters"][: args.many]
-    config["cluster"] = {"replicas": args.replicas, "replicas_per_gpu": args.replicas_per_gpu,
-                         "policy": "adapter_affinity"}  # fmt: skip
+    config["cluster"] = {"replicas": args.replicas, "policy": "adapter_affinity"}
     os.environ["LORALAND_ADAPTER_ROOT"] = str(source.parent / "adapters")  # the replicas'
     return write_registry(config, out / "cluster.yaml"), spare
 
@@ -214,7 +208,7 @@ def run(args) -> dict:
         start_cluster(config, args.port, args.backend, started)
         start_router(urls[:1], args.port + 100, "round_robin", started)
         start_router(urls, args.port + 200, "round_robin", started)
-        hosts = {"one-replica": args.port + 100, "round-robin": args.port + 200,
+        hosts = {"one-gpu": args.port + 100, "round-robin": args.port + 200,
                  "replicas": args.port, "adapter-affinity": args.port}  # fmt: skip
         warm = point_options(args, f"http://127.0.0.1:{args.port + 200}", control)
         warm.duration, warm.warmup = 10, 0
@@ -244,14 +238,6 @@ def run(args) -> dict:
     return results
 
 
-def renamed_arms(results: dict) -> dict:
-    """Results written before the arm "one-gpu" was called "one-replica" (same meaning there)."""
-    for r in results["rounds"]:
-        if "one-gpu" in r["points"]:
-            r["points"]["one-replica"] = r["points"].pop("one-gpu")
-    return results
-
-
 def write(out: Path, results: dict) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "summary.md").write_text(markdown(results))
@@ -264,11 +250,9 @@ def main() -> None:
                         help="an engine.sglang setting for every replica")  # fmt: skip
     parser.add_argument("--backend", choices=["auto", "hf", "sglang"])
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--replicas-per-gpu", type=int, default=1,
-                        help="replicas sharing one GPU (cluster.replicas_per_gpu)")  # fmt: skip
     parser.add_argument("--port", type=int, default=8300,
                         help=f"the cluster's router; control +1, replicas +{REPLICA_PORT_OFFSET}…, "
-                        "the one-replica router +100, the round-robin one +200")  # fmt: skip
+                        "the one-GPU router +100, the round-robin one +200")  # fmt: skip
     parser.add_argument("--users", type=int, default=512)
     parser.add_argument("--adapters", type=int, default=128, help="adapters in the scale rounds")
     parser.add_argument("--many", type=int, default=512, help="adapters in the affinity rounds")
@@ -286,8 +270,7 @@ def main() -> None:
     if not args.plot_only and not args.config:
         parser.error("--config is required")
     if args.plot_only:
-        out = Path(args.out)
-        plot(renamed_arms(json.loads((out / "results.json").read_text())), out)
+        plot(json.loads((Path(args.out) / "results.json").read_text()), Path(args.out))
         return
     os.environ["LORALAND_ADMIN_TOKEN"] = os.urandom(16).hex()  # this run's cluster's only
     run(args)

@@ -268,13 +268,6 @@ def test_summed_metrics_add_series_and_keep_the_earliest_start():
         ({"replicas": 2}, {"sglang": {"tp_size": 2}}, "gpus_per_replica"),
         ({"replicas": 2, "gpus": [0, 0]}, {}, "a GPU twice"),
         ({"replicas": 1, "hosts": ["http://a:1"], "gpus": [0]}, {}, "each host places"),
-        ({"replicas": 4, "replicas_per_gpu": 2, "gpus": [0]}, {}, "need 2 GPUs"),
-        ({"replicas": 2, "replicas_per_gpu": 2, "gpus_per_replica": 2}, {}, "must be 1"),
-        (
-            {"replicas": 2, "replicas_per_gpu": 2},
-            {"sglang": {"mem_fraction_static": 0.5}},
-            "set mem_fraction_static ≤ 0.45",
-        ),
     ],
 )
 def test_cluster_settings_check_their_rules(tmp_path, cluster_section, engine_section, problem):
@@ -282,23 +275,6 @@ def test_cluster_settings_check_their_rules(tmp_path, cluster_section, engine_se
     path.write_text(yaml.safe_dump({"cluster": cluster_section, "engine": engine_section}))
     with pytest.raises(RegistryError, match=problem):
         load_registry(path)
-
-
-@pytest.mark.parametrize(
-    "section, placed",
-    [
-        ({"replicas": 3}, [[0], [1], [2]]),
-        ({"replicas": 4, "replicas_per_gpu": 2, "gpus": [3, 5]}, [[3], [3], [5], [5]]),
-        ({"replicas": 3, "replicas_per_gpu": 2}, [[0], [0], [1]]),
-        ({"replicas": 2, "gpus_per_replica": 2}, [[0, 1], [2, 3]]),
-    ],
-)
-def test_replicas_are_placed_on_their_gpus(tmp_path, section, placed):
-    path = tmp_path / "adapters.yaml"
-    engine = {"sglang": {"mem_fraction_static": 0.4}}
-    path.write_text(yaml.safe_dump({"cluster": section, "engine": engine}))
-    cluster = load_registry(path).cluster
-    assert [cluster.replica_gpus(i) for i in range(cluster.replicas)] == placed
 
 
 def test_the_control_api_refuses_bad_admin_calls_before_any_replica(cluster):
