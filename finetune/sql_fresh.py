@@ -47,14 +47,31 @@ def load_all_hand_written() -> list[dict]:
     return [e for name in HAND_WRITTEN for e in load_fresh(name)]
 
 
+def literals(sql: str) -> frozenset[str]:
+    """The string and number literals of a query (LIMIT's count aside): what it asks about."""
+    unlimited = re.sub(r"\bLIMIT\s+\d+", "", sql, flags=re.I)
+    return frozenset(re.findall(r"'(?:[^']|'')*'|\b\d+(?:\.\d+)?\b", unlimited))
+
+
 def tables_of(sql: str) -> frozenset[str]:
-    return frozenset(t.lower() for t in re.findall(r"\b(?:FROM|JOIN)\s+(\w+)", sql, re.I))
+    unquoted = re.sub(r"'(?:[^']|'')*'", "''", sql)
+    return frozenset(t.lower() for t in re.findall(r"\b(?:FROM|JOIN)\s+(\w+)", unquoted, re.I))
+
+
+def answer_key(sql: str, rows: list[tuple]) -> tuple:
+    """Two queries with the same literals and the same rows — each row's values in any order,
+    repeats ignored — answer the same question, whatever their joins, DISTINCT or columns. A
+    query without literals must also read the same tables: "the media type of most tracks" and
+    "the media type of most tracks sold" both answer "MPEG audio file"."""
+    said = literals(sql)
+    return said or tables_of(sql), frozenset(tuple(sorted(map(repr, row))) for row in rows)
 
 
 class Decontaminator:
     """Keeps a generated example only if no hand-written question is near it: not the same
-    query shape (literals masked), not ≥ 60 % of the same words, and not an equivalent query —
-    the same tables giving the same rows (a join written in another order has another shape)."""
+    query shape (literals masked), not ≥ 60 % of the same words, and not the same answer
+    (``answer_key``: a query written with other joins, DISTINCT or column order has another
+    shape but answers the same question)."""
 
     def __init__(self, db: sqlite3.Connection, hand_written: list[dict] | None = None):
         from .sql import run_sql
@@ -63,16 +80,20 @@ class Decontaminator:
         held_out = load_all_hand_written() if hand_written is None else hand_written
         self.shapes = {skeleton(e["target"]) for e in held_out}
         self.words = [words(e["input"]["question"]) for e in held_out]
-        self.results = {(tables_of(e["target"]), repr(run_sql(db, e["target"]))) for e in held_out}
+        self.answers = {answer_key(e["target"], run_sql(db, e["target"]) or []): i
+                        for i, e in enumerate(held_out)}  # fmt: skip
 
-    def keeps(self, example: dict) -> bool:
+    def near(self, example: dict) -> bool:
         sql, mine = example["target"], words(example["input"]["question"])
         if skeleton(sql) in self.shapes:
-            return False
+            return True
         if any(len(mine & o) / len(mine | o) >= MAX_WORD_OVERLAP for o in self.words):
-            return False
+            return True
         rows = self.run_sql(self.db, sql)
-        return bool(rows) and (tables_of(sql), repr(rows)) not in self.results
+        return rows is not None and answer_key(sql, rows) in self.answers
+
+    def keeps(self, example: dict) -> bool:
+        return bool(self.run_sql(self.db, example["target"])) and not self.near(example)
 
 
 def skeleton(sql: str) -> str:

@@ -191,3 +191,40 @@ def test_template_vs_fresh_plot_from_two_runs(tmp_path):
         (tmp_path / split / "quality.json").write_text(json.dumps({"results": [result]}))
     path = plot_template_vs_fresh(tmp_path)
     assert path == tmp_path / "template_vs_fresh.png" and path.stat().st_size > 1000
+
+
+def test_decontamination_drops_the_same_answer_from_other_tables_or_with_distinct():
+    """Leaks found in the v3 training data: another table with the same rows (billing country
+    vs customer country, invoice totals vs invoice lines), DISTINCT."""
+    held_out = [
+        {"input": {"question": "Revenue in 2009?"},
+         "target": "SELECT SUM(total) FROM invoice WHERE strftime('%Y', invoicedate) = '2009'"},
+        {"input": {"question": "Steve Harris songs?"},
+         "target": "SELECT DISTINCT name FROM track WHERE composer = 'Steve Harris'"},
+    ]  # fmt: skip
+    lines = ("SELECT SUM(invoiceline.unit_price * invoiceline.quantity) FROM invoiceline JOIN "
+             "invoice ON invoiceline.invoice_id = invoice.id "
+             "WHERE strftime('%Y', invoice.invoicedate) = '2009'")  # fmt: skip
+    with sqlite3.connect(chinook_db()) as db:
+        clean = Decontaminator(db, held_out)
+        assert not clean.keeps({"input": {"question": "What did sales bring in?"}, "target": lines})
+        harris = "SELECT name FROM track WHERE composer = 'Steve Harris'"
+        assert not clean.keeps({"input": {"question": "Tracks by him?"}, "target": harris})
+        joins = "JOIN genre ON track.genre_id = genre.id"
+        swapped = f"SELECT COUNT(*), genre.name FROM track {joins} GROUP BY genre.id"
+        again = f"SELECT genre.name, COUNT(*) FROM track {joins} GROUP BY genre.name"
+        clean = Decontaminator(db, [{"input": {"question": "Tracks per genre?"}, "target": again}])
+        assert not clean.keeps({"input": {"question": "Count by genre"}, "target": swapped})
+
+
+def test_answers_without_literals_must_also_read_the_same_tables():
+    """ "The media type most tracks use" and "the media type most tracks sold" share an answer."""
+    tracks = ("SELECT mediatype.name FROM track JOIN mediatype ON track.mediatype_id = mediatype.id"
+              " GROUP BY mediatype.id ORDER BY COUNT(*) DESC LIMIT 1")  # fmt: skip
+    sold = ("SELECT mediatype.name FROM invoiceline JOIN track ON invoiceline.track_id = track.id "
+            "JOIN mediatype ON track.mediatype_id = mediatype.id GROUP BY mediatype.id "
+            "ORDER BY COUNT(*) DESC LIMIT 1")  # fmt: skip
+    with sqlite3.connect(chinook_db()) as db:
+        assert run_sql(db, tracks) == run_sql(db, sold)
+        clean = Decontaminator(db, [{"input": {"question": "Most used format?"}, "target": tracks}])
+        assert clean.keeps({"input": {"question": "Best-selling format?"}, "target": sold})

@@ -44,10 +44,13 @@ def test_joined_reaches_every_pair_of_tables_in_any_order(db, root):
         )
 
 
-def test_questions_are_distinct_and_gold_answers(db):
+def test_questions_are_distinct_gold_answers_and_lists_name_each_thing_once(db):
     questions = [e["input"]["question"] for e in PATHS]
     assert len(set(questions)) > 0.97 * len(questions)  # a few phrasings meet; dedupe drops them
     assert all(run_sql(db, e["target"]) for e in PATHS)
+    for e in PATHS:
+        rows = db.execute(e["target"]).fetchall()
+        assert len(rows) == len(set(rows)), e
 
 
 def test_no_most_has_a_tie_at_the_top(db):
@@ -64,3 +67,18 @@ def test_they_are_decontaminated_and_in_the_train_split_only(db):
     assert all(clean.keeps(e) for e in PATHS)
     train_only = {e["input"]["question"] for e in load_train_only("sql")}
     assert len({e["input"]["question"] for e in PATHS} - train_only) < 0.03 * len(PATHS)
+
+
+def test_joined_refuses_a_table_its_root_does_not_reach():
+    with pytest.raises(ValueError, match="invoice is not reached from track"):
+        joined("track", ["genre", "invoice"])
+
+
+def test_a_support_rep_scope_names_first_and_last_name(db):
+    from finetune.sql_paths import SALE_SCOPES
+
+    rep = next(s for s in SALE_SCOPES if s.table == "employee")
+    condition = rep.condition("Jane Peacock")
+    assert condition == "employee.firstname = 'Jane' AND employee.lastname = 'Peacock'"
+    source = joined("invoiceline", ["employee"])
+    assert db.execute(f"SELECT COUNT(*) {source} WHERE {condition}").fetchone()[0] > 0
