@@ -26,9 +26,6 @@
 #                       profile-decode  lab/profile_decode.py: torch-profiler traces of the
 #                                    decode step at 128/256 streams, base vs 128 adapters
 #                       bursty       loadtest.bursty: closed loop vs 1 s think time vs Poisson
-#                       shared-gpu   loadtest.router --replicas-per-gpu 2: two replicas on this GPU
-#                                    (two API processes and schedulers) vs one, 256 streams
-#                       shared-gpu-4 the same with four replicas on the GPU
 #   Both GPUs, job `router` (JOBS_X2=router): synth-many (520 adapters), router (loadtest.router:
 #                       two replicas behind sglang-router vs one, affinity vs round-robin, a
 #                       hot-load across replicas), structured-h200 (#17), first-use-7b (#18)
@@ -234,21 +231,6 @@ router() {  # #16: two replicas behind sglang-router vs one; adapter affinity vs
     --set mem_fraction_static="${MEM:-0.7}" --users 512 --adapters 128 --many 512 \
     --pairs "${PAIRS:-3}" --duration "${DURATION:-20}" --warmup 5 ${ROUTER_ARGS:-} \
     --out "$RESULTS/${ROUTER_OUT:-router}"
-}
-
-shared_gpu() {  # #16: two replicas (two API processes, two schedulers) on one GPU vs one of them
-  wait_file "$SYNTH/adapters.yaml" 600 || return 1
-  gpu_free
-  CUDA_VISIBLE_DEVICES=$GPU timeout 1500 python3 -m loadtest.router \
-    --config "$SYNTH/adapters.yaml" --set max_loras_per_batch=128 \
-    --set mem_fraction_static="${SHARED_MEM:-0.35}" --replicas "${SHARED:-2}" \
-    --replicas-per-gpu "${SHARED:-2}" --users "${SHARED_USERS:-256}" --adapters 128 --many 128 \
-    --comparisons scale --pairs "${PAIRS:-3}" --duration "${DURATION:-20}" --warmup 5 \
-    --port "${SHARED_PORT:-8400}" --out "$RESULTS/shared-gpu-${SHARED:-2}"
-}
-
-shared_gpu_4() {  # the same with four replicas on the GPU
-  SHARED=4 SHARED_MEM=0.2 SHARED_PORT=8500 shared_gpu
 }
 
 structured_h200() {  # #17: what a JSON schema costs per decoded token on SGLang
@@ -564,7 +546,7 @@ if check.exists():
         if key.startswith("sglang_"):
             print(f"\n## gpu_check {key}: ok = {json.dumps(value.get('ok') or value.get('error'))}")
 for name in ["sql-variants/test/quality.md", "sql-variants/fresh/quality.md",
-             "sql-variants/fresh2/quality.md", "shared-gpu-2/summary.md", "shared-gpu-4/summary.md", "merges/merges.md",
+             "sql-variants/fresh2/quality.md", "merges/merges.md",
              "profile/profile.md", "bursty/bursty.md", "router/summary.md", "structured-h200/results.md", "first-use-7b/first_use.md",
              "side-by-side/side-by-side.md", "ours/pairs/summary.md", "peer/summary.md",
              "parity-shipped/parity.md", "parity-constrained/parity.md",
