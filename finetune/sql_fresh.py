@@ -215,9 +215,10 @@ def plot_template_vs_fresh(folder: Path) -> Path:
         bars = ax.bar(places, heights, width, label=SPLITS[split])
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.set_xticks(range(len(adapters)), adapters)
-    ax.set(ylabel="execution accuracy", ylim=(0, 1), title="SQL adapters: template vs hand-written")
+    title = "SQL adapters: template vs hand-written"
+    ax.set(ylabel="execution accuracy", ylim=(0, 1.18), title=title)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.legend()
+    ax.legend(loc="upper center", ncol=len(splits), fontsize=8)
     fig.tight_layout()
     path = folder / "template_vs_fresh.png"
     fig.savefig(path, dpi=110)
