@@ -303,35 +303,31 @@ def grouped_in_scope(db: sqlite3.Connection) -> Iterator[dict]:
         "Show the revenue per {noun} from sales {scope}.",
     )
     sales_most = ("Which {noun} made the most money from sales {scope}?",)
-    for scope in TRACK_SCOPES:
-        for value in scope_values(db, scope, 3):
-            said = scope.track_phrase.format(v=value)
-            for table in ("genre", "mediatype", "artist", "album", "playlist"):
-                if table == scope.table:
-                    continue
-                label, key, noun, _ = GROUPS[table]
-                body = (f"{joined('track', [table, scope.table])} WHERE {scope.condition(value)} "
-                        f"GROUP BY {key}")  # fmt: skip
-                sql = f"SELECT {label}, COUNT(*) {body}"
-                yield example(pick(each, sql).format(noun=noun, scope=said), sql)
-                if single(db, f"{body} ORDER BY COUNT(*) DESC", "COUNT(*)"):
-                    sql = f"SELECT {label} {body} ORDER BY COUNT(*) DESC LIMIT 1"
-                    yield example(pick(most, sql).format(noun=noun, scope=said), sql)
+    track_groups = ("genre", "mediatype", "artist", "album", "playlist")
+    yield from groups_in_scope(db, "track", TRACK_SCOPES, "track_phrase", track_groups,
+                               "COUNT(*)", each, most)  # fmt: skip
     revenue = "SUM(invoiceline.unit_price * invoiceline.quantity)"
-    for scope in TRACK_SCOPES[:3] + SALE_SCOPES:
+    sale_groups = ("genre", "mediatype", "artist", "customer", "employee")
+    yield from groups_in_scope(db, "invoiceline", TRACK_SCOPES[:3] + SALE_SCOPES, "sale_phrase",
+                               sale_groups, revenue, sales_each, sales_most)  # fmt: skip
+
+
+def groups_in_scope(db, root, scopes, phrase, tables, measure, each, most) -> Iterator[dict]:
+    """Each group's measure within a scope, and the group with the most (when not tied)."""
+    for scope in scopes:
         for value in scope_values(db, scope, 3):
-            said = scope.sale_phrase.format(v=value)
-            for table in ("genre", "mediatype", "artist", "customer", "employee"):
+            said = getattr(scope, phrase).format(v=value)
+            for table in tables:
                 if table == scope.table:
                     continue
                 label, key, noun, _ = GROUPS[table]
-                body = (f"{joined('invoiceline', [table, scope.table])} "
-                        f"WHERE {scope.condition(value)} GROUP BY {key}")  # fmt: skip
-                sql = f"SELECT {label}, {revenue} {body}"
-                yield example(pick(sales_each, sql).format(noun=noun, scope=said), sql)
-                if single(db, f"{body} ORDER BY {revenue} DESC", revenue):
-                    sql = f"SELECT {label} {body} ORDER BY {revenue} DESC LIMIT 1"
-                    yield example(pick(sales_most, sql).format(noun=noun, scope=said), sql)
+                body = (f"{joined(root, [table, scope.table])} WHERE {scope.condition(value)} "
+                        f"GROUP BY {key}")  # fmt: skip
+                sql = f"SELECT {label}, {measure} {body}"
+                yield example(pick(each, sql).format(noun=noun, scope=said), sql)
+                if single(db, f"{body} ORDER BY {measure} DESC", measure):
+                    sql = f"SELECT {label} {body} ORDER BY {measure} DESC LIMIT 1"
+                    yield example(pick(most, sql).format(noun=noun, scope=said), sql)
 
 
 UNITS = (  # (column, a person's unit, factor to the stored unit, amounts, longer, shorter)
