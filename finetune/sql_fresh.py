@@ -7,8 +7,8 @@
     python -m finetune.sql_fresh --by-feature results/finetune/sql-fresh2 --set fresh2
     python -m finetune.sql_fresh --plot results/finetune/sql-recipes-h200  # → template_vs_fresh.png
 
-``sql_fresh.jsonl`` (77) and ``sql_fresh2.jsonl`` (87, written later by someone who had read
-neither the generators nor the first set) hold one ``{"question", "sql"}`` per line: questions
+``sql_fresh.jsonl`` (77) and ``sql_fresh2.jsonl`` (81 of 87 written later by someone who had
+read neither the generators nor the first set; 6 dropped as template-like or already asked) hold one ``{"question", "sql"}`` per line: questions
 as a person would ask
 them (joins of 2-6 tables, GROUP BY / HAVING, top-N, date and price filters, subqueries, the
 employee self-join, playlists, media types, invoice lines, support reps), each with a gold query

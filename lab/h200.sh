@@ -20,9 +20,10 @@
 #                       peer         SGLang's launch_server on the 7B shape, the same 136
 #                                    adapters, the same Locust user, PEER_PAIRS rounds at 256
 #                       sql          RETRAIN_SQL=1 only: retrain the SQL adapter (default off)
-#   Any job's list:     sql-variants three SQL recipes trained at once on the whole-store data
+#   Any job's list:     sql-variants three SQL recipes trained at once on the training data
 #                                    (FINETUNE=1 payload), then the shipped adapter, the variants
-#                                    and the base on the template test split and the fresh set
+#                                    and the base on the template test split and both
+#                                    hand-written sets (fresh, fresh2)
 #                       profile-decode  lab/profile_decode.py: torch-profiler traces of the
 #                                    decode step at 128/256 streams, base vs 128 adapters
 #                       bursty       loadtest.bursty: closed loop vs 1 s think time vs Poisson
