@@ -8,10 +8,10 @@
     python -m finetune.sql_fresh --plot results/finetune/sql-recipes-h200  # → template_vs_fresh.png
 
 ``sql_fresh.jsonl`` (77) and ``sql_fresh2.jsonl`` (81 of 87 written later by someone who had
-read neither the generators nor the first set; 6 dropped as template-like or already asked) hold one ``{"question", "sql"}`` per line: questions
-as a person would ask
-them (joins of 2-6 tables, GROUP BY / HAVING, top-N, date and price filters, subqueries, the
-employee self-join, playlists, media types, invoice lines, support reps), each with a gold query
+read neither the generators nor the first set; 6 dropped as template-like or already asked)
+hold one ``{"question", "sql"}`` per line: questions as a person would ask them (joins of 2-6
+tables, GROUP BY / HAVING, top-N, date and price filters, subqueries, the employee self-join,
+playlists, media types, invoice lines, support reps), each with a gold query
 checked on the real Chinook rows. None is trained on: ``Decontaminator`` drops every generated
 training question near a hand-written one (same query shape, wording or result), and
 ``tests/test_sql_fresh.py`` checks that none is left, nor in the template splits.

@@ -17,7 +17,8 @@ of ``--num-steps`` forward steps (GPU activities only, no stacks or shapes: smal
 profiler overhead) and waits for the trace file while the traffic goes on.
 
 ``summarize`` reads each trace (Chrome-trace JSON, gzipped or not, one per TP rank) and reports per
-point: forward steps, decode CUDA-graph replays, the window per step, GPU kernel time per step by
+point: forward steps, how many of them were prefill steps (by their attention kernels, one call
+per layer), CUDA-graph replays, the window per step, GPU kernel time per step by
 category (attention, LoRA, base GEMM, sampling, norm/activation/elementwise, communication,
 other), the top kernels, and the GPU idle share (no kernel or copy running: a CPU-bound scheduler
 shows here). Writes ``profile.md``, ``profile.json`` and ``profile.png`` into ``--out``. ``run``
@@ -65,6 +66,10 @@ CATEGORY_NAMES = ["attention", "LoRA", "base GEMM", "sampling", "norm/act/elemen
 GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 LAUNCH_CATS = {"cuda_runtime", "cuda_driver"}
 TOP = 15
+DECODE_ATTENTION = ("_fwd_grouped_kernel_stage1", "_fwd_kernel_stage1", "decodewithkvcache")
+PREFILL_ATTENTION = ("_fwd_kernel", "prefillwithkvcache")
+"""Attention kernels of a decode step and of a prefill (extend) step, one call per layer: the
+triton backend's names (first match on the name's start), FlashInfer's (anywhere in it)."""
 ARMS = {"base": 0, "adapters": 1}
 
 
@@ -159,8 +164,31 @@ def top_kernels(ops: list[dict], total: float, n: int = TOP) -> list[dict]:
     ]  # fmt: skip
 
 
-def summarize_trace(path: Path, steps: int | None = None) -> dict:
-    """One trace's GPU picture; ``steps`` = forward steps it holds (else: graph replays)."""
+def step_kinds(ops: list[dict], layers: int | None) -> dict:
+    """Decode and prefill steps in a trace, from their attention kernels (one call per layer per
+    step): a profile of N forward steps mixes both, in another proportion at each point."""
+    calls = Counter(attention_kind(o["name"]) for o in ops)
+    kinds = {"decode_attention_calls": calls["decode"], "prefill_attention_calls": calls["prefill"]}
+    if layers:
+        kinds |= {
+            "decode_steps": calls["decode"] / layers,
+            "prefill_steps": calls["prefill"] / layers,
+        }
+    return kinds
+
+
+def attention_kind(name: str) -> str | None:
+    lower = name.lower()
+    if lower.startswith(DECODE_ATTENTION[:2]) or DECODE_ATTENTION[2] in lower:
+        return "decode"
+    if lower == PREFILL_ATTENTION[0] or PREFILL_ATTENTION[1] in lower:
+        return "prefill"
+    return None
+
+
+def summarize_trace(path: Path, steps: int | None = None, layers: int | None = None) -> dict:
+    """One trace's GPU picture; ``steps`` = forward steps it holds (else: graph replays);
+    ``layers`` = the model's layers, to tell decode steps from prefill ones."""
     events = load_events(path)
     ops = gpu_ops(events)
     if not ops:
@@ -175,6 +203,7 @@ def summarize_trace(path: Path, steps: int | None = None) -> dict:
     per_step = {c: v / steps / 1000 for c, v in per_cat.items()} if steps else None
     return {
         "file": path.name, "kernels": len(ops), "steps": steps, **replays,
+        **step_kinds(ops, layers),
         "window_ms": window / 1000, "busy_ms": busy / 1000, "kernel_ms": total / 1000,
         "gpu_busy_share": busy / window if window else None,
         "gpu_idle_share": 1 - busy / window if window else None,
@@ -209,7 +238,8 @@ def summarize_point(folder: Path) -> list[dict]:
     rows = []
     for path in files:
         try:
-            rows.append(meta | {"trace": summarize_trace(path, meta.get("num_steps"))})
+            trace = summarize_trace(path, meta.get("num_steps"), meta.get("layers"))
+            rows.append(meta | {"trace": trace})
         except (OSError, ValueError, EOFError) as err:  # a truncated gzip, bad JSON
             rows.append(meta | {"error": f"{path.name}: {type(err).__name__}: {err}"})
     return rows
@@ -250,6 +280,7 @@ def point_row(p: dict) -> str:
     cells = [
         label_of(p), fmt(p.get("failures"), "d"), fmt(p.get("tok_s"), ".0f"),
         fmt(p.get("profiled_tok_s"), ".0f"), fmt(per_token, ".1f"), fmt(t.get("steps"), "d"),
+        fmt(t.get("prefill_steps"), ".0f"),
         fmt(t.get("graph_replays"), "d"),
         fmt(t.get("ms_per_step"), ".1f"), fmt(t.get("replay_period_ms_p50"), ".1f"),
         fmt(t.get("kernel_ms_per_step"), ".1f"), fmt(pct(t.get("gpu_busy_share")), ".0f"),
@@ -264,6 +295,7 @@ def pct(share):
 
 def points_table(points: list[dict]) -> list[str]:
     head = ["point", "failed", "tok/s", "tok/s profiling", "ms/token/stream", "steps",
+            "of them prefill",
             "graph replays", "ms/step", "ms between replays p50", "kernel ms/step", "GPU busy %",
             *(f"{c} %" for c in CATEGORY_NAMES)]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -428,7 +460,7 @@ async def profile_point(engine, args, names: list[str], streams: int, arm: str) 
     traffic = Traffic(adapters, args.prompt_words, args.output_tokens, chat=True)
     meta = {"label": label, "streams": streams, "arm": arm, "adapters": len(adapters) if
             arm == "adapters" else 0, "num_steps": args.num_steps,
-            "profiled": not args.no_profile}  # fmt: skip
+            "layers": getattr(args, "layers", None), "profiled": not args.no_profile}  # fmt: skip
     print(f"[profile] {label}: warm-up {args.warmup}s, measure {args.measure}s", flush=True)
     clients = Clients(engine, traffic, streams)
     try:
@@ -465,7 +497,14 @@ def build(args):
     print(f"{engine.backend} engine up in {time.perf_counter() - t0:.0f}s", flush=True)
     if engine.backend != "sglang" and not args.no_profile:
         raise SystemExit(f"the {engine.backend} backend has no profiler: use --no-profile")
+    args.layers = layers_of(registry.base.model)
     return engine, [a.name for a in registry.adapters]
+
+
+def layers_of(model: str) -> int | None:
+    """The model's layer count from its config.json (a local model folder), else None."""
+    config = Path(model) / "config.json"
+    return json.loads(config.read_text()).get("num_hidden_layers") if config.exists() else None
 
 
 def settings_of(args, engine) -> dict:

@@ -158,7 +158,7 @@ def test_summarize_cli_writes_the_report(tmp_path):
     assert labels == ["128-base", "128-adapters", "256-base", "256-adapters"]
     assert results["points"][2]["trace"]["steps"] == 4
     md = (out / "profile.md").read_text()
-    assert "| 128-base | 0 | 5000 | 4000 | 25.6 | 3 | 3 |" in md
+    assert "| 128-base | 0 | 5000 | 4000 | 25.6 | 3 | – | 3 |" in md
     assert "256-adapters: TimeoutError: x" in md
     assert "`nvjet_tst_128x64_64x4_1x2_h_bz_coopA_NTN` | base GEMM" in md
     assert (out / "profile.png").stat().st_size > 0
@@ -277,3 +277,30 @@ def test_a_trace_still_being_written_is_read_again(tmp_path, monkeypatch):
 
     monkeypatch.setattr(profile_decode.asyncio, "sleep", finish_writing)
     assert asyncio.run(profile_decode.trace_window(path, 3)) == pytest.approx(0.00251)
+
+
+def test_decode_and_prefill_steps_are_told_apart_by_their_attention_kernels(tmp_path):
+    """Two layers: 3 decode steps (the grouped decode kernel twice each) and one prefill step
+    (the extend kernel twice): a profile of N forward steps mixes both."""
+    events = synthetic_trace(steps=3)
+    events += [
+        kernel(name, 5000 + 10 * i, 5, 300 + i)
+        for i, name in enumerate(
+            ["_fwd_grouped_kernel_stage1"] * 3
+            + ["_fwd_kernel", "_fwd_kernel", "_fwd_kernel_stage2"]
+        )
+    ]
+    path = write_trace(tmp_path / "t.trace.json", events)
+    summary = profile_decode.summarize_trace(path, steps=4, layers=2)
+    assert summary["decode_attention_calls"] == 6 and summary["prefill_attention_calls"] == 2
+    assert (summary["decode_steps"], summary["prefill_steps"]) == (3, 1)
+    assert "prefill_steps" not in profile_decode.summarize_trace(path, steps=4)
+    assert profile_decode.attention_kind("BatchDecodeWithKVCacheKernel") == "decode"
+    assert profile_decode.attention_kind("BatchPrefillWithKVCacheKernel") == "prefill"
+    assert profile_decode.attention_kind("_fwd_kernel_stage2") is None
+
+
+def test_layers_come_from_the_model_folder(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 32}))
+    assert profile_decode.layers_of(str(tmp_path)) == 32
+    assert profile_decode.layers_of("smollm2") is None
