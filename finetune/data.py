@@ -28,7 +28,7 @@ from .sql_store import build_store_questions
 
 SPLITS = ("train", "val", "test")
 CACHE_SUFFIX = ".v2.jsonl"  # v2: splits in hashed order (v1 kept the sources' class order)
-TRAIN_ONLY_FILE = "train-only.v4.jsonl"  # additions to the train split; bump when they change
+TRAIN_ONLY_FILE = "train-only.v5.jsonl"  # additions to the train split; bump when they change
 
 
 def bucket_of(key: str) -> float:

@@ -331,7 +331,8 @@ def groups_in_scope(db, root, scopes, phrase, tables, measure, each, most) -> It
 
 
 UNITS = (  # (column, a person's unit, factor to the stored unit, amounts, longer, shorter)
-    ("track.milliseconds", "minutes", 60000, (3, 4, 5, 6, 7, 8), "longer than", "shorter than"),
+    ("track.milliseconds", "minutes", 60000, (2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 15), "longer than",
+     "shorter than"),
     ("track.milliseconds", "seconds", 1000, (90, 120, 150, 200, 240), "longer than",
      "shorter than"),
     ("track.bytes", "megabytes", 1048576, (5, 8, 10, 12), "bigger than", "smaller than"),
@@ -346,6 +347,10 @@ def in_units(db: sqlite3.Connection) -> Iterator[dict]:
                 cond = f"{column} {op} {amount * factor}"
                 sql = f"SELECT COUNT(*) FROM track WHERE {cond}"
                 yield example(f"How many tracks are {word} {amount} {unit}?", sql)
+                if amount in NUMBER_WORDS:  # "five minutes": the same query, in words
+                    said = f"{word} {NUMBER_WORDS[amount]} {unit}"
+                    yield example(pick((f"Count the tracks that run {said}.",
+                                        f"How many songs last {said}?"), sql), sql)  # fmt: skip
                 for scope in TRACK_SCOPES[:3]:
                     for value in scope_values(db, scope, 2):
                         said = scope.track_phrase.format(v=value)
@@ -473,6 +478,167 @@ def customer_dates(db: sqlite3.Connection) -> Iterator[dict]:
             yield example(f"How much did customers in {country} spend in {year}?", sql)
 
 
+NUMBER_WORDS = dict(enumerate("zero one two three four five six seven eight nine ten".split()))
+NUMBER_WORDS |= {12: "twelve", 15: "fifteen"}
+BOSS_JOIN = "FROM employee JOIN employee AS boss ON employee.reports_to_id = boss.id"
+"""The employee hierarchy: ``reports_to_id`` names the manager's row, joined as ``boss``."""
+
+
+def person(table: str, first: str, last: str) -> str:
+    return f"{table}.firstname = {q(first)} AND {table}.lastname = {q(last)}"
+
+
+def hierarchy(db: sqlite3.Connection) -> Iterator[dict]:
+    """The employee self-join: who reports to whom, counts per manager, comparisons with one's
+    manager, colleagues under the same manager."""
+    people = db.execute("SELECT firstname, lastname FROM employee").fetchall()
+    bosses = db.execute("SELECT DISTINCT boss.firstname, boss.lastname " + BOSS_JOIN).fetchall()
+    named = "employee.firstname, employee.lastname"
+    for first, last in bosses:
+        who = f"{first} {last}"
+        sql = f"SELECT {named} {BOSS_JOIN} WHERE {person('boss', first, last)}"
+        yield example(pick((f"Who reports to {who}? Give first and last names.",
+                            f"List the employees whose manager is {who}."), sql), sql)  # fmt: skip
+        sql = f"SELECT COUNT(*) {BOSS_JOIN} WHERE {person('boss', first, last)}"
+        yield example(pick((f"How many employees does {who} manage?",
+                            f"Count the people who report to {who}."), sql), sql)  # fmt: skip
+    for first, last in people:
+        who = f"{first} {last}"
+        mine = person("employee", first, last)
+        sql = f"SELECT boss.firstname, boss.lastname {BOSS_JOIN} WHERE {mine}"
+        if db.execute(sql).fetchall():
+            yield example(pick((f"Who is {who}'s manager?", f"To whom does {who} report?",
+                                f"Name {who}'s boss."), sql), sql)  # fmt: skip
+        bare = mine.replace("employee.", "")
+        same = (f"SELECT {named} FROM employee WHERE employee.reports_to_id = "
+                f"(SELECT reports_to_id FROM employee WHERE {bare}) AND NOT ({mine})")  # fmt: skip
+        if db.execute(same).fetchall():
+            yield example(f"Which employees share a manager with {who}? Leave {first} out.", same)
+    for column, word in (("boss.lastname", "last name"), ("boss.title", "title")):
+        sql = f"SELECT {column}, COUNT(*) {BOSS_JOIN} GROUP BY boss.id"
+        yield example(f"For each manager, how many people report to them? Give the manager's "
+                      f"{word} and the count.", sql)  # fmt: skip
+    for column, later, earlier in (("birthdate", "younger than", "born before"),
+                                   ("hiredate", "hired after", "hired before")):  # fmt: skip
+        for op, said in ((">", later), ("<", earlier)):
+            sql = f"SELECT {named} {BOSS_JOIN} WHERE employee.{column} {op} boss.{column}"
+            if db.execute(sql).fetchall():
+                yield example(f"Which employees were {said} their manager?" if "before" in said
+                              or "after" in said else f"Which employees are {said} their manager?",
+                              sql)  # fmt: skip
+    for title in ("Sales Manager", "IT Manager", "General Manager"):
+        sql = f"SELECT {named} {BOSS_JOIN} WHERE boss.title = {q(title)}"
+        yield example(f"Who reports to the {title}? Give first and last names.", sql)
+
+
+REP_JOIN = "FROM customer JOIN employee ON customer.support_rep_id = employee.id"
+"""A customer's support rep: ``customer.support_rep_id`` names an employee."""
+
+
+def support_reps(db: sqlite3.Connection) -> Iterator[dict]:
+    """Customers and their sales support agents, both ways."""
+    reps = db.execute(
+        f"SELECT DISTINCT employee.firstname, employee.lastname {REP_JOIN}"
+    ).fetchall()
+    spent = f"{REP_JOIN} JOIN invoice ON invoice.customer_id = customer.id"
+    for first, last in reps:
+        who, mine = f"{first} {last}", person("employee", first, last)
+        asks = {
+            f"SELECT COUNT(*) {REP_JOIN} WHERE {mine}":
+                (f"How many customers does {who} look after?",
+                 f"How many customers have {who} as their support rep?"),
+            f"SELECT DISTINCT customer.country {REP_JOIN} WHERE {mine}":
+                (f"Which countries are {who}'s customers from?",),
+            f"SELECT SUM(invoice.total) {spent} WHERE {mine}":
+                (f"How much have the customers of {who} spent in total?",
+                 f"What is the total of all invoices of {who}'s customers?"),
+            f"SELECT COUNT(*) {spent} WHERE {mine}":
+                (f"How many invoices did the customers of support rep {who} get?",),
+        }  # fmt: skip
+        for sql, options in asks.items():
+            yield example(pick(options, sql), sql)
+    customers = db.execute("SELECT firstname, lastname FROM customer").fetchall()
+    for first, last in customers:
+        sql = (f"SELECT employee.firstname, employee.lastname {REP_JOIN} "
+               f"WHERE {person('customer', first, last)}")  # fmt: skip
+        yield example(
+            pick(
+                (
+                    f"Who is the support rep of {first} {last}?",
+                    f"Which sales support agent looks after {first} {last}?",
+                ),
+                sql,
+            ),
+            sql,
+        )
+    for label, noun in (("employee.lastname", "last name"), ("employee.firstname", "first name")):
+        sql = f"SELECT {label}, COUNT(*) {REP_JOIN} GROUP BY employee.id"
+        yield example(f"How many customers does each support rep have? Give the rep's {noun} "
+                      "and the count.", sql)  # fmt: skip
+        sql = f"SELECT {label}, SUM(invoice.total) {spent} GROUP BY employee.id"
+        yield example(f"How much have each sales support agent's customers spent? Show the "
+                      f"agent's {noun} and the total.", sql)  # fmt: skip
+
+
+def money(db: sqlite3.Connection) -> Iterator[dict]:
+    """Money in a person's words: "spent … altogether", "made the most money"."""
+    spent = (
+        "SELECT customer.firstname, customer.lastname FROM customer JOIN invoice ON "
+        "invoice.customer_id = customer.id GROUP BY customer.id HAVING SUM(invoice.total) "
+    )
+    for dollars in (38, 40, 42, 44, 46, 48, 50):
+        for op, word in ((">", "more"), ("<", "less")):
+            sql = f"{spent}{op} {dollars}"
+            if db.execute(sql).fetchall():
+                yield example(pick((f"Which customers have spent {word} than {dollars} dollars in "
+                                    "total? Give first and last names.",
+                                    f"List the customers whose purchases add up to {word} than "
+                                    f"${dollars}."), sql), sql)  # fmt: skip
+    revenue = "SUM(invoiceline.unit_price * invoiceline.quantity)"
+    for table in ("mediatype", "artist", "album", "genre"):
+        label, key, noun, _ = GROUPS[table]
+        body = f"{joined('invoiceline', [table])} GROUP BY {key}"
+        for desc, word in ((" DESC", "the most"), ("", "the least")):
+            if single(db, f"{body} ORDER BY {revenue}{desc}", revenue):
+                sql = f"SELECT {label} {body} ORDER BY {revenue}{desc} LIMIT 1"
+                yield example(
+                    pick(
+                        (
+                            f"Which {noun} made {word} money?",
+                            f"Which {noun} earned {word} from sales?",
+                        ),
+                        sql,
+                    ),
+                    sql,
+                )
+    countries = "SELECT invoice.billingcountry FROM invoice GROUP BY invoice.billingcountry"
+    for desc, word in ((" DESC", "the most"), ("", "the least")):
+        if single(db, f"{countries[len('SELECT invoice.billingcountry '):]} ORDER BY "
+                  f"SUM(invoice.total){desc}", "SUM(invoice.total)"):  # fmt: skip
+            sql = f"{countries} ORDER BY SUM(invoice.total){desc} LIMIT 1"
+            yield example(f"Which billing country has spent {word} money altogether?", sql)
+
+
+def during_years(db: sqlite3.Connection) -> Iterator[dict]:
+    """A whole calendar year, said as "in 2010" or "during 2010": strftime on the year."""
+    for year in range(2007, 2012):
+        cond = f"strftime('%Y', invoice.invoicedate) = '{year}'"
+        for fn, *asks in INVOICE_MEASURES:
+            sql = f"SELECT {fn} FROM invoice WHERE {cond}"
+            for i in range(2):
+                yield example(pick(tuple(asks), sql, i).format(when=f"during {year}"), sql)
+        sql = f"SELECT invoice.id FROM invoice WHERE {cond} AND invoice.total > 15"
+        yield example(
+            f"Which invoices from {year} came to more than 15 dollars? Give the ids.", sql
+        )
+        for event in ("hiredate", "birthdate"):
+            sql = (f"SELECT COUNT(*) FROM employee WHERE strftime('%Y', employee.{event}) = "
+                   f"'{year - 5}'")  # fmt: skip
+            if db.execute(sql).fetchone()[0]:
+                word = "hired" if event == "hiredate" else "born"
+                yield example(f"How many employees were {word} in {year - 5}?", sql)
+
+
 SHAPES = {
     "filtered track measures": filtered_track_measures,
     "filtered sales": filtered_sales,
@@ -483,6 +649,10 @@ SHAPES = {
     "invoice dates": invoice_dates,
     "employee dates": employee_dates,
     "customer dates": customer_dates,
+    "hierarchy": hierarchy,
+    "support reps": support_reps,
+    "money": money,
+    "during a year": during_years,
 }
 
 

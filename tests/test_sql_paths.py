@@ -82,3 +82,16 @@ def test_a_support_rep_scope_names_first_and_last_name(db):
     assert condition == "employee.firstname = 'Jane' AND employee.lastname = 'Peacock'"
     source = joined("invoiceline", ["employee"])
     assert db.execute(f"SELECT COUNT(*) {source} WHERE {condition}").fetchone()[0] > 0
+
+
+def test_the_hierarchy_and_the_reps_are_asked_through_their_real_keys(db):
+    """The adapter wrote ``employee.manager_id`` and ``invoice.support_rep_id``, columns Chinook
+    lacks: these shapes teach ``reports_to_id`` (as a self-join) and ``customer.support_rep_id``."""
+    from finetune.sql_paths import hierarchy, support_reps
+
+    managed = list(hierarchy(db))
+    assert sum("employee.reports_to_id = boss.id" in e["target"] for e in managed) >= 15
+    reps = list(support_reps(db))
+    assert len(reps) > 59 and all("customer.support_rep_id = employee.id" in e["target"]
+                                  for e in reps)  # fmt: skip
+    assert all(run_sql(db, e["target"]) for e in managed + reps)
