@@ -393,12 +393,14 @@ sql_variants() {  # #17: the SQL adapter retrained on the whole-store data, thre
   gpu_free
   python3 -m engine.base_model smollm2 > "$RAW_LOGS/sql-convert.log" 2>&1 || return 1
   local pid pids=()
-  # shellcheck disable=SC2086
-  train_variant r16all-1300 --steps 1300 --rank 16 --alpha 32 --targets $all & pids+=($!)
-  # shellcheck disable=SC2086
-  train_variant r16all-2000 --steps 2000 --rank 16 --alpha 32 --targets $all & pids+=($!)
+  # the shipped recipe on the current data, then more rank and more steps (2026-12-01: r32 beat
+  # r16 by 6-10 questions on the hand-written sets)
   # shellcheck disable=SC2086
   train_variant r32all-2000 --steps 2000 --rank 32 --alpha 64 --targets $all & pids+=($!)
+  # shellcheck disable=SC2086
+  train_variant r64all-2000 --steps 2000 --rank 64 --alpha 128 --targets $all & pids+=($!)
+  # shellcheck disable=SC2086
+  train_variant r32all-3000 --steps 3000 --rank 32 --alpha 64 --targets $all & pids+=($!)
   for pid in "${pids[@]}"; do wait "$pid" || echo "a SQL recipe failed, process $pid: see its log"; done
   python3 - "$v" <<'PY'
 import sys
