@@ -27,6 +27,8 @@
 #                       profile-decode  lab/profile_decode.py: torch-profiler traces of the
 #                                    decode step at 128/256 streams, base vs 128 adapters
 #                       bursty       loadtest.bursty: closed loop vs 1 s think time vs Poisson
+#                       decode-settings  one engine each: defaults, num_continuous_decode_steps=4,
+#                                    cuda_graph_max_bs_decode=512 (pairs plan, 1 round, 256 streams)
 #   Both GPUs, job `router` (JOBS_X2=router): synth-many (520 adapters), router (loadtest.router:
 #                       two replicas behind sglang-router vs one, affinity vs round-robin, a
 #                       hot-load across replicas), structured-h200 (#17), first-use-7b (#18)
@@ -373,6 +375,26 @@ profile_decode() {  # #16: what bounds the decode step (torch profiler through S
   timeout 900 python3 lab/profile_decode.py run --config "$SYNTH/adapters.yaml" \
     --out "$RESULTS/profile" --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" \
     --streams 128 256 --arms base adapters
+}
+
+decode_settings() {  # #16 item 4, after the profile: SGLang settings against the GPU's idle share
+  # and eager steps, one engine each (1 round of the pairs plan at 256 streams × 128 adapters).
+  # Not run yet (prepared 2026-12-01).
+  wait_file "$SYNTH/adapters.yaml" 600 || return 1
+  local name setting
+  for name in default continuous-4 graph-bs-512; do
+    case $name in
+      default) setting='extra={}' ;;
+      continuous-4) setting='extra={"num_continuous_decode_steps": 4}' ;;
+      graph-bs-512) setting='extra={"cuda_graph_max_bs_decode": 512}' ;;
+    esac
+    gpu_free
+    timeout 900 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" \
+      --out "$RESULTS/decode-settings/$name" --plan pairs --pairs 1 --users 256 --adapters 128 \
+      --duration "${DURATION:-20}" --warmup 5 --http-port 8768 \
+      --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" --set "$setting" ||
+      echo "decode-settings: $name failed"
+  done
 }
 
 bursty() {  # #16: closed loop vs the k6 profile (1 s think time) vs Poisson at the same rate
