@@ -45,10 +45,10 @@ def read_sql_families() -> list[dict]:
 
     db_path = chinook_db()
     made = build_family_questions(db_path) + build_store_questions(db_path)
-    made += build_path_questions(db_path)
     with sqlite3.connect(db_path) as db:
         clean = Decontaminator(db)
-        return [e for e in made if clean.keeps(e)]
+        kept = [e for e in made if clean.keeps(e)]
+    return kept + build_path_questions(db_path)  # decontaminated as it is built
 
 
 READERS = {

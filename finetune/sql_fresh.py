@@ -25,6 +25,8 @@ import re
 import sqlite3
 from pathlib import Path
 
+from .sql import run_sql
+
 FRESH_FILE = Path(__file__).with_name("sql_fresh.jsonl")
 HAND_WRITTEN = {"fresh": FRESH_FILE, "fresh2": Path(__file__).with_name("sql_fresh2.jsonl")}
 """Each hand-written set by its ``--split`` name. ``fresh2`` was written after the training
@@ -74,26 +76,24 @@ class Decontaminator:
     shape but answers the same question)."""
 
     def __init__(self, db: sqlite3.Connection, hand_written: list[dict] | None = None):
-        from .sql import run_sql
-
-        self.db, self.run_sql = db, run_sql
+        self.db = db
         held_out = load_all_hand_written() if hand_written is None else hand_written
         self.shapes = {skeleton(e["target"]) for e in held_out}
         self.words = [words(e["input"]["question"]) for e in held_out]
-        self.answers = {answer_key(e["target"], run_sql(db, e["target"]) or []): i
-                        for i, e in enumerate(held_out)}  # fmt: skip
+        self.answers = {answer_key(e["target"], run_sql(db, e["target"]) or []) for e in held_out}
 
-    def near(self, example: dict) -> bool:
+    def keeps(self, example: dict) -> bool:
+        rows = run_sql(self.db, example["target"])
+        return bool(rows) and not self.near(example, rows)
+
+    def near(self, example: dict, rows: list[tuple]) -> bool:
+        """``rows``: what the example's query returns (``run_sql``)."""
         sql, mine = example["target"], words(example["input"]["question"])
         if skeleton(sql) in self.shapes:
             return True
         if any(len(mine & o) / len(mine | o) >= MAX_WORD_OVERLAP for o in self.words):
             return True
-        rows = self.run_sql(self.db, sql)
-        return rows is not None and answer_key(sql, rows) in self.answers
-
-    def keeps(self, example: dict) -> bool:
-        return bool(self.run_sql(self.db, example["target"])) and not self.near(example)
+        return answer_key(sql, rows) in self.answers
 
 
 def skeleton(sql: str) -> str:

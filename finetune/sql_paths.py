@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .sql import q
+from .sql_fresh import Decontaminator
 
 PER_SCOPE_VALUES = 6
 """How many values of each scope (the most frequent ones first) the questions use."""
@@ -611,11 +612,10 @@ def money(db: sqlite3.Connection) -> Iterator[dict]:
                     ),
                     sql,
                 )
-    countries = "SELECT invoice.billingcountry FROM invoice GROUP BY invoice.billingcountry"
+    by_country = "FROM invoice GROUP BY invoice.billingcountry ORDER BY SUM(invoice.total)"
     for desc, word in ((" DESC", "the most"), ("", "the least")):
-        if single(db, f"{countries[len('SELECT invoice.billingcountry '):]} ORDER BY "
-                  f"SUM(invoice.total){desc}", "SUM(invoice.total)"):  # fmt: skip
-            sql = f"{countries} ORDER BY SUM(invoice.total){desc} LIMIT 1"
+        if single(db, by_country + desc, "SUM(invoice.total)"):
+            sql = f"SELECT invoice.billingcountry {by_country}{desc} LIMIT 1"
             yield example(f"Which billing country has spent {word} money altogether?", sql)
 
 
@@ -658,8 +658,6 @@ SHAPES = {
 
 def build_path_questions(db_path: Path) -> list[dict]:
     """Every question of every shape whose gold query answers, minus the decontaminated ones."""
-    from .sql_fresh import Decontaminator
-
     with sqlite3.connect(db_path) as db:
         clean = Decontaminator(db)
         return [e for shape in SHAPES.values() for e in shape(db)
@@ -675,7 +673,6 @@ def names_each_once(db: sqlite3.Connection, sql: str) -> bool:
 
 def main() -> None:
     from .sql import chinook_db
-    from .sql_fresh import Decontaminator
 
     with sqlite3.connect(chinook_db()) as db:
         clean = Decontaminator(db)

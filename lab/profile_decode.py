@@ -66,10 +66,10 @@ CATEGORY_NAMES = ["attention", "LoRA", "base GEMM", "sampling", "norm/act/elemen
 GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 LAUNCH_CATS = {"cuda_runtime", "cuda_driver"}
 TOP = 15
-DECODE_ATTENTION = ("_fwd_grouped_kernel_stage1", "_fwd_kernel_stage1", "decodewithkvcache")
-PREFILL_ATTENTION = ("_fwd_kernel", "prefillwithkvcache")
-"""Attention kernels of a decode step and of a prefill (extend) step, one call per layer: the
-triton backend's names (first match on the name's start), FlashInfer's (anywhere in it)."""
+ATTENTION_KINDS = {  # one call per layer per step: (triton kernel names, FlashInfer's name part)
+    "decode": (("_fwd_grouped_kernel_stage1", "_fwd_kernel_stage1"), "decodewithkvcache"),
+    "prefill": (("_fwd_kernel",), "prefillwithkvcache"),
+}
 ARMS = {"base": 0, "adapters": 1}
 
 
@@ -178,11 +178,11 @@ def step_kinds(ops: list[dict], layers: int | None) -> dict:
 
 
 def attention_kind(name: str) -> str | None:
+    """``decode`` or ``prefill`` for an attention kernel (triton: its whole name), else None."""
     lower = name.lower()
-    if lower.startswith(DECODE_ATTENTION[:2]) or DECODE_ATTENTION[2] in lower:
-        return "decode"
-    if lower == PREFILL_ATTENTION[0] or PREFILL_ATTENTION[1] in lower:
-        return "prefill"
+    for kind, (triton, flashinfer) in ATTENTION_KINDS.items():
+        if lower in triton or flashinfer in lower:
+            return kind
     return None
 
 
