@@ -29,6 +29,8 @@
 #                       bursty       loadtest.bursty: closed loop vs 1 s think time vs Poisson
 #                       decode-settings  one engine each: defaults, num_continuous_decode_steps=4,
 #                                    cuda_graph_max_bs_decode=512 (pairs plan, 1 round, 256 streams)
+#                       space-rehearsal  the GPU Space (deploy/gpu-space) from a clean home: its
+#                                    build step, its command, scripts/app_check.py against it
 #   Both GPUs, job `router` (JOBS_X2=router): synth-many (520 adapters), router (loadtest.router:
 #                       two replicas behind sglang-router vs one, affinity vs round-robin, a
 #                       hot-load across replicas), structured-h200 (#17), first-use-7b (#18)
@@ -47,7 +49,8 @@
 #
 # Knobs (environment of `start`/`restart`): JOBS_X2 (ours check cpu), PAIRS (3), PEER_PAIRS (3), USERS (512,256; one GPU:
 # 256), DURATION (20 s a point, the first 5 s warm-up), MEM (0.7), SYNC_TIMEOUT (360 s),
-# RETRAIN_SQL (0), STEPS_OURS / STEPS_CHECK / STEPS_ALL / STEPS_CPU (the step lists). Jobs run from a copy
+# RETRAIN_SQL (0), SQL_RECIPES (3; 2 drops r32all-3000), DECODE_SETTINGS (the engines of
+# decode-settings), STEPS_OURS / STEPS_CHECK / STEPS_ALL / STEPS_CPU (the step lists). Jobs run from a copy
 # of the repo in /tmp/repo (each call re-syncs the working tree) and write under /tmp/results.
 set -uo pipefail
 ACTION=${1:?payload | stash | early | start | watch | collect | restart}
@@ -379,10 +382,9 @@ profile_decode() {  # #16: what bounds the decode step (torch profiler through S
 
 decode_settings() {  # #16 item 4, after the profile: SGLang settings against the GPU's idle share
   # and eager steps, one engine each (1 round of the pairs plan at 256 streams × 128 adapters).
-  # Not run yet (prepared 2026-12-01).
   wait_file "$SYNTH/adapters.yaml" 600 || return 1
   local name setting
-  for name in default continuous-4 graph-bs-512; do
+  for name in ${DECODE_SETTINGS:-default continuous-4 graph-bs-512}; do
     case $name in
       default) setting='extra={}' ;;
       continuous-4) setting='extra={"num_continuous_decode_steps": 4}' ;;
@@ -395,6 +397,43 @@ decode_settings() {  # #16 item 4, after the profile: SGLang settings against th
       --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" --set "$setting" ||
       echo "decode-settings: $name failed"
   done
+}
+
+space_rehearsal() {  # #16.7: the GPU Space (deploy/gpu-space) as the Space runs it: its files,
+  # the image's build step and command, a clean home (no converted model, no caches), this GPU.
+  # Python packages: the offline runtime's in place of the image's pip install (no network here).
+  local space=/tmp/space home=/tmp/space-home out="$RESULTS/space-rehearsal" app t0
+  rm -rf "$space" "$home" && mkdir -p "$home" "$out"
+  bash deploy/gpu-space/make.sh "$space" || return 1
+  gpu_free
+  local clean=(env -i HOME="$home" PATH="$PATH" PYTHONPATH="$PYTHONPATH" HF_HUB_OFFLINE=1
+    CUDA_VISIBLE_DEVICES="$GPU" SPACE_ID=rehearsal/loraland-gpu)
+  t0=$(date +%s)
+  (cd "$space" && "${clean[@]}" python3 -m engine.base_model smollm2) > "$out/build.log" 2>&1 ||
+    return 1
+  echo "build step (the base model converted): $(($(date +%s) - t0)) s" | tee "$out/timings.txt"
+  t0=$(date +%s)
+  (cd "$space" && exec "${clean[@]}" python3 app.py --host 0.0.0.0 --port 7860) \
+    > "$out/app.log" 2>&1 &
+  app=$!
+  for _ in $(seq 600); do
+    python3 -c 'import urllib.request as u; u.urlopen("http://127.0.0.1:7860/v1/models", timeout=5)' \
+      2> /dev/null && break
+    kill -0 "$app" 2> /dev/null || { echo "the app exited"; tail -20 "$out/app.log"; return 1; }
+    sleep 1
+  done
+  echo "start to /v1/models: $(($(date +%s) - t0)) s" | tee -a "$out/timings.txt"
+  (cd "$space" && "${clean[@]}" python3 scripts/app_check.py --url http://127.0.0.1:7860 \
+    --expect-backend sglang --out "$out/app_check.json")
+  local rc=$?
+  echo "start to the app check's end: $(($(date +%s) - t0)) s" | tee -a "$out/timings.txt"
+  local children
+  children=$(pgrep -P "$app")  # SGLang's scheduler and detokenizer, if the app leaves them behind
+  kill "$app"
+  wait "$app"
+  # shellcheck disable=SC2086
+  kill -9 $children 2> /dev/null
+  return $rc
 }
 
 bursty() {  # #16: closed loop vs the k6 profile (1 s think time) vs Poisson at the same rate
@@ -421,8 +460,10 @@ sql_variants() {  # #17: the SQL adapter retrained on the whole-store data, thre
   train_variant r32all-2000 --steps 2000 --rank 32 --alpha 64 --targets $all & pids+=($!)
   # shellcheck disable=SC2086
   train_variant r64all-2000 --steps 2000 --rank 64 --alpha 128 --targets $all & pids+=($!)
-  # shellcheck disable=SC2086
-  train_variant r32all-3000 --steps 3000 --rank 32 --alpha 64 --targets $all & pids+=($!)
+  if [ "${SQL_RECIPES:-3}" = 3 ]; then
+    # shellcheck disable=SC2086
+    train_variant r32all-3000 --steps 3000 --rank 32 --alpha 64 --targets $all & pids+=($!)
+  fi
   for pid in "${pids[@]}"; do wait "$pid" || echo "a SQL recipe failed, process $pid: see its log"; done
   python3 - "$v" <<'PY'
 import sys

@@ -2,11 +2,14 @@
 
     python scripts/app_check.py --out app_check.json                   # the CPU default
     python scripts/app_check.py --backend sglang --out $OUT/app.json   # on a GPU (SGLang)
+    python scripts/app_check.py --url http://127.0.0.1:7860 --expect-backend sglang  # one running
 
 Checks, against the adapters of ``--config``: ``/health``; ``/v1/models`` lists the base and every
 adapter; a streamed chat completion from the first adapter (SSE chunks, usage, ``[DONE]``); an
 unknown model is a 404 with an OpenAI error body; the UI page is served; the UI's ``/compare``
 (fine-tuned vs base on the adapter's first example) and ``/chat`` answer through gradio_client.
+With ``--url`` it checks an app already running there (a Space, or its rehearsal) instead of
+starting one; ``--expect-backend`` fails the check when ``/health`` names another backend.
 Writes a JSON report and exits 1 if a check failed.
 """
 
@@ -104,10 +107,11 @@ def chat_text(message: dict) -> str:
     return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
 
 
-def passed(report: dict) -> bool:
+def passed(report: dict, expect_backend: str | None = None) -> bool:
     api, ui = report["api"], report["ui"]
     return (
         api["health_ok"]
+        and expect_backend in (None, api["backend"])
         and api["models_listed"]
         and api["stream_status"] == 200
         and api["stream_chunks"] > 1
@@ -120,15 +124,37 @@ def passed(report: dict) -> bool:
 
 def main() -> None:
     from engine.registry import load_registry
-    from loadtest.sweep import start_server
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(ROOT / "adapters.yaml"))
     parser.add_argument("--backend", choices=["auto", "hf", "sglang"], default="auto")
     parser.add_argument("--out", type=Path, default=Path("app_check.json"))
     parser.add_argument("--start-timeout", type=float, default=600)
+    parser.add_argument("--url", help="check the app running there instead of starting one")
+    parser.add_argument("--expect-backend", choices=["hf", "sglang"])
     args = parser.parse_args()
     registry = load_registry(args.config)
+    if args.url:
+        report = {"command": f"running at {args.url}"}
+        report |= checks(args.url.rstrip("/"), registry)
+    else:
+        report = start_and_check(args, registry)
+    report["expect_backend"] = args.expect_backend
+    report["passed"] = passed(report, args.expect_backend)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    sys.exit(0 if report["passed"] else 1)
+
+
+def checks(url: str, registry) -> dict:
+    names = [a.name for a in registry.adapters]
+    api = api_checks(url, get_json(f"{url}/health")["base_model"], names)
+    return {"api": api, "ui": ui_checks(url, registry.adapters[0])}
+
+
+def start_and_check(args, registry) -> dict:
+    from loadtest.sweep import start_server
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "app.py", "--config", args.config, "--port", str(port)]
@@ -137,16 +163,10 @@ def main() -> None:
     app = start_server(cmd, f"{url}/v1/models", timeout_s=args.start_timeout)
     try:
         report = {"command": " ".join(cmd), "start_s": round(time.perf_counter() - started, 1)}
-        names = [a.name for a in registry.adapters]
-        report["api"] = api_checks(url, get_json(f"{url}/health")["base_model"], names)
-        report["ui"] = ui_checks(url, registry.adapters[0])
+        return report | checks(url, registry)
     finally:
         app.terminate()
         app.wait(60)
-    report["passed"] = passed(report)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
-    sys.exit(0 if report["passed"] else 1)
 
 
 if __name__ == "__main__":
