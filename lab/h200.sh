@@ -49,7 +49,8 @@
 #
 # Knobs (environment of `start`/`restart`): JOBS_X2 (ours check cpu), PAIRS (3), PEER_PAIRS (3), USERS (512,256; one GPU:
 # 256), DURATION (20 s a point, the first 5 s warm-up), MEM (0.7), SYNC_TIMEOUT (360 s),
-# RETRAIN_SQL (0), SQL_RECIPES (3; 2 drops r32all-3000), DECODE_SETTINGS (the engines of
+# RETRAIN_SQL (0), SQL_RECIPES (3; 2 drops r128all-2000), ADAPTERS_BACK (collect: the SQL
+# recipes' archives to bring back, in 15-MB parts; default all), DECODE_SETTINGS (the engines of
 # decode-settings), STEPS_OURS / STEPS_CHECK / STEPS_ALL / STEPS_CPU (the step lists). Jobs run from a copy
 # of the repo in /tmp/repo (each call re-syncs the working tree) and write under /tmp/results.
 set -uo pipefail
@@ -454,15 +455,15 @@ sql_variants() {  # #17: the SQL adapter retrained on the whole-store data, thre
   gpu_free
   python3 -m engine.base_model smollm2 > "$RAW_LOGS/sql-convert.log" 2>&1 || return 1
   local pid pids=()
-  # the shipped recipe on the current data, then more rank and more steps (2026-12-01: r32 beat
-  # r16 by 6-10 questions on the hand-written sets)
-  # shellcheck disable=SC2086
-  train_variant r32all-2000 --steps 2000 --rank 32 --alpha 64 --targets $all & pids+=($!)
+  # 2026-12-01 (v5 data): rank 64 beat rank 32 by 3 and 11 hand-written questions; again (its
+  # adapter did not come back), then more steps, then more rank
   # shellcheck disable=SC2086
   train_variant r64all-2000 --steps 2000 --rank 64 --alpha 128 --targets $all & pids+=($!)
+  # shellcheck disable=SC2086
+  train_variant r64all-3000 --steps 3000 --rank 64 --alpha 128 --targets $all & pids+=($!)
   if [ "${SQL_RECIPES:-3}" = 3 ]; then
     # shellcheck disable=SC2086
-    train_variant r32all-3000 --steps 3000 --rank 32 --alpha 64 --targets $all & pids+=($!)
+    train_variant r128all-2000 --steps 2000 --rank 128 --alpha 256 --targets $all & pids+=($!)
   fi
   for pid in "${pids[@]}"; do wait "$pid" || echo "a SQL recipe failed, process $pid: see its log"; done
   python3 - "$v" <<'PY'
@@ -498,7 +499,7 @@ PY
   timeout 600 python3 -m finetune.evaluate --backend sglang --dtype float16 --config "$v/adapters.yaml" \
     --tasks sql --adapter $names --split fresh2 --batch 512 --set cuda_graph=false \
     --out "$RESULTS/sql-variants/fresh2" || return 1
-  mkdir -p "$RESULTS/sql-variants/adapters"  # one archive each: a file back from $OUT is ≤ 16 MiB
+  mkdir -p "$RESULTS/sql-variants/adapters"  # one archive each (collect splits them in parts)
   for d in "$v"/*/sql; do
     local name
     name=$(basename "$(dirname "$d")")
@@ -640,7 +641,12 @@ collect() {
   summary > "$OUT/summary.md" 2>&1
   (cd /tmp && tar czf "$OUT/results.tgz" --exclude='*/raw' --exclude=logs \
     --exclude=results/sql-variants/adapters results)
-  cp "$RESULTS"/sql-variants/adapters/*.tgz "$OUT/" 2>/dev/null
+  # a file back from $OUT is ≤ 16 MiB, 8 files at most: archives in parts, ADAPTERS_BACK picks
+  for archive in "$RESULTS"/sql-variants/adapters/*.tgz; do  # (names as sql-r64all-2000)
+    local name=${archive##*/}
+    [[ -z "${ADAPTERS_BACK:-}" || " $ADAPTERS_BACK " == *" ${name%.tgz} "* ]] || continue
+    [ -f "$archive" ] && split -b 15000000 -d "$archive" "$OUT/$name.part"
+  done
   (cd /tmp && tar czf "$OUT/logs.tgz" results/logs)
   [ -f /tmp/ft/DONE ] && tar czf "$OUT/ft.tgz" -C /tmp ft
   ls -l "$OUT" | awk 'NR > 1 && $5 > 16000000 { print "TOO LARGE FOR $OUT:", $9, $5 }'
