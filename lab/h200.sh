@@ -31,6 +31,8 @@
 #                                    cuda_graph_max_bs_decode=512 (pairs plan, 1 round, 256 streams)
 #                       space-rehearsal  the GPU Space (deploy/gpu-space) from a clean home: its
 #                                    build step, its command, scripts/app_check.py against it
+#                       code-ab      the code of e930aef vs this tree, one engine each, alternating
+#                                    (the throughput drop; payload with CODE_AB=1)
 #   Both GPUs, job `router` (JOBS_X2=router): synth-many (520 adapters), router (loadtest.router:
 #                       two replicas behind sglang-router vs one, affinity vs round-robin, a
 #                       hot-load across replicas), structured-h200 (#17), first-use-7b (#18)
@@ -49,7 +51,7 @@
 #
 # Knobs (environment of `start`/`restart`): JOBS_X2 (ours check cpu), PAIRS (3), PEER_PAIRS (3), USERS (512,256; one GPU:
 # 256), DURATION (20 s a point, the first 5 s warm-up), MEM (0.7), SYNC_TIMEOUT (360 s),
-# RETRAIN_SQL (0), SQL_RECIPES (3; 2 drops r128all-2000), ADAPTERS_BACK (collect: the SQL
+# CODE_AB (payload: 0), RETRAIN_SQL (0), SQL_RECIPES (3; 2 drops r128all-2000), ADAPTERS_BACK (collect: the SQL
 # recipes' archives to bring back, in 15-MB parts; default all), DECODE_SETTINGS (the engines of
 # decode-settings), STEPS_OURS / STEPS_CHECK / STEPS_ALL / STEPS_CPU (the step lists). Jobs run from a copy
 # of the repo in /tmp/repo (each call re-syncs the working tree) and write under /tmp/results.
@@ -158,6 +160,11 @@ payload() {  # on the CPU machine: runtime parts + local caches, in chunks that 
   (cd "$work" && pip download -q --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
     --python-version 3.12 -d payload/wheels sglang-router==0.3.2 setproctitle aiohttp multidict \
     yarl frozenlist aiosignal propcache aiohappyeyeballs) || return 1
+  if [ "${CODE_AB:-0}" = 1 ]; then  # the code of e930aef for the code-ab step (no adapters/results)
+    mkdir -p "$work/payload/old-code"
+    git archive e930aef engine loadtest finetune lab scripts app.py adapters.yaml pyproject.toml |
+      tar x -C "$work/payload/old-code"
+  fi
   (cd "$work" && tar czf payload.tgz payload)
   tar cf "$work/bundle.tar" -C .gpu part1 part2 part3 -C "$work" payload.tgz
   local runtime_bytes
@@ -437,6 +444,27 @@ space_rehearsal() {  # #16.7: the GPU Space (deploy/gpu-space) as the Space runs
   return $rc
 }
 
+code_ab() {  # the throughput drop (results/serving/h200-7b-throughput-drop): the code of e930aef
+  # (the last session at ~10k tok/s, carried in the payload as old-code/) against this tree, one
+  # engine each, alternating old/new twice, one round of the pairs plan at 256 streams each
+  wait_file "$SYNTH/adapters.yaml" 600 || return 1
+  [ -d /tmp/payload/old-code ] || { echo "no /tmp/payload/old-code (payload with CODE_AB=1)"; return 1; }
+  local round code dir
+  for round in 1 2; do
+    for code in old new; do
+      dir=/tmp/repo
+      [ "$code" = old ] && dir=/tmp/payload/old-code
+      gpu_free
+      machine > "$RESULTS/code-ab-machine-$code-$round.txt" 2>&1
+      (cd "$dir" && timeout 600 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" \
+        --out "$RESULTS/code-ab/$code-$round" --plan pairs --pairs 1 --users 256 --adapters 128 \
+        --duration 20 --warmup 5 --http-port 8769 \
+        --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}") ||
+        echo "code-ab: $code round $round failed"
+    done
+  done
+}
+
 bursty() {  # #16: closed loop vs the k6 profile (1 s think time) vs Poisson at the same rate
   wait_file "$SYNTH/adapters.yaml" 600 || return 1
   gpu_free
@@ -569,7 +597,18 @@ launch() {  # launch NAME: the job in its own session (it outlives the call); it
   echo "launched job $1"
 }
 
+machine() {  # the host's CPU and GPU state: sessions' throughputs differ by 2x (h200-7b-throughput-drop)
+  lscpu | grep -E '^(Model name|CPU\(s\)|Thread|Socket)'
+  python3 -c 'import time
+t = time.perf_counter(); s = 0
+for i in range(10**7): s += i
+print(f"one Python core: a loop of 1e7 additions in {time.perf_counter() - t:.2f} s")'
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,power.draw,temperature.gpu,utilization.gpu --format=csv
+  uptime
+}
+
 preflight() {  # seconds, in the `start` call: what a long run would otherwise find late
+  mkdir -p "$RESULTS" && machine | tee "$RESULTS/machine.txt"
   nvidia-smi -L
   python3 -c 'import torch; print("torch sees", torch.cuda.device_count(), "GPUs")' 2>&1 | tail -1
   python3 -m sglang.launch_server --help > /tmp/launch-server-help.txt 2>&1
