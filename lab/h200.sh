@@ -51,7 +51,8 @@
 #
 # Knobs (environment of `start`/`restart`): JOBS_X2 (ours check cpu), PAIRS (3), PEER_PAIRS (3), USERS (512,256; one GPU:
 # 256), DURATION (20 s a point, the first 5 s warm-up), MEM (0.7), SYNC_TIMEOUT (360 s),
-# CODE_AB (payload: 0), RETRAIN_SQL (0), SQL_RECIPES (3; 2 drops r128all-2000), ADAPTERS_BACK (collect: the SQL
+# CODE_AB (payload: 0), RETRAIN_SQL (0), SQL_RECIPES (r64all-2000 r64all-3000
+# r128all-2000: r<rank>all-<steps> each), ADAPTERS_BACK (collect: the SQL
 # recipes' archives to bring back, in 15-MB parts; default all), DECODE_SETTINGS (the engines of
 # decode-settings), STEPS_OURS / STEPS_CHECK / STEPS_ALL / STEPS_CPU (the step lists). Jobs run from a copy
 # of the repo in /tmp/repo (each call re-syncs the working tree) and write under /tmp/results.
@@ -419,7 +420,7 @@ space_rehearsal() {  # #16.7: the GPU Space (deploy/gpu-space) as the Space runs
   t0=$(date +%s)
   (cd "$space" && "${clean[@]}" python3 -m engine.base_model smollm2) > "$out/build.log" 2>&1 ||
     return 1
-  echo "build step (the base model converted): $(($(date +%s) - t0)) s" | tee "$out/timings.txt"
+  echo "build step, the base model converted: $(($(date +%s) - t0)) s" | tee "$out/timings.txt"
   t0=$(date +%s)
   (cd "$space" && exec "${clean[@]}" python3 app.py --host 0.0.0.0 --port 7860) \
     > "$out/app.log" 2>&1 &
@@ -482,17 +483,19 @@ sql_variants() {  # #17: the SQL adapter retrained on the whole-store data, thre
   local v=/tmp/sqlv all="q_proj k_proj v_proj o_proj gate_proj up_proj down_proj"
   gpu_free
   python3 -m engine.base_model smollm2 > "$RAW_LOGS/sql-convert.log" 2>&1 || return 1
-  local pid pids=()
+  local recipe rank steps pid pids=()
   # 2026-12-01 (v5 data): rank 64 beat rank 32 by 3 and 11 hand-written questions; again (its
-  # adapter did not come back), then more steps, then more rank
-  # shellcheck disable=SC2086
-  train_variant r64all-2000 --steps 2000 --rank 64 --alpha 128 --targets $all & pids+=($!)
-  # shellcheck disable=SC2086
-  train_variant r64all-3000 --steps 3000 --rank 64 --alpha 128 --targets $all & pids+=($!)
-  if [ "${SQL_RECIPES:-3}" = 3 ]; then
+  # adapter did not come back), then more steps, then more rank. A name says its recipe:
+  # r<rank>all-<steps>, every linear layer, alpha = 2 × rank.
+  for recipe in ${SQL_RECIPES:-r64all-2000 r64all-3000 r128all-2000}; do
+    case $recipe in
+      r*all-*) rank=${recipe#r} && rank=${rank%%all-*} && steps=${recipe##*-} ;;
+      *) echo "no recipe $recipe"; return 1 ;;
+    esac
     # shellcheck disable=SC2086
-    train_variant r128all-2000 --steps 2000 --rank 128 --alpha 256 --targets $all & pids+=($!)
-  fi
+    train_variant "$recipe" --steps "$steps" --rank "$rank" --alpha $((2 * rank)) --targets $all &
+    pids+=($!)
+  done
   for pid in "${pids[@]}"; do wait "$pid" || echo "a SQL recipe failed, process $pid: see its log"; done
   python3 - "$v" <<'PY'
 import sys
@@ -599,10 +602,15 @@ launch() {  # launch NAME: the job in its own session (it outlives the call); it
 
 machine() {  # the host's CPU and GPU state: sessions' throughputs differ by 2x (h200-7b-throughput-drop)
   lscpu | grep -E '^(Model name|CPU\(s\)|Thread|Socket)'
-  python3 -c 'import time
-t = time.perf_counter(); s = 0
-for i in range(10**7): s += i
-print(f"one Python core: a loop of 1e7 additions in {time.perf_counter() - t:.2f} s")'
+  python3 - <<'PY'
+import time
+
+t = time.perf_counter()
+s = 0
+for i in range(10**7):
+    s += i
+print(f"one Python core: a loop of 1e7 additions in {time.perf_counter() - t:.2f} s")
+PY
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,power.draw,temperature.gpu,utilization.gpu --format=csv
   uptime
 }
