@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "lab"))
 
-import stream_cost  # noqa: E402
+import stream_cost
 
 
 def test_every_stream_delivers_every_output_and_a_cost_is_measured(monkeypatch):
