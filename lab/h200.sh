@@ -31,8 +31,9 @@
 #                                    cuda_graph_max_bs_decode=512 (pairs plan, 1 round, 256 streams)
 #                       space-rehearsal  the GPU Space (deploy/gpu-space) from a clean home: its
 #                                    build step, its command, scripts/app_check.py against it
-#                       code-ab      the code of e930aef vs this tree, one engine each, alternating
-#                                    (the throughput drop; payload with CODE_AB=1)
+#                       code-ab      the code of e930aef vs this tree, one engine each, alternating,
+#                                    direct base and 128 adapters at 256 streams (the throughput
+#                                    drop; payload with CODE_AB=1)
 #   Both GPUs, job `router` (JOBS_X2=router): synth-many (520 adapters), router (loadtest.router:
 #                       two replicas behind sglang-router vs one, affinity vs round-robin, a
 #                       hot-load across replicas), structured-h200 (#17), first-use-7b (#18)
@@ -447,23 +448,39 @@ space_rehearsal() {  # #16.7: the GPU Space (deploy/gpu-space) as the Space runs
 
 code_ab() {  # the throughput drop (results/serving/h200-7b-throughput-drop): the code of e930aef
   # (the last session at ~10k tok/s, carried in the payload as old-code/) against this tree, one
-  # engine each, alternating old/new twice, one round of the pairs plan at 256 streams each
+  # engine each, alternating old/new CODE_AB_ROUNDS (2) times; engine-direct base and 128
+  # adapters at 256 streams (the sweep plan: ~2.5 min an engine)
   wait_file "$SYNTH/adapters.yaml" 600 || return 1
   [ -d /tmp/payload/old-code ] || { echo "no /tmp/payload/old-code (payload with CODE_AB=1)"; return 1; }
   local round code dir
-  for round in 1 2; do
+  for round in $(seq "${CODE_AB_ROUNDS:-2}"); do
     for code in old new; do
       dir=/tmp/repo
       [ "$code" = old ] && dir=/tmp/payload/old-code
       gpu_free
       machine > "$RESULTS/code-ab-machine-$code-$round.txt" 2>&1
       (cd "$dir" && timeout 600 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" \
-        --out "$RESULTS/code-ab/$code-$round" --plan pairs --pairs 1 --users 256 --adapters 128 \
-        --duration 20 --warmup 5 --http-port 8769 \
+        --out "$RESULTS/code-ab/$code-$round" --plan sweep --users 256 --adapters 128 \
+        --duration 20 --warmup 5 \
         --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}") ||
         echo "code-ab: $code round $round failed"
     done
   done
+  python3 - "$RESULTS/code-ab" > "$RESULTS/code-ab/summary.md" <<'PY'
+import json
+import sys
+from pathlib import Path
+
+print("| run | base tok/s | base TTFT p50 ms | 128 adapters tok/s | 128 TTFT p50 ms |")
+print("|---|---|---|---|---|")
+for run in sorted(Path(sys.argv[1]).glob("*/results.json")):
+    points = json.loads(run.read_text())["points"]
+    base, tuned = points.get("u256-a0", {}), points.get("u256-a128", {})
+    cells = [f"{p.get(k, 0) * m:.0f}" for p in (base, tuned)
+             for k, m in (("output_throughput", 1), ("ttft_p50", 1000))]
+    print(f"| {run.parent.name} | " + " | ".join(cells) + " |")
+PY
+  cat "$RESULTS/code-ab/summary.md"
 }
 
 bursty() {  # #16: closed loop vs the k6 profile (1 s think time) vs Poisson at the same rate
@@ -659,7 +676,7 @@ if check.exists():
     for key, value in report.items():
         if key.startswith("sglang_"):
             print(f"\n## gpu_check {key}: ok = {json.dumps(value.get('ok') or value.get('error'))}")
-for name in ["sql-variants/test/quality.md", "sql-variants/fresh/quality.md",
+for name in ["code-ab/summary.md", "machine.txt", "sql-variants/test/quality.md", "sql-variants/fresh/quality.md",
              "sql-variants/fresh2/quality.md", "merges/merges.md",
              "profile/profile.md", "bursty/bursty.md", "router/summary.md", "structured-h200/results.md", "first-use-7b/first_use.md",
              "side-by-side/side-by-side.md", "ours/pairs/summary.md", "peer/summary.md",
