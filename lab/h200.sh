@@ -53,8 +53,8 @@
 # Knobs (environment of `start`/`restart`): JOBS_X2 (ours check cpu), PAIRS (3), PEER_PAIRS (3), USERS (512,256; one GPU:
 # 256), DURATION (20 s a point, the first 5 s warm-up), MEM (0.7), SYNC_TIMEOUT (360 s),
 # CODE_AB (payload: 0), RETRAIN_SQL (0), SQL_RECIPES (r64all-2000 r64all-3000
-# r128all-2000: r<rank>all-<steps> each), ADAPTERS_BACK (collect: the SQL
-# recipes' archives to bring back, in 15-MB parts; default all), DECODE_SETTINGS (the engines of
+# r128all-2000: r<rank>all-<steps> each), ADAPTERS_BACK (collect: the recipes whose adapter
+# archives come back, in 15-MB parts; default the first of SQL_RECIPES), DECODE_SETTINGS (the engines of
 # decode-settings), STEPS_OURS / STEPS_CHECK / STEPS_ALL / STEPS_CPU (the step lists). Jobs run from a copy
 # of the repo in /tmp/repo (each call re-syncs the working tree) and write under /tmp/results.
 set -uo pipefail
@@ -505,10 +505,8 @@ sql_variants() {  # #17: the SQL adapter retrained on the whole-store data, thre
   # adapter did not come back), then more steps, then more rank. A name says its recipe:
   # r<rank>all-<steps>, every linear layer, alpha = 2 × rank.
   for recipe in ${SQL_RECIPES:-r64all-2000 r64all-3000 r128all-2000}; do
-    case $recipe in
-      r*all-*) rank=${recipe#r} && rank=${rank%%all-*} && steps=${recipe##*-} ;;
-      *) echo "no recipe $recipe"; return 1 ;;
-    esac
+    rank=${recipe#r} && rank=${rank%%all-*} && steps=${recipe##*all-}
+    [[ $recipe == r*all-* && $rank$steps =~ ^[0-9]+$ ]] || { echo "no recipe $recipe"; return 1; }
     # shellcheck disable=SC2086
     train_variant "$recipe" --steps "$steps" --rank "$rank" --alpha $((2 * rank)) --targets $all &
     pids+=($!)
@@ -705,15 +703,20 @@ collect() {
   summary > "$OUT/summary.md" 2>&1
   (cd /tmp && tar czf "$OUT/results.tgz" --exclude='*/raw' --exclude=logs \
     --exclude=results/sql-variants/adapters results)
-  # a file back from $OUT is ≤ 16 MiB, 8 files at most: archives in parts, ADAPTERS_BACK picks
-  for archive in "$RESULTS"/sql-variants/adapters/*.tgz; do  # (names as sql-r64all-2000)
-    local name=${archive##*/}
-    [[ -z "${ADAPTERS_BACK:-}" || " $ADAPTERS_BACK " == *" ${name%.tgz} "* ]] || continue
+  # a file back from $OUT is ≤ 16 MiB, 8 files at most: the archives of the recipes named in
+  # ADAPTERS_BACK (default: the first of SQL_RECIPES) in 15-MB parts; here, after fetching:
+  # cat sql-r64all-2000.tgz.part* > sql-r64all-2000.tgz
+  local back=${ADAPTERS_BACK:-${SQL_RECIPES:-r64all-2000}}
+  for archive in "$RESULTS"/sql-variants/adapters/*.tgz; do
+    local name=${archive##*/} recipe
+    recipe=${name#sql-} && recipe=${recipe%.tgz}
+    [[ " ${back%% *} ${ADAPTERS_BACK:-} " == *" $recipe "* ]] || continue
     [ -f "$archive" ] && split -b 15000000 -d "$archive" "$OUT/$name.part"
   done
   (cd /tmp && tar czf "$OUT/logs.tgz" results/logs)
   [ -f /tmp/ft/DONE ] && tar czf "$OUT/ft.tgz" -C /tmp ft
   ls -l "$OUT" | awk 'NR > 1 && $5 > 16000000 { print "TOO LARGE FOR $OUT:", $9, $5 }'
+  [ "$(ls "$OUT" | wc -l)" -le 8 ] || echo "TOO MANY FILES IN \$OUT (8 come back): $(ls "$OUT")"
   nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader
   cat "$RESULTS/steps.log" 2>/dev/null
   for log in $(ls -t "$RAW_LOGS"/*.log 2>/dev/null | head -3); do

@@ -2,6 +2,7 @@
 a Docker Space's header, and its Dockerfile installs the GPU set and serves on the Space's port.
 The image itself is rehearsed on an H200 (``lab/h200.sh`` step ``space-rehearsal``)."""
 
+import fnmatch
 import re
 import shutil
 import subprocess
@@ -36,11 +37,13 @@ def test_the_space_is_a_docker_space_with_the_projects_readme(space):
     assert "GPU" in header["title"]
 
 
+def tracked_files() -> list[str]:
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+    return [f for f in listed.stdout.decode().split("\0") if f and (ROOT / f).exists()]
+
+
 def test_the_space_holds_every_tracked_file(space):
-    tracked = subprocess.run(
-        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    missing = [f for f in tracked if (ROOT / f).exists() and not (space / f).exists()]
+    missing = [f for f in tracked_files() if not (space / f).exists()]
     assert missing == []
     for name in ("Dockerfile", ".dockerignore", ".gitattributes"):
         assert (space / name).read_text() == (DEPLOY / name).read_text()
@@ -58,6 +61,16 @@ def test_the_image_installs_the_gpu_set_and_serves_on_the_spaces_port(space):
     assert re.search(r"^EXPOSE (\d+)$", dockerfile, re.M).group(1) == str(header["app_port"])
 
 
-def test_the_build_context_leaves_out_git_and_local_state(space):
-    ignored = (space / ".dockerignore").read_text().split()
-    assert {".git", ".gpu", "out"} <= set(ignored)
+def test_every_tracked_binary_goes_through_lfs(space):
+    """The Hub refuses a push with binary files outside LFS."""
+    patterns = [line.split()[0] for line in (space / ".gitattributes").read_text().splitlines()]
+    binaries = [f for f in tracked_files() if b"\0" in (ROOT / f).read_bytes()[:8000]]
+    assert binaries  # the adapters' weights at least
+    assert [f for f in binaries if not any(fnmatch.fnmatch(f, p) for p in patterns)] == []
+
+
+def test_a_folder_with_other_files_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    done = subprocess.run(["bash", str(DEPLOY / "make.sh"), str(tmp_path)], capture_output=True)
+    assert done.returncode != 0 and b"not a git clone" in done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
