@@ -706,11 +706,12 @@ collect() {
   # a file back from $OUT is ≤ 16 MiB, 8 files at most: the archives of the recipes named in
   # ADAPTERS_BACK (default: the first of SQL_RECIPES) in 15-MB parts; here, after fetching:
   # cat sql-r64all-2000.tgz.part* > sql-r64all-2000.tgz
-  local back=${ADAPTERS_BACK:-${SQL_RECIPES:-r64all-2000}}
+  local recipes=${SQL_RECIPES:-r64all-2000}
+  local back=${ADAPTERS_BACK:-${recipes%% *}}
   for archive in "$RESULTS"/sql-variants/adapters/*.tgz; do
     local name=${archive##*/} recipe
     recipe=${name#sql-} && recipe=${recipe%.tgz}
-    [[ " ${back%% *} ${ADAPTERS_BACK:-} " == *" $recipe "* ]] || continue
+    [[ " $back " == *" $recipe "* ]] || continue
     [ -f "$archive" ] && split -b 15000000 -d "$archive" "$OUT/$name.part"
   done
   (cd /tmp && tar czf "$OUT/logs.tgz" results/logs)
