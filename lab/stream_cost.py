@@ -9,8 +9,13 @@ in alternating rounds:
 
 ``measure`` (run inside a tree, as ``compare`` does) prints one JSON line. The stand-in yields
 outputs as SGLang's incremental streaming does (new ids, meta_info, the finish reason last), so
-what is timed is our code between SGLang's output and the caller's chunk: ``DeltaTracker`` with
-the SmolLM2 tokenizer, the abort checks, the request clock, the generator layers.
+what is timed is our code from the request to the caller's last chunk: admission (the prompt of
+~100 words tokenized by the backend's own ``PromptTokenizer``), ``DeltaTracker`` with the
+SmolLM2 tokenizer, the abort checks, the request clock, the generator layers.
+
+``--libraries DIR`` puts DIR first on the trees' path: the GPU runtime's tokenizers 0.22.2
+(``pip install --no-deps --target /tmp/tok022 tokenizers==0.22.2``), whose ``len(tokenizer)``
+builds the whole vocabulary on every call, where the tokenizers here (0.23) answer at once.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ def backend():
     """The SGLang backend over the stand-in (``__init__`` would start a GPU engine)."""
     from transformers import AutoTokenizer
 
+    from engine.backends.common import PromptTokenizer
     from engine.backends.sglang import PendingAdapters, SGLangEngine
     from engine.base_model import resolve_base
 
@@ -62,11 +68,9 @@ def backend():
     engine.names, engine.adapter_paths = set(), {}
     engine.pending, engine.running, engine.adaptive = PendingAdapters({}), 0, False
     engine.aborted, engine.cut_at, engine.streams_on = {}, {}, collections.Counter()
-
-    async def prompt_ids(_request):
-        return list(range(100))
-
-    engine.prompt_tokenizer = prompt_ids
+    engine.prompt_tokenizer = PromptTokenizer(
+        engine.tokenizer, resolve_base("smollm2"), False, engine.context
+    )
     return engine
 
 
@@ -74,10 +78,12 @@ async def timed_rounds(repeats: int) -> list[float]:
     from engine.interface import GenerationRequest, SamplingParams
 
     engine = backend()
+    words = " ".join(["the quick brown fox jumps over the lazy dog and runs"] * 10)
 
     async def one(i: int) -> int:
         params = SamplingParams(max_tokens=TOKENS, temperature=0.0)
-        request = GenerationRequest(prompt="hi", params=params, request_id=f"r{i}")
+        prompt = f"Continue this text: {words}"
+        request = GenerationRequest(prompt=prompt, params=params, request_id=f"r{i}")
         return sum([1 async for _ in engine.stream(request)])
 
     per_output = []
@@ -90,26 +96,38 @@ async def timed_rounds(repeats: int) -> list[float]:
 
 
 def measure(repeats: int) -> None:
+    import tokenizers
+
     samples = asyncio.run(timed_rounds(repeats))
-    print(json.dumps({"us_per_output": statistics.median(samples), "samples": samples}))
+    median = statistics.median(samples)
+    print(
+        json.dumps(
+            {"us_per_output": median, "samples": samples, "tokenizers": tokenizers.__version__}
+        )
+    )
 
 
-def compare(trees: list[str], rounds: int, out: Path) -> None:
+def compare(trees: list[str], rounds: int, out: Path, libraries: str = "") -> None:
     named = [t.split("=", 1) for t in trees]
-    results = {name: [] for name, _ in named}
+    path = ":".join(p for p in (".", libraries) if p)
+    results, versions = {name: [] for name, _ in named}, set()
     for number in range(1, rounds + 1):
         for name, folder in named:  # alternating: a busy machine slows every tree alike
             command = [sys.executable, str(Path(__file__).resolve()), "measure"]
             done = subprocess.run(
-                command, cwd=folder, env={"PYTHONPATH": "."} | environment(),
+                command, cwd=folder, env={"PYTHONPATH": path} | environment(),
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
-            value = json.loads(done.stdout.strip().splitlines()[-1])["us_per_output"]
+            measured = json.loads(done.stdout.strip().splitlines()[-1])
+            value = measured["us_per_output"]
             results[name].append(value)
+            versions.add(measured["tokenizers"])
             print(f"round {number}, {name}: {value:.1f} us per output", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"trees": dict(named), "us": results}, indent=1))
-    (out / "results.md").write_text(markdown(named, results, rounds))
+    tokenizers = ", ".join(sorted(versions))
+    record = {"trees": dict(named), "tokenizers": tokenizers, "us": results}
+    (out / "results.json").write_text(json.dumps(record, indent=1))
+    (out / "results.md").write_text(markdown(named, results, rounds, tokenizers))
     print((out / "results.md").read_text())
 
 
@@ -119,13 +137,14 @@ def environment() -> dict:
     return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
-def markdown(named: list[list[str]], results: dict, rounds: int) -> str:
+def markdown(named: list[list[str]], results: dict, rounds: int, tokenizers: str) -> str:
     first = named[0][0]
     lines = [
         "# The stream path's CPU per output (stand-in SGLang, no GPU)",
         "",
         f"{STREAMS} streams × {TOKENS} one-token outputs; each round runs every tree once, in "
         f"turn; median of 5 repeats per run, then median [min–max] over {rounds} rounds.",
+        f"tokenizers {tokenizers}.",
         "",
         f"| tree | µs per output | ÷ {first} (per round) |",
         "|---|---|---|",
@@ -150,11 +169,12 @@ def main() -> None:
     many.add_argument("--tree", action="append", required=True, metavar="NAME=DIR")
     many.add_argument("--rounds", type=int, default=5)
     many.add_argument("--out", type=Path, required=True)
+    many.add_argument("--libraries", default="", help="a folder first on the trees' path")
     args = parser.parse_args()
     if args.action == "measure":
         measure(args.repeats)
     else:
-        compare(args.tree, args.rounds, args.out)
+        compare(args.tree, args.rounds, args.out, args.libraries)
 
 
 if __name__ == "__main__":

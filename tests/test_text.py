@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from engine.text import TextStream
+from engine.interface import GenerationRequest, InvalidRequestError, SamplingParams
+from engine.text import TextStream, prompt_token_ids
 
 
 @pytest.fixture(scope="module")
@@ -40,3 +41,39 @@ def test_partial_stop_is_held_back_then_released(tokenizer):
     deltas, stream = stream_text(tokenizer, "a END? no, ENDLESS", ["END."])
     assert not stream.stopped
     assert "".join(deltas) == "a END? no, ENDLESS"
+
+
+class CountingLength:
+    """A real tokenizer that counts ``len`` (tokenizers 0.22, SGLang's runtime, builds the whole
+    vocabulary for each one)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, 0
+
+    def __len__(self):
+        self.lengths += 1
+        return len(self.tokenizer)
+
+    def encode(self, text):
+        return self.tokenizer.encode(text)
+
+
+def test_the_vocabulary_size_is_read_once_per_tokenizer(tokenizer):
+    counting = CountingLength(tokenizer)
+    text = GenerationRequest(prompt="Hello there", params=SamplingParams(logit_bias={5: 1.0}))
+    ids = GenerationRequest(prompt_ids=[1, 2, 3])
+    for request in (text, ids) * 50:
+        prompt_token_ids(counting, request, chat_template=False)
+    assert counting.lengths == 1
+    plain = CountingLength(tokenizer)
+    assert prompt_token_ids(plain, GenerationRequest(prompt="Hi"), False) == tokenizer.encode("Hi")
+    assert plain.lengths == 0  # nothing to check against the vocabulary
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tokenizer):
+    vocab = len(tokenizer)
+    bias = GenerationRequest(prompt="Hi", params=SamplingParams(logit_bias={vocab: 1.0}))
+    with pytest.raises(InvalidRequestError, match="logit_bias token"):
+        prompt_token_ids(tokenizer, bias, chat_template=False)
+    with pytest.raises(InvalidRequestError, match="prompt token -1"):
+        prompt_token_ids(tokenizer, GenerationRequest(prompt_ids=[0, -1]), chat_template=False)
