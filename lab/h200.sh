@@ -46,6 +46,7 @@
 #   bash lab/h200.sh start      # the last chunk's call: unpack, preflight, launch both jobs
 #   bash lab/h200.sh watch 540  # wait up to 540 s for the jobs (progress each minute), collect
 #   bash lab/h200.sh collect    # results (≤ 4 files) into $OUT, and where each step stands
+#   bash lab/h200.sh trained r64all-2000 420   # that SQL recipe's adapter into $OUT once trained
 #   bash lab/h200.sh restart ours|check|all   # stop a job (its process group) and start it again
 #   STEPS="peer" bash lab/h200.sh restart check   # ... with only these steps
 #   STEPS="parity-constrained" GPU=1 bash lab/h200.sh restart extra   # a step beside the jobs
@@ -58,7 +59,7 @@
 # decode-settings), STEPS_OURS / STEPS_CHECK / STEPS_ALL / STEPS_CPU (the step lists). Jobs run from a copy
 # of the repo in /tmp/repo (each call re-syncs the working tree) and write under /tmp/results.
 set -uo pipefail
-ACTION=${1:?payload | stash | early | start | watch | collect | restart}
+ACTION=${1:?payload | stash | early | start | watch | collect | trained | restart}
 STASH=/tmp/stash
 RESULTS=/tmp/results
 RAW_LOGS=/tmp/logs-raw
@@ -748,6 +749,15 @@ watch() {  # watch SECONDS: until every launched job is done or the time is up, 
   collect
 }
 
+trained() {  # trained RECIPE SECONDS: a SQL recipe's adapter into $OUT once trained, before its
+  # evaluations (the sixth session's budget ended during them); 15-MB parts, its training log
+  local dir=/tmp/sqlv/$1/sql
+  wait_file "$dir/training.json" "${2:-420}" || { echo "$1: not trained yet"; return 1; }
+  tar czf - -C "$dir" --exclude=checkpoint . | split -b 15000000 -d - "$OUT/sql-$1.tgz.part"
+  cp "$RAW_LOGS/sql-$1.log" "$OUT/"
+  ls -l "$OUT"
+}
+
 stop_job() {  # stop_job NAME: its whole process group (SGLang's children with it)
   [ -f "$JOBS/$1.pgid" ] || return 0
   kill -- -"$(cat "$JOBS/$1.pgid")" 2>/dev/null
@@ -779,6 +789,7 @@ case "$ACTION" in
   job) job "$2" ;;
   watch) watch "${2:-540}" ;;
   collect) collect ;;
+  trained) trained "$2" "${3:-420}" ;;
   restart)
     stop_job "$2"
     cp -r lab loadtest engine finetune scripts /tmp/repo/ 2>/dev/null  # fixes carried in this call
