@@ -29,12 +29,16 @@ VOCABULARY_SIZES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def vocabulary_size(tokenizer) -> int:
-    """``len(tokenizer)``, read once per tokenizer. With tokenizers 0.22 (SGLang's runtime) each
-    ``len`` builds the whole vocabulary: ~7 ms for SmolLM2's 49k tokens, which on the serving
-    event loop for every request halved the 7B engine's throughput at 256 streams
-    (``results/serving/h200-7b-throughput-drop``)."""
-    if (size := VOCABULARY_SIZES.get(tokenizer)) is None:
-        size = VOCABULARY_SIZES[tokenizer] = len(tokenizer)
+    """``len(tokenizer)``, read once per tokenizer (which must not gain tokens afterwards). With
+    tokenizers 0.22 (SGLang's runtime) each ``len`` builds the whole vocabulary: ~4 ms for
+    SmolLM2's 49k tokens on the 2-core machine, 2–3× that on the H200 host; on the serving
+    event loop for every request it cut the 7B engine to a third of its throughput at 256
+    streams (``results/serving/h200-7b-throughput-drop``)."""
+    try:
+        if (size := VOCABULARY_SIZES.get(tokenizer)) is None:
+            size = VOCABULARY_SIZES[tokenizer] = len(tokenizer)
+    except TypeError:  # a tokenizer that cannot be weakly referenced or hashed
+        return len(tokenizer)
     return size
 
 

@@ -5,7 +5,9 @@ rank-k approximation (truncated SVD), so a higher-rank training run ships at a s
 
 The new adapter has ``r = lora_alpha = k`` (scaling 1, the old scaling folded into B), bfloat16
 weights like ``finetune.train``'s, the source's ``training.json`` with a ``truncated`` record
-(ranks, and the share of each layer's squared singular values kept: 1.0 is exact).
+(ranks, and the share of each layer's squared singular values kept: 1.0 loses nothing but the
+bfloat16 rounding). Plain LoRA only: DoRA, rsLoRA, per-layer ranks, biases and
+``modules_to_save`` are refused.
 """
 
 from __future__ import annotations
@@ -23,28 +25,60 @@ WEIGHTS, CONFIG, TRAINING = "adapter_model.safetensors", "adapter_config.json", 
 
 
 def truncated_pair(a: torch.Tensor, b: torch.Tensor, scale: float, rank: int):
-    """(A', B', energy kept) with B'·A' the best rank-``rank`` approximation of B·A·scale."""
-    u, s, vh = torch.linalg.svd((b.float() @ a.float()) * scale, full_matrices=False)
-    root = s[:rank].sqrt()
+    """(A', B', energy kept) with B'·A' the best rank-``rank`` approximation of B·A·scale.
+
+    The SVD of the r × r core of QR factors, not of the out × in update: the same factors at
+    O((out + in)·r²) (a 7B model's 14336 × 4096 layers included)."""
+    qb, rb = torch.linalg.qr(b.float())
+    qa, ra = torch.linalg.qr(a.float().T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T * scale, full_matrices=False)
+    u, vh = qb @ u, vh @ qa.T
     kept = float((s[:rank] ** 2).sum() / (s**2).sum()) if s.any() else 1.0
-    return (root[:, None] * vh[:rank]).contiguous(), (u[:, :rank] * root).contiguous(), kept
+    root = s[:rank].sqrt()
+    new_a, new_b = root[:, None] * vh[:rank], u[:, :rank] * root
+    short = rank - len(root)  # a layer narrower than the new rank: zero rows, same shapes
+    if short > 0:
+        new_a = torch.cat([new_a, new_a.new_zeros(short, new_a.shape[1])])
+        new_b = torch.cat([new_b, new_b.new_zeros(new_b.shape[0], short)], dim=1)
+    return new_a.contiguous(), new_b.contiguous(), kept
+
+
+UNSUPPORTED = {
+    "use_dora": "DoRA (its magnitude vectors depend on the rank's update)",
+    "use_rslora": "rsLoRA",
+    "alpha_pattern": "per-layer alphas",
+    "rank_pattern": "per-layer ranks",
+    "modules_to_save": "modules_to_save (whole weights, not LoRA pairs)",
+    "lora_bias": "lora_bias",
+}
+
+
+def refusal(config: dict, rank: int) -> str | None:
+    if not 0 < rank < config["r"]:
+        return f"--rank {rank}: the new rank must be in 1 … {config['r'] - 1} (below the adapter's)"
+    if config.get("bias", "none") != "none":
+        return f"bias={config['bias']!r} is not supported (only bias='none')"
+    for key, what in UNSUPPORTED.items():
+        if config.get(key):
+            return f"{what} is not supported ({key} is set)"
+    return None
 
 
 def truncate(source: Path, out: Path, rank: int) -> dict:
     config = json.loads((source / CONFIG).read_text())
-    if rank >= config["r"]:
-        raise SystemExit(f"--rank {rank} is not below the adapter's rank {config['r']}")
-    if config.get("use_rslora") or config.get("alpha_pattern") or config.get("rank_pattern"):
-        raise SystemExit("rsLoRA and per-layer ranks or alphas are not supported")
+    if (why := refusal(config, rank)) is not None:
+        raise SystemExit(why)
     scale = config["lora_alpha"] / config["r"]
-    weights, new, kept = load_file(source / WEIGHTS), {}, []
-    for key_a in sorted(k for k in weights if ".lora_A." in k):
-        key_b = key_a.replace(".lora_A.", ".lora_B.")
+    weights = load_file(source / WEIGHTS)
+    pairs = {k: k.replace(".lora_A.", ".lora_B.") for k in weights if ".lora_A.weight" in k}
+    if set(weights) != set(pairs) | set(pairs.values()):
+        odd = sorted(set(weights) - set(pairs) - set(pairs.values()))[:3]
+        raise SystemExit(f"{source / WEIGHTS} holds more than LoRA A/B pairs: {odd} ...")
+    new, kept = {}, []
+    for key_a, key_b in sorted(pairs.items()):
         a, b, energy = truncated_pair(weights[key_a], weights[key_b], scale, rank)
         new[key_a], new[key_b] = a.to(torch.bfloat16), b.to(torch.bfloat16)
         kept.append(energy)
-    if len(new) != len(weights):
-        raise SystemExit(f"{source / WEIGHTS} holds weights other than LoRA A/B pairs")
     out.mkdir(parents=True, exist_ok=True)
     save_file(new, str(out / WEIGHTS))
     (out / CONFIG).write_text(json.dumps({**config, "r": rank, "lora_alpha": rank}, indent=2))

@@ -472,6 +472,7 @@ import json
 import sys
 from pathlib import Path
 
+print("# The code of e930aef (old) against this tree (new), engine-direct at 256 streams\n")
 print("| run | base tok/s | base TTFT p50 ms | 128 adapters tok/s | 128 TTFT p50 ms |")
 print("|---|---|---|---|---|")
 for run in sorted(Path(sys.argv[1]).glob("*/results.json")):
@@ -753,7 +754,9 @@ trained() {  # trained RECIPE SECONDS: a SQL recipe's adapter into $OUT once tra
   # evaluations (the sixth session's budget ended during them); 15-MB parts, its training log
   local dir=/tmp/sqlv/$1/sql
   wait_file "$dir/training.json" "${2:-420}" || { echo "$1: not trained yet"; return 1; }
-  tar czf - -C "$dir" --exclude=checkpoint . | split -b 15000000 -d - "$OUT/sql-$1.tgz.part"
+  mkdir -p "$OUT"
+  tar czf - -C "$dir" --exclude=checkpoint . | split -b 15000000 -d - "$OUT/sql-$1.tgz.part" ||
+    { echo "$1: the archive failed"; return 1; }
   cp "$RAW_LOGS/sql-$1.log" "$OUT/"
   ls -l "$OUT"
 }

@@ -13,9 +13,15 @@ what is timed is our code from the request to the caller's last chunk: admission
 ~100 words tokenized by the backend's own ``PromptTokenizer``), ``DeltaTracker`` with the
 SmolLM2 tokenizer, the abort checks, the request clock, the generator layers.
 
-``--libraries DIR`` puts DIR first on the trees' path: the GPU runtime's tokenizers 0.22.2
-(``pip install --no-deps --target /tmp/tok022 tokenizers==0.22.2``), whose ``len(tokenizer)``
-builds the whole vocabulary on every call, where the tokenizers here (0.23) answer at once.
+``--libraries DIR`` puts DIR first on the trees' path: the GPU runtime's tokenizers and
+transformers, whose ``len(tokenizer)`` builds the whole vocabulary on every call, where the
+tokenizers here (0.23) answer at once::
+
+    pip install --no-deps --target /tmp/tok022 tokenizers==0.22.2 transformers==5.12.1 \
+        'huggingface-hub>=1.5,<2'
+
+Each run also records the libraries' versions, ``len(tokenizer)``'s time and a fixed Python
+loop's (the same loop ``lab/h200.sh`` times on the GPU host).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 STREAMS, TOKENS = 256, 100
+LOOP = "s = 0\nfor i in range(10**7):\n    s += i\n"
 
 
 class StandInSGLang:
@@ -95,22 +102,37 @@ async def timed_rounds(repeats: int) -> list[float]:
     return per_output
 
 
-def measure(repeats: int) -> None:
+def libraries() -> dict:
+    """The versions that decide the per-request cost, ``len(tokenizer)`` timed (SmolLM2's), and a
+    fixed Python loop's time (hosts differ: ``lab/h200.sh`` records the same loop)."""
     import tokenizers
+    import transformers
+    from transformers import AutoTokenizer
 
+    from engine.base_model import resolve_base
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base("smollm2"))
+    began = time.perf_counter()
+    for _ in range(20):
+        len(tokenizer)
+    length_ms = (time.perf_counter() - began) / 20 * 1e3
+    began = time.perf_counter()
+    exec(LOOP, {})  # at module level, as lab/h200.sh runs it: global names, not locals
+    loop_s = time.perf_counter() - began
+    versions = {"tokenizers": tokenizers.__version__, "transformers": transformers.__version__}
+    return {**versions, "len_tokenizer_ms": length_ms, "loop_1e7_s": loop_s}
+
+
+def measure(repeats: int) -> None:
     samples = asyncio.run(timed_rounds(repeats))
     median = statistics.median(samples)
-    print(
-        json.dumps(
-            {"us_per_output": median, "samples": samples, "tokenizers": tokenizers.__version__}
-        )
-    )
+    print(json.dumps({"us_per_output": median, "samples": samples, **libraries()}))
 
 
-def compare(trees: list[str], rounds: int, out: Path, libraries: str = "") -> None:
+def compare(trees: list[str], rounds: int, out: Path, first: Path | None = None) -> None:
     named = [t.split("=", 1) for t in trees]
-    path = ":".join(p for p in (".", libraries) if p)
-    results, versions = {name: [] for name, _ in named}, set()
+    path = ":".join(p for p in (".", first and str(first.resolve())) if p)
+    results, versions, extras = {name: [] for name, _ in named}, set(), []
     for number in range(1, rounds + 1):
         for name, folder in named:  # alternating: a busy machine slows every tree alike
             command = [sys.executable, str(Path(__file__).resolve()), "measure"]
@@ -121,13 +143,16 @@ def compare(trees: list[str], rounds: int, out: Path, libraries: str = "") -> No
             measured = json.loads(done.stdout.strip().splitlines()[-1])
             value = measured["us_per_output"]
             results[name].append(value)
-            versions.add(measured["tokenizers"])
+            versions.add(
+                f"tokenizers {measured['tokenizers']}, transformers {measured['transformers']}"
+            )
+            extras.append({k: measured[k] for k in ("len_tokenizer_ms", "loop_1e7_s")})
             print(f"round {number}, {name}: {value:.1f} us per output", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizers = ", ".join(sorted(versions))
-    record = {"trees": dict(named), "tokenizers": tokenizers, "us": results}
+    libraries = "; ".join(sorted(versions))
+    record = {"trees": dict(named), "libraries": libraries, "us": results, "per_run": extras}
     (out / "results.json").write_text(json.dumps(record, indent=1))
-    (out / "results.md").write_text(markdown(named, results, rounds, tokenizers))
+    (out / "results.md").write_text(markdown(named, results, rounds, libraries, extras))
     print((out / "results.md").read_text())
 
 
@@ -137,14 +162,20 @@ def environment() -> dict:
     return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
-def markdown(named: list[list[str]], results: dict, rounds: int, tokenizers: str) -> str:
+def markdown(
+    named: list[list[str]], results: dict, rounds: int, libraries: str, extras: list[dict]
+) -> str:
+    length = sorted(e["len_tokenizer_ms"] for e in extras)
+    loop = sorted(e["loop_1e7_s"] for e in extras)
     first = named[0][0]
     lines = [
         "# The stream path's CPU per output (stand-in SGLang, no GPU)",
         "",
         f"{STREAMS} streams × {TOKENS} one-token outputs; each round runs every tree once, in "
         f"turn; median of 5 repeats per run, then median [min–max] over {rounds} rounds.",
-        f"tokenizers {tokenizers}.",
+        f"{libraries}: `len(tokenizer)` {statistics.median(length):.3f} ms "
+        f"[{length[0]:.3f}–{length[-1]:.3f}]; a Python loop of 1e7 additions "
+        f"{statistics.median(loop):.2f} s [{loop[0]:.2f}–{loop[-1]:.2f}] (per run, every tree).",
         "",
         f"| tree | µs per output | ÷ {first} (per round) |",
         "|---|---|---|",
@@ -169,7 +200,7 @@ def main() -> None:
     many.add_argument("--tree", action="append", required=True, metavar="NAME=DIR")
     many.add_argument("--rounds", type=int, default=5)
     many.add_argument("--out", type=Path, required=True)
-    many.add_argument("--libraries", default="", help="a folder first on the trees' path")
+    many.add_argument("--libraries", type=Path, help="a folder first on the trees' path")
     args = parser.parse_args()
     if args.action == "measure":
         measure(args.repeats)

@@ -58,6 +58,30 @@ def test_peft_serves_the_truncated_adapter(adapter_dirs, base_dir, tmp_path):
     assert module.lora_A["default"].weight.shape[0] == 6
 
 
-def test_a_rank_not_below_the_adapters_is_refused(adapter_dirs, tmp_path):
-    with pytest.raises(SystemExit, match="not below the adapter's rank 8"):
-        truncate(Path(adapter_dirs["alpha"]), tmp_path / "same", rank=8)
+@pytest.mark.parametrize("rank", [8, 0, -1])
+def test_a_rank_outside_one_to_below_the_adapters_is_refused(adapter_dirs, tmp_path, rank):
+    with pytest.raises(SystemExit, match=r"must be in 1 … 7"):
+        truncate(Path(adapter_dirs["alpha"]), tmp_path / "out", rank=rank)
+    assert not (tmp_path / "out").exists()
+
+
+def test_dora_and_extra_weights_are_refused(base_dir, tmp_path):
+    from helpers import make_peft_adapter
+
+    dora = make_peft_adapter(base_dir, tmp_path / "dora", 4, ["q_proj"], 3, [0], use_dora=True)
+    with pytest.raises(SystemExit, match="DoRA"):
+        truncate(Path(dora), tmp_path / "d2", rank=2)
+    saved = make_peft_adapter(
+        base_dir, tmp_path / "saved", 4, ["q_proj"], 3, [0], modules_to_save=["lm_head"]
+    )
+    with pytest.raises(SystemExit, match="modules_to_save"):
+        truncate(Path(saved), tmp_path / "s2", rank=2)
+
+
+def test_a_layer_narrower_than_the_rank_keeps_the_rank_in_zero_rows(tmp_path):
+    from finetune.truncate import truncated_pair
+
+    a, b = torch.randn(8, 3), torch.randn(5, 8)  # an update of rank ≤ 3 at r = 8
+    new_a, new_b, kept = truncated_pair(a, b, 2.0, rank=4)
+    assert new_a.shape == (4, 3) and new_b.shape == (5, 4) and kept == pytest.approx(1.0)
+    assert torch.allclose(new_b @ new_a, b @ a * 2.0, atol=1e-4)

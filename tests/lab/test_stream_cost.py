@@ -18,7 +18,15 @@ def test_every_stream_delivers_every_output_and_a_cost_is_measured(monkeypatch):
 
 def test_the_table_gives_each_tree_against_the_first_per_round():
     named = [["old", "/tmp/old"], ["new", "."]]
-    table = stream_cost.markdown(named, {"old": [10.0, 20.0], "new": [5.0, 30.0]}, 2, "0.22.2")
-    assert "tokenizers 0.22.2." in table
+    extras = [
+        {"len_tokenizer_ms": 4.0, "loop_1e7_s": 0.5},
+        {"len_tokenizer_ms": 6.0, "loop_1e7_s": 0.7},
+    ]
+    libraries = "tokenizers 0.22.2, transformers 5.12.1"
+    table = stream_cost.markdown(
+        named, {"old": [10.0, 20.0], "new": [5.0, 30.0]}, 2, libraries, extras
+    )
+    assert "transformers 5.12.1: `len(tokenizer)` 5.000 ms [4.000–6.000]" in table
+    assert "1e7 additions 0.60 s [0.50–0.70]" in table
     assert "| old (`/tmp/old`) | 15.0 [10.0–20.0] | 1.00 [1.00–1.00] |" in table
     assert "| new (`.`) | 17.5 [5.0–30.0] | 1.00 [0.50–1.50] |" in table
