@@ -30,3 +30,26 @@ def test_the_table_gives_each_tree_against_the_first_per_round():
     assert "1e7 additions 0.60 s [0.50–0.70]" in table
     assert "| old (`/tmp/old`) | 15.0 [10.0–20.0] | 1.00 [1.00–1.00] |" in table
     assert "| new (`.`) | 17.5 [5.0–30.0] | 1.00 [0.50–1.50] |" in table
+
+
+def test_a_request_reads_no_vocabulary_wide_tokenizer_call(monkeypatch, base_dir):
+    """``len(tokenizer)`` and ``get_vocab`` build the whole vocabulary in tokenizers 0.22 (the GPU
+    runtime's): the serving path may read them once, never per request."""
+    from transformers import AutoTokenizer
+
+    kind = type(AutoTokenizer.from_pretrained(base_dir))
+    calls = {"len": 0, "get_vocab": 0}
+
+    def counted(name, original):
+        def call(self, *args, **kwargs):
+            calls[name] += 1
+            return original(self, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(kind, "__len__", counted("len", kind.__len__))
+    monkeypatch.setattr(kind, "get_vocab", counted("get_vocab", kind.get_vocab))
+    monkeypatch.setattr(stream_cost, "STREAMS", 32)
+    monkeypatch.setattr(stream_cost, "TOKENS", 4)
+    asyncio.run(stream_cost.timed_rounds(2))  # 64 requests through admission and the stream
+    assert calls["len"] <= 2 and calls["get_vocab"] <= 2  # the engine's start, not a request's
