@@ -294,3 +294,29 @@ def test_a_regex_constraint_is_refused_behind_the_router_only():
     with pytest.raises(InvalidRequestError, match="sglang-router"):
         response_format(params, cluster=True)
     assert response_format(SamplingParams(), cluster=True) == {"type": "text"}
+
+
+def test_the_server_ends_its_tokenizer_process_when_it_stops(registry_for, tmp_path):
+    """A prompt over ``OFF_LOOP_CHARS`` starts a tokenizer process; SIGTERM ends it with the
+    server (it used to outlive it, adopted by PID 1)."""
+    import psutil  # Locust's dependency
+
+    config = registry_for.model_dump(mode="json", exclude_defaults=True)
+    config["engine"] = {"backend": "hf"}
+    path = tmp_path / "adapters.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    cmd = [sys.executable, "-m", "engine.api", "--config", str(path), "--port", str(port)]
+    process = subprocess.Popen(cmd, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(f"{url}/get_model_info", process, timeout_s=600)
+        body = {"model": "base", "prompt": "word " * 2000, "max_tokens": 1}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=600).status_code == 200
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert children, "no tokenizer process was started for a 10,000-character prompt"
+    finally:
+        process.terminate()
+        process.wait(120)
+    _, alive = psutil.wait_procs(children, timeout=60)
+    assert not alive, f"still running after the server stopped: {[p.cmdline() for p in alive]}"

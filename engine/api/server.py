@@ -1,6 +1,7 @@
 """Run an app with the API under uvicorn, draining on SIGTERM/SIGINT: new requests are refused,
 running streams get ``server.drain_seconds`` (adapters.yaml) to finish, then end with an error
-chunk and ``[DONE]``; the process exits shortly after."""
+chunk and ``[DONE]``; the engine is shut down (its worker threads and processes, SGLang's
+scheduler) and the process exits shortly after."""
 
 from __future__ import annotations
 
@@ -24,6 +25,14 @@ class DrainingServer(uvicorn.Server):
     async def serve(self, sockets=None) -> None:
         self.loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def shutdown(self, sockets=None) -> None:
+        """After uvicorn's own, on the serving loop and before uvicorn re-raises the signal (its
+        default action ends the process): the engine's workers and processes end too."""
+        try:
+            await super().shutdown(sockets)
+        finally:
+            await self.api.engine.shutdown()
 
     def handle_exit(self, sig, frame) -> None:
         if self.loop is not None:
