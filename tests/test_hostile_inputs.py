@@ -88,6 +88,7 @@ CASES = [
     ("prompts-over-the-limit", "POST", DONE, completion(prompt=["a"] * 65), {}, 400, "prompt"),
     ("logit_bias-not-token-id", "POST", CHAT, chat(logit_bias={"hello": 5}), {}, 400, "logit_bias"),
     ("logit_bias-out-of-range", "POST", CHAT, chat(logit_bias={"5": 101}), {}, 400, "logit_bias"),
+    ("logit_bias-leading-zero", "POST", CHAT, chat(logit_bias={"905": 1, "0905": -1}), {}, 400, "logit_bias"),
     ("logit_bias-list", "POST", CHAT, chat(logit_bias=[1, 2]), {}, 400, "logit_bias"),
     ("stop-five", "POST", CHAT, chat(stop=["a", "b", "c", "d", "e"]), {}, 400, "stop"),
     ("stop-empty-string", "POST", CHAT, chat(stop=[""]), {}, 400, "stop"),
@@ -156,6 +157,10 @@ CASES = [
     ("prompt-token-out-of-vocab", "POST", DONE, completion(prompt=[1, 10**7]), {}, 400, "prompt"),
     ("prompt-negative-token", "POST", DONE, completion(prompt=[-1]), {}, 400, "prompt"),
     ("prompt-mixed-list", "POST", DONE, completion(prompt=["a", 1]), {}, 400, "prompt"),
+    ("prompt-token-float", "POST", DONE, completion(prompt=[1, 2.0]), {}, 400, "prompt"),
+    ("prompt-token-null", "POST", DONE, completion(prompt=[1, None]), {}, 400, "prompt"),
+    ("prompt-token-bool", "POST", DONE, completion(prompt=[True]), {}, 400, "prompt"),
+    ("prompt-token-nested-float", "POST", DONE, completion(prompt=[[1], [1, 2.5]]), {}, 400, "prompt"),
     ("prompt_template-on-completions", "POST", DONE, completion(prompt_template="raw"), {}, 400, "prompt_template"),
     ("prompt-over-the-context", "POST", DONE, completion(prompt="word " * 9000), {}, 413, "max_tokens"),
     # models
@@ -261,3 +266,16 @@ def test_the_metrics_count_every_status_that_happened(client):
     assert statuses == {400, 401, 403, 404, 413, 422}
     text = client.get("/metrics").text
     assert all(f'status="{status}"' in text for status in statuses), text[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "named"),
+    [
+        ([1, None], "prompt[1] is None"),
+        ([[1], [1, 2.5]], "prompt[1][1] is 2.5"),
+        (["a", 1], "prompt[0] is 'a'"),
+    ],
+)
+def test_a_bad_token_array_names_its_bad_item(client, prompt, named):
+    response = send(client, "POST", DONE, completion(prompt=prompt), {})
+    assert response.status_code == 400 and named in response.json()["error"]["message"]

@@ -10,6 +10,7 @@ template), and ``response_format`` types ``choice`` and ``regex``.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -95,6 +96,11 @@ def refuse_unsupported(body: dict) -> None:
         raise invalid("best_of: only best_of = n is supported (no server-side ranking)", "best_of")
 
 
+TOKEN_ID_KEY = re.compile(r"0|[1-9][0-9]{0,8}")
+"""A ``logit_bias`` key: a token id in decimal, no sign, no leading zero (so no two keys name one
+token), at most 9 digits."""
+
+
 class Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -176,7 +182,7 @@ class SamplingFields(Wire):
         if len(bias) > 300:
             raise ValueError("at most 300 tokens")
         for key, value in bias.items():
-            token_id = key.isascii() and key.isdigit() and len(key) <= 9
+            token_id = TOKEN_ID_KEY.fullmatch(key) is not None  # one spelling per token
             if not token_id or not -100 <= value <= 100:
                 raise ValueError(f"want token id → bias in [-100, 100], got {key!r}: {value!r}")
         return bias
@@ -190,6 +196,22 @@ class SamplingFields(Wire):
 
 class CompletionBody(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def token_arrays_hold_token_ids(cls, prompt):
+        """Names the first item of a token-array prompt that is not a token id (pydantic's union
+        error would name the ``list[str]`` branch's complaint about item 0)."""
+        if not isinstance(prompt, list) or all(isinstance(p, str) for p in prompt):
+            return prompt
+        nested = all(isinstance(p, list) for p in prompt)
+        for i, row in enumerate(prompt if nested else [prompt]):
+            bad = next((j for j, t in enumerate(row) if type(t) is not int), None)
+            if bad is not None:
+                where = f"prompt[{i}][{bad}]" if nested else f"prompt[{bad}]"
+                raise ValueError(f"a token-array prompt holds integers; {where} is {row[bad]!r}")
+        return prompt
+
     echo: bool = False
     """Prepend the prompt to the answer."""
     logprobs: int | None = Field(None, ge=0, le=5)
