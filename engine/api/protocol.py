@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import reprlib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -209,7 +210,8 @@ class CompletionBody(SamplingFields):
             bad = next((j for j, t in enumerate(row) if type(t) is not int), None)
             if bad is not None:
                 where = f"prompt[{i}][{bad}]" if nested else f"prompt[{bad}]"
-                raise ValueError(f"a token-array prompt holds integers; {where} is {row[bad]!r}")
+                shown = reprlib.repr(row[bad])  # bounded: an item may be nested deep or long
+                raise ValueError(f"a token-array prompt holds integers; {where} is {shown}")
         return prompt
 
     echo: bool = False
