@@ -91,9 +91,8 @@ def truncate(source: Path, out: Path, rank: int) -> dict:
     if (source / TRAINING).is_file():
         training = json.loads((source / TRAINING).read_text())
         (out / TRAINING).write_text(json.dumps({**training, "truncated": record}, indent=1))
-    for extra in ("NOTICE",):
-        if (source / extra).is_file():
-            shutil.copy(source / extra, out / extra)
+    if (source / "NOTICE").is_file():  # the base model's licence notice (finetune.train)
+        shutil.copy(source / "NOTICE", out / "NOTICE")
     return record
 
 

@@ -129,9 +129,9 @@ def measure(repeats: int) -> None:
     print(json.dumps({"us_per_output": median, "samples": samples, **libraries()}))
 
 
-def compare(trees: list[str], rounds: int, out: Path, first: Path | None = None) -> None:
+def compare(trees: list[str], rounds: int, out: Path, libraries_dir: Path | None = None) -> None:
     named = [t.split("=", 1) for t in trees]
-    path = ":".join(p for p in (".", first and str(first.resolve())) if p)
+    path = ":".join(p for p in (".", libraries_dir and str(libraries_dir.resolve())) if p)
     results, versions, extras = {name: [] for name, _ in named}, set(), []
     for number in range(1, rounds + 1):
         for name, folder in named:  # alternating: a busy machine slows every tree alike
@@ -149,10 +149,10 @@ def compare(trees: list[str], rounds: int, out: Path, first: Path | None = None)
             extras.append({k: measured[k] for k in ("len_tokenizer_ms", "loop_1e7_s")})
             print(f"round {number}, {name}: {value:.1f} us per output", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    libraries = "; ".join(sorted(versions))
-    record = {"trees": dict(named), "libraries": libraries, "us": results, "per_run": extras}
+    found = "; ".join(sorted(versions))
+    record = {"trees": dict(named), "libraries": found, "us": results, "per_run": extras}
     (out / "results.json").write_text(json.dumps(record, indent=1))
-    (out / "results.md").write_text(markdown(named, results, rounds, libraries, extras))
+    (out / "results.md").write_text(markdown(named, results, rounds, found, extras))
     print((out / "results.md").read_text())
 
 
