@@ -148,5 +148,8 @@ class PromptTokenizer:
             raise EngineError("the tokenizer worker stopped; send the request again") from None
 
     def close(self) -> None:
+        """Ends the worker process and waits for it: the server re-raises its SIGTERM right
+        after shutting down, which would otherwise kill it before the worker is told to stop
+        (the worker and multiprocessing's resource tracker were left running)."""
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool.shutdown(wait=True, cancel_futures=True)
