@@ -53,7 +53,7 @@
 #
 # Knobs (environment of `start`/`restart`): JOBS_X2 (ours check cpu), PAIRS (3), PEER_PAIRS (3), USERS (512,256; one GPU:
 # 256), DURATION (20 s a point, the first 5 s warm-up), MEM (0.7), SYNC_TIMEOUT (360 s),
-# CODE_AB (payload: 0), RETRAIN_SQL (0), SQL_RECIPES (r64all-2000 r64all-3000
+# CODE_AB (payload: 0), CODE_AB_ROUNDS (2), CODE_AB_ORDER (old new), RETRAIN_SQL (0), SQL_RECIPES (r64all-2000 r64all-3000
 # r128all-2000: r<rank>all-<steps> each), ADAPTERS_BACK (collect: the recipes whose adapter
 # archives come back, in 15-MB parts; default the first of SQL_RECIPES), DECODE_SETTINGS (the engines of
 # decode-settings), STEPS_OURS / STEPS_CHECK / STEPS_ALL / STEPS_CPU (the step lists). Jobs run from a copy
@@ -455,7 +455,7 @@ code_ab() {  # the throughput drop (results/serving/h200-7b-throughput-drop): th
   [ -d /tmp/payload/old-code ] || { echo "no /tmp/payload/old-code (payload with CODE_AB=1)"; return 1; }
   local round code dir
   for round in $(seq "${CODE_AB_ROUNDS:-2}"); do
-    for code in old new; do
+    for code in ${CODE_AB_ORDER:-old new}; do
       dir=/tmp/repo
       [ "$code" = old ] && dir=/tmp/payload/old-code
       gpu_free
