@@ -28,7 +28,8 @@
 #                                    decode step at 128/256 streams, base vs 128 adapters
 #                       bursty       loadtest.bursty: closed loop vs 1 s think time vs Poisson
 #                       decode-settings  one engine each: defaults, num_continuous_decode_steps=4,
-#                                    cuda_graph_max_bs_decode=512 (pairs plan, 1 round, 256 streams)
+#                                    cuda_graph_max_bs_decode=512, enable_mixed_chunk (names in
+#                                    DECODE_SETTINGS; pairs plan, 1 round, 256 streams)
 #                       space-rehearsal  the GPU Space (deploy/gpu-space) from a clean home: its
 #                                    build step, its command, scripts/app_check.py against it
 #                       code-ab      the code of e930aef vs this tree, one engine each, alternating,
@@ -400,6 +401,8 @@ decode_settings() {  # #16 item 4, after the profile: SGLang settings against th
       default) setting='extra={}' ;;
       continuous-4) setting='extra={"num_continuous_decode_steps": 4}' ;;
       graph-bs-512) setting='extra={"cuda_graph_max_bs_decode": 512}' ;;
+      mixed-chunk) setting='extra={"enable_mixed_chunk": true}' ;;
+      *) echo "decode-settings: no setting named $name"; continue ;;
     esac
     gpu_free
     timeout 900 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" \

@@ -201,11 +201,12 @@ def plot(results: dict, out: Path) -> None:
     """The last round's measured window: arrivals per 100 ms over its first 10 s, and TTFT
     against how many requests arrived just before (the start-up wave left out)."""
     number = results["rounds"][-1]["round"]
+    raws = {arm: out / "raw" / f"{arm}-r{number}.jsonl" for arm in ("think", "poisson", "closed")}
+    raws = {arm: raw for arm, raw in raws.items() if raw.exists()}
+    if not raws:  # raw records not kept: nothing to draw
+        return
     fig, (timeline, by_burst) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for arm in ("think", "poisson", "closed"):
-        raw = out / "raw" / f"{arm}-r{number}.jsonl"
-        if not raw.exists():
-            continue
+    for arm, raw in raws.items():
         records = read_records(raw)
         inside, began = steady_records(records, results["settings"])
         starts = sorted(r["start"] for r in records)

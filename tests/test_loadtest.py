@@ -358,3 +358,16 @@ def test_bursty_arrival_profile_on_known_arrivals():
     assert bunched["arrivals_per_100ms"] == even["arrivals_per_100ms"] == 1.0
     assert bunched["ttft_p50_busiest_quarter"] == pytest.approx(0.26)  # bursts 8, 9, 9, 10, 10
     assert bunched["ttft_p50_quietest_quarter"] == pytest.approx(0.12)  # bursts 1, 1, 2, 2, 3
+
+
+def test_bursty_plots_rounds_but_no_empty_burst_figure_without_raw_records(tmp_path):
+    """A results folder whose per-request records were not kept (the H200 runs) gets its
+    rounds figure and no bursty.png drawn from nothing."""
+    from loadtest.bursty import plot, plot_rounds
+
+    shipped = Path("results/serving/h200-7b-bursty-arrivals/results.json")
+    results = json.loads(shipped.read_text())
+    plot_rounds(results, tmp_path)
+    plot(results, tmp_path)
+    assert (tmp_path / "rounds.png").stat().st_size > 10_000
+    assert not (tmp_path / "bursty.png").exists()
