@@ -6,8 +6,9 @@ The sources are in ``finetune/sources.py`` (and ``finetune/sql.py`` for Chinook)
 by a hash of the example's input, so it never changes and no input is in two splits.
 
 Training-only additions (``TRAIN_ONLY``: the SQL question families of ``finetune.sql_families``,
-the whole-store questions of ``finetune.sql_store`` and the cross-table ones of
-``finetune.sql_paths``, minus anything near a hand-written test question —
+the whole-store questions of ``finetune.sql_store``, the cross-table ones of
+``finetune.sql_paths`` and the nested ones of ``finetune.sql_nested``, minus anything near a
+hand-written test question —
 ``sql_fresh.Decontaminator``) are appended to a task's train split and cached apart from it,
 minus any input already in a split, so the template splits — val and test — are exactly what
 they were.
@@ -23,12 +24,13 @@ from .sources import data_root, read_address, read_news, read_sentiment, read_sp
 from .sql import chinook_db, read_sql
 from .sql_families import build_family_questions
 from .sql_fresh import Decontaminator
+from .sql_nested import build_nested_questions
 from .sql_paths import build_path_questions
 from .sql_store import build_store_questions
 
 SPLITS = ("train", "val", "test")
 CACHE_SUFFIX = ".v2.jsonl"  # v2: splits in hashed order (v1 kept the sources' class order)
-TRAIN_ONLY_FILE = "train-only.v5.jsonl"  # additions to the train split; bump when they change
+TRAIN_ONLY_FILE = "train-only.v6.jsonl"  # additions to the train split; bump when they change
 
 
 def bucket_of(key: str) -> float:
@@ -48,7 +50,8 @@ def read_sql_families() -> list[dict]:
     with sqlite3.connect(db_path) as db:
         clean = Decontaminator(db)
         kept = [e for e in made if clean.keeps(e)]
-    return kept + build_path_questions(db_path)  # decontaminated as it is built
+    # decontaminated as they are built:
+    return kept + build_path_questions(db_path) + build_nested_questions(db_path)
 
 
 READERS = {
