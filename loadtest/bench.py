@@ -118,8 +118,10 @@ async def timed_stream(
     try:
         async for chunk in stream:
             if chunk.token_ids:
-                times.append(time.perf_counter() - t0)
+                record.setdefault("first_event", time.perf_counter() - t0)
                 record["output_tokens"] += len(chunk.token_ids)
+            if chunk.text:  # what an HTTP client sees: text (a token may decode to none yet)
+                times.append(time.perf_counter() - t0)
             if chunk.usage:
                 record["output_tokens"] = chunk.usage.completion_tokens
             if leave_after is not None and len(times) >= leave_after:

@@ -179,7 +179,7 @@ class Streaming:
     def stream(self, body: dict, label: str, model: str) -> dict:
         start = time.time()
         t0 = time.perf_counter()
-        token_times, usage, error = [], None, None
+        token_times, usage, error, first_event = [], None, None, None
         with self.client.post(
             "/v1/chat/completions",
             json=body,
@@ -195,6 +195,8 @@ class Streaming:
                 for line in response.iter_lines():
                     if not line.startswith(b"data: ") or line == b"data: [DONE]":
                         continue
+                    if first_event is None:  # the server's first event: its first token is out
+                        first_event = time.perf_counter() - t0
                     event = json.loads(line[6:])
                     if "error" in event:
                         error = event["error"].get("message", "stream error")
@@ -207,7 +209,8 @@ class Streaming:
                     response.failure(error)
                 else:
                     response.success()
-        return self.report(start, t0, token_times, usage, error, label, model)
+        record = self.report(start, t0, token_times, usage, error, label, model)
+        return record | {"first_event": first_event}
 
     def report(self, start, t0, token_times, usage, error, label, model) -> dict:
         e2e = time.perf_counter() - t0

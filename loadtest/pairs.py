@@ -31,6 +31,12 @@ RATIOS = {  # name: (numerator point, denominator point, metric)
     "http_over_direct_ttft_p50_adapters": ("http-adapters", "direct-adapters", "ttft_p50"),
     "adapters_over_base_ttft_p50_direct": ("direct-adapters", "direct-base", "ttft_p50"),
     "adapters_over_base_ttft_p50_http": ("http-adapters", "http-base", "ttft_p50"),
+    "http_over_direct_first_event_p50_base": ("http-base", "direct-base", "first_event_p50"),
+    "http_over_direct_first_event_p50_adapters": (
+        "http-adapters",
+        "direct-adapters",
+        "first_event_p50",
+    ),
 }
 LABELS = {
     "adapters_over_base_tok_s_direct": "adapters ÷ base, tok/s, direct",
@@ -41,8 +47,11 @@ LABELS = {
     "http_over_direct_ttft_p50_adapters": "HTTP ÷ direct, TTFT p50, adapters",
     "adapters_over_base_ttft_p50_direct": "adapters ÷ base, TTFT p50, direct",
     "adapters_over_base_ttft_p50_http": "adapters ÷ base, TTFT p50, HTTP",
+    "http_over_direct_first_event_p50_base": "HTTP ÷ direct, first event p50, base",
+    "http_over_direct_first_event_p50_adapters": "HTTP ÷ direct, first event p50, adapters",
 }
-FIGURES = ("output_throughput", "ttft_p50", "itl_p50", "tpot_mean", "process_cpu_cores",
+FIGURES = ("output_throughput", "ttft_p50", "ttft_p90", "first_event_p50", "itl_p50", "tpot_mean",
+           "process_cpu_cores",
            "engine_children_cpu_cores", "client_cpu_cores", "completed", "failures")  # fmt: skip
 
 
@@ -137,13 +146,16 @@ def pairs_markdown(summary: dict, title: str = "Alternating pairs") -> str:
         lines += [
             "",
             "| point | tok/s median | tok/s range | TTFT p50 ms median | TTFT p50 ms range | "
+            "TTFT p90 ms median | first event p50 ms median | "
             "TPOT ms median | ITL p50 ms median (per chunk) | serving process cores | "
             "SGLang children cores | Locust cores | failed (sum) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for kind, figures in group["points"].items():
             tok, tok_range = fmt(figures["output_throughput"], digits=0)
             ttft, ttft_range = fmt(figures["ttft_p50"], 1000, 0)
+            ttft90, _ = fmt(figures["ttft_p90"], 1000, 0)
+            first, _ = fmt(figures["first_event_p50"], 1000, 0)
             itl, _ = fmt(figures["itl_p50"], 1000, 1)
             tpot, _ = fmt(figures["tpot_mean"], 1000, 1)
             cores, _ = fmt(figures["process_cpu_cores"])
@@ -151,7 +163,8 @@ def pairs_markdown(summary: dict, title: str = "Alternating pairs") -> str:
             client, _ = fmt(figures["client_cpu_cores"])
             failed = sum(figures["failures"]["values"])
             lines.append(
-                f"| {kind} | {tok} | {tok_range} | {ttft} | {ttft_range} | {tpot} | {itl} | "
+                f"| {kind} | {tok} | {tok_range} | {ttft} | {ttft_range} | {ttft90} | {first} | "
+                f"{tpot} | {itl} | "
                 f"{cores} | {children} | {client} | {failed} |"
             )
         lines.append("")

@@ -1,7 +1,10 @@
 """Serving statistics from raw per-request records, as vLLM's benchmark_serving defines them.
 
 A record: ``{"start": s, "ttft": s, "e2e": s, "itl": [s, ...], "output_tokens": n, "ok": bool}``.
-- TTFT: request sent → first token. - ITL: gaps between consecutive streamed tokens (all pooled).
+- TTFT: request sent → first token with text (as vLLM's benchmark_serving counts it: the first
+  non-empty ``delta.content``). - First event: request sent → the server's first event (the
+  engine's first token ids, even those that decode to no text yet), where recorded.
+- ITL: gaps between consecutive streamed tokens (all pooled).
 - TPOT: per request (e2e − TTFT) / (output tokens − 1). - E2E: request sent → last token.
 - Throughput: with a ``window`` (steady state: after the warm-up, before the clients stop) the
   tokens streamed inside it, from every request that streamed there (also those cut at the end:
@@ -72,6 +75,8 @@ def summarize(records: list[dict], window: tuple[float, float] | None = None) ->
     ]
     e2e = [r["e2e"] for r in ok]
     tokens = sum(r["output_tokens"] for r in ok)
+    first = [r["first_event"] for r in ok if r.get("first_event") is not None]
+    events = {"first_event_p50": percentile(first, 50), "first_event_p90": percentile(first, 90)}
     return {
         "completed": len(ok),
         "failures": failures,
@@ -88,7 +93,7 @@ def summarize(records: list[dict], window: tuple[float, float] | None = None) ->
         "tpot_p50": percentile(tpot, 50),
         "e2e_p50": percentile(e2e, 50),
         "e2e_p90": percentile(e2e, 90),
-    }
+    } | (events if first else {})
 
 
 def ratios(point: dict, control: dict) -> dict:

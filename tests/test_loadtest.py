@@ -57,6 +57,36 @@ def test_summarize_on_known_records():
     )["output_throughput_ratio"] == pytest.approx(0.5)
 
 
+def test_summarize_reports_the_first_event_only_where_the_records_have_it():
+    records = [{"start": 0.0, "ttft": t, "first_event": f, "e2e": 1.0, "itl": [],
+                "output_tokens": 4, "ok": True} for t, f in ((0.3, 0.1), (0.5, 0.2))]  # fmt: skip
+    s = summarize(records)
+    assert s["first_event_p50"] == pytest.approx(0.15) and s["ttft_p50"] == pytest.approx(0.4)
+    assert "first_event_p50" not in summarize([{**r, "first_event": None} for r in records])
+
+
+def test_direct_arm_times_the_first_text_as_an_http_client_does_and_keeps_the_first_token():
+    """A token that decodes to no text yet (half a UTF-8 character) is the engine's first event,
+    but an HTTP client sees nothing until the text comes; the direct arm times both."""
+    import asyncio
+
+    from engine.interface import Chunk, GenerationRequest, SamplingParams, Usage
+    from loadtest.bench import timed_stream
+
+    class HalfCharacterFirst:  # the one call timed_stream makes of an engine
+        async def stream(self, request):
+            yield Chunk("", [200])
+            await asyncio.sleep(0.2)
+            yield Chunk("é", [169])
+            yield Chunk(" ok", [5], "length", Usage(3, 3))
+
+    request = GenerationRequest(prompt="hi", params=SamplingParams(max_tokens=3))
+    record = asyncio.run(timed_stream(HalfCharacterFirst(), request))
+    assert record["ok"] and record["output_tokens"] == 3
+    assert record["first_event"] < 0.1 <= 0.2 <= record["ttft"]
+    assert len(record["token_times"]) == 2 and len(record["itl"]) == 1
+
+
 def test_steady_window_counts_tokens_streamed_inside_it_also_from_cut_requests():
     done = {"start": 10.0, "ttft": 0.5, "e2e": 4.5, "itl": [1.0] * 4, "output_tokens": 5,
             "token_times": [0.5, 1.5, 2.5, 3.5, 4.5], "ok": True}  # fmt: skip
@@ -103,6 +133,7 @@ def test_headless_locust_run_writes_raw_file_and_custom_ttft(hf_engine, registry
     assert records and all(r["ok"] for r in records)
     assert {r["model"] for r in records} <= {"alpha", "beta"}
     assert all(r["output_tokens"] == 4 and r["ttft"] > 0 for r in records)
+    assert all(0 < r["first_event"] <= r["ttft"] for r in records)  # the role event comes first
     stats = list(csv.DictReader((tmp_path / "run_stats.csv").read_text().splitlines()))
     ttft = [row for row in stats if row["Type"] == "TTFT"]
     assert ttft and 0 < sum(int(row["Request Count"]) for row in ttft) <= len(records)
