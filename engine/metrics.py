@@ -1,7 +1,10 @@
-"""Prometheus metrics labelled per adapter: requests, errors, TTFT, inter-token and e2e latency."""
+"""Prometheus metrics labelled per adapter: requests, errors, TTFT, inter-token and e2e latency;
+and the process's garbage-collector pauses, which stop every stream at once."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -48,8 +51,30 @@ class Metrics:
         self.running = Gauge("loraland_requests_running", "Requests being generated", registry=r)
         self.queued = Gauge("loraland_requests_waiting", "Requests waiting for a slot", registry=r)
         self.adapters_loaded = Gauge("loraland_adapters_loaded", "Adapters loaded", registry=r)
+        self.gc_pauses = Gauge(
+            "loraland_gc_pause_seconds_total", "Time the garbage collector stopped the process",
+            ["generation"], registry=r,
+        )  # fmt: skip
+        self.gc_longest = Gauge(
+            "loraland_gc_pause_max_seconds", "The longest garbage-collector pause", ["generation"],
+            registry=r,
+        )  # fmt: skip
+        self.gc_collections = Gauge(
+            "loraland_gc_collections_total", "Garbage collections", ["generation"], registry=r
+        )
+        self.gc_frozen = Gauge(
+            "loraland_gc_frozen_objects",
+            "Objects moved out of the collector's sight at start-up (server.freeze_heap)",
+            registry=r,
+        )
+        GC_WATCH.install()
 
     def render(self, stats: dict) -> bytes:
+        for generation, (count, total, longest) in GC_WATCH.by_generation.items():
+            self.gc_collections.labels(str(generation)).set(count)
+            self.gc_pauses.labels(str(generation)).set(total)
+            self.gc_longest.labels(str(generation)).set(longest)
+        self.gc_frozen.set(gc.get_freeze_count())
         self.running.set(stats.get("running", 0))
         self.queued.set(stats.get("queued", 0))
         self.adapters_loaded.set(stats.get("adapters_loaded", 0))
@@ -84,3 +109,53 @@ class RequestTimer:
         if usage is not None:
             m.prompt_tokens.labels(a).inc(usage.prompt_tokens)
             m.generation_tokens.labels(a).inc(usage.completion_tokens)
+
+
+class GcWatch:
+    """Every garbage collection of this process, timed: (count, seconds, longest) per
+    generation. A full collection walks every tracked object — with a model's libraries loaded,
+    hundreds of thousands — and every stream waits meanwhile."""
+
+    def __init__(self) -> None:
+        self.by_generation: dict[int, tuple[int, float, float]] = {}
+        self.began: float | None = None
+
+    def install(self) -> None:
+        if self.on_collection not in gc.callbacks:
+            gc.callbacks.append(self.on_collection)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Collections meanwhile are not counted (the one at start-up, before freezing)."""
+        installed = self.on_collection in gc.callbacks
+        if installed:
+            gc.callbacks.remove(self.on_collection)
+        try:
+            yield
+        finally:
+            if installed:
+                gc.callbacks.append(self.on_collection)
+
+    def on_collection(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.began = time.perf_counter()
+            return
+        if self.began is None:
+            return
+        pause, self.began = time.perf_counter() - self.began, None
+        count, total, longest = self.by_generation.get(info["generation"], (0, 0.0, 0.0))
+        self.by_generation[info["generation"]] = (count + 1, total + pause, max(longest, pause))
+
+
+GC_WATCH = GcWatch()
+"""One per process: the collector's callbacks are process-wide."""
+
+
+def freeze_heap() -> int:
+    """Collect once, then move every object alive now (the engine, the model's libraries, the
+    app) to the collector's permanent generation: later collections, full ones too, walk only
+    what requests allocate. Returns how many objects were frozen."""
+    with GC_WATCH.paused():  # a start-up pause, not one a request waits out
+        gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

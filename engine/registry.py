@@ -136,6 +136,11 @@ class ServerSettings(Strict):
     them with an error chunk; new requests for it are refused at once."""
     max_adapter_rank: int = Field(64, ge=1)
     """Hot-loaded adapters of a higher LoRA rank are refused (422)."""
+    freeze_heap: bool = True
+    """Once the engine and the app are built, move every object alive (the model's libraries:
+    hundreds of thousands) out of the garbage collector's sight (``gc.freeze``), so a full
+    collection — which stops every stream — walks only what requests allocate. The pauses are in
+    ``/metrics`` (``loraland_gc_pause_*``)."""
 
 
 class ClusterSettings(Strict):

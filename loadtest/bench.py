@@ -59,6 +59,7 @@ import uvicorn
 
 from engine import GenerationRequest, SamplingParams, build_engine
 from engine.api import create_api
+from engine.metrics import freeze_heap
 from engine.registry import load_registry, with_overrides
 from loadtest.pairs import write_pairs
 from loadtest.procs import ChildrenMeter, CpuMeter, gpu_memory_mib, wait_for_peer
@@ -486,6 +487,8 @@ async def run(args) -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     try:
         await warm_up(engine, names)
+        if registry.server.freeze_heap:  # as python app.py does: this process is the server
+            print(f"froze {freeze_heap()} objects out of the collector", flush=True)
         steps = {"sweep": sweep, "evict": evict, "soak": soak,
                  "http": functools.partial(http, registry=registry),
                  "pairs": functools.partial(pairs, registry=registry)}  # fmt: skip

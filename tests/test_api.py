@@ -183,3 +183,21 @@ def test_health_and_per_adapter_metrics(client):
     assert samples[unknown] >= 1
     assert not any("no-such-adapter" in name for name in samples)
     assert "loraland_adapters_loaded 2.0" in text
+
+
+def test_every_collection_is_timed_per_generation():
+    import gc
+
+    from engine.metrics import GC_WATCH, Metrics
+
+    Metrics()  # installs the process-wide watch (once, however many servers)
+    Metrics()
+    before = GC_WATCH.by_generation.get(2, (0, 0.0, 0.0))
+    gc.collect()
+    count, total, longest = GC_WATCH.by_generation[2]
+    assert count == before[0] + 1 and total > before[1] and longest > 0
+    assert gc.callbacks.count(GC_WATCH.on_collection) == 1
+    with GC_WATCH.paused():
+        gc.collect()
+    assert GC_WATCH.by_generation[2][0] == count
+    assert gc.callbacks.count(GC_WATCH.on_collection) == 1

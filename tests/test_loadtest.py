@@ -402,3 +402,21 @@ def test_bursty_plots_rounds_but_no_empty_burst_figure_without_raw_records(tmp_p
     plot(results, tmp_path)
     assert (tmp_path / "rounds.png").stat().st_size > 10_000
     assert not (tmp_path / "bursty.png").exists()
+
+
+def test_gc_pauses_runs_both_modes_and_only_the_frozen_server_has_frozen_objects(tmp_path):
+    cmd = [
+        sys.executable, "-m", "loadtest.gc_pauses", "--users", "4", "--rounds", "1",
+        "--duration", "3", "--warmup", "0.5", "--output-tokens", "5", "--port", str(free_port()),
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    points = json.loads((tmp_path / "results.json").read_text())["rounds"][0]["points"]
+    assert (
+        points["frozen"]["frozen_objects"] > 50_000 and points["not frozen"]["frozen_objects"] == 0
+    )
+    for point in points.values():
+        assert point["completed"] > 0 and point["failures"] == 0
+        assert point["gen2_collections"] >= 0 and point["gen2_pause_s"] >= 0
+    assert "frozen ÷ not frozen" in (tmp_path / "results.md").read_text()

@@ -256,6 +256,22 @@ def test_a_template_worded_otherwise_than_the_servers_is_refused(server, registr
         asyncio.run(chunks_of(engine, request))
 
 
+def test_the_server_froze_its_start_up_heap_and_reports_its_collector_pauses(server, remote):
+    """``server.freeze_heap`` (on by default): the libraries' objects are out of the collector's
+    sight, and /metrics has every collection's count and pause per generation."""
+    asyncio.run(chunks_of(remote, greedy_request(None, "Say hi.", max_tokens=4)))
+    metrics = httpx.get(f"{server}/metrics", timeout=30).text
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in metrics.splitlines()
+        if line.startswith("loraland_gc_")
+    }
+    assert values["loraland_gc_frozen_objects"] > 50_000  # torch, transformers, the app
+    assert values['loraland_gc_collections_total{generation="0"}'] >= 1  # the request's
+    assert values['loraland_gc_pause_seconds_total{generation="0"}'] > 0
+    assert values['loraland_gc_pause_max_seconds{generation="0"}'] > 0
+
+
 def test_nothing_answering_is_a_clear_error(registry_for):
     with pytest.raises(RemoteError, match="nothing answers"):
         RemoteEngine(f"http://127.0.0.1:{free_port()}", registry_for)

@@ -6,9 +6,12 @@ scheduler) and the process exits shortly after."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import uvicorn
 from fastapi import FastAPI
+
+from ..metrics import freeze_heap
 
 GRACE_SECONDS = 5.0
 """After the drain deadline: time for the ended streams' last events to go out."""
@@ -42,6 +45,8 @@ class DrainingServer(uvicorn.Server):
 
 def run_server(app: FastAPI, host: str, port: int, **uvicorn_options) -> None:
     api = app.state.api
+    if api.limits.freeze_heap:
+        logging.getLogger(__name__).info("froze %d objects out of the collector", freeze_heap())
     config = uvicorn.Config(
         app,
         host=host,
