@@ -146,6 +146,11 @@ class GcWatch:
         count, total, longest = self.by_generation.get(info["generation"], (0, 0.0, 0.0))
         self.by_generation[info["generation"]] = (count + 1, total + pause, max(longest, pause))
 
+    def full(self) -> tuple[int, float]:
+        """Full (generation 2) collections so far and the seconds they took."""
+        count, total, _ = self.by_generation.get(2, (0, 0.0, 0.0))
+        return count, total
+
 
 GC_WATCH = GcWatch()
 """One per process: the collector's callbacks are process-wide."""

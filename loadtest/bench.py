@@ -59,7 +59,7 @@ import uvicorn
 
 from engine import GenerationRequest, SamplingParams, build_engine
 from engine.api import create_api
-from engine.metrics import freeze_heap
+from engine.metrics import GC_WATCH, freeze_heap
 from engine.registry import load_registry, with_overrides
 from loadtest.pairs import write_pairs
 from loadtest.procs import ChildrenMeter, CpuMeter, gpu_memory_mib, wait_for_peer
@@ -192,12 +192,13 @@ async def direct_point(
     traffic = Traffic(names[:adapters] or [None], args.prompt_words, args.output_tokens)
     traffic.chat = chat
     began, meter = time.time(), CpuMeter(os.getpid())
-    children = ChildrenMeter(os.getpid())
+    children, collections = ChildrenMeter(os.getpid()), GC_WATCH.full()
     records, ran = await closed_loop(
         engine, traffic, users, args.duration, args.min_completed, args.warmup
     )
     steady = (began + args.warmup, began + ran)
     point = {"users": users, "adapters": adapters, **summarize(records, steady)}
+    point |= full_collections_since(collections)
     # the clients run in this process too: one event loop for both sides
     if (busy := meter.cores()["server_cpu_cores"]) is not None:
         point["engine_process_cpu_cores"] = busy
@@ -221,10 +222,16 @@ def locust_options(args, port: int) -> argparse.Namespace:
 async def http_point(options, users: int, adapters: int, raw: Path) -> dict:
     """One Locust point through the API this process serves (Locust from a thread: the event
     loop goes on serving)."""
-    children = ChildrenMeter(os.getpid())
+    children, collections = ChildrenMeter(os.getpid()), GC_WATCH.full()
     point = await asyncio.to_thread(measure_point, options, users, adapters, raw)
     point["engine_children_cpu_cores"] = children.cores()
-    return point
+    return point | full_collections_since(collections)
+
+
+def full_collections_since(before: tuple[int, float]) -> dict:
+    """This process's full garbage collections over a point: every stream waits them out."""
+    count, seconds = GC_WATCH.full()
+    return {"gc_full_collections": count - before[0], "gc_full_pause_s": seconds - before[1]}
 
 
 async def sync_with_peer(args, users: int) -> None:
@@ -485,6 +492,7 @@ async def run(args) -> None:
     print(f"{engine.backend} engine up in {time.perf_counter() - t0:.0f}s", flush=True)
     names = [a.name for a in registry.adapters]
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    GC_WATCH.install()
     try:
         await warm_up(engine, names)
         if registry.server.freeze_heap:  # as python app.py does: this process is the server

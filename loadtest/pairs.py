@@ -51,7 +51,7 @@ LABELS = {
     "http_over_direct_first_event_p50_adapters": "HTTP ÷ direct, first event p50, adapters",
 }
 FIGURES = ("output_throughput", "ttft_p50", "ttft_p90", "first_event_p50", "itl_p50", "tpot_mean",
-           "process_cpu_cores",
+           "gc_full_pause_s", "process_cpu_cores",
            "engine_children_cpu_cores", "client_cpu_cores", "completed", "failures")  # fmt: skip
 
 
@@ -146,16 +146,17 @@ def pairs_markdown(summary: dict, title: str = "Alternating pairs") -> str:
         lines += [
             "",
             "| point | tok/s median | tok/s range | TTFT p50 ms median | TTFT p50 ms range | "
-            "TTFT p90 ms median | first event p50 ms median | "
+            "TTFT p90 ms median | first event p50 ms median | full GC s median | "
             "TPOT ms median | ITL p50 ms median (per chunk) | serving process cores | "
             "SGLang children cores | Locust cores | failed (sum) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for kind, figures in group["points"].items():
             tok, tok_range = fmt(figures["output_throughput"], digits=0)
             ttft, ttft_range = fmt(figures["ttft_p50"], 1000, 0)
             ttft90, _ = fmt(figures["ttft_p90"], 1000, 0)
             first, _ = fmt(figures["first_event_p50"], 1000, 0)
+            paused, _ = fmt(figures["gc_full_pause_s"], 1, 2)
             itl, _ = fmt(figures["itl_p50"], 1000, 1)
             tpot, _ = fmt(figures["tpot_mean"], 1000, 1)
             cores, _ = fmt(figures["process_cpu_cores"])
@@ -164,6 +165,7 @@ def pairs_markdown(summary: dict, title: str = "Alternating pairs") -> str:
             failed = sum(figures["failures"]["values"])
             lines.append(
                 f"| {kind} | {tok} | {tok_range} | {ttft} | {ttft_range} | {ttft90} | {first} | "
+                f"{paused} | "
                 f"{tpot} | {itl} | "
                 f"{cores} | {children} | {client} | {failed} |"
             )

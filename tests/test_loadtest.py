@@ -295,6 +295,11 @@ def test_engine_bench_pairs_alternate_direct_and_http_rounds_on_a_tiny_model(tmp
         assert all(p["output_throughput"] > 0 and not p["failures"] for p in r["points"].values())
         assert r["points"]["http-base"]["server_cpu_cores"] > 0
         assert r["points"]["direct-base"]["engine_process_cpu_cores"] > 0
+        for point in r["points"].values():  # this process's full collections, every arm
+            assert point["gc_full_collections"] >= 0 and point["gc_full_pause_s"] >= 0
+        assert (
+            0 < r["points"]["http-base"]["first_event_p50"] <= r["points"]["http-base"]["ttft_p50"]
+        )
     ratios = results["summary"]["u2-a2"]["ratios"]
     assert ratios["http_over_direct_tok_s_base"]["n"] == 2
     assert ratios["adapters_over_base_tok_s_http"]["median"] > 0
