@@ -51,30 +51,10 @@ class Metrics:
         self.running = Gauge("loraland_requests_running", "Requests being generated", registry=r)
         self.queued = Gauge("loraland_requests_waiting", "Requests waiting for a slot", registry=r)
         self.adapters_loaded = Gauge("loraland_adapters_loaded", "Adapters loaded", registry=r)
-        self.gc_pauses = Gauge(
-            "loraland_gc_pause_seconds_total", "Time the garbage collector stopped the process",
-            ["generation"], registry=r,
-        )  # fmt: skip
-        self.gc_longest = Gauge(
-            "loraland_gc_pause_max_seconds", "The longest garbage-collector pause", ["generation"],
-            registry=r,
-        )  # fmt: skip
-        self.gc_collections = Gauge(
-            "loraland_gc_collections_total", "Garbage collections", ["generation"], registry=r
-        )
-        self.gc_frozen = Gauge(
-            "loraland_gc_frozen_objects",
-            "Objects moved out of the collector's sight at start-up (server.freeze_heap)",
-            registry=r,
-        )
+        r.register(GcCollector())
         GC_WATCH.install()
 
     def render(self, stats: dict) -> bytes:
-        for generation, (count, total, longest) in GC_WATCH.by_generation.items():
-            self.gc_collections.labels(str(generation)).set(count)
-            self.gc_pauses.labels(str(generation)).set(total)
-            self.gc_longest.labels(str(generation)).set(longest)
-        self.gc_frozen.set(gc.get_freeze_count())
         self.running.set(stats.get("running", 0))
         self.queued.set(stats.get("queued", 0))
         self.adapters_loaded.set(stats.get("adapters_loaded", 0))
@@ -117,7 +97,7 @@ class GcWatch:
     hundreds of thousands — and every stream waits meanwhile."""
 
     def __init__(self) -> None:
-        self.by_generation: dict[int, tuple[int, float, float]] = {}
+        self.by_generation = {generation: (0, 0.0, 0.0) for generation in range(3)}
         self.began: float | None = None
 
     def install(self) -> None:
@@ -154,6 +134,35 @@ class GcWatch:
 
 GC_WATCH = GcWatch()
 """One per process: the collector's callbacks are process-wide."""
+
+
+class GcCollector:
+    """``GC_WATCH`` in ``/metrics`` at each scrape: collections and pause seconds per generation
+    (counters), the longest pause and the frozen objects (gauges)."""
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        label = ["generation"]
+        count = CounterMetricFamily("loraland_gc_collections", "Garbage collections", labels=label)
+        paused = CounterMetricFamily(
+            "loraland_gc_pause_seconds",
+            "Time the garbage collector stopped the process",
+            labels=label,
+        )
+        longest = GaugeMetricFamily(
+            "loraland_gc_pause_max_seconds", "The longest garbage-collector pause", labels=label
+        )
+        for generation, (n, total, most) in list(GC_WATCH.by_generation.items()):
+            count.add_metric([str(generation)], n)
+            paused.add_metric([str(generation)], total)
+            longest.add_metric([str(generation)], most)
+        frozen = GaugeMetricFamily(
+            "loraland_gc_frozen_objects",
+            "Objects moved out of the collector's sight at start-up (server.freeze_heap)",
+            value=gc.get_freeze_count(),
+        )
+        return [count, paused, longest, frozen]
 
 
 def freeze_heap() -> int:

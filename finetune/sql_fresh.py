@@ -71,9 +71,11 @@ def answer_key(sql: str, rows: list[tuple]) -> tuple:
 
 class Decontaminator:
     """Keeps a generated example only if no hand-written question is near it: not the same
-    query shape (literals masked), not ≥ 60 % of the same words, and not the same answer
-    (``answer_key``: a query written with other joins, DISTINCT or column order has another
-    shape but answers the same question)."""
+    query shape (literals masked), not ≥ 60 % of the same words, not the same subquery clauses
+    under another select list (``nested_tail``), not the same distinctive one-value answer
+    (``distinctive_value``), not a count of a hand-written list (``counts_a_list``), and not the
+    same answer (``answer_key``: a query written with other
+    joins, DISTINCT or column order has another shape but answers the same question)."""
 
     def __init__(self, db: sqlite3.Connection, hand_written: list[dict] | None = None):
         self.db = db
@@ -81,6 +83,10 @@ class Decontaminator:
         self.shapes = {skeleton(e["target"]) for e in held_out}
         self.words = [words(e["input"]["question"]) for e in held_out]
         self.answers = {answer_key(e["target"], run_sql(db, e["target"]) or []) for e in held_out}
+        self.nested_tails = {t for e in held_out if (t := nested_tail(e["target"]))}
+        self.values = {v for e in held_out if (v := distinctive_value(run_sql(db, e["target"])))}
+        self.lists = [(len(rows), tables_of(e["target"])) for e in held_out
+                      if len(rows := run_sql(db, e["target"]) or []) > 1]  # fmt: skip
 
     def keeps(self, example: dict) -> bool:
         rows = run_sql(self.db, example["target"])
@@ -93,7 +99,39 @@ class Decontaminator:
             return True
         if any(len(mine & o) / len(mine | o) >= MAX_WORD_OVERLAP for o in self.words):
             return True
-        return answer_key(sql, rows) in self.answers
+        if nested_tail(sql) in self.nested_tails or distinctive_value(rows) in self.values:
+            return True
+        return answer_key(sql, rows) in self.answers or self.counts_a_list(sql, rows)
+
+    def counts_a_list(self, sql: str, rows: list[tuple]) -> bool:
+        """A count of exactly the rows a hand-written list answer has, over tables one of the
+        two queries reads all of: that list's question with COUNT(*) in its select list."""
+        if not re.match(r"\s*SELECT\s+COUNT\(\*\)", sql, re.I) or len(rows) != 1:
+            return False
+        mine = tables_of(sql)
+        return any(rows[0][0] == n and (mine <= tables or tables <= mine)
+                   for n, tables in self.lists)  # fmt: skip
+
+
+def nested_tail(sql: str) -> str | None:
+    """The shape of a query's clauses from its first WHERE / GROUP BY / HAVING / ORDER BY on,
+    where they hold a subquery: the same NOT IN or HAVING … (SELECT …) under another select
+    list ("how many genres …" for "which genres …") is the same question."""
+    tail = tail_clauses(sql)
+    return skeleton(tail) if re.search(r"\bSELECT\b", tail, re.I) else None
+
+
+def distinctive_value(rows: list[tuple] | None) -> str | None:
+    """A one-value answer no other question would share by chance (a fraction, or a count of
+    100 or more), whatever tables the query read; None for anything else."""
+    if not rows or len(rows) != 1 or len(rows[0]) != 1:
+        return None
+    value = rows[0][0]
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.6g}"
+    if isinstance(value, int | float) and abs(value) >= 100:
+        return f"{value:.6g}"
+    return None
 
 
 def skeleton(sql: str) -> str:

@@ -10,7 +10,7 @@ aggregate of an aggregate was asked, compared a row with itself, or invented a f
 subquery examples. This one composes such questions from the same parts as ``sql_store`` (a
 fact, a grouping, a measure) and ``sql_paths`` (scopes reached by joins), over the real rows:
 
-- ``average_group``: the average, largest or smallest of a per-group measure
+- ``of_groups``: the average, largest or smallest of a per-group measure
   ("What is the average number of tracks per album?");
 - ``against_average``: the groups above or below the average group, and how many there are;
 - ``count_groups``: how many groups pass a threshold ("How many artists have more than 5 albums?");
@@ -19,7 +19,9 @@ fact, a grouping, a measure) and ``sql_paths`` (scopes reached by joins), over t
 - ``rows_vs_average``: the rows in a scope above the average of the whole table or of the scope.
 
 Every gold query runs on Chinook and is kept only if it answers, names each row once and is not
-near a hand-written question (``sql_fresh.Decontaminator``: shape, wording, answer).
+near a hand-written question (``sql_fresh.Decontaminator``: shape, wording, answer, subquery
+clauses, a count of a listed answer). An average, a minimum or a "below" over groups is asked
+only where every row of the grouped table has a group (``complete``).
 """
 
 from __future__ import annotations
@@ -40,10 +42,13 @@ LONG_LIST = 40
 """A listed answer longer than this is asked as a count instead."""
 
 
-def phrased(options: tuple[str, ...], sql: str, **slots) -> Iterator[dict]:
-    if "measure" in slots:
-        article = "an" if slots["measure"][0] in "aeiou" else "a"
-        slots["a_measure"] = f"{article} {slots['measure']}"
+def with_article(word: str) -> str:
+    return f"{'an' if word[0].lower() in 'aeiou' else 'a'} {word}"
+
+
+def phrasings(options: tuple[str, ...], sql: str, **slots) -> Iterator[dict]:
+    """The query with PHRASINGS_PER_QUERY of its phrasings; ``{a_X}`` is slot X with "a"/"an"."""
+    slots |= {f"a_{k}": with_article(str(v)) for k, v in list(slots.items()) if v != ""}
     for i in range(min(PHRASINGS_PER_QUERY, len(options))):
         yield example(pick(options, sql, i).format(**slots), sql)
 
@@ -59,11 +64,24 @@ def combos() -> Iterator[tuple[Fact, Grouping, Measure]]:
                 yield fact, group, measure
 
 
+def complete(db: sqlite3.Connection, fact: Fact, group: Grouping) -> bool:
+    """Every artist, album, playlist … has a group: one with no rows (an artist without albums,
+    a track never sold) is missing from a GROUP BY, and an average, a minimum or a "below"
+    over the groups would leave its zero out."""
+    table, _, column = group.key.partition(".")
+    if column != "id":  # a column's values: each has rows by construction
+        return True
+    everyone = ("SELECT COUNT(DISTINCT support_rep_id) FROM customer" if table == "employee"
+                else f"SELECT COUNT(*) FROM {table}")  # fmt: skip
+    groups = db.execute(f"SELECT COUNT(*) FROM (SELECT 1 {grouped(fact, group)})").fetchone()[0]
+    return groups == db.execute(everyone).fetchone()[0]
+
+
 # ---------------------------------------------------------------- aggregates of aggregates
 
 OF_GROUPS = {
     "AVG": ("What is the average {measure} per {noun}?",
-            "On average, what is the {measure} of a {noun}?",
+            "On average, what is the {measure} of {a_noun}?",
             "Across all {plural}, what is the mean {measure}?"),
     "MAX": ("What is the highest {measure} of any {noun}?",
             "What is the largest {measure} that a single {noun} has?"),
@@ -72,12 +90,15 @@ OF_GROUPS = {
 }  # fmt: skip
 
 
-def average_group(db: sqlite3.Connection) -> Iterator[dict]:
+def of_groups(db: sqlite3.Connection) -> Iterator[dict]:
     for fact, group, m in combos():
         inner = f"SELECT {m.sql} AS value {grouped(fact, group)}"
+        whole = complete(db, fact, group)
         for fn, options in OF_GROUPS.items():
+            if m.sql.startswith(f"{fn}(") or (fn != "MAX" and not whole):
+                continue  # the largest of largests needs no nesting; zeros left out
             sql = f"SELECT {fn}(value) FROM ({inner})"
-            yield from phrased(options, sql, measure=m.phrase, noun=group.noun,
+            yield from phrasings(options, sql, measure=m.phrase, noun=group.noun,
                                plural=group.plural)  # fmt: skip
 
 
@@ -90,14 +111,16 @@ AGAINST = {
 }  # fmt: skip
 COUNT_AGAINST = {
     ">": ("How many {plural} have {a_measure} above the average {noun}'s?",
-          "Count the {plural} whose {measure} is higher than average."),
+          "Count the {plural} whose {measure} is higher than the average {noun}'s."),
     "<": ("How many {plural} have {a_measure} below the average {noun}'s?",
-          "Count the {plural} whose {measure} is lower than average."),
+          "Count the {plural} whose {measure} is lower than the average {noun}'s."),
 }  # fmt: skip
 
 
 def against_average(db: sqlite3.Connection) -> Iterator[dict]:
     for fact, group, m in combos():
+        if not complete(db, fact, group):
+            continue
         base = grouped(fact, group)
         average = f"(SELECT AVG(value) FROM (SELECT {m.sql} AS value {base}))"
         slots = {"measure": m.phrase, "noun": group.noun, "plural": group.plural}
@@ -105,9 +128,9 @@ def against_average(db: sqlite3.Connection) -> Iterator[dict]:
             having = f"HAVING {m.sql} {op} {average}"
             listed = f"SELECT {group.label} {base} {having}"
             if len(db.execute(listed).fetchall()) <= LONG_LIST:
-                yield from phrased(AGAINST[op], listed, **slots)
+                yield from phrasings(AGAINST[op], listed, **slots)
             counted = f"SELECT COUNT(*) FROM (SELECT {group.key} {base} {having})"
-            yield from phrased(COUNT_AGAINST[op], counted, **slots)
+            yield from phrasings(COUNT_AGAINST[op], counted, **slots)
 
 
 COUNT_OVER = {
@@ -125,12 +148,13 @@ def count_groups(db: sqlite3.Connection) -> Iterator[dict]:
         values = sorted((row[0] for row in db.execute(f"SELECT {m.sql} {base}")), reverse=True)
         if len(values) < 4:
             continue
+        whole = complete(db, fact, group)
         for op, value in ((">", values[len(values) // 3]), ("<", values[2 * len(values) // 3])):
             k = round_threshold(value)
-            if not k or k in values:
+            if not k or k in values or (op == "<" and not whole):
                 continue
             sql = f"SELECT COUNT(*) FROM (SELECT {group.key} {base} HAVING {m.sql} {op} {k})"
-            yield from phrased(COUNT_OVER[op], sql, measure=m.phrase, noun=group.noun,
+            yield from phrasings(COUNT_OVER[op], sql, measure=m.phrase, noun=group.noun,
                                plural=group.plural, k=k)  # fmt: skip
 
 
@@ -157,26 +181,31 @@ def top_values(db: sqlite3.Connection, sql: str, n: int = VALUES_PER_SCOPE) -> l
     return [row[0] for row in db.execute(sql).fetchall()[:n]]
 
 
-def never(db: sqlite3.Connection) -> Iterator[dict]:
+def never_sold(db: sqlite3.Connection) -> Iterator[dict]:
     for table, listed, noun, plural, sold in NEVER_SOLD:
         where = f"WHERE id NOT IN ({sold})"
         yield from listed_or_counted(db, f"SELECT {listed} FROM {table} {where}",
                                      f"SELECT COUNT(*) FROM {table} {where}", NEVER_LISTED,
                                      NEVER_COUNTED, plural=plural, noun=noun)  # fmt: skip
+
+
+def customers_never_buying_a_genre(db: sqlite3.Connection) -> Iterator[dict]:
     genres = top_values(db, f"SELECT genre.name {SOLD} {JOINS['genre']} GROUP BY genre.id "
                             "ORDER BY COUNT(*) DESC")  # fmt: skip
     for genre in genres:
-        bought = (
-            f"SELECT invoice.customer_id {BOUGHT} {JOINS['genre']} WHERE genre.name = {q(genre)}"
-        )
+        bought = (f"SELECT invoice.customer_id {BOUGHT} {JOINS['genre']} "
+                  f"WHERE genre.name = {q(genre)}")  # fmt: skip
         where = f"WHERE id NOT IN ({bought})"
         yield from listed_or_counted(
             db, f"SELECT firstname, lastname FROM customer {where}",
             f"SELECT COUNT(*) FROM customer {where}",
-            ("Which customers have never bought a {g} track?",
+            ("Which customers have never bought {a_g} track?",
              "List the customers who never purchased any {g} music."),
-            ("How many customers have never bought a {g} track?",
+            ("How many customers have never bought {a_g} track?",
              "Count the customers who never purchased any {g} music."), g=genre)  # fmt: skip
+
+
+def genres_never_bought_in_a_country(db: sqlite3.Connection) -> Iterator[dict]:
     countries = top_values(db, "SELECT country FROM customer GROUP BY country "
                                "ORDER BY COUNT(*) DESC")  # fmt: skip
     for country in countries:
@@ -189,14 +218,16 @@ def never(db: sqlite3.Connection) -> Iterator[dict]:
              "List the genres that nobody from {c} has purchased."),
             ("How many genres were never bought by customers in {c}?",
              "Count the genres that nobody from {c} has purchased."), c=country)  # fmt: skip
+
+
+def genres_missing_from_a_playlist(db: sqlite3.Connection) -> Iterator[dict]:
     playlists = top_values(db, "SELECT name FROM playlist WHERE name IN (SELECT name FROM "
                                "playlist GROUP BY name HAVING COUNT(*) = 1) AND id IN (SELECT "
                                "playlist_id FROM playlisttrack) ORDER BY name")  # fmt: skip
     for playlist in playlists:
-        on = (
-            f"SELECT track.genre_id FROM playlisttrack {JOINS['playlist']} "
-            f"JOIN track ON playlisttrack.track_id = track.id WHERE playlist.name = {q(playlist)}"
-        )
+        on = (f"SELECT track.genre_id FROM playlisttrack {JOINS['playlist']} "
+              "JOIN track ON playlisttrack.track_id = track.id "
+              f"WHERE playlist.name = {q(playlist)}")  # fmt: skip
         where = f"WHERE id NOT IN ({on})"
         yield from listed_or_counted(
             db, f"SELECT name FROM genre {where}", f"SELECT COUNT(*) FROM genre {where}",
@@ -205,11 +236,19 @@ def never(db: sqlite3.Connection) -> Iterator[dict]:
             ("How many genres have no track on the {p} playlist?",), p=playlist)  # fmt: skip
 
 
+def never(db: sqlite3.Connection) -> Iterator[dict]:
+    """Rows with no match across a chain of joins (NOT IN), listed or counted."""
+    yield from never_sold(db)
+    yield from customers_never_buying_a_genre(db)
+    yield from genres_never_bought_in_a_country(db)
+    yield from genres_missing_from_a_playlist(db)
+
+
 def listed_or_counted(db, listed: str, counted: str, list_options, count_options, **slots):
     rows = db.execute(listed).fetchall()
     if 0 < len(rows) <= LONG_LIST:
-        yield from phrased(list_options, listed, **slots)
-    yield from phrased(count_options, counted, **slots)
+        yield from phrasings(list_options, listed, **slots)
+    yield from phrasings(count_options, counted, **slots)
 
 
 # ---------------------------------------------------------------- rows against an average
@@ -261,7 +300,7 @@ def scope_joins(table: str) -> str:
 
 
 SHAPES = {
-    "average_group": average_group,
+    "of_groups": of_groups,
     "against_average": against_average,
     "count_groups": count_groups,
     "never": never,

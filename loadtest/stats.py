@@ -1,9 +1,9 @@
 """Serving statistics from raw per-request records, as vLLM's benchmark_serving defines them.
 
 A record: ``{"start": s, "ttft": s, "e2e": s, "itl": [s, ...], "output_tokens": n, "ok": bool}``.
-- TTFT: request sent → first token with text (as vLLM's benchmark_serving counts it: the first
-  non-empty ``delta.content``). - First event: request sent → the server's first event (the
-  engine's first token ids, even those that decode to no text yet), where recorded.
+- TTFT: request sent → first token with text (the first non-empty ``delta.content``).
+- First event: request sent → the server's first event (the engine's first token ids, even
+  those that decode to no text yet), where recorded; vLLM's benchmark_serving times this one.
 - ITL: gaps between consecutive streamed tokens (all pooled).
 - TPOT: per request (e2e − TTFT) / (output tokens − 1). - E2E: request sent → last token.
 - Throughput: with a ``window`` (steady state: after the warm-up, before the clients stop) the

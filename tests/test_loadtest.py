@@ -83,7 +83,8 @@ def test_direct_arm_times_the_first_text_as_an_http_client_does_and_keeps_the_fi
     request = GenerationRequest(prompt="hi", params=SamplingParams(max_tokens=3))
     record = asyncio.run(timed_stream(HalfCharacterFirst(), request))
     assert record["ok"] and record["output_tokens"] == 3
-    assert record["first_event"] < 0.1 <= 0.2 <= record["ttft"]
+    assert record["first_event"] < 0.1
+    assert record["ttft"] >= 0.2
     assert len(record["token_times"]) == 2 and len(record["itl"]) == 1
 
 

@@ -126,6 +126,34 @@ def test_decontamination_drops_the_same_query_written_another_way():
         assert not clean.keeps({"input": {"question": "Nothing?"}, "target": "SELECT 1 WHERE 0"})
 
 
+def test_decontamination_drops_a_held_out_subquery_or_value_under_another_select_list():
+    """Held-out questions written here (not a hand-written set's): the same NOT IN under a
+    COUNT(*), the same average over other joins, and a count of a held-out list."""
+    held_out = [
+        {"input": {"question": "Which genres were never sold?"},
+         "target": "SELECT name FROM genre WHERE id NOT IN (SELECT track.genre_id FROM "
+                   "invoiceline JOIN track ON invoiceline.track_id = track.id)"},
+        {"input": {"question": "Tracks per album, on average?"},
+         "target": "SELECT AVG(n) FROM (SELECT COUNT(*) AS n FROM track GROUP BY album_id)"},
+        {"input": {"question": "Which customers live in Canada?"},
+         "target": "SELECT firstname, lastname FROM customer WHERE country = 'Canada'"},
+    ]  # fmt: skip
+    near = [
+        "SELECT COUNT(*) FROM genre WHERE id NOT IN (SELECT track.genre_id FROM invoiceline "
+        "JOIN track ON invoiceline.track_id = track.id)",
+        "SELECT AVG(value) FROM (SELECT COUNT(*) AS value FROM track JOIN album ON "
+        "track.album_id = album.id GROUP BY album.id)",
+        "SELECT COUNT(*) FROM customer WHERE country = 'Canada'",
+    ]
+    with sqlite3.connect(chinook_db()) as db:
+        clean = Decontaminator(db, held_out)
+        for sql in near:
+            assert not clean.keeps({"input": {"question": "Something else entirely?"},
+                                    "target": sql}), sql  # fmt: skip
+        apart = "SELECT COUNT(*) FROM genre WHERE id NOT IN (SELECT genre_id FROM track)"
+        assert clean.keeps({"input": {"question": "Genres without tracks?"}, "target": apart})
+
+
 def test_nearest_is_word_set_jaccard():
     assert nearest("Which genre sells best?", ["which genre sells best", "no"]) == (
         1.0,
