@@ -84,9 +84,12 @@ class Decontaminator:
         self.words = [words(e["input"]["question"]) for e in held_out]
         self.answers = {answer_key(e["target"], run_sql(db, e["target"]) or []) for e in held_out}
         self.nested_tails = {t for e in held_out if (t := nested_tail(e["target"]))}
-        self.values = {v for e in held_out if (v := distinctive_value(run_sql(db, e["target"])))}
-        self.lists = [(len(rows), tables_of(e["target"])) for e in held_out
-                      if len(rows := run_sql(db, e["target"]) or []) > 1]  # fmt: skip
+        self.values = {v for e in held_out if (v := distinctive_value(db, e["target"]))}
+        self.lists = {
+            (len(rows), tables_of(e["target"]), literals(e["target"]))
+            for e in held_out
+            if len(rows := run_sql(db, e["target"]) or []) > 1
+        }
 
     def keeps(self, example: dict) -> bool:
         rows = run_sql(self.db, example["target"])
@@ -99,18 +102,16 @@ class Decontaminator:
             return True
         if any(len(mine & o) / len(mine | o) >= MAX_WORD_OVERLAP for o in self.words):
             return True
-        if nested_tail(sql) in self.nested_tails or distinctive_value(rows) in self.values:
+        if nested_tail(sql) in self.nested_tails or distinctive_value(self.db, sql) in self.values:
             return True
         return answer_key(sql, rows) in self.answers or self.counts_a_list(sql, rows)
 
     def counts_a_list(self, sql: str, rows: list[tuple]) -> bool:
-        """A count of exactly the rows a hand-written list answer has, over tables one of the
-        two queries reads all of: that list's question with COUNT(*) in its select list."""
+        """A count of exactly the rows a hand-written list answer has, over the same tables and
+        literals: that list's question with COUNT(*) in its select list."""
         if not re.match(r"\s*SELECT\s+COUNT\(\*\)", sql, re.I) or len(rows) != 1:
             return False
-        mine = tables_of(sql)
-        return any(rows[0][0] == n and (mine <= tables or tables <= mine)
-                   for n, tables in self.lists)  # fmt: skip
+        return (rows[0][0], tables_of(sql), literals(sql)) in self.lists
 
 
 def nested_tail(sql: str) -> str | None:
@@ -121,15 +122,18 @@ def nested_tail(sql: str) -> str | None:
     return skeleton(tail) if re.search(r"\bSELECT\b", tail, re.I) else None
 
 
-def distinctive_value(rows: list[tuple] | None) -> str | None:
-    """A one-value answer no other question would share by chance (a fraction, or a count of
-    100 or more), whatever tables the query read; None for anything else."""
-    if not rows or len(rows) != 1 or len(rows[0]) != 1:
+def distinctive_value(db: sqlite3.Connection, sql: str) -> str | None:
+    """A one-value answer no other question would share by chance (a fraction with more than a
+    money amount's two decimals, such as an average; read unrounded, unlike ``run_sql``),
+    whatever tables the query read; None for anything else."""
+    try:
+        rows = db.execute(sql).fetchmany(2)
+    except sqlite3.Error:
+        return None
+    if len(rows) != 1 or len(rows[0]) != 1:
         return None
     value = rows[0][0]
-    if isinstance(value, float) and not value.is_integer():
-        return f"{value:.6g}"
-    if isinstance(value, int | float) and abs(value) >= 100:
+    if isinstance(value, float) and abs(value - round(value, 2)) > 1e-9:
         return f"{value:.6g}"
     return None
 
