@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .sql import q
 from .sql_fresh import Decontaminator
-from .sql_paths import JOINS, TRACK_SCOPES, names_each_once
+from .sql_paths import JOINS, TRACK_SCOPES, kept_questions, names_each_once
 from .sql_store import FACTS, Fact, Grouping, Measure, example, pick, round_threshold
 
 PHRASINGS_PER_QUERY = 2
@@ -309,11 +309,7 @@ SHAPES = {
 
 
 def build_nested_questions(db_path: Path) -> list[dict]:
-    """Every question of every shape whose gold query answers, minus the decontaminated ones."""
-    with sqlite3.connect(db_path) as db:
-        clean = Decontaminator(db)
-        return [e for shape in SHAPES.values() for e in shape(db)
-                if clean.keeps(e) and names_each_once(db, e["target"])]  # fmt: skip
+    return kept_questions(db_path, SHAPES)
 
 
 def main() -> None:

@@ -657,10 +657,15 @@ SHAPES = {
 
 
 def build_path_questions(db_path: Path) -> list[dict]:
-    """Every question of every shape whose gold query answers, minus the decontaminated ones."""
+    return kept_questions(db_path, SHAPES)
+
+
+def kept_questions(db_path: Path, shapes: dict) -> list[dict]:
+    """Every question of every shape whose gold query answers and names each row once, minus
+    the decontaminated ones."""
     with sqlite3.connect(db_path) as db:
         clean = Decontaminator(db)
-        return [e for shape in SHAPES.values() for e in shape(db)
+        return [e for shape in shapes.values() for e in shape(db)
                 if clean.keeps(e) and names_each_once(db, e["target"])]  # fmt: skip
 
 
