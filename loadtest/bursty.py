@@ -121,6 +121,15 @@ FIGURES = ("output_throughput", "request_throughput", "ttft_p50", "ttft_p90", "i
            "arrival_cv", "ttft_p50_busiest_quarter", "ttft_p50_quietest_quarter")  # fmt: skip
 
 
+def served(point: dict) -> float | None:
+    """Requests completed ÷ requests arrived per second: well below 1, arrivals outran the
+    server and the point never reached a steady state."""
+    arrived = 10 * (point.get("arrivals_per_100ms") or 0.0)
+    return (
+        point["request_throughput"] / arrived if arrived and "request_throughput" in point else None
+    )
+
+
 def summarize(rounds: list[dict]) -> dict:
     summary = {}
     for arm in ARMS:
@@ -128,6 +137,7 @@ def summarize(rounds: list[dict]) -> dict:
             summary[f"{arm}:{figure}"] = median_range(
                 [r["points"][arm].get(figure) for r in rounds]
             )
+        summary[f"{arm}:served"] = median_range([served(r["points"][arm]) for r in rounds])
     for high, low in (("think", "closed"), ("poisson", "closed"), ("think", "poisson")):
         for figure in ("output_throughput", "ttft_p50"):
             pairs = [(r["points"][high].get(figure), r["points"][low].get(figure)) for r in rounds]
@@ -142,10 +152,11 @@ def markdown(results: dict) -> str:
         f"Command: `{settings['command']}`", "",
         f"{settings['users']} users over {settings['adapters']} adapters, think time "
         f"{settings['think_time']} s, {settings['duration']}-s points ({settings['warmup']} s "
-        f"warm-up), {settings['pairs']} rounds; median [min–max] over the rounds.", "",
+        f"warm-up), {len(results['rounds'])} of {settings['pairs']} rounds; median [min–max] "
+        "over the rounds.", "",
         "| arm | output tok/s | req/s | TTFT p50 (ms) | TTFT p90 (ms) | in flight | arrival CV "
-        "(per 100 ms) | TTFT p50 busiest ¼ (ms) | TTFT p50 quietest ¼ (ms) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "(per 100 ms) | TTFT p50 busiest ¼ (ms) | TTFT p50 quietest ¼ (ms) | completed ÷ arrived |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     scales = {"ttft_p50": 1000, "ttft_p90": 1000, "ttft_p50_busiest_quarter": 1000,
               "ttft_p50_quietest_quarter": 1000}  # fmt: skip
@@ -155,7 +166,11 @@ def markdown(results: dict) -> str:
             digits = {"arrival_cv": 2, "in_flight": 1, "request_throughput": 1}.get(figure, 0)
             median, spread = fmt(s[f"{arm}:{figure}"], scales.get(figure, 1), digits)
             cells.append(f"{median} [{spread}]")
+        median, spread = fmt(s.get(f"{arm}:served"), 1, 2)
+        cells.append(f"{median} [{spread}]")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "Completed ÷ arrived well below 1: arrivals outran the server and the arm never "
+              "reached a steady state; its TTFT is not comparable with the others'."]  # fmt: skip
     lines += ["", "| ratio (per round) | tok/s | TTFT p50 |", "|---|---|---|"]
     for pair in ("think/closed", "poisson/closed", "think/poisson"):
         tok, ttft = fmt(s[f"{pair}:output_throughput"]), fmt(s[f"{pair}:ttft_p50"])
@@ -275,12 +290,15 @@ def main() -> None:
     parser.add_argument("--output-tokens", default="90-110")
     parser.add_argument("--out", required=True)
     parser.add_argument("--plot-only", action="store_true",
-                        help="rounds.png, and bursty.png where raw/ is kept")  # fmt: skip
+                        help="from results.json: bursty.md again, rounds.png, and bursty.png "
+                             "where raw/ is kept")  # fmt: skip
     args = parser.parse_args()
     if not args.plot_only and not args.config:
         parser.error("--config is required")
     if args.plot_only:
         results = json.loads((Path(args.out) / "results.json").read_text())
+        results["summary"] = summarize(results["rounds"])
+        write(Path(args.out), results)
         plot_rounds(results, Path(args.out))
         plot(results, Path(args.out))
         return
