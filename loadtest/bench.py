@@ -71,7 +71,7 @@ from loadtest.report import (
     soak_markdown,
     write_outputs,
 )
-from loadtest.stats import WORDS, parse_range, point_key, ratios, summarize
+from loadtest.stats import WORDS, parse_range, percentile, point_key, ratios, summarize
 from loadtest.sweep import measure_point
 
 
@@ -199,6 +199,7 @@ async def direct_point(
     steady = (began + args.warmup, began + ran)
     point = {"users": users, "adapters": adapters, **summarize(records, steady)}
     point |= full_collections_since(collections)
+    point["engine_ttft_p50"] = point.get("ttft_p50")  # the clients call the engine directly
     # the clients run in this process too: one event loop for both sides
     if (busy := meter.cores()["server_cpu_cores"]) is not None:
         point["engine_process_cpu_cores"] = busy
@@ -219,12 +220,16 @@ def locust_options(args, port: int) -> argparse.Namespace:
     )
 
 
-async def http_point(options, users: int, adapters: int, raw: Path) -> dict:
+async def http_point(options, users: int, adapters: int, raw: Path, clock=None) -> dict:
     """One Locust point through the API this process serves (Locust from a thread: the event
-    loop goes on serving)."""
+    loop goes on serving); with ``clock`` (the API's ``EngineClock``), the engine's own TTFT."""
     children, collections = ChildrenMeter(os.getpid()), GC_WATCH.full()
+    began = time.time()
     point = await asyncio.to_thread(measure_point, options, users, adapters, raw)
     point["engine_children_cpu_cores"] = children.cores()
+    if clock is not None:
+        window = (began + options.warmup, began + options.duration)
+        point["engine_ttft_p50"] = clock.ttft_p50(*window)
     return point | full_collections_since(collections)
 
 
@@ -249,7 +254,8 @@ async def pairs(engine, args, names: list[str], registry) -> dict:
     """Rounds of (base, adapters) direct, then (base, adapters) through the HTTP API."""
     out = Path(args.out) / "pairs"
     (out / "raw").mkdir(parents=True, exist_ok=True)
-    server, serving = await serve_in_process(engine, registry, args.http_port)
+    clock = EngineClock(engine)
+    server, serving = await serve_in_process(clock, registry, args.http_port)
     options = locust_options(args, args.http_port)
     # direct clients send chat messages, as Locust does: the same tokens on both paths (the API
     # fills an adapter's template too; the synthetic registry's is "{input}", the message itself)
@@ -268,7 +274,7 @@ async def pairs(engine, args, names: list[str], registry) -> dict:
                             point = await direct_point(engine, args, names, users, count, True)
                         else:
                             raw = out / "raw" / f"u{users}-a{count}-r{number}.jsonl"
-                            point = await http_point(options, users, count, raw)
+                            point = await http_point(options, users, count, raw, clock)
                         points[kind] = point
                         print(f"    {describe(point)}", flush=True)
                     results["rounds"].append(
@@ -340,6 +346,31 @@ async def serve_in_process(engine, registry, port: int):
     """The OpenAI-compatible API over this very engine (uvicorn on this event loop)."""
     server, serving, _ = await serve_app(create_api(engine, registry), port)
     return server, serving
+
+
+class EngineClock:
+    """The engine as the API sees it, every stream timed from the API's call to its first text:
+    the engine's share of an HTTP request's TTFT (the rest is HTTP, the API and the client)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.samples: list[tuple[float, float]] = []
+        """(wall-clock start, seconds to the first text) per stream that gave text."""
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    async def stream(self, request):
+        start, t0, timed = time.time(), time.perf_counter(), False
+        async for chunk in self.engine.stream(request):
+            if chunk.text and not timed:
+                self.samples.append((start, time.perf_counter() - t0))
+                timed = True
+            yield chunk
+
+    def ttft_p50(self, low: float, high: float) -> float | None:
+        """The median of the streams started in [low, high] (wall clock)."""
+        return percentile([t for start, t in self.samples if low <= start <= high], 50)
 
 
 async def http(engine, args, names: list[str], registry) -> dict:

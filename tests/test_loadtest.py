@@ -298,13 +298,14 @@ def test_engine_bench_pairs_alternate_direct_and_http_rounds_on_a_tiny_model(tmp
         assert r["points"]["direct-base"]["engine_process_cpu_cores"] > 0
         for point in r["points"].values():  # this process's full collections, every arm
             assert point["gc_full_collections"] >= 0 and point["gc_full_pause_s"] >= 0
-        assert (
-            0 < r["points"]["http-base"]["first_event_p50"] <= r["points"]["http-base"]["ttft_p50"]
-        )
+        http_base = r["points"]["http-base"]
+        assert 0 < http_base["first_event_p50"] <= http_base["ttft_p50"]
+        assert 0 < http_base["engine_ttft_p50"] <= http_base["ttft_p50"]  # inside the server
     ratios = results["summary"]["u2-a2"]["ratios"]
     assert ratios["http_over_direct_tok_s_base"]["n"] == 2
     assert ratios["adapters_over_base_tok_s_http"]["median"] > 0
     assert "HTTP ÷ direct, tok/s, base" in (out / "pairs" / "summary.md").read_text()
+    assert ratios["http_engine_over_direct_ttft_p50_base"]["n"] == 2
 
 
 def test_peer_drives_a_launched_server_in_pairs_after_checking_its_adapter_names(tmp_path):
