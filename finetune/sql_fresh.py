@@ -128,7 +128,7 @@ def distinctive_value(db: sqlite3.Connection, sql: str) -> str | None:
     whatever tables the query read; None for anything else."""
     try:
         rows = db.execute(sql).fetchmany(2)
-    except sqlite3.Error:
+    except (sqlite3.Error, sqlite3.Warning, ValueError):  # what run_sql also turns away
         return None
     if len(rows) != 1 or len(rows[0]) != 1:
         return None

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import itertools
 import json
@@ -72,7 +73,7 @@ from loadtest.report import (
     write_outputs,
 )
 from loadtest.stats import WORDS, parse_range, percentile, point_key, ratios, summarize
-from loadtest.sweep import measure_point
+from loadtest.sweep import measure_point, steady_window
 
 
 @dataclass
@@ -224,12 +225,14 @@ async def http_point(options, users: int, adapters: int, raw: Path, clock=None) 
     """One Locust point through the API this process serves (Locust from a thread: the event
     loop goes on serving); with ``clock`` (the API's ``EngineClock``), the engine's own TTFT."""
     children, collections = ChildrenMeter(os.getpid()), GC_WATCH.full()
-    began = time.time()
+    if clock is not None:
+        clock.samples.clear()
     point = await asyncio.to_thread(measure_point, options, users, adapters, raw)
     point["engine_children_cpu_cores"] = children.cores()
-    if clock is not None:
-        window = (began + options.warmup, began + options.duration)
-        point["engine_ttft_p50"] = clock.ttft_p50(*window)
+    if clock is not None:  # the client's own steady window: the same requests as its TTFT
+        records = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
+        if window := steady_window(records, options):
+            point["engine_ttft_p50"] = clock.ttft_p50(*window)
     return point | full_collections_since(collections)
 
 
@@ -362,11 +365,12 @@ class EngineClock:
 
     async def stream(self, request):
         start, t0, timed = time.time(), time.perf_counter(), False
-        async for chunk in self.engine.stream(request):
-            if chunk.text and not timed:
-                self.samples.append((start, time.perf_counter() - t0))
-                timed = True
-            yield chunk
+        async with contextlib.aclosing(self.engine.stream(request)) as chunks:
+            async for chunk in chunks:  # closed with this stream, at once (a cut client)
+                if chunk.text and not timed:
+                    self.samples.append((start, time.perf_counter() - t0))
+                    timed = True
+                yield chunk
 
     def ttft_p50(self, low: float, high: float) -> float | None:
         """The median of the streams started in [low, high] (wall clock)."""
