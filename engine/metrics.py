@@ -123,12 +123,12 @@ class GcWatch:
         if self.began is None:
             return
         pause, self.began = time.perf_counter() - self.began, None
-        count, total, longest = self.by_generation.get(info["generation"], (0, 0.0, 0.0))
+        count, total, longest = self.by_generation[info["generation"]]
         self.by_generation[info["generation"]] = (count + 1, total + pause, max(longest, pause))
 
     def full(self) -> tuple[int, float]:
         """Full (generation 2) collections so far and the seconds they took."""
-        count, total, _ = self.by_generation.get(2, (0, 0.0, 0.0))
+        count, total, _ = self.by_generation[2]
         return count, total
 
 
