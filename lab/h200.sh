@@ -542,7 +542,8 @@ names = [e["name"] for e in config["adapters"] if e["task"] == "sql"]
 print("adapters of the SQL task:", names)
 PY
   [ -f "$v/names.txt" ] || return 1
-  [ "${SQL_EVALS:-1}" = 1 ] || { archive_variants; return; }  # 0: scored elsewhere, device time kept
+  archive_variants || return 1  # before the scoring: a failed evaluation keeps the adapters
+  [ "${SQL_EVALS:-1}" = 1 ] || return 0  # 0: scored elsewhere, device time kept
   local names
   names=$(cat "$v/names.txt")
   # shellcheck disable=SC2086
@@ -557,14 +558,14 @@ PY
   timeout 600 python3 -m finetune.evaluate --backend sglang --dtype float16 --config "$v/adapters.yaml" \
     --tasks sql --adapter $names --split fresh2 --batch 512 --set cuda_graph=false \
     --out "$RESULTS/sql-variants/fresh2" || return 1
-  archive_variants
 }
 
 archive_variants() {  # one archive per trained recipe (collect splits them in parts)
-  local d name
+  local config d name
   mkdir -p "$RESULTS/sql-variants/adapters"
-  for d in /tmp/sqlv/*/sql; do
-    name=$(basename "$(dirname "$d")")
+  for config in /tmp/sqlv/*/sql/adapter_config.json; do  # trained recipes only
+    [ -f "$config" ] || continue
+    d=$(dirname "$config") && name=$(basename "$(dirname "$d")")
     cp "$RAW_LOGS/sql-$name.log" "$d/train.log"
     tar czf "$RESULTS/sql-variants/adapters/sql-$name.tgz" -C "$d" --exclude=checkpoint .
   done

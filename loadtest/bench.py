@@ -200,7 +200,8 @@ async def direct_point(
     steady = (began + args.warmup, began + ran)
     point = {"users": users, "adapters": adapters, **summarize(records, steady)}
     point |= full_collections_since(collections)
-    point["engine_ttft_p50"] = point.get("ttft_p50")  # the clients call the engine directly
+    # the clients call the engine directly: its TTFT and the "server's" are theirs
+    point["engine_ttft_p50"] = point["server_ttft_p50"] = point.get("ttft_p50")
     # the clients run in this process too: one event loop for both sides
     if (busy := meter.cores()["server_cpu_cores"]) is not None:
         point["engine_process_cpu_cores"] = busy
@@ -221,18 +222,20 @@ def locust_options(args, port: int) -> argparse.Namespace:
     )
 
 
-async def http_point(options, users: int, adapters: int, raw: Path, clock=None) -> dict:
+async def http_point(options, users: int, adapters: int, raw: Path, clocks=None) -> dict:
     """One Locust point through the API this process serves (Locust from a thread: the event
-    loop goes on serving); with ``clock`` (the API's ``EngineClock``), the engine's own TTFT."""
+    loop goes on serving); ``clocks``: {figure: clock}, e.g. the engine's own TTFT
+    (``EngineClock``) and the server's (``ServerClock``)."""
+    clocks = clocks or {}
     children, collections = ChildrenMeter(os.getpid()), GC_WATCH.full()
-    if clock is not None:
+    for clock in clocks.values():
         clock.samples.clear()
     point = await asyncio.to_thread(measure_point, options, users, adapters, raw)
     point["engine_children_cpu_cores"] = children.cores()
-    if clock is not None:  # the client's own steady window: the same requests as its TTFT
+    if clocks:  # the client's own steady window: the same requests as its TTFT
         records = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
         if window := steady_window(records, options):
-            point["engine_ttft_p50"] = clock.ttft_p50(*window)
+            point |= {figure: clock.ttft_p50(*window) for figure, clock in clocks.items()}
     return point | full_collections_since(collections)
 
 
@@ -257,8 +260,10 @@ async def pairs(engine, args, names: list[str], registry) -> dict:
     """Rounds of (base, adapters) direct, then (base, adapters) through the HTTP API."""
     out = Path(args.out) / "pairs"
     (out / "raw").mkdir(parents=True, exist_ok=True)
-    clock = EngineClock(engine)
-    server, serving = await serve_in_process(clock, registry, args.http_port)
+    engine_clock = EngineClock(engine)
+    server_clock = ServerClock(create_api(engine_clock, registry))
+    clocks = {"engine_ttft_p50": engine_clock, "server_ttft_p50": server_clock}
+    server, serving, _ = await serve_app(server_clock, args.http_port)
     options = locust_options(args, args.http_port)
     # direct clients send chat messages, as Locust does: the same tokens on both paths (the API
     # fills an adapter's template too; the synthetic registry's is "{input}", the message itself)
@@ -277,7 +282,7 @@ async def pairs(engine, args, names: list[str], registry) -> dict:
                             point = await direct_point(engine, args, names, users, count, True)
                         else:
                             raw = out / "raw" / f"u{users}-a{count}-r{number}.jsonl"
-                            point = await http_point(options, users, count, raw, clock)
+                            point = await http_point(options, users, count, raw, clocks)
                         points[kind] = point
                         print(f"    {describe(point)}", flush=True)
                     results["rounds"].append(
@@ -351,14 +356,25 @@ async def serve_in_process(engine, registry, port: int):
     return server, serving
 
 
-class EngineClock:
+class FirstTextClock:
+    """Seconds from a start to the first text, per stream, with the wall-clock start."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, float]] = []
+        """(wall-clock start, seconds to the first text) per stream that gave text."""
+
+    def ttft_p50(self, low: float, high: float) -> float | None:
+        """The median of the streams started in [low, high] (wall clock)."""
+        return percentile([t for start, t in self.samples if low <= start <= high], 50)
+
+
+class EngineClock(FirstTextClock):
     """The engine as the API sees it, every stream timed from the API's call to its first text:
     the engine's share of an HTTP request's TTFT (the rest is HTTP, the API and the client)."""
 
     def __init__(self, engine):
+        super().__init__()
         self.engine = engine
-        self.samples: list[tuple[float, float]] = []
-        """(wall-clock start, seconds to the first text) per stream that gave text."""
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
@@ -372,9 +388,32 @@ class EngineClock:
                     timed = True
                 yield chunk
 
-    def ttft_p50(self, low: float, high: float) -> float | None:
-        """The median of the streams started in [low, high] (wall clock)."""
-        return percentile([t for start, t in self.samples if low <= start <= high], 50)
+
+class ServerClock(FirstTextClock):
+    """The API as its clients reach it (ASGI middleware): every streamed chat request timed from
+    its arrival (uvicorn has parsed its head) to the write of its first text event — the API's
+    share and the engine's; the rest of the client's TTFT is the connection and the client."""
+
+    FIRST_TEXT = b'"delta": {"content": '
+    """How the API's text events start their delta (``protocol.ChunkWriter.text``)."""
+
+    def __init__(self, app):
+        super().__init__()
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
+            return await self.app(scope, receive, send)
+        start, t0, timed = time.time(), time.perf_counter(), False
+
+        async def timed_send(message):
+            nonlocal timed
+            if not timed and self.FIRST_TEXT in message.get("body", b""):
+                self.samples.append((start, time.perf_counter() - t0))
+                timed = True
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
 
 
 async def http(engine, args, names: list[str], registry) -> dict:

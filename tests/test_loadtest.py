@@ -301,11 +301,13 @@ def test_engine_bench_pairs_alternate_direct_and_http_rounds_on_a_tiny_model(tmp
         http_base = r["points"]["http-base"]
         assert 0 < http_base["first_event_p50"] <= http_base["ttft_p50"]
         assert 0 < http_base["engine_ttft_p50"] <= http_base["ttft_p50"]  # inside the server
+        assert 0 < http_base["server_ttft_p50"] <= http_base["ttft_p50"]  # arrival to first write
     ratios = results["summary"]["u2-a2"]["ratios"]
     assert ratios["http_over_direct_tok_s_base"]["n"] == 2
     assert ratios["adapters_over_base_tok_s_http"]["median"] > 0
     assert "HTTP ÷ direct, tok/s, base" in (out / "pairs" / "summary.md").read_text()
     assert ratios["http_engine_over_direct_ttft_p50_base"]["n"] == 2
+    assert ratios["http_server_over_direct_ttft_p50_adapters"]["n"] == 2
 
 
 def test_peer_drives_a_launched_server_in_pairs_after_checking_its_adapter_names(tmp_path):
