@@ -239,28 +239,43 @@ def by_feature_table(right: dict[str, list[bool]], name: str = "fresh") -> str:
     return "\n".join(lines) + "\n"
 
 
+def split_results(folder: Path, split: str) -> list[dict]:
+    """The per-adapter results of every evaluate run of ``split`` in ``folder``: ``split/`` and
+    ``split-*/`` (e.g. ``fresh-t32/``), each with its ``quality.json``."""
+    runs = [folder / split, *sorted(folder.glob(f"{split}-*"))]
+    found = [
+        json.loads((d / "quality.json").read_text()) for d in runs if (d / "quality.json").exists()
+    ]
+    return [r for run in found for r in run["results"]]
+
+
 def plot_template_vs_fresh(folder: Path) -> Path:
     """Grouped bars per adapter: execution accuracy on the template test split (``test/``) and
-    on each hand-written set there is a run of (``fresh/``, ``fresh2/``), each ``quality.json``
-    of one evaluate run."""
+    on each hand-written set (``fresh/``, ``fresh2/``) there are runs of (``split_results``);
+    an adapter a split has no run of has no bar there."""
     from loadtest.report import plt
 
-    splits = [s for s in SPLITS if (folder / s / "quality.json").exists()]
-    runs = {s: json.loads((folder / s / "quality.json").read_text())["results"] for s in splits}
-    adapters = [r["adapter"] for r in runs["test"]]
-    fig, ax = plt.subplots(figsize=(7.5 + len(adapters) * 0.3 * (len(splits) - 2), 4))
-    width = 0.8 / len(splits)
-    for k, split in enumerate(splits):
-        score = {r["adapter"]: r["finetuned"]["execution_accuracy"] for r in runs[split]}
-        places = [i + (k - (len(splits) - 1) / 2) * width for i in range(len(adapters))]
-        heights = [score.get(a, 0.0) for a in adapters]
-        bars = ax.bar(places, heights, width, label=SPLITS[split])
+    runs = {s: found for s in SPLITS if (found := split_results(folder, s))}
+    if not runs:
+        raise FileNotFoundError(
+            f"no evaluate run (quality.json) under {folder}/test, fresh*, fresh2*"
+        )
+    adapters = list(dict.fromkeys(r["adapter"] for results in runs.values() for r in results))
+    fig, ax = plt.subplots(figsize=(7.5 + len(adapters) * 0.3 * (len(runs) - 2), 4))
+    width = 0.8 / len(runs)
+    for k, (split, results) in enumerate(runs.items()):
+        score = {r["adapter"]: r["finetuned"]["execution_accuracy"] for r in results}
+        offset = (k - (len(runs) - 1) / 2) * width
+        places = [i + offset for i, a in enumerate(adapters) if a in score]
+        bars = ax.bar(
+            places, [score[a] for a in adapters if a in score], width, label=SPLITS[split]
+        )
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.set_xticks(range(len(adapters)), adapters)
-    title = "SQL adapters: template vs hand-written"
+    ax.set_xticks(range(len(adapters)), adapters, fontsize=8)
+    title = "SQL adapters: template vs hand-written" if "test" in runs else "SQL adapters"
     ax.set(ylabel="execution accuracy", ylim=(0, 1.18), title=title)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.legend(loc="upper center", ncol=len(splits), fontsize=8)
+    ax.legend(loc="upper center", ncol=len(runs), fontsize=8)
     fig.tight_layout()
     path = folder / "template_vs_fresh.png"
     fig.savefig(path, dpi=110)
@@ -291,7 +306,7 @@ def main() -> None:
     )
     parser.add_argument("--set", default="fresh", choices=sorted(HAND_WRITTEN),
                         help="the hand-written set of that run (--by-feature)")  # fmt: skip
-    plot_help = "DIR/test and DIR/fresh: evaluate runs → template_vs_fresh.png"
+    plot_help = "DIR/test, DIR/fresh*, DIR/fresh2* (e.g. fresh-t32): evaluate runs → a plot"
     parser.add_argument("--plot", type=Path, metavar="DIR", help=plot_help)
     args = parser.parse_args()
     if args.plot:

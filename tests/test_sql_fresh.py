@@ -221,6 +221,17 @@ def test_template_vs_fresh_plot_from_two_runs(tmp_path):
     assert path == tmp_path / "template_vs_fresh.png" and path.stat().st_size > 1000
 
 
+def test_runs_of_one_split_in_several_folders_are_one_split(tmp_path):
+    from finetune.sql_fresh import split_results
+
+    for folder, adapter in (("fresh", "sql"), ("fresh-t32", "sql-t32"), ("fresh2-t32", "x")):
+        result = {"adapter": adapter, "finetuned": {"execution_accuracy": 0.5}}
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "quality.json").write_text(json.dumps({"results": [result]}))
+    assert [r["adapter"] for r in split_results(tmp_path, "fresh")] == ["sql", "sql-t32"]
+    assert [r["adapter"] for r in split_results(tmp_path, "fresh2")] == ["x"]
+
+
 def test_decontamination_drops_the_same_answer_from_other_tables_or_with_distinct():
     """Leaks found in the v3 training data: another table with the same rows (billing country
     vs customer country, invoice totals vs invoice lines), DISTINCT."""
