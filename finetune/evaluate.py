@@ -85,7 +85,7 @@ async def run_batches(
 
 def mean_scores(task: Task, outputs: list[str], examples: list[dict]) -> dict[str, float]:
     scores = [task.score(o, e["target"]) for o, e in zip(outputs, examples, strict=True)]
-    return {k: round(sum(s[k] for s in scores) / len(scores), 4) for k in scores[0]}
+    return {k: round(sum(s[k] for s in scores) / len(scores), 6) for k in scores[0]}  # shown at 3
 
 
 def task_result(task: Task, adapter: str, examples: list[dict], base_out, tuned_out) -> dict:

@@ -78,6 +78,6 @@ def set_eval(config: Path, name: str, metric: str, score: float, base: float, n:
     head, entries = read_entries(config)
     for entry in entries:
         if entry.get("name") == name:
-            entry["eval"] = {"metric": metric, "score": round(score, 4),
-                             "base_score": round(base, 4), "n": n}  # fmt: skip
+            entry["eval"] = {"metric": metric, "score": round(score, 6),
+                             "base_score": round(base, 6), "n": n}  # fmt: skip
     write_entries(config, head, entries)
