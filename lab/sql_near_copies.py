@@ -12,19 +12,15 @@ unread).
 from __future__ import annotations
 
 import argparse
-import json
 import sqlite3
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from finetune.data import read_jsonl
 from finetune.sql import chinook_db, execution_match, run_sql
 from finetune.sql_fresh import Decontaminator, load_fresh
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def main() -> None:

@@ -60,6 +60,7 @@ import uvicorn
 
 from engine import GenerationRequest, SamplingParams, build_engine
 from engine.api import create_api
+from engine.api.protocol import CHAT_TEXT_FIELD
 from engine.metrics import GC_WATCH, freeze_heap
 from engine.registry import load_registry, with_overrides
 from loadtest.pairs import write_pairs
@@ -394,8 +395,7 @@ class ServerClock(FirstTextClock):
     its arrival (uvicorn has parsed its head) to the write of its first text event — the API's
     share and the engine's; the rest of the client's TTFT is the connection and the client."""
 
-    FIRST_TEXT = b'"delta": {"content": '
-    """How the API's text events start their delta (``protocol.ChunkWriter.text``)."""
+    FIRST_TEXT = CHAT_TEXT_FIELD.encode()
 
     def __init__(self, app):
         super().__init__()

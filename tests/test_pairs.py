@@ -202,3 +202,14 @@ def test_the_peer_server_gets_the_registry_settings_as_sglang_0_5_17_flags():
     assert "--disable-cuda-graph" in cmd and flags["--stream-interval"] == "4"
     assert flags["--max-loaded-loras"] == "8" and "--lora-paths" not in cmd
     assert flags["--max-lora-rank"] == "64" and flags["--lora-target-modules"] == "all"
+
+
+def test_the_server_clock_sees_a_chat_streams_first_text_and_not_its_role_event():
+    from engine.api.protocol import ChunkWriter
+    from loadtest.bench import ServerClock
+
+    writer = ChunkWriter("chat", "chatcmpl-1", "sql", 0, ["sql"])
+    assert ServerClock.FIRST_TEXT not in writer.role(0)
+    assert ServerClock.FIRST_TEXT in writer.text(0, 'SELECT "x"')
+    assert ServerClock.FIRST_TEXT in writer.choice(0, "last", "stop")
+    assert ServerClock.FIRST_TEXT not in writer.choice(0, "", "stop")  # no text: not a first text

@@ -315,6 +315,11 @@ def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict:
     }
 
 
+CHAT_TEXT_FIELD = '"delta": {"content": '
+"""How a chat text event's delta starts on the wire (``json.dumps``'s default separators, as
+``ChunkWriter.choice`` writes it too); a load test finds a stream's first text by it."""
+
+
 def sse(payload: dict | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {data}\n\n".encode()
@@ -349,7 +354,7 @@ class ChunkWriter:
         if prefix is None:
             head = self.head | {"model": self.choice_models[index]}
             head = json.dumps(head, ensure_ascii=False)[:-1]
-            field = '"delta": {"content": ' if self.endpoint == "chat" else '"text": '
+            field = CHAT_TEXT_FIELD if self.endpoint == "chat" else '"text": '
             prefix = f'data: {head}, "choices": [{{"index": {index}, {field}'
             self.text_prefix[index] = prefix
         close = "}" if self.endpoint == "chat" else ""
