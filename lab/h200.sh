@@ -51,6 +51,7 @@
 #   bash lab/h200.sh restart ours|check|all   # stop a job (its process group) and start it again
 #   STEPS="peer" bash lab/h200.sh restart check   # ... with only these steps
 #   STEPS="parity-constrained" GPU=1 bash lab/h200.sh restart extra   # a step beside the jobs
+#   bash lab/h200.sh pairs-setting continuous-4   # `pairs`, when it starts, runs that setting
 #
 # Knobs (environment of `start`/`restart`): JOBS_X2 (ours check cpu), PAIRS (3), PEER_PAIRS (3), USERS (512,256; one GPU:
 # 256), DURATION (20 s a point, the first 5 s warm-up), MEM (0.7), SYNC_TIMEOUT (360 s),
@@ -60,7 +61,7 @@
 # decode-settings), STEPS_OURS / STEPS_CHECK / STEPS_ALL / STEPS_CPU (the step lists). Jobs run from a copy
 # of the repo in /tmp/repo (each call re-syncs the working tree) and write under /tmp/results.
 set -uo pipefail
-ACTION=${1:?payload | stash | early | start | watch | collect | trained | restart}
+ACTION=${1:?payload | stash | early | start | watch | collect | trained | restart | pairs-setting}
 STASH=/tmp/stash
 RESULTS=/tmp/results
 RAW_LOGS=/tmp/logs-raw
@@ -228,15 +229,20 @@ synth() {
 }
 
 pairs() {  # our engine at its shipped defaults: only the batch slots and the memory share set
+  # (and a decode setting by name, if `pairs-setting NAME` chose one before this step began)
   wait_file "$SYNTH/adapters.yaml" 600 || return 1
   gpu_free
-  local sync=()
+  local sync=() chosen=()
   [ "$SYNC" = 1 ] && sync=(--sync-users 256 --sync-mine /tmp/sync/ours-256
     --sync-theirs /tmp/sync/peer-256 --sync-timeout "${SYNC_TIMEOUT:-360}")
+  if [ -s /tmp/pairs-setting ]; then
+    chosen=(--set "$(decode_setting "$(cat /tmp/pairs-setting)")") || return 1
+    echo "pairs: decode setting $(cat /tmp/pairs-setting): ${chosen[1]}"
+  fi
   timeout 1800 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" --out "$RESULTS/ours" \
     --plan pairs --pairs "${PAIRS:-3}" --users "$USERS" --adapters 128 \
     --duration "${DURATION:-20}" --warmup 5 --http-port 8766 "${sync[@]}" \
-    --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}"
+    --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" "${chosen[@]}"
   local rc=$?
   touch /tmp/sync/ours-256  # the peer need not wait for rounds that will not come
   return $rc
@@ -398,18 +404,22 @@ profile_decode() {  # #16: what bounds the decode step (torch profiler through S
     --streams 128 256 --arms base adapters
 }
 
+decode_setting() {  # a named engine setting of decode-settings, as bench's --set takes it
+  case $1 in
+    default) echo 'extra={}' ;;
+    continuous-4) echo 'extra={"num_continuous_decode_steps": 4}' ;;
+    graph-bs-512) echo 'extra={"cuda_graph_max_bs_decode": 512}' ;;
+    mixed-chunk) echo 'extra={"enable_mixed_chunk": true}' ;;
+    *) echo "no decode setting named $1" >&2; return 1 ;;
+  esac
+}
+
 decode_settings() {  # #16 item 4, after the profile: SGLang settings against the GPU's idle share
   # and eager steps, one engine each (1 round of the pairs plan at 256 streams × 128 adapters).
   wait_file "$SYNTH/adapters.yaml" 600 || return 1
   local name setting
   for name in ${DECODE_SETTINGS:-default continuous-4 graph-bs-512}; do
-    case $name in
-      default) setting='extra={}' ;;
-      continuous-4) setting='extra={"num_continuous_decode_steps": 4}' ;;
-      graph-bs-512) setting='extra={"cuda_graph_max_bs_decode": 512}' ;;
-      mixed-chunk) setting='extra={"enable_mixed_chunk": true}' ;;
-      *) echo "decode-settings: no setting named $name"; continue ;;
-    esac
+    setting=$(decode_setting "$name") || continue
     gpu_free
     timeout 900 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" \
       --out "$RESULTS/decode-settings/$name" --plan pairs --pairs 1 --users 256 --adapters 128 \
@@ -816,6 +826,8 @@ case "$ACTION" in
     cd /tmp/repo && launch "$2"
     sleep 5
     ;;
+  pairs-setting)  # while the jobs run: the decode setting the `pairs` step will use
+    decode_setting "$2" > /dev/null && echo "$2" > /tmp/pairs-setting && echo "pairs will use $2" ;;
   payload) payload ;;
   finetune) finetune ;;
 esac

@@ -187,10 +187,11 @@ async def sweep(engine, args, names: list[str]) -> dict:
 
 
 async def direct_point(
-    engine, args, names: list[str], users: int, adapters: int, chat: bool = False
+    engine, args, names: list[str], users: int, adapters: int, chat: bool = False, lag=None
 ) -> dict:
     """One engine-direct point: ``users`` clients over the first ``adapters`` adapters (0: the
-    base), statistics in the steady window, and the cores busy meanwhile."""
+    base), statistics in the steady window, the cores busy meanwhile and (``lag``, a running
+    ``LoopLag``) the event loop's lateness."""
     traffic = Traffic(names[:adapters] or [None], args.prompt_words, args.output_tokens)
     traffic.chat = chat
     began, meter = time.time(), CpuMeter(os.getpid())
@@ -208,6 +209,8 @@ async def direct_point(
         point["engine_process_cpu_cores"] = busy
     point["engine_children_cpu_cores"] = children.cores()  # SGLang's scheduler, detokenizer
     point["distribution"] = "base" if adapters == 0 else "uniform"
+    if lag:
+        point |= lag.figures(*steady)
     return point
 
 
@@ -223,20 +226,21 @@ def locust_options(args, port: int) -> argparse.Namespace:
     )
 
 
-async def http_point(options, users: int, adapters: int, raw: Path, clocks=None) -> dict:
+async def http_point(options, users: int, adapters: int, raw: Path, clocks=None, lag=None) -> dict:
     """One Locust point through the API this process serves (Locust from a thread: the event
     loop goes on serving); ``clocks``: {figure: clock}, e.g. the engine's own TTFT
-    (``EngineClock``) and the server's (``ServerClock``)."""
+    (``EngineClock``) and the server's (``ServerClock``); ``lag``: a running ``LoopLag``."""
     clocks = clocks or {}
     children, collections = ChildrenMeter(os.getpid()), GC_WATCH.full()
     for clock in clocks.values():
         clock.samples.clear()
     point = await asyncio.to_thread(measure_point, options, users, adapters, raw)
     point["engine_children_cpu_cores"] = children.cores()
-    if clocks:  # the client's own steady window: the same requests as its TTFT
+    if clocks or lag:  # the client's own steady window: the same requests as its TTFT
         records = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
         if window := steady_window(records, options):
             point |= {figure: clock.ttft_p50(*window) for figure, clock in clocks.items()}
+            point |= lag.figures(*window) if lag else {}
     return point | full_collections_since(collections)
 
 
@@ -266,6 +270,8 @@ async def pairs(engine, args, names: list[str], registry) -> dict:
     clocks = {"engine_ttft_p50": engine_clock, "server_ttft_p50": server_clock}
     server, serving, _ = await serve_app(server_clock, args.http_port)
     options = locust_options(args, args.http_port)
+    lag = LoopLag()
+    lagging = asyncio.create_task(lag.run())
     # direct clients send chat messages, as Locust does: the same tokens on both paths (the API
     # fills an adapter's template too; the synthetic registry's is "{input}", the message itself)
     settings = settings_of(args, engine) | {"pairs": args.pairs, "direct_requests": "chat"}
@@ -279,11 +285,12 @@ async def pairs(engine, args, names: list[str], registry) -> dict:
                     for kind, count in [("direct-base", 0), ("direct-adapters", adapters),
                                         ("http-base", 0), ("http-adapters", adapters)]:  # fmt: skip
                         print(f"[pairs] {users} streams, round {number}, {kind}", flush=True)
+                        lag.samples.clear()
                         if kind.startswith("direct"):
-                            point = await direct_point(engine, args, names, users, count, True)
+                            point = await direct_point(engine, args, names, users, count, True, lag)
                         else:
                             raw = out / "raw" / f"u{users}-a{count}-r{number}.jsonl"
-                            point = await http_point(options, users, count, raw, clocks)
+                            point = await http_point(options, users, count, raw, clocks, lag)
                         points[kind] = point
                         print(f"    {describe(point)}", flush=True)
                     results["rounds"].append(
@@ -293,6 +300,7 @@ async def pairs(engine, args, names: list[str], registry) -> dict:
                     if args.pairs_strict and (bad := unhealthy(points)):
                         raise RuntimeError(f"pairs: points without a clean result: {bad}")
     finally:
+        lagging.cancel()
         server.should_exit = True
         await serving
     print((out / "summary.md").read_text(), flush=True)
@@ -367,6 +375,27 @@ class FirstTextClock:
     def ttft_p50(self, low: float, high: float) -> float | None:
         """The median of the streams started in [low, high] (wall clock)."""
         return percentile([t for start, t in self.samples if low <= start <= high], 50)
+
+
+class LoopLag:
+    """How late this process's event loop wakes a timer: while it writes a batch of chunks, a new
+    request's head waits unread. Sampled every ``interval`` seconds while ``running``."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        """(wall-clock time, seconds late) per wake-up."""
+
+    async def run(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(self.interval)
+            self.samples.append((time.time(), time.perf_counter() - t0 - self.interval))
+
+    def figures(self, low: float, high: float) -> dict:
+        """The lag's median and 99th percentile over [low, high] (wall clock)."""
+        late = [lag for at, lag in self.samples if low <= at <= high]
+        return {"loop_lag_p50": percentile(late, 50), "loop_lag_p99": percentile(late, 99)}
 
 
 class EngineClock(FirstTextClock):

@@ -67,7 +67,7 @@ LABELS = {
     "http_server_over_direct_ttft_p50_adapters": "HTTP's server TTFT ÷ direct, p50, adapters",
 }
 FIGURES = ("output_throughput", "ttft_p50", "ttft_p90", "first_event_p50", "engine_ttft_p50",
-           "server_ttft_p50", "itl_p50", "tpot_mean",
+           "server_ttft_p50", "loop_lag_p50", "loop_lag_p99", "itl_p50", "tpot_mean",
            "gc_full_pause_s", "process_cpu_cores",
            "engine_children_cpu_cores", "client_cpu_cores", "completed", "failures")  # fmt: skip
 
@@ -164,10 +164,10 @@ def pairs_markdown(summary: dict, title: str = "Alternating pairs") -> str:
             "",
             "| point | tok/s median | tok/s range | TTFT p50 ms median | TTFT p50 ms range | "
             "TTFT p90 ms median | first event p50 ms median | engine's TTFT p50 ms median | "
-            "server's TTFT p50 ms median | full GC s median | "
+            "server's TTFT p50 ms median | loop lag p50 / p99 ms median | full GC s median | "
             "TPOT ms median | ITL p50 ms median (per chunk) | serving process cores | "
             "SGLang children cores | Locust cores | failed (sum) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for kind, figures in group["points"].items():
             tok, tok_range = fmt(figures["output_throughput"], digits=0)
@@ -176,6 +176,8 @@ def pairs_markdown(summary: dict, title: str = "Alternating pairs") -> str:
             first, _ = fmt(figures["first_event_p50"], 1000, 0)
             engine_first, _ = fmt(figures["engine_ttft_p50"], 1000, 0)
             server_first, _ = fmt(figures["server_ttft_p50"], 1000, 0)
+            lag50, _ = fmt(figures["loop_lag_p50"], 1000, 1)
+            lag99, _ = fmt(figures["loop_lag_p99"], 1000, 1)
             paused, _ = fmt(figures["gc_full_pause_s"], 1, 2)
             itl, _ = fmt(figures["itl_p50"], 1000, 1)
             tpot, _ = fmt(figures["tpot_mean"], 1000, 1)
@@ -185,7 +187,7 @@ def pairs_markdown(summary: dict, title: str = "Alternating pairs") -> str:
             failed = sum(figures["failures"]["values"])
             lines.append(
                 f"| {kind} | {tok} | {tok_range} | {ttft} | {ttft_range} | {ttft90} | {first} | "
-                f"{engine_first} | {server_first} | {paused} | "
+                f"{engine_first} | {server_first} | {lag50} / {lag99} | {paused} | "
                 f"{tpot} | {itl} | "
                 f"{cores} | {children} | {client} | {failed} |"
             )

@@ -298,6 +298,7 @@ def test_engine_bench_pairs_alternate_direct_and_http_rounds_on_a_tiny_model(tmp
         assert r["points"]["direct-base"]["engine_process_cpu_cores"] > 0
         for point in r["points"].values():  # this process's full collections, every arm
             assert point["gc_full_collections"] >= 0 and point["gc_full_pause_s"] >= 0
+            assert 0 <= point["loop_lag_p50"] <= point["loop_lag_p99"]  # its event loop's wake
         http_base = r["points"]["http-base"]
         assert 0 < http_base["first_event_p50"] <= http_base["ttft_p50"]
         assert 0 < http_base["engine_ttft_p50"] <= http_base["ttft_p50"]  # inside the server

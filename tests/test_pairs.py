@@ -213,3 +213,25 @@ def test_the_server_clock_sees_a_chat_streams_first_text_and_not_its_role_event(
     assert ServerClock.FIRST_TEXT in writer.text(0, 'SELECT "x"')
     assert ServerClock.FIRST_TEXT in writer.choice(0, "last", "stop")
     assert ServerClock.FIRST_TEXT not in writer.choice(0, "", "stop")  # no text: not a first text
+
+
+def test_the_loop_lag_probe_sees_a_blocked_event_loop():
+    import asyncio
+    import time
+
+    from loadtest.bench import LoopLag
+
+    async def block_once():
+        lag = LoopLag(interval=0.005)
+        probing = asyncio.create_task(lag.run())
+        await asyncio.sleep(0.02)
+        time.sleep(0.05)  # the loop writes nothing else meanwhile: every timer waits
+        await asyncio.sleep(0.02)
+        probing.cancel()
+        return lag
+
+    lag = asyncio.run(block_once())
+    assert max(late for _, late in lag.samples) >= 0.045
+    figures = lag.figures(0, time.time())
+    assert 0 <= figures["loop_lag_p50"] <= figures["loop_lag_p99"]
+    assert lag.figures(0, 1) == {"loop_lag_p50": None, "loop_lag_p99": None}  # none in the window
