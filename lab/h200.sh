@@ -126,7 +126,8 @@ unpack() {
   python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/bundle/part3/*.whl 2>&1 | tail -2
   tar xzf /tmp/bundle/payload.tgz -C /tmp
   [ -d /tmp/payload/bnb ] && cp -r /tmp/payload/bnb /tmp/bnb
-  # sglang-router and what it imports beyond the runtime, last on PYTHONPATH (/tmp/extra)
+  # sglang-router and what it imports beyond the runtime, and httptools (requirements/common.txt),
+  # last on PYTHONPATH (/tmp/extra)
   [ -d /tmp/payload/wheels ] && python3 -m pip install -q --no-index --no-deps --target /tmp/extra \
     /tmp/payload/wheels/*.whl 2>&1 | tail -2
   mkdir -p /tmp/cache/gguf && cp /tmp/payload/gguf/*.gguf /tmp/cache/gguf/ 2>/dev/null
@@ -136,6 +137,8 @@ unpack() {
 
 payload() {  # on the CPU machine: runtime parts + local caches, in chunks that fit beside the tree
   local work smol
+  python3 -c 'from uvicorn.config import Config; c = Config(app=None); c.load()
+print("uvicorn serves with", c.http_protocol_class.__name__, "on", c.get_loop_factory())' 2>&1 | tail -1
   [ -f "$CONSTRAINED_CPU/outputs.jsonl" ] || echo "WARNING: no $CONSTRAINED_CPU/outputs.jsonl:" \
     "make it first (python -m finetune.evaluate --limit 50 --constrain --out $CONSTRAINED_CPU)," \
     "the chunks are sized from the tree" >&2
@@ -169,7 +172,8 @@ payload() {  # on the CPU machine: runtime parts + local caches, in chunks that 
     find "$work/payload/bnb" -name 'libbitsandbytes_cuda*.so' ! -name '*cuda130.so' -delete
   fi
   (cd "$work" && pip download -q --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
-    --python-version 3.12 -d payload/wheels sglang-router==0.3.2 setproctitle aiohttp multidict \
+    --python-version 3.12 -d payload/wheels sglang-router==0.3.2 httptools==0.9.0 setproctitle \
+    aiohttp multidict \
     yarl frozenlist aiosignal propcache aiohappyeyeballs) || return 1
   if [ "${CODE_AB:-0}" = 1 ]; then  # the code of e930aef for the code-ab step (no adapters/results)
     mkdir -p "$work/payload/old-code"

@@ -49,6 +49,7 @@ import itertools
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -223,6 +224,7 @@ def locust_options(args, port: int) -> argparse.Namespace:
         prompt_words="-".join(map(str, args.prompt_words)),
         output_tokens="-".join(map(str, args.output_tokens)),
         server_pid=os.getpid(),
+        processes=args.locust_processes,
     )
 
 
@@ -234,6 +236,7 @@ async def http_point(options, users: int, adapters: int, raw: Path, clocks=None,
     children, collections = ChildrenMeter(os.getpid()), GC_WATCH.full()
     for clock in clocks.values():
         clock.samples.clear()
+        getattr(clock, "first_writes", {}).clear()
     point = await asyncio.to_thread(measure_point, options, users, adapters, raw)
     point["engine_children_cpu_cores"] = children.cores()
     if clocks or lag:  # the client's own steady window: the same requests as its TTFT
@@ -241,6 +244,8 @@ async def http_point(options, users: int, adapters: int, raw: Path, clocks=None,
         if window := steady_window(records, options):
             point |= {figure: clock.ttft_p50(*window) for figure, clock in clocks.items()}
             point |= lag.figures(*window) if lag else {}
+            for clock in clocks.values():
+                point |= clock.hops(records, *window) if isinstance(clock, ServerClock) else {}
     return point | full_collections_since(collections)
 
 
@@ -342,14 +347,14 @@ async def evict(engine, args, names: list[str]) -> dict:
     return report
 
 
-async def serve_app(app, port: int = 0):
-    """Serve ``app`` with uvicorn on this event loop (``port`` 0: a free one); returns the server,
-    its task and its URL."""
+async def serve_app(app, port: int = 0, http: str = "auto"):
+    """Serve ``app`` with uvicorn on this event loop (``port`` 0: a free one; ``http``: uvicorn's
+    HTTP implementation, "auto" as the product runs it); returns the server, its task, its URL."""
     if not port:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-    config = uvicorn.Config(app, port=port, log_level="warning")
+    config = uvicorn.Config(app, port=port, log_level="warning", http=http)
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
     while not server.started:
@@ -425,10 +430,13 @@ class ServerClock(FirstTextClock):
     share and the engine's; the rest of the client's TTFT is the connection and the client."""
 
     FIRST_TEXT = CHAT_TEXT_FIELD.encode()
+    CHAT_ID = re.compile(rb'"id": ?"([^"]+)"')
 
     def __init__(self, app):
         super().__init__()
         self.app = app
+        self.first_writes: dict[str, tuple[float, float]] = {}
+        """Per chat id: (wall-clock arrival, wall-clock write of the first text)."""
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
@@ -437,12 +445,28 @@ class ServerClock(FirstTextClock):
 
         async def timed_send(message):
             nonlocal timed
-            if not timed and self.FIRST_TEXT in message.get("body", b""):
-                self.samples.append((start, time.perf_counter() - t0))
+            body = message.get("body", b"")
+            if not timed and self.FIRST_TEXT in body:
+                ttft = time.perf_counter() - t0
+                self.samples.append((start, ttft))
+                if found := self.CHAT_ID.search(body):
+                    self.first_writes[found[1].decode()] = (start, start + ttft)
                 timed = True
             await send(message)
 
         await self.app(scope, receive, timed_send)
+
+    def hops(self, records: list[dict], low: float, high: float) -> dict:
+        """Per request matched by its chat id, both ways between the client and this server: from
+        the client's send to the server's arrival, and from the first text written to the
+        client's first text (one wall clock: the same machine); medians over [low, high]."""
+        there, back = [], []
+        for r in records:
+            seen = self.first_writes.get(r.get("id"))
+            if seen and r["ttft"] is not None and low <= r["start"] <= high:
+                there.append(seen[0] - r["start"])
+                back.append(r["start"] + r["ttft"] - seen[1])
+        return {"to_server_p50": percentile(there, 50), "to_client_p50": percentile(back, 50)}
 
 
 async def http(engine, args, names: list[str], registry) -> dict:
@@ -637,6 +661,8 @@ def main() -> None:
     parser.add_argument("--http-users", type=ints, default=[256], help="http: concurrencies")
     parser.add_argument("--http-adapters", type=ints, default=[128], help="http: adapter counts")
     parser.add_argument("--http-port", type=int, default=8766)
+    parser.add_argument("--locust-processes", type=int, default=1,
+                        help="http, pairs: Locust's --processes per point")  # fmt: skip
     parser.add_argument("--pairs", type=int, default=3, help="pairs: rounds per point")
     parser.add_argument("--pairs-strict", action="store_true",
                         help="pairs: stop where a point had failures or no result")  # fmt: skip

@@ -119,6 +119,36 @@ def discover_models(environment, **_):
     raw = Path(environment.parsed_options.raw_out)
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.touch()
+    STATE["hub_lag"] = HubLag()
+    STATE["hub_lag"].greenlet = gevent.spawn(STATE["hub_lag"].run)
+
+
+class HubLag:
+    """How late gevent's hub wakes a sleeping greenlet in this Locust process: every user's next
+    read waits that long, so a stream's first event is timed that much late. Written beside the
+    raw records (``<raw-out>.hub-lag.jsonl``, a line per process: [wall time, seconds late])."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self.greenlet = None
+
+    def run(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            gevent.sleep(self.interval)
+            self.samples.append((time.time(), time.perf_counter() - t0 - self.interval))
+
+
+@events.test_stop.add_listener
+def write_hub_lag(environment, **_):
+    lag = STATE.pop("hub_lag", None)
+    if lag is None:
+        return
+    lag.greenlet.kill(block=False)
+    path = Path(environment.parsed_options.raw_out).with_suffix(".hub-lag.jsonl")
+    with STATE["lock"], open(path, "a") as f:
+        f.write(json.dumps([[round(at, 4), round(late, 6)] for at, late in lag.samples]) + "\n")
 
 
 def choose_models(options, host: str) -> dict:
@@ -179,7 +209,7 @@ class Streaming:
     def stream(self, body: dict, label: str, model: str) -> dict:
         start = time.time()
         t0 = time.perf_counter()
-        token_times, usage, error, first_event = [], None, None, None
+        token_times, usage, error, first_event, chat_id = [], None, None, None, None
         with self.client.post(
             "/v1/chat/completions",
             json=body,
@@ -198,6 +228,7 @@ class Streaming:
                     if first_event is None:  # the server's first event: its first token is out
                         first_event = time.perf_counter() - t0
                     event = json.loads(line[6:])
+                    chat_id = chat_id or event.get("id")
                     if "error" in event:
                         error = event["error"].get("message", "stream error")
                         break
@@ -210,7 +241,7 @@ class Streaming:
                 else:
                     response.success()
         record = self.report(start, t0, token_times, usage, error, label, model)
-        return record | {"first_event": first_event}
+        return record | {"first_event": first_event, "id": chat_id}
 
     def report(self, start, t0, token_times, usage, error, label, model) -> dict:
         e2e = time.perf_counter() - t0

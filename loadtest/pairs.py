@@ -8,6 +8,7 @@ gives its ratios (adapters ÷ base, HTTP ÷ direct); this module reduces the rou
 and ranges and writes them as JSON and markdown:
 
     python -m loadtest.pairs side-by-side /tmp/pairs /tmp/peer --users 256 --out /tmp/side
+    python -m loadtest.pairs settings DIR/default DIR/continuous-4 --out DIR   # one engine each
 
 A round: ``{"users": 256, "adapters": 128, "round": 1, "points": {"direct-base": {...},
 "direct-adapters": {...}, "http-base": {...}, "http-adapters": {...}}}``, each point the
@@ -67,7 +68,9 @@ LABELS = {
     "http_server_over_direct_ttft_p50_adapters": "HTTP's server TTFT ÷ direct, p50, adapters",
 }
 FIGURES = ("output_throughput", "ttft_p50", "ttft_p90", "first_event_p50", "engine_ttft_p50",
-           "server_ttft_p50", "loop_lag_p50", "loop_lag_p99", "itl_p50", "tpot_mean",
+           "server_ttft_p50", "to_server_p50", "to_client_p50", "loop_lag_p50", "loop_lag_p99",
+           "client_loop_lag_p50",
+           "client_loop_lag_p99", "itl_p50", "tpot_mean",
            "gc_full_pause_s", "process_cpu_cores",
            "engine_children_cpu_cores", "client_cpu_cores", "completed", "failures")  # fmt: skip
 
@@ -164,10 +167,12 @@ def pairs_markdown(summary: dict, title: str = "Alternating pairs") -> str:
             "",
             "| point | tok/s median | tok/s range | TTFT p50 ms median | TTFT p50 ms range | "
             "TTFT p90 ms median | first event p50 ms median | engine's TTFT p50 ms median | "
-            "server's TTFT p50 ms median | loop lag p50 / p99 ms median | full GC s median | "
+            "server's TTFT p50 ms median | to the server / back to the client p50 ms median | "
+            "loop lag p50 / p99 ms median | "
+            "Locust's hub lag p50 / p99 ms median | full GC s median | "
             "TPOT ms median | ITL p50 ms median (per chunk) | serving process cores | "
             "SGLang children cores | Locust cores | failed (sum) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for kind, figures in group["points"].items():
             tok, tok_range = fmt(figures["output_throughput"], digits=0)
@@ -178,6 +183,10 @@ def pairs_markdown(summary: dict, title: str = "Alternating pairs") -> str:
             server_first, _ = fmt(figures["server_ttft_p50"], 1000, 0)
             lag50, _ = fmt(figures["loop_lag_p50"], 1000, 1)
             lag99, _ = fmt(figures["loop_lag_p99"], 1000, 1)
+            hub50, _ = fmt(figures["client_loop_lag_p50"], 1000, 1)
+            there, _ = fmt(figures["to_server_p50"], 1000, 1)
+            back, _ = fmt(figures["to_client_p50"], 1000, 1)
+            hub99, _ = fmt(figures["client_loop_lag_p99"], 1000, 1)
             paused, _ = fmt(figures["gc_full_pause_s"], 1, 2)
             itl, _ = fmt(figures["itl_p50"], 1000, 1)
             tpot, _ = fmt(figures["tpot_mean"], 1000, 1)
@@ -187,7 +196,9 @@ def pairs_markdown(summary: dict, title: str = "Alternating pairs") -> str:
             failed = sum(figures["failures"]["values"])
             lines.append(
                 f"| {kind} | {tok} | {tok_range} | {ttft} | {ttft_range} | {ttft90} | {first} | "
-                f"{engine_first} | {server_first} | {lag50} / {lag99} | {paused} | "
+                f"{engine_first} | {server_first} | {there} / {back} | {lag50} / {lag99} | "
+                f"{hub50} / {hub99} | "
+                f"{paused} | "
                 f"{tpot} | {itl} | "
                 f"{cores} | {children} | {client} | {failed} |"
             )
@@ -276,6 +287,60 @@ def write_pairs(out: Path, results: dict, title: str = "Alternating pairs") -> d
     return results["summary"]
 
 
+def settings_table(runs: dict[str, dict]) -> dict:
+    """Engines that differ in one setting, each a pairs run (``{setting: results}``): every
+    point's tok/s and TTFT p50 as median and range over its rounds, per setting."""
+    table = {}
+    for name, results in runs.items():
+        for group in summarize_rounds(results["rounds"]).values():
+            table.setdefault(name, {"users": group["users"], "rounds": group["rounds"]})
+            for kind, figures in group["points"].items():
+                table[name][kind] = {
+                    "tok_s": figures["output_throughput"],
+                    "ttft_p50": figures["ttft_p50"],
+                }
+    return table
+
+
+def settings_markdown(table: dict) -> str:
+    lines = [
+        "| setting | rounds | " + " | ".join(f"{k} tok/s" for k in KINDS) + " | "
+        + " | ".join(f"{k} TTFT p50 ms" for k in KINDS) + " |",
+        "|---|---|" + "---|" * (2 * len(KINDS)),
+    ]  # fmt: skip
+    for name, row in table.items():
+        tok = [fmt(row.get(k, {}).get("tok_s"), digits=0)[0] for k in KINDS]
+        ttft = [fmt(row.get(k, {}).get("ttft_p50"), 1000, 0)[0] for k in KINDS]
+        lines.append(f"| {name} | {row['rounds']} | " + " | ".join(tok + ttft) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_settings(table: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(KINDS)
+    for i, kind in enumerate(KINDS):
+        xs = [n + (i - (len(KINDS) - 1) / 2) * width for n in range(len(table))]
+        for ax, figure, scale in ((axes[0], "tok_s", 1), (axes[1], "ttft_p50", 1000)):
+            values = [(row.get(kind, {}).get(figure) or {}).get("median") for row in table.values()]
+            ax.bar(xs, [v * scale if v else 0 for v in values], width, label=kind)
+    for ax, title in zip(axes, ("output tok/s (median)", "TTFT p50, ms (median)"), strict=True):
+        ax.set_xticks(range(len(table)), list(table))
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    users = next(iter(table.values()))["users"]
+    fig.suptitle(
+        f"One engine per setting, {users} streams: engine-direct and HTTP, base and adapters"
+    )
+    fig.tight_layout()
+    fig.savefig(out / "settings.png", dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="action", required=True)
@@ -285,7 +350,19 @@ def main() -> None:
     both.add_argument("--users", type=int, default=256)
     both.add_argument("--peer-name", default="SGLang's own server")
     both.add_argument("--out", type=Path, required=True)
+    settings = sub.add_parser("settings", help="engines that differ in one setting, side by side")
+    settings.add_argument("runs", type=Path, nargs="+", help="one folder per setting: pairs/")
+    settings.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.action == "settings":
+        runs = {r.name: json.loads((r / "pairs" / "results.json").read_text()) for r in args.runs}
+        table = settings_table(runs)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "settings.json").write_text(json.dumps(table, indent=1))
+        (args.out / "settings.md").write_text(settings_markdown(table))
+        plot_settings(table, args.out)
+        print(settings_markdown(table))
+        return
     ours = summarize_rounds(json.loads((args.ours / "results.json").read_text())["rounds"])
     peer = summarize_rounds(json.loads((args.peer / "results.json").read_text())["rounds"])
     report = side_by_side(ours, peer, args.users)

@@ -22,7 +22,7 @@ from pathlib import Path
 from engine.paths import work_dir
 from loadtest.procs import CpuMeter, start_server
 from loadtest.report import describe, write_outputs
-from loadtest.stats import point_key, ratios, summarize
+from loadtest.stats import percentile, point_key, ratios, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,6 +31,7 @@ def run_point(args, users: int, adapters: int, raw: Path) -> list[dict]:
     """One Locust run; beside ``raw`` (<key>.jsonl) Locust's own report: <key>_stats.csv and the
     rest of ``--csv``, and <key>.html."""
     raw.unlink(missing_ok=True)
+    raw.with_suffix(".hub-lag.jsonl").unlink(missing_ok=True)
     cmd = [
         sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"),
         "--headless", "--only-summary", "-u", str(users), "-r", str(users),
@@ -64,9 +65,23 @@ def measure_point(args, users: int, adapters: int, raw: Path) -> dict:
     meter = CpuMeter(args.server_pid)
     records = run_point(args, users, adapters, raw)
     point = {"users": users, "adapters": adapters}
-    point |= summarize(records, steady_window(records, args)) | meter.cores()
+    window = steady_window(records, args)
+    point |= summarize(records, window) | meter.cores() | client_lag(raw, window)
     point["distribution"] = "base" if adapters == 0 else "uniform"
     return point
+
+
+def client_lag(raw: Path, window: tuple[float, float] | None) -> dict:
+    """The Locust processes' hub lag in the steady window (``HubLag``): p50 and p99, seconds."""
+    path = raw.with_suffix(".hub-lag.jsonl")
+    if window is None or not path.exists():
+        return {}
+    late = [lag for line in path.read_text().splitlines() if line.strip()
+            for at, lag in json.loads(line) if window[0] <= at <= window[1]]  # fmt: skip
+    return {
+        "client_loop_lag_p50": percentile(late, 50),
+        "client_loop_lag_p99": percentile(late, 99),
+    }
 
 
 def steady_window(records: list[dict], args) -> tuple[float, float] | None:

@@ -235,3 +235,19 @@ def test_the_loop_lag_probe_sees_a_blocked_event_loop():
     figures = lag.figures(0, time.time())
     assert 0 <= figures["loop_lag_p50"] <= figures["loop_lag_p99"]
     assert lag.figures(0, 1) == {"loop_lag_p50": None, "loop_lag_p99": None}  # none in the window
+
+
+def test_settings_command_sets_engines_side_by_side_with_a_plot(tmp_path):
+    for name, rounds in (("default", ROUNDS), ("continuous-4", ROUNDS[:1])):
+        write_pairs(tmp_path / name / "pairs", {"rounds": rounds})
+    cmd = [sys.executable, "-m", "loadtest.pairs", "settings", str(tmp_path / "default"),
+           str(tmp_path / "continuous-4"), "--out", str(tmp_path / "out")]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    table = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert list(table) == ["default", "continuous-4"]
+    assert table["default"]["rounds"] == 3 and table["continuous-4"]["rounds"] == 1
+    assert table["default"]["direct-base"]["tok_s"]["median"] == 11000
+    assert table["continuous-4"]["http-adapters"]["ttft_p50"]["median"] == 0.120
+    text = (tmp_path / "out" / "settings.md").read_text()
+    assert "| continuous-4 | 1 | 10000 | 9000 | 9500 | 8100 | 80 | 90 | 100 | 120 |" in text
+    assert (tmp_path / "out" / "settings.png").stat().st_size > 0

@@ -1,0 +1,194 @@
+"""The HTTP arm's TTFT split again on this CPU, with no model: where do the ~15 ms between the
+Locust client and our server go (issue #16 item 1; on the H200 the server's TTFT is 7 ms above the
+engine's and the client's 15 ms above the server's, results/serving/h200-7b-http-server-share)?
+
+    python lab/http_ttft_cpu.py --users 1,64,256 --gap-ms 25 --pairs 3 --duration 12 \
+        --warmup 4 --out results/serving/http-ttft-hops-cpu
+
+``loadtest.bench``'s pairs plan, unchanged, over ``NoModelEngine`` (every open stream one token
+per ``--gap-ms`` step, like a GPU batch step at 256 streams) for the adapters of adapters.yaml:
+engine-direct and through the API with Locust, the engine's, the server's and the client's TTFT,
+the event loop's lag. No GPU, no model: the split's shape, not the H200's figures.
+
+    python lab/http_ttft_cpu.py --arrivals --users 256 --gap-ms 25 --pairs 3 --duration 12 \
+        --warmup 4 --out results/serving/http-ttft-hops-cpu/arrivals
+
+``--arrivals``: through the API only, closed loop (each user's next request the moment its
+last stream ends) against open loop (Poisson arrivals at the rate the closed point carried,
+``--arrival-rate`` of the Locust user), alternating: does a request wait at the server's door
+because a closed-loop client sends it in the middle of a step's burst of writes?
+
+    python lab/http_ttft_cpu.py --parsers h11,httptools --users 256 --gap-ms 25 --pairs 3 \
+        --duration 12 --warmup 4 --out results/serving/http-ttft-hops-cpu/parsers
+
+``--parsers``: closed loop through the API only, a fresh uvicorn per point with each HTTP
+implementation in turn (the product runs uvicorn's "auto": httptools when installed, else h11).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.metrics import GC_WATCH  # noqa: E402
+from engine.registry import load_registry  # noqa: E402
+from loadtest import bench  # noqa: E402
+from loadtest.no_model import NoModelEngine  # noqa: E402
+from loadtest.stats import parse_range  # noqa: E402
+
+
+def options(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "adapters.yaml"))
+    parser.add_argument("--users", default="256", help="comma list of concurrencies")
+    parser.add_argument("--gap-ms", type=float, default=25, help="the stand-in engine's step")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=15)
+    parser.add_argument("--warmup", type=float, default=5)
+    parser.add_argument("--output-tokens", type=parse_range, default=(90, 110))
+    parser.add_argument("--http-port", type=int, default=8797)
+    parser.add_argument("--locust-processes", type=int, default=1)
+    parser.add_argument("--arrivals", action="store_true", help="closed vs open loop, HTTP only")
+    parser.add_argument("--parsers", type=lambda text: text.split(","), default=None,
+                        help="uvicorn's HTTP implementations, e.g. h11,httptools")  # fmt: skip
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    args.users = [int(u) for u in args.users.split(",")]
+    args.prompt_words, args.min_completed = (90, 110), 0
+    args.pairs_strict, args.sync_users = True, None
+    return args
+
+
+async def arrivals(engine, args, registry) -> dict:
+    """Rounds of (closed, open) loop through the API; the open point at the closed one's rate."""
+    out = Path(args.out)
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    clock = bench.ServerClock(bench.create_api(engine, registry))
+    server, serving, _ = await bench.serve_app(clock, args.http_port)
+    lag = bench.LoopLag()
+    lagging = asyncio.create_task(lag.run())
+    results = {"settings": vars(args) | {"command": " ".join(sys.argv)}, "rounds": []}
+    try:
+        for number in range(1, args.pairs + 1):
+            points = {}
+            for arm in ("closed", "open"):
+                options = bench.locust_options(args, args.http_port)
+                if arm == "open":  # the closed point's request rate, arriving as Poisson
+                    options.arrival_rate = points["closed"]["request_throughput"]
+                lag.samples.clear()
+                raw = out / "raw" / f"{arm}-r{number}.jsonl"
+                users, adapters = args.users[0], args.adapters[0]
+                points[arm] = await bench.http_point(options, users, adapters, raw, {
+                    "server_ttft_p50": clock}, lag)  # fmt: skip
+                print(f"round {number}, {arm}: {summary_line(points[arm])}", flush=True)
+            results["rounds"].append({"round": number, "points": points})
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+    finally:
+        lagging.cancel()
+        server.should_exit = True
+        await serving
+    (out / "summary.md").write_text(arms_markdown(results, ("closed", "open")))
+    print((out / "summary.md").read_text())
+    return results
+
+
+FIGURES = {  # figure: (label, scale)
+    "request_throughput": ("requests/s", 1),
+    "output_throughput": ("output tok/s", 1),
+    "ttft_p50": ("client's TTFT p50 ms", 1000),
+    "server_ttft_p50": ("server's TTFT p50 ms", 1000),
+    "to_server_p50": ("client's send to the server's arrival, p50 ms", 1000),
+    "to_client_p50": ("first text written to read, p50 ms", 1000),
+    "loop_lag_p50": ("server's loop lag p50 ms", 1000),
+    "loop_lag_p99": ("server's loop lag p99 ms", 1000),
+    "client_loop_lag_p50": ("Locust's hub lag p50 ms", 1000),
+    "server_cpu_cores": ("serving process cores", 1),
+    "client_cpu_cores": ("Locust cores", 1),
+}
+
+
+def summary_line(point: dict) -> str:
+    return ", ".join(
+        f"{label} {point[k] * scale:.1f}" for k, (label, scale) in FIGURES.items() if point.get(k)
+    )
+
+
+def arms_markdown(results: dict, arms) -> str:
+    """Each figure's median [range] over the rounds, an arm a column."""
+    lines = [
+        f"`{results['settings']['command']}`\n",
+        "| figure | " + " | ".join(f"{arm}: median [range]" for arm in arms) + " |",
+        "|---|" + "---|" * len(arms),
+    ]
+    for key, (label, scale) in FIGURES.items():
+        cells = []
+        for arm in arms:
+            values = [r["points"][arm].get(key) for r in results["rounds"]]
+            values = sorted(v * scale for v in values if v is not None)
+            if not values:
+                cells.append("—")
+                continue
+            mid = values[len(values) // 2]
+            digits = 2 if "cores" in label else 1
+            cells.append(f"{mid:.{digits}f} [{values[0]:.{digits}f}–{values[-1]:.{digits}f}]")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\n{len(results['rounds'])} rounds.\n"
+
+
+async def parsers(engine, args, registry) -> dict:
+    """Rounds of closed-loop HTTP points, one per uvicorn HTTP implementation (``--parsers``),
+    the order turned each round; a fresh server per point on the same engine and port."""
+    out = Path(args.out)
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    lag = bench.LoopLag()
+    lagging = asyncio.create_task(lag.run())
+    results = {"settings": vars(args) | {"command": " ".join(sys.argv)}, "rounds": []}
+    try:
+        for number in range(1, args.pairs + 1):
+            points = {}
+            for name in args.parsers if number % 2 else args.parsers[::-1]:
+                clock = bench.ServerClock(bench.create_api(engine, registry))
+                server, serving, _ = await bench.serve_app(clock, args.http_port, http=name)
+                try:
+                    lag.samples.clear()
+                    raw = out / "raw" / f"{name}-r{number}.jsonl"
+                    options = bench.locust_options(args, args.http_port)
+                    clocks = {"server_ttft_p50": clock}
+                    users, adapters = args.users[0], args.adapters[0]
+                    points[name] = await bench.http_point(
+                        options, users, adapters, raw, clocks, lag
+                    )
+                finally:
+                    server.should_exit = True
+                    await serving
+                print(f"round {number}, {name}: {summary_line(points[name])}", flush=True)
+            results["rounds"].append({"round": number, "points": points})
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+    finally:
+        lagging.cancel()
+    (out / "summary.md").write_text(arms_markdown(results, args.parsers))
+    print((out / "summary.md").read_text())
+    return results
+
+
+async def run(args: argparse.Namespace) -> dict:
+    registry = load_registry(args.config)
+    names = [a.name for a in registry.adapters]
+    args.adapters = [len(names)]
+    engine = NoModelEngine(registry.base.name or "base", names, args.gap_ms / 1000)
+    GC_WATCH.install()
+    if args.arrivals:
+        return await arrivals(engine, args, registry)
+    if args.parsers:
+        return await parsers(engine, args, registry)
+    return await bench.pairs(engine, args, names, registry)
+
+
+if __name__ == "__main__":
+    asyncio.run(run(options()))
