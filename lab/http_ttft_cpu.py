@@ -23,6 +23,12 @@ because a closed-loop client sends it in the middle of a step's burst of writes?
 
 ``--parsers``: closed loop through the API only, a fresh uvicorn per point with each HTTP
 implementation in turn (the product runs uvicorn's "auto": httptools when installed, else h11).
+
+    python lab/http_ttft_cpu.py --loops asyncio,uvloop --users 256 --gap-ms 25 --pairs 3 \
+        --duration 12 --warmup 4 --out results/serving/http-ttft-hops-cpu/loops
+
+``--loops``: the same, each point on a fresh event loop of its kind (uvicorn's "auto" loop is
+uvloop when installed).
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arrivals", action="store_true", help="closed vs open loop, HTTP only")
     parser.add_argument("--parsers", type=lambda text: text.split(","), default=None,
                         help="uvicorn's HTTP implementations, e.g. h11,httptools")  # fmt: skip
+    parser.add_argument("--loops", type=lambda text: text.split(","), default=None,
+                        help="event loops, e.g. asyncio,uvloop")  # fmt: skip
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     args.users = [int(u) for u in args.users.split(",")]
@@ -141,40 +149,78 @@ def arms_markdown(results: dict, arms) -> str:
     return "\n".join(lines) + f"\n\n{len(results['rounds'])} rounds.\n"
 
 
-async def parsers(engine, args, registry) -> dict:
-    """Rounds of closed-loop HTTP points, one per uvicorn HTTP implementation (``--parsers``),
-    the order turned each round; a fresh server per point on the same engine and port."""
-    out = Path(args.out)
-    (out / "raw").mkdir(parents=True, exist_ok=True)
+async def http_only_point(engine, args, registry, raw: Path, parser: str = "auto") -> dict:
+    """One closed-loop Locust point through a fresh uvicorn (``parser``: its HTTP
+    implementation) over ``engine``, on the running event loop, with its lag."""
+    clock = bench.ServerClock(bench.create_api(engine, registry))
+    server, serving, _ = await bench.serve_app(clock, args.http_port, http=parser)
     lag = bench.LoopLag()
     lagging = asyncio.create_task(lag.run())
-    results = {"settings": vars(args) | {"command": " ".join(sys.argv)}, "rounds": []}
     try:
-        for number in range(1, args.pairs + 1):
-            points = {}
-            for name in args.parsers if number % 2 else args.parsers[::-1]:
-                clock = bench.ServerClock(bench.create_api(engine, registry))
-                server, serving, _ = await bench.serve_app(clock, args.http_port, http=name)
-                try:
-                    lag.samples.clear()
-                    raw = out / "raw" / f"{name}-r{number}.jsonl"
-                    options = bench.locust_options(args, args.http_port)
-                    clocks = {"server_ttft_p50": clock}
-                    users, adapters = args.users[0], args.adapters[0]
-                    points[name] = await bench.http_point(
-                        options, users, adapters, raw, clocks, lag
-                    )
-                finally:
-                    server.should_exit = True
-                    await serving
-                print(f"round {number}, {name}: {summary_line(points[name])}", flush=True)
-            results["rounds"].append({"round": number, "points": points})
-            (out / "results.json").write_text(json.dumps(results, indent=1))
+        options = bench.locust_options(args, args.http_port)
+        clocks = {"server_ttft_p50": clock}
+        users, adapters = args.users[0], args.adapters[0]
+        return await bench.http_point(options, users, adapters, raw, clocks, lag)
     finally:
         lagging.cancel()
-    (out / "summary.md").write_text(arms_markdown(results, args.parsers))
+        server.should_exit = True
+        await serving
+
+
+def compare(arms: list[str], point, args) -> dict:
+    """Rounds of one point per arm, the order turned each round: ``point(arm, raw)`` measures
+    one. Writes results.json and summary.md into ``--out``."""
+    out = Path(args.out)
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    results = {"settings": vars(args) | {"command": " ".join(sys.argv)}, "rounds": []}
+    for number in range(1, args.pairs + 1):
+        points = {}
+        for arm in arms if number % 2 else arms[::-1]:
+            points[arm] = point(arm, out / "raw" / f"{arm}-r{number}.jsonl")
+            print(f"round {number}, {arm}: {summary_line(points[arm])}", flush=True)
+        results["rounds"].append({"round": number, "points": points})
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "summary.md").write_text(arms_markdown(results, arms))
     print((out / "summary.md").read_text())
     return results
+
+
+def loop_factory(name: str):
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    if name == "asyncio":
+        return asyncio.new_event_loop
+    raise SystemExit(f"--loops: asyncio or uvloop, not {name}")
+
+
+def engine_of(args) -> tuple[NoModelEngine, object]:
+    registry = load_registry(args.config)
+    names = [a.name for a in registry.adapters]
+    args.adapters = [len(names)]
+    return NoModelEngine(registry.base.name or "base", names, args.gap_ms / 1000), registry
+
+
+def parsers(args) -> dict:
+    """``--parsers``: uvicorn's HTTP implementations, one fresh server each, on one loop."""
+    engine, registry = engine_of(args)
+    with asyncio.Runner() as runner:
+        return compare(args.parsers, lambda arm, raw: runner.run(
+            http_only_point(engine, args, registry, raw, arm)), args)  # fmt: skip
+
+
+def loops(args) -> dict:
+    """``--loops``: each point on a fresh event loop of its kind (asyncio's own or uvloop's),
+    uvicorn's "auto" HTTP implementation, the same model-free engine."""
+    engine, registry = engine_of(args)
+
+    def point(arm: str, raw: Path) -> dict:
+        engine.step = None  # a pending step of the last loop belongs to that loop
+        with asyncio.Runner(loop_factory=loop_factory(arm)) as runner:
+            return runner.run(http_only_point(engine, args, registry, raw))
+
+    return compare(args.loops, point, args)
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -185,10 +231,19 @@ async def run(args: argparse.Namespace) -> dict:
     GC_WATCH.install()
     if args.arrivals:
         return await arrivals(engine, args, registry)
-    if args.parsers:
-        return await parsers(engine, args, registry)
     return await bench.pairs(engine, args, names, registry)
 
 
+def main(argv: list[str] | None = None) -> dict:
+    args = options(argv)
+    if args.parsers:
+        GC_WATCH.install()
+        return parsers(args)
+    if args.loops:
+        GC_WATCH.install()
+        return loops(args)
+    return asyncio.run(run(args))
+
+
 if __name__ == "__main__":
-    asyncio.run(run(options()))
+    main()

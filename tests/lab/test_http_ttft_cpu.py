@@ -36,3 +36,9 @@ def test_each_uvicorn_http_implementation_serves_its_own_points(tmp_path):
     points = results["rounds"][0]["points"]
     assert set(points) == {"h11", "httptools"}
     assert all(p["completed"] and not p["failures"] for p in points.values())
+
+
+def test_each_point_runs_on_a_fresh_event_loop_of_its_kind(tmp_path):
+    results = run(tmp_path, "--loops", "asyncio")  # uvloop is not a dependency: not here
+    point = results["rounds"][0]["points"]["asyncio"]
+    assert point["completed"] and not point["failures"] and point["to_server_p50"] > 0
