@@ -137,8 +137,6 @@ unpack() {
 
 payload() {  # on the CPU machine: runtime parts + local caches, in chunks that fit beside the tree
   local work smol
-  python3 -c 'from uvicorn.config import Config; c = Config(app=None); c.load()
-print("uvicorn serves with", c.http_protocol_class.__name__, "on", c.get_loop_factory())' 2>&1 | tail -1
   [ -f "$CONSTRAINED_CPU/outputs.jsonl" ] || echo "WARNING: no $CONSTRAINED_CPU/outputs.jsonl:" \
     "make it first (python -m finetune.evaluate --limit 50 --constrain --out $CONSTRAINED_CPU)," \
     "the chunks are sized from the tree" >&2
@@ -193,7 +191,8 @@ import sys
 data = open(sys.argv[2], "rb").read()
 files = subprocess.check_output(["git", "ls-files", "-co", "--exclude-standard", "-z"]).decode()
 # counted as the disk holds it (whole blocks): the device tool refused a tree counted by bytes
-tree = sum(os.stat(f).st_blocks * 512 for f in files.split("\0") if f and os.path.isfile(f))
+tree = sum(max(os.stat(f).st_size, os.stat(f).st_blocks * 512)
+           for f in files.split("\0") if f and os.path.isfile(f))
 room = 67_108_864 - tree - 600_000  # a call carries 64 MiB with the working tree
 count = -(-len(data) // room)
 for i in range(count):
@@ -240,9 +239,10 @@ pairs() {  # our engine at its shipped defaults: only the batch slots and the me
   local sync=() chosen=()
   [ "$SYNC" = 1 ] && sync=(--sync-users 256 --sync-mine /tmp/sync/ours-256
     --sync-theirs /tmp/sync/peer-256 --sync-timeout "${SYNC_TIMEOUT:-360}")
-  if [ -s /tmp/pairs-setting ]; then
+  if [ -s /tmp/pairs-setting ]; then  # used once: a later restart runs the defaults again
     chosen=(--set "$(decode_setting "$(cat /tmp/pairs-setting)")") || return 1
-    echo "pairs: decode setting $(cat /tmp/pairs-setting): ${chosen[1]}"
+    echo "pairs: decode setting $(cat /tmp/pairs-setting): ${chosen[1]}" | tee "$RESULTS/pairs-setting.txt"
+    rm -f /tmp/pairs-setting
   fi
   timeout 1800 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" --out "$RESULTS/ours" \
     --plan pairs --pairs "${PAIRS:-3}" --users "$USERS" --adapters 128 \
@@ -684,6 +684,8 @@ PY
   python3 -m loadtest.peer --help > /dev/null || echo "PREFLIGHT FAILED: loadtest.peer"
   python3 -m sglang_router.launch_router --help > /dev/null 2>&1 ||
     echo "PREFLIGHT FAILED: sglang_router: $(python3 -c 'import sglang_router.launch_router' 2>&1 | tail -1)"
+  local served='c = Config(app=None); c.load(); print(c.http_protocol_class.__name__, c.get_loop_factory())'
+  echo "uvicorn's HTTP and python -m engine.api's loop: $(python3 -c "from uvicorn.config import Config; $served" 2>&1 | tail -1)"
   [ -f "$CONSTRAINED_CPU/outputs.jsonl" ] ||
     echo "PREFLIGHT: no $CONSTRAINED_CPU/outputs.jsonl: the constrained parity step will be skipped"
   echo "preflight done"

@@ -15,8 +15,9 @@ the event loop's lag. No GPU, no model: the split's shape, not the H200's figure
 
 ``--arrivals``: through the API only, closed loop (each user's next request the moment its
 last stream ends) against open loop (Poisson arrivals at the rate the closed point carried,
-``--arrival-rate`` of the Locust user), alternating: does a request wait at the server's door
-because a closed-loop client sends it in the middle of a step's burst of writes?
+``--arrival-rate`` of the Locust user), closed first in every round (the open point takes its
+rate): does a request wait at the server's door because a closed-loop client sends it in the
+middle of a step's burst of writes?
 
     python lab/http_ttft_cpu.py --parsers h11,httptools --users 256 --gap-ms 25 --pairs 3 \
         --duration 12 --warmup 4 --out results/serving/http-ttft-hops-cpu/parsers
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -81,7 +83,7 @@ async def arrivals(engine, args, registry) -> dict:
     server, serving, _ = await bench.serve_app(clock, args.http_port)
     lag = bench.LoopLag()
     lagging = asyncio.create_task(lag.run())
-    results = {"settings": vars(args) | {"command": " ".join(sys.argv)}, "rounds": []}
+    results = {"settings": vars(args) | {"command": " ".join(["python", *sys.argv])}, "rounds": []}
     try:
         for number in range(1, args.pairs + 1):
             points = {}
@@ -116,6 +118,7 @@ FIGURES = {  # figure: (label, scale)
     "loop_lag_p50": ("server's loop lag p50 ms", 1000),
     "loop_lag_p99": ("server's loop lag p99 ms", 1000),
     "client_loop_lag_p50": ("Locust's hub lag p50 ms", 1000),
+    "client_loop_lag_p99": ("Locust's hub lag p99 ms", 1000),
     "server_cpu_cores": ("serving process cores", 1),
     "client_cpu_cores": ("Locust cores", 1),
 }
@@ -142,7 +145,7 @@ def arms_markdown(results: dict, arms) -> str:
             if not values:
                 cells.append("—")
                 continue
-            mid = values[len(values) // 2]
+            mid = statistics.median(values)
             digits = 2 if "cores" in label else 1
             cells.append(f"{mid:.{digits}f} [{values[0]:.{digits}f}–{values[-1]:.{digits}f}]")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -172,7 +175,7 @@ def compare(arms: list[str], point, args) -> dict:
     one. Writes results.json and summary.md into ``--out``."""
     out = Path(args.out)
     (out / "raw").mkdir(parents=True, exist_ok=True)
-    results = {"settings": vars(args) | {"command": " ".join(sys.argv)}, "rounds": []}
+    results = {"settings": vars(args) | {"command": " ".join(["python", *sys.argv])}, "rounds": []}
     for number in range(1, args.pairs + 1):
         points = {}
         for arm in arms if number % 2 else arms[::-1]:
@@ -224,23 +227,18 @@ def loops(args) -> dict:
 
 
 async def run(args: argparse.Namespace) -> dict:
-    registry = load_registry(args.config)
-    names = [a.name for a in registry.adapters]
-    args.adapters = [len(names)]
-    engine = NoModelEngine(registry.base.name or "base", names, args.gap_ms / 1000)
-    GC_WATCH.install()
+    engine, registry = engine_of(args)
     if args.arrivals:
         return await arrivals(engine, args, registry)
-    return await bench.pairs(engine, args, names, registry)
+    return await bench.pairs(engine, args, [a.name for a in registry.adapters], registry)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = options(argv)
+    GC_WATCH.install()
     if args.parsers:
-        GC_WATCH.install()
         return parsers(args)
     if args.loops:
-        GC_WATCH.install()
         return loops(args)
     return asyncio.run(run(args))
 

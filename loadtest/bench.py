@@ -384,7 +384,7 @@ class FirstTextClock:
 
 class LoopLag:
     """How late this process's event loop wakes a timer: while it writes a batch of chunks, a new
-    request's head waits unread. Sampled every ``interval`` seconds while ``running``."""
+    request's head waits unread. Sampled every ``interval`` seconds while ``run`` runs."""
 
     def __init__(self, interval: float = 0.005):
         self.interval = interval
@@ -577,9 +577,16 @@ async def soak(engine, args, names: list[str]) -> dict:
     return report
 
 
+def invocation() -> str:
+    """This process's command line as one would type it again."""
+    if Path(sys.argv[0]).resolve() == Path(__file__).resolve():
+        return " ".join(["python -m loadtest.bench", *sys.argv[1:]])
+    return " ".join(["python", *sys.argv])
+
+
 def settings_of(args, engine) -> dict:
     return {
-        "command": "python -m loadtest.bench " + " ".join(sys.argv[1:]),
+        "command": invocation(),
         "backend": engine.backend,
         "engine": engine.settings.model_dump(),
         "duration": args.duration,

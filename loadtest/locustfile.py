@@ -25,6 +25,7 @@ the default) or ``{base}:{adapter}`` (SGLang's own OpenAI server, which reads an
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
@@ -40,6 +41,7 @@ import gevent
 import requests
 from locust import HttpUser, LoadTestShape, constant, events, task
 from locust.exception import StopUser
+from locust.runners import MasterRunner
 from urllib3 import PoolManager
 
 from loadtest.stats import WORDS, parse_range
@@ -119,8 +121,9 @@ def discover_models(environment, **_):
     raw = Path(environment.parsed_options.raw_out)
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.touch()
-    STATE["hub_lag"] = HubLag()
-    STATE["hub_lag"].greenlet = gevent.spawn(STATE["hub_lag"].run)
+    if not isinstance(environment.runner, MasterRunner):  # the master sends no request
+        STATE["hub_lag"] = HubLag()
+        STATE["hub_lag"].greenlet = gevent.spawn(STATE["hub_lag"].run)
 
 
 class HubLag:
@@ -128,9 +131,12 @@ class HubLag:
     read waits that long, so a stream's first event is timed that much late. Written beside the
     raw records (``<raw-out>.hub-lag.jsonl``, a line per process: [wall time, seconds late])."""
 
+    KEPT = 120_000
+    """Samples kept: the last 10 minutes at the 5-ms interval (a web-UI run may last hours)."""
+
     def __init__(self, interval: float = 0.005):
         self.interval = interval
-        self.samples: list[tuple[float, float]] = []
+        self.samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=self.KEPT)
         self.greenlet = None
 
     def run(self) -> None:

@@ -287,18 +287,24 @@ def write_pairs(out: Path, results: dict, title: str = "Alternating pairs") -> d
     return results["summary"]
 
 
-def settings_table(runs: dict[str, dict]) -> dict:
+def settings_table(runs: dict[str, dict], users: int | None = None) -> dict:
     """Engines that differ in one setting, each a pairs run (``{setting: results}``): every
-    point's tok/s and TTFT p50 as median and range over its rounds, per setting."""
+    point's tok/s and TTFT p50 as median and range over its rounds, per setting, at ``users``
+    streams (needed when a run has more than one concurrency)."""
     table = {}
     for name, results in runs.items():
-        for group in summarize_rounds(results["rounds"]).values():
-            table.setdefault(name, {"users": group["users"], "rounds": group["rounds"]})
-            for kind, figures in group["points"].items():
-                table[name][kind] = {
-                    "tok_s": figures["output_throughput"],
-                    "ttft_p50": figures["ttft_p50"],
-                }
+        groups = [g for g in summarize_rounds(results["rounds"]).values()
+                  if users is None or g["users"] == users]  # fmt: skip
+        if len(groups) != 1:
+            counts = sorted({r["users"] for r in results["rounds"]})
+            raise ValueError(f"{name}: runs at {counts} streams; pick one with --users")
+        group = groups[0]
+        table[name] = {"users": group["users"], "rounds": group["rounds"]}
+        for kind, figures in group["points"].items():
+            table[name][kind] = {
+                "tok_s": figures["output_throughput"],
+                "ttft_p50": figures["ttft_p50"],
+            }
     return table
 
 
@@ -352,11 +358,15 @@ def main() -> None:
     both.add_argument("--out", type=Path, required=True)
     settings = sub.add_parser("settings", help="engines that differ in one setting, side by side")
     settings.add_argument("runs", type=Path, nargs="+", help="one folder per setting: pairs/")
+    settings.add_argument("--users", type=int, help="the concurrency, if a run has several")
     settings.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.action == "settings":
         runs = {r.name: json.loads((r / "pairs" / "results.json").read_text()) for r in args.runs}
-        table = settings_table(runs)
+        try:
+            table = settings_table(runs, args.users)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "settings.json").write_text(json.dumps(table, indent=1))
         (args.out / "settings.md").write_text(settings_markdown(table))

@@ -453,7 +453,7 @@ def test_many_empty_messages_are_a_long_prompt_refused_untokenized(tokenizer, ba
 def test_the_api_is_served_with_uvicorns_c_http_parser():
     """requirements/common.txt ships httptools, which uvicorn's "auto" (how ``run_server`` and the
     benchmarks serve) takes over the pure-Python h11: at 256 streams the API process spent about
-    a quarter less CPU per token (``results/serving/http-ttft-hops-cpu/parsers``)."""
+    30 % less CPU per token (``results/serving/http-ttft-hops-cpu/parsers``)."""
     from uvicorn.config import Config
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 

@@ -304,10 +304,9 @@ def test_engine_bench_pairs_alternate_direct_and_http_rounds_on_a_tiny_model(tmp
         assert 0 < http_base["engine_ttft_p50"] <= http_base["ttft_p50"]  # inside the server
         assert 0 < http_base["server_ttft_p50"] <= http_base["ttft_p50"]  # arrival to first write
         # each request matched by its chat id: the client's send to the server's arrival, and
-        # the first text written to the client's read, add up with the server's share
-        hops = http_base["to_server_p50"] + http_base["to_client_p50"]
-        assert http_base["to_server_p50"] > 0 and http_base["to_client_p50"] > 0
-        assert hops <= http_base["ttft_p50"]
+        # the first text written to the client's read, each a part of its TTFT
+        assert 0 < http_base["to_server_p50"] < http_base["ttft_p50"]
+        assert 0 < http_base["to_client_p50"] < http_base["ttft_p50"]
         assert 0 <= http_base["client_loop_lag_p50"] <= http_base["client_loop_lag_p99"]
     ratios = results["summary"]["u2-a2"]["ratios"]
     assert ratios["http_over_direct_tok_s_base"]["n"] == 2

@@ -213,6 +213,8 @@ def test_the_server_clock_sees_a_chat_streams_first_text_and_not_its_role_event(
     assert ServerClock.FIRST_TEXT in writer.text(0, 'SELECT "x"')
     assert ServerClock.FIRST_TEXT in writer.choice(0, "last", "stop")
     assert ServerClock.FIRST_TEXT not in writer.choice(0, "", "stop")  # no text: not a first text
+    for event in (writer.text(0, '"id": "not-this-one"'), writer.role(0)):  # the head's id only
+        assert ServerClock.CHAT_ID.search(event)[1] == b"chatcmpl-1"
 
 
 def test_the_loop_lag_probe_sees_a_blocked_event_loop():
@@ -251,3 +253,12 @@ def test_settings_command_sets_engines_side_by_side_with_a_plot(tmp_path):
     text = (tmp_path / "out" / "settings.md").read_text()
     assert "| continuous-4 | 1 | 10000 | 9000 | 9500 | 8100 | 80 | 90 | 100 | 120 |" in text
     assert (tmp_path / "out" / "settings.png").stat().st_size > 0
+
+
+def test_settings_need_one_concurrency_per_run(tmp_path):
+    from loadtest.pairs import settings_table
+
+    both = {"rounds": [*ROUNDS, a_round(4, *([(1, 0.1)] * 4), users=512)]}
+    with pytest.raises(ValueError, match=r"\[256, 512\] streams"):
+        settings_table({"default": both})
+    assert settings_table({"default": both}, users=512)["default"]["rounds"] == 1

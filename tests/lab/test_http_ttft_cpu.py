@@ -4,6 +4,7 @@ real uvicorn and Locust; closed against open loop, and h11 against httptools."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(tmp_path: Path, *mode: str) -> dict:
     cmd = [sys.executable, "lab/http_ttft_cpu.py", *mode, "--users", "4", "--gap-ms", "20",
            "--pairs", "1", "--duration", "4", "--warmup", "1", "--output-tokens", "8-10",
-           "--http-port", "8799", "--out", str(tmp_path)]  # fmt: skip
+           "--http-port", str(free_port()), "--out", str(tmp_path)]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads((tmp_path / "results.json").read_text())
@@ -25,9 +32,9 @@ def test_closed_and_open_loop_points_split_the_first_token_at_the_servers_door(t
     points = results["rounds"][0]["points"]
     assert list(points) == ["closed", "open"]
     assert points["open"]["output_throughput"] > 0 and not points["open"]["failures"]
-    for point in points.values():
-        assert point["to_server_p50"] > 0 and point["to_client_p50"] > 0
-        assert point["to_server_p50"] + point["to_client_p50"] <= point["ttft_p50"]
+    for point in points.values():  # each hop a part of a TTFT; the server's share the rest
+        assert 0 < point["to_server_p50"] < point["ttft_p50"]
+        assert 0 < point["to_client_p50"] < point["ttft_p50"]
     assert "client's send to the server's arrival" in (tmp_path / "summary.md").read_text()
 
 
