@@ -102,6 +102,13 @@ def task_result(task: Task, adapter: str, examples: list[dict], base_out, tuned_
     }
 
 
+def samples(examples: list[dict], base_out: list[str], tuned_out: list[str]) -> list[dict]:
+    """The first three examples with both models' answers, for reading beside the scores."""
+    rows = list(zip(examples, base_out, tuned_out, strict=True))[:3]
+    return [{"input": e["input"], "target": e["target"], "base": b, "finetuned": t}
+            for e, b, t in rows]  # fmt: skip
+
+
 @dataclass
 class TaskRun:
     """One task's test examples and the base's and the adapter's requests for them."""
@@ -129,10 +136,7 @@ class TaskRun:
             **task_result(self.task, self.adapter, self.examples, base_out, tuned_out),
             "constrained": self.constrained,
             "seconds": round(seconds, 1),
-            "samples": [
-                {"input": e["input"], "target": e["target"], "base": b, "finetuned": t}
-                for e, b, t in list(zip(self.examples, base_out, tuned_out, strict=True))[:3]
-            ],
+            "samples": samples(self.examples, base_out, tuned_out),
             "outputs": [
                 {
                     "task": name,
@@ -249,7 +253,9 @@ def rescore(
         tuned = [o["text"] for o in mine if o["model"] == "adapter"]
         engine = {k: old.get(k, quality.get(k)) for k in ("backend", "dtype", "device")}
         result = task_result(task, old["adapter"], examples, base, tuned)
-        results.append({**result, "rescored_from": str(source), **engine})
+        generated = {k: old[k] for k in ("constrained", "seconds") if k in old}  # the run's own
+        results.append({**result, **generated, "samples": samples(examples, base, tuned),
+                        "rescored_from": str(source), **engine})  # fmt: skip
         kept += mine
     return results, kept
 

@@ -75,7 +75,7 @@ from loadtest.report import (
     write_outputs,
 )
 from loadtest.stats import WORDS, parse_range, percentile, point_key, ratios, summarize
-from loadtest.sweep import measure_point, steady_window
+from loadtest.sweep import measured, steady_window
 
 
 @dataclass
@@ -216,7 +216,7 @@ async def direct_point(
 
 
 def locust_options(args, port: int) -> argparse.Namespace:
-    """What ``loadtest.sweep.measure_point`` needs to run one Locust point against our API."""
+    """What ``loadtest.sweep.measured`` needs to run one Locust point against our API."""
     return argparse.Namespace(
         host=f"http://127.0.0.1:{port}",
         duration=round(args.duration),
@@ -237,15 +237,13 @@ async def http_point(options, users: int, adapters: int, raw: Path, clocks=None,
     for clock in clocks.values():
         clock.samples.clear()
         getattr(clock, "first_writes", {}).clear()
-    point = await asyncio.to_thread(measure_point, options, users, adapters, raw)
+    point, records = await asyncio.to_thread(measured, options, users, adapters, raw)
     point["engine_children_cpu_cores"] = children.cores()
-    if clocks or lag:  # the client's own steady window: the same requests as its TTFT
-        records = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
-        if window := steady_window(records, options):
-            point |= {figure: clock.ttft_p50(*window) for figure, clock in clocks.items()}
-            point |= lag.figures(*window) if lag else {}
-            for clock in clocks.values():
-                point |= clock.hops(records, *window) if isinstance(clock, ServerClock) else {}
+    if window := steady_window(records, options):  # the client's: the requests of its TTFT
+        point |= {figure: clock.ttft_p50(*window) for figure, clock in clocks.items()}
+        point |= lag.figures(*window) if lag else {}
+        for clock in clocks.values():
+            point |= clock.hops(records, *window) if isinstance(clock, ServerClock) else {}
     return point | full_collections_since(collections)
 
 

@@ -62,13 +62,18 @@ def run_point(args, users: int, adapters: int, raw: Path) -> list[dict]:
 def measure_point(args, users: int, adapters: int, raw: Path) -> dict:
     """One Locust point: its statistics in the steady window and the cores the server process
     (``args.server_pid``) and Locust used meanwhile."""
+    return measured(args, users, adapters, raw)[0]
+
+
+def measured(args, users: int, adapters: int, raw: Path) -> tuple[dict, list[dict]]:
+    """``measure_point``'s point with the raw records it was taken from."""
     meter = CpuMeter(args.server_pid)
     records = run_point(args, users, adapters, raw)
     point = {"users": users, "adapters": adapters}
     window = steady_window(records, args)
     point |= summarize(records, window) | meter.cores() | client_lag(raw, window)
     point["distribution"] = "base" if adapters == 0 else "uniform"
-    return point
+    return point, records
 
 
 def client_lag(raw: Path, window: tuple[float, float] | None) -> dict:

@@ -124,6 +124,8 @@ def test_smoke_qlora_run_writes_a_loadable_adapter_and_the_evaluator_scores_it(
         evaluate.main()
     again = json.loads((tmp_path / "all" / "quality.json").read_text())["results"][0]
     assert (again["base"], again["finetuned"]) == (merged[1]["base"], merged[1]["finetuned"])
+    for kept in ("samples", "seconds", "constrained"):  # what the stored run measured stays
+        assert again[kept] == merged[1][kept]
     first2 = json.loads((tmp_path / "first2" / "quality.json").read_text())["results"][0]
     assert first2["n"] == 2 and len((tmp_path / "first2" / "outputs.jsonl").read_text().split()) > 0
 
