@@ -27,6 +27,8 @@
 #                       profile-decode  lab/profile_decode.py: torch-profiler traces of the
 #                                    decode step at 128/256 streams, base vs 128 adapters
 #                       bursty       loadtest.bursty: closed loop vs 1 s think time vs Poisson
+#                       pairs-open   the pairs with both arms open loop, ARRIVAL_RATE (100/s)
+#                                    Poisson arrivals (~the closed loop's rate at 256 streams)
 #                       decode-settings  one engine each: defaults, num_continuous_decode_steps=4,
 #                                    cuda_graph_max_bs_decode=512, enable_mixed_chunk (names in
 #                                    DECODE_SETTINGS; pairs plan, 1 round, 256 streams)
@@ -251,6 +253,15 @@ pairs() {  # our engine at its shipped defaults: only the batch slots and the me
   local rc=$?
   touch /tmp/sync/ours-256  # the peer need not wait for rounds that will not come
   return $rc
+}
+
+pairs_open() {  # the pairs with both arms open loop: users arriving on their own (Poisson)
+  wait_file "$SYNTH/adapters.yaml" 600 || return 1
+  gpu_free
+  timeout 1800 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" --out "$RESULTS/ours-open" \
+    --plan pairs --pairs "${PAIRS:-3}" --users 256 --adapters 128 --arrival-rate "${ARRIVAL_RATE:-100}" \
+    --duration "${DURATION:-20}" --warmup 5 --http-port 8767 \
+    --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}"
 }
 
 synth_many() {  # the Mistral-7B shape with 520 adapters: 512 served, the rest hot-loaded

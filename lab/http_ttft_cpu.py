@@ -62,6 +62,7 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-tokens", type=parse_range, default=(90, 110))
     parser.add_argument("--http-port", type=int, default=8797)
     parser.add_argument("--locust-processes", type=int, default=1)
+    parser.add_argument("--arrival-rate", type=float, default=0, help="pairs: open loop, /s")
     parser.add_argument("--arrivals", action="store_true", help="closed vs open loop, HTTP only")
     parser.add_argument("--parsers", type=lambda text: text.split(","), default=None,
                         help="uvicorn's HTTP implementations, e.g. h11,httptools")  # fmt: skip

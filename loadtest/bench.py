@@ -171,6 +171,35 @@ async def closed_loop(
     return records, time.perf_counter() - began
 
 
+async def open_loop(
+    engine,
+    traffic: Traffic,
+    rate: float,
+    seconds: float,
+    min_completed: int = 0,
+    warmup: float = 0,
+) -> tuple[list[dict], float]:
+    """Requests arriving as a Poisson process, ``rate`` a second, each on its own whatever the
+    engine's speed (Locust's ``--arrival-rate``), for ``seconds`` — and on until
+    ``min_completed`` requests started after ``warmup`` have finished; requests still running
+    then are cut. Returns the records and the seconds it ran."""
+    began, steady_from = time.perf_counter(), time.time() + warmup
+    rng = random.Random(traffic.seed)
+    records: list[dict] = []
+    running: set[asyncio.Task] = set()
+    while time.perf_counter() - began < seconds:
+        task = asyncio.create_task(timed_stream(engine, traffic.request(rng), sink=records))
+        running.add(task)
+        task.add_done_callback(running.discard)
+        await asyncio.sleep(rng.expovariate(rate))
+    while sum(r["ok"] and r["start"] >= steady_from for r in records) < min_completed:
+        await asyncio.sleep(0.05)
+    for task in list(running):
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
+    return records, time.perf_counter() - began
+
+
 async def sweep(engine, args, names: list[str]) -> dict:
     out = Path(args.out)
     results = {"settings": settings_of(args, engine), "points": {}}
@@ -197,9 +226,14 @@ async def direct_point(
     traffic.chat = chat
     began, meter = time.time(), CpuMeter(os.getpid())
     children, collections = ChildrenMeter(os.getpid()), GC_WATCH.full()
-    records, ran = await closed_loop(
-        engine, traffic, users, args.duration, args.min_completed, args.warmup
-    )
+    if rate := getattr(args, "arrival_rate", 0):  # open loop: ``users`` only names the point
+        records, ran = await open_loop(
+            engine, traffic, rate, args.duration, args.min_completed, args.warmup
+        )
+    else:
+        records, ran = await closed_loop(
+            engine, traffic, users, args.duration, args.min_completed, args.warmup
+        )
     steady = (began + args.warmup, began + ran)
     point = {"users": users, "adapters": adapters, **summarize(records, steady)}
     point |= full_collections_since(collections)
@@ -225,6 +259,7 @@ def locust_options(args, port: int) -> argparse.Namespace:
         output_tokens="-".join(map(str, args.output_tokens)),
         server_pid=os.getpid(),
         processes=args.locust_processes,
+        arrival_rate=getattr(args, "arrival_rate", 0),
     )
 
 
@@ -278,6 +313,7 @@ async def pairs(engine, args, names: list[str], registry) -> dict:
     # direct clients send chat messages, as Locust does: the same tokens on both paths (the API
     # fills an adapter's template too; the synthetic registry's is "{input}", the message itself)
     settings = settings_of(args, engine) | {"pairs": args.pairs, "direct_requests": "chat"}
+    settings["arrivals"] = f"Poisson, {args.arrival_rate}/s" if args.arrival_rate else "closed"
     results = {"settings": settings, "rounds": []}
     try:
         for users in args.users:
@@ -299,7 +335,14 @@ async def pairs(engine, args, names: list[str], registry) -> dict:
                     results["rounds"].append(
                         {"users": users, "adapters": adapters, "round": number, "points": points}
                     )
-                    write_pairs(out, results, "Our server: engine-direct and HTTP")
+                    write_pairs(
+                        out,
+                        results,
+                        "Our server: engine-direct and HTTP"
+                        + (
+                            f", Poisson arrivals {args.arrival_rate}/s" if args.arrival_rate else ""
+                        ),
+                    )
                     if args.pairs_strict and (bad := unhealthy(points)):
                         raise RuntimeError(f"pairs: points without a clean result: {bad}")
     finally:
@@ -666,6 +709,9 @@ def main() -> None:
     parser.add_argument("--http-users", type=ints, default=[256], help="http: concurrencies")
     parser.add_argument("--http-adapters", type=ints, default=[128], help="http: adapter counts")
     parser.add_argument("--http-port", type=int, default=8766)
+    parser.add_argument("--arrival-rate", type=float, default=0,
+                        help="open loop: Poisson arrivals, this many a second, direct and "
+                             "HTTP (0: closed, --users back to back)")  # fmt: skip
     parser.add_argument("--locust-processes", type=int, default=1,
                         help="http, pairs: Locust's --processes per point")  # fmt: skip
     parser.add_argument("--pairs", type=int, default=3, help="pairs: rounds per point")

@@ -18,12 +18,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(tmp_path: Path, *mode: str) -> dict:
+def run(tmp_path: Path, *mode: str) -> dict | None:
     cmd = [sys.executable, "lab/http_ttft_cpu.py", *mode, "--users", "4", "--gap-ms", "20",
            "--pairs", "1", "--duration", "4", "--warmup", "1", "--output-tokens", "8-10",
            "--http-port", str(free_port()), "--out", str(tmp_path)]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    if not (tmp_path / "results.json").exists():  # the pairs plan writes under pairs/
+        return None
     return json.loads((tmp_path / "results.json").read_text())
 
 
@@ -49,3 +51,12 @@ def test_each_point_runs_on_a_fresh_event_loop_of_its_kind(tmp_path):
     results = run(tmp_path, "--loops", "asyncio")  # uvloop is not a dependency: not here
     point = results["rounds"][0]["points"]["asyncio"]
     assert point["completed"] and not point["failures"] and point["to_server_p50"] > 0
+
+
+def test_pairs_run_open_loop_on_both_arms(tmp_path):
+    run(tmp_path, "--arrival-rate", "20")  # the pairs plan
+    results = json.loads((tmp_path / "pairs" / "results.json").read_text())
+    assert results["settings"]["arrivals"] == "Poisson, 20.0/s"
+    points = results["rounds"][0]["points"]
+    assert all(p["completed"] and not p["failures"] for p in points.values())
+    assert "Poisson arrivals 20.0/s" in (tmp_path / "pairs" / "summary.md").read_text()
