@@ -246,22 +246,20 @@ pairs() {  # our engine at its shipped defaults: only the batch slots and the me
     echo "pairs: decode setting $(cat /tmp/pairs-setting): ${chosen[1]}" | tee "$RESULTS/pairs-setting.txt"
     rm -f /tmp/pairs-setting
   fi
-  timeout 1800 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" --out "$RESULTS/ours" \
-    --plan pairs --pairs "${PAIRS:-3}" --users "$USERS" --adapters 128 \
-    --duration "${DURATION:-20}" --warmup 5 --http-port 8766 "${sync[@]}" \
-    --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" "${chosen[@]}"
+  # shellcheck disable=SC2086  # PAIRS_OPEN: pairs-open's flags, split on purpose
+  timeout 1800 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" \
+    --out "${PAIRS_OUT:-$RESULTS/ours}" --plan pairs --pairs "${PAIRS:-3}" --users "$USERS" \
+    --adapters 128 --duration "${DURATION:-20}" --warmup 5 --http-port "${PAIRS_PORT:-8766}" \
+    "${sync[@]}" --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" \
+    "${chosen[@]}" ${PAIRS_OPEN:-}
   local rc=$?
   touch /tmp/sync/ours-256  # the peer need not wait for rounds that will not come
   return $rc
 }
 
 pairs_open() {  # the pairs with both arms open loop: users arriving on their own (Poisson)
-  wait_file "$SYNTH/adapters.yaml" 600 || return 1
-  gpu_free
-  timeout 1800 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" --out "$RESULTS/ours-open" \
-    --plan pairs --pairs "${PAIRS:-3}" --users 256 --adapters 128 --arrival-rate "${ARRIVAL_RATE:-100}" \
-    --duration "${DURATION:-20}" --warmup 5 --http-port 8767 \
-    --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}"
+  SYNC=0 USERS=256 PAIRS_OUT="$RESULTS/ours-open" PAIRS_PORT=8767 \
+    PAIRS_OPEN="--arrival-rate ${ARRIVAL_RATE:-100}" pairs
 }
 
 synth_many() {  # the Mistral-7B shape with 520 adapters: 512 served, the rest hot-loaded

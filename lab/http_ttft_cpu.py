@@ -76,39 +76,6 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def arrivals(engine, args, registry) -> dict:
-    """Rounds of (closed, open) loop through the API; the open point at the closed one's rate."""
-    out = Path(args.out)
-    (out / "raw").mkdir(parents=True, exist_ok=True)
-    clock = bench.ServerClock(bench.create_api(engine, registry))
-    server, serving, _ = await bench.serve_app(clock, args.http_port)
-    lag = bench.LoopLag()
-    lagging = asyncio.create_task(lag.run())
-    results = {"settings": vars(args) | {"command": " ".join(["python", *sys.argv])}, "rounds": []}
-    try:
-        for number in range(1, args.pairs + 1):
-            points = {}
-            for arm in ("closed", "open"):
-                options = bench.locust_options(args, args.http_port)
-                if arm == "open":  # the closed point's request rate, arriving as Poisson
-                    options.arrival_rate = points["closed"]["request_throughput"]
-                lag.samples.clear()
-                raw = out / "raw" / f"{arm}-r{number}.jsonl"
-                users, adapters = args.users[0], args.adapters[0]
-                points[arm] = await bench.http_point(options, users, adapters, raw, {
-                    "server_ttft_p50": clock}, lag)  # fmt: skip
-                print(f"round {number}, {arm}: {summary_line(points[arm])}", flush=True)
-            results["rounds"].append({"round": number, "points": points})
-            (out / "results.json").write_text(json.dumps(results, indent=1))
-    finally:
-        lagging.cancel()
-        server.should_exit = True
-        await serving
-    (out / "summary.md").write_text(arms_markdown(results, ("closed", "open")))
-    print((out / "summary.md").read_text())
-    return results
-
-
 FIGURES = {  # figure: (label, scale)
     "request_throughput": ("requests/s", 1),
     "output_throughput": ("output tok/s", 1),
@@ -153,15 +120,19 @@ def arms_markdown(results: dict, arms) -> str:
     return "\n".join(lines) + f"\n\n{len(results['rounds'])} rounds.\n"
 
 
-async def http_only_point(engine, args, registry, raw: Path, parser: str = "auto") -> dict:
-    """One closed-loop Locust point through a fresh uvicorn (``parser``: its HTTP
-    implementation) over ``engine``, on the running event loop, with its lag."""
+async def http_only_point(
+    engine, args, registry, raw: Path, parser: str = "auto", arrival_rate: float = 0
+) -> dict:
+    """One Locust point through a fresh uvicorn (``parser``: its HTTP implementation) over
+    ``engine``, on the running event loop, with its lag; closed loop, or open at
+    ``arrival_rate``."""
     clock = bench.ServerClock(bench.create_api(engine, registry))
     server, serving, _ = await bench.serve_app(clock, args.http_port, http=parser)
     lag = bench.LoopLag()
     lagging = asyncio.create_task(lag.run())
     try:
         options = bench.locust_options(args, args.http_port)
+        options.arrival_rate = arrival_rate
         clocks = {"server_ttft_p50": clock}
         users, adapters = args.users[0], args.adapters[0]
         return await bench.http_point(options, users, adapters, raw, clocks, lag)
@@ -171,15 +142,15 @@ async def http_only_point(engine, args, registry, raw: Path, parser: str = "auto
         await serving
 
 
-def compare(arms: list[str], point, args) -> dict:
-    """Rounds of one point per arm, the order turned each round: ``point(arm, raw)`` measures
-    one. Writes results.json and summary.md into ``--out``."""
+def compare(arms: list[str], point, args, turn: bool = True) -> dict:
+    """Rounds of one point per arm, the order turned each round (``turn``): ``point(arm, raw)``
+    measures one. Writes results.json and summary.md into ``--out``."""
     out = Path(args.out)
     (out / "raw").mkdir(parents=True, exist_ok=True)
     results = {"settings": vars(args) | {"command": " ".join(["python", *sys.argv])}, "rounds": []}
     for number in range(1, args.pairs + 1):
         points = {}
-        for arm in arms if number % 2 else arms[::-1]:
+        for arm in arms if number % 2 or not turn else arms[::-1]:
             points[arm] = point(arm, out / "raw" / f"{arm}-r{number}.jsonl")
             print(f"round {number}, {arm}: {summary_line(points[arm])}", flush=True)
         results["rounds"].append({"round": number, "points": points})
@@ -227,21 +198,40 @@ def loops(args) -> dict:
     return compare(args.loops, point, args)
 
 
-async def run(args: argparse.Namespace) -> dict:
+def arrivals(args) -> dict:
+    """``--arrivals``: closed loop, then open loop at the request rate the closed point carried
+    (Poisson), each round in that order."""
     engine, registry = engine_of(args)
-    if args.arrivals:
-        return await arrivals(engine, args, registry)
-    return await bench.pairs(engine, args, [a.name for a in registry.adapters], registry)
+    closed_rate = 0.0
+
+    def point(arm: str, raw: Path) -> dict:
+        nonlocal closed_rate
+        rate = closed_rate if arm == "open" else 0
+        measured = runner.run(http_only_point(engine, args, registry, raw, arrival_rate=rate))
+        closed_rate = measured["request_throughput"] if arm == "closed" else closed_rate
+        return measured
+
+    with asyncio.Runner() as runner:
+        return compare(["closed", "open"], point, args, turn=False)
+
+
+def pairs(args) -> dict:
+    """The pairs plan of ``loadtest.bench`` over the model-free engine."""
+    engine, registry = engine_of(args)
+    names = [a.name for a in registry.adapters]
+    return asyncio.run(bench.pairs(engine, args, names, registry))
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = options(argv)
     GC_WATCH.install()
+    if args.arrivals:
+        return arrivals(args)
     if args.parsers:
         return parsers(args)
     if args.loops:
         return loops(args)
-    return asyncio.run(run(args))
+    return pairs(args)
 
 
 if __name__ == "__main__":

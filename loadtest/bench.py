@@ -162,13 +162,19 @@ async def closed_loop(
 
     tasks = [asyncio.create_task(client(i)) for i in range(users)]
     await asyncio.sleep(seconds)
+    stopping = True
+    await stop_clients(tasks, records, steady_from, min_completed)
+    return records, time.perf_counter() - began
+
+
+async def stop_clients(tasks, records: list[dict], steady_from: float, min_completed: int):
+    """Once ``min_completed`` requests started after ``steady_from`` have finished, cut the
+    requests still running."""
     while sum(r["ok"] and r["start"] >= steady_from for r in records) < min_completed:
         await asyncio.sleep(0.05)
-    stopping = True
-    for t in tasks:
-        t.cancel()
+    for task in list(tasks):
+        task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    return records, time.perf_counter() - began
 
 
 async def open_loop(
@@ -192,11 +198,7 @@ async def open_loop(
         running.add(task)
         task.add_done_callback(running.discard)
         await asyncio.sleep(rng.expovariate(rate))
-    while sum(r["ok"] and r["start"] >= steady_from for r in records) < min_completed:
-        await asyncio.sleep(0.05)
-    for task in list(running):
-        task.cancel()
-    await asyncio.gather(*running, return_exceptions=True)
+    await stop_clients(running, records, steady_from, min_completed)
     return records, time.perf_counter() - began
 
 
@@ -314,6 +316,8 @@ async def pairs(engine, args, names: list[str], registry) -> dict:
     # fills an adapter's template too; the synthetic registry's is "{input}", the message itself)
     settings = settings_of(args, engine) | {"pairs": args.pairs, "direct_requests": "chat"}
     settings["arrivals"] = f"Poisson, {args.arrival_rate}/s" if args.arrival_rate else "closed"
+    title = "Our server: engine-direct and HTTP"
+    title += f", Poisson arrivals {args.arrival_rate}/s" if args.arrival_rate else ""
     results = {"settings": settings, "rounds": []}
     try:
         for users in args.users:
@@ -335,14 +339,7 @@ async def pairs(engine, args, names: list[str], registry) -> dict:
                     results["rounds"].append(
                         {"users": users, "adapters": adapters, "round": number, "points": points}
                     )
-                    write_pairs(
-                        out,
-                        results,
-                        "Our server: engine-direct and HTTP"
-                        + (
-                            f", Poisson arrivals {args.arrival_rate}/s" if args.arrival_rate else ""
-                        ),
-                    )
+                    write_pairs(out, results, title)
                     if args.pairs_strict and (bad := unhealthy(points)):
                         raise RuntimeError(f"pairs: points without a clean result: {bad}")
     finally:

@@ -68,10 +68,9 @@ LABELS = {
     "http_server_over_direct_ttft_p50_adapters": "HTTP's server TTFT ÷ direct, p50, adapters",
 }
 FIGURES = ("output_throughput", "ttft_p50", "ttft_p90", "first_event_p50", "engine_ttft_p50",
-           "server_ttft_p50", "to_server_p50", "to_client_p50", "loop_lag_p50", "loop_lag_p99",
-           "client_loop_lag_p50",
-           "client_loop_lag_p99", "itl_p50", "tpot_mean",
-           "gc_full_pause_s", "process_cpu_cores",
+           "server_ttft_p50", "to_server_p50", "to_client_p50",
+           "loop_lag_p50", "loop_lag_p99", "client_loop_lag_p50", "client_loop_lag_p99",
+           "itl_p50", "tpot_mean", "gc_full_pause_s", "process_cpu_cores",
            "engine_children_cpu_cores", "client_cpu_cores", "completed", "failures")  # fmt: skip
 
 
@@ -181,11 +180,11 @@ def pairs_markdown(summary: dict, title: str = "Alternating pairs") -> str:
             first, _ = fmt(figures["first_event_p50"], 1000, 0)
             engine_first, _ = fmt(figures["engine_ttft_p50"], 1000, 0)
             server_first, _ = fmt(figures["server_ttft_p50"], 1000, 0)
+            there, _ = fmt(figures["to_server_p50"], 1000, 1)
+            back, _ = fmt(figures["to_client_p50"], 1000, 1)
             lag50, _ = fmt(figures["loop_lag_p50"], 1000, 1)
             lag99, _ = fmt(figures["loop_lag_p99"], 1000, 1)
             hub50, _ = fmt(figures["client_loop_lag_p50"], 1000, 1)
-            there, _ = fmt(figures["to_server_p50"], 1000, 1)
-            back, _ = fmt(figures["to_client_p50"], 1000, 1)
             hub99, _ = fmt(figures["client_loop_lag_p99"], 1000, 1)
             paused, _ = fmt(figures["gc_full_pause_s"], 1, 2)
             itl, _ = fmt(figures["itl_p50"], 1000, 1)
@@ -322,10 +321,7 @@ def settings_markdown(table: dict) -> str:
 
 
 def plot_settings(table: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from loadtest.report import plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(KINDS)
