@@ -622,9 +622,16 @@ def invocation() -> str:
     return " ".join(["python", *sys.argv])
 
 
+def product_loop_factory():
+    """The event loop ``python -m engine.api`` serves on: uvicorn's "auto" (uvloop where it is
+    installed, as on the GPU host), so both arms run on the product's loop."""
+    return uvicorn.Config(app=None).get_loop_factory()
+
+
 def settings_of(args, engine) -> dict:
     return {
         "command": invocation(),
+        "event_loop": type(asyncio.get_running_loop()).__module__,
         "backend": engine.backend,
         "engine": engine.settings.model_dump(),
         "duration": args.duration,
@@ -726,7 +733,8 @@ def main() -> None:
     parser.add_argument("--hotload-every", type=float, default=60)
     parser.add_argument("--spare-adapter", help="adapter dir hot-loaded during the soak")
     parser.add_argument("--out", required=True)
-    asyncio.run(run(parser.parse_args()))
+    with asyncio.Runner(loop_factory=product_loop_factory()) as runner:
+        runner.run(run(parser.parse_args()))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import uvicorn
 
 from loadtest.stats import parse_range, percentile, ratios, summarize, zipf_weights
 
@@ -221,7 +222,11 @@ def test_engine_bench_sweep_evict_soak_and_http_on_a_tiny_synthetic_model(tmp_pa
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    points = json.loads((out / "results.json").read_text())["points"]
+    results = json.loads((out / "results.json").read_text())
+    served_on = uvicorn.Config(app=None).get_loop_factory()()  # python -m engine.api's loop
+    assert results["settings"]["event_loop"] == type(served_on).__module__
+    served_on.close()
+    points = results["points"]
     assert set(points) == {"u3-a0", "u3-a2"}
     assert points["u3-a2"]["completed"] > 0 and points["u3-a2"]["failures"] == 0
     assert points["u3-a2"]["output_throughput_ratio"] > 0
