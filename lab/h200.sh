@@ -27,7 +27,7 @@
 #                       profile-decode  lab/profile_decode.py: torch-profiler traces of the
 #                                    decode step at 128/256 streams, base vs 128 adapters
 #                       bursty       loadtest.bursty: closed loop vs 1 s think time vs Poisson
-#                       pairs-open   the pairs with both arms open loop, ARRIVAL_RATE (100/s)
+#                       pairs-open   the pairs with both arms open loop, ARRIVAL_RATE (70/s: ~3/4 of what 256 closed-loop streams complete; 100/s outran the H200)
 #                                    Poisson arrivals (~the closed loop's rate at 256 streams)
 #                       decode-settings  one engine each: defaults, num_continuous_decode_steps=4,
 #                                    cuda_graph_max_bs_decode=512, enable_mixed_chunk (names in
@@ -259,7 +259,7 @@ pairs() {  # our engine at its shipped defaults: only the batch slots and the me
 
 pairs_open() {  # the pairs with both arms open loop: users arriving on their own (Poisson)
   SYNC=0 USERS=256 PAIRS_OUT="$RESULTS/ours-open" PAIRS_PORT=8767 \
-    PAIRS_OPEN="--arrival-rate ${ARRIVAL_RATE:-100}" pairs
+    PAIRS_OPEN="--arrival-rate ${ARRIVAL_RATE:-70}" pairs
 }
 
 synth_many() {  # the Mistral-7B shape with 520 adapters: 512 served, the rest hot-loaded

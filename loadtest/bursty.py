@@ -123,7 +123,10 @@ FIGURES = ("output_throughput", "request_throughput", "ttft_p50", "ttft_p90", "i
 
 def served(point: dict) -> float | None:
     """Requests completed ÷ requests arrived per second: well below 1, arrivals outran the
-    server and the point never reached a steady state."""
+    server and the point never reached a steady state (``stats.summarize``'s ``served``; points
+    measured before it existed: from the arrivals per 100 ms)."""
+    if "served" in point:
+        return point["served"]
     arrived = 10 * (point.get("arrivals_per_100ms") or 0.0)
     return (
         point["request_throughput"] / arrived if arrived and "request_throughput" in point else None

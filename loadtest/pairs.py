@@ -71,7 +71,10 @@ FIGURES = ("output_throughput", "ttft_p50", "ttft_p90", "first_event_p50", "engi
            "server_ttft_p50", "to_server_p50", "to_client_p50",
            "loop_lag_p50", "loop_lag_p99", "client_loop_lag_p50", "client_loop_lag_p99",
            "itl_p50", "tpot_mean", "gc_full_pause_s", "process_cpu_cores",
-           "engine_children_cpu_cores", "client_cpu_cores", "completed", "failures")  # fmt: skip
+           "engine_children_cpu_cores", "client_cpu_cores", "completed", "failures",
+           "served")  # fmt: skip
+STEADY_SERVED = 0.9
+"""Completed ÷ arrived in the window below this: the point's arrivals outran the server."""
 
 
 def median_range(values) -> dict:
@@ -102,13 +105,33 @@ def figure(point: dict | None, metric: str) -> float | None:
     return process_cores(point) if metric == "process_cpu_cores" else point.get(metric)
 
 
+def outran(point: dict | None) -> bool:
+    """Arrivals outran the server at this point (open loop): its backlog grew all along, so its
+    figures measure the backlog, not the server."""
+    return bool(point) and point.get("served") is not None and point["served"] < STEADY_SERVED
+
+
 def round_ratios(points: dict) -> dict[str, float | None]:
-    """One round's ratios; None where a point is missing or a denominator is zero or absent."""
+    """One round's ratios; None where a point is missing, outran (``outran``) or a denominator
+    is zero or absent."""
     out = {}
     for name, (top, bottom, metric) in RATIOS.items():
+        if outran(points.get(top)) or outran(points.get(bottom)):
+            out[name] = None
+            continue
         a, b = figure(points.get(top), metric), figure(points.get(bottom), metric)
         out[name] = a / b if a is not None and b else None
     return out
+
+
+def outran_rounds(group: list[dict]) -> list[str]:
+    """ "kind (round r: completed ÷ arrived x)" for each point whose arrivals outran the server."""
+    return [
+        f"{kind} (round {r['round']}: {point['served']:.2f})"
+        for r in group
+        for kind, point in r["points"].items()
+        if outran(point)
+    ]
 
 
 def group_key(r: dict) -> str:
@@ -138,6 +161,7 @@ def summarize_rounds(rounds: list[dict]) -> dict:
                 if any(rr[name] is not None for rr in per_round)
             },
             "points": {kind: figures_of(group, kind) for kind in kinds},
+            "outran": outran_rounds(group),
         }
     return summary
 
@@ -162,6 +186,11 @@ def pairs_markdown(summary: dict, title: str = "Alternating pairs") -> str:
         for name, stat in group["ratios"].items():
             median, spread = fmt(stat)
             lines.append(f"| {LABELS[name]} | {median} | {spread} | {stat['n']} |")
+        if group.get("outran"):
+            lines += ["", f"Arrivals outran the server (completed ÷ arrived below "
+                      f"{STEADY_SERVED}; the backlog grew all along) at: "
+                      f"{', '.join(group['outran'])}. Their rounds' ratios are left out: "
+                      "they would compare backlogs, not paths."]  # fmt: skip
         lines += [
             "",
             "| point | tok/s median | tok/s range | TTFT p50 ms median | TTFT p50 ms range | "

@@ -6,6 +6,9 @@ A record: ``{"start": s, "ttft": s, "e2e": s, "itl": [s, ...], "output_tokens": 
   those that decode to no text yet), where recorded; vLLM's benchmark_serving times this one.
 - ITL: gaps between consecutive streamed tokens (all pooled).
 - TPOT: per request (e2e − TTFT) / (output tokens − 1). - E2E: request sent → last token.
+- Served: with a ``window``, requests completed in it ÷ requests that arrived in it, per
+  second; well below 1, arrivals outran the server (its backlog grew) and the point is no
+  steady state.
 - Throughput: with a ``window`` (steady state: after the warm-up, before the clients stop) the
   tokens streamed inside it, from every request that streamed there (also those cut at the end:
   ``token_times``, the chunks' arrival times since ``start``), over its length; without one,
@@ -54,8 +57,11 @@ def summarize(records: list[dict], window: tuple[float, float] | None = None) ->
         seconds = high - low
         ended = [r for r in records if r.get("ok") and low <= r["start"] + r["e2e"] <= high]
         tokens = sum(tokens_inside(r, low, high) for r in records)
+        arrived = sum(low <= r.get("start", low) <= high for r in records) / seconds
         return stats | {
             "duration_s": seconds,
+            "arrived_per_s": arrived,
+            "served": len(ended) / seconds / arrived if arrived else None,
             "request_throughput": len(ended) / seconds,
             "output_throughput": tokens / seconds,
             "output_tokens": round(tokens),

@@ -102,6 +102,8 @@ def test_steady_window_counts_tokens_streamed_inside_it_also_from_cut_requests()
     assert s["duration_s"] == 4.0
     assert s["failures"] == 0 and s["completed"] == 1  # only `done` started inside and finished
     assert s["request_throughput"] == pytest.approx(1 / 4)  # warmup's end (11.0); done ends 14.5
+    assert s["arrived_per_s"] == pytest.approx(2 / 4)  # done and cut started inside
+    assert s["served"] == pytest.approx(0.5)  # one completion in the window per two arrivals
     assert s["ttft_p50"] == pytest.approx(0.5)
 
 

@@ -101,6 +101,22 @@ def test_rounds_reduce_to_medians_and_ranges_of_the_ratios_not_ratios_of_medians
     assert "| http-base | 9500 | 6000–11000 | 100 | 100–400 |" in table
 
 
+def test_a_point_whose_arrivals_outran_the_server_leaves_its_rounds_ratios_out():
+    backlog = a_round(4, (3500, 0.044), (4600, 0.059), (7000, 0.080), (7000, 0.083))
+    backlog["points"]["direct-base"]["served"] = 0.0  # open loop: nothing finished in the window
+    for kind in ("direct-adapters", "http-base", "http-adapters"):
+        backlog["points"][kind]["served"] = 0.97
+    ratios = round_ratios(backlog["points"])
+    assert ratios["http_over_direct_tok_s_base"] is None  # the backlog, not the path
+    assert ratios["adapters_over_base_tok_s_direct"] is None
+    assert ratios["http_over_direct_tok_s_adapters"] == pytest.approx(7000 / 4600)
+    group = summarize_rounds([*ROUNDS, backlog])["u256-a128"]
+    assert group["outran"] == ["direct-base (round 4: 0.00)"]
+    assert group["ratios"]["http_over_direct_tok_s_base"]["n"] == 3
+    assert "Arrivals outran the server" in pairs_markdown({"g": group})
+    assert "outran" not in pairs_markdown(summarize_rounds(ROUNDS))
+
+
 def test_concurrencies_are_summarised_apart(tmp_path):
     rounds = [*ROUNDS, a_round(1, (20000, 0.2), (18000, 0.2), (15000, 0.5), (14000, 0.6), 512)]
     summary = write_pairs(tmp_path, {"settings": {"command": "bench"}, "rounds": rounds})
