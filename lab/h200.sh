@@ -27,11 +27,15 @@
 #                       profile-decode  lab/profile_decode.py: torch-profiler traces of the
 #                                    decode step at 128/256 streams, base vs 128 adapters
 #                       bursty       loadtest.bursty: closed loop vs 1 s think time vs Poisson
-#                       pairs-open   the pairs with both arms open loop, ARRIVAL_RATE (70/s: ~3/4 of what 256 closed-loop streams complete; 100/s outran the H200)
-#                                    Poisson arrivals (~the closed loop's rate at 256 streams)
+#                       pairs-open   the pairs with both arms open loop: ARRIVAL_RATE Poisson
+#                                    arrivals a second (70: ~3/4 of what 256 closed-loop
+#                                    streams complete; 100 outran the H200)
+#                       pairs-think  the pairs with a 1-s think time on both arms (k6's
+#                                    waves): the engine's share of a wave's TTFT, the API's
 #                       decode-settings  one engine each: defaults, num_continuous_decode_steps=4,
-#                                    cuda_graph_max_bs_decode=512, enable_mixed_chunk (names in
-#                                    DECODE_SETTINGS; pairs plan, 1 round, 256 streams)
+#                                    cuda_graph_max_bs_decode=512, max_running_requests=256,
+#                                    enable_mixed_chunk (names in DECODE_SETTINGS; pairs plan, 1
+#                                    round, 256 streams; DECODE_OPEN="--arrival-rate R": open loop)
 #                       space-rehearsal  the GPU Space (deploy/gpu-space) from a clean home: its
 #                                    build step, its command, scripts/app_check.py against it
 #                       code-ab      the code of e930aef vs this tree, one engine each, alternating,
@@ -246,12 +250,12 @@ pairs() {  # our engine at its shipped defaults: only the batch slots and the me
     echo "pairs: decode setting $(cat /tmp/pairs-setting): ${chosen[1]}" | tee "$RESULTS/pairs-setting.txt"
     rm -f /tmp/pairs-setting
   fi
-  # shellcheck disable=SC2086  # PAIRS_OPEN: pairs-open's flags, split on purpose
+  # shellcheck disable=SC2086  # PAIRS_ARRIVALS: pairs-open's or pairs-think's flags, split on purpose
   timeout 1800 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" \
     --out "${PAIRS_OUT:-$RESULTS/ours}" --plan pairs --pairs "${PAIRS:-3}" --users "$USERS" \
     --adapters 128 --duration "${DURATION:-20}" --warmup 5 --http-port "${PAIRS_PORT:-8766}" \
     "${sync[@]}" --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" \
-    "${chosen[@]}" ${PAIRS_OPEN:-}
+    "${chosen[@]}" ${PAIRS_ARRIVALS:-}
   local rc=$?
   touch /tmp/sync/ours-256  # the peer need not wait for rounds that will not come
   return $rc
@@ -259,7 +263,13 @@ pairs() {  # our engine at its shipped defaults: only the batch slots and the me
 
 pairs_open() {  # the pairs with both arms open loop: users arriving on their own (Poisson)
   SYNC=0 USERS=256 PAIRS_OUT="$RESULTS/ours-open" PAIRS_PORT=8767 \
-    PAIRS_OPEN="--arrival-rate ${ARRIVAL_RATE:-70}" pairs
+    PAIRS_ARRIVALS="--arrival-rate ${ARRIVAL_RATE:-70}" pairs
+}
+
+pairs_think() {  # the pairs with k6's 1-s think time on both arms: how much of a wave's TTFT
+  # the engine alone takes (direct) and what the API adds (HTTP), with the server's split
+  SYNC=0 USERS=256 PAIRS_OUT="$RESULTS/ours-think" PAIRS_PORT=8769 DURATION=30 \
+    PAIRS_ARRIVALS="--think-time 1" pairs
 }
 
 synth_many() {  # the Mistral-7B shape with 520 adapters: 512 served, the rest hot-loaded
@@ -423,6 +433,7 @@ decode_setting() {  # a named engine setting of decode-settings, as bench's --se
     default) echo 'extra={}' ;;
     continuous-4) echo 'extra={"num_continuous_decode_steps": 4}' ;;
     graph-bs-512) echo 'extra={"cuda_graph_max_bs_decode": 512}' ;;
+    max-running-256) echo 'extra={"max_running_requests": 256}' ;;  # the rest wait, not decode eager
     mixed-chunk) echo 'extra={"enable_mixed_chunk": true}' ;;
     *) echo "no decode setting named $1" >&2; return 1 ;;
   esac
@@ -435,11 +446,12 @@ decode_settings() {  # #16 item 4, after the profile: SGLang settings against th
   for name in ${DECODE_SETTINGS:-default continuous-4 graph-bs-512}; do
     setting=$(decode_setting "$name") || continue
     gpu_free
+    # shellcheck disable=SC2086  # DECODE_OPEN: flags, split on purpose
     timeout 900 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" \
       --out "$RESULTS/decode-settings/$name" --plan pairs --pairs 1 --users 256 --adapters 128 \
       --duration "${DURATION:-20}" --warmup 5 --http-port 8768 \
-      --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" --set "$setting" ||
-      echo "decode-settings: $name failed"
+      --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" --set "$setting" \
+      ${DECODE_OPEN:-} || echo "decode-settings: $name failed"  # DECODE_OPEN: e.g. --arrival-rate 85
   done
 }
 

@@ -146,11 +146,18 @@ async def timed_stream(
 
 
 async def closed_loop(
-    engine, traffic: Traffic, users: int, seconds: float, min_completed: int = 0, warmup: float = 0
+    engine,
+    traffic: Traffic,
+    users: int,
+    seconds: float,
+    min_completed: int = 0,
+    warmup: float = 0,
+    think: float = 0,
 ) -> tuple[list[dict], float]:
-    """``users`` clients back to back for ``seconds`` — and on until ``min_completed`` requests
-    started after ``warmup`` have finished, however slow the machine; requests still running
-    then are cut. Returns the records and the seconds it ran."""
+    """``users`` clients back to back (``think``: each sleeps that long after an answer, as
+    Locust's ``--think-time``) for ``seconds`` — and on until ``min_completed`` requests started
+    after ``warmup`` have finished, however slow the machine; requests still running then are
+    cut. Returns the records and the seconds it ran."""
     began, steady_from = time.perf_counter(), time.time() + warmup
     records: list[dict] = []
     stopping = False
@@ -159,6 +166,8 @@ async def closed_loop(
         rng = random.Random(traffic.seed * 100_003 + i)
         while not stopping:
             await timed_stream(engine, traffic.request(rng), sink=records)
+            if think:
+                await asyncio.sleep(think)
 
     tasks = [asyncio.create_task(client(i)) for i in range(users)]
     await asyncio.sleep(seconds)
@@ -233,8 +242,9 @@ async def direct_point(
             engine, traffic, rate, args.duration, args.min_completed, args.warmup
         )
     else:
+        think = getattr(args, "think_time", 0)
         records, ran = await closed_loop(
-            engine, traffic, users, args.duration, args.min_completed, args.warmup
+            engine, traffic, users, args.duration, args.min_completed, args.warmup, think
         )
     steady = (began + args.warmup, began + ran)
     point = {"users": users, "adapters": adapters, **summarize(records, steady)}
@@ -262,6 +272,7 @@ def locust_options(args, port: int) -> argparse.Namespace:
         server_pid=os.getpid(),
         processes=args.locust_processes,
         arrival_rate=getattr(args, "arrival_rate", 0),
+        think_time=getattr(args, "think_time", 0),
     )
 
 
@@ -315,9 +326,10 @@ async def pairs(engine, args, names: list[str], registry) -> dict:
     # direct clients send chat messages, as Locust does: the same tokens on both paths (the API
     # fills an adapter's template too; the synthetic registry's is "{input}", the message itself)
     settings = settings_of(args, engine) | {"pairs": args.pairs, "direct_requests": "chat"}
-    settings["arrivals"] = f"Poisson, {args.arrival_rate}/s" if args.arrival_rate else "closed"
+    settings["arrivals"] = arrivals_of(args)
     title = "Our server: engine-direct and HTTP"
-    title += f", Poisson arrivals {args.arrival_rate}/s" if args.arrival_rate else ""
+    if settings["arrivals"] != "closed":
+        title += f", {arrivals_of(args, title=True)}"
     results = {"settings": settings, "rounds": []}
     try:
         for users in args.users:
@@ -348,6 +360,16 @@ async def pairs(engine, args, names: list[str], registry) -> dict:
         await serving
     print((out / "summary.md").read_text(), flush=True)
     return results
+
+
+def arrivals_of(args, title: bool = False) -> str:
+    """How the clients arrive, both arms alike: "closed", "Poisson, R/s" or a think time
+    (``title``: as the summary's title says it)."""
+    if rate := getattr(args, "arrival_rate", 0):
+        return f"Poisson arrivals {rate}/s" if title else f"Poisson, {rate}/s"
+    if think := getattr(args, "think_time", 0):
+        return f"{think}-s think time" if title else f"closed, {think}-s think time"
+    return "closed"
 
 
 async def evict(engine, args, names: list[str]) -> dict:
@@ -716,6 +738,9 @@ def main() -> None:
     parser.add_argument("--arrival-rate", type=float, default=0,
                         help="open loop: Poisson arrivals, this many a second, direct and "
                              "HTTP (0: closed, --users back to back)")  # fmt: skip
+    parser.add_argument("--think-time", type=float, default=0,
+                        help="closed loop: each client sleeps this long after an answer, "
+                             "direct and HTTP (k6's sleep(1): users move in waves)")  # fmt: skip
     parser.add_argument("--locust-processes", type=int, default=1,
                         help="http, pairs: Locust's --processes per point")  # fmt: skip
     parser.add_argument("--pairs", type=int, default=3, help="pairs: rounds per point")

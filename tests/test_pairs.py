@@ -278,3 +278,21 @@ def test_settings_need_one_concurrency_per_run(tmp_path):
     with pytest.raises(ValueError, match=r"\[256, 512\] streams"):
         settings_table({"default": both})
     assert settings_table({"default": both}, users=512)["default"]["rounds"] == 1
+
+
+def test_closed_loop_clients_with_a_think_time_sleep_between_answers_and_the_title_says_so():
+    import asyncio
+
+    from loadtest.bench import Traffic, arrivals_of, closed_loop
+    from loadtest.no_model import NoModelEngine
+
+    engine = NoModelEngine("base", [], gap_s=0)  # answers at once: only the sleeps take time
+    traffic = Traffic([None], (2, 3), (2, 2))
+    thinking, _ = asyncio.run(closed_loop(engine, traffic, users=2, seconds=0.5, think=0.2))
+    back_to_back, _ = asyncio.run(closed_loop(engine, traffic, users=2, seconds=0.5))
+    assert 2 <= len(thinking) <= 6  # each user at most 3 requests: one per 0.2-s sleep
+    assert len(back_to_back) > 6
+    options = argparse.Namespace(arrival_rate=0, think_time=1.0)
+    assert arrivals_of(options) == "closed, 1.0-s think time"
+    assert arrivals_of(options, title=True) == "1.0-s think time"
+    assert arrivals_of(argparse.Namespace(arrival_rate=0, think_time=0)) == "closed"
