@@ -30,6 +30,14 @@ implementation in turn (the product runs uvicorn's "auto": httptools when instal
 
 ``--loops``: the same, each point on a fresh event loop of its kind (uvicorn's "auto" loop is
 uvloop when installed).
+
+    python lab/http_ttft_cpu.py --waves --users 256 --gap-ms 25 --pairs 3 --duration 30 \
+        --warmup 8 --out results/serving/http-ttft-hops-cpu/waves
+
+``--waves``: through the API only, closed loop against k6's profile (each user sleeps 1 s after
+an answer, Locust's ``--think-time``), as ``loadtest.bursty``'s first two arms on the H200 — but
+the stand-in engine's first token costs one step however many prompts arrive together, so what
+a wave adds to TTFT here is the API's share of it (admitting a wave of requests on one loop).
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from engine.metrics import GC_WATCH  # noqa: E402
 from engine.registry import load_registry  # noqa: E402
-from loadtest import bench  # noqa: E402
+from loadtest import bench, bursty  # noqa: E402
 from loadtest.no_model import NoModelEngine  # noqa: E402
 from loadtest.stats import parse_range  # noqa: E402
 
@@ -68,6 +76,7 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
                         help="uvicorn's HTTP implementations, e.g. h11,httptools")  # fmt: skip
     parser.add_argument("--loops", type=lambda text: text.split(","), default=None,
                         help="event loops, e.g. asyncio,uvloop")  # fmt: skip
+    parser.add_argument("--waves", action="store_true", help="closed vs 1-s think time, HTTP")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     args.users = [int(u) for u in args.users.split(",")]
@@ -85,6 +94,9 @@ FIGURES = {  # figure: (label, scale)
     "to_client_p50": ("first text written to read, p50 ms", 1000),
     "loop_lag_p50": ("server's loop lag p50 ms", 1000),
     "loop_lag_p99": ("server's loop lag p99 ms", 1000),
+    "ttft_p50_quietest_quarter": ("client's TTFT p50, quietest ¼ of arrivals, ms", 1000),
+    "ttft_p50_busiest_quarter": ("client's TTFT p50, busiest ¼ of arrivals, ms", 1000),
+    "arrivals_per_100ms_p99": ("arrivals per 100 ms, p99", 1),
     "client_loop_lag_p50": ("Locust's hub lag p50 ms", 1000),
     "client_loop_lag_p99": ("Locust's hub lag p99 ms", 1000),
     "server_cpu_cores": ("serving process cores", 1),
@@ -121,18 +133,19 @@ def arms_markdown(results: dict, arms) -> str:
 
 
 async def http_only_point(
-    engine, args, registry, raw: Path, parser: str = "auto", arrival_rate: float = 0
-) -> dict:
+    engine, args, registry, raw: Path, parser: str = "auto", arrival_rate: float = 0,
+    think_time: float = 0,
+) -> dict:  # fmt: skip
     """One Locust point through a fresh uvicorn (``parser``: its HTTP implementation) over
-    ``engine``, on the running event loop, with its lag; closed loop, or open at
-    ``arrival_rate``."""
+    ``engine``, on the running event loop, with its lag; closed loop, open at ``arrival_rate``
+    or with ``think_time`` after each answer."""
     clock = bench.ServerClock(bench.create_api(engine, registry))
     server, serving, _ = await bench.serve_app(clock, args.http_port, http=parser)
     lag = bench.LoopLag()
     lagging = asyncio.create_task(lag.run())
     try:
         options = bench.locust_options(args, args.http_port)
-        options.arrival_rate = arrival_rate
+        options.arrival_rate, options.think_time = arrival_rate, think_time
         clocks = {"server_ttft_p50": clock}
         users, adapters = args.users[0], args.adapters[0]
         return await bench.http_point(options, users, adapters, raw, clocks, lag)
@@ -215,6 +228,23 @@ def arrivals(args) -> dict:
         return compare(["closed", "open"], point, args, turn=False)
 
 
+def waves(args) -> dict:
+    """``--waves``: closed loop against a 1-s think time (k6's profile), with how arrivals bunch
+    and the TTFT of the busiest and quietest quarter, as ``loadtest.bursty`` reports them."""
+    engine, registry = engine_of(args)
+
+    def point(arm: str, raw: Path) -> dict:
+        think = 1.0 if arm == "think" else 0.0
+        measured = runner.run(http_only_point(engine, args, registry, raw, think_time=think))
+        records = bursty.read_records(raw)
+        began = min(r["start"] for r in records)
+        window = (began + args.warmup, began + args.duration)
+        return measured | bursty.arrival_profile(records, window)
+
+    with asyncio.Runner() as runner:
+        return compare(["closed", "think"], point, args)
+
+
 def pairs(args) -> dict:
     """The pairs plan of ``loadtest.bench`` over the model-free engine."""
     engine, registry = engine_of(args)
@@ -231,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
         return parsers(args)
     if args.loops:
         return loops(args)
+    if args.waves:
+        return waves(args)
     return pairs(args)
 
 

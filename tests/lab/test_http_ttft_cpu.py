@@ -60,3 +60,15 @@ def test_pairs_run_open_loop_on_both_arms(tmp_path):
     points = results["rounds"][0]["points"]
     assert all(p["completed"] and not p["failures"] for p in points.values())
     assert "Poisson arrivals 20.0/s" in (tmp_path / "pairs" / "summary.md").read_text()
+
+
+def test_waves_set_the_closed_loop_beside_a_think_time_with_how_arrivals_bunch(tmp_path):
+    results = run(tmp_path, "--waves")
+    points = results["rounds"][0]["points"]
+    assert list(points) == ["closed", "think"]
+    for point in points.values():
+        assert point["completed"] and not point["failures"]
+        assert point["ttft_p50_busiest_quarter"] > 0 and point["arrivals_per_100ms_p99"] > 0
+    # 4 users answered in well under a second sleep most of each cycle: fewer requests arrive
+    assert points["think"]["request_throughput"] < points["closed"]["request_throughput"]
+    assert "busiest ¼ of arrivals" in (tmp_path / "summary.md").read_text()
