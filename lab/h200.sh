@@ -64,7 +64,8 @@
 # CODE_AB (payload: 0), CODE_AB_ROUNDS (2), CODE_AB_ORDER (old new), RETRAIN_SQL (0), SQL_RECIPES (r64all-2000 r64all-3000
 # r128all-2000: r<rank>all-<steps> each), SQL_EVALS (1; 0 skips the SGLang scoring), ADAPTERS_BACK (collect: the recipes whose adapter
 # archives come back, in 15-MB parts; default the first of SQL_RECIPES), DECODE_SETTINGS (the engines of
-# decode-settings), STEPS_OURS / STEPS_CHECK / STEPS_ALL / STEPS_CPU (the step lists). Jobs run from a copy
+# decode-settings), DECODE_OPEN (decode-settings' arrivals, e.g. --arrival-rate 85), ARRIVAL_RATE
+# (pairs-open, 70), STEPS_OURS / STEPS_CHECK / STEPS_ALL / STEPS_CPU (the step lists). Jobs run from a copy
 # of the repo in /tmp/repo (each call re-syncs the working tree) and write under /tmp/results.
 set -uo pipefail
 ACTION=${1:?payload | stash | early | start | watch | collect | trained | restart | pairs-setting}
