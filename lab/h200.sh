@@ -706,8 +706,8 @@ PY
   python3 -m loadtest.peer --help > /dev/null || echo "PREFLIGHT FAILED: loadtest.peer"
   python3 -m sglang_router.launch_router --help > /dev/null 2>&1 ||
     echo "PREFLIGHT FAILED: sglang_router: $(python3 -c 'import sglang_router.launch_router' 2>&1 | tail -1)"
-  local served='c = Config(app=None); c.load(); print(c.http_protocol_class.__name__, c.get_loop_factory())'
-  echo "uvicorn's HTTP and python -m engine.api's loop: $(python3 -c "from uvicorn.config import Config; $served" 2>&1 | tail -1)"
+  local served='from engine.api.server import http_protocol; from uvicorn.config import Config; print(http_protocol().__name__, Config(app=None).get_loop_factory())'
+  echo "python -m engine.api's HTTP and loop: $(python3 -c "$served" 2>&1 | tail -1)"
   [ -f "$CONSTRAINED_CPU/outputs.jsonl" ] ||
     echo "PREFLIGHT: no $CONSTRAINED_CPU/outputs.jsonl: the constrained parity step will be skipped"
   echo "preflight done"

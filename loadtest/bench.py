@@ -62,6 +62,7 @@ import uvicorn
 from engine import GenerationRequest, SamplingParams, build_engine
 from engine.api import create_api
 from engine.api.protocol import CHAT_TEXT_FIELD
+from engine.api.server import http_protocol
 from engine.metrics import GC_WATCH, freeze_heap
 from engine.registry import load_registry, with_overrides
 from loadtest.pairs import write_pairs
@@ -414,7 +415,7 @@ async def serve_app(app, port: int = 0, http: str = "auto"):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-    config = uvicorn.Config(app, port=port, log_level="warning", http=http)
+    config = uvicorn.Config(app, port=port, log_level="warning", http=http_protocol(http))
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
     while not server.started:

@@ -49,18 +49,23 @@ def write_adapter_config(path, **overrides) -> None:
 
 
 class LiveServer:
-    """A real uvicorn server on a free loopback port, run in a thread."""
+    """A real uvicorn server on a free loopback port, run in a thread, with the product's HTTP
+    implementation (``http``: uvicorn's name for it)."""
 
-    def __init__(self, app):
+    def __init__(self, app, http: str = "auto"):
         import socket
         import threading
 
         import uvicorn
 
+        from engine.api.server import http_protocol
+
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", http=http_protocol(http)
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

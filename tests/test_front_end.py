@@ -48,10 +48,10 @@ def tokenizer(base_dir):
     return AutoTokenizer.from_pretrained(base_dir)
 
 
-def serve(engine, registry, **kwargs):
+def serve(engine, registry, http: str = "auto", **kwargs):
     from conftest import LiveServer
 
-    return LiveServer(create_api(engine, registry, **kwargs))
+    return LiveServer(create_api(engine, registry, **kwargs), http)
 
 
 def stream_gaps(url: str, body: dict, started: threading.Event | None = None) -> dict:
@@ -457,6 +457,26 @@ def test_the_api_is_served_with_uvicorns_c_http_parser():
     from uvicorn.config import Config
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+    from engine.api.server import http_protocol
+
     config = Config(app=None)
     config.load()
     assert config.http == "auto" and config.http_protocol_class is HttpToolsProtocol
+    assert http_protocol().__mro__[1] is HttpToolsProtocol  # what run_server serves with
+
+
+def test_the_pure_python_parser_too_answers_unparsable_bytes_in_openai_shape(registry_for):
+    """Without httptools uvicorn falls back to h11; its 400 for bytes that are not HTTP is
+    OpenAI-shaped JSON as well, and the server serves on."""
+    from test_hostile_inputs import raw_exchange
+
+    live = serve(NoModelEngine("base", ["alpha"], gap_s=0), registry_for, http="h11")
+    try:
+        status, headers, body = raw_exchange(live.port, b"GARBAGE\r\n\r\n")
+        assert status == 400 and headers["content-type"] == "application/json"
+        assert json.loads(body)["error"]["type"] == "invalid_request_error"
+        chat = {"model": "alpha", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+        answer = httpx.post(f"{live.url}/v1/chat/completions", json=chat, timeout=60)
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
+    finally:
+        live.stop()

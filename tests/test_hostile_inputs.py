@@ -255,6 +255,48 @@ def test_bad_request_gets_its_4xx_in_openai_shape_and_serving_goes_on(
     assert health.status_code == 200 and health.json()["ok"] is True
 
 
+UNPARSABLE_HTTP = {
+    "request-line-garbage": b"GARBAGE\r\n\r\n",
+    "content-length-not-a-number": (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: ten\r\n\r\n"
+    ),
+    "header-without-a-colon": b"GET /health HTTP/1.1\r\nhost: x\r\nno colon here\r\n\r\n",
+    "chunk-size-not-hex": (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"zz\r\n{}\r\n0\r\n\r\n"
+    ),
+}
+
+
+def raw_exchange(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``data`` on a fresh connection and read the answer until the server closes it."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(data)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *fields = head.decode("latin-1").split("\r\n")
+    headers = dict(f.lower().split(": ", 1) for f in fields)
+    return int(status_line.split(" ")[1]), headers, body
+
+
+@pytest.mark.parametrize("name", UNPARSABLE_HTTP)
+def test_bytes_that_are_not_http_get_a_400_in_openai_shape_and_serving_goes_on(
+    server, client, name
+):
+    status, headers, body = raw_exchange(server.port, UNPARSABLE_HTTP[name])
+    assert status == 400 and headers["content-type"] == "application/json"
+    assert int(headers["content-length"]) == len(body)
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["code"] == 400
+    assert "could not be parsed" in error["message"]
+    assert client.get("/health").json()["ok"] is True
+
+
 def test_the_metrics_count_every_status_that_happened(client):
     picked = {"model-unknown", "truncated-json", "body-over-the-limit", "admin-no-token",
               "admin-path-traversal", "admin-reserved-base", "max_tokens-huge"}  # fmt: skip

@@ -10,11 +10,36 @@ import logging
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.config import HTTP_PROTOCOLS
+from uvicorn.importer import import_from_string
 
 from ..metrics import freeze_heap
+from .limits import error_body
 
 GRACE_SECONDS = 5.0
 """After the drain deadline: time for the ended streams' last events to go out."""
+UNPARSABLE = (
+    "Invalid HTTP request: its request line, a header or its body's framing could not be parsed."
+)
+
+
+def http_protocol(name: str = "auto") -> type:
+    """uvicorn's HTTP implementation ``name`` ("auto": httptools where installed, else h11)
+    answering bytes it cannot parse as HTTP with a 400 in OpenAI's error shape instead of
+    uvicorn's plain text (the app never sees such a request; the connection closes, as before)."""
+    base = import_from_string(HTTP_PROTOCOLS[name])
+
+    def send_400_response(self, msg: str) -> None:
+        body = error_body(400, UNPARSABLE, "invalid_request_error")
+        lines = [b"HTTP/1.1 400 Bad Request"]
+        lines += [field + b": " + value for field, value in self.server_state.default_headers]
+        lines += [b"content-type: application/json", b"content-length: %d" % len(body)]
+        lines += [b"connection: close", b"", body]
+        self.transport.write(b"\r\n".join(lines))
+        self.transport.close()
+
+    methods = {"send_400_response": send_400_response}
+    return type(f"{base.__name__}WithOpenAIErrors", (base,), methods)
 
 
 class DrainingServer(uvicorn.Server):
@@ -51,6 +76,7 @@ def run_server(app: FastAPI, host: str, port: int, **uvicorn_options) -> None:
         app,
         host=host,
         port=port,
+        http=http_protocol(),
         timeout_graceful_shutdown=api.limits.drain_seconds + GRACE_SECONDS,
         **uvicorn_options,
     )
