@@ -118,6 +118,8 @@ def arms_markdown(results: dict, arms) -> str:
         "|---|" + "---|" * len(arms),
     ]
     for key, (label, scale) in FIGURES.items():
+        if all(r["points"][arm].get(key) is None for r in results["rounds"] for arm in arms):
+            continue  # a figure this mode does not measure
         cells = []
         for arm in arms:
             values = [r["points"][arm].get(key) for r in results["rounds"]]

@@ -165,6 +165,8 @@ async def closed_loop(
 
     async def client(i: int) -> None:
         rng = random.Random(traffic.seed * 100_003 + i)
+        if think:  # arrive as Locust spawns its users (-r users: all within the first second)
+            await asyncio.sleep(i / users)
         while not stopping:
             await timed_stream(engine, traffic.request(rng), sink=records)
             if think:
@@ -249,6 +251,7 @@ async def direct_point(
         )
     steady = (began + args.warmup, began + ran)
     point = {"users": users, "adapters": adapters, **summarize(records, steady)}
+    point["open_loop"] = bool(rate)
     point |= full_collections_since(collections)
     # the clients call the engine directly: its TTFT and the "server's" are theirs
     point["engine_ttft_p50"] = point["server_ttft_p50"] = point.get("ttft_p50")
@@ -287,6 +290,7 @@ async def http_point(options, users: int, adapters: int, raw: Path, clocks=None,
         clock.samples.clear()
         getattr(clock, "first_writes", {}).clear()
     point, records = await asyncio.to_thread(measured, options, users, adapters, raw)
+    point["open_loop"] = bool(getattr(options, "arrival_rate", 0))
     point["engine_children_cpu_cores"] = children.cores()
     if window := steady_window(records, options):  # the client's: the requests of its TTFT
         point |= {figure: clock.ttft_p50(*window) for figure, clock in clocks.items()}
@@ -736,10 +740,11 @@ def main() -> None:
     parser.add_argument("--http-users", type=ints, default=[256], help="http: concurrencies")
     parser.add_argument("--http-adapters", type=ints, default=[128], help="http: adapter counts")
     parser.add_argument("--http-port", type=int, default=8766)
-    parser.add_argument("--arrival-rate", type=float, default=0,
+    arrivals = parser.add_mutually_exclusive_group()
+    arrivals.add_argument("--arrival-rate", type=float, default=0,
                         help="open loop: Poisson arrivals, this many a second, direct and "
                              "HTTP (0: closed, --users back to back)")  # fmt: skip
-    parser.add_argument("--think-time", type=float, default=0,
+    arrivals.add_argument("--think-time", type=float, default=0,
                         help="closed loop: each client sleeps this long after an answer, "
                              "direct and HTTP (k6's sleep(1): users move in waves)")  # fmt: skip
     parser.add_argument("--locust-processes", type=int, default=1,

@@ -106,9 +106,12 @@ def figure(point: dict | None, metric: str) -> float | None:
 
 
 def outran(point: dict | None) -> bool:
-    """Arrivals outran the server at this point (open loop): its backlog grew all along, so its
-    figures measure the backlog, not the server."""
-    return bool(point) and point.get("served") is not None and point["served"] < STEADY_SERVED
+    """Arrivals outran the server at this open-loop point: its backlog grew all along, so its
+    figures measure the backlog, not the server. (A closed loop cannot outrun its server; its
+    completed ÷ arrived moves only with where its waves fall in the window.)"""
+    if not point or not point.get("open_loop") or point.get("served") is None:
+        return False
+    return point["served"] < STEADY_SERVED
 
 
 def round_ratios(points: dict) -> dict[str, float | None]:
@@ -189,7 +192,7 @@ def pairs_markdown(summary: dict, title: str = "Alternating pairs") -> str:
         if group.get("outran"):
             lines += ["", f"Arrivals outran the server (completed ÷ arrived below "
                       f"{STEADY_SERVED}; the backlog grew all along) at: "
-                      f"{', '.join(group['outran'])}. Their rounds' ratios are left out: "
+                      f"{', '.join(group['outran'])}. The ratios involving them are left out: "
                       "they would compare backlogs, not paths."]  # fmt: skip
         lines += [
             "",
@@ -332,20 +335,26 @@ def settings_table(runs: dict[str, dict], users: int | None = None) -> dict:
             table[name][kind] = {
                 "tok_s": figures["output_throughput"],
                 "ttft_p50": figures["ttft_p50"],
+                "served": figures["served"],
             }
     return table
 
 
 def settings_markdown(table: dict) -> str:
+    """tok/s and TTFT per setting and point; with open-loop runs also completed ÷ arrived
+    (below 1: that setting's server did not carry the arrivals)."""
+    served = any(row.get(k, {}).get("served", {}).get("n") for row in table.values() for k in KINDS)
+    columns = [("tok_s", "tok/s", 1, 0), ("ttft_p50", "TTFT p50 ms", 1000, 0)]
+    columns += [("served", "completed ÷ arrived", 1, 2)] if served else []
     lines = [
-        "| setting | rounds | " + " | ".join(f"{k} tok/s" for k in KINDS) + " | "
-        + " | ".join(f"{k} TTFT p50 ms" for k in KINDS) + " |",
-        "|---|---|" + "---|" * (2 * len(KINDS)),
+        "| setting | rounds | "
+        + " | ".join(f"{k} {label}" for _, label, _, _ in columns for k in KINDS) + " |",
+        "|---|---|" + "---|" * (len(columns) * len(KINDS)),
     ]  # fmt: skip
     for name, row in table.items():
-        tok = [fmt(row.get(k, {}).get("tok_s"), digits=0)[0] for k in KINDS]
-        ttft = [fmt(row.get(k, {}).get("ttft_p50"), 1000, 0)[0] for k in KINDS]
-        lines.append(f"| {name} | {row['rounds']} | " + " | ".join(tok + ttft) + " |")
+        cells = [fmt(row.get(k, {}).get(key), scale, digits)[0]
+                 for key, _, scale, digits in columns for k in KINDS]  # fmt: skip
+        lines.append(f"| {name} | {row['rounds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -104,6 +104,7 @@ def test_steady_window_counts_tokens_streamed_inside_it_also_from_cut_requests()
     assert s["request_throughput"] == pytest.approx(1 / 4)  # warmup's end (11.0); done ends 14.5
     assert s["arrived_per_s"] == pytest.approx(2 / 4)  # done and cut started inside
     assert s["served"] == pytest.approx(0.5)  # one completion in the window per two arrivals
+    assert summarize([warmup], window=(10.0, 14.0))["served"] is None  # none arrived in it
     assert s["ttft_p50"] == pytest.approx(0.5)
 
 

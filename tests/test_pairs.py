@@ -14,6 +14,7 @@ import pytest
 
 from engine.registry import SGLangSettings
 from loadtest.pairs import (
+    KINDS,
     median_range,
     pairs_markdown,
     round_ratios,
@@ -103,9 +104,8 @@ def test_rounds_reduce_to_medians_and_ranges_of_the_ratios_not_ratios_of_medians
 
 def test_a_point_whose_arrivals_outran_the_server_leaves_its_rounds_ratios_out():
     backlog = a_round(4, (3500, 0.044), (4600, 0.059), (7000, 0.080), (7000, 0.083))
-    backlog["points"]["direct-base"]["served"] = 0.0  # open loop: nothing finished in the window
-    for kind in ("direct-adapters", "http-base", "http-adapters"):
-        backlog["points"][kind]["served"] = 0.97
+    for kind, served in zip(KINDS, (0.0, 0.97, 0.97, 0.97), strict=True):  # nothing finished
+        backlog["points"][kind] |= {"served": served, "open_loop": True}  # in direct-base's window
     ratios = round_ratios(backlog["points"])
     assert ratios["http_over_direct_tok_s_base"] is None  # the backlog, not the path
     assert ratios["adapters_over_base_tok_s_direct"] is None
@@ -115,6 +115,11 @@ def test_a_point_whose_arrivals_outran_the_server_leaves_its_rounds_ratios_out()
     assert group["ratios"]["http_over_direct_tok_s_base"]["n"] == 3
     assert "Arrivals outran the server" in pairs_markdown({"g": group})
     assert "outran" not in pairs_markdown(summarize_rounds(ROUNDS))
+    waves = a_round(5, (9000, 0.06), (8000, 0.4), (8500, 0.08), (7600, 0.41))
+    waves["points"]["direct-adapters"] |= {"served": 0.86, "open_loop": False}  # a closed loop
+    assert round_ratios(waves["points"])["http_over_direct_ttft_p50_adapters"] == pytest.approx(
+        0.41 / 0.4
+    )  # whose waves fell unevenly in the window: kept
 
 
 def test_concurrencies_are_summarised_apart(tmp_path):
@@ -296,3 +301,18 @@ def test_closed_loop_clients_with_a_think_time_sleep_between_answers_and_the_tit
     assert arrivals_of(options) == "closed, 1.0-s think time"
     assert arrivals_of(options, title=True) == "1.0-s think time"
     assert arrivals_of(argparse.Namespace(arrival_rate=0, think_time=0)) == "closed"
+
+
+def test_settings_under_open_loop_show_whether_each_carried_its_arrivals():
+    from loadtest.pairs import settings_markdown, settings_table
+
+    carried, backlog = a_round(1, *([(9000, 0.07)] * 4)), a_round(1, *([(6000, 0.09)] * 4))
+    for r, served in ((carried, 0.99), (backlog, 0.81)):
+        for point in r["points"].values():
+            point |= {"served": served, "open_loop": True}
+    text = settings_markdown(settings_table({"graph-bs-512": {"rounds": [carried]},
+                                             "default": {"rounds": [backlog]}}))  # fmt: skip
+    assert "direct-base completed ÷ arrived" in text
+    assert "| default | 1 | 6000 | 6000 | 6000 | 6000 | 90 | 90 | 90 | 90 | 0.81 |" in text
+    closed = settings_markdown(settings_table({"default": {"rounds": ROUNDS}}))
+    assert "arrived" not in closed  # closed-loop runs: no such column
