@@ -42,6 +42,7 @@ from fastapi.responses import JSONResponse, Response
 
 from .api.protocol import OpenAIError
 from .api.routes import admin_refusal, error_response
+from .api.server import http_protocol
 from .registry import SLUG, ClusterSettings, Registry, load_registry
 
 log = logging.getLogger("loraland.cluster")
@@ -422,7 +423,8 @@ def main() -> None:
         log.info("router on %s over %d replicas (%s); control API on http://%s:%d",
                  router_url, len(urls), cluster.policy, args.host, args.port + 1)  # fmt: skip
         app = create_control(urls, router_url, os.environ.get("LORALAND_ADMIN_TOKEN"))
-        uvicorn.run(app, host=args.host, port=args.port + 1, log_level="warning")
+        control = {"host": args.host, "port": args.port + 1, "http": http_protocol()}
+        uvicorn.run(app, log_level="warning", **control)
     finally:
         STOPPING.set()
         stop_all(started)
