@@ -423,8 +423,9 @@ def main() -> None:
         log.info("router on %s over %d replicas (%s); control API on http://%s:%d",
                  router_url, len(urls), cluster.policy, args.host, args.port + 1)  # fmt: skip
         app = create_control(urls, router_url, os.environ.get("LORALAND_ADMIN_TOKEN"))
-        control = {"host": args.host, "port": args.port + 1, "http": http_protocol()}
-        uvicorn.run(app, log_level="warning", **control)
+        uvicorn.run(
+            app, host=args.host, port=args.port + 1, log_level="warning", http=http_protocol()
+        )
     finally:
         STOPPING.set()
         stop_all(started)
