@@ -9,6 +9,7 @@ and ranges and writes them as JSON and markdown:
 
     python -m loadtest.pairs side-by-side /tmp/pairs /tmp/peer --users 256 --out /tmp/side
     python -m loadtest.pairs settings DIR/default DIR/continuous-4 --out DIR   # one engine each
+    python -m loadtest.pairs split closed=DIR/closed think-1s=DIR/think --out DIR  # TTFT's parts
 
 A round: ``{"users": 256, "adapters": 128, "round": 1, "points": {"direct-base": {...},
 "direct-adapters": {...}, "http-base": {...}, "http-adapters": {...}}}``, each point the
@@ -381,6 +382,74 @@ def plot_settings(table: dict, out: Path) -> None:
     plt.close(fig)
 
 
+SPLIT_PARTS = (  # (label, figure it ends at, figure it starts from): the stacked TTFT parts
+    ("the engine", "engine_ttft_p50", None),
+    ("the API, before its first byte", "server_ttft_p50", "engine_ttft_p50"),
+    ("to the server and back, the client", "ttft_p50", "server_ttft_p50"),
+)
+
+
+def ttft_split(summary: dict) -> dict[str, dict[str, float | None]]:
+    """Per point, the TTFT p50's parts in ms, each a median over rounds: the engine's TTFT,
+    what the API adds before its first byte, the rest up to the client's first token. A
+    direct point is the engine's alone. Parts of p50s, so they add up only about."""
+    if len(summary) != 1:
+        raise ValueError(f"a run at one concurrency, not {len(summary)}: {', '.join(summary)}")
+    (group,) = summary.values()
+    split = {}
+    for kind, figures in group["points"].items():
+        ms = {m: (figures[m]["median"] or 0) * 1000 if figures[m]["n"] else None for m in FIGURES}
+        if kind.startswith("direct"):
+            ms["engine_ttft_p50"] = ms["server_ttft_p50"] = ms["ttft_p50"]
+        split[kind] = {label: part(ms, end, start) for label, end, start in SPLIT_PARTS}
+        split[kind]["client's TTFT p50"] = ms["ttft_p50"]
+    return split
+
+
+def part(ms: dict, end: str, start: str | None) -> float | None:
+    if ms[end] is None or (start and ms[start] is None):
+        return None
+    return ms[end] - (ms[start] if start else 0)
+
+
+def split_markdown(splits: dict[str, dict]) -> str:
+    labels = [label for label, _, _ in SPLIT_PARTS] + ["client's TTFT p50"]
+    lines = ["| run | point | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for run, split in splits.items():
+        for kind, parts in split.items():
+            cells = ["—" if parts[k] is None else f"{parts[k]:.1f}" for k in labels]
+            lines.append(f"| {run} | {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_split(splits: dict[str, dict], out: Path) -> None:
+    from loadtest.report import plt
+
+    bars = [(run, kind, parts) for run, split in splits.items() for kind, parts in split.items()]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(bars)), 4.2))
+    bottoms = [0.0] * len(bars)
+    for label, _, _ in SPLIT_PARTS:
+        heights = [parts[label] or 0 for _, _, parts in bars]
+        ax.bar(range(len(bars)), heights, 0.7, bottom=bottoms, label=label)
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    ax.set_xticks(range(len(bars)), [f"{run}\n{kind}" for run, kind, _ in bars], fontsize=7)
+    ax.set_ylabel("ms (p50s, medians over rounds)")
+    ax.set_title("Where the first token's time goes: engine-direct and through HTTP")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "ttft-split.png", dpi=110)
+    plt.close(fig)
+
+
+def named_runs(specs: list[str]) -> dict[str, Path]:
+    """``name=DIR`` (or ``DIR``, named by its folder) → {name: DIR}."""
+    runs = {}
+    for spec in specs:
+        name, _, folder = spec.rpartition("=")
+        runs[name or Path(folder).name] = Path(folder)
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="action", required=True)
@@ -394,7 +463,24 @@ def main() -> None:
     settings.add_argument("runs", type=Path, nargs="+", help="one folder per setting: pairs/")
     settings.add_argument("--users", type=int, help="the concurrency, if a run has several")
     settings.add_argument("--out", type=Path, required=True)
+    split = sub.add_parser("split", help="the TTFT's parts per point: engine, API, the rest")
+    split.add_argument("runs", nargs="+", help="NAME=DIR, each DIR a bench --plan pairs folder "
+                       "(results.json) at one concurrency")  # fmt: skip
+    split.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.action == "split":
+        splits = {
+            name: ttft_split(
+                summarize_rounds(json.loads((d / "results.json").read_text())["rounds"])
+            )
+            for name, d in named_runs(args.runs).items()
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "ttft-split.json").write_text(json.dumps(splits, indent=1))
+        (args.out / "ttft-split.md").write_text(split_markdown(splits))
+        plot_split(splits, args.out)
+        print(split_markdown(splits))
+        return
     if args.action == "settings":
         runs = {r.name: json.loads((r / "pairs" / "results.json").read_text()) for r in args.runs}
         try:

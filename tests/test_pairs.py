@@ -316,3 +316,39 @@ def test_settings_under_open_loop_show_whether_each_carried_its_arrivals():
     assert "| default | 1 | 6000 | 6000 | 6000 | 6000 | 90 | 90 | 90 | 90 | 0.81 |" in text
     closed = settings_markdown(settings_table({"default": {"rounds": ROUNDS}}))
     assert "arrived" not in closed  # closed-loop runs: no such column
+
+
+def test_split_stacks_the_engines_the_apis_and_the_clients_part_of_the_first_token(tmp_path):
+    rounds = []
+    for number, engine_ms in ((1, 300), (2, 320), (3, 310)):
+        r = a_round(number, (9000, 0.320), (8000, 0.330), (8000, 0.400), (7500, 0.420))
+        for kind in ("http-base", "http-adapters"):
+            r["points"][kind] |= {"engine_ttft_p50": engine_ms / 1000, "server_ttft_p50": 0.350}
+        rounds.append(r)
+    write_pairs(tmp_path / "think", {"rounds": rounds})
+    write_pairs(tmp_path / "closed", {"rounds": ROUNDS})
+    cmd = [sys.executable, "-m", "loadtest.pairs", "split", f"waves={tmp_path / 'think'}",
+           str(tmp_path / "closed"), "--out", str(tmp_path / "out")]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    split = json.loads((tmp_path / "out" / "ttft-split.json").read_text())
+    assert list(split) == ["waves", "closed"]
+    http = split["waves"]["http-base"]
+    assert http["the engine"] == pytest.approx(310)
+    assert http["the API, before its first byte"] == pytest.approx(40)
+    assert http["to the server and back, the client"] == pytest.approx(50)
+    assert split["waves"]["direct-adapters"]["the engine"] == pytest.approx(330)
+    assert split["waves"]["direct-adapters"]["the API, before its first byte"] == 0
+    assert split["closed"]["http-base"]["the engine"] is None  # no server clock in that run
+    assert (
+        "| waves | http-base | 310.0 | 40.0 | 50.0 | 400.0 |"
+        in (tmp_path / "out" / "ttft-split.md").read_text()
+    )
+    assert (tmp_path / "out" / "ttft-split.png").stat().st_size > 0
+
+
+def test_split_needs_one_concurrency_per_run(tmp_path):
+    write_pairs(tmp_path / "both", {"rounds": [*ROUNDS, a_round(4, *([(1, 0.1)] * 4), users=512)]})
+    cmd = [sys.executable, "-m", "loadtest.pairs", "split", str(tmp_path / "both"),
+           "--out", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0 and "one concurrency, not 2" in done.stderr
