@@ -69,6 +69,7 @@ class RequestTimer:
 
     def __init__(self, metrics: Metrics, adapter: str, endpoint: str):
         self.metrics, self.adapter, self.endpoint = metrics, adapter, endpoint
+        self.itl = metrics.itl.labels(adapter)  # once, not once a chunk
         self.start = time.perf_counter()
         self.last: float | None = None
 
@@ -79,7 +80,7 @@ class RequestTimer:
         if self.last is None:
             self.metrics.ttft.labels(self.adapter).observe(now - self.start)
         else:
-            self.metrics.itl.labels(self.adapter).observe((now - self.last) / n_tokens)
+            self.itl.observe((now - self.last) / n_tokens)
         self.last = now
 
     def finish(self, finish_reason: str, usage) -> None:

@@ -386,8 +386,15 @@ def test_unload_ends_its_streams_after_the_deadline_and_holds_the_name(
             )
             unloaded = unloading.result()
             events = running.result()["events"]
+        metrics = httpx.get(f"{live.url}/metrics", timeout=30).text
     finally:
         live.stop()
+    cut = [
+        m
+        for m in metrics.splitlines()
+        if m.startswith('loraland_request_errors_total{adapter="delta"')
+    ]
+    assert len(cut) == 1 and cut[0].endswith(" 1.0")  # the failure after the 200, counted once
     assert again.status_code == 409 and "being unloaded" in again.json()["error"]["message"]
     assert used.status_code == 404
     assert unloaded.status_code == 200 and unloaded.json()["streams_ended"] == 1

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
@@ -48,6 +48,7 @@ from ..registry import (
     template_fields,
 )
 from ..sampling import resolve
+from .hot_path import EventStream, GenerationRoutes
 from .limits import BodyLimit
 from .protocol import (
     AdapterBody,
@@ -69,6 +70,7 @@ from .protocol import (
 log = logging.getLogger(__name__)
 Merger = Callable[..., Path]
 """``merge_adapters(base_dir, sources, method, weights, density, out, svd_rank, progress=)``."""
+GENERATION_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 API_PATHS = {
     "/v1/chat/completions": {"POST"},
     "/v1/completions": {"POST"},
@@ -556,7 +558,6 @@ def create_api(
     app = app or FastAPI(title="LoRA Land in a box")
     app.router.redirect_slashes = False
     app.state.api = api
-    app.add_middleware(BodyLimit, max_bytes=registry.server.max_body_bytes, metrics=api.metrics)
 
     def counted(err: OpenAIError, headers: dict | None = None) -> JSONResponse:
         """An error outside a generation request (admin, routes), counted under ``none``."""
@@ -575,7 +576,15 @@ def create_api(
             return error_response(OpenAIError(err.status_code, message, kind), err.headers)
         return counted(OpenAIError(err.status_code, message, kind), err.headers)
 
-    async def serve(request: Request, model: type[SamplingFields], endpoint: str):
+    async def serve(request: Request, endpoint: str):
+        """A generation request's answer; an OpenAI error as its error response."""
+        try:
+            return await generate(request, endpoint)
+        except OpenAIError as err:
+            return error_response(err) if err.counted else counted(err)
+
+    async def generate(request: Request, endpoint: str):
+        model = CompletionBody if endpoint == "completions" else ChatBody
         label = "unknown"  # an unknown model name must not become a label value
         try:
             api.refuse_while_draining()
@@ -601,20 +610,27 @@ def create_api(
         echo = [r.prompt or "" for r in requests] if getattr(body, "echo", False) else None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = stream_events(writer, firsts, streams, include_usage, echo, body.n)
-            counted = count_stream_errors(events, api.metrics, label)
-            return StreamingResponse(counted, media_type="text/event-stream")
+
+            def count(err: OpenAIError) -> None:  # a failure after the 200 is counted too
+                api.metrics.error(label, err.kind, err.status)
+
+            return EventStream(
+                stream_events(writer, firsts, streams, include_usage, echo, body.n, count)
+            )
         parts = await collect(firsts, streams)
         fanout = body.models is not None
         return JSONResponse(whole_response(writer, parts, echo, fanout, body.n))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions")  # served by GenerationRoutes; listed here for the OpenAPI page
     async def completions(request: Request):
-        return await serve(request, CompletionBody, "completions")
+        return await serve(request, "completions")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await serve(request, ChatBody, "chat")
+        return await serve(request, "chat")
+
+    app.add_middleware(GenerationRoutes, routes=GENERATION_ROUTES, serve=serve)
+    app.add_middleware(BodyLimit, max_bytes=registry.server.max_body_bytes, metrics=api.metrics)
 
     @app.get("/v1/models")
     async def models():
@@ -794,10 +810,10 @@ def encoded(writer: ChunkWriter, index: int, chunk: Chunk, offset: int) -> bytes
     return writer.text(index, chunk.text) if chunk.text else None
 
 
-async def stream_events(writer, firsts, streams, include_usage: bool, echo, n: int):
+async def stream_events(writer, firsts, streams, include_usage: bool, echo, n: int, on_failure):
     """SSE events: the role (chat), every choice's deltas, usage (each prompt once, not once
     per copy), ``[DONE]``. A failure after the 200 ends this stream with an error event and
-    ``[DONE]``; other streams never see it."""
+    ``[DONE]`` and is handed to ``on_failure`` (to be counted); other streams never see it."""
     prompt_tokens = completion_tokens = 0
     offsets = [len(echo[i]) if echo else 0 for i in range(len(streams))]
     failure = None
@@ -823,10 +839,9 @@ async def stream_events(writer, firsts, streams, include_usage: bool, echo, n: i
         for s in streams:
             await s.aclose()
     if failure is not None:
+        on_failure(failure)
         yield writer.error(failure)
     yield writer.done()
-    if failure is not None:
-        raise StreamFailed(failure)
 
 
 async def merged(firsts, streams) -> AsyncIterator[tuple[int, Chunk]]:
@@ -863,20 +878,3 @@ async def merged(firsts, streams) -> AsyncIterator[tuple[int, Chunk]]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class StreamFailed(Exception):
-    """A stream that ended with an error event (counted, then swallowed)."""
-
-    def __init__(self, err: OpenAIError):
-        super().__init__(err.message)
-        self.err = err
-
-
-async def count_stream_errors(events, metrics: Metrics, label: str):
-    """A failure after the 200 went out can only be reported in the stream; count it too."""
-    try:
-        async for event in events:
-            yield event
-    except StreamFailed as failed:
-        metrics.error(label, failed.err.kind, failed.err.status)
