@@ -450,6 +450,15 @@ def named_runs(specs: list[str]) -> dict[str, Path]:
     return runs
 
 
+def write_report(out: Path, stem: str, data: dict, text: str, plot) -> None:
+    """``stem``.json, ``stem``.md and the plot (``plot(data, out)``) in ``out``; the text shown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
+    (out / f"{stem}.md").write_text(text)
+    plot(data, out)
+    print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="action", required=True)
@@ -469,30 +478,21 @@ def main() -> None:
     split.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.action == "split":
-        splits = {
-            name: ttft_split(
-                summarize_rounds(json.loads((d / "results.json").read_text())["rounds"])
-            )
-            for name, d in named_runs(args.runs).items()
-        }
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "ttft-split.json").write_text(json.dumps(splits, indent=1))
-        (args.out / "ttft-split.md").write_text(split_markdown(splits))
-        plot_split(splits, args.out)
-        print(split_markdown(splits))
-        return
+        splits = {}
+        for name, folder in named_runs(args.runs).items():
+            rounds = json.loads((folder / "results.json").read_text())["rounds"]
+            try:
+                splits[name] = ttft_split(summarize_rounds(rounds))
+            except ValueError as err:
+                raise SystemExit(f"{folder}: {err}") from None
+        return write_report(args.out, "ttft-split", splits, split_markdown(splits), plot_split)
     if args.action == "settings":
         runs = {r.name: json.loads((r / "pairs" / "results.json").read_text()) for r in args.runs}
         try:
             table = settings_table(runs, args.users)
         except ValueError as err:
             raise SystemExit(str(err)) from None
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "settings.json").write_text(json.dumps(table, indent=1))
-        (args.out / "settings.md").write_text(settings_markdown(table))
-        plot_settings(table, args.out)
-        print(settings_markdown(table))
-        return
+        return write_report(args.out, "settings", table, settings_markdown(table), plot_settings)
     ours = summarize_rounds(json.loads((args.ours / "results.json").read_text())["rounds"])
     peer = summarize_rounds(json.loads((args.peer / "results.json").read_text())["rounds"])
     report = side_by_side(ours, peer, args.users)
