@@ -9,8 +9,9 @@ never silently answers with the base model.
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 import time
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -124,6 +125,18 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty)
 
 
+IDS = random.Random()
+"""Request ids: 128 random bits from a generator of their own (seeded from ``os.urandom``, again
+in a forked child), so a program seeding ``random`` cannot make two ids alike; no system call a
+request, unlike ``uuid4``."""
+os.register_at_fork(after_in_child=IDS.seed)
+
+
+def new_id() -> str:
+    """A fresh id: 32 hex digits."""
+    return f"{IDS.getrandbits(128):032x}"
+
+
 @dataclass
 class GenerationRequest:
     """One generation: ``adapter=None`` asks for the base model."""
@@ -132,7 +145,7 @@ class GenerationRequest:
     prompt: str | None = None
     messages: list[dict] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=new_id)
     prompt_ids: list[int] | None = None
     """A prompt given as token ids (OpenAI's token-array prompt), instead of text."""
 

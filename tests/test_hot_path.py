@@ -6,11 +6,14 @@ test_hostile_inputs.py."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import httpx
 import pytest
 
 from engine.api.hot_path import EventStream, GenerationRoutes, route_path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Client:
@@ -128,3 +131,65 @@ def test_the_route_path_leaves_out_the_root_path_a_proxy_or_mount_set():
     assert route_path({"path": "/v1/completions"}) == "/v1/completions"
     assert route_path({"path": "/api/v1/completions", "root_path": "/api"}) == "/v1/completions"
     assert route_path({"path": "/v1/completions", "root_path": "/api"}) == "/v1/completions"
+
+
+def test_a_cancel_from_outside_that_meets_the_clients_leaving_is_not_swallowed():
+    async def main():
+        client, closed, never = Client(), [], asyncio.Event()
+        stream = EventStream(events(5, closed, never))
+        answer = asyncio.ensure_future(stream({}, client.receive, client.send))
+        await asyncio.sleep(0.01)
+        client.left.set()  # the watcher cancels the sender in the next turn of the loop ...
+        await asyncio.sleep(0)
+        answer.cancel()  # ... and the server stops in the same turn
+        with pytest.raises(asyncio.CancelledError):
+            await answer
+        return closed
+
+    assert asyncio.run(main()) == [True]
+
+
+def test_a_receive_that_fails_ends_the_stream_and_is_logged(caplog):
+    async def main():
+        client, closed, never = Client(), [], asyncio.Event()
+
+        async def broken():
+            await asyncio.sleep(0.01)
+            raise RuntimeError("the transport broke")
+
+        await asyncio.wait_for(EventStream(events(5, closed, never))({}, broken, client.send), 5)
+        return closed
+
+    assert asyncio.run(main()) == [True]
+    assert "receive failed during a stream" in caplog.text and "the transport broke" in caplog.text
+
+
+def test_an_app_given_with_its_own_checks_keeps_them_on_the_generation_routes():
+    from fastapi import Depends, FastAPI, Header, HTTPException
+
+    from engine.api import create_api
+    from engine.registry import load_registry
+    from loadtest.no_model import NoModelEngine
+
+    def api_key(x_key: str = Header("")):
+        if x_key != "k":
+            raise HTTPException(401, "no key")
+
+    registry = load_registry(ROOT / "adapters.yaml")
+    engine = NoModelEngine("base", [a.name for a in registry.adapters], 0)
+    guarded = create_api(engine, registry, app=FastAPI(dependencies=[Depends(api_key)]))
+    plain = create_api(NoModelEngine("base", [], 0), registry)
+    body = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+    async def post(app, headers):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.post("/v1/chat/completions", json=body, headers=headers)
+
+    async def main():
+        return [await post(guarded, {}), await post(guarded, {"x-key": "k"}), await post(plain, {})]
+
+    refused, allowed, served = asyncio.run(main())
+    assert refused.status_code == 401 and allowed.status_code == 200 and served.status_code == 200
+    assert not any(m.cls is GenerationRoutes for m in guarded.user_middleware)
+    assert any(m.cls is GenerationRoutes for m in plain.user_middleware)

@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
+
+log = logging.getLogger(__name__)
+FASTAPI_HANDLERS = {HTTPException, RequestValidationError, WebSocketRequestValidationError}
 
 EVENT_STREAM = [(b"content-type", b"text/event-stream; charset=utf-8")]
 
@@ -34,6 +41,22 @@ class GenerationRoutes:
         await response(scope, receive, send)
 
 
+def why_fastapi_routes(app: FastAPI, paths) -> str | None:
+    """Why the generation routes of ``app`` must go through FastAPI (None: they need not). An
+    app made elsewhere (``create_api(app=...)``) may bring what the bypass would skip: its own
+    middleware (inside ours), app-wide dependencies (an API-key check), exception handlers, or
+    routes of its own on these paths."""
+    if app.user_middleware:
+        return "the app has middleware of its own"
+    if app.router.dependencies:
+        return "the app has dependencies"
+    if set(app.exception_handlers) - FASTAPI_HANDLERS:
+        return "the app has exception handlers of its own"
+    if any(getattr(route, "path", None) in paths for route in app.routes):
+        return "the app has routes of its own on these paths"
+    return None
+
+
 def route_path(scope) -> str:
     """The path the app routes on: without the ``root_path`` a proxy or a mount put in front."""
     path, root = scope["path"], scope.get("root_path", "")
@@ -52,7 +75,11 @@ class EventStream:
         sender, done = asyncio.current_task(), False
 
         def client_left(watcher: asyncio.Task) -> None:
-            if not done and not watcher.cancelled():
+            if watcher.cancelled():
+                return
+            if watcher.exception() is not None:  # the stream ends as if the client had left
+                log.error("receive failed during a stream", exc_info=watcher.exception())
+            if not done:
                 sender.cancel()
 
         watcher = asyncio.ensure_future(until_disconnect(receive))
@@ -64,9 +91,8 @@ class EventStream:
                     await send({"type": "http.response.body", "body": event, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not (watcher.done() and not watcher.cancelled()):
-                raise  # cancelled from outside (the server stopping), not by the watcher
-            sender.uncancel()
+            if not (watcher.done() and not watcher.cancelled()) or sender.uncancel():
+                raise  # cancelled from outside (the server stopping), not only by the watcher
         except OSError:
             pass  # a server on ASGI spec 2.4 says the client left by failing the send
         finally:

@@ -18,7 +18,6 @@ import json
 import logging
 import shutil
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from ..interface import (
     GenerationRequest,
     SamplingParams,
     Usage,
+    new_id,
 )
 from ..metrics import Metrics, RequestTimer
 from ..registry import (
@@ -48,7 +48,7 @@ from ..registry import (
     template_fields,
 )
 from ..sampling import resolve
-from .hot_path import EventStream, GenerationRoutes
+from .hot_path import EventStream, GenerationRoutes, why_fastapi_routes
 from .limits import BodyLimit
 from .protocol import (
     AdapterBody,
@@ -553,9 +553,12 @@ def create_api(
     """Add the OpenAI-compatible routes to ``app`` (a new FastAPI app when None). Call it
     before mounting anything at ``/``: its catch-all keeps ``/v1/...`` answers in OpenAI's
     shape. With a ``merger`` (``finetune.merge.merge_adapters``, which ``python app.py``
-    passes), ``POST /v1/adapters/merge`` combines served adapters."""
+    passes), ``POST /v1/adapters/merge`` combines served adapters. The generation routes skip
+    FastAPI (``hot_path``) unless a given ``app`` has middleware, dependencies, exception
+    handlers or routes of its own there."""
     api = Api(engine, registry, admin_token, adapter_root)
-    app = app or FastAPI(title="LoRA Land in a box")
+    given, app = app, app or FastAPI(title="LoRA Land in a box")
+    through_fastapi = given and why_fastapi_routes(given, GENERATION_ROUTES)
     app.router.redirect_slashes = False
     app.state.api = api
 
@@ -604,7 +607,7 @@ def create_api(
             api.metrics.error(label, err.kind, err.status)
             err.counted = True
             raise
-        rid = ("cmpl-" if endpoint == "completions" else "chatcmpl-") + uuid.uuid4().hex
+        rid = ("cmpl-" if endpoint == "completions" else "chatcmpl-") + new_id()
         choice_models = [m for m, _ in named]
         writer = ChunkWriter(endpoint, rid, body.model, int(time.time()), choice_models)
         echo = [r.prompt or "" for r in requests] if getattr(body, "echo", False) else None
@@ -629,7 +632,10 @@ def create_api(
     async def chat_completions(request: Request):
         return await serve(request, "chat")
 
-    app.add_middleware(GenerationRoutes, routes=GENERATION_ROUTES, serve=serve)
+    if through_fastapi:
+        log.info("the generation routes go through FastAPI: %s", through_fastapi)
+    else:
+        app.add_middleware(GenerationRoutes, routes=GENERATION_ROUTES, serve=serve)
     app.add_middleware(BodyLimit, max_bytes=registry.server.max_body_bytes, metrics=api.metrics)
 
     @app.get("/v1/models")
@@ -742,8 +748,12 @@ async def all_or_nothing(coroutines) -> list:
 
 
 async def first_chunks(streams: list[AsyncIterator[Chunk]]) -> list[Chunk]:
-    """Start every generation before the 200 goes out, so request errors still get a 4xx."""
+    """Start every generation before the 200 goes out, so request errors still get a 4xx. One
+    stream (the hot path) is awaited in the request's own task: no task to start, no turn of the
+    loop before the engine sees the request."""
     try:
+        if len(streams) == 1:
+            return [await anext(streams[0])]
         return await all_or_nothing(anext(s) for s in streams)
     except BaseException:
         for s in streams:
