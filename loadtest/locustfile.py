@@ -319,15 +319,18 @@ class TokenCounter:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.events: list[tuple[float, str, int]] = []
+        self.events: collections.deque[tuple[float, str, int]] = collections.deque()
         self.totals: dict[str, int] = {}
 
     def add(self, label: str, tokens: int) -> None:
+        """One answer's tokens; events older than the window leave from the front (O(1) an
+        answer: rebuilding the window's list on each answer took a fifth of Locust's CPU)."""
         now = time.time()
         with self.lock:
             self.events.append((now, label, tokens))
             self.totals[label] = self.totals.get(label, 0) + tokens
-            self.events = [e for e in self.events if e[0] > now - self.WINDOW]
+            while self.events[0][0] <= now - self.WINDOW:
+                self.events.popleft()
 
     def table(self) -> list[dict]:
         now = time.time()
