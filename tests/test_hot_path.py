@@ -46,6 +46,16 @@ def events(n: int, closed: list, pause: asyncio.Event | None = None):
     return gen()
 
 
+async def stalled_stream() -> tuple[Client, list, asyncio.Task]:
+    """A stream that has sent two events and waits for a third that never comes: its client,
+    the generator's closed flag and the task answering."""
+    client, closed = Client(), []
+    stream = EventStream(events(5, closed, asyncio.Event()))
+    answer = asyncio.ensure_future(stream({}, client.receive, client.send))
+    await asyncio.sleep(0.01)
+    return client, closed, answer
+
+
 def test_a_stream_sends_every_event_then_ends_and_leaves_its_task_alone():
     async def main():
         client, closed = Client(), []
@@ -64,11 +74,7 @@ def test_a_stream_sends_every_event_then_ends_and_leaves_its_task_alone():
 
 def test_a_client_that_leaves_ends_the_stream_and_closes_its_generator():
     async def main():
-        client, closed, never = Client(), [], asyncio.Event()
-        answer = asyncio.ensure_future(
-            EventStream(events(5, closed, never))({}, client.receive, client.send)
-        )
-        await asyncio.sleep(0.01)
+        client, closed, answer = await stalled_stream()
         client.left.set()
         await asyncio.wait_for(answer, 5)  # returns: the client's leaving is not an error
         return client, closed, answer
@@ -80,11 +86,7 @@ def test_a_client_that_leaves_ends_the_stream_and_closes_its_generator():
 
 def test_a_stream_cancelled_from_outside_stays_cancelled():
     async def main():
-        client, closed, never = Client(), [], asyncio.Event()
-        answer = asyncio.ensure_future(
-            EventStream(events(5, closed, never))({}, client.receive, client.send)
-        )
-        await asyncio.sleep(0.01)
+        _, closed, answer = await stalled_stream()
         answer.cancel()  # e.g. the server stopping
         with pytest.raises(asyncio.CancelledError):
             await answer
@@ -135,10 +137,7 @@ def test_the_route_path_leaves_out_the_root_path_a_proxy_or_mount_set():
 
 def test_a_cancel_from_outside_that_meets_the_clients_leaving_is_not_swallowed():
     async def main():
-        client, closed, never = Client(), [], asyncio.Event()
-        stream = EventStream(events(5, closed, never))
-        answer = asyncio.ensure_future(stream({}, client.receive, client.send))
-        await asyncio.sleep(0.01)
+        client, closed, answer = await stalled_stream()
         client.left.set()  # the watcher cancels the sender in the next turn of the loop ...
         await asyncio.sleep(0)
         answer.cancel()  # ... and the server stops in the same turn
