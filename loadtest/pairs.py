@@ -387,12 +387,15 @@ SPLIT_PARTS = (  # (label, figure it ends at, figure it starts from): the stacke
     ("the API, before its first byte", "server_ttft_p50", "engine_ttft_p50"),
     ("to the server and back, the client", "ttft_p50", "server_ttft_p50"),
 )
+UNSPLIT = "not split (no server clock in that run)"
+SPLIT_LABELS = (*(label for label, _, _ in SPLIT_PARTS), UNSPLIT, "client's TTFT p50")
 
 
 def ttft_split(summary: dict) -> dict[str, dict[str, float | None]]:
     """Per point, the TTFT p50's parts in ms, each a median over rounds: the engine's TTFT,
     what the API adds before its first byte, the rest up to the client's first token. A
-    direct point is the engine's alone. Parts of p50s, so they add up only about."""
+    direct point is the engine's alone. Parts a run cannot tell apart (no server clock) are
+    ``None`` and their sum is ``UNSPLIT``. Parts of p50s, so they add up only about."""
     if len(summary) != 1:
         raise ValueError(f"a run at one concurrency, not {len(summary)}: {', '.join(summary)}")
     (group,) = summary.values()
@@ -401,8 +404,11 @@ def ttft_split(summary: dict) -> dict[str, dict[str, float | None]]:
         ms = {m: (figures[m]["median"] or 0) * 1000 if figures[m]["n"] else None for m in FIGURES}
         if kind.startswith("direct"):
             ms["engine_ttft_p50"] = ms["server_ttft_p50"] = ms["ttft_p50"]
-        split[kind] = {label: part(ms, end, start) for label, end, start in SPLIT_PARTS}
-        split[kind]["client's TTFT p50"] = ms["ttft_p50"]
+        parts = {label: part(ms, end, start) for label, end, start in SPLIT_PARTS}
+        unsplit = None
+        if None in parts.values() and ms["ttft_p50"] is not None:
+            unsplit = ms["ttft_p50"] - sum(v for v in parts.values() if v is not None)
+        split[kind] = parts | {UNSPLIT: unsplit, "client's TTFT p50": ms["ttft_p50"]}
     return split
 
 
@@ -413,7 +419,7 @@ def part(ms: dict, end: str, start: str | None) -> float | None:
 
 
 def split_markdown(splits: dict[str, dict]) -> str:
-    labels = [label for label, _, _ in SPLIT_PARTS] + ["client's TTFT p50"]
+    labels = SPLIT_LABELS
     lines = ["| run | point | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
     for run, split in splits.items():
         for kind, parts in split.items():
@@ -428,9 +434,10 @@ def plot_split(splits: dict[str, dict], out: Path) -> None:
     bars = [(run, kind, parts) for run, split in splits.items() for kind, parts in split.items()]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(bars)), 4.2))
     bottoms = [0.0] * len(bars)
-    for label, _, _ in SPLIT_PARTS:
+    for label in SPLIT_LABELS[:-1]:
         heights = [parts[label] or 0 for _, _, parts in bars]
-        ax.bar(range(len(bars)), heights, 0.7, bottom=bottoms, label=label)
+        color = "lightgrey" if label == UNSPLIT else None
+        ax.bar(range(len(bars)), heights, 0.7, bottom=bottoms, label=label, color=color)
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
     ax.set_xticks(range(len(bars)), [f"{run}\n{kind}" for run, kind, _ in bars], fontsize=7)
     ax.set_ylabel("ms (p50s, medians over rounds)")

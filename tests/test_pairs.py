@@ -338,9 +338,12 @@ def test_split_stacks_the_engines_the_apis_and_the_clients_part_of_the_first_tok
     assert http["to the server and back, the client"] == pytest.approx(50)
     assert split["waves"]["direct-adapters"]["the engine"] == pytest.approx(330)
     assert split["waves"]["direct-adapters"]["the API, before its first byte"] == 0
-    assert split["closed"]["http-base"]["the engine"] is None  # no server clock in that run
+    assert http["not split (no server clock in that run)"] is None
+    closed = split["closed"]["http-base"]  # no server clock in that run: one unsplit part
+    assert closed["the engine"] is None
+    assert closed["not split (no server clock in that run)"] == closed["client's TTFT p50"]
     assert (
-        "| waves | http-base | 310.0 | 40.0 | 50.0 | 400.0 |"
+        "| waves | http-base | 310.0 | 40.0 | 50.0 | — | 400.0 |"
         in (tmp_path / "out" / "ttft-split.md").read_text()
     )
     assert (tmp_path / "out" / "ttft-split.png").stat().st_size > 0
