@@ -53,6 +53,15 @@ class BaseSpec(Strict):
     """Weights dtype. ``auto``: float32 on CPU (fastest there and batch-exact), bfloat16 on GPU."""
 
 
+SGLANG_KWARGS_OF_FIELDS = frozenset(
+    """model_path dtype enable_lora lora_paths max_loras_per_batch max_loaded_loras lora_backend
+    max_lora_rank lora_target_modules attention_backend sampling_backend mem_fraction_static
+    disable_cuda_graph chunked_prefill_size max_running_requests stream_interval
+    incremental_streaming_output grammar_backend tp_size dp_size""".split()
+)
+"""``sglang.Engine`` keyword arguments the SGLang backend sets (``engine_kwargs``)."""
+
+
 class SGLangSettings(Strict):
     max_loras_per_batch: int = Field(8, ge=1)
     """Distinct adapters one running batch may hold (the base model counts as one)."""
@@ -75,6 +84,13 @@ class SGLangSettings(Strict):
     """Capture CUDA graphs for decode (slower start, faster decode)."""
     chunked_prefill_size: int | None = None
     """Prefill chunk size in tokens; ``None`` = SGLang's default."""
+    max_running_requests: int | None = Field(256, ge=1)
+    """Requests decoded together at most (per replica); the rest wait for a slot before their
+    prefill, and SGLang lowers it further to what its KV pool holds. 256: SGLang's decode CUDA
+    graphs reach 256 on an H100/H200, and past 256 running the 7B decode step on an H200 slowed
+    4x: under 85 Poisson arrivals a second SGLang's own limit outran them at 12 of 12 points,
+    256 carried 11 of 12 (``results/serving/h200-7b-open-loop-defaults-vs-cap``). ``None``:
+    SGLang's own limit, from the KV pool (thousands on an H200)."""
     stream_interval: int | Literal["auto"] = "auto"
     """Stream a chunk every N tokens: N times fewer outputs for the one event loop that runs the
     API and SGLang's tokenizer manager, at the price of coarser streaming. ``auto``: token by
@@ -93,7 +109,16 @@ class SGLangSettings(Strict):
     dp_size: int = Field(1, ge=1)
     """Data-parallel replicas."""
     extra: dict = Field(default_factory=dict)
-    """Any further ``sglang.Engine`` keyword arguments, passed through unchanged."""
+    """Any further ``sglang.Engine`` keyword arguments, passed through unchanged; not those the
+    fields above set (``SGLANG_KWARGS_OF_FIELDS``)."""
+
+    @field_validator("extra")
+    @classmethod
+    def extra_adds_only(cls, value: dict) -> dict:
+        taken = sorted(set(value) & SGLANG_KWARGS_OF_FIELDS)
+        if taken:
+            raise ValueError(f"{', '.join(taken)}: set by a field of its own, not through extra")
+        return value
 
     @model_validator(mode="after")
     def loaded_holds_a_batch(self) -> SGLangSettings:

@@ -432,10 +432,11 @@ profile_decode() {  # #16: what bounds the decode step (torch profiler through S
 
 decode_setting() {  # a named engine setting of decode-settings, as bench's --set takes it
   case $1 in
-    default) echo 'extra={}' ;;
+    default) echo 'extra={}' ;;  # the product's defaults (max_running_requests 256 since 2026-12-02)
+    sglang-running) echo 'max_running_requests=null' ;;  # SGLang's own limit, from the KV pool
     continuous-4) echo 'extra={"num_continuous_decode_steps": 4}' ;;
     graph-bs-512) echo 'extra={"cuda_graph_max_bs_decode": 512}' ;;
-    max-running-256) echo 'extra={"max_running_requests": 256}' ;;  # the rest wait, not decode eager
+    max-running-256) echo 'max_running_requests=256' ;;  # the rest wait for a slot
     mixed-chunk) echo 'extra={"enable_mixed_chunk": true}' ;;
     *) echo "no decode setting named $1" >&2; return 1 ;;
   esac

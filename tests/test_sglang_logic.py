@@ -31,7 +31,7 @@ from engine.interface import (
     RequestEndedError,
     SamplingParams,
 )
-from engine.registry import SGLangSettings
+from engine.registry import SGLANG_KWARGS_OF_FIELDS, SGLangSettings
 
 
 def test_engine_kwargs_carry_the_registry_settings():
@@ -50,6 +50,30 @@ def test_engine_kwargs_carry_the_registry_settings():
     assert kwargs["grammar_backend"] == "llguidance"
     assert engine_kwargs(SGLangSettings(stream_interval=4), "/m", {})["stream_interval"] == 4
     assert "max_lora_rank" not in kwargs and "chunked_prefill_size" not in kwargs
+
+
+def test_running_requests_are_capped_at_256_unless_set_to_sglangs_own_limit():
+    assert engine_kwargs(SGLangSettings(), "/m", {})["max_running_requests"] == 256
+    assert (
+        engine_kwargs(SGLangSettings(max_running_requests=64), "/m", {})["max_running_requests"]
+        == 64
+    )
+    assert "max_running_requests" not in engine_kwargs(
+        SGLangSettings(max_running_requests=None), "/m", {}
+    )
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        SGLangSettings(max_running_requests=0)
+
+
+def test_extra_cannot_set_what_a_field_sets():
+    with pytest.raises(ValueError, match="max_running_requests, tp_size: set by a field"):
+        SGLangSettings(extra={"tp_size": 2, "max_running_requests": 512, "log_level": "info"})
+    every_optional = SGLangSettings(
+        max_loaded_loras=8, max_lora_rank=8, lora_target_modules=["q_proj"], chunked_prefill_size=8
+    )
+    assert set(engine_kwargs(every_optional, "/m", {"a": "/a"})) == SGLANG_KWARGS_OF_FIELDS | {
+        "log_level"  # the one kwarg of ours that extra may change (SGLang's own logs)
+    }
 
 
 def test_more_adapters_than_max_loaded_start_with_the_first_ones():

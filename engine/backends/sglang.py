@@ -72,6 +72,7 @@ def engine_kwargs(
         "max_lora_rank": settings.max_lora_rank,
         "lora_target_modules": settings.lora_target_modules,
         "chunked_prefill_size": settings.chunked_prefill_size,
+        "max_running_requests": settings.max_running_requests,
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     if not adapters and not (settings.max_lora_rank and settings.lora_target_modules):
