@@ -64,7 +64,8 @@
 # CODE_AB (payload: 0), CODE_AB_ROUNDS (2), CODE_AB_ORDER (old new), RETRAIN_SQL (0), SQL_RECIPES (r64all-2000 r64all-3000
 # r128all-2000: r<rank>all-<steps> each), SQL_EVALS (1; 0 skips the SGLang scoring), ADAPTERS_BACK (collect: the recipes whose adapter
 # archives come back, in 15-MB parts; default the first of SQL_RECIPES), DECODE_SETTINGS (the engines of
-# decode-settings), DECODE_OPEN (decode-settings' arrivals, e.g. --arrival-rate 85), DECODE_PAIRS
+# decode-settings), DECODE_OPEN (decode-settings' arrivals, e.g. --arrival-rate 85), DECODE_USERS
+# (decode-settings' streams, 256), DECODE_PAIRS
 # (decode-settings' rounds per engine, default 1), ARRIVAL_RATE
 # (pairs-open, 70), STEPS_OURS / STEPS_CHECK / STEPS_ALL / STEPS_CPU (the step lists). Jobs run from a copy
 # of the repo in /tmp/repo (each call re-syncs the working tree) and write under /tmp/results.
@@ -451,7 +452,8 @@ decode_settings() {  # #16 item 4, after the profile: SGLang settings against th
     gpu_free
     # shellcheck disable=SC2086  # DECODE_OPEN: flags, split on purpose
     timeout 900 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" \
-      --out "$RESULTS/decode-settings/$name" --plan pairs --pairs "${DECODE_PAIRS:-1}" --users 256 --adapters 128 \
+      --out "$RESULTS/decode-settings/$name" --plan pairs --pairs "${DECODE_PAIRS:-1}" \
+      --users "${DECODE_USERS:-256}" --adapters 128 \
       --duration "${DURATION:-20}" --warmup 5 --http-port 8768 \
       --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" --set "$setting" \
       ${DECODE_OPEN:-} || echo "decode-settings: $name failed"  # DECODE_OPEN: e.g. --arrival-rate 85
