@@ -165,6 +165,34 @@ def test_client_disconnect_cancels_the_generation(client, hf_engine):
     assert hf_engine.stats()["generated_tokens"] - before < 200
 
 
+def test_a_client_leaving_a_non_streamed_request_ends_its_generation(server, client, hf_engine):
+    """Its answer is one JSON at the end: nothing is written while it generates, so only the
+    connection's close can tell the server (docs/api.md: a client that disconnects ends it)."""
+    import socket
+    import time
+
+    payload = json.dumps(chat_body("alpha", max_tokens=4000, ignore_eos=True)).encode()
+    before = hf_engine.stats()["generated_tokens"]
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        raw.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(payload)
+            + payload
+        )
+        while hf_engine.stats()["generated_tokens"] == before:
+            time.sleep(0.01)
+    for _ in range(600):
+        if hf_engine.stats()["running"] == 0:
+            break
+        time.sleep(0.05)
+    assert hf_engine.stats()["running"] == 0
+    assert hf_engine.stats()["generated_tokens"] - before < 4000
+    assert (
+        client.post("/v1/chat/completions", json=chat_body("alpha", max_tokens=2)).status_code
+        == 200
+    )
+
+
 def test_health_and_per_adapter_metrics(client):
     assert client.get("/health").json()["ok"] is True
     client.post("/v1/chat/completions", json=chat_body("beta", max_tokens=3, prompt_template="raw"))

@@ -160,7 +160,7 @@ def test_a_receive_that_fails_ends_the_stream_and_is_logged(caplog):
         return closed
 
     assert asyncio.run(main()) == [True]
-    assert "receive failed during a stream" in caplog.text and "the transport broke" in caplog.text
+    assert "receive failed during a request" in caplog.text and "the transport broke" in caplog.text
 
 
 def test_an_app_given_with_its_own_checks_keeps_them_on_the_generation_routes():

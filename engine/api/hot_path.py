@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.responses import Response
 
 log = logging.getLogger(__name__)
 FASTAPI_HANDLERS = {HTTPException, RequestValidationError, WebSocketRequestValidationError}
@@ -63,41 +64,66 @@ def route_path(scope) -> str:
     return path[len(root) :] if root and path.startswith(root) else path
 
 
+class CancelOnDisconnect:
+    """``async with CancelOnDisconnect(receive) as watch:`` — the client's ``http.disconnect``
+    cancels the task inside (its streams close there, which aborts their generations) and the
+    block ends early with ``watch.left`` set. A cancel from outside (the server stopping) still
+    propagates. Only once the request's body is read: the watcher consumes ``receive``."""
+
+    def __init__(self, receive):
+        self.receive, self.left, self.inside = receive, False, False
+
+    async def __aenter__(self) -> CancelOnDisconnect:
+        self.task, self.inside = asyncio.current_task(), True
+        self.watcher = asyncio.ensure_future(until_disconnect(self.receive))
+        self.watcher.add_done_callback(self.client_left)
+        return self
+
+    def client_left(self, watcher: asyncio.Task) -> None:
+        if watcher.cancelled():
+            return
+        if watcher.exception() is not None:  # the answer ends as if the client had left
+            log.error("receive failed during a request", exc_info=watcher.exception())
+        if self.inside:
+            self.left = True
+            self.task.cancel()
+
+    async def __aexit__(self, kind, error, traceback) -> bool:
+        self.inside = False
+        self.watcher.cancel()
+        if kind is asyncio.CancelledError and self.left:
+            return not self.task.uncancel()  # other cancels too: from outside, so it goes on
+        return False
+
+
+class NoAnswer(Response):
+    """The answer to a client that has left (``CancelOnDisconnect``): nothing is sent."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        return None
+
+
+CLIENT_LEFT = NoAnswer()
+
+
 class EventStream:
     """A streamed answer: SSE events (bytes) sent as they are made. A client that goes away
-    ends it: a watcher task waits for ``http.disconnect`` and cancels the sender, which closes
-    the events' generator (the generation is aborted there)."""
+    ends it (``CancelOnDisconnect``): the events' generator is closed, which aborts the
+    generation."""
 
     def __init__(self, events: AsyncIterator[bytes]):
         self.events = events
 
     async def __call__(self, scope, receive, send):
-        sender, done = asyncio.current_task(), False
-
-        def client_left(watcher: asyncio.Task) -> None:
-            if watcher.cancelled():
-                return
-            if watcher.exception() is not None:  # the stream ends as if the client had left
-                log.error("receive failed during a stream", exc_info=watcher.exception())
-            if not done:
-                sender.cancel()
-
-        watcher = asyncio.ensure_future(until_disconnect(receive))
-        watcher.add_done_callback(client_left)
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": EVENT_STREAM})
-            async with contextlib.aclosing(self.events) as events:
-                async for event in events:
-                    await send({"type": "http.response.body", "body": event, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if not (watcher.done() and not watcher.cancelled()) or sender.uncancel():
-                raise  # cancelled from outside (the server stopping), not only by the watcher
-        except OSError:
-            pass  # a server on ASGI spec 2.4 says the client left by failing the send
-        finally:
-            done = True
-            watcher.cancel()
+        async with CancelOnDisconnect(receive):
+            try:
+                await send({"type": "http.response.start", "status": 200, "headers": EVENT_STREAM})
+                async with contextlib.aclosing(self.events) as events:
+                    async for event in events:
+                        await send({"type": "http.response.body", "body": event, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except OSError:
+                pass  # a server on ASGI spec 2.4 says the client left by failing the send
 
 
 async def until_disconnect(receive) -> None:

@@ -48,7 +48,13 @@ from ..registry import (
     template_fields,
 )
 from ..sampling import resolve
-from .hot_path import EventStream, GenerationRoutes, why_fastapi_routes
+from .hot_path import (
+    CLIENT_LEFT,
+    CancelOnDisconnect,
+    EventStream,
+    GenerationRoutes,
+    why_fastapi_routes,
+)
 from .limits import BodyLimit
 from .protocol import (
     AdapterBody,
@@ -595,14 +601,17 @@ def create_api(
             refuse_unsupported(raw)
             body = parse(model, raw)
             build = api.chat_requests if endpoint == "chat" else api.completion_requests
-            named = await build(body)
+            named = await build(body)  # not cancelled halfway: it may load an adapter
             requests = [r for _, r in named]
             label = requests[0].adapter or BASE_MODEL_ALIAS
             streams = [
                 api.run(r, RequestTimer(api.metrics, r.adapter or BASE_MODEL_ALIAS, endpoint))
                 for r in requests
             ]
-            firsts = await first_chunks(streams)
+            async with CancelOnDisconnect(request.receive) as watch:  # the body is read
+                firsts = await first_chunks(streams)
+            if watch.left:
+                return CLIENT_LEFT
         except OpenAIError as err:
             api.metrics.error(label, err.kind, err.status)
             err.counted = True
@@ -620,7 +629,10 @@ def create_api(
             return EventStream(
                 stream_events(writer, firsts, streams, include_usage, echo, body.n, count)
             )
-        parts = await collect(firsts, streams)
+        async with CancelOnDisconnect(request.receive) as watch:
+            parts = await collect(firsts, streams)
+        if watch.left:
+            return CLIENT_LEFT
         fanout = body.models is not None
         return JSONResponse(whole_response(writer, parts, echo, fanout, body.n))
 
