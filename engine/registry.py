@@ -140,6 +140,12 @@ class HFSettings(Strict):
     """``batched``: every row's LoRA in one gathered op per layer
     (``engine/backends/lora_batched.py``); ``peft``: peft's ``adapter_names``, a loop over the
     batch's adapters. On a GPU the CPU default always uses peft."""
+    prefill_tokens: int = Field(512, ge=16)
+    """Prompt tokens one step prefills at most (rows × the longest prompt among them): waiting
+    requests join together while they fit, and a longer prompt is prefilled this many tokens a
+    step, between the running rows' decode steps, so one long prompt slows the others' tokens
+    instead of stopping them (512 tokens take ~2 s on one busy core; 16 prompts of 7,000
+    tokens prefilled in one step stopped every stream for over 13 minutes)."""
     base_weights: Literal["fp16", "fp32", "int8"] = "fp16"
     """The base's Linear weights on the ``batched`` path (activations and the LoRA terms stay
     fp32): ``fp16`` halves the bytes read per decode step and is lossless for a base stored in

@@ -85,6 +85,43 @@ def test_request_joining_a_running_batch_matches_alone(hf_engine):
     assert [r.token_ids for r in results] == alone
 
 
+LONG = "Count the words: " + "word " * 400
+
+
+def test_a_long_prompt_prefilled_a_chunk_a_step_matches_it_prefilled_whole(hf_engine, monkeypatch):
+    request = chat("alpha", LONG, max_tokens=12)
+    whole = asyncio.run(hf_engine.complete(request)).token_ids
+    monkeypatch.setattr(hf_engine.settings, "prefill_tokens", 32)
+    assert asyncio.run(hf_engine.complete(request)).token_ids == whole
+
+
+def test_running_streams_keep_decoding_while_a_long_prompt_prefills(hf_engine, monkeypatch):
+    """A 400-token prompt at 16 tokens a step takes 25 steps to its first token; the stream
+    already running gets a token every one of them (prefilled whole: one step, 1-2 tokens)."""
+    monkeypatch.setattr(hf_engine.settings, "prefill_tokens", 16)
+    long = chat("beta", LONG, max_tokens=4)
+
+    async def tokens_while_the_long_prompt_waits() -> int:
+        running = hf_engine.stream(chat("alpha", "Hello!", max_tokens=300, ignore_eos=True))
+        waiting = hf_engine.stream(long)
+        await anext(running)
+        first = asyncio.ensure_future(anext(waiting))
+        while long.request_id not in hf_engine.rows:  # tokenized and waiting for the worker
+            await anext(running)
+        tokens = 0
+        while not first.done():
+            await anext(running)
+            tokens += 1
+        await first
+        await running.aclose()
+        await waiting.aclose()
+        while hf_engine.stats()["running"]:
+            await asyncio.sleep(0.01)
+        return tokens
+
+    assert asyncio.run(tokens_while_the_long_prompt_waits()) >= 10
+
+
 def test_unknown_adapter_is_an_error_not_the_base_model(hf_engine):
     with pytest.raises(AdapterNotFoundError, match="nope"):
         asyncio.run(collect(hf_engine, chat("nope")))

@@ -1,7 +1,8 @@
 """CPU default backend: transformers with every adapter on one model, mixed-adapter batches.
 
 One worker thread owns the model. Each step it admits waiting requests (prefilled together,
-left-padded), merges them into the running batch, and decodes one token for every row, each row
+left-padded, up to ``prefill_tokens``; a longer prompt a chunk a step), merges them into the
+running batch, and decodes one token for every row, each row
 with its own adapter: on the CPU by default every row's LoRA in one gathered op per layer over
 fp16 base weights (``lora_batched.py``; ``base_weights: fp32`` is the exact mode), else peft's
 ``adapter_names``. Finished or cancelled rows leave the batch at once, so their slot is free for
@@ -64,7 +65,10 @@ class Row:
         return self.request.adapter or PEFT_BASE_ROW
 
     def send(self, item: Chunk | Exception) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # its event loop has closed: nobody reads this row any more
+            self.cancelled = True
 
     def fail(self, err: Exception) -> None:
         """End this row with an error delivered to its own stream only."""
@@ -74,6 +78,15 @@ class Row:
                 err if isinstance(err, EngineError) else EngineError(f"generation failed: {err}")
             )
             self.send(wrapped)
+
+
+@dataclass
+class ChunkedPrefill:
+    """A prompt longer than one step's prefill, ``done`` of its tokens in ``cache`` so far."""
+
+    row: Row
+    cache: object
+    done: int = 0
 
 
 @dataclass
@@ -184,6 +197,8 @@ class HFEngine(Engine):
         self.early_aborts: dict[str, str] = {}
         self.controls: list[tuple] = []
         self.batch: Batch | None = None
+        self.chunked: ChunkedPrefill | None = None
+        """The one long prompt being prefilled a chunk a step, if any."""
         self.wake = threading.Condition()
         self.stopping = False
         self.peak_running = 0
@@ -328,7 +343,8 @@ class HFEngine(Engine):
                 self.wake.notify()
 
     def active_rows(self) -> list[Row]:
-        return (self.batch.rows if self.batch else []) + self.pending
+        chunked = [self.chunked.row] if self.chunked else []
+        return (self.batch.rows if self.batch else []) + chunked + self.pending
 
     async def health(self) -> dict:
         """A dead worker is unhealthy, and so is one whose step has run for more than
@@ -344,8 +360,8 @@ class HFEngine(Engine):
         return await super().health()
 
     def stats(self) -> dict:
-        batch = self.batch  # the worker may end it meanwhile
-        running = len(batch.rows) if batch else 0
+        batch, chunked = self.batch, self.chunked  # the worker may end them meanwhile
+        running = (len(batch.rows) if batch else 0) + (chunked is not None)
         return {
             "running": running,
             "queued": len(self.pending),
@@ -365,7 +381,9 @@ class HFEngine(Engine):
     def run(self) -> None:
         while True:
             with self.wake:
-                while not (self.stopping or self.pending or self.batch or self.controls):
+                while not (
+                    self.stopping or self.pending or self.batch or self.chunked or self.controls
+                ):
                     self.wake.wait()
                 if self.stopping:
                     return
@@ -382,14 +400,27 @@ class HFEngine(Engine):
             self.step_started = None
 
     def fail_all(self, fresh: list[Row], err: Exception) -> None:
-        for row in (self.batch.rows if self.batch else []) + fresh:
+        chunked = [self.chunked.row] if self.chunked else []
+        for row in (self.batch.rows if self.batch else []) + chunked + fresh:
             row.fail(err)
-        self.batch = None
+        self.batch = self.chunked = None
 
     def take_pending(self) -> list[Row]:
+        """The waiting rows this step admits, in order: while they fit in the batch and their
+        padded prompts in ``prefill_tokens``; a longer prompt alone, when none is chunking."""
         self.pending = [r for r in self.pending if not (r.cancelled or r.done)]
-        room = self.settings.max_batch_size - (len(self.batch.rows) if self.batch else 0)
-        fresh, self.pending = self.pending[:room], self.pending[room:]
+        running = (len(self.batch.rows) if self.batch else 0) + (self.chunked is not None)
+        budget, fresh, width = self.settings.prefill_tokens, [], 0
+        for row in self.pending[: self.settings.max_batch_size - running]:
+            width = max(width, len(row.prompt_ids))
+            if width > budget:  # chunked: alone, one at a time
+                if not fresh and self.chunked is None:
+                    fresh.append(row)
+                break
+            if (len(fresh) + 1) * width > budget:
+                break
+            fresh.append(row)
+        self.pending = self.pending[len(fresh) :]
         return fresh
 
     def step(self, fresh: list[Row]) -> None:
@@ -397,8 +428,12 @@ class HFEngine(Engine):
         rows that cause it: a failed prefill is retried row by row, a failed decode rebuilds
         each row's cache alone, and only a row that fails by itself gets the error."""
         self.drop_rows()
-        if fresh:
+        if len(fresh) == 1 and len(fresh[0].prompt_ids) > self.settings.prefill_tokens:
+            self.chunked = ChunkedPrefill(fresh[0], new_cache())
+        elif fresh:
             self.admit(fresh)
+        if self.chunked:
+            self.prefill_chunk()
         if not self.batch:
             return
         try:
@@ -425,6 +460,34 @@ class HFEngine(Engine):
         for batch in batches:
             self.batch = merge_batches(self.batch, batch)
         self.peak_running = max(self.peak_running, len(self.batch.rows) if self.batch else 0)
+        self.drop_rows()
+
+    def prefill_chunk(self) -> None:
+        """The chunked prompt's next ``prefill_tokens``; after its last, it joins the batch."""
+        job, self.chunked = self.chunked, None
+        row = job.row
+        if row.cancelled or row.done:
+            return
+        if job.done == 0:
+            row.clock.start()
+        ids = row.prompt_ids[job.done : job.done + self.settings.prefill_tokens]
+        end = job.done + len(ids)
+        input_ids = torch.tensor([ids], device=self.torch_device)
+        mask = torch.ones(1, end, dtype=torch.long, device=self.torch_device)
+        positions = torch.arange(job.done, end, device=self.torch_device).unsqueeze(0)
+        try:
+            logits, job.cache = self.forward([row], input_ids, mask, positions, job.cache)
+        except Exception as err:
+            log.exception("prefill chunk of row %s failed", row.request.request_id)
+            row.fail(err)
+            return
+        job.done = end
+        if end < len(row.prompt_ids):
+            self.chunked = job
+            return
+        batch = Batch([row], job.cache, mask, self.sample_and_emit([row], logits))
+        self.batch = merge_batches(self.batch, batch)
+        self.peak_running = max(self.peak_running, len(self.batch.rows))
         self.drop_rows()
 
     def alone(self, row: Row, build):
@@ -455,8 +518,6 @@ class HFEngine(Engine):
         return out.logits[:, -1, :].float(), out.past_key_values
 
     def prefill(self, rows: list[Row]) -> Batch:
-        from transformers import DynamicCache
-
         for row in rows:
             row.clock.start()
         width = max(len(r.prompt_ids) for r in rows)
@@ -466,7 +527,7 @@ class HFEngine(Engine):
         input_ids = torch.tensor(ids, device=self.torch_device)
         mask = torch.tensor(mask, device=self.torch_device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self.forward(rows, input_ids, mask, positions, DynamicCache())
+        logits, cache = self.forward(rows, input_ids, mask, positions, new_cache())
         return Batch(rows, cache, mask, self.sample_and_emit(rows, logits))
 
     def decode(self) -> None:
@@ -486,9 +547,7 @@ class HFEngine(Engine):
         input_ids = torch.tensor([ids], device=self.torch_device)
         mask = torch.ones_like(input_ids)
         positions = torch.arange(len(ids), device=self.torch_device).unsqueeze(0)
-        from transformers import DynamicCache
-
-        _, cache = self.forward(rows, input_ids, mask, positions, DynamicCache())
+        _, cache = self.forward(rows, input_ids, mask, positions, new_cache())
         last = torch.tensor([[row.generated[-1]]], device=self.torch_device)
         return Batch(rows, cache, mask, last)
 
@@ -557,6 +616,12 @@ def device_label(device: torch.device) -> str:
 
 def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(k, v) for k, v, *_ in cache]
+
+
+def new_cache():
+    from transformers import DynamicCache
+
+    return DynamicCache()
 
 
 def build_cache(tensors: list[tuple[torch.Tensor, torch.Tensor]]):
