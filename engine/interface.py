@@ -71,6 +71,10 @@ class AdapterLoadError(EngineError):
     error_type = "invalid_request_error"
 
 
+MAX_STOP_CHARS = 1000
+"""A stop string's length at most: every token is checked against each stop string's prefixes."""
+
+
 @dataclass
 class SamplingParams:
     """Generation settings of one request. The defaults here are the server-wide ones (OpenAI's,
@@ -100,7 +104,11 @@ class SamplingParams:
             ("temperature", 0.0 <= self.temperature <= 2.0, "must be in [0, 2]"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
-            ("stop", len(self.stop) <= 4 and all(self.stop), "at most 4 non-empty strings"),
+            (
+                "stop",
+                len(self.stop) <= 4 and all(0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+                f"at most 4 non-empty strings of at most {MAX_STOP_CHARS} characters",
+            ),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2**63)"),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
@@ -114,7 +122,9 @@ class SamplingParams:
         ]
         for name, ok, rule in checks:
             if not ok:
-                raise InvalidRequestError(f"{name} {rule}, got {getattr(self, name)!r}", name)
+                got = repr(getattr(self, name))
+                got = got if len(got) <= 200 else got[:200] + "…"
+                raise InvalidRequestError(f"{name} {rule}, got {got}", name)
 
     @property
     def greedy(self) -> bool:

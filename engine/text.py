@@ -115,9 +115,12 @@ class TextStream:
         return min(hits) if hits else None
 
     def held_back(self, text: str) -> int:
-        longest = 0
+        """The longest tail of ``text`` that begins a stop string (longest first, and only
+        prefixes that end in the text's last character)."""
+        longest, last = 0, text[-1:]
         for s in self.stop:
-            for n in range(1, len(s)):
-                if text.endswith(s[:n]):
-                    longest = max(longest, n)
+            for n in range(min(len(s) - 1, len(text)), longest, -1):
+                if s[n - 1] == last and text.endswith(s[:n]):
+                    longest = n
+                    break
         return longest

@@ -94,6 +94,7 @@ CASES = [
     ("stop-empty-string", "POST", CHAT, chat(stop=[""]), {}, 400, "stop"),
     ("stop-int", "POST", CHAT, chat(stop=5), {}, 400, "stop"),
     ("stop-nested", "POST", CHAT, chat(stop=[["a"]]), {}, 400, "stop"),
+    ("stop-too-long", "POST", CHAT, chat(stop=["x" * 1001]), {}, 400, "stop"),
     ("ignore_eos-string", "POST", CHAT, chat(ignore_eos="true"), {}, 400, "ignore_eos"),
     ("user-int", "POST", CHAT, chat(user=5), {}, 400, "user"),
     ("logprobs-int-on-chat", "POST", CHAT, chat(logprobs=3), {}, 400, "logprobs"),

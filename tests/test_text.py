@@ -77,3 +77,13 @@ def test_token_ids_outside_the_vocabulary_are_refused(tokenizer):
         prompt_token_ids(tokenizer, bias, chat_template=False)
     with pytest.raises(InvalidRequestError, match="prompt token -1"):
         prompt_token_ids(tokenizer, GenerationRequest(prompt_ids=[0, -1]), chat_template=False)
+
+
+def test_the_held_back_tail_is_the_longest_that_begins_a_stop_string(tokenizer):
+    stream = TextStream(tokenizer, ["abcab", "aaaa"])
+    assert stream.held_back("xxab") == 2
+    assert stream.held_back("zabca") == 4
+    assert stream.held_back("baa") == 2
+    assert stream.held_back("aaaaaaa") == 3  # a stop string whole is a cut, not held back
+    assert stream.held_back("abz") == 0
+    assert stream.held_back("") == 0

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..constraints import ResponseFormat
-from ..interface import EngineError, TokenLogprob, Usage
+from ..interface import MAX_STOP_CHARS, EngineError, TokenLogprob, Usage
 
 Endpoint = Literal["chat", "completions"]
 UNSUPPORTED = {
@@ -173,6 +173,8 @@ class SamplingFields(Wire):
         stops = [stop] if isinstance(stop, str) else stop or []
         if len(stops) > 4 or not all(stops):
             raise ValueError("at most 4 non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"each stop string at most {MAX_STOP_CHARS} characters")
         return stop
 
     @field_validator("logit_bias")
