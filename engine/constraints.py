@@ -20,8 +20,8 @@ class JsonSchemaSpec(BaseModel):
     """OpenAI's ``response_format.json_schema``."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    name: str = Field(min_length=1, max_length=64)
-    """Name of the schema (informational)."""
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    """Name of the schema (informational): letters, digits, ``_`` and ``-``, as OpenAI asks."""
     description: str | None = None
     """What the schema is for (informational)."""
     json_schema: dict[str, Any] = Field(alias="schema")

@@ -31,6 +31,9 @@ SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
 BASE_MODEL_ALIAS = "base"
 """The one name of the base model outside the engine (API ``model``, metric label, the app's
 choice); inside the engine the base is ``adapter=None``."""
+FANOUT = "fanout"
+"""The API's ``model`` for one prompt sent to several models at once (``models``): no adapter
+may take the name."""
 
 
 class RegistryError(ValueError):
@@ -292,6 +295,8 @@ class AdapterSpec(Strict):
             raise ValueError("must be a slug: a-z, 0-9, '-', '_' (max 64 chars)")
         if name == BASE_MODEL_ALIAS:
             raise ValueError(f"'{BASE_MODEL_ALIAS}' is reserved for the base model")
+        if name == FANOUT:
+            raise ValueError(f"'{FANOUT}' is reserved for fan-out requests (models: [...])")
         return name
 
     @field_validator("template")

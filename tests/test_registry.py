@@ -88,6 +88,12 @@ def test_bad_slug_and_template_without_fields(tmp_path, adapter_copy):
     assert "→ template: Value error, needs at least one {field}" in message
 
 
+def test_the_base_and_fanout_model_names_are_not_adapter_names(tmp_path, adapter_copy):
+    message = error_of(tmp_path, {"adapters": [entry("base"), entry("fanout")]})
+    assert "'base' is reserved for the base model" in message
+    assert "'fanout' is reserved for fan-out requests" in message
+
+
 def test_example_missing_a_template_field(tmp_path, adapter_copy):
     message = error_of(tmp_path, {"adapters": [entry(examples=[{"text": "x"}])]})
     assert "adapters[0] 'alpha' → examples[0]: missing fields ['review']" in message

@@ -14,7 +14,7 @@ import re
 import reprlib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ..constraints import ResponseFormat
 from ..interface import MAX_STOP_CHARS, EngineError, TokenLogprob, Usage
@@ -38,6 +38,9 @@ UNSUPPORTED = {
 }
 """OpenAI fields this server cannot honour: a request that sets one (other than to null, an
 empty list, or ``tool_choice: "none"``) gets a 400 naming it."""
+EMPTY_ASKS = {"web_search_options"}
+"""Fields whose empty value still asks for something (``web_search_options: {}`` turns web search
+on with its defaults): only null leaves them off."""
 SGLANG_DEFAULTS = {
     "no_stop_trim": False,
     "continue_final_message": False,
@@ -86,7 +89,8 @@ def refuse_unsupported(body: dict) -> None:
         if name not in body:
             continue
         value = body[name]
-        if value in (None, [], {}) or (name == "tool_choice" and value == "none"):
+        asks_nothing = value is None if name in EMPTY_ASKS else value in (None, [], {})
+        if asks_nothing or (name == "tool_choice" and value == "none"):
             del body[name]
             continue
         raise invalid(f"{name}: {why}", name)
@@ -159,6 +163,13 @@ class SamplingFields(Wire):
     """Extension, fan-out: the same request to each of these models (adapters, ``base``) in one
     batch; ``model`` must then be ``"fanout"``. Choice *i* is ``models[i]``'s (with ``n`` > 1,
     ``models[i // n]``) and names it in ``model``; streamed chunks carry it as their ``model``."""
+
+    @field_validator("stream_options")
+    @classmethod
+    def only_when_streaming(cls, options, info: ValidationInfo):
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")
+        return options
 
     @field_validator("models")
     @classmethod

@@ -41,6 +41,7 @@ from ..interface import (
 from ..metrics import Metrics, RequestTimer
 from ..registry import (
     BASE_MODEL_ALIAS,
+    FANOUT,
     SLUG,
     AdapterSpec,
     Registry,
@@ -87,7 +88,6 @@ API_PATHS = {
 MAX_PROMPTS = 16
 MAX_CHOICES = 64
 """At most this many generations per request: models × prompts × n."""
-FANOUT = "fanout"
 """The ``model`` of a fan-out request (the ``models`` extension)."""
 
 
@@ -435,6 +435,8 @@ class Api:
             raise invalid(f"name {name!r} must be a slug (a-z, 0-9, -, _)", "name", 422)
         if name in {BASE_MODEL_ALIAS, self.engine.base_model_id}:
             raise invalid(f"name {name!r} is reserved for the base model", "name", 422)
+        if name == FANOUT:
+            raise invalid(f"name {name!r} is reserved for fan-out requests", "name", 422)
         if name in self.unloading:
             raise OpenAIError(409, f"adapter '{name}' is being unloaded", "conflict_error", "name")
         if name in self.merging:
