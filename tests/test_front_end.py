@@ -469,7 +469,7 @@ def test_the_api_is_served_with_uvicorns_c_http_parser():
     config = Config(app=None)
     config.load()
     assert config.http == "auto" and config.http_protocol_class is HttpToolsProtocol
-    assert http_protocol().__mro__[1] is HttpToolsProtocol  # what run_server serves with
+    assert issubclass(http_protocol(), HttpToolsProtocol)  # what run_server serves with
 
 
 def test_the_pure_python_parser_too_answers_unparsable_bytes_in_openai_shape(registry_for):
@@ -485,5 +485,41 @@ def test_the_pure_python_parser_too_answers_unparsable_bytes_in_openai_shape(reg
         chat = {"model": "alpha", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
         answer = httpx.post(f"{live.url}/v1/chat/completions", json=chat, timeout=60)
         assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
+    finally:
+        live.stop()
+
+
+@pytest.mark.parametrize("http, status", [("auto", 431), ("h11", 400)])
+def test_a_head_over_the_limit_is_refused_in_openai_shape_and_serving_goes_on(
+    registry_for, http, status
+):
+    """httptools (what ``auto`` takes) read 50 MB of headers into memory: 64 KB at most now, a
+    431. h11 stops an incomplete head at 16 KB by itself (a 400). The next requests on a
+    kept-alive connection, each with a large head and body, are served."""
+    import select
+    import socket
+
+    from test_hostile_inputs import read_answer
+
+    from engine.api.server import MAX_HEAD_BYTES
+
+    live = serve(NoModelEngine("base", ["alpha"], gap_s=0), registry_for, http=http)
+    try:
+        with socket.create_connection(("127.0.0.1", live.port), timeout=30) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+            for _ in range(MAX_HEAD_BYTES // 8192 + 2):  # one read at a time, as a slow client
+                s.sendall(b"a" * 8192)
+                if select.select([s], [], [], 0.5)[0]:  # answered: stop sending (no reset)
+                    break
+            code, headers, body = read_answer(s)
+        assert code == status and headers["content-type"] == "application/json"
+        assert json.loads(body)["error"]["type"] == "invalid_request_error"
+        with httpx.Client(base_url=live.url, timeout=60) as client:  # one connection, kept alive
+            chat = {"model": "alpha", "messages": [{"role": "user", "content": "Hi " * 20_000}]}
+            for _ in range(3):
+                fill = {"X-Fill": "b" * 12_000}  # under both limits, each time again
+                assert (
+                    client.post("/v1/chat/completions", json=chat, headers=fill).status_code == 200
+                )
     finally:
         live.stop()

@@ -279,9 +279,14 @@ def raw_exchange(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
 
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(data)
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
+        return read_answer(s)
+
+
+def read_answer(s) -> tuple[int, dict[str, str], bytes]:
+    """The answer on socket ``s``, read until the server closes the connection."""
+    answer = b""
+    while chunk := s.recv(65536):
+        answer += chunk
     head, _, body = answer.partition(b"\r\n\r\n")
     status_line, *fields = head.decode("latin-1").split("\r\n")
     headers = dict(f.lower().split(": ", 1) for f in fields)

@@ -23,23 +23,61 @@ UNPARSABLE = (
 )
 
 
+MAX_HEAD_BYTES = 64 * 1024
+"""On httptools, a request's line and headers at most across reads (httptools has no limit of
+its own; h11 stops an incomplete head at 16 KB): past it, a 431 and the connection closes."""
+
+
 def http_protocol(name: str = "auto") -> type:
     """uvicorn's HTTP implementation ``name`` ("auto": httptools where installed, else h11)
     answering bytes it cannot parse as HTTP with a 400 in OpenAI's error shape instead of
-    uvicorn's plain text (the app never sees such a request; the connection closes, as before)."""
+    uvicorn's plain text (the app never sees such a request; the connection closes, as before),
+    and, on httptools, a head over ``MAX_HEAD_BYTES`` with a 431."""
     base = import_from_string(HTTP_PROTOCOLS[name])
+    mixin = HttpToolsHeadLimit if hasattr(base, "on_headers_complete") else OpenAIErrors
+    return type(f"{base.__name__}WithOpenAIErrors", (mixin, base), {})
 
+
+def send_error_and_close(protocol, status: int, reason: str, message: str) -> None:
+    body = error_body(status, message, "invalid_request_error")
+    lines = [b"HTTP/1.1 %d %s" % (status, reason.encode())]
+    lines += [field + b": " + value for field, value in protocol.server_state.default_headers]
+    lines += [b"content-type: application/json", b"content-length: %d" % len(body)]
+    lines += [b"connection: close", b"", body]
+    protocol.transport.write(b"\r\n".join(lines))
+    protocol.transport.close()
+
+
+class OpenAIErrors:
     def send_400_response(self, msg: str) -> None:
-        body = error_body(400, UNPARSABLE, "invalid_request_error")
-        lines = [b"HTTP/1.1 400 Bad Request"]
-        lines += [field + b": " + value for field, value in self.server_state.default_headers]
-        lines += [b"content-type: application/json", b"content-length: %d" % len(body)]
-        lines += [b"connection: close", b"", body]
-        self.transport.write(b"\r\n".join(lines))
-        self.transport.close()
+        send_error_and_close(self, 400, "Bad Request", UNPARSABLE)
 
-    methods = {"send_400_response": send_400_response}
-    return type(f"{base.__name__}WithOpenAIErrors", (base,), methods)
+
+class HttpToolsHeadLimit(OpenAIErrors):
+    """Counts the bytes read while a request's head is incomplete: from the parser's
+    ``on_message_begin`` to its ``on_headers_complete``."""
+
+    in_head = False
+    head_bytes = 0
+
+    def on_message_begin(self) -> None:
+        self.in_head, self.head_bytes = True, 0
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        super().data_received(data)
+        if not self.in_head or self.transport.is_closing():
+            return
+        self.head_bytes += len(data)
+        if self.head_bytes > MAX_HEAD_BYTES:
+            message = f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes"
+            send_error_and_close(self, 431, "Request Header Fields Too Large", message)
 
 
 class DrainingServer(uvicorn.Server):
