@@ -122,6 +122,21 @@ def test_running_streams_keep_decoding_while_a_long_prompt_prefills(hf_engine, m
     assert asyncio.run(tokens_while_the_long_prompt_waits()) >= 10
 
 
+def test_logprobs_cover_the_texts_tokens_not_the_end_of_turn(hf_engine):
+    """As OpenAI's: one entry per token of the answer's text; the end-of-turn token that ended
+    it is in ``completion_tokens`` but has no entry."""
+    chunks = asyncio.run(
+        collect(
+            hf_engine, chat(None, "Is the sky blue? Answer yes or no.", max_tokens=64, logprobs=0)
+        )
+    )
+    assert chunks[-1].finish_reason == "stop"
+    entries = [e for c in chunks for e in c.logprobs or []]
+    assert entries and not {e.token_id for e in entries} & hf_engine.eos_ids
+    assert len(entries) == chunks[-1].usage.completion_tokens - 1
+    assert "".join(e.text for e in entries) == "".join(c.text for c in chunks)
+
+
 def test_unknown_adapter_is_an_error_not_the_base_model(hf_engine):
     with pytest.raises(AdapterNotFoundError, match="nope"):
         asyncio.run(collect(hf_engine, chat("nope")))

@@ -21,6 +21,7 @@ from engine.backends.sglang import (
     engine_kwargs,
     finish_reason,
     grace_left,
+    matched_token,
     refusals_as_400,
     sampling_params,
 )
@@ -302,6 +303,10 @@ def test_finish_reasons():
     assert finish_reason({"finish_reason": {"type": "stop", "matched": 2}}) == "stop"
     assert finish_reason({"finish_reason": {"type": "length", "length": 8}}) == "length"
     assert finish_reason({"finish_reason": {"type": "abort", "message": "x"}}) == "abort"
+    assert matched_token({"finish_reason": {"type": "stop", "matched": 2}}) == 2
+    assert matched_token({"finish_reason": {"type": "stop", "matched": "###"}}) is None
+    assert matched_token({"finish_reason": {"type": "length", "length": 8}}) is None
+    assert matched_token({"finish_reason": None}) is None
 
 
 def test_a_request_from_another_event_loop_is_refused_not_left_waiting():

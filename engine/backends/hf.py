@@ -586,7 +586,7 @@ class HFEngine(Engine):
         params = row.request.params
         is_eos = token in self.eos_ids and not params.ignore_eos
         delta = "" if is_eos else row.text.push(token)
-        logprobs = None if entry is None else [entry]
+        logprobs = None if entry is None or is_eos else [entry]  # as OpenAI: the text's tokens
         finish = None
         if is_eos or row.text.stopped or (row.grammar is not None and row.grammar.finished):
             finish = "stop"

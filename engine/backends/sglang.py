@@ -154,6 +154,14 @@ def finish_reason(meta: dict) -> str | None:
     return {"stop": "stop", "length": "length"}.get(kind, "abort")
 
 
+def matched_token(meta: dict) -> int | None:
+    """The stop token a request ended on (SGLang's ``finish_reason.matched`` when it is an id; a
+    stop string's is text)."""
+    reason = meta.get("finish_reason")
+    matched = reason.get("matched") if isinstance(reason, dict) else None
+    return matched if isinstance(matched, int) else None
+
+
 class DeltaTracker:
     """SGLang's incremental streaming outputs (``incremental_streaming_output``): each holds the
     new text, token ids and, with logprobs, their log-probabilities; this keeps the totals."""
@@ -440,6 +448,8 @@ class SGLangEngine(Engine):
                         yield Chunk(text, new_ids, logprobs=entries)
                     continue
                 finished = True
+                if entries and entries[-1].token_id == matched_token(meta):
+                    entries = entries[:-1]  # the end-of-turn token is not in the text: no entry
                 usage = Usage(meta.get("prompt_tokens", len(ids)), len(tracker.ids))
                 timings = clock.timings(len(tracker.ids))
                 yield Chunk(text, new_ids, reason, usage, timings, entries)
