@@ -523,3 +523,23 @@ def test_a_head_over_the_limit_is_refused_in_openai_shape_and_serving_goes_on(
                 )
     finally:
         live.stop()
+
+
+def test_a_head_sent_too_slowly_is_a_408_and_serving_goes_on(registry_for, monkeypatch):
+    import socket
+
+    from test_hostile_inputs import read_answer
+
+    import engine.api.server
+
+    monkeypatch.setattr(engine.api.server, "HEAD_SECONDS", 0.5)
+    live = serve(NoModelEngine("base", ["alpha"], gap_s=0), registry_for)
+    try:
+        with socket.create_connection(("127.0.0.1", live.port), timeout=30) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: a")  # and nothing more
+            code, headers, body = read_answer(s)
+        assert code == 408 and headers["connection"] == "close"
+        assert json.loads(body)["error"]["type"] == "invalid_request_error"
+        assert httpx.get(f"{live.url}/health", timeout=30).status_code == 200
+    finally:
+        live.stop()

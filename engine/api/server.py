@@ -28,6 +28,11 @@ MAX_HEAD_BYTES = 64 * 1024
 its own; h11 stops an incomplete head at 16 KB): past it, a 431 and the connection closes."""
 
 
+HEAD_SECONDS = 30.0
+"""On httptools, a request's head arrives within this, or a 408 closes the connection (a client
+sending its headers a byte at a time holds a connection, not the event loop)."""
+
+
 def http_protocol(name: str = "auto") -> type:
     """uvicorn's HTTP implementation ``name`` ("auto": httptools where installed, else h11)
     answering bytes it cannot parse as HTTP with a 400 in OpenAI's error shape instead of
@@ -54,19 +59,32 @@ class OpenAIErrors:
 
 
 class HttpToolsHeadLimit(OpenAIErrors):
-    """Counts the bytes read while a request's head is incomplete: from the parser's
-    ``on_message_begin`` to its ``on_headers_complete``."""
+    """Counts the bytes read while a request's head is incomplete (from the parser's
+    ``on_message_begin`` to its ``on_headers_complete``), and gives it ``HEAD_SECONDS``."""
 
     in_head = False
     head_bytes = 0
+    head_timer: asyncio.TimerHandle | None = None
 
     def on_message_begin(self) -> None:
         self.in_head, self.head_bytes = True, 0
+        self.head_timer = asyncio.get_running_loop().call_later(HEAD_SECONDS, self.head_too_slow)
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        self.head_timer.cancel()
         super().on_headers_complete()
+
+    def connection_lost(self, exc) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+        super().connection_lost(exc)
+
+    def head_too_slow(self) -> None:
+        if self.in_head and not self.transport.is_closing():
+            message = f"the request line and headers took longer than {HEAD_SECONDS:.0f} s"
+            send_error_and_close(self, 408, "Request Timeout", message)
 
     def data_received(self, data: bytes) -> None:
         if self.transport.is_closing():
