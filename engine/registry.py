@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from .constraints import ResponseFormat
+from .interface import MAX_STOP_CHARS
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
 BASE_MODEL_ALIAS = "base"
@@ -146,9 +147,10 @@ class HFSettings(Strict):
     prefill_tokens: int = Field(512, ge=16)
     """Prompt tokens one step prefills at most (rows × the longest prompt among them): waiting
     requests join together while they fit, and a longer prompt is prefilled this many tokens a
-    step, between the running rows' decode steps, so one long prompt slows the others' tokens
-    instead of stopping them (512 tokens take ~2 s on one busy core; 16 prompts of 7,000
-    tokens prefilled in one step stopped every stream for over 13 minutes)."""
+    step, between the running rows' decode steps (short prompts still join beside its chunk), so
+    one long prompt slows the others' tokens instead of stopping them (512 tokens take ~2 s on
+    one busy core; 16 prompts of 7,000 tokens prefilled in one step stopped every stream for
+    over 13 minutes)."""
     base_weights: Literal["fp16", "fp32", "int8"] = "fp16"
     """The base's Linear weights on the ``batched`` path (activations and the LoRA terms stay
     fp32): ``fp16`` halves the bytes read per decode step and is lossless for a base stored in
@@ -248,7 +250,15 @@ class GenerationDefaults(Strict):
     top_k: int | None = Field(None, ge=0)
     """Default top-k; 0 = off."""
     stop: list[str] | None = Field(None, max_length=4)
-    """Default stop strings."""
+    """Default stop strings (each non-empty, at most ``MAX_STOP_CHARS``, as a request's)."""
+
+    @field_validator("stop")
+    @classmethod
+    def stops_a_request_may_send(cls, stop: list[str] | None) -> list[str] | None:
+        if stop and not all(0 < len(s) <= MAX_STOP_CHARS for s in stop):
+            raise ValueError(f"each stop string non-empty and at most {MAX_STOP_CHARS} characters")
+        return stop
+
     response_format: ResponseFormat | None = None
     """Default structured output, e.g. ``{type: choice, choices: [fresh, rotten]}`` for a
     classifier or a ``json_schema`` for an extractor; a request's ``response_format`` (also

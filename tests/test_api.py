@@ -179,8 +179,11 @@ def test_a_client_leaving_a_non_streamed_request_ends_its_generation(server, cli
             + b"Content-Length: %d\r\n\r\n" % len(payload)
             + payload
         )
-        while hf_engine.stats()["generated_tokens"] == before:
+        for _ in range(12_000):  # started (up to 2 minutes on a very busy machine)
+            if hf_engine.stats()["generated_tokens"] > before:
+                break
             time.sleep(0.01)
+        assert hf_engine.stats()["generated_tokens"] > before, "the request never started"
     for _ in range(600):
         if hf_engine.stats()["running"] == 0:
             break
@@ -191,6 +194,26 @@ def test_a_client_leaving_a_non_streamed_request_ends_its_generation(server, cli
         client.post("/v1/chat/completions", json=chat_body("alpha", max_tokens=2)).status_code
         == 200
     )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_of_an_answer_that_ends_on_its_end_of_turn_token(client, stream):
+    """One entry per token of the text, none for the end-of-turn token that ended it."""
+    question = [{"role": "user", "content": "Is the sky blue? Answer yes or no."}]
+    body = chat_body("base", stream, messages=question, max_tokens=64, logprobs=True)
+    if stream:
+        with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line[6:7] == "{"]
+        choices = [e["choices"][0] for e in events]
+        content = "".join(c["delta"].get("content") or "" for c in choices)
+        entries = [x for c in choices if c.get("logprobs") for x in c["logprobs"]["content"]]
+        finish = choices[-1]["finish_reason"]
+    else:
+        (choice,) = client.post("/v1/chat/completions", json=body).json()["choices"]
+        content, finish = choice["message"]["content"], choice["finish_reason"]
+        entries = choice["logprobs"]["content"]
+    assert finish == "stop" and content
+    assert "".join(e["token"] for e in entries) == content
 
 
 def test_health_and_per_adapter_metrics(client):

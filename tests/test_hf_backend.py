@@ -97,29 +97,36 @@ def test_a_long_prompt_prefilled_a_chunk_a_step_matches_it_prefilled_whole(hf_en
 
 def test_running_streams_keep_decoding_while_a_long_prompt_prefills(hf_engine, monkeypatch):
     """A 400-token prompt at 16 tokens a step takes 25 steps to its first token; the stream
-    already running gets a token every one of them (prefilled whole: one step, 1-2 tokens)."""
+    already running gets a token every one of them (prefilled whole: one step, 1-2 tokens), and
+    a short prompt that came after it is answered meanwhile."""
     monkeypatch.setattr(hf_engine.settings, "prefill_tokens", 16)
     long = chat("beta", LONG, max_tokens=4)
 
-    async def tokens_while_the_long_prompt_waits() -> int:
+    async def tokens_while_the_long_prompt_waits() -> tuple[int, bool]:
         running = hf_engine.stream(chat("alpha", "Hello!", max_tokens=300, ignore_eos=True))
         waiting = hf_engine.stream(long)
         await anext(running)
         first = asyncio.ensure_future(anext(waiting))
         while long.request_id not in hf_engine.rows:  # tokenized and waiting for the worker
             await anext(running)
+        hi = GenerationRequest(prompt="Hi", params=SamplingParams(max_tokens=1))  # 1 token
+        short = asyncio.ensure_future(hf_engine.complete(hi))
         tokens = 0
         while not first.done():
             await anext(running)
             tokens += 1
+        short_answered_first = short.done()
         await first
+        await short
         await running.aclose()
         await waiting.aclose()
         while hf_engine.stats()["running"]:
             await asyncio.sleep(0.01)
-        return tokens
+        return tokens, short_answered_first
 
-    assert asyncio.run(tokens_while_the_long_prompt_waits()) >= 10
+    tokens, short_answered_first = asyncio.run(tokens_while_the_long_prompt_waits())
+    assert tokens >= 10
+    assert short_answered_first, "a short prompt waited for the long one's chunks"
 
 
 def test_logprobs_cover_the_texts_tokens_not_the_end_of_turn(hf_engine):

@@ -180,15 +180,24 @@ def test_an_app_given_with_its_own_checks_keeps_them_on_the_generation_routes():
     plain = create_api(NoModelEngine("base", [], 0), registry)
     body = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
-    async def post(app, headers):
+    async def post(app, headers, stream=False):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            return await client.post("/v1/chat/completions", json=body, headers=headers)
+            answer = await client.post(
+                "/v1/chat/completions", json=body | {"stream": stream}, headers=headers
+            )
+            return answer.status_code, answer.text
 
     async def main():
-        return [await post(guarded, {}), await post(guarded, {"x-key": "k"}), await post(plain, {})]
+        return [
+            await post(guarded, {}),
+            await post(guarded, {"x-key": "k"}),
+            await post(guarded, {"x-key": "k"}, stream=True),  # FastAPI's route sends the stream
+            await post(plain, {}),
+        ]
 
-    refused, allowed, served = asyncio.run(main())
-    assert refused.status_code == 401 and allowed.status_code == 200 and served.status_code == 200
+    refused, allowed, streamed, served = asyncio.run(main())
+    assert refused[0] == 401 and allowed[0] == 200 and served[0] == 200
+    assert streamed[0] == 200 and streamed[1].rstrip().endswith("data: [DONE]")
     assert not any(m.cls is GenerationRoutes for m in guarded.user_middleware)
     assert any(m.cls is GenerationRoutes for m in plain.user_middleware)

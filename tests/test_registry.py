@@ -94,6 +94,11 @@ def test_the_base_and_fanout_model_names_are_not_adapter_names(tmp_path, adapter
     assert "'fanout' is reserved for fan-out requests" in message
 
 
+def test_a_default_stop_string_follows_a_requests_rules(tmp_path, adapter_copy):
+    message = error_of(tmp_path, {"adapters": [entry(generation={"stop": ["x" * 1001]})]})
+    assert "generation.stop: Value error, each stop string non-empty and at most 1000" in message
+
+
 def test_example_missing_a_template_field(tmp_path, adapter_copy):
     message = error_of(tmp_path, {"adapters": [entry(examples=[{"text": "x"}])]})
     assert "adapters[0] 'alpha' → examples[0]: missing fields ['review']" in message

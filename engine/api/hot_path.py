@@ -91,28 +91,26 @@ class CancelOnDisconnect:
     async def __aexit__(self, kind, error, traceback) -> bool:
         self.inside = False
         self.watcher.cancel()
-        if kind is asyncio.CancelledError and self.left:
-            return not self.task.uncancel()  # other cancels too: from outside, so it goes on
-        return False
+        if not self.left:
+            return False
+        from_outside = self.task.uncancel() > 0
+        ours = kind is not None and issubclass(kind, (asyncio.CancelledError, Exception))
+        return ours and not from_outside  # what the cancel became inside ends here too
 
 
-class NoAnswer(Response):
-    """The answer to a client that has left (``CancelOnDisconnect``): nothing is sent."""
-
-    async def __call__(self, scope, receive, send) -> None:
-        return None
-
-
-CLIENT_LEFT = NoAnswer()
+def client_left() -> Response:
+    """The answer to a client that has left (``CancelOnDisconnect``): nginx's 499, which the
+    server drops unsent; a response all the same, for middleware that expects one."""
+    return Response(status_code=499)
 
 
-class EventStream:
+class EventStream(Response):
     """A streamed answer: SSE events (bytes) sent as they are made. A client that goes away
     ends it (``CancelOnDisconnect``): the events' generator is closed, which aborts the
     generation."""
 
-    def __init__(self, events: AsyncIterator[bytes]):
-        self.events = events
+    def __init__(self, events: AsyncIterator[bytes]):  # a Response, for FastAPI's routes too
+        self.events, self.background, self.status_code = events, None, 200
 
     async def __call__(self, scope, receive, send):
         async with CancelOnDisconnect(receive):

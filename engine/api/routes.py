@@ -50,10 +50,10 @@ from ..registry import (
 )
 from ..sampling import resolve
 from .hot_path import (
-    CLIENT_LEFT,
     CancelOnDisconnect,
     EventStream,
     GenerationRoutes,
+    client_left,
     why_fastapi_routes,
 )
 from .limits import BodyLimit
@@ -88,7 +88,6 @@ API_PATHS = {
 MAX_PROMPTS = 16
 MAX_CHOICES = 64
 """At most this many generations per request: models × prompts × n."""
-"""The ``model`` of a fan-out request (the ``models`` extension)."""
 
 
 def admin_refusal(token: str | None, authorization: str) -> OpenAIError | None:
@@ -613,7 +612,7 @@ def create_api(
             async with CancelOnDisconnect(request.receive) as watch:  # the body is read
                 firsts = await first_chunks(streams)
             if watch.left:
-                return CLIENT_LEFT
+                return client_left()
         except OpenAIError as err:
             api.metrics.error(label, err.kind, err.status)
             err.counted = True
@@ -634,7 +633,7 @@ def create_api(
         async with CancelOnDisconnect(request.receive) as watch:
             parts = await collect(firsts, streams)
         if watch.left:
-            return CLIENT_LEFT
+            return client_left()
         fanout = body.models is not None
         return JSONResponse(whole_response(writer, parts, echo, fanout, body.n))
 

@@ -60,7 +60,9 @@ class OpenAIErrors:
 
 class HttpToolsHeadLimit(OpenAIErrors):
     """Counts the bytes read while a request's head is incomplete (from the parser's
-    ``on_message_begin`` to its ``on_headers_complete``), and gives it ``HEAD_SECONDS``."""
+    ``on_message_begin`` to its ``on_headers_complete``), and gives a head that does not come
+    in one read ``HEAD_SECONDS``. Bytes of a pipelined request's body read together with the
+    next request's head count toward that head (clients rarely pipeline)."""
 
     in_head = False
     head_bytes = 0
@@ -68,12 +70,13 @@ class HttpToolsHeadLimit(OpenAIErrors):
 
     def on_message_begin(self) -> None:
         self.in_head, self.head_bytes = True, 0
-        self.head_timer = asyncio.get_running_loop().call_later(HEAD_SECONDS, self.head_too_slow)
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        self.head_timer.cancel()
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
         super().on_headers_complete()
 
     def connection_lost(self, exc) -> None:
@@ -92,7 +95,11 @@ class HttpToolsHeadLimit(OpenAIErrors):
         super().data_received(data)
         if not self.in_head or self.transport.is_closing():
             return
-        self.head_bytes += len(data)
+        self.head_bytes += len(data)  # a head still incomplete after these bytes
+        if self.head_timer is None:  # armed only for a head that did not come in one read
+            self.head_timer = asyncio.get_running_loop().call_later(
+                HEAD_SECONDS, self.head_too_slow
+            )
         if self.head_bytes > MAX_HEAD_BYTES:
             message = f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes"
             send_error_and_close(self, 431, "Request Header Fields Too Large", message)

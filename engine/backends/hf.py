@@ -355,7 +355,7 @@ class HFEngine(Engine):
         started = self.step_started
         if started is not None and (running := time.monotonic() - started) > STALLED_AFTER_S:
             raise EngineError(f"one generation step has run for {running:.0f} s")
-        if self.batch is not None:
+        if self.batch is not None or self.chunked is not None:
             return self.health_report(True)
         return await super().health()
 
@@ -406,21 +406,24 @@ class HFEngine(Engine):
         self.batch = self.chunked = None
 
     def take_pending(self) -> list[Row]:
-        """The waiting rows this step admits, in order: while they fit in the batch and their
-        padded prompts in ``prefill_tokens``; a longer prompt alone, when none is chunking."""
+        """The waiting rows this step admits, in order, while there is room in the batch: a
+        prompt longer than ``prefill_tokens`` alone (chunked) when none is chunking, else short
+        ones while their padded prompts fit in ``prefill_tokens`` (long ones wait their turn)."""
         self.pending = [r for r in self.pending if not (r.cancelled or r.done)]
         running = (len(self.batch.rows) if self.batch else 0) + (self.chunked is not None)
         budget, fresh, width = self.settings.prefill_tokens, [], 0
         for row in self.pending[: self.settings.max_batch_size - running]:
-            width = max(width, len(row.prompt_ids))
-            if width > budget:  # chunked: alone, one at a time
-                if not fresh and self.chunked is None:
-                    fresh.append(row)
+            if len(row.prompt_ids) > budget:
+                if fresh or self.chunked is not None:
+                    continue
+                fresh = [row]
                 break
+            width = max(width, len(row.prompt_ids))
             if (len(fresh) + 1) * width > budget:
                 break
             fresh.append(row)
-        self.pending = self.pending[len(fresh) :]
+        taken = {id(row) for row in fresh}
+        self.pending = [row for row in self.pending if id(row) not in taken]
         return fresh
 
     def step(self, fresh: list[Row]) -> None:
@@ -485,8 +488,13 @@ class HFEngine(Engine):
         if end < len(row.prompt_ids):
             self.chunked = job
             return
-        batch = Batch([row], job.cache, mask, self.sample_and_emit([row], logits))
-        self.batch = merge_batches(self.batch, batch)
+        try:
+            batch = Batch([row], job.cache, mask, self.sample_and_emit([row], logits))
+            self.batch = merge_batches(self.batch, batch)
+        except Exception as err:  # the running rows go on; this one ends with the error
+            log.exception("row %s could not join the batch", row.request.request_id)
+            row.fail(err)
+            return
         self.peak_running = max(self.peak_running, len(self.batch.rows))
         self.drop_rows()
 
@@ -586,7 +594,7 @@ class HFEngine(Engine):
         params = row.request.params
         is_eos = token in self.eos_ids and not params.ignore_eos
         delta = "" if is_eos else row.text.push(token)
-        logprobs = None if entry is None or is_eos else [entry]  # as OpenAI: the text's tokens
+        logprobs = None if entry is None else [] if is_eos else [entry]  # the text's tokens
         finish = None
         if is_eos or row.text.stopped or (row.grammar is not None and row.grammar.finished):
             finish = "stop"
