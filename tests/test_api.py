@@ -32,6 +32,18 @@ def client(server):
         yield c
 
 
+def wait_for(condition, seconds: float) -> bool:
+    """Whether ``condition()`` came true within ``seconds`` (polled every 10 ms)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def chat_body(model, stream=False, **extra):
     body = {
         "model": model,
@@ -155,13 +167,7 @@ def test_client_disconnect_cancels_the_generation(client, hf_engine):
         lines = response.iter_lines()
         for _ in range(4):
             next(lines)
-    import time
-
-    for _ in range(100):
-        if hf_engine.stats()["running"] == 0:
-            break
-        time.sleep(0.05)
-    assert hf_engine.stats()["running"] == 0
+    assert wait_for(lambda: hf_engine.stats()["running"] == 0, seconds=30)
     assert hf_engine.stats()["generated_tokens"] - before < 200
 
 
@@ -169,7 +175,6 @@ def test_a_client_leaving_a_non_streamed_request_ends_its_generation(server, cli
     """Its answer is one JSON at the end: nothing is written while it generates, so only the
     connection's close can tell the server (docs/api.md: a client that disconnects ends it)."""
     import socket
-    import time
 
     payload = json.dumps(chat_body("alpha", max_tokens=4000, ignore_eos=True)).encode()
     before = hf_engine.stats()["generated_tokens"]
@@ -179,16 +184,9 @@ def test_a_client_leaving_a_non_streamed_request_ends_its_generation(server, cli
             + b"Content-Length: %d\r\n\r\n" % len(payload)
             + payload
         )
-        for _ in range(12_000):  # started (up to 2 minutes on a very busy machine)
-            if hf_engine.stats()["generated_tokens"] > before:
-                break
-            time.sleep(0.01)
-        assert hf_engine.stats()["generated_tokens"] > before, "the request never started"
-    for _ in range(600):
-        if hf_engine.stats()["running"] == 0:
-            break
-        time.sleep(0.05)
-    assert hf_engine.stats()["running"] == 0
+        started = wait_for(lambda: hf_engine.stats()["generated_tokens"] > before, seconds=120)
+        assert started, "the request never started"
+    assert wait_for(lambda: hf_engine.stats()["running"] == 0, seconds=30)
     assert hf_engine.stats()["generated_tokens"] - before < 4000
     assert (
         client.post("/v1/chat/completions", json=chat_body("alpha", max_tokens=2)).status_code
