@@ -58,6 +58,10 @@ class Grammars:
             raise InvalidRequestError(
                 f"response_format cannot be compiled: {matcher.get_error()}", "response_format"
             )
+        first = matcher.deep_copy()
+        first.compute_bitmask()
+        if first.is_error():  # no first token: a schema that only refers to itself, say
+            raise InvalidRequestError("response_format admits no answer at all", "response_format")
         return Grammar(matcher)
 
 
