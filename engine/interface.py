@@ -75,6 +75,15 @@ MAX_STOP_CHARS = 1000
 """A stop string's length at most: every token is checked against each stop string's prefixes."""
 
 
+def stop_problem(stops: list[str]) -> str | None:
+    """What is wrong with these stop strings (a request's or an adapter's default), or None."""
+    if len(stops) > 4 or not all(stops):
+        return "at most 4 non-empty strings"
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        return f"each stop string non-empty and at most {MAX_STOP_CHARS} characters"
+    return None
+
+
 @dataclass
 class SamplingParams:
     """Generation settings of one request. The defaults here are the server-wide ones (OpenAI's,
@@ -104,11 +113,7 @@ class SamplingParams:
             ("temperature", 0.0 <= self.temperature <= 2.0, "must be in [0, 2]"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
-            (
-                "stop",
-                len(self.stop) <= 4 and all(0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
-                f"at most 4 non-empty strings of at most {MAX_STOP_CHARS} characters",
-            ),
+            ("stop", stop_problem(self.stop) is None, stop_problem(self.stop)),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2**63)"),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),

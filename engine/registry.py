@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from .constraints import ResponseFormat
-from .interface import MAX_STOP_CHARS
+from .interface import stop_problem
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
 BASE_MODEL_ALIAS = "base"
@@ -35,6 +35,8 @@ choice); inside the engine the base is ``adapter=None``."""
 FANOUT = "fanout"
 """The API's ``model`` for one prompt sent to several models at once (``models``): no adapter
 may take the name."""
+RESERVED_NAMES = {BASE_MODEL_ALIAS: "the base model", FANOUT: "fan-out requests (models: [...])"}
+"""Names no adapter may take (adapters.yaml or a hot-load), and what each is for."""
 
 
 class RegistryError(ValueError):
@@ -250,13 +252,13 @@ class GenerationDefaults(Strict):
     top_k: int | None = Field(None, ge=0)
     """Default top-k; 0 = off."""
     stop: list[str] | None = Field(None, max_length=4)
-    """Default stop strings (each non-empty, at most ``MAX_STOP_CHARS``, as a request's)."""
+    """Default stop strings, under a request's rules (``stop_problem``)."""
 
     @field_validator("stop")
     @classmethod
     def stops_a_request_may_send(cls, stop: list[str] | None) -> list[str] | None:
-        if stop and not all(0 < len(s) <= MAX_STOP_CHARS for s in stop):
-            raise ValueError(f"each stop string non-empty and at most {MAX_STOP_CHARS} characters")
+        if stop and (problem := stop_problem(stop)):
+            raise ValueError(problem)
         return stop
 
     response_format: ResponseFormat | None = None
@@ -303,10 +305,8 @@ class AdapterSpec(Strict):
     def name_is_slug(cls, name: str) -> str:
         if not SLUG.match(name):
             raise ValueError("must be a slug: a-z, 0-9, '-', '_' (max 64 chars)")
-        if name == BASE_MODEL_ALIAS:
-            raise ValueError(f"'{BASE_MODEL_ALIAS}' is reserved for the base model")
-        if name == FANOUT:
-            raise ValueError(f"'{FANOUT}' is reserved for fan-out requests (models: [...])")
+        if name in RESERVED_NAMES:
+            raise ValueError(f"'{name}' is reserved for {RESERVED_NAMES[name]}")
         return name
 
     @field_validator("template")

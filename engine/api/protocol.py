@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ..constraints import ResponseFormat
-from ..interface import MAX_STOP_CHARS, EngineError, TokenLogprob, Usage
+from ..interface import EngineError, TokenLogprob, Usage, stop_problem
 
 Endpoint = Literal["chat", "completions"]
 UNSUPPORTED = {
@@ -181,11 +181,8 @@ class SamplingFields(Wire):
     @field_validator("stop")
     @classmethod
     def at_most_four_stops(cls, stop):
-        stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > 4 or not all(stops):
-            raise ValueError("at most 4 non-empty strings")
-        if any(len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"each stop string at most {MAX_STOP_CHARS} characters")
+        if problem := stop_problem([stop] if isinstance(stop, str) else stop or []):
+            raise ValueError(problem)
         return stop
 
     @field_validator("logit_bias")

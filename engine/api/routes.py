@@ -42,6 +42,7 @@ from ..metrics import Metrics, RequestTimer
 from ..registry import (
     BASE_MODEL_ALIAS,
     FANOUT,
+    RESERVED_NAMES,
     SLUG,
     AdapterSpec,
     Registry,
@@ -432,10 +433,9 @@ class Api:
         """A new adapter's name: a slug, not the base model's, not one being unloaded/merged."""
         if not SLUG.match(name):
             raise invalid(f"name {name!r} must be a slug (a-z, 0-9, -, _)", "name", 422)
-        if name in {BASE_MODEL_ALIAS, self.engine.base_model_id}:
-            raise invalid(f"name {name!r} is reserved for the base model", "name", 422)
-        if name == FANOUT:
-            raise invalid(f"name {name!r} is reserved for fan-out requests", "name", 422)
+        reserved = RESERVED_NAMES | {self.engine.base_model_id: "the base model"}
+        if name in reserved:
+            raise invalid(f"name {name!r} is reserved for {reserved[name]}", "name", 422)
         if name in self.unloading:
             raise OpenAIError(409, f"adapter '{name}' is being unloaded", "conflict_error", "name")
         if name in self.merging:
