@@ -150,9 +150,9 @@ class HFSettings(Strict):
     """Prompt tokens one step prefills at most (rows × the longest prompt among them): waiting
     requests join together while they fit, and a longer prompt is prefilled this many tokens a
     step, between the running rows' decode steps (short prompts still join beside its chunk), so
-    one long prompt slows the others' tokens instead of stopping them (512 tokens take ~2 s on
-    one busy core; 16 prompts of 7,000 tokens prefilled in one step stopped every stream for
-    over 13 minutes)."""
+    one long prompt slows the others' tokens instead of stopping them (a hostile-input pass sent
+    16 prompts of 7,000 tokens in one request: prefilled in one step, they stopped every stream
+    for minutes). Not benchmarked: 512 is a bound on a step, not a tuned optimum."""
     base_weights: Literal["fp16", "fp32", "int8"] = "fp16"
     """The base's Linear weights on the ``batched`` path (activations and the LoRA terms stay
     fp32): ``fp16`` halves the bytes read per decode step and is lossless for a base stored in
