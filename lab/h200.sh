@@ -59,7 +59,8 @@
 #   STEPS="parity-constrained" GPU=1 bash lab/h200.sh restart extra   # a step beside the jobs
 #   bash lab/h200.sh pairs-setting continuous-4   # `pairs`, when it starts, runs that setting
 #
-# Knobs (environment of `start`/`restart`): JOBS_X2 (ours check cpu), PAIRS (3), PEER_PAIRS (3), USERS (512,256; one GPU:
+# Knobs (environment of `start`/`restart`): JOBS_X2 (ours check cpu), PAIRS (3), PEER_PAIRS (3), PEER_USERS (the peer's
+# streams, 256; e.g. 256,512), USERS (512,256; one GPU:
 # 256), DURATION (20 s a point, the first 5 s warm-up), MEM (0.7), SYNC_TIMEOUT (360 s),
 # CODE_AB (payload: 0), CODE_AB_ROUNDS (2), CODE_AB_ORDER (old new), RETRAIN_SQL (0), SQL_RECIPES (r64all-2000 r64all-3000
 # r128all-2000: r<rank>all-<steps> each), SQL_EVALS (1; 0 skips the SGLang scoring), ADAPTERS_BACK (collect: the recipes whose adapter
@@ -315,8 +316,8 @@ peer() {  # SGLang's launch_server over the same model and adapters, the same Lo
     --sync-theirs /tmp/sync/ours-256 --sync-timeout "${SYNC_TIMEOUT:-360}")
   timeout 1500 python3 -m loadtest.peer --launch sglang --config "$SYNTH/adapters.yaml" \
     --port 31000 --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" \
-    --users 256 --adapters 128 --pairs "${PEER_PAIRS:-3}" --duration "${DURATION:-20}" \
-    --warmup 5 "${sync[@]}" --out "$RESULTS/peer"
+    --users "${PEER_USERS:-256}" --adapters 128 --pairs "${PEER_PAIRS:-3}" \
+    --duration "${DURATION:-20}" --warmup 5 "${sync[@]}" --out "$RESULTS/peer"
   local rc=$?
   touch /tmp/sync/peer-256
   return $rc
@@ -737,7 +738,7 @@ if check.exists():
 for name in ["code-ab/summary.md", "machine.txt", "sql-variants/test/quality.md", "sql-variants/fresh/quality.md",
              "sql-variants/fresh2/quality.md", "merges/merges.md",
              "profile/profile.md", "bursty/bursty.md", "router/summary.md", "structured-h200/results.md", "first-use-7b/first_use.md",
-             "side-by-side/side-by-side.md", "ours/pairs/summary.md", "peer/summary.md",
+             "side-by-side/side-by-side.md", "side-by-side-512/side-by-side.md", "ours/pairs/summary.md", "peer/summary.md",
              "parity-shipped/parity.md", "parity-constrained/parity.md",
              "parity-shipped/sglang/quality.md", "parity-constrained/sglang/quality.md",
              "smoke/bench/pairs/summary.md", "smoke/peer/summary.md"]:
@@ -750,9 +751,15 @@ PY
 collect() {
   mkdir -p "$OUT" "$RESULTS/logs"
   cd /tmp/repo 2>/dev/null || true
+  local users side
   if [ -f "$RESULTS/ours/pairs/results.json" ] && [ -f "$RESULTS/peer/results.json" ]; then
-    python3 -m loadtest.pairs side-by-side "$RESULTS/ours/pairs" "$RESULTS/peer" --users 256 \
-      --out "$RESULTS/side-by-side" > /dev/null 2>&1
+    local peer_users='import json, sys; print(*{r["users"] for r in json.load(open(sys.argv[1]))["rounds"]})'
+    for users in $(python3 -c "$peer_users" "$RESULTS/peer/results.json"); do
+      # side-by-side (256 streams), side-by-side-512, ...
+      side=$RESULTS/side-by-side; [ "$users" = 256 ] || side=$side-$users
+      python3 -m loadtest.pairs side-by-side "$RESULTS/ours/pairs" "$RESULTS/peer" \
+        --users "$users" --out "$side" > /dev/null 2>&1
+    done
   fi
   for log in "$RAW_LOGS"/*.log "$JOBS"/*.log /tmp/runtime.log; do  # without SGLang's per-request noise
     [ -f "$log" ] || continue
