@@ -40,9 +40,8 @@ class InvalidRequestError(EngineError):
 
 
 class PromptTooLongError(InvalidRequestError):
-    """Prompt plus requested output does not fit the model's context."""
-
-    status_code = 413
+    """Prompt plus requested output does not fit the model's context: a 400, as OpenAI and vLLM
+    answer it (clients such as LiteLLM tell it from other 400s by "maximum context length")."""
 
 
 class AdapterNotFoundError(EngineError):

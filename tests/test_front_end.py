@@ -121,7 +121,7 @@ def test_huge_bodies_do_not_stall_other_streams_or_health(tokenizer, base_dir, r
         live.stop()
     assert statuses == [413] * 8  # refused by Content-Length, before any byte of the body
     for answer in answers:  # 600 KB: under the body limit, tokenized off the loop, too long
-        assert answer.status_code == 413 and "context" in answer.json()["error"]["message"]
+        assert answer.status_code == 400 and "context" in answer.json()["error"]["message"]
     assert stream["events"][-1] == "[DONE]" and len(stream["events"]) > 250
     assert stream["max_gap"] < 1.0, f"another stream stalled for {stream['max_gap']:.2f} s"
     assert max(health) < 1.0, f"/health took {max(health):.2f} s"
@@ -542,6 +542,33 @@ def test_a_head_sent_too_slowly_is_a_408_and_serving_goes_on(registry_for, monke
             code, headers, body = read_answer(s)
         assert code == 408 and headers["connection"] == "close"
         assert json.loads(body)["error"]["type"] == "invalid_request_error"
+        assert httpx.get(f"{live.url}/health", timeout=30).status_code == 200
+    finally:
+        live.stop()
+
+
+def test_a_body_sent_too_slowly_is_a_408_and_serving_goes_on(registry_for, monkeypatch):
+    """A client that sends its head and then its body a byte at a time held a connection (and
+    its request's task) for as long as it liked; the others' requests go on meanwhile."""
+    import socket
+
+    from test_hostile_inputs import read_answer
+
+    import engine.api.server
+
+    monkeypatch.setattr(engine.api.server, "BODY_SECONDS", 1.0)
+    live = serve(NoModelEngine("base", ["alpha"], gap_s=0), registry_for)
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    try:
+        with socket.create_connection(("127.0.0.1", live.port), timeout=30) as s:
+            head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            s.sendall(head + b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{")
+            answer = httpx.post(f"{live.url}/v1/chat/completions", json=chat, timeout=60)
+            assert answer.status_code == 200  # served while the slow body waits
+            code, headers, body = read_answer(s)
+        assert code == 408 and headers["connection"] == "close"
+        error = json.loads(body)["error"]
+        assert error["type"] == "invalid_request_error" and "body" in error["message"]
         assert httpx.get(f"{live.url}/health", timeout=30).status_code == 200
     finally:
         live.stop()

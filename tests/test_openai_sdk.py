@@ -54,6 +54,9 @@ def test_errors_arrive_as_the_sdks_exceptions(client):
         ask(client, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
     with pytest.raises(openai.BadRequestError, match="unknown field 'repetition_penalty'"):
         ask(client, extra_body={"repetition_penalty": 1.1})
+    with pytest.raises(openai.BadRequestError, match="maximum context length") as too_long:
+        ask(client, max_tokens=100_000)  # as OpenAI and vLLM answer it, a 400
+    assert too_long.value.param == "max_tokens"
 
 
 def test_json_schema_output_parses_and_matches_the_schema(client):

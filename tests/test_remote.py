@@ -21,6 +21,7 @@ from engine.interface import (
     AdapterNotFoundError,
     GenerationRequest,
     InvalidRequestError,
+    PromptTooLongError,
     SamplingParams,
     collect,
 )
@@ -147,6 +148,12 @@ def test_refusals_become_the_engines_errors(remote, hf_engine):
     with pytest.raises(InvalidRequestError) as refused:  # the server's 400: at most 5 here
         asyncio.run(chunks_of(remote, too_many))
     assert refused.value.param == "logprobs"
+    too_long = GenerationRequest(prompt="Hi", params=SamplingParams(max_tokens=100_000))
+    with pytest.raises(PromptTooLongError, match="maximum context length") as embedded:
+        asyncio.run(chunks_of(hf_engine, too_long))
+    with pytest.raises(PromptTooLongError) as remotely:
+        asyncio.run(chunks_of(remote, too_long))
+    assert str(remotely.value) == str(embedded.value) and remotely.value.status_code == 400
 
 
 def test_admin_needs_the_token_and_reaches_the_server(server, remote, registry_for, adapter_dirs):

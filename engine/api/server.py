@@ -33,13 +33,20 @@ HEAD_SECONDS = 30.0
 sending its headers a byte at a time holds a connection, not the event loop)."""
 
 
+BODY_SECONDS = 60.0
+"""On httptools, a request's body arrives within this of its head, or a 408 closes the
+connection (a body sent a byte at a time held its connection for as long as the client liked;
+a body of ``server.max_body_bytes``, 1 MB by default, needs 17 KB/s)."""
+
+
 def http_protocol(name: str = "auto") -> type:
     """uvicorn's HTTP implementation ``name`` ("auto": httptools where installed, else h11)
     answering bytes it cannot parse as HTTP with a 400 in OpenAI's error shape instead of
     uvicorn's plain text (the app never sees such a request; the connection closes, as before),
-    and, on httptools, a head over ``MAX_HEAD_BYTES`` with a 431."""
+    and, on httptools, a head over ``MAX_HEAD_BYTES`` with a 431, a head or a body too slow
+    with a 408."""
     base = import_from_string(HTTP_PROTOCOLS[name])
-    mixin = HttpToolsHeadLimit if hasattr(base, "on_headers_complete") else OpenAIErrors
+    mixin = HttpToolsSlowClients if hasattr(base, "on_headers_complete") else OpenAIErrors
     return type(f"{base.__name__}WithOpenAIErrors", (mixin, base), {})
 
 
@@ -58,30 +65,36 @@ class OpenAIErrors:
         send_error_and_close(self, 400, "Bad Request", UNPARSABLE)
 
 
-class HttpToolsHeadLimit(OpenAIErrors):
+class HttpToolsSlowClients(OpenAIErrors):
     """Counts the bytes read while a request's head is incomplete (from the parser's
-    ``on_message_begin`` to its ``on_headers_complete``), and gives a head that does not come
-    in one read ``HEAD_SECONDS``. Bytes of a pipelined request's body read together with the
-    next request's head count toward that head (clients rarely pipeline)."""
+    ``on_message_begin`` to its ``on_headers_complete``), gives a head that does not come in one
+    read ``HEAD_SECONDS`` and a body that does not come with its head ``BODY_SECONDS``. Bytes of
+    a pipelined request's body read together with the next request's head count toward that
+    head (clients rarely pipeline)."""
 
     in_head = False
+    in_body = False
     head_bytes = 0
     head_timer: asyncio.TimerHandle | None = None
+    body_timer: asyncio.TimerHandle | None = None
 
     def on_message_begin(self) -> None:
         self.in_head, self.head_bytes = True, 0
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
-        self.in_head = False
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
+        self.in_head, self.in_body = False, True
+        self.head_timer = cancelled(self.head_timer)
         super().on_headers_complete()
 
+    def on_message_complete(self) -> None:
+        self.in_body = False
+        self.body_timer = cancelled(self.body_timer)
+        super().on_message_complete()
+
     def connection_lost(self, exc) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
+        self.head_timer = cancelled(self.head_timer)
+        self.body_timer = cancelled(self.body_timer)
         super().connection_lost(exc)
 
     def head_too_slow(self) -> None:
@@ -89,11 +102,26 @@ class HttpToolsHeadLimit(OpenAIErrors):
             message = f"the request line and headers took longer than {HEAD_SECONDS:.0f} s"
             send_error_and_close(self, 408, "Request Timeout", message)
 
+    def body_too_slow(self) -> None:
+        if not self.in_body or self.transport.is_closing():
+            return
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.close()  # answered already (e.g. refused by its Content-Length)
+            return
+        message = f"the request body took longer than {BODY_SECONDS:.0f} s after its headers"
+        send_error_and_close(self, 408, "Request Timeout", message)
+
     def data_received(self, data: bytes) -> None:
         if self.transport.is_closing():
             return
         super().data_received(data)
-        if not self.in_head or self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self.in_body and self.body_timer is None:  # armed only for a body still incomplete
+            self.body_timer = asyncio.get_running_loop().call_later(
+                BODY_SECONDS, self.body_too_slow
+            )
+        if not self.in_head:
             return
         self.head_bytes += len(data)  # a head still incomplete after these bytes
         if self.head_timer is None:  # armed only for a head that did not come in one read
@@ -103,6 +131,11 @@ class HttpToolsHeadLimit(OpenAIErrors):
         if self.head_bytes > MAX_HEAD_BYTES:
             message = f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes"
             send_error_and_close(self, 431, "Request Header Fields Too Large", message)
+
+
+def cancelled(timer: asyncio.TimerHandle | None) -> None:
+    if timer is not None:
+        timer.cancel()
 
 
 class DrainingServer(uvicorn.Server):

@@ -77,8 +77,10 @@ def check_loadable(
 def check_context(prompt_tokens: int, params: SamplingParams, context: int) -> None:
     if prompt_tokens + params.max_tokens > context:
         raise PromptTooLongError(
-            f"prompt ({prompt_tokens} tokens) + max_tokens ({params.max_tokens}) exceeds "
-            f"the context of {context} tokens",
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_tokens + params.max_tokens} tokens ({prompt_tokens} in the prompt, "
+            f"{params.max_tokens} for the answer: max_tokens). Please reduce the length of the "
+            "prompt or max_tokens.",
             "max_tokens",
         )
 
@@ -122,6 +124,7 @@ class PromptTokenizer:
 
     def __init__(self, tokenizer, base_dir: str, chat_template: bool, context: int):
         self.tokenizer, self.base_dir, self.chat_template = tokenizer, base_dir, chat_template
+        self.context = context
         self.limit = context * longest_token_chars(tokenizer)
         self.pool: concurrent.futures.ProcessPoolExecutor | None = None
 
@@ -129,7 +132,9 @@ class PromptTokenizer:
         chars = prompt_chars(request)
         if chars > self.limit:
             raise PromptTooLongError(
-                f"prompt of {chars} characters cannot fit the context (at most {self.limit})",
+                f"This model's maximum context length is {self.context} tokens. "
+                f"However, the prompt of {chars} characters cannot fit it (at most {self.limit} "
+                "characters). Please reduce the length of the prompt.",
                 "messages",
             )
         if chars <= OFF_LOOP_CHARS:
