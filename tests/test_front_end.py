@@ -452,8 +452,13 @@ def test_many_empty_messages_are_a_long_prompt_refused_untokenized(tokenizer, ba
 
     tokenize = PromptTokenizer(tokenizer, base_dir, True, 8192)
     empty = GenerationRequest(messages=[{"role": "user", "content": ""}] * 30_000)
-    with pytest.raises(PromptTooLongError, match="cannot fit"):
+    with pytest.raises(PromptTooLongError, match="cannot fit") as refused:
         asyncio.run(tokenize(empty))
+    assert refused.value.param == "messages" and refused.value.status_code == 400
+    prompt = GenerationRequest(prompt="x" * (tokenize.limit + 1))
+    with pytest.raises(PromptTooLongError, match="maximum context length") as refused:
+        asyncio.run(tokenize(prompt))
+    assert refused.value.param == "prompt"  # the field a completion sends
     assert tokenize.pool is None  # refused before any worker was started
 
 

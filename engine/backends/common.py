@@ -135,7 +135,7 @@ class PromptTokenizer:
                 f"This model's maximum context length is {self.context} tokens. "
                 f"However, the prompt of {chars} characters cannot fit it (at most {self.limit} "
                 "characters). Please reduce the length of the prompt.",
-                "messages",
+                "prompt" if request.prompt is not None else "messages",
             )
         if chars <= OFF_LOOP_CHARS:
             return prompt_token_ids(self.tokenizer, request, self.chat_template)
