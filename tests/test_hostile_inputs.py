@@ -120,6 +120,12 @@ CASES = [
     ("service_tier", "POST", CHAT, chat(service_tier="flex"), {}, 400, "service_tier"),
     ("web_search_options", "POST", CHAT, chat(web_search_options={}), {}, 400, "web_search_options"),  # {}: on
     ("web_search_options-null", "POST", CHAT, chat(web_search_options=None), {}, 200, None),
+    # what OpenAI's schema lets be null, and an answer's message sent back, are accepted as such
+    ("nulls-where-openai-allows", "POST", CHAT, chat(n=None, stream=None, logprobs=None, ignore_eos=None), {}, 200, None),
+    ("nulls-completion", "POST", DONE, completion(echo=None, logprobs=None, n=None), {}, 200, None),
+    ("answer-sent-back", "POST", CHAT, chat(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "refusal": None, "tool_calls": None, "function_call": None, "audio": None, "annotations": []}, {"role": "user", "content": "c"}]), {}, 200, None),
+    ("answer-with-a-refusal", "POST", CHAT, chat(messages=[{"role": "assistant", "content": "b", "refusal": "no"}]), {}, 400, "messages.0.refusal"),
+    ("answer-with-tool-calls", "POST", CHAT, chat(messages=[{"role": "assistant", "content": "b", "tool_calls": [{"id": "1"}]}]), {}, 400, "messages.0.tool_calls"),
     ("stream_options-without-stream", "POST", CHAT, chat(stream_options={"include_usage": True}), {}, 400, "stream_options"),
     ("response_format-name-with-space", "POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "has space", "schema": {"type": "object"}}}), {}, 400, "response_format.json_schema.name"),
     ("suffix", "POST", DONE, completion(suffix="end"), {}, 400, "suffix"),

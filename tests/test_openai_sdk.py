@@ -164,6 +164,17 @@ def test_openai_inputs_content_parts_developer_role_and_token_prompts(client):
     assert echoed.choices[0].text.startswith("The sky is")
 
 
+def test_an_answer_appended_to_the_next_turns_messages(client):
+    """The SDK's usual multi-turn idiom: the answer's message object (or its ``model_dump()``,
+    with its null ``refusal``, ``tool_calls``, ...) goes into the next request."""
+    turns = [{"role": "user", "content": "Hi, my name is Bob."}]
+    first = client.chat.completions.create(model="base", messages=turns, max_tokens=6)
+    for sent_back in (first.choices[0].message, first.choices[0].message.model_dump()):
+        messages = [*turns, sent_back, {"role": "user", "content": "What is my name?"}]
+        second = client.chat.completions.create(model="alpha", messages=messages, max_tokens=6)
+        assert second.choices[0].finish_reason in {"stop", "length"}
+
+
 def test_models_list_and_retrieve(client):
     ids = [m.id for m in client.models.list()]
     assert ids[0] == "SmolLM2-135M-Instruct" and {"alpha", "beta"} <= set(ids)

@@ -14,7 +14,7 @@ import re
 import reprlib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..constraints import ResponseFormat
 from ..interface import EngineError, TokenLogprob, Usage, stop_problem
@@ -106,6 +106,15 @@ TOKEN_ID_KEY = re.compile(r"0|[1-9][0-9]{0,8}")
 token), at most 9 digits."""
 
 
+ANSWER_ONLY_FIELDS = {
+    "refusal": "this server's answers have no refusals: send the text as content",
+    "tool_calls": "tool calling is not supported",
+    "function_call": "function calling is not supported",
+    "audio": "audio is not supported",
+    "annotations": "this server's answers have no annotations",
+}
+
+
 class Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -121,6 +130,24 @@ class ChatMessage(Wire):
     content: str | list[TextPart]
     name: str | None = None
     """Accepted and not used: the chat templates here have no participant names."""
+    refusal: Any = None
+    tool_calls: Any = None
+    function_call: Any = None
+    audio: Any = None
+    annotations: Any = None
+    """The fields of an answer's message other than ``role`` and ``content`` (the OpenAI SDK
+    sends them back when a client appends an answer to its next request's messages): on an
+    assistant's message, accepted null or empty, as this server answers them; a 400 naming the
+    field otherwise."""
+
+    @field_validator(*ANSWER_ONLY_FIELDS)
+    @classmethod
+    def empty_as_answered(cls, value, info: ValidationInfo):
+        if info.data.get("role") != "assistant":
+            raise ValueError("only an assistant's message (an answer sent back) has this field")
+        if value not in (None, []):
+            raise ValueError(ANSWER_ONLY_FIELDS[info.field_name])
+        return value
 
     def as_engine_message(self) -> dict:
         role = "system" if self.role == "developer" else self.role
@@ -131,6 +158,10 @@ class ChatMessage(Wire):
 
 class StreamOptions(Wire):
     include_usage: bool = False
+
+
+NULL_IS_DEFAULT = {"n", "stream", "ignore_eos", "echo", "logprobs", "prompt_template"}
+"""Fields whose null means "not given" (OpenAI's and vLLM's schemas let them be null)."""
 
 
 class SamplingFields(Wire):
@@ -163,6 +194,14 @@ class SamplingFields(Wire):
     """Extension, fan-out: the same request to each of these models (adapters, ``base``) in one
     batch; ``model`` must then be ``"fanout"``. Choice *i* is ``models[i]``'s (with ``n`` > 1,
     ``models[i // n]``) and names it in ``model``; streamed chunks carry it as their ``model``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_not_given(cls, body):
+        """OpenAI's schema lets these be null (clients that send every field do): the default."""
+        if not isinstance(body, dict):
+            return body
+        return {k: v for k, v in body.items() if v is not None or k not in NULL_IS_DEFAULT}
 
     @field_validator("stream_options")
     @classmethod
