@@ -94,11 +94,101 @@ class Constraint:
 
 
 def grammar_problem(constraint: Constraint) -> str | None:
-    """Why llguidance cannot compile this constraint (a bad schema or regex), or None."""
+    """Why llguidance cannot compile this constraint (a bad schema or regex), or why a schema
+    admits no answer of finite length, or None."""
     import llguidance
 
     try:
         grammar = constraint.grammar()
     except (ValueError, TypeError) as err:
         return str(err)
-    return llguidance.LLMatcher.validate_grammar(grammar) or None
+    if problem := llguidance.LLMatcher.validate_grammar(grammar):
+        return problem
+    if constraint.kind == "json_schema" and not FiniteInstances(json.loads(constraint.spec)).root():
+        return (
+            "the schema admits no answer of finite length (a required property or item refers "
+            "back to the schema that holds it, with no way out)"
+        )
+    return None
+
+
+class FiniteInstances:
+    """Whether a JSON Schema has an instance of finite length: False only when that is proven
+    (every way through requires a ``$ref`` back to itself: llguidance compiles such a schema,
+    and generation then runs into its item limit). Local ``$ref``s only; a keyword not read
+    here counts as satisfiable, so a schema it cannot judge is let through."""
+
+    MAX_VISITS = 200_000
+
+    def __init__(self, schema: Any):
+        self.schema, self.refs, self.visits = schema, {}, 0
+
+    def root(self) -> bool:
+        try:
+            while True:  # least fixed point over the $refs, from "none is finite": they only
+                before = dict(self.refs)  # turn finite, or are found, so this ends
+                verdict = self.finite(self.schema)
+                for ref in list(self.refs):
+                    self.refs[ref] = self.finite(self.resolve(ref))
+                if self.refs == before:
+                    return verdict
+        except (RecursionError, TooManyVisits):
+            return True
+
+    def resolve(self, ref: str) -> Any:
+        node = self.schema
+        for part in ref[2:].split("/") if ref != "#" else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return True  # not found here: llguidance says so, or it is not ours to judge
+        return node
+
+    def finite(self, node: Any) -> bool:
+        self.visits += 1
+        if self.visits > self.MAX_VISITS:
+            raise TooManyVisits
+        if not isinstance(node, dict):
+            return node is not False
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            if ref not in self.refs:
+                self.refs[ref] = False
+            if not self.refs[ref]:
+                return False
+        if "enum" in node or "const" in node:
+            return True
+        for key, combine in (("anyOf", any), ("oneOf", any), ("allOf", all)):
+            if isinstance(node.get(key), list) and not combine(map(self.finite, node[key])):
+                return False
+        kinds = node.get("type")
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        if not isinstance(kinds, list) or not kinds:
+            return True
+        return any(self.finite_as(kind, node) for kind in kinds)
+
+    def finite_as(self, kind: str, node: dict) -> bool:
+        if kind == "object":
+            properties = node.get("properties") or {}
+            required = node.get("required") or []
+            if not isinstance(properties, dict) or not isinstance(required, list):
+                return True
+            extra = node.get("additionalProperties", True)
+            return all(self.finite(properties.get(name, extra)) for name in required)
+        if kind == "array":
+            needed = node.get("minItems", 0)
+            if not isinstance(needed, int) or needed <= 0:
+                return True
+            prefix = node.get("prefixItems") or []
+            prefix = prefix if isinstance(prefix, list) else []
+            rest = node.get("items", True)
+            firsts = [prefix[i] if i < len(prefix) else rest for i in range(min(needed, 64))]
+            return all(self.finite(item) for item in firsts)
+        return True
+
+
+class TooManyVisits(Exception):
+    """A schema too large to judge here: let llguidance have it."""

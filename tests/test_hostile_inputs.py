@@ -133,6 +133,7 @@ CASES = [
     ("unknown-field", "POST", CHAT, chat(repetition_penalty=1.2), {}, 400, "repetition_penalty"),
     ("unknown-field-typo", "POST", CHAT, chat(max_token=5), {}, 400, "max_token"),
     ("response_format-unknown-type", "POST", CHAT, chat(response_format={"type": "xml"}), {}, 400, "response_format.type"),
+    ("response_format-schema-endless", "POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": {"$ref": "#/$defs/a", "$defs": {"a": {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "required": ["x"]}}}}}), {}, 400, "response_format"),
     ("response_format-schema-only-itself", "POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}}}), {}, 400, "response_format"),
     ("response_format-schema-missing", "POST", CHAT, chat(response_format={"type": "json_schema"}), {}, 400, "response_format"),
     ("response_format-choice-empty", "POST", CHAT, chat(response_format={"type": "choice", "choices": []}), {}, 400, "response_format.choices"),

@@ -27,8 +27,11 @@ class Grammar:
         llguidance.torch.apply_token_bitmask_inplace(logits.view(1, -1), bitmask)
 
     def accept(self, token: int) -> None:
-        if not self.matcher.consume_token(token):
-            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+        if not self.matcher.consume_token(token):  # a limit of llguidance's, say: its first line
+            why = (self.matcher.get_error() or "no reason given").splitlines()[0][:300]
+            raise InvalidRequestError(
+                f"response_format: the grammar failed during generation: {why}", "response_format"
+            )
 
     @property
     def finished(self) -> bool:

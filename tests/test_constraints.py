@@ -1,0 +1,76 @@
+"""Structured output's checks before generation: a schema with no answer of finite length is
+refused on both backends (``grammar_problem``), and a grammar that fails during generation ends
+its request with a 400-kind error naming ``response_format`` (real llguidance, SmolLM2's
+tokenizer)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from engine.backends.sample import Grammars
+from engine.constraints import Constraint, FiniteInstances, grammar_problem
+from engine.interface import InvalidRequestError
+
+NODE = {"type": "object", "properties": {"v": {"type": "integer"}}}
+
+
+def defs(node: dict) -> dict:
+    return {"$ref": "#/$defs/n", "$defs": {"n": node}}
+
+
+FINITE = {
+    "a tree": defs({**NODE, "properties": {**NODE["properties"], "kids": {"type": "array",
+                    "items": {"$ref": "#/$defs/n"}}}, "required": ["v", "kids"]}),
+    "a list ending in null": defs({"type": "object", "properties": {"next": {"anyOf": [
+        {"$ref": "#/$defs/n"}, {"type": "null"}]}}, "required": ["next"]}),
+    "an optional self": {"type": "object", "properties": {"me": {"$ref": "#"}}},
+    "a self or a string": {"type": ["object", "string"], "properties": {"me": {"$ref": "#"}},
+                           "required": ["me"]},
+    "an empty array of selves": {"type": "array", "items": {"$ref": "#"}},
+    "a plain object": {"type": "object"},
+}  # fmt: skip
+ENDLESS = {
+    "a required self": {"type": "object", "properties": {"me": {"$ref": "#"}}, "required": ["me"]},
+    "a required self through $defs": defs({"type": "object", "properties": {"x": {
+        "$ref": "#/$defs/n"}}, "required": ["x"]}),
+    "at least one item, each a self": {"type": "array", "minItems": 1, "items": {"$ref": "#"}},
+    "two defs requiring each other": {"$ref": "#/$defs/a", "$defs": {
+        "a": {"type": "object", "properties": {"b": {"$ref": "#/$defs/b"}}, "required": ["b"]},
+        "b": {"type": "array", "minItems": 2, "items": {"$ref": "#/$defs/a"}}}},
+    "only itself": defs({"$ref": "#/$defs/n"}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", FINITE)
+def test_a_schema_with_a_finite_answer_passes(name):
+    assert FiniteInstances(FINITE[name]).root()
+    assert grammar_problem(Constraint("json_schema", json.dumps(FINITE[name]))) is None
+
+
+@pytest.mark.parametrize("name", ENDLESS)
+def test_a_schema_whose_every_answer_is_endless_is_refused(name):
+    assert not FiniteInstances(ENDLESS[name]).root()
+    problem = grammar_problem(Constraint("json_schema", json.dumps(ENDLESS[name])))
+    assert problem is not None and "finite" in problem
+
+
+def test_a_schema_too_large_to_judge_is_let_through():
+    names = [f"p{i}" for i in range(1000)]
+    endless = {"type": "object", "properties": {**dict.fromkeys(names, NODE), "me": {"$ref": "#"}},
+               "required": [*names, "me"]}  # fmt: skip
+    assert not FiniteInstances(endless).root()
+    judge = FiniteInstances(endless)
+    judge.MAX_VISITS = 500
+    assert judge.root()  # gave up: llguidance and its limits have the last word
+
+
+def test_a_grammar_failing_during_generation_names_response_format(base_dir):
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    grammar = Grammars(tokenizer, len(tokenizer)).compile(Constraint("regex", "(yes|no)"))
+    grammar.accept(tokenizer.encode("yes")[0])
+    with pytest.raises(InvalidRequestError, match="grammar failed during generation") as failed:
+        grammar.accept(tokenizer.encode("no")[0])
+    assert failed.value.param == "response_format" and "\n" not in str(failed.value)
