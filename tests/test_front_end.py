@@ -547,6 +547,9 @@ def test_a_head_sent_too_slowly_is_a_408_and_serving_goes_on(registry_for, monke
             code, headers, body = read_answer(s)
         assert code == 408 and headers["connection"] == "close"
         assert json.loads(body)["error"]["type"] == "invalid_request_error"
+        with socket.create_connection(("127.0.0.1", live.port), timeout=30) as s:
+            code, headers, _ = read_answer(s)  # a connection that sends nothing at all
+        assert code == 408 and headers["connection"] == "close"
         assert httpx.get(f"{live.url}/health", timeout=30).status_code == 200
     finally:
         live.stop()

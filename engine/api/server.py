@@ -29,8 +29,9 @@ its own; h11 stops an incomplete head at 16 KB): past it, a 431 and the connecti
 
 
 HEAD_SECONDS = 30.0
-"""On httptools, a request's head arrives within this, or a 408 closes the connection (a client
-sending its headers a byte at a time holds a connection, not the event loop)."""
+"""On httptools, a request's head arrives within this (of the connection's opening, or of its
+first byte after a kept-alive answer), or a 408 closes the connection (a client sending its
+headers a byte at a time, or nothing, holds a connection, not the event loop)."""
 
 
 BODY_SECONDS = 60.0
@@ -77,6 +78,11 @@ class HttpToolsSlowClients(OpenAIErrors):
     head_bytes = 0
     head_timer: asyncio.TimerHandle | None = None
     body_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.in_head = True  # a connection that sends nothing at all is timed as a slow head
+        self.head_timer = asyncio.get_running_loop().call_later(HEAD_SECONDS, self.head_too_slow)
 
     def on_message_begin(self) -> None:
         self.in_head, self.head_bytes = True, 0
