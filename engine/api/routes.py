@@ -114,7 +114,7 @@ async def read_json(request: Request) -> dict:
     except UnicodeDecodeError as err:
         raise invalid(f"the body is not UTF-8: {err.reason} at byte {err.start}") from None
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=not_json)
     except RecursionError:
         raise invalid("the body is nested too deeply") from None
     except json.JSONDecodeError as err:
@@ -126,6 +126,11 @@ async def read_json(request: Request) -> dict:
     if where := lone_surrogate(body):
         raise invalid(f"{where}: contains a lone surrogate (not valid Unicode)", where)
     return body
+
+
+def not_json(constant: str):
+    """Python's parser reads ``NaN``, ``Infinity`` and ``-Infinity``; JSON has no such values."""
+    raise ValueError(f"{constant} is not a JSON value (JSON has no NaN or infinities)")
 
 
 def lone_surrogate(value, where: str = "") -> str | None:
