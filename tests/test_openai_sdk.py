@@ -111,6 +111,12 @@ def test_logprobs_and_top_logprobs_have_openais_shape(client):
             text += choice.text
     assert len(tokens) == 6 and "".join(tokens) == text
     assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(6)]
+    hot = client.completions.create(model="base", prompt="1, 2, 3,", max_tokens=24,
+                                    temperature=2, seed=7, logprobs=1)  # fmt: skip
+    sampled = hot.choices[0].logprobs
+    for token, logprob, top in zip(sampled.tokens, sampled.token_logprobs, sampled.top_logprobs):
+        assert top[token] == logprob and len(top) <= 2  # the sampled token always, as OpenAI
+    assert any(len(top) == 2 for top in sampled.top_logprobs)  # one was not the most likely
 
 
 def test_n_choices_with_a_seed_are_reproducible_and_distinct(client):

@@ -359,9 +359,17 @@ def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict:
     return {
         "tokens": [e.text for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{text: lp for _, text, lp in e.top} for e in entries],
+        "top_logprobs": [with_the_sampled(e) for e in entries],
         "text_offset": offsets,
     }
+
+
+def with_the_sampled(entry: TokenLogprob) -> dict[str, float]:
+    """The most likely tokens and the sampled one, as OpenAI's legacy completions answer them
+    (up to ``logprobs`` + 1 entries)."""
+    top = {text: lp for _, text, lp in entry.top}
+    top.setdefault(entry.text, entry.logprob)
+    return top
 
 
 CHAT_TEXT_FIELD = '"delta": {"content": '
