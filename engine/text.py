@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import weakref
 
 from .interface import GenerationRequest, InvalidRequestError
@@ -23,6 +24,55 @@ def end_of_turn_ids(tokenizer) -> set[int]:
     ids = {tokenizer.convert_tokens_to_ids(t) for t in TURN_MARKERS if t in special}
     ids.add(tokenizer.eos_token_id)
     return {i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id}
+
+
+def byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character → byte (what byte-level BPE vocabularies spell
+    their tokens in)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    shifted = [b for b in range(256) if b not in printable]
+    chars = {chr(b): b for b in printable}
+    chars.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return chars
+
+
+BYTE_LEVEL_CHARS = byte_level_chars()
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+"""SentencePiece's spelling of a token that is one raw byte."""
+RAW_TOKEN = re.compile(r"bytes:((?:\\x[0-9a-f]{2})+)")
+
+
+def token_text(tokenizer, token: int) -> str:
+    """A token's text for log-probabilities; one that is only part of a character is spelled
+    by its bytes, as OpenAI spells it (``bytes:\\xf0\\x9f``), so ``token_bytes`` gives them back
+    (its plain decode is a replacement character)."""
+    text = tokenizer.decode([token])
+    if "\ufffd" not in text or (raw := raw_bytes(tokenizer, token)) is None:
+        return text
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def raw_bytes(tokenizer, token: int) -> bytes | None:
+    """The bytes a token stands for, where its vocabulary spells them (byte-level BPE, or
+    SentencePiece's byte fallback), else None."""
+    spelled = tokenizer.convert_ids_to_tokens(token)
+    if not isinstance(spelled, str):
+        return None
+    if byte := BYTE_FALLBACK.fullmatch(spelled):
+        return bytes([int(byte.group(1), 16)])
+    if all(c in BYTE_LEVEL_CHARS for c in spelled):
+        return bytes(BYTE_LEVEL_CHARS[c] for c in spelled)
+    return None
+
+
+def token_bytes(text: str) -> bytes:
+    """The bytes of a token's text as ``token_text`` spells it."""
+    if raw := RAW_TOKEN.fullmatch(text):
+        return bytes.fromhex(raw.group(1).replace("\\x", ""))
+    return text.encode("utf-8")
 
 
 VOCABULARY_SIZES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

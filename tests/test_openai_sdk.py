@@ -119,6 +119,23 @@ def test_logprobs_and_top_logprobs_have_openais_shape(client):
     assert any(len(top) == 2 for top in sampled.top_logprobs)  # one was not the most likely
 
 
+def test_logprobs_of_tokens_that_are_parts_of_a_character_carry_their_bytes(client):
+    """An emoji is several byte tokens: each is spelled ``bytes:\\x..`` and carries its own
+    bytes, which join to the text (OpenAI's ``bytes`` field is there for this)."""
+    forced = {"response_format": {"type": "regex", "regex": "👏👏"}}
+    answer = ask(client, max_tokens=12, logprobs=True, top_logprobs=2, extra_body=forced)
+    content = answer.choices[0].logprobs.content
+    assert answer.choices[0].message.content == "👏👏"
+    assert b"".join(bytes(e.bytes) for e in content).decode() == "👏👏"
+    assert all(e.token.startswith("bytes:") for e in content)
+    done = client.completions.create(model="base", prompt="Clap:", max_tokens=12, logprobs=1,
+                                     extra_body=forced)  # fmt: skip
+    logprobs = done.choices[0].logprobs
+    assert done.choices[0].text == "👏👏"
+    offsets = logprobs.text_offset  # in characters: the second emoji's bytes all start at 1
+    assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] == 1
+
+
 def test_n_choices_with_a_seed_are_reproducible_and_distinct(client):
     first = ask(client, n=3, max_tokens=10, temperature=1.0, seed=11)
     again = ask(client, n=3, max_tokens=10, temperature=1.0, seed=11)

@@ -87,3 +87,15 @@ def test_the_held_back_tail_is_the_longest_that_begins_a_stop_string(tokenizer):
     assert stream.held_back("aaaaaaa") == 3  # a stop string whole is a cut, not held back
     assert stream.held_back("abz") == 0
     assert stream.held_back("") == 0
+
+
+@pytest.mark.parametrize("text", ["👏👏", "héllo wörld", " 中文", "plain"])
+def test_a_token_that_is_part_of_a_character_is_spelled_by_its_bytes(tokenizer, text):
+    """As OpenAI spells such a token (``bytes:\\xf0\\x9f``): its bytes come back whole, where
+    the plain decode is a replacement character."""
+    from engine.text import token_bytes, token_text
+
+    spelled = [token_text(tokenizer, t) for t in tokenizer.encode(text)]
+    assert b"".join(token_bytes(s) for s in spelled).decode("utf-8") == text
+    assert all("\ufffd" not in s for s in spelled)
+    assert any(s.startswith("bytes:") for s in spelled) == (text == "👏👏")

@@ -9,6 +9,7 @@ template), and ``response_format`` types ``choice`` and ``regex``.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import reprlib
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from ..constraints import ResponseFormat
 from ..interface import EngineError, TokenLogprob, Usage, stop_problem
+from ..text import token_bytes
 
 Endpoint = Literal["chat", "completions"]
 UNSUPPORTED = {
@@ -339,9 +341,9 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict:
             {
                 "token": e.text,
                 "logprob": e.logprob,
-                "bytes": list(e.text.encode("utf-8", "replace")),
+                "bytes": list(token_bytes(e.text)),
                 "top_logprobs": [
-                    {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8", "replace"))}
+                    {"token": text, "logprob": lp, "bytes": list(token_bytes(text))}
                     for _, text, lp in e.top
                 ],
             }
@@ -352,10 +354,12 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict:
 
 
 def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict:
-    offsets, at = [], offset
+    """OpenAI's legacy shape; ``text_offset`` counts the characters of the text before each
+    token (a token that is part of a character adds it once the character is whole)."""
+    offsets, at, characters = [], offset, codecs.getincrementaldecoder("utf-8")("replace")
     for e in entries:
         offsets.append(at)
-        at += len(e.text)
+        at += len(characters.decode(token_bytes(e.text)))
     return {
         "tokens": [e.text for e in entries],
         "token_logprobs": [e.logprob for e in entries],

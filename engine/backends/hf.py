@@ -34,7 +34,7 @@ from ..interface import (
     Usage,
 )
 from ..registry import HFSettings
-from ..text import TextStream, end_of_turn_ids
+from ..text import TextStream, end_of_turn_ids, token_text
 from .common import PromptTokenizer, check_context, check_loadable
 from .lora_batched import BatchedLora
 from .sample import Grammar, Grammars, adjusted, choose, logprob_entry
@@ -583,7 +583,7 @@ class HFEngine(Engine):
         return token, entry
 
     def token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        return token_text(self.tokenizer, token)
 
     def emit(self, row: Row, token: int, entry: TokenLogprob | None = None) -> None:
         if row.done:  # ended meanwhile (aborted): it leaves the batch at the next step

@@ -33,7 +33,7 @@ from ..interface import (
     Usage,
 )
 from ..registry import SGLangSettings
-from ..text import end_of_turn_ids
+from ..text import end_of_turn_ids, token_text
 from .common import PromptTokenizer, check_context, check_loadable
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ class DeltaTracker:
         ]
 
     def text_of(self, token: int) -> str:
-        return self.tokenizer.decode([token]) if self.tokenizer is not None else ""
+        return token_text(self.tokenizer, token) if self.tokenizer is not None else ""
 
 
 def check_event_loop(bound, running) -> None:
