@@ -64,6 +64,10 @@ class Metrics:
         self.errors.labels(adapter, kind, str(status)).inc()
 
 
+ABORTED = "abort"
+"""The ``finish`` label of a request whose client left (or was cancelled) before it ended."""
+
+
 class RequestTimer:
     """Times one request as the server sees it: TTFT and the gap between token-bearing chunks."""
 

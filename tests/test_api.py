@@ -161,15 +161,23 @@ def test_hot_load_use_unload(client):
     error_of(client.delete("/v1/adapters/gamma", headers=auth), 404)
 
 
+def aborted(client) -> float:
+    """``loraland_requests_total`` of alpha's chat requests that finished with ``abort``."""
+    series = 'loraland_requests_total{adapter="alpha",endpoint="chat",finish="abort"} '
+    lines = client.get("/metrics").text.splitlines()
+    return next((float(line.removeprefix(series)) for line in lines if line.startswith(series)), 0)
+
+
 def test_client_disconnect_cancels_the_generation(client, hf_engine):
     body = chat_body("alpha", stream=True, max_tokens=400, ignore_eos=True)
-    before = hf_engine.stats()["generated_tokens"]
+    before, aborted_before = hf_engine.stats()["generated_tokens"], aborted(client)
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         lines = response.iter_lines()
         for _ in range(4):
             next(lines)
     assert wait_for(lambda: hf_engine.stats()["running"] == 0, seconds=30)
     assert hf_engine.stats()["generated_tokens"] - before < 200
+    assert wait_for(lambda: aborted(client) == aborted_before + 1, seconds=30)  # as vLLM counts
 
 
 def test_a_client_leaving_a_non_streamed_request_ends_its_generation(server, client, hf_engine):
@@ -178,7 +186,7 @@ def test_a_client_leaving_a_non_streamed_request_ends_its_generation(server, cli
     import socket
 
     payload = json.dumps(chat_body("alpha", max_tokens=4000, ignore_eos=True)).encode()
-    before = hf_engine.stats()["generated_tokens"]
+    before, aborted_before = hf_engine.stats()["generated_tokens"], aborted(client)
     with socket.create_connection(("127.0.0.1", server.port)) as raw:
         raw.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -189,6 +197,7 @@ def test_a_client_leaving_a_non_streamed_request_ends_its_generation(server, cli
         assert started, "the request never started"
     assert wait_for(lambda: hf_engine.stats()["running"] == 0, seconds=30)
     assert hf_engine.stats()["generated_tokens"] - before < 4000
+    assert wait_for(lambda: aborted(client) == aborted_before + 1, seconds=30)
     assert (
         client.post("/v1/chat/completions", json=chat_body("alpha", max_tokens=2)).status_code
         == 200

@@ -38,7 +38,7 @@ from ..interface import (
     Usage,
     new_id,
 )
-from ..metrics import Metrics, RequestTimer
+from ..metrics import ABORTED, Metrics, RequestTimer
 from ..registry import (
     BASE_MODEL_ALIAS,
     FANOUT,
@@ -405,16 +405,23 @@ class Api:
         return requests
 
     async def run(self, request: GenerationRequest, timer: RequestTimer) -> AsyncIterator[Chunk]:
-        """Engine stream with metrics; closing it cancels the generation."""
+        """Engine stream with metrics; closing it cancels the generation (counted as finished
+        with ``abort``, as vLLM counts it, if no finish came before)."""
+        finished = False
         try:
             async with contextlib.aclosing(self.stream(request)) as chunks:
                 async for chunk in chunks:
                     timer.chunk(len(chunk.token_ids))
                     if chunk.finish_reason:
                         timer.finish(chunk.finish_reason, chunk.usage)
+                        finished = True
                     yield chunk
         except EngineError as err:
             raise from_engine(err) from err
+        except (GeneratorExit, asyncio.CancelledError):
+            if not finished:
+                timer.finish(ABORTED, None)
+            raise
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """The engine's stream, known to the drain and unload deadlines (the app's tabs use it
