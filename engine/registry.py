@@ -29,6 +29,10 @@ from .constraints import ResponseFormat
 from .interface import stop_problem
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
+ORIGIN = re.compile(
+    r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?"
+)
+"""A browser's ``Origin``: scheme, host (or a bracketed IPv6 address), optional port."""
 BASE_MODEL_ALIAS = "base"
 """The one name of the base model outside the engine (API ``model``, metric label, the app's
 choice); inside the engine the base is ``adapter=None``."""
@@ -174,11 +178,24 @@ class ServerSettings(Strict):
     them with an error chunk; new requests for it are refused at once."""
     max_adapter_rank: int = Field(64, ge=1)
     """Hot-loaded adapters of a higher LoRA rank are refused (422)."""
+    cors_origins: list[str] = []
+    """Origins (``scheme://host[:port]``, or ``"*"`` for any) whose web pages may call the API
+    from a browser and read its answers (CORS: preflights answered, ``Access-Control-Allow-*``
+    headers, no cookies). Empty by default: a page from elsewhere cannot read the answers of a
+    server on your machine (vLLM and SGLang allow every origin by default)."""
     freeze_heap: bool = True
     """Once the engine and the app are built, move every object alive (the model's libraries:
     hundreds of thousands) out of the garbage collector's sight (``gc.freeze``), so a full
     collection — which stops every stream — walks only what requests allocate. The pauses are in
     ``/metrics`` (``loraland_gc_pause_*``)."""
+
+    @field_validator("cors_origins")
+    @classmethod
+    def origins_as_browsers_send_them(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin: scheme://host[:port], or '*'")
+        return origins
 
 
 class ClusterSettings(Strict):

@@ -580,3 +580,34 @@ def test_a_body_sent_too_slowly_is_a_408_and_serving_goes_on(registry_for, monke
         assert httpx.get(f"{live.url}/health", timeout=30).status_code == 200
     finally:
         live.stop()
+
+
+def test_cors_is_off_by_default_and_answers_the_origins_listed(registry_for):
+    """A page from elsewhere reads nothing by default; with ``server.cors_origins`` a browser's
+    preflight is answered and the answers carry the origin (streamed ones too)."""
+    preflight = {"Origin": "http://ui.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type, authorization"}  # fmt: skip
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    opened = registry_for.model_copy(deep=True)
+    opened.server.cors_origins = ["http://ui.example"]
+    for registry, allowed in ((registry_for, None), (opened, "http://ui.example")):
+        live = serve(NoModelEngine("base", ["alpha"], gap_s=0), registry)
+        try:
+            options = httpx.options(f"{live.url}/v1/chat/completions", headers=preflight)
+            origin = {"Origin": "http://ui.example"}
+            answer = httpx.post(f"{live.url}/v1/chat/completions", json=chat, headers=origin)
+            streamed = httpx.post(
+                f"{live.url}/v1/chat/completions", json={**chat, "stream": True}, headers=origin
+            )
+            other = httpx.get(f"{live.url}/v1/models", headers={"Origin": "http://evil.example"})
+        finally:
+            live.stop()
+        assert answer.status_code == streamed.status_code == 200
+        assert answer.headers.get("access-control-allow-origin") == allowed
+        assert streamed.headers.get("access-control-allow-origin") == allowed
+        assert "access-control-allow-origin" not in other.headers
+        if allowed:
+            assert options.status_code == 200
+            assert "POST" in options.headers["access-control-allow-methods"]
+        else:
+            assert "access-control-allow-origin" not in options.headers

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
@@ -662,6 +663,14 @@ def create_api(
     else:
         app.add_middleware(GenerationRoutes, routes=GENERATION_ROUTES, serve=serve)
     app.add_middleware(BodyLimit, max_bytes=registry.server.max_body_bytes, metrics=api.metrics)
+    if registry.server.cors_origins:  # outermost: a preflight is answered before any limit
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=registry.server.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["*"],
+            max_age=600,
+        )
 
     @app.get("/v1/models")
     async def models():
