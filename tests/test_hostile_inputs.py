@@ -46,8 +46,8 @@ CASES = [
     ("seed-huge-negative", "POST", CHAT, chat(seed=-(2**70)), {}, 400, "seed"),
     ("nul-in-adapter-path", "POST", "/v1/adapters", {"name": "x2", "path": "alpha\u0000"}, AUTH, 400, "path"),
     ("non-utf8-body", "POST", CHAT, b'{"model": "\xff\xfe"}', {}, 400, None),
-    ("nan-literal", "POST", CHAT, json.dumps(chat(temperature=float("nan"))).encode(), {}, 400, None),
-    ("infinity-literal", "POST", DONE, json.dumps(completion(max_tokens=4, top_p=float("-inf"))).encode(), {}, 400, None),
+    ("nan-in-a-list", "POST", CHAT, json.dumps(chat(stop=["a", float("nan")])).encode(), {}, 400, "stop.1"),
+    ("infinity-literal", "POST", DONE, json.dumps(completion(max_tokens=4, top_p=float("-inf"))).encode(), {}, 400, "top_p"),
     ("deep-nesting", "POST", CHAT, b"[" * 30_000 + b"]" * 30_000, {}, 400, None),
     ("deep-nesting-object", "POST", CHAT, b'{"a":' * 10_000 + b"1" + b"}" * 10_000, {}, 400, None),
     # loose types are refused

@@ -115,7 +115,7 @@ async def read_json(request: Request) -> dict:
     except UnicodeDecodeError as err:
         raise invalid(f"the body is not UTF-8: {err.reason} at byte {err.start}") from None
     try:
-        body = json.loads(text, parse_constant=not_json)
+        body = json.loads(text, parse_constant=NotJson)
     except RecursionError:
         raise invalid("the body is nested too deeply") from None
     except json.JSONDecodeError as err:
@@ -124,30 +124,33 @@ async def read_json(request: Request) -> dict:
         raise invalid(f"the body cannot be read: {err}") from None
     if not isinstance(body, dict):
         raise invalid("the body must be a JSON object")
-    if where := lone_surrogate(body):
-        raise invalid(f"{where}: contains a lone surrogate (not valid Unicode)", where)
+    if found := unreadable(body):
+        where, why = found
+        raise invalid(f"{where}: {why}", where)
     return body
 
 
-def not_json(constant: str):
-    """Python's parser reads ``NaN``, ``Infinity`` and ``-Infinity``; JSON has no such values."""
-    raise ValueError(f"{constant} is not a JSON value (JSON has no NaN or infinities)")
+class NotJson(str):
+    """What Python's parser reads for ``NaN``, ``Infinity`` and ``-Infinity`` here: JSON has no
+    such values, and ``unreadable`` names the field that holds one."""
 
 
-def lone_surrogate(value, where: str = "") -> str | None:
-    """The path of the first string holding an unpaired UTF-16 surrogate (JSON allows the
-    escape, no tokenizer can encode it)."""
+def unreadable(value, where: str = "") -> tuple[str, str] | None:
+    """The path of the first value no request can hold, and why: a string with an unpaired
+    UTF-16 surrogate (JSON allows the escape, no tokenizer can encode it), or a NaN/infinity."""
     if isinstance(value, str):
+        if isinstance(value, NotJson):
+            return where or "body", f"{value} is not a JSON value (JSON has no NaN or infinities)"
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            return where or "body"
+            return where or "body", "contains a lone surrogate (not valid Unicode)"
         return None
     if not isinstance(value, dict | list):
         return None
     items = value.items() if isinstance(value, dict) else enumerate(value)
     for key, item in items:
-        found = lone_surrogate(item, f"{where}.{key}" if where else str(key))
+        found = unreadable(item, f"{where}.{key}" if where else str(key))
         if found:
             return found
     return None
