@@ -611,3 +611,38 @@ def test_cors_is_off_by_default_and_answers_the_origins_listed(registry_for):
             assert "POST" in options.headers["access-control-allow-methods"]
         else:
             assert "access-control-allow-origin" not in options.headers
+
+
+def test_a_pipelined_body_the_server_is_not_reading_yet_is_not_timed_out(registry_for, monkeypatch):
+    """Behind a stream longer than ``BODY_SECONDS``, a pipelined request's large body waits
+    for the server to read it: no 408 may land in the middle of the stream."""
+    import socket
+
+    import engine.api.server
+
+    monkeypatch.setattr(engine.api.server, "BODY_SECONDS", 1.0)
+    live = serve(NoModelEngine("base", ["alpha"], gap_s=0.05), registry_for)
+
+    def request(body: dict) -> bytes:
+        data = json.dumps(body).encode()
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        return head + b"\r\nContent-Length: %d\r\n\r\n" % len(data) + data
+
+    hi = [{"role": "user", "content": "Hi"}]
+    long = request({"model": "base", "messages": hi, "max_tokens": 60, "stream": True})
+    second = request({"model": "base", "messages": [{"role": "user", "content": "x" * 300_000}],
+                      "max_tokens": 2})  # fmt: skip
+    try:
+        with socket.create_connection(("127.0.0.1", live.port), timeout=60) as s:
+            s.sendall(long + second[:-5])
+            time.sleep(0.3)
+            s.sendall(second[-5:])  # all sent promptly; the server reads it after the stream
+            data = b""
+            while data.count(b"HTTP/1.1 ") < 2 or not data.rstrip().endswith(b"}"):
+                chunk = s.recv(65536)
+                assert chunk, "the connection closed early"
+                data += chunk
+    finally:
+        live.stop()
+    assert b"HTTP/1.1 408" not in data and b"data: [DONE]" in data
+    assert data.count(b"HTTP/1.1 200") == 2

@@ -111,6 +111,11 @@ class HttpToolsSlowClients(OpenAIErrors):
     def body_too_slow(self) -> None:
         if not self.in_body or self.transport.is_closing():
             return
+        if self.pipeline or self.flow.read_paused:  # the server is not reading: not the client
+            self.body_timer = asyncio.get_running_loop().call_later(
+                BODY_SECONDS, self.body_too_slow
+            )
+            return
         if self.cycle is not None and self.cycle.response_started:
             self.transport.close()  # answered already (e.g. refused by its Content-Length)
             return
