@@ -8,6 +8,7 @@ is exactly one of ``choices``, e.g. a classifier's labels) and ``regex``.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -93,18 +94,36 @@ class Constraint:
         return {"json_schema": self.spec} if self.kind == "json_schema" else {"regex": self.spec}
 
 
+MAX_SCHEMA_REFS = 256
+"""Distinct ``$ref`` targets a schema may hold: llguidance 1.9 crashes the whole process
+(SIGSEGV) validating a chain of ~1,000 definitions each requiring the next (800 pass)."""
+CACHED_SPEC_CHARS = 16_384
+"""Constraints up to this size keep their verdict (clients resend one schema every request)."""
+
+
 def grammar_problem(constraint: Constraint) -> str | None:
-    """Why llguidance cannot compile this constraint (a bad schema or regex), or why a schema
-    admits no answer of finite length, or None."""
+    """Why this constraint cannot be served: llguidance cannot compile it (a bad schema or
+    regex), a schema has too many ``$ref`` targets, or admits no answer of finite length; else
+    None."""
+    if len(constraint.spec) <= CACHED_SPEC_CHARS:
+        return cached_grammar_problem(constraint)
+    return uncached_grammar_problem(constraint)
+
+
+def uncached_grammar_problem(constraint: Constraint) -> str | None:
     import llguidance
 
+    schema = json.loads(constraint.spec) if constraint.kind == "json_schema" else None
+    refs = local_refs(schema)
+    if len(refs) > MAX_SCHEMA_REFS:
+        return f"the schema has {len(refs)} distinct $ref targets, at most {MAX_SCHEMA_REFS}"
     try:
         grammar = constraint.grammar()
-    except (ValueError, TypeError) as err:
-        return str(err)
+    except (ValueError, TypeError, RecursionError) as err:
+        return str(err) or "the schema is nested too deeply"
     if problem := llguidance.LLMatcher.validate_grammar(grammar):
         return problem
-    if constraint.kind == "json_schema" and not FiniteInstances(json.loads(constraint.spec)).root():
+    if schema is not None and not FiniteInstances(schema, refs).root():
         return (
             "the schema admits no answer of finite length (a required property or item refers "
             "back to the schema that holds it, with no way out)"
@@ -112,26 +131,49 @@ def grammar_problem(constraint: Constraint) -> str | None:
     return None
 
 
+cached_grammar_problem = functools.lru_cache(maxsize=256)(uncached_grammar_problem)
+
+
+def local_refs(schema: Any) -> list[str]:
+    """Every ``$ref`` within the document (``#`` or ``#/...``), each once, in the order met
+    walking the schema depth first (without recursion: a schema may be nested deep)."""
+    found: dict[str, None] = {}
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+                found.setdefault(ref)
+            stack.extend(reversed(list(node.values())))
+        elif isinstance(node, list):
+            stack.extend(reversed(node))
+    return list(found)
+
+
 class FiniteInstances:
     """Whether a JSON Schema has an instance of finite length: False only when that is proven
     (every way through requires a ``$ref`` back to itself: llguidance compiles such a schema,
-    and generation then runs into its item limit). Local ``$ref``s only; a keyword not read
-    here counts as satisfiable, so a schema it cannot judge is let through."""
+    and generation then runs into its item limit). Local ``$ref``s (``#``, ``#/...``) only; a
+    keyword not read here, a ``$ref`` elsewhere or a schema with a nested ``$id`` (its refs
+    resolve against it) counts as satisfiable, so a schema it cannot judge is let through."""
 
     MAX_VISITS = 200_000
 
-    def __init__(self, schema: Any):
-        self.schema, self.refs, self.visits = schema, {}, 0
+    def __init__(self, schema: Any, refs: list[str] | None = None):
+        self.schema, self.visits = schema, 0
+        self.refs = dict.fromkeys(local_refs(schema) if refs is None else refs, False)
 
     def root(self) -> bool:
+        if nested_id(self.schema):
+            return True
         try:
-            while True:  # least fixed point over the $refs, from "none is finite": they only
-                before = dict(self.refs)  # turn finite, or are found, so this ends
-                verdict = self.finite(self.schema)
-                for ref in list(self.refs):
+            while True:  # least fixed point over the $refs, from "none is finite": the deepest
+                before = dict(self.refs)  # first, so a chain settles in one round
+                for ref in reversed(list(self.refs)):
                     self.refs[ref] = self.finite(self.resolve(ref))
                 if self.refs == before:
-                    return verdict
+                    return self.finite(self.schema)
         except (RecursionError, TooManyVisits):
             return True
 
@@ -154,11 +196,8 @@ class FiniteInstances:
         if not isinstance(node, dict):
             return node is not False
         ref = node.get("$ref")
-        if isinstance(ref, str) and ref.startswith("#"):
-            if ref not in self.refs:
-                self.refs[ref] = False
-            if not self.refs[ref]:
-                return False
+        if isinstance(ref, str) and self.refs.get(ref) is False:
+            return False
         if "enum" in node or "const" in node:
             return True
         for key, combine in (("anyOf", any), ("oneOf", any), ("allOf", all)):
@@ -176,8 +215,13 @@ class FiniteInstances:
             required = node.get("required") or []
             if not isinstance(properties, dict) or not isinstance(required, list):
                 return True
+            if node.get("patternProperties"):  # which schema a name takes: not judged here
+                return True
             extra = node.get("additionalProperties", True)
-            return all(self.finite(properties.get(name, extra)) for name in required)
+            return all(
+                self.finite(properties.get(name, extra) if isinstance(name, str) else True)
+                for name in required
+            )
         if kind == "array":
             needed = node.get("minItems", 0)
             if not isinstance(needed, int) or needed <= 0:
@@ -188,6 +232,20 @@ class FiniteInstances:
             firsts = [prefix[i] if i < len(prefix) else rest for i in range(min(needed, 64))]
             return all(self.finite(item) for item in firsts)
         return True
+
+
+def nested_id(schema: Any) -> bool:
+    """Whether a subschema below the root sets ``$id`` (a new base for its ``$ref``s)."""
+    stack = [v for v in schema.values()] if isinstance(schema, dict) else []
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "$id" in node:
+                return True
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 class TooManyVisits(Exception):

@@ -31,6 +31,15 @@ FINITE = {
                            "required": ["me"]},
     "an empty array of selves": {"type": "array", "items": {"$ref": "#"}},
     "a plain object": {"type": "object"},
+    "a required name a pattern gives": {"type": "object", "patternProperties": {"^a$": {
+        "type": "string"}}, "required": ["a"], "additionalProperties": False},
+    "refs below a nested $id": {"$ref": "#/$defs/A", "$defs": {
+        "A": {"$id": "http://x/a", "$defs": {"B": {"type": "string"}}, "type": "object",
+              "properties": {"p": {"$ref": "#/$defs/B"}}, "required": ["p"]},
+        "B": {"type": "object", "properties": {"q": {"$ref": "#/$defs/B"}}, "required": ["q"]}}},
+    "a long chain that ends": {"$ref": "#/$defs/d0", "$defs": {
+        **{f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}},
+                     "required": ["x"]} for i in range(200)}, "d200": {"type": "string"}}},
 }  # fmt: skip
 ENDLESS = {
     "a required self": {"type": "object", "properties": {"me": {"$ref": "#"}}, "required": ["me"]},
@@ -55,6 +64,20 @@ def test_a_schema_whose_every_answer_is_endless_is_refused(name):
     assert not FiniteInstances(ENDLESS[name]).root()
     problem = grammar_problem(Constraint("json_schema", json.dumps(ENDLESS[name])))
     assert problem is not None and "finite" in problem
+
+
+def test_a_schema_with_too_many_refs_is_refused_before_the_grammar_compiler():
+    """llguidance 1.9 crashes the process (SIGSEGV) on a chain of ~1,000 definitions."""
+    chain = {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}},
+                       "required": ["x"]} for i in range(1000)}  # fmt: skip
+    schema = {"$ref": "#/$defs/d0", "$defs": {**chain, "d1000": {"type": "string"}}}
+    problem = grammar_problem(Constraint("json_schema", json.dumps(schema)))
+    assert problem == "the schema has 1001 distinct $ref targets, at most 256"
+
+
+def test_a_long_chain_settles_in_a_few_rounds():
+    judge = FiniteInstances(FINITE["a long chain that ends"])
+    assert judge.root() and judge.visits < 5 * 201 * 4
 
 
 def test_a_schema_too_large_to_judge_is_let_through():

@@ -9,7 +9,7 @@ from collections import Counter
 
 import torch
 
-from ..constraints import Constraint
+from ..constraints import Constraint, grammar_problem
 from ..interface import InvalidRequestError, SamplingParams, TokenLogprob
 
 
@@ -56,6 +56,8 @@ class Grammars:
                 self.llg_tokenizer = llguidance.hf.from_tokenizer(
                     self.tokenizer, n_vocab=self.vocab_size
                 )
+        if problem := grammar_problem(constraint):  # the API checked it; the app and CLI not
+            raise InvalidRequestError(f"response_format: {problem}", "response_format")
         matcher = llguidance.LLMatcher(self.llg_tokenizer, constraint.grammar())
         if matcher.is_error():
             raise InvalidRequestError(
