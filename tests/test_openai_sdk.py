@@ -134,6 +134,11 @@ def test_logprobs_of_tokens_that_are_parts_of_a_character_carry_their_bytes(clie
     assert done.choices[0].text == "👏👏"
     offsets = logprobs.text_offset  # in characters: the second emoji's bytes all start at 1
     assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] == 1
+    streamed = client.completions.create(model="base", prompt="Clap:", max_tokens=12, logprobs=1,
+                                         stream=True, extra_body=forced)  # fmt: skip
+    pieces = [c.choices[0] for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [o for p in pieces for o in p.logprobs.text_offset] == offsets  # across chunks too
+    assert [t for p in pieces for t in p.logprobs.tokens] == logprobs.tokens
 
 
 def test_n_choices_with_a_seed_are_reproducible_and_distinct(client):

@@ -353,18 +353,32 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict:
     }
 
 
-def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict:
-    """OpenAI's legacy shape; ``text_offset`` counts the characters of the text before each
-    token (a token that is part of a character adds it once the character is whole)."""
-    offsets, at, characters = [], offset, codecs.getincrementaldecoder("utf-8")("replace")
-    for e in entries:
-        offsets.append(at)
-        at += len(characters.decode(token_bytes(e.text)))
+class TextOffsets:
+    """A completion choice's ``text_offset``s, across its chunks: the characters of its text
+    before each token (a token that is part of a character adds it once the character is
+    whole, as the text shows it)."""
+
+    def __init__(self, at: int = 0):
+        self.at, self.characters = at, codecs.getincrementaldecoder("utf-8")("replace")
+
+    def of(self, entries: list[TokenLogprob]) -> list[int]:
+        offsets = []
+        for e in entries:
+            offsets.append(self.at)
+            self.at += len(self.characters.decode(token_bytes(e.text)))
+        return offsets
+
+    def skip(self, text: str) -> None:
+        self.at += len(text)
+
+
+def completion_logprobs(entries: list[TokenLogprob], offsets: TextOffsets | None = None) -> dict:
+    """OpenAI's legacy shape."""
     return {
         "tokens": [e.text for e in entries],
         "token_logprobs": [e.logprob for e in entries],
         "top_logprobs": [with_the_sampled(e) for e in entries],
-        "text_offset": offsets,
+        "text_offset": (offsets or TextOffsets()).of(entries),
     }
 
 

@@ -67,6 +67,7 @@ from .protocol import (
     MergeBody,
     OpenAIError,
     SamplingFields,
+    TextOffsets,
     chat_logprobs,
     completion_logprobs,
     from_engine,
@@ -836,23 +837,17 @@ def whole_response(
     return {**writer.head, "object": kind, "choices": choices, "usage": usage_dict(usage)}
 
 
-def text_length(chunk: Chunk) -> int:
-    """Characters a chunk moves ``text_offset`` by: its tokens' texts where logprobs are on (as
-    the non-streamed answer counts them), else its text."""
-    if chunk.logprobs is not None:
-        return sum(len(entry.text) for entry in chunk.logprobs)
-    return len(chunk.text)
-
-
-def encoded(writer: ChunkWriter, index: int, chunk: Chunk, offset: int) -> bytes | None:
-    """One chunk's event; ``offset``: the characters of this choice sent before it (a
-    completion's ``text_offset`` counts from the start of the choice's text)."""
+def encoded(writer: ChunkWriter, index: int, chunk: Chunk, offsets: TextOffsets) -> bytes | None:
+    """One chunk's event; ``offsets``: this choice's, moved on by the chunk (a completion's
+    ``text_offset`` counts from the start of the choice's text)."""
+    if chunk.logprobs is None:
+        offsets.skip(chunk.text)
     if chunk.logprobs is not None or chunk.finish_reason:
         logprobs = None
         if writer.endpoint == "chat" and chunk.logprobs is not None:
             logprobs = chat_logprobs(chunk.logprobs)
         elif chunk.logprobs is not None:
-            logprobs = completion_logprobs(chunk.logprobs, offset)
+            logprobs = completion_logprobs(chunk.logprobs, offsets)
         return writer.choice(index, chunk.text, chunk.finish_reason, logprobs)
     return writer.text(index, chunk.text) if chunk.text else None
 
@@ -862,7 +857,7 @@ async def stream_events(writer, firsts, streams, include_usage: bool, echo, n: i
     per copy), ``[DONE]``. A failure after the 200 ends this stream with an error event and
     ``[DONE]`` and is handed to ``on_failure`` (to be counted); other streams never see it."""
     prompt_tokens = completion_tokens = 0
-    offsets = [len(echo[i]) if echo else 0 for i in range(len(streams))]
+    offsets = [TextOffsets(len(echo[i]) if echo else 0) for i in range(len(streams))]
     failure = None
     try:
         for index in range(len(streams)):
@@ -874,7 +869,6 @@ async def stream_events(writer, firsts, streams, include_usage: bool, echo, n: i
             async for index, chunk in chunks:
                 if event := encoded(writer, index, chunk, offsets[index]):
                     yield event
-                offsets[index] += text_length(chunk)
                 if chunk.usage:
                     prompt_tokens += chunk.usage.prompt_tokens if index % n == 0 else 0
                     completion_tokens += chunk.usage.completion_tokens
