@@ -68,11 +68,21 @@ ABORTED = "abort"
 """The ``finish`` label of a request whose client left (or was cancelled) before it ended."""
 
 
+class RequestOutcome:
+    """Shared by the generations of one request (``n`` > 1, fan-out): once one has failed, the
+    others it takes down with it did not abort (the failure is counted as an error)."""
+
+    failed = False
+
+
 class RequestTimer:
     """Times one request as the server sees it: TTFT and the gap between token-bearing chunks."""
 
-    def __init__(self, metrics: Metrics, adapter: str, endpoint: str):
+    def __init__(
+        self, metrics: Metrics, adapter: str, endpoint: str, outcome: RequestOutcome | None = None
+    ):
         self.metrics, self.adapter, self.endpoint = metrics, adapter, endpoint
+        self.outcome = outcome or RequestOutcome()
         self.itl = metrics.itl.labels(adapter)  # once, not once a chunk
         self.start = time.perf_counter()
         self.last: float | None = None

@@ -204,12 +204,14 @@ def test_a_failing_choice_ends_its_whole_request_with_its_own_error_and_stops_th
         after = httpx.post(
             f"{live.url}/v1/chat/completions", json=body | {"max_tokens": 2}, timeout=120
         )
+        metrics = httpx.get(f"{live.url}/metrics").text
     finally:
         live.stop()
     assert failed.status_code == 500, failed.text
     assert "kernel failure on beta" in failed.json()["error"]["message"]
     assert hf_engine.stats()["running"] == 0
     assert after.status_code == 200 and len(after.json()["choices"]) == 2
+    assert 'finish="abort"' not in metrics  # the base choice was taken down, not left by a client
 
 
 def test_a_step_failing_outside_its_rows_ends_them_and_the_worker_serves_on(hf_engine):

@@ -39,7 +39,7 @@ from ..interface import (
     Usage,
     new_id,
 )
-from ..metrics import ABORTED, Metrics, RequestTimer
+from ..metrics import ABORTED, Metrics, RequestOutcome, RequestTimer
 from ..registry import (
     BASE_MODEL_ALIAS,
     FANOUT,
@@ -422,10 +422,14 @@ class Api:
                         finished = True
                     yield chunk
         except EngineError as err:
+            timer.outcome.failed = True
             raise from_engine(err) from err
         except (GeneratorExit, asyncio.CancelledError):
-            if not finished:
+            if not finished and not timer.outcome.failed:
                 timer.finish(ABORTED, None)
+            raise
+        except Exception:
+            timer.outcome.failed = True
             raise
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
@@ -622,8 +626,11 @@ def create_api(
             named = await build(body)  # not cancelled halfway: it may load an adapter
             requests = [r for _, r in named]
             label = requests[0].adapter or BASE_MODEL_ALIAS
+            outcome = RequestOutcome()
             streams = [
-                api.run(r, RequestTimer(api.metrics, r.adapter or BASE_MODEL_ALIAS, endpoint))
+                api.run(
+                    r, RequestTimer(api.metrics, r.adapter or BASE_MODEL_ALIAS, endpoint, outcome)
+                )
                 for r in requests
             ]
             async with CancelOnDisconnect(request.receive) as watch:  # the body is read
