@@ -195,6 +195,11 @@ class ServerSettings(Strict):
         for origin in origins:
             if origin != "*" and not ORIGIN.fullmatch(origin):
                 raise ValueError(f"{origin!r} is not an origin: scheme://host[:port], or '*'")
+            if origin != origin.lower() or origin.endswith((":80", ":443")):
+                raise ValueError(
+                    f"{origin!r} would never match: browsers send an origin in lower case and "
+                    "without its scheme's default port"
+                )
         return origins
 
 

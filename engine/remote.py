@@ -594,7 +594,8 @@ def error_of(response: httpx.Response) -> tuple[int, dict]:
 def engine_error(status: int, error: dict) -> EngineError:
     """The ``EngineError`` an embedded engine raises for the same refusal."""
     message, param = str(error.get("message") or f"HTTP {status}"), error.get("param")
-    if status == 400 and "maximum context length" in message:
+    too_long = message.startswith("This model's maximum context length")
+    if (status == 400 and too_long) or (status == 413 and "context" in message):  # 413: before
         return PromptTooLongError(message, param)
     if status == 413:  # a body over the limit (the router's is plain text)
         return RemoteError(message, 413, "invalid_request_error")

@@ -126,6 +126,8 @@ CASES = [
     ("nulls-where-openai-allows", "POST", CHAT, chat(n=None, stream=None, logprobs=None, ignore_eos=None), {}, 200, None),
     ("nulls-completion", "POST", DONE, completion(echo=None, logprobs=None, n=None), {}, 200, None),
     ("answer-sent-back", "POST", CHAT, chat(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "refusal": None, "tool_calls": None, "function_call": None, "audio": None, "annotations": []}, {"role": "user", "content": "c"}]), {}, 200, None),
+    ("null-for-another-endpoints-field", "POST", CHAT, chat(echo=None), {}, 400, "echo"),
+    ("answer-with-an-empty-list-refusal", "POST", CHAT, chat(messages=[{"role": "assistant", "content": "b", "refusal": []}]), {}, 400, "messages.0.refusal"),
     ("answer-with-a-refusal", "POST", CHAT, chat(messages=[{"role": "assistant", "content": "b", "refusal": "no"}]), {}, 400, "messages.0.refusal"),
     ("answer-with-tool-calls", "POST", CHAT, chat(messages=[{"role": "assistant", "content": "b", "tool_calls": [{"id": "1"}]}]), {}, 400, "messages.0.tool_calls"),
     ("stream_options-without-stream", "POST", CHAT, chat(stream_options={"include_usage": True}), {}, 400, "stream_options"),

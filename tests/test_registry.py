@@ -112,6 +112,16 @@ def test_bad_engine_setting_names_the_field(tmp_path):
     assert "engine.sglang.max_loras_per_batch" in message
 
 
+@pytest.mark.parametrize(
+    "origin, why",
+    [("localhost:3000", "is not an origin"), ("http://ui.example/app", "is not an origin"),
+     ("http://UI.example", "would never match"), ("https://ui.example:443", "would never match")],
+)  # fmt: skip
+def test_a_cors_origin_a_browser_never_sends_is_refused(tmp_path, origin, why):
+    message = error_of(tmp_path, {"server": {"cors_origins": ["http://localhost:3000", origin]}})
+    assert "server.cors_origins" in message and why in message
+
+
 def test_dir_without_adapter_config(tmp_path):
     (tmp_path / "empty").mkdir()
     message = error_of(tmp_path, {"adapters": [entry("empty", "empty")]})

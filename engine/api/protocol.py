@@ -117,6 +117,10 @@ ANSWER_ONLY_FIELDS = {
 }
 
 
+LIST_FIELDS = {"tool_calls", "annotations"}
+"""Of ``ANSWER_ONLY_FIELDS``, those whose empty value is a list (the others' is null)."""
+
+
 class Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -147,7 +151,7 @@ class ChatMessage(Wire):
     def empty_as_answered(cls, value, info: ValidationInfo):
         if info.data.get("role") != "assistant":
             raise ValueError("only an assistant's message (an answer sent back) has this field")
-        if value not in (None, []):
+        if value is not None and (value != [] or info.field_name not in LIST_FIELDS):
             raise ValueError(ANSWER_ONLY_FIELDS[info.field_name])
         return value
 
@@ -203,7 +207,8 @@ class SamplingFields(Wire):
         """OpenAI's schema lets these be null (clients that send every field do): the default."""
         if not isinstance(body, dict):
             return body
-        return {k: v for k, v in body.items() if v is not None or k not in NULL_IS_DEFAULT}
+        nullable = NULL_IS_DEFAULT & cls.model_fields.keys()  # another endpoint's: unknown here
+        return {k: v for k, v in body.items() if v is not None or k not in nullable}
 
     @field_validator("stream_options")
     @classmethod
