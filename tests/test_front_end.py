@@ -648,3 +648,21 @@ def test_a_pipelined_body_the_server_is_not_reading_yet_is_not_timed_out(registr
         live.stop()
     assert b"HTTP/1.1 408" not in data and b"data: [DONE]" in data
     assert data.count(b"HTTP/1.1 200") == 2
+
+
+def test_head_on_the_read_only_routes_answers_as_get_without_a_body(registry_for):
+    live = serve(NoModelEngine("base", ["alpha"], gap_s=0), registry_for)
+    try:
+        heads = {p: httpx.head(f"{live.url}{p}") for p in ("/health", "/v1/models", "/metrics")}
+        heads["/v1/models/alpha"] = httpx.head(f"{live.url}/v1/models/alpha")
+        gets = {p: httpx.get(f"{live.url}{p}") for p in heads}
+        generation = httpx.head(f"{live.url}/v1/chat/completions")
+    finally:
+        live.stop()
+    for path, head in heads.items():
+        assert head.status_code == gets[path].status_code == 200, path
+        assert (
+            head.content == b""
+            and head.headers["content-type"] == gets[path].headers["content-type"]
+        )
+    assert generation.status_code == 405 and "POST" in generation.headers["allow"]

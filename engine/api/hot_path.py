@@ -42,6 +42,21 @@ class GenerationRoutes:
         await response(scope, receive, send)
 
 
+class HeadAsGet:
+    """ASGI middleware: ``HEAD`` on a read-only route is answered as its ``GET`` (the server
+    sends the headers only), as HTTP asks of every ``GET`` route and uptime checks use it;
+    FastAPI's routes answer only the methods they name."""
+
+    def __init__(self, app, is_read_only: Callable[[str], bool]):
+        self.app, self.is_read_only = app, is_read_only
+
+    async def __call__(self, scope, receive, send):
+        head = scope["type"] == "http" and scope["method"] == "HEAD"
+        if head and self.is_read_only(route_path(scope)):
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
+
+
 def why_fastapi_routes(app: FastAPI, paths) -> str | None:
     """Why the generation routes of ``app`` must go through FastAPI (None: they need not). An
     app made elsewhere (``create_api(app=...)``) may bring what the bypass would skip: its own

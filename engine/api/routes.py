@@ -55,6 +55,7 @@ from .hot_path import (
     CancelOnDisconnect,
     EventStream,
     GenerationRoutes,
+    HeadAsGet,
     client_left,
     why_fastapi_routes,
 )
@@ -102,6 +103,11 @@ def admin_refusal(token: str | None, authorization: str) -> OpenAIError | None:
     if not hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode()):
         return OpenAIError(401, "admin token required", "authentication_error")
     return None
+
+
+def read_only_route(path: str) -> bool:
+    """The API's ``GET`` routes, which answer ``HEAD`` too (``HeadAsGet``)."""
+    return path in ("/health", "/metrics", "/v1/models") or path.startswith("/v1/models/")
 
 
 def error_response(err: OpenAIError, headers: dict | None = None) -> JSONResponse:
@@ -669,6 +675,7 @@ def create_api(
     async def chat_completions(request: Request):
         return await serve(request, "chat")
 
+    app.add_middleware(HeadAsGet, is_read_only=read_only_route)  # inside: generation skips it
     if through_fastapi:
         log.info("the generation routes go through FastAPI: %s", through_fastapi)
     else:
