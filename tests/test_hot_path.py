@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.api.hot_path import EventStream, GenerationRoutes, route_path
+from engine.api.hot_path import CancelOnDisconnect, EventStream, GenerationRoutes, route_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,6 +93,27 @@ def test_a_stream_cancelled_from_outside_stays_cancelled():
         return closed
 
     assert asyncio.run(main()) == [True]
+
+
+def test_one_watch_serves_a_requests_blocks_and_a_client_gone_between_them_ends_the_stream():
+    """The request's first-token block and its stream share one watcher task; a client that
+    left in between ends the stream at its first wait, its generator closed, its body never
+    finished."""
+
+    async def main():
+        client, closed, first = Client(), [], asyncio.Event()
+        watch = CancelOnDisconnect(client.receive)
+        async with watch:
+            await asyncio.sleep(0)  # the first token came
+        watcher = watch.watcher
+        client.left.set()
+        await asyncio.sleep(0.01)  # gone before the stream starts
+        await EventStream(events(3, closed, first), watch)({}, client.receive, client.send)
+        return client, closed, watch, watcher
+
+    client, closed, watch, watcher = asyncio.run(main())
+    assert watch.left and watch.watcher is watcher and watcher.done()
+    assert closed == [True] and b"" not in client.bodies()  # ended at its first wait, unfinished
 
 
 def test_only_posts_to_the_generation_routes_take_the_hot_path():

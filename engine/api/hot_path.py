@@ -83,34 +83,50 @@ class CancelOnDisconnect:
     """``async with CancelOnDisconnect(receive) as watch:`` — the client's ``http.disconnect``
     cancels the task inside (its streams close there, which aborts their generations) and the
     block ends early with ``watch.left`` set. A cancel from outside (the server stopping) still
-    propagates. Only once the request's body is read: the watcher consumes ``receive``."""
+    propagates. Only once the request's body is read: the watcher consumes ``receive``.
+
+    One request's blocks, one after the other (its first token, then the rest of its answer or
+    its stream), enter the same watch: one watcher task serves them all, and a client that left
+    between two blocks ends the next at once. ``close()`` stops the watcher (else the answer's
+    end does: the server then says ``http.disconnect``)."""
 
     def __init__(self, receive):
         self.receive, self.left, self.inside = receive, False, False
+        self.watcher: asyncio.Future | None = None
 
     async def __aenter__(self) -> CancelOnDisconnect:
         self.task, self.inside = asyncio.current_task(), True
-        self.watcher = asyncio.ensure_future(until_disconnect(self.receive))
-        self.watcher.add_done_callback(self.client_left)
+        if self.watcher is None:
+            self.watcher = asyncio.ensure_future(until_disconnect(self.receive))
+            self.watcher.add_done_callback(self.watcher_done)
+        elif self.watcher.done() and not self.watcher.cancelled():
+            self.leave()  # between two blocks
         return self
 
-    def client_left(self, watcher: asyncio.Task) -> None:
+    def watcher_done(self, watcher: asyncio.Future) -> None:
         if watcher.cancelled():
             return
         if watcher.exception() is not None:  # the answer ends as if the client had left
             log.error("receive failed during a request", exc_info=watcher.exception())
         if self.inside:
-            self.left = True
-            self.task.cancel()
+            self.leave()
+
+    def leave(self) -> None:
+        self.left = True
+        self.task.cancel()
 
     async def __aexit__(self, kind, error, traceback) -> bool:
         self.inside = False
-        self.watcher.cancel()
         if not self.left:
             return False
+        self.close()
         from_outside = self.task.uncancel() > 0
         ours = kind is not None and issubclass(kind, (asyncio.CancelledError, Exception))
         return ours and not from_outside  # what the cancel became inside ends here too
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 def client_left() -> Response:
@@ -121,22 +137,30 @@ def client_left() -> Response:
 
 class EventStream(Response):
     """A streamed answer: SSE events (bytes) sent as they are made. A client that goes away
-    ends it (``CancelOnDisconnect``): the events' generator is closed, which aborts the
-    generation."""
+    ends it (``watch``, the request's own if it has one): the events' generator is closed,
+    which aborts the generation."""
 
-    def __init__(self, events: AsyncIterator[bytes]):  # a Response, for FastAPI's routes too
-        self.events, self.background, self.status_code = events, None, 200
+    def __init__(self, events: AsyncIterator[bytes], watch: CancelOnDisconnect | None = None):
+        self.events, self.watch = events, watch  # a Response, for FastAPI's routes too
+        self.background, self.status_code = None, 200
 
     async def __call__(self, scope, receive, send):
-        async with CancelOnDisconnect(receive):
-            try:
-                await send({"type": "http.response.start", "status": 200, "headers": EVENT_STREAM})
-                async with contextlib.aclosing(self.events) as events:
-                    async for event in events:
-                        await send({"type": "http.response.body", "body": event, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            except OSError:
-                pass  # a server on ASGI spec 2.4 says the client left by failing the send
+        watch = self.watch or CancelOnDisconnect(receive)
+        try:
+            async with watch:
+                await self.send_events(send)
+        finally:
+            watch.close()
+
+    async def send_events(self, send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": EVENT_STREAM})
+            async with contextlib.aclosing(self.events) as events:
+                async for event in events:
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # a server on ASGI spec 2.4 says the client left by failing the send
 
 
 async def until_disconnect(receive) -> None:

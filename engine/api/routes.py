@@ -615,12 +615,19 @@ def create_api(
 
     async def serve(request: Request, endpoint: str):
         """A generation request's answer; an OpenAI error as its error response."""
+        watch = CancelOnDisconnect(request.receive)  # the request's one disconnect watcher
         try:
-            return await generate(request, endpoint)
+            answer = await generate(request, endpoint, watch)
         except OpenAIError as err:
-            return error_response(err) if err.counted else counted(err)
+            answer = error_response(err) if err.counted else counted(err)
+        except BaseException:
+            watch.close()
+            raise
+        if not isinstance(answer, EventStream):  # a stream closes it at its end
+            watch.close()
+        return answer
 
-    async def generate(request: Request, endpoint: str):
+    async def generate(request: Request, endpoint: str, watch: CancelOnDisconnect):
         model = CompletionBody if endpoint == "completions" else ChatBody
         label = "unknown"  # an unknown model name must not become a label value
         try:
@@ -639,7 +646,7 @@ def create_api(
                 )
                 for r in requests
             ]
-            async with CancelOnDisconnect(request.receive) as watch:  # the body is read
+            async with watch:  # the body is read
                 firsts = await first_chunks(streams)
             if watch.left:
                 return client_left()
@@ -658,9 +665,9 @@ def create_api(
                 api.metrics.error(label, err.kind, err.status)
 
             return EventStream(
-                stream_events(writer, firsts, streams, include_usage, echo, body.n, count)
+                stream_events(writer, firsts, streams, include_usage, echo, body.n, count), watch
             )
-        async with CancelOnDisconnect(request.receive) as watch:
+        async with watch:
             parts = await collect(firsts, streams)
         if watch.left:
             return client_left()
