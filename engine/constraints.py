@@ -236,7 +236,7 @@ class FiniteInstances:
 
 def nested_id(schema: Any) -> bool:
     """Whether a subschema below the root sets ``$id`` (a new base for its ``$ref``s)."""
-    stack = [v for v in schema.values()] if isinstance(schema, dict) else []
+    stack = list(schema.values()) if isinstance(schema, dict) else []
     while stack:
         node = stack.pop()
         if isinstance(node, dict):

@@ -195,7 +195,8 @@ class ServerSettings(Strict):
         for origin in origins:
             if origin != "*" and not ORIGIN.fullmatch(origin):
                 raise ValueError(f"{origin!r} is not an origin: scheme://host[:port], or '*'")
-            if origin != origin.lower() or origin.endswith((":80", ":443")):
+            default_port = {"http": ":80", "https": ":443"}.get(origin.partition(":")[0])
+            if origin != origin.lower() or (default_port and origin.endswith(default_port)):
                 raise ValueError(
                     f"{origin!r} would never match: browsers send an origin in lower case and "
                     "without its scheme's default port"

@@ -118,7 +118,8 @@ def test_bad_engine_setting_names_the_field(tmp_path):
      ("http://UI.example", "would never match"), ("https://ui.example:443", "would never match")],
 )  # fmt: skip
 def test_a_cors_origin_a_browser_never_sends_is_refused(tmp_path, origin, why):
-    message = error_of(tmp_path, {"server": {"cors_origins": ["http://localhost:3000", origin]}})
+    """(``https://ui.example:80`` is one a browser sends: 80 is not https's default port.)"""
+    message = error_of(tmp_path, {"server": {"cors_origins": ["https://ui.example:80", origin]}})
     assert "server.cors_origins" in message and why in message
 
 

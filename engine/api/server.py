@@ -82,7 +82,7 @@ class HttpToolsSlowClients(OpenAIErrors):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self.in_head = True  # a connection that sends nothing at all is timed as a slow head
-        self.head_timer = asyncio.get_running_loop().call_later(HEAD_SECONDS, self.head_too_slow)
+        self.head_timer = self.loop.call_later(HEAD_SECONDS, self.head_too_slow)
 
     def on_message_begin(self) -> None:
         self.in_head, self.head_bytes = True, 0
@@ -112,9 +112,7 @@ class HttpToolsSlowClients(OpenAIErrors):
         if not self.in_body or self.transport.is_closing():
             return
         if self.pipeline or self.flow.read_paused:  # the server is not reading: not the client
-            self.body_timer = asyncio.get_running_loop().call_later(
-                BODY_SECONDS, self.body_too_slow
-            )
+            self.body_timer = self.loop.call_later(BODY_SECONDS, self.body_too_slow)
             return
         if self.cycle is not None and self.cycle.response_started:
             self.transport.close()  # answered already (e.g. refused by its Content-Length)
@@ -129,16 +127,12 @@ class HttpToolsSlowClients(OpenAIErrors):
         if self.transport.is_closing():
             return
         if self.in_body and self.body_timer is None:  # armed only for a body still incomplete
-            self.body_timer = asyncio.get_running_loop().call_later(
-                BODY_SECONDS, self.body_too_slow
-            )
+            self.body_timer = self.loop.call_later(BODY_SECONDS, self.body_too_slow)
         if not self.in_head:
             return
         self.head_bytes += len(data)  # a head still incomplete after these bytes
         if self.head_timer is None:  # armed only for a head that did not come in one read
-            self.head_timer = asyncio.get_running_loop().call_later(
-                HEAD_SECONDS, self.head_too_slow
-            )
+            self.head_timer = self.loop.call_later(HEAD_SECONDS, self.head_too_slow)
         if self.head_bytes > MAX_HEAD_BYTES:
             message = f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes"
             send_error_and_close(self, 431, "Request Header Fields Too Large", message)
