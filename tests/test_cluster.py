@@ -25,11 +25,19 @@ ALPHA_TEMPLATE = "Is this review positive or negative?\n{review}"
 pytest.importorskip("sglang_router", reason="sglang-router is in requirements/dev.txt")
 
 
-def free_base_port() -> int:
-    """A port P with P, P+1, P+2, P+10 and P+11 free (router, control, its metrics, replicas)."""
+CLUSTER_PORTS = (0, 1, 2, 10, 11)
+"""Offsets from a cluster's base port: router, control, the router's metrics, replicas."""
+BENCHMARK_PORTS = (*CLUSTER_PORTS, 100, 102, 200, 202)
+"""``loadtest.router``'s too: its one-replica and round-robin routers and their metrics."""
+
+
+def free_base_port(offsets=CLUSTER_PORTS) -> int:
+    """A port P with P + each offset free, all below Linux's ephemeral range (from 32768): a
+    client connection of another test may take a port there at any time (one took a router's
+    metrics port on a busy run)."""
     for _ in range(200):
-        port = random.randrange(20000, 40000)
-        if all(port_is_free(port + k) for k in (0, 1, 2, 10, 11)):
+        port = random.randrange(20000, 32768 - max(offsets))
+        if all(port_is_free(port + k) for k in offsets):
             return port
     raise RuntimeError("no free ports")
 
@@ -234,7 +242,7 @@ def test_the_router_benchmark_runs_end_to_end(cluster, tmp_path):
     config["adapters"].append({"name": "gamma", "path": cluster["spare"]})
     path = cluster["config"].with_name("router-adapters.yaml")  # the spare under its root
     path.write_text(yaml.safe_dump(config))
-    port, out = free_base_port(), tmp_path / "router"
+    port, out = free_base_port(BENCHMARK_PORTS), tmp_path / "router"
     cmd = [sys.executable, "-m", "loadtest.router", "--config", str(path), "--backend", "hf",
            "--users", "2", "--adapters", "1", "--many", "2", "--pairs", "1", "--duration", "4",
            "--warmup", "1", "--output-tokens", "4", "--prompt-words", "5",
