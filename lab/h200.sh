@@ -34,8 +34,9 @@
 #                                    waves): the engine's share of a wave's TTFT, the API's
 #                       decode-settings  one engine each: defaults, num_continuous_decode_steps=4,
 #                                    cuda_graph_max_bs_decode=512, max_running_requests=256,
-#                                    enable_mixed_chunk (names in DECODE_SETTINGS; pairs plan, 1
-#                                    round, 256 streams; DECODE_OPEN="--arrival-rate R": open loop)
+#                                    enable_mixed_chunk, max_lora_chunk_size=128 (names in
+#                                    DECODE_SETTINGS; pairs plan, DECODE_PAIRS rounds (1),
+#                                    256 streams; DECODE_OPEN="--arrival-rate R": open loop)
 #                       space-rehearsal  the GPU Space (deploy/gpu-space) from a clean home: its
 #                                    build step, its command, scripts/app_check.py against it
 #                       code-ab      the code of e930aef vs this tree, one engine each, alternating,
@@ -440,6 +441,7 @@ decode_setting() {  # a named engine setting of decode-settings, as bench's --se
     graph-bs-512) echo 'extra={"cuda_graph_max_bs_decode": 512}' ;;
     max-running-256) echo 'max_running_requests=256' ;;  # the rest wait for a slot
     mixed-chunk) echo 'extra={"enable_mixed_chunk": true}' ;;
+    lora-chunk-128) echo 'extra={"max_lora_chunk_size": 128}' ;;  # csgmv's segments (SGLang: 16)
     *) echo "no decode setting named $1" >&2; return 1 ;;
   esac
 }
