@@ -80,6 +80,14 @@ def test_chat_streamed_chunks_join_to_the_non_streamed_text(client, model):
     assert "".join(pieces) == text
     assert events[-2]["choices"] == [] and events[-2]["usage"] == whole["usage"]
     assert [e for e in events[1:-1] if e["choices"]][-1]["choices"][0]["finish_reason"]
+    assert all("usage" in e and e["usage"] is None for e in events[:-2])  # as OpenAI's chunks
+
+
+def test_streamed_chunks_have_no_usage_field_unless_asked(client):
+    body = chat_body("alpha", stream=True)
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        events = read_sse(response)
+    assert all("usage" not in e for e in events[:-1])
 
 
 @pytest.mark.parametrize("model", ["beta", "base"])

@@ -409,20 +409,31 @@ class ChunkWriter:
     """SSE events of one streamed response. Text-only chunks, the hot path at hundreds of
     streams, are one ``json.dumps`` of the text between a precomputed prefix and suffix.
     ``choice_models[i]`` is the model choice *i* comes from (its chunks' ``model``): the request's
-    model, or with fan-out each choice's own."""
+    model, or with fan-out each choice's own. With ``include_usage`` every chunk but the last
+    carries ``"usage": null``, as OpenAI's do."""
 
     def __init__(
-        self, endpoint: Endpoint, rid: str, model: str, created: int, choice_models: list[str]
+        self,
+        endpoint: Endpoint,
+        rid: str,
+        model: str,
+        created: int,
+        choice_models: list[str],
+        include_usage: bool = False,
     ):
         self.endpoint = endpoint
         self.kind = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
         self.head = {"id": rid, "object": self.kind, "created": created, "model": model}
         self.choice_models = choice_models
+        self.include_usage = include_usage
         self.text_prefix: dict[int, str] = {}
-        self.text_suffix = ', "logprobs": null, "finish_reason": null}]}\n\n'
+        usage = ', "usage": null' if include_usage else ""
+        self.text_suffix = f', "logprobs": null, "finish_reason": null}}]{usage}}}\n\n'
 
     def payload(self, index: int | None = None, **fields: Any) -> bytes:
         head = self.head if index is None else self.head | {"model": self.choice_models[index]}
+        if self.include_usage:
+            fields.setdefault("usage", None)
         return sse({**head, **fields})
 
     def role(self, index: int) -> bytes:

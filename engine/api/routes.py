@@ -656,10 +656,14 @@ def create_api(
             raise
         rid = ("cmpl-" if endpoint == "completions" else "chatcmpl-") + new_id()
         choice_models = [m for m, _ in named]
-        writer = ChunkWriter(endpoint, rid, body.model, int(time.time()), choice_models)
+        include_usage = bool(
+            body.stream and body.stream_options and body.stream_options.include_usage
+        )
+        writer = ChunkWriter(
+            endpoint, rid, body.model, int(time.time()), choice_models, include_usage
+        )
         echo = [r.prompt or "" for r in requests] if getattr(body, "echo", False) else None
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
             def count(err: OpenAIError) -> None:  # a failure after the 200 is counted too
                 api.metrics.error(label, err.kind, err.status)
