@@ -503,6 +503,7 @@ def create_app(engine: Engine, registry: Registry, config_dir: Path):
         adapter_root=os.environ.get("LORALAND_ADAPTER_ROOT", config_dir / "adapters"),
         app=remote_merge_refused() if remote else None,
         merger=None if remote else merge_adapters,
+        api_key=os.environ.get("LORALAND_API_KEY"),
     )
     demo = build_demo(engine, registry, app.state.api)
     demo.queue(default_concurrency_limit=int(os.environ.get("LORALAND_UI_CONCURRENCY", "64")))
@@ -579,7 +580,11 @@ def make_engine(parser: argparse.ArgumentParser, args: argparse.Namespace, regis
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per proxied request
     try:
         engine = RemoteEngine(
-            args.remote, registry, args.control, os.environ.get("LORALAND_ADMIN_TOKEN")
+            args.remote,
+            registry,
+            args.control,
+            os.environ.get("LORALAND_ADMIN_TOKEN"),
+            os.environ.get("LORALAND_API_KEY"),
         )
     except EngineError as err:
         parser.error(f"--remote: {err}")

@@ -15,6 +15,9 @@
 
 With ``cluster.hosts`` the replicas run elsewhere (``python -m engine.api`` on each host) and
 only the router and the control API start here.
+
+With ``LORALAND_API_KEY`` set, the replicas (which inherit it) and the control API ask every
+``/v1`` request for it; sglang-router passes a client's ``Authorization`` header on unchanged.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from .api.limits import bearer, guard_v1
 from .api.protocol import OpenAIError
 from .api.routes import admin_refusal, error_response
 from .api.server import http_protocol
@@ -224,11 +228,15 @@ def exact(value: float) -> str:
 
 class Control:
     """What the control API asks of the replicas. Admin calls are checked here first (the same
-    ``LORALAND_ADMIN_TOKEN`` as the replicas'), so a refused one reaches no replica."""
+    ``LORALAND_ADMIN_TOKEN`` as the replicas'), so a refused one reaches no replica. Its own
+    calls carry the replicas' ``LORALAND_API_KEY``; an admin call, its caller's admin token."""
 
-    def __init__(self, urls: list[str], router_url: str, admin_token: str | None):
+    def __init__(
+        self, urls: list[str], router_url: str, admin_token: str | None, api_key: str | None
+    ):
         self.urls, self.router_url, self.admin_token = urls, router_url, admin_token or None
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0))
+        timeout = httpx.Timeout(600.0, connect=10.0)
+        self.client = httpx.AsyncClient(timeout=timeout, headers=bearer(api_key))
         self.admin_lock = asyncio.Lock()
         """One hot-load or unload at a time: two on one name must not interleave."""
 
@@ -331,9 +339,13 @@ async def admin_body(request: Request) -> bytes | JSONResponse:
     return body
 
 
-def create_control(urls: list[str], router_url: str, admin_token: str | None = None) -> FastAPI:
-    control = Control(urls, router_url, admin_token)
+def create_control(
+    urls: list[str], router_url: str, admin_token: str | None = None, api_key: str | None = None
+) -> FastAPI:
+    """The control API; with an ``api_key`` its ``/v1`` routes need it, as the replicas' do."""
+    control = Control(urls, router_url, admin_token, api_key)
     app = FastAPI(title="LoRA Land cluster control")
+    guard_v1(app, api_key, control.admin_token)
 
     async def from_a_replica(path: str) -> Response:
         """The first replica that answers (they serve the same adapters)."""
@@ -422,7 +434,12 @@ def main() -> None:
         watch(started)
         log.info("router on %s over %d replicas (%s); control API on http://%s:%d",
                  router_url, len(urls), cluster.policy, args.host, args.port + 1)  # fmt: skip
-        app = create_control(urls, router_url, os.environ.get("LORALAND_ADMIN_TOKEN"))
+        app = create_control(
+            urls,
+            router_url,
+            os.environ.get("LORALAND_ADMIN_TOKEN"),
+            os.environ.get("LORALAND_API_KEY"),
+        )
         uvicorn.run(
             app, host=args.host, port=args.port + 1, log_level="warning", http=http_protocol()
         )

@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator
 import httpx
 from pydantic import BaseModel
 
+from .api.limits import bearer
 from .cluster import ROUTING_HEADER
 from .interface import (
     AdapterLoadError,
@@ -107,10 +108,13 @@ class RemoteEngine(Engine):
         registry: Registry,
         control_url: str | None = None,
         admin_token: str | None = None,
+        api_key: str | None = None,
     ):
         self.url = url.rstrip("/")
         self.registry = registry
         self.admin_token = admin_token or None
+        self.key_header = bearer(api_key)
+        """Sent on every request (``LORALAND_API_KEY``); an admin call sends the admin token."""
         self.cluster = is_router(self.url)
         self.control_url = (control_url or default_control(self.url, self.cluster)).rstrip("/")
         self.settings = RemoteSettings(
@@ -118,9 +122,9 @@ class RemoteEngine(Engine):
         )
         self.cards: dict[str, dict] = {}
         self.base_model_id = ""
-        self.use_listing(get_json(f"{self.control_url}/v1/models"))
+        self.use_listing(get_json(f"{self.control_url}/v1/models", self.key_header))
         if self.cluster:
-            check_same_base(self.url, self.base_model_id)
+            check_same_base(self.url, self.base_model_id, self.key_header)
         self.base_dir = self.base_model_id
         """Not a local directory: the base lives on the server."""
         where = "a cluster behind sglang-router" if self.cluster else "an API server"
@@ -327,7 +331,7 @@ class RemoteEngine(Engine):
 
     async def admin(self, method: str, path: str, body: dict | None) -> dict:
         """An admin call to the control API with the admin token; a refusal keeps its status."""
-        auth = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+        auth = bearer(self.admin_token)
         try:
             answer = await self.client().request(
                 method, self.control_url + path, json=body, headers=auth
@@ -367,7 +371,7 @@ class RemoteEngine(Engine):
         loop = asyncio.get_running_loop()
         if loop not in self.clients:
             timeout = httpx.Timeout(READ_S, connect=CONNECT_S)
-            self.clients[loop] = httpx.AsyncClient(timeout=timeout)
+            self.clients[loop] = httpx.AsyncClient(timeout=timeout, headers=self.key_header)
         return self.clients[loop]
 
     async def get_json(self, url: str) -> dict:
@@ -422,9 +426,9 @@ def default_control(url: str, cluster: bool) -> str:
     return str(parsed.copy_with(port=parsed.port + 1)).rstrip("/")
 
 
-def get_json(url: str) -> dict:
+def get_json(url: str, headers: dict[str, str]) -> dict:
     try:
-        answer = httpx.get(url, timeout=httpx.Timeout(READ_S, connect=CONNECT_S))
+        answer = httpx.get(url, headers=headers, timeout=httpx.Timeout(READ_S, connect=CONNECT_S))
     except httpx.HTTPError as err:
         raise RemoteError(f"{url}: {type(err).__name__}: {err}") from err
     if answer.status_code != 200:
@@ -435,9 +439,10 @@ def get_json(url: str) -> dict:
         raise RemoteError(f"{url} answered what is not JSON: {answer.text[:300]!r}") from None
 
 
-def check_same_base(router_url: str, base_model_id: str) -> None:
+def check_same_base(router_url: str, base_model_id: str, headers: dict[str, str]) -> None:
     """The router lists one model, the replicas' base: the control API must name the same."""
-    listed = [card["id"] for card in get_json(f"{router_url}/v1/models").get("data") or []]
+    listing = get_json(f"{router_url}/v1/models", headers)
+    listed = [card["id"] for card in listing.get("data") or []]
     if base_model_id not in listed:
         raise RemoteError(
             f"the control API serves base '{base_model_id}', the router at {router_url} lists "

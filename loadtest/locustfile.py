@@ -15,7 +15,7 @@ tokens, with the failure's exception), a row per model (``--rows kind``: lora an
 per-request measurements go to ``--raw-out`` (JSONL), unrounded. Closed loop by default (a user
 sends its next request when the last ends; ``--think-time S``: S seconds after it, as the LoRA
 Land report's k6 users sleep 1 s); ``--arrival-rate R``: open loop, Poisson arrivals.
-The web UI gains a Tokens/s tab.
+The web UI gains a Tokens/s tab. With ``LORALAND_API_KEY`` set, every request carries it.
 
 The adapters in play are the first N of ``/v1/models`` (cards with a ``parent``; ``--models``
 names them instead). ``--model-format`` says how a request names one: ``{adapter}`` (our API,
@@ -45,7 +45,7 @@ from locust.runners import MasterRunner
 from urllib3 import PoolManager
 
 from loadtest.stats import WORDS, parse_range
-from loadtest.targets import SetupError, pick_models
+from loadtest.targets import SetupError, api_key_header, pick_models
 
 STATE: dict = {"adapters": [], "base": None, "weights": None, "lock": threading.Lock()}
 OPEN_LOOP_CONNECTIONS = 1024
@@ -165,7 +165,7 @@ def choose_models(options, host: str) -> dict:
     if not host:
         raise SetupError("no --host: the server's address, e.g. http://127.0.0.1:7860")
     listing = (options.models_from or host).rstrip("/") + "/v1/models"
-    response = requests.get(listing, timeout=30)
+    response = requests.get(listing, headers=api_key_header(), timeout=30)
     if response.status_code != 200:
         raise SetupError(f"GET {listing} answered {response.status_code}")
     return pick_models(options, response.json()["data"])
@@ -184,6 +184,7 @@ class Streaming:
     def on_start(self):
         options = self.environment.parsed_options
         self.rng = random.Random(options.seed * 100_003 + id(self))
+        self.client.headers.update(api_key_header())
 
     def pick_model(self) -> str:
         adapters = STATE["adapters"]

@@ -39,6 +39,7 @@ from loadtest.pairs import write_pairs
 from loadtest.procs import ChildrenMeter, process_tree, start_server, wait_for_peer
 from loadtest.report import describe
 from loadtest.sweep import measure_point
+from loadtest.targets import api_key_header
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_FORMATS = {"sglang": "{base}:{adapter}", "ours": "{adapter}"}
@@ -112,7 +113,8 @@ def check_routing(host: str, model_format: str) -> dict:
     Returns what it saw; raises if an unknown adapter is answered (adapter requests would then
     get the base) or a known one is refused.
     """
-    cards = requests.get(f"{host}/v1/models", timeout=30).json()["data"]
+    auth = api_key_header()  # SGLang's own server, started without --api-key, ignores it
+    cards = requests.get(f"{host}/v1/models", headers=auth, timeout=30).json()["data"]
     base = next(c["id"] for c in cards if not c.get("parent"))
     adapters = sorted(c["id"] for c in cards if c.get("parent"))
     if not adapters:
@@ -121,7 +123,7 @@ def check_routing(host: str, model_format: str) -> dict:
     def status(model: str) -> tuple[int, str]:
         body = {"model": model, "messages": [{"role": "user", "content": "Say hi."}],
                 "max_tokens": 2, "temperature": 0}  # fmt: skip
-        answer = requests.post(f"{host}/v1/chat/completions", json=body, timeout=120)
+        answer = requests.post(f"{host}/v1/chat/completions", json=body, headers=auth, timeout=120)
         return answer.status_code, answer.text[:300]
 
     known = model_format.format(base=base, adapter=adapters[0])

@@ -44,6 +44,7 @@ from loadtest.pairs import fmt, median_range
 from loadtest.procs import absolute_registry, write_registry
 from loadtest.report import describe
 from loadtest.sweep import measure_point
+from loadtest.targets import api_key_header
 
 ARMS = {"scale": ("one-gpu", "replicas"), "affinity": ("round-robin", "adapter-affinity")}
 """Each comparison: (denominator arm, numerator arm)."""
@@ -93,20 +94,21 @@ def hot_load_check(control: str, router: str, urls: list[str], spare: str | None
         return {"skipped": "no adapter beyond --many under the adapter root"}
     name = "hot-" + Path(spare).name
     auth = {"authorization": f"Bearer {os.environ['LORALAND_ADMIN_TOKEN']}"}
+    key = api_key_header()  # the replicas inherit LORALAND_API_KEY when it is set
     seen = {"name": name}
     answer = requests.post(f"{control}/v1/adapters", json={"name": name, "path": spare},
                            headers=auth, timeout=600)  # fmt: skip
     seen["load_status"] = answer.status_code
 
     def listed() -> list[bool]:
-        ids = [{c["id"] for c in requests.get(f"{u}/v1/models", timeout=30).json()["data"]}
-               for u in urls]  # fmt: skip
+        listings = [requests.get(f"{u}/v1/models", headers=key, timeout=30) for u in urls]
+        ids = [{c["id"] for c in listing.json()["data"]} for listing in listings]
         return [name in i for i in ids]
 
     seen["listed_after_load"] = listed()
     body = {"model": name, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
     served = requests.post(f"{router}/v1/chat/completions", json=body, timeout=300,
-                           headers={"X-SMG-Routing-Key": name})  # fmt: skip
+                           headers={"X-SMG-Routing-Key": name, **key})  # fmt: skip
     seen["served_status"] = served.status_code
     seen["unload_status"] = requests.delete(f"{control}/v1/adapters/{name}", headers=auth,
                                             timeout=600).status_code  # fmt: skip

@@ -4,12 +4,20 @@ importing Locust patches the standard library with gevent)."""
 from __future__ import annotations
 
 import logging
+import os
 
 from loadtest.stats import zipf_weights
 
 
 class SetupError(Exception):
     """The load test cannot start as asked."""
+
+
+def api_key_header() -> dict[str, str]:
+    """``Authorization: Bearer $LORALAND_API_KEY`` when that is set (the server asks every /v1
+    request for it), else nothing."""
+    key = os.environ.get("LORALAND_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def pick_models(options, cards: list[dict]) -> dict:

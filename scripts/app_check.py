@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import time
@@ -34,10 +35,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def key_header() -> dict[str, str]:
+    """What a ``LORALAND_API_KEY`` set here asks of every ``/v1`` request (the app inherits it)."""
+    key = os.environ.get("LORALAND_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def post(url: str, body: dict) -> tuple[int, bytes]:
-    request = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json", **key_header()}
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers)
     try:
         with urllib.request.urlopen(request, timeout=300) as response:
             return response.status, response.read()
@@ -46,7 +52,8 @@ def post(url: str, body: dict) -> tuple[int, bytes]:
 
 
 def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=300) as response:
+    request = urllib.request.Request(url, headers=key_header())
+    with urllib.request.urlopen(request, timeout=300) as response:
         return json.loads(response.read())
 
 
@@ -160,7 +167,7 @@ def start_and_check(args, registry) -> dict:
     cmd = [sys.executable, "app.py", "--config", args.config, "--port", str(port)]
     cmd += ["--backend", args.backend]
     started = time.perf_counter()
-    app = start_server(cmd, f"{url}/v1/models", timeout_s=args.start_timeout)
+    app = start_server(cmd, f"{url}/get_model_info", timeout_s=args.start_timeout)  # asks no key
     try:
         report = {"command": " ".join(cmd), "start_s": round(time.perf_counter() - started, 1)}
         return report | checks(url, registry)

@@ -345,3 +345,49 @@ def replica_pid(url: str) -> int:
     port = int(url.rsplit(":", 1)[1])
     listening = psutil.net_connections(kind="tcp")
     return next(c.pid for c in listening if c.laddr.port == port and c.status == "LISTEN")
+
+
+def test_a_cluster_with_an_api_key_asks_for_it_and_passes_it_on(adapter_dirs, tmp_path):
+    """``LORALAND_API_KEY``: the replica inherits it, the router passes the client's key on (and
+    the replica's 401 back), the control API asks for it and sends it; the app's remote engine
+    sends it to both."""
+    import asyncio
+
+    from openai import OpenAI
+
+    from engine.interface import GenerationRequest, collect
+    from engine.remote import RemoteEngine
+    from engine.sampling import resolve
+
+    key = "cluster-api-key"
+    config = {
+        "base": {"model": "smollm2"},
+        "engine": {"backend": "hf"},
+        "cluster": {"replicas": 1},
+        "adapters": [{"name": n, "path": p} for n, p in adapter_dirs.items()],
+    }
+    path = tmp_path / "adapters.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_base_port()
+    router, control = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"
+    cmd = [sys.executable, "-m", "engine.cluster", "--config", str(path), "--port", str(port),
+           "--backend", "hf"]  # fmt: skip
+    process = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, LORALAND_API_KEY=key))
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    try:
+        wait_until_up(f"{control}/health", process, timeout_s=900)
+        refused = httpx.post(f"{router}/v1/chat/completions", json=chat, timeout=300)
+        sdk = OpenAI(base_url=f"{router}/v1", api_key=key, max_retries=0, timeout=300)
+        answer = sdk.chat.completions.create(**chat)
+        unlisted = httpx.get(f"{control}/v1/models")
+        remote = RemoteEngine(router, load_registry(path), api_key=key)
+        params = resolve(None, max_tokens=3)
+        request = GenerationRequest("alpha", messages=chat["messages"], params=params)
+        done = asyncio.run(collect(remote.stream(request), request))
+    finally:
+        process.terminate()
+        process.wait(120)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == 401
+    assert answer.choices[0].message.content
+    assert unlisted.status_code == 401
+    assert {"alpha", "beta"} <= set(remote.adapters()) and done.usage.completion_tokens >= 1

@@ -31,6 +31,7 @@ def main() -> None:
         registry,
         admin_token=os.environ.get("LORALAND_ADMIN_TOKEN"),
         adapter_root=os.environ.get("LORALAND_ADAPTER_ROOT", Path(args.config).parent / "adapters"),
+        api_key=os.environ.get("LORALAND_API_KEY"),
     )
     run_server(app, args.host, args.port)
 

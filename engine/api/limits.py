@@ -1,12 +1,15 @@
-"""The front door: a body-size limit enforced before a body is read, and a last-resort handler
-that turns any uncaught exception into an OpenAI-shaped 500 on a connection that stays open."""
+"""The front door: the API key of the ``/v1`` routes, a body-size limit enforced before a body
+is read, and a last-resort handler that turns any uncaught exception into an OpenAI-shaped 500
+on a connection that stays open."""
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 
 from ..metrics import Metrics
+from .hot_path import route_path
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +24,56 @@ async def respond(send, status: int, message: str, kind: str) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class ApiKey:
+    """ASGI middleware: every ``/v1`` request needs ``Authorization: Bearer <key>`` (or the admin
+    token, which an admin call carries in the same header), else a 401 in OpenAI's shape before
+    its body is read, counted in ``/metrics``. A preflight (``OPTIONS``) carries no key and goes
+    on; ``/health``, ``/metrics`` and the UI are not under ``/v1``. Added only when a key is set
+    (``guard_v1``): without one it costs nothing."""
+
+    def __init__(self, app, key: str, admin_token: str | None, metrics: Metrics | None):
+        self.app, self.metrics = app, metrics
+        self.accepted = [f"Bearer {secret}".encode() for secret in (key, admin_token) if secret]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not under_v1(scope):
+            return await self.app(scope, receive, send)
+        if why := self.refusal(authorization(scope)):
+            if self.metrics is not None:
+                self.metrics.error("none", "invalid_request_error", 401)
+            return await respond(send, 401, why, "invalid_request_error")
+        await self.app(scope, receive, send)
+
+    def refusal(self, given: bytes | None) -> str | None:
+        """Why ``given`` (the Authorization header) is refused, or None; compared in constant
+        time with each accepted value."""
+        if not given:
+            return "You didn't provide an API key: send Authorization: Bearer <LORALAND_API_KEY>"
+        matches = [secrets.compare_digest(given, accepted) for accepted in self.accepted]
+        return None if any(matches) else "Incorrect API key provided"
+
+
+def guard_v1(app, key: str | None, admin_token: str | None, metrics: Metrics | None = None):
+    """``ApiKey`` on ``app`` when ``key`` (``LORALAND_API_KEY``) is set; nothing otherwise."""
+    if key:
+        app.add_middleware(ApiKey, key=key, admin_token=admin_token, metrics=metrics)
+        log.info("the /v1 routes need the API key (LORALAND_API_KEY)")
+
+
+def bearer(secret: str | None) -> dict[str, str]:
+    """The header a client sends to pass ``ApiKey`` (or an admin check); none without a secret."""
+    return {"Authorization": f"Bearer {secret}"} if secret else {}
+
+
+def under_v1(scope) -> bool:
+    path = route_path(scope)
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def authorization(scope) -> bytes | None:
+    return next((value for name, value in scope["headers"] if name == b"authorization"), None)
 
 
 class BodyLimit:

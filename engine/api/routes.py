@@ -5,8 +5,9 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both streaming and not), GET /v1/models
 (and /v1/models/{id}), POST /v1/adapters + DELETE /v1/adapters/{name} (only with an admin token),
-GET /health, GET /metrics. ``model`` is an adapter name, the base model id (or ``base``), or
-SGLang's ``base:adapter`` form. Every failure is a 4xx/5xx in OpenAI's error shape.
+GET /health, GET /metrics; with an API key (``LORALAND_API_KEY``) every /v1 route needs it.
+``model`` is an adapter name, the base model id (or ``base``), or SGLang's ``base:adapter`` form.
+Every failure is a 4xx/5xx in OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from .hot_path import (
     client_left,
     why_fastapi_routes,
 )
-from .limits import BodyLimit
+from .limits import BodyLimit, guard_v1
 from .protocol import (
     AdapterBody,
     ChatBody,
@@ -583,13 +584,15 @@ def create_api(
     adapter_root: str | Path | None = None,
     app: FastAPI | None = None,
     merger: Merger | None = None,
+    api_key: str | None = None,
 ) -> FastAPI:
     """Add the OpenAI-compatible routes to ``app`` (a new FastAPI app when None). Call it
     before mounting anything at ``/``: its catch-all keeps ``/v1/...`` answers in OpenAI's
     shape. With a ``merger`` (``finetune.merge.merge_adapters``, which ``python app.py``
     passes), ``POST /v1/adapters/merge`` combines served adapters. The generation routes skip
     FastAPI (``hot_path``) unless a given ``app`` has middleware, dependencies, exception
-    handlers or routes of its own there."""
+    handlers or routes of its own there. With an ``api_key`` every ``/v1`` route of ``app``
+    needs it (``limits.ApiKey``)."""
     api = Api(engine, registry, admin_token, adapter_root)
     given, app = app, app or FastAPI(title="LoRA Land in a box")
     through_fastapi = given and why_fastapi_routes(given, GENERATION_ROUTES)
@@ -692,6 +695,7 @@ def create_api(
     else:
         app.add_middleware(GenerationRoutes, routes=GENERATION_ROUTES, serve=serve)
     app.add_middleware(BodyLimit, max_bytes=registry.server.max_body_bytes, metrics=api.metrics)
+    guard_v1(app, api_key, api.admin_token, api.metrics)  # a refusal reads no body
     if registry.server.cors_origins:  # outermost: a preflight is answered before any limit
         app.add_middleware(
             CORSMiddleware,
