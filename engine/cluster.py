@@ -98,6 +98,7 @@ def router_command(
         "--prometheus-host", host, "--prometheus-port", str(port + 2), "--log-level", "warn",
         "--health-check-endpoint", HEALTH_PROBE, "--control-plane-api-keys", locked,
         "--max-payload-size", str(max_body_bytes), "--disable-retries",
+        "--history-backend", "none",  # its own /v1/conversations store would answer unkeyed
     ]  # fmt: skip
     if policy == "adapter_affinity":
         cmd += ["--assignment-mode", "min_group"]  # a new adapter goes to the emptiest replica

@@ -62,11 +62,46 @@ def refusal_message(response: httpx.Response) -> str:
 
 def test_no_key_or_a_wrong_one_is_a_401_in_openai_shape(server):
     url = f"{server.url}/v1/chat/completions"
-    missing = httpx.post(url, json=CHAT)
+    missing = httpx.post(url, json=CHAT, timeout=60)
     assert "didn't provide an API key" in refusal_message(missing)
     for wrong in (f"Bearer {KEY}x", "Bearer", KEY, f"Basic {KEY}", f"Bearer {KEY[:-1]}"):
-        answer = httpx.post(url, json=CHAT, headers={"Authorization": wrong})
+        answer = httpx.post(url, json=CHAT, headers={"Authorization": wrong}, timeout=60)
         assert refusal_message(answer).startswith("Incorrect API key provided")
+
+
+def test_the_scheme_in_any_case_and_spaces_around_are_read_as_rfc_7235_says(server):
+    url = f"{server.url}/v1/models"
+    for given in (f"bearer {KEY}", f"BEARER {KEY}", f"Bearer  {KEY}"):
+        assert httpx.get(url, headers={"Authorization": given}, timeout=60).status_code == 200
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as raw:  # httpx refuses to send
+        raw.sendall(f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY} \t\r\n"
+                    "Connection: close\r\n\r\n".encode())  # fmt: skip
+        assert raw.recv(64).startswith(b"HTTP/1.1 200")
+
+
+def test_a_key_read_with_a_newline_is_the_key_without_it(hf_engine, registry_for):
+    live = serve(create_api(hf_engine, registry_for, api_key=f" {KEY}\n"))
+    try:
+        keyed = httpx.get(f"{live.url}/v1/models", headers=KEYED, timeout=60)
+        missing = httpx.get(f"{live.url}/v1/models", timeout=60)
+    finally:
+        live.stop()
+    assert keyed.status_code == 200 and missing.status_code == 401
+
+
+@pytest.mark.parametrize("root_path", ["/", "/v", "/api"])
+def test_no_root_path_lets_a_v1_route_through(server, root_path):
+    """A ``root_path`` that is not a whole segment of the path is not stripped (Starlette's
+    router reads it so): ``/v1/models`` under ``root_path="/"`` is still ``/v1/models``."""
+    transport = httpx.ASGITransport(app=server.app, root_path=root_path)
+
+    async def get(path):
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get(path)
+
+    for path in ("/v1/models", f"{root_path.rstrip('/')}/v1/models"):
+        assert asyncio.run(get(path)).status_code == 401, (root_path, path)
 
 
 def test_the_openai_sdk_with_the_key_streamed_and_not(server):
@@ -92,10 +127,10 @@ def test_the_openai_sdk_with_the_key_streamed_and_not(server):
 
 
 def test_health_and_metrics_stay_open_and_count_the_refusals(server):
-    httpx.get(f"{server.url}/v1/models")
+    httpx.get(f"{server.url}/v1/models", timeout=60)
     assert httpx.get(f"{server.url}/health", timeout=60).status_code == 200
-    assert httpx.head(f"{server.url}/metrics").status_code == 200
-    metrics = httpx.get(f"{server.url}/metrics").text.splitlines()
+    assert httpx.head(f"{server.url}/metrics", timeout=60).status_code == 200
+    metrics = httpx.get(f"{server.url}/metrics", timeout=60).text.splitlines()
     refused = [m for m in metrics if m.startswith("loraland_request_errors_total{")
                and 'adapter="none"' in m and 'status="401"' in m]  # fmt: skip
     assert refused and float(refused[0].rsplit(" ", 1)[1]) >= 1
@@ -153,7 +188,9 @@ def test_the_admin_token_stays_its_own(server, hf_engine, registry_for):
     assert "alpha" in hf_engine.adapters()
     live = serve(create_api(hf_engine, registry_for, api_key=KEY))  # a key, no admin token
     try:
-        off = httpx.post(f"{live.url}/v1/adapters", json={"name": "x", "path": "x"}, headers=KEYED)
+        off = httpx.post(
+            f"{live.url}/v1/adapters", json={"name": "x", "path": "x"}, headers=KEYED, timeout=60
+        )
     finally:
         live.stop()
     assert off.status_code == 403 and "LORALAND_ADMIN_TOKEN" in off.json()["error"]["message"]
@@ -166,7 +203,7 @@ def test_without_a_key_nothing_is_asked_or_added(hf_engine, registry_for, key):
     live = serve(app)
     try:
         answer = httpx.post(f"{live.url}/v1/chat/completions", json=CHAT, timeout=60)
-        listing = httpx.get(f"{live.url}/v1/models")
+        listing = httpx.get(f"{live.url}/v1/models", timeout=60)
     finally:
         live.stop()
     assert answer.status_code == 200 and listing.status_code == 200
@@ -184,7 +221,9 @@ def test_a_cors_preflight_needs_no_key_and_the_refusal_is_readable(hf_engine, re
     live = serve(create_api(hf_engine, opened, api_key=KEY))
     try:
         options = httpx.options(f"{live.url}/v1/chat/completions", headers=preflight)
-        refused = httpx.post(f"{live.url}/v1/chat/completions", json=CHAT, headers=origin)
+        refused = httpx.post(
+            f"{live.url}/v1/chat/completions", json=CHAT, headers=origin, timeout=60
+        )
         served = httpx.post(
             f"{live.url}/v1/chat/completions", json=CHAT, headers=origin | KEYED, timeout=60
         )
@@ -280,10 +319,17 @@ def test_sglang_router_passes_the_key_on_to_a_replica(server):
         refused = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
         answer = client.chat.completions.create(**CHAT)
+        stored = httpx.post(f"{url}/v1/conversations", json={"items": []}, timeout=60)
+        items = httpx.get(
+            f"{url}/v1/conversations/{stored.json().get('id', 'x')}/items", timeout=60
+        )
     finally:
         stop_all([router])
     assert refused.status_code == 401 and refused.json()["error"]["code"] == 401
     assert answer.choices[0].message.content
+    assert (
+        items.status_code == 404
+    )  # no conversation store of the router's own (it answers unkeyed)
 
 
 def test_the_locust_user_sends_the_key(server, tmp_path):

@@ -76,7 +76,11 @@ def why_fastapi_routes(app: FastAPI, paths) -> str | None:
 def route_path(scope) -> str:
     """The path the app routes on: without the ``root_path`` a proxy or a mount put in front."""
     path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
+    if root and path == root:
+        return ""
+    if root and path.startswith(root) and path[len(root)] == "/":
+        return path[len(root) :]  # only at a segment's end, as Starlette's router strips it
+    return path
 
 
 class CancelOnDisconnect:

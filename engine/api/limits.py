@@ -35,7 +35,7 @@ class ApiKey:
 
     def __init__(self, app, key: str, admin_token: str | None, metrics: Metrics | None):
         self.app, self.metrics = app, metrics
-        self.accepted = [f"Bearer {secret}".encode() for secret in (key, admin_token) if secret]
+        self.accepted = [secret.strip().encode() for secret in (key, admin_token) if secret]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] == "OPTIONS" or not under_v1(scope):
@@ -51,25 +51,37 @@ class ApiKey:
         time with each accepted value."""
         if not given:
             return "You didn't provide an API key: send Authorization: Bearer <LORALAND_API_KEY>"
-        matches = [secrets.compare_digest(given, accepted) for accepted in self.accepted]
+        token = bearer_token(given.decode("latin-1"))
+        if token is None:
+            return "Incorrect API key provided: send Authorization: Bearer <LORALAND_API_KEY>"
+        given_bytes = token.encode("latin-1")
+        matches = [secrets.compare_digest(given_bytes, accepted) for accepted in self.accepted]
         return None if any(matches) else "Incorrect API key provided"
 
 
 def guard_v1(app, key: str | None, admin_token: str | None, metrics: Metrics | None = None):
     """``ApiKey`` on ``app`` when ``key`` (``LORALAND_API_KEY``) is set; nothing otherwise."""
-    if key:
+    if key and key.strip():
         app.add_middleware(ApiKey, key=key, admin_token=admin_token, metrics=metrics)
         log.info("the /v1 routes need the API key (LORALAND_API_KEY)")
 
 
 def bearer(secret: str | None) -> dict[str, str]:
     """The header a client sends to pass ``ApiKey`` (or an admin check); none without a secret."""
-    return {"Authorization": f"Bearer {secret}"} if secret else {}
+    return {"Authorization": f"Bearer {secret.strip()}"} if secret and secret.strip() else {}
+
+
+def bearer_token(authorization: str) -> str | None:
+    """The token of ``Bearer <token>`` (the scheme in any case, spaces around ignored, as RFC
+    7235 reads it), or None for another scheme or none."""
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
 
 
 def under_v1(scope) -> bool:
-    path = route_path(scope)
-    return path == "/v1" or path.startswith("/v1/")
+    """Under ``/v1`` as the app routes it or as the client sent it (whichever says so)."""
+    return any(p == "/v1" or p.startswith("/v1/") for p in (route_path(scope), scope["path"]))
 
 
 def authorization(scope) -> bytes | None:

@@ -60,7 +60,7 @@ from .hot_path import (
     client_left,
     why_fastapi_routes,
 )
-from .limits import BodyLimit, guard_v1
+from .limits import BodyLimit, bearer_token, guard_v1
 from .protocol import (
     AdapterBody,
     ChatBody,
@@ -101,7 +101,8 @@ def admin_refusal(token: str | None, authorization: str) -> OpenAIError | None:
     if token is None:
         message = "admin routes are off: start the server with LORALAND_ADMIN_TOKEN set"
         return OpenAIError(403, message, "permission_error")
-    if not hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode()):
+    given = bearer_token(authorization) or ""
+    if not hmac.compare_digest(given.encode("latin-1"), token.strip().encode()):
         return OpenAIError(401, "admin token required", "authentication_error")
     return None
 
