@@ -223,3 +223,39 @@ def test_non_lora_tensors_are_refused(exact, adapter_dirs, tmp_path):
     save_file(weights, str(path / "adapter_model.safetensors"))
     with pytest.raises(UnsupportedAdapterError, match="not a LoRA A/B"):
         exact.load_adapter("magnitude", path)
+
+
+def per_row_reference(base, x, index, weights) -> torch.Tensor:
+    """``base(x)`` plus each row's own ``scale * x @ A.T @ B.T`` (nothing for a slot without
+    weights here), one row at a time."""
+    y = base(x)
+    for row, slot in enumerate(index.tolist()):
+        if slot in weights:
+            a, b, scale = weights[slot]
+            y[row] += scale * (x[row] @ a.T @ b.T)
+    return y
+
+
+@torch.inference_mode()
+def test_a_mixed_batch_layer_gives_each_row_its_own_adapter_at_its_own_rank():
+    from engine.backends.lora_batched import LoraSlots, RowAdapters
+
+    torch.manual_seed(0)
+    rows, base = RowAdapters(), torch.nn.Linear(16, 12)
+    layer = LoraSlots(base, rows, slots=5, device=torch.device("cpu"))
+    weights = {s: (torch.randn(r, 16), torch.randn(12, r), k) for s, r, k in
+               [(1, 2, 0.5), (2, 8, 2.0), (3, 4, 1.5)]}  # fmt: skip
+    for slot, (a, b, scale) in weights.items():
+        layer.put(slot, a, b, scale)
+    x = torch.randn(7, 3, 16)
+    index = torch.tensor([1, 0, 2, 3, 2, 4, 1])  # the base, and slot 4: no weights in this layer
+    rows.set(index)
+    assert torch.allclose(layer(x), per_row_reference(base, x, index, weights), atol=1e-5)
+    weights[2] = (torch.randn(3, 16), torch.randn(12, 3), 1.0)  # a slot reused at another rank
+    layer.clear(2)
+    layer.put(2, *weights[2])
+    assert torch.allclose(layer(x), per_row_reference(base, x, index, weights), atol=1e-5)
+    rows.set(torch.tensor([3, 3]))  # one adapter: its own rank, not the padded one
+    assert torch.allclose(
+        layer(x[:2]), per_row_reference(base, x[:2], rows.index, weights), atol=1e-5
+    )
