@@ -13,8 +13,9 @@ its own adapter's columns, then multiplied once by their B matrices side by side
 layer for a whole mixed batch, rows of the base or of an adapter not targeting this layer
 masked out. (Two ``bmm`` over slots gathered per row and padded to the largest rank made every
 row pay for the largest adapter: with a rank-32 all-linear adapter among q/v rank-8 ones, mixed
-batches ran at 0.71x a one-adapter batch.) A batch whose rows all use one adapter takes two
-plain matmuls at that adapter's rank.
+batches ran at 0.71x a one-adapter batch.) A batch whose rows all use one adapter takes the
+same two matmuls without the mask. The stacked weights are contiguous copies, kept for the last
+few sets of adapters of each layer.
 
 ``base_weights`` (the LoRA terms always stay fp32):
 
@@ -229,11 +230,10 @@ class LoraSlots(nn.Module):
         if not slots:
             return y
         lora_x = x if x.dtype == self.a.dtype else x.to(self.a.dtype)
-        if len(self.rows.present) == 1:
-            (slot,) = slots
-            return y + self.delta(lora_x, slot).to(y.dtype)
         a, b, layout = self.side_by_side(tuple(sorted(slots)))
-        hidden = F.linear(lora_x, a) * self.rows.column_mask(layout)
+        hidden = F.linear(lora_x, a)
+        if len(self.rows.present) > 1:
+            hidden = hidden * self.rows.column_mask(layout)
         return y + F.linear(hidden, b).to(y.dtype)
 
     def side_by_side(self, slots: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, tuple]:
@@ -250,12 +250,6 @@ class LoraSlots(nn.Module):
         if len(self.stacked) > STACKED_SETS:
             self.stacked.popitem(last=False)
         return self.stacked[slots]
-
-    def delta(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        """``scale * (x @ A.T) @ B.T`` of one slot, at its own rank (not the padded one)."""
-        rank = self.ranks[slot]
-        hidden = F.linear(x, self.a[slot, :rank])
-        return F.linear(hidden, self.b[slot, :, :rank]) * self.scale[slot]
 
 
 def quantize_base(model: nn.Module, base_weights: BaseWeights) -> nn.Module:
