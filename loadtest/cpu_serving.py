@@ -139,10 +139,12 @@ async def one_round(mode: str, settings: dict, tokens: int) -> dict:
 
 
 class busy_neighbour:
-    """A process spinning on the CPU while the block runs."""
+    """A process spinning on the CPU while the block runs (and no longer than its parent: a
+    killed benchmark left one spinning for half an hour)."""
 
     def __enter__(self):
-        self.process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        spin = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
+        self.process = subprocess.Popen([sys.executable, "-c", spin])
         time.sleep(0.5)
 
     def __exit__(self, *_):
