@@ -80,13 +80,21 @@ def test_the_scheme_in_any_case_and_spaces_around_are_read_as_rfc_7235_says(serv
         assert raw.recv(64).startswith(b"HTTP/1.1 200")
 
 
-def test_a_key_read_with_a_newline_is_the_key_without_it(hf_engine, registry_for):
-    live = serve(create_api(hf_engine, registry_for, api_key=f" {KEY}\n"))
+def served(app, *calls) -> list[httpx.Response]:
+    """Each ``call(url)``'s answer from ``app`` served over real HTTP for the calls."""
+    live = serve(app)
     try:
-        keyed = httpx.get(f"{live.url}/v1/models", headers=KEYED, timeout=60)
-        missing = httpx.get(f"{live.url}/v1/models", timeout=60)
+        return [call(live.url) for call in calls]
     finally:
         live.stop()
+
+
+def test_a_key_read_with_a_newline_is_the_key_without_it(hf_engine, registry_for):
+    keyed, missing = served(
+        create_api(hf_engine, registry_for, api_key=f" {KEY}\n"),
+        lambda url: httpx.get(f"{url}/v1/models", headers=KEYED, timeout=60),
+        lambda url: httpx.get(f"{url}/v1/models", timeout=60),
+    )
     assert keyed.status_code == 200 and missing.status_code == 401
 
 
@@ -200,12 +208,11 @@ def test_the_admin_token_stays_its_own(server, hf_engine, registry_for):
 def test_without_a_key_nothing_is_asked_or_added(hf_engine, registry_for, key):
     app = create_api(hf_engine, registry_for, api_key=key)
     assert not [m for m in app.user_middleware if m.cls is ApiKey]  # not even a check per request
-    live = serve(app)
-    try:
-        answer = httpx.post(f"{live.url}/v1/chat/completions", json=CHAT, timeout=60)
-        listing = httpx.get(f"{live.url}/v1/models", timeout=60)
-    finally:
-        live.stop()
+    answer, listing = served(
+        app,
+        lambda url: httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60),
+        lambda url: httpx.get(f"{url}/v1/models", timeout=60),
+    )
     assert answer.status_code == 200 and listing.status_code == 200
 
 
