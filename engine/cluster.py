@@ -10,7 +10,8 @@
   ``/v1/completions`` (policy ``cluster.policy``; ``/engine_metrics`` there is every replica's
   ``/metrics`` labelled by replica);
 - the control API on ``--port + 1``: ``GET /v1/models``, ``GET /metrics`` (the replicas' series
-  summed), ``GET /health`` (every replica's), and, behind the admin token, ``POST /v1/adapters``
+  summed), ``GET /health`` (every replica's), ``POST /tokenize`` / ``/detokenize`` (a replica's),
+  and, behind the admin token, ``POST /v1/adapters``
   / ``DELETE /v1/adapters/{name}``, which reach every replica or none.
 
 With ``cluster.hosts`` the replicas run elsewhere (``python -m engine.api`` on each host) and
@@ -65,6 +66,8 @@ STOPPING = threading.Event()
 """Set once the cluster is being stopped: the watchdog then lets processes exit."""
 MAX_ADMIN_BODY = 65_536
 """An admin body is a name and a path; anything larger is refused before it is read whole."""
+MAX_TOKENS_BODY = 8 * 2**20
+"""A ``/tokenize`` body relayed to a replica (whose own ``server.max_body_bytes`` applies too)."""
 
 
 def replica_urls(cluster: ClusterSettings, port: int) -> list[str]:
@@ -325,17 +328,17 @@ def forward_headers(request: Request) -> dict:
     return {k: v for k, v in request.headers.items() if k.lower() in wanted}
 
 
-async def admin_body(request: Request) -> bytes | JSONResponse:
-    """The body of an admin call, up to ``MAX_ADMIN_BODY`` bytes, else a 413."""
-    message = f"an admin body is at most {MAX_ADMIN_BODY} bytes"
+async def admin_body(request: Request, limit: int = MAX_ADMIN_BODY) -> bytes | JSONResponse:
+    """The body of an admin call (or a token route's), up to ``limit`` bytes, else a 413."""
+    message = f"this route's body is at most {limit} bytes"
     too_large = error(413, message, "invalid_request_error")
     declared = request.headers.get("content-length", "0")
-    if not declared.isdigit() or int(declared) > MAX_ADMIN_BODY:
+    if not declared.isdigit() or int(declared) > limit:
         return too_large
     body = b""
     async for part in request.stream():
         body += part
-        if len(body) > MAX_ADMIN_BODY:
+        if len(body) > limit:
             return too_large
     return body
 
@@ -348,11 +351,16 @@ def create_control(
     app = FastAPI(title="LoRA Land cluster control")
     guard_v1(app, api_key, control.admin_token)
 
-    async def from_a_replica(path: str) -> Response:
-        """The first replica that answers (they serve the same adapters)."""
+    async def from_a_replica(path: str, body: bytes | None = None) -> Response:
+        """The first replica that answers (they serve the same adapters and tokenizer): a GET,
+        or a POST of ``body``."""
         for url in urls:
             try:
-                answer = await control.client.get(url + path)
+                if body is None:
+                    answer = await control.client.get(url + path)
+                else:
+                    json_type = {"content-type": "application/json"}
+                    answer = await control.client.post(url + path, content=body, headers=json_type)
             except httpx.HTTPError:
                 continue
             if answer.status_code < 500:
@@ -366,6 +374,17 @@ def create_control(
     @app.get("/v1/models/{model:path}")
     async def model_card(model: str):
         return await from_a_replica(f"/v1/models/{quote(model, safe='')}")
+
+    async def tokens(request: Request) -> Response:
+        """``/tokenize`` and ``/detokenize``, answered by a replica, which fills an adapter's
+        template as its generations do (sglang-router's own ``/v1/tokenize`` would not)."""
+        body = await admin_body(request, MAX_TOKENS_BODY)
+        if isinstance(body, JSONResponse):
+            return body
+        return await from_a_replica(request.url.path, body)
+
+    for path in ("/tokenize", "/detokenize", "/v1/tokenize", "/v1/detokenize"):
+        app.add_api_route(path, tokens, methods=["POST"])
 
     @app.get("/health")
     async def health():

@@ -322,6 +322,20 @@ class Engine(ABC):
         """Distinct adapters one running batch can hold; ``None``: no limit."""
         return None
 
+    context_length: int | None = None
+    """The most tokens a prompt and its answer may hold together; ``None``: not known here."""
+
+    async def tokenize(
+        self, request: GenerationRequest, token_strs: bool = False
+    ) -> tuple[list[int], list[str] | None]:
+        """The prompt's token ids as a generation of ``request`` would see them and, if asked,
+        each token's text as logprobs spell it (a part of a character by its bytes)."""
+        raise EngineError(f"the {self.backend} engine does not tokenize")
+
+    async def detokenize(self, ids: list[int]) -> str:
+        """Token ids (each in the vocabulary, else ``InvalidRequestError``) → text."""
+        raise EngineError(f"the {self.backend} engine does not detokenize")
+
     @abstractmethod
     def stats(self) -> dict:
         """Gauges: ``running`` and ``queued`` requests, ``adapters_loaded``."""

@@ -143,7 +143,7 @@ class RemoteEngine(Engine):
         base = next((card for card in data if "parent" not in card), None)
         if base is None:
             raise RemoteError(f"{self.control_url}/v1/models lists no base model")
-        self.base_model_id = base["id"]
+        self.base_model_id, self.base_card = base["id"], base
         self.cards = {card["id"]: card for card in data if "parent" in card}
         self.adapter_paths = {
             spec.name: str(spec.path) for spec in self.registry.adapters if spec.name in self.cards
@@ -313,6 +313,41 @@ class RemoteEngine(Engine):
         generation is cancelled when the stream's connection closes)."""
         if request_id in self.running:
             self.aborted[request_id] = why or "the request was ended"
+
+    # ----- tokens ---------------------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int | None:
+        """The server's (``max_model_len`` of its model cards)."""
+        return self.base_card.get("max_model_len")
+
+    async def tokenize(
+        self, request: GenerationRequest, token_strs: bool = False
+    ) -> tuple[list[int], list[str] | None]:
+        """The server's ``/tokenize`` (a cluster's control API asks a replica): the messages go
+        as filled here, as a generation's do."""
+        request.validate()
+        await self.ensure_served(request.adapter)
+        body: dict = {"model": request.adapter or BASE_MODEL_ALIAS, "return_token_strs": token_strs}
+        if request.messages is not None:
+            body |= {"messages": request.messages, "prompt_template": "raw"}
+        else:
+            body["prompt"] = request.prompt
+        answer = await self.post_json("/tokenize", body)
+        return answer["tokens"], answer.get("token_strs")
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return (await self.post_json("/detokenize", {"tokens": ids}))["prompt"]
+
+    async def post_json(self, path: str, body: dict) -> dict:
+        """A POST to the control API that must answer 200 with JSON; a refusal keeps its status."""
+        try:
+            answer = await self.client().post(self.control_url + path, json=body)
+        except httpx.HTTPError as err:
+            raise RemoteError(f"{self.control_url}: {type(err).__name__}: {err}") from err
+        if answer.status_code != 200:
+            raise engine_error(*error_of(answer))
+        return answer.json()
 
     # ----- admin, health, metrics -----------------------------------------------------------
 

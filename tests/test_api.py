@@ -268,3 +268,76 @@ def test_every_collection_is_timed_per_generation():
         gc.collect()
     assert GC_WATCH.by_generation[2][0] == count
     assert gc.callbacks.count(GC_WATCH.on_collection) == 1
+
+
+REVIEW = [{"role": "user", "content": "A joyless slog."}]
+
+
+@pytest.mark.parametrize("model", [BASE, "alpha"])
+def test_tokenize_counts_the_prompt_tokens_a_generation_sees(client, model):
+    """vLLM's ``/tokenize``: the adapter's template filled and the chat template applied, as
+    for the chat completion; a prompt as ``/v1/completions`` takes it."""
+    tokenized = client.post("/tokenize", json={"model": model, "messages": REVIEW})
+    assert tokenized.status_code == 200, tokenized.text
+    answer = client.post("/v1/chat/completions", json=chat_body(model, messages=REVIEW)).json()
+    assert tokenized.json()["count"] == answer["usage"]["prompt_tokens"]
+    assert tokenized.json()["count"] == len(tokenized.json()["tokens"])
+    assert tokenized.json()["max_model_len"] == 8192
+    prompt = {"model": model, "prompt": "The capital of France is"}
+    counted = client.post("/v1/tokenize", json=prompt).json()["count"]
+    done = client.post("/v1/completions", json=prompt | {"max_tokens": 2}).json()
+    assert counted == done["usage"]["prompt_tokens"]
+
+
+def test_detokenize_gives_the_text_back_and_token_strs_spell_it(client):
+    """``token_strs`` spell each token as logprobs do: a part of a character by its bytes."""
+    from engine.text import token_bytes
+
+    text = "Ünïcode, emoji 🙂 and spaces  twice."
+    tokenized = client.post("/tokenize", json={"prompt": text, "return_token_strs": True}).json()
+    assert len(tokenized["token_strs"]) == tokenized["count"]
+    assert b"".join(map(token_bytes, tokenized["token_strs"])).decode() == text
+    assert any(s.startswith("bytes:") for s in tokenized["token_strs"])  # the emoji's parts
+    assert client.post("/tokenize", json={"prompt": text}).json()["token_strs"] is None
+    back = client.post("/detokenize", json={"tokens": tokenized["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": text}
+
+
+@pytest.mark.parametrize(
+    "route, body, status, param",
+    [
+        ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "model"),
+        ("/detokenize", {"model": "nope", "tokens": [1]}, 404, "model"),
+        ("/tokenize", {}, 400, "prompt"),
+        ("/tokenize", {"prompt": "x", "messages": REVIEW}, 400, "prompt"),
+        ("/tokenize", {"prompt": "x", "add_special_tokens": False}, 400, "add_special_tokens"),
+        ("/tokenize", {"messages": REVIEW, "add_special_tokens": True}, 400, "add_special_tokens"),
+        (
+            "/tokenize",
+            {"messages": REVIEW, "add_generation_prompt": False},
+            400,
+            "add_generation_prompt",
+        ),
+        (
+            "/tokenize",
+            {"model": "alpha", "messages": [], "template_fields": {"x": "y"}},
+            400,
+            "template_fields",
+        ),
+        ("/tokenize", {"prompt": "x", "tools": []}, 400, "tools"),
+        ("/detokenize", {"tokens": [49152]}, 400, "tokens"),
+        ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+        ("/detokenize", {"tokens": [0] * 8193}, 400, "tokens"),
+        ("/detokenize", {"tokens": []}, 400, "tokens"),
+        ("/v1/detokenize", {"tokens": ["1"]}, 400, "tokens.0"),
+    ],
+)
+def test_tokenize_refusals_name_the_field(client, route, body, status, param):
+    error = error_of(client.post(route, json=body), status)
+    assert error["param"] == param
+    assert client.post("/tokenize", json={"prompt": "still here"}).json()["count"] > 0
+
+
+def test_model_cards_give_the_context_length(client, hf_engine):
+    cards = client.get("/v1/models").json()["data"]
+    assert {c["max_model_len"] for c in cards} == {hf_engine.context_length} == {8192}

@@ -19,7 +19,7 @@ import pytest
 
 from engine.api import create_api
 from engine.api.hot_path import GenerationRoutes
-from engine.api.limits import ApiKey
+from engine.api.limits import KEYED_ROOT_PATHS, ApiKey
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-key"
@@ -150,7 +150,7 @@ def v1_routes(app) -> set[tuple[str, str]]:
     routes = set()
     for route in app.routes:
         path = getattr(route, "path", "")
-        if path == "/v1" or path.startswith("/v1/"):
+        if path == "/v1" or path.startswith("/v1/") or path in KEYED_ROOT_PATHS:
             methods = set(getattr(route, "methods", None) or {"GET"})
             methods |= {"HEAD"} if "GET" in methods else set()
             routes |= {(method, re.sub(r"\{[^}]*\}", "x", path)) for method in methods}
@@ -161,7 +161,7 @@ def v1_routes(app) -> set[tuple[str, str]]:
 
 def outside_v1(app) -> set[str]:
     paths = {getattr(route, "path", "") for route in app.routes}
-    return {p for p in paths if p != "/v1" and not p.startswith("/v1/")}
+    return {p for p in paths if p != "/v1" and not p.startswith("/v1/")} - set(KEYED_ROOT_PATHS)
 
 
 def assert_refused(client: httpx.Client, method: str, path: str, headers: dict) -> None:
@@ -175,7 +175,8 @@ def assert_refused(client: httpx.Client, method: str, path: str, headers: dict) 
 def test_every_v1_route_refuses_without_the_key(server):
     routes = v1_routes(server.app)
     assert {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
-            ("POST", "/v1/adapters"), ("DELETE", "/v1/adapters/x")} <= routes  # fmt: skip
+            ("POST", "/v1/adapters"), ("DELETE", "/v1/adapters/x"), ("POST", "/tokenize"),
+            ("POST", "/v1/detokenize")} <= routes  # fmt: skip
     assert outside_v1(server.app) <= OPEN_ROUTES
     with httpx.Client(base_url=server.url, timeout=60) as client:
         for method, path in sorted(routes):
@@ -275,6 +276,8 @@ def test_the_remote_engine_sends_the_key(server, registry_for):
     request = GenerationRequest(None, messages=messages, params=resolve(None, max_tokens=3))
     done = asyncio.run(collect(remote.stream(request), request))
     assert done.usage.completion_tokens >= 1
+    ids, _ = asyncio.run(remote.tokenize(request))
+    assert len(ids) == done.usage.prompt_tokens
     with pytest.raises(AdminRefusedError) as refused:  # the admin token passed both checks
         asyncio.run(remote.load_adapter("gamma", "no-such-folder"))
     assert refused.value.status_code not in (401, 403)
@@ -291,6 +294,9 @@ def test_the_control_api_asks_for_the_key_and_sends_it_to_the_replicas(server):
         listed = client.get("/v1/models", headers=KEYED)
         unload = client.delete("/v1/adapters/no-such", headers={"Authorization": f"Bearer {TOKEN}"})
         health = client.get("/health")
+        refusal_message(client.post("/tokenize", json={"prompt": "Hi"}))
+        tokenized = client.post("/tokenize", json={"prompt": "Hi"}, headers=KEYED)
+    assert tokenized.status_code == 200 and tokenized.json()["count"] >= 1
     assert listed.status_code == 200 and "alpha" in {c["id"] for c in listed.json()["data"]}
     assert unload.status_code == 404  # the replica's answer: the admin token passed its checks
     assert health.status_code == 200

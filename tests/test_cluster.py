@@ -149,6 +149,20 @@ def test_the_control_api_lists_the_adapters_and_sums_the_metrics(cluster):
     )
 
 
+def test_the_control_api_tokenizes_as_a_replica_does(cluster):
+    """``/tokenize`` on a cluster: the control API asks a replica (which fills the adapter's
+    template, as its generations do)."""
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "A joyless slog."}]}
+    replica = httpx.post(f"{cluster['replicas'][0]}/tokenize", json=body, timeout=60)
+    control = httpx.post(f"{cluster['control']}/tokenize", json=body, timeout=60)
+    assert control.status_code == 200 and control.json() == replica.json()
+    ids = control.json()["tokens"]
+    back = httpx.post(f"{cluster['control']}/v1/detokenize", json={"tokens": ids}, timeout=60)
+    assert "A joyless slog." in back.json()["prompt"]
+    unknown = httpx.post(f"{cluster['control']}/tokenize", json={"model": "nope", "prompt": "x"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+
+
 def test_a_hot_load_reaches_every_replica_and_unloads_from_every_one(cluster):
     auth = {"authorization": f"Bearer {TOKEN}"}
     loaded = httpx.post(f"{cluster['control']}/v1/adapters", headers=auth, timeout=600,

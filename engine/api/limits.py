@@ -79,9 +79,15 @@ def bearer_token(authorization: str) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
+KEYED_ROOT_PATHS = ("/tokenize", "/detokenize")
+"""Routes outside ``/v1`` that the key guards too (vLLM's and SGLang's token routes)."""
+
+
 def under_v1(scope) -> bool:
-    """Under ``/v1`` as the app routes it or as the client sent it (whichever says so)."""
-    return any(p == "/v1" or p.startswith("/v1/") for p in (route_path(scope), scope["path"]))
+    """Under ``/v1`` as the app routes it or as the client sent it (whichever says so), or one of
+    ``KEYED_ROOT_PATHS``."""
+    paths = (route_path(scope), scope["path"])
+    return any(p == "/v1" or p.startswith("/v1/") or p in KEYED_ROOT_PATHS for p in paths)
 
 
 def authorization(scope) -> bytes | None:

@@ -290,6 +290,58 @@ class ChatBody(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
+class TokenizeBody(Wire):
+    """``POST /tokenize`` (vLLM's and SGLang's route): the token ids a generation of this
+    server would see for a ``prompt`` (as ``/v1/completions`` takes it) or for ``messages`` (as
+    ``/v1/chat/completions`` does: the adapter's prompt template filled, the chat template
+    applied). The fields that would change the tokens are accepted only at the values generation
+    uses, so ``count`` is the prompt's ``usage.prompt_tokens``."""
+
+    model: str | None = Field(None, min_length=1)
+    """The base model when not given; an unknown model is a 404, as for generation."""
+    prompt: str | None = Field(None, min_length=1)
+    messages: list[ChatMessage] | None = None
+    prompt_template: Literal["apply", "raw"] = "apply"
+    template_fields: dict[str, str] | None = None
+    add_special_tokens: bool | None = None
+    """vLLM's: a prompt is tokenized with them (true), chat messages without (false)."""
+    add_generation_prompt: bool = True
+    """vLLM's: the chat template's assistant turn is opened, as for generation (only true)."""
+    return_token_strs: bool = False
+    """vLLM's: each token's text beside its id."""
+
+    @field_validator("add_special_tokens")
+    @classmethod
+    def as_generation_adds_them(cls, add: bool | None, info: ValidationInfo):
+        chat = info.data.get("prompt") is None
+        if add is not None and add == chat:
+            kind = "chat messages" if chat else "a prompt"
+            raise ValueError(f"only as generation uses it: {json.dumps(not chat)} for {kind}")
+        return add
+
+    @field_validator("add_generation_prompt")
+    @classmethod
+    def as_generation_opens_the_answer(cls, add: bool):
+        if not add:
+            raise ValueError("only true: generation opens the assistant's turn")
+        return add
+
+    def chat(self) -> bool:
+        """Messages (or template fields) rather than a prompt; both or neither is a 400."""
+        chat = self.messages is not None or self.template_fields is not None
+        if (self.prompt is None) == (not chat):
+            why = "not both" if chat else "one of them"
+            raise invalid(f"give a prompt or messages (with template_fields): {why}", "prompt")
+        return chat
+
+
+class DetokenizeBody(Wire):
+    """``POST /detokenize``: token ids back to text."""
+
+    model: str | None = Field(None, min_length=1)
+    tokens: list[int] = Field(min_length=1)
+
+
 class AdapterBody(Wire):
     name: str = Field(min_length=1, max_length=64)
     path: str = Field(min_length=1, max_length=4096)

@@ -66,10 +66,12 @@ from .protocol import (
     ChatBody,
     ChunkWriter,
     CompletionBody,
+    DetokenizeBody,
     MergeBody,
     OpenAIError,
     SamplingFields,
     TextOffsets,
+    TokenizeBody,
     chat_logprobs,
     completion_logprobs,
     from_engine,
@@ -89,6 +91,8 @@ API_PATHS = {
     "/v1/models": {"GET"},
     "/v1/adapters": {"POST"},
     "/v1/adapters/merge": {"POST"},
+    "/v1/tokenize": {"POST"},
+    "/v1/detokenize": {"POST"},
 }
 MAX_PROMPTS = 16
 MAX_CHOICES = 64
@@ -262,12 +266,14 @@ class Api:
         log.info("loaded adapter %s on first use in %.2f s", name, time.perf_counter() - t0)
 
     def model_cards(self) -> list[dict]:
-        base = self.engine.base_model_id
+        base, context = self.engine.base_model_id, self.engine.context_length
         cards = [{"id": base, "object": "model", "created": self.created, "owned_by": "loraland"}]
+        cards[0] |= {"root": base, "max_model_len": context}
         for name in self.engine.adapters():
             spec = self.spec(name)
             card = {"id": name, "object": "model", "created": self.created}
             card |= {"owned_by": "loraland", "parent": base, "root": base}
+            card["max_model_len"] = context
             cards.append(
                 card
                 | {
@@ -358,9 +364,9 @@ class Api:
             requests += [(model, r) for r in self.copies(request, body.n)]
         return requests
 
-    def chat_messages(self, body: ChatBody, spec: AdapterSpec | None) -> list[dict]:
+    def chat_messages(self, body: ChatBody | TokenizeBody, spec: AdapterSpec | None) -> list[dict]:
         """The engine's messages, with the adapter's prompt template filled (unless ``raw``)."""
-        messages = [m.as_engine_message() for m in body.messages]
+        messages = [m.as_engine_message() for m in body.messages or []]
         if body.prompt_template == "raw" or spec is None:
             if body.template_fields is not None:
                 why = "raw" if spec else "a model without a template"
@@ -393,6 +399,28 @@ class Api:
             raise invalid(f"{err}{hint}", "template_fields") from None
         messages[-1] = {**messages[-1], "content": filled}
         return messages
+
+    async def tokenize(self, body: TokenizeBody) -> dict:
+        """vLLM's ``/tokenize`` answer for the prompt a generation of ``body`` would see."""
+        adapter = await self.ensure_model(body.model or BASE_MODEL_ALIAS)
+        if not body.chat():
+            request = GenerationRequest(adapter=adapter, prompt=body.prompt)
+        else:
+            messages = self.chat_messages(body, self.spec(adapter))
+            request = GenerationRequest(adapter=adapter, messages=messages)
+        try:
+            ids, strs = await self.engine.tokenize(request, body.return_token_strs)
+        except EngineError as err:
+            raise from_engine(err) from err
+        context = self.engine.context_length
+        return {"count": len(ids), "max_model_len": context, "tokens": ids, "token_strs": strs}
+
+    async def detokenize(self, body: DetokenizeBody) -> dict:
+        await self.ensure_model(body.model or BASE_MODEL_ALIAS)
+        try:
+            return {"prompt": await self.engine.detokenize(body.tokens)}
+        except EngineError as err:
+            raise from_engine(err) from err
 
     async def completion_requests(
         self, body: CompletionBody
@@ -761,6 +789,16 @@ def create_api(
         finally:
             api.unloading.discard(name)
         return {"unloaded": name, "streams_ended": ended, "adapters": engine.adapters()}
+
+    @app.post("/tokenize")
+    @app.post("/v1/tokenize")
+    async def tokenize(request: Request):
+        return await api.tokenize(parse(TokenizeBody, await read_json(request)))
+
+    @app.post("/detokenize")
+    @app.post("/v1/detokenize")
+    async def detokenize(request: Request):
+        return await api.detokenize(parse(DetokenizeBody, await read_json(request)))
 
     @app.get("/health")
     async def health():

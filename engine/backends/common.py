@@ -15,11 +15,12 @@ from ..interface import (
     AdapterLoadError,
     EngineError,
     GenerationRequest,
+    InvalidRequestError,
     PromptTooLongError,
     SamplingParams,
 )
 from ..registry import SLUG, adapter_dir_problems
-from ..text import prompt_token_ids
+from ..text import prompt_token_ids, token_text, vocabulary_size
 
 OFF_LOOP_CHARS = 8192
 """Prompts longer than this are tokenized in a worker process, so the event loop keeps serving."""
@@ -158,3 +159,36 @@ class PromptTokenizer:
         (the worker and multiprocessing's resource tracker were left running)."""
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Tokenizes:
+    """``Engine.tokenize`` / ``detokenize`` for a backend that tokenizes its own prompts: its
+    ``prompt_tokenizer`` (the same path, limit and worker as a generation's), ``tokenizer`` and
+    ``context``."""
+
+    prompt_tokenizer: PromptTokenizer
+    context: int
+
+    @property
+    def context_length(self) -> int:
+        return self.context
+
+    async def tokenize(
+        self, request: GenerationRequest, token_strs: bool = False
+    ) -> tuple[list[int], list[str] | None]:
+        request.validate()
+        ids = await self.prompt_tokenizer(request)
+        tokenizer = self.prompt_tokenizer.tokenizer
+        return ids, [token_text(tokenizer, i) for i in ids] if token_strs else None
+
+    async def detokenize(self, ids: list[int]) -> str:
+        if len(ids) > self.context:
+            raise InvalidRequestError(
+                f"tokens: at most the context's {self.context} ids ({len(ids)} given)", "tokens"
+            )
+        vocab = vocabulary_size(self.prompt_tokenizer.tokenizer)
+        if (bad := next((t for t in ids if not 0 <= t < vocab), None)) is not None:
+            raise InvalidRequestError(
+                f"token {bad} is outside the vocabulary (0..{vocab - 1})", "tokens"
+            )
+        return self.prompt_tokenizer.tokenizer.decode(ids)

@@ -35,7 +35,7 @@ from ..interface import (
 )
 from ..registry import HFSettings
 from ..text import TextStream, end_of_turn_ids, token_text
-from .common import PromptTokenizer, check_context, check_loadable
+from .common import PromptTokenizer, Tokenizes, check_context, check_loadable
 from .lora_batched import BatchedLora
 from .sample import Grammar, Grammars, adjusted, choose, logprob_entry
 
@@ -147,7 +147,7 @@ class BatchedRows:
         return {"adapter_index": self.model.index_for(adapters)}
 
 
-class HFEngine(Engine):
+class HFEngine(Tokenizes, Engine):
     backend = "hf"
 
     def __init__(

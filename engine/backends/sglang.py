@@ -34,7 +34,7 @@ from ..interface import (
 )
 from ..registry import SGLangSettings
 from ..text import end_of_turn_ids, token_text
-from .common import PromptTokenizer, check_context, check_loadable
+from .common import PromptTokenizer, Tokenizes, check_context, check_loadable
 
 log = logging.getLogger(__name__)
 UNSUPPORTED_FLOAT32 = (
@@ -307,7 +307,7 @@ def abort_error(meta: dict) -> EngineError:
     return EngineError(f"SGLang aborted the request: {message or reason}")
 
 
-class SGLangEngine(Engine):
+class SGLangEngine(Tokenizes, Engine):
     backend = "sglang"
 
     def __init__(
