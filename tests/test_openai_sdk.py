@@ -141,6 +141,15 @@ def test_logprobs_of_tokens_that_are_parts_of_a_character_carry_their_bytes(clie
     assert [t for p in pieces for t in p.logprobs.tokens] == logprobs.tokens
 
 
+def test_a_temperature_near_zero_samples_the_greedy_answer(client):
+    """Temperatures this small (in OpenAI's range) divide the logits past a float's range: the
+    answer is the greedy one, their limit, not a 500."""
+    greedy = ask(client, max_tokens=12, temperature=0).choices[0].message.content
+    for temperature in (1e-300, 5e-324):
+        answer = ask(client, max_tokens=12, temperature=temperature, seed=3)
+        assert answer.choices[0].message.content == greedy
+
+
 def test_n_choices_with_a_seed_are_reproducible_and_distinct(client):
     first = ask(client, n=3, max_tokens=10, temperature=1.0, seed=11)
     again = ask(client, n=3, max_tokens=10, temperature=1.0, seed=11)

@@ -105,7 +105,9 @@ def adjusted(
 def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> int:
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
+    # in float64 (where 1e-300 is not 0) and from the largest logit down: a tiny temperature
+    # sends the others to -inf and leaves the largest at 0, its limit (greedy), instead of NaNs
+    logits = (logits.double() - logits.max()) / params.temperature
     if params.top_k:
         cutoff = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < cutoff, float("-inf"))
