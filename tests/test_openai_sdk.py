@@ -150,6 +150,16 @@ def test_a_temperature_near_zero_samples_the_greedy_answer(client):
         assert answer.choices[0].message.content == greedy
 
 
+def test_a_grammar_over_llguidances_limits_is_a_400_not_an_empty_answer(client):
+    """This regex compiles and passes the check before generation, then its first mask exceeds
+    llguidance's lexer limit ("too many expressions constructed"), which leaves only the end
+    token allowed: the answer was "" with finish_reason "stop", a string the regex refuses."""
+    with pytest.raises(openai.BadRequestError, match="response_format") as failed:
+        ask(client, max_tokens=4, response_format={"type": "regex", "regex": "(a{1000}){1000}"})
+    assert failed.value.param == "response_format"
+    assert ask(client, max_tokens=4, temperature=0).choices[0].message.content
+
+
 def test_n_choices_with_a_seed_are_reproducible_and_distinct(client):
     first = ask(client, n=3, max_tokens=10, temperature=1.0, seed=11)
     again = ask(client, n=3, max_tokens=10, temperature=1.0, seed=11)
