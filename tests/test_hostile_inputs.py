@@ -158,6 +158,7 @@ CASES = [
     ("message-content-null", "POST", CHAT, message(content=None), {}, 400, "messages.0.content"),
     ("message-content-missing", "POST", CHAT, chat(messages=[{"role": "user"}]), {}, 400, "messages.0.content"),
     ("message-image-part", "POST", CHAT, message(content=[{"type": "image_url", "image_url": {"url": "http://x"}}]), {}, 400, "messages.0.content"),
+    ("message-content-empty-parts", "POST", CHAT, message(content=[]), {}, 400, "messages.0.content"),
     ("message-part-without-text", "POST", CHAT, message(content=[{"type": "text"}]), {}, 400, "messages.0.content"),
     ("message-unknown-key", "POST", CHAT, message(tool_calls=[]), {}, 400, "messages.0.tool_calls"),
     ("last-message-not-user", "POST", CHAT, chat(messages=[{"role": "assistant", "content": "Hi"}]), {}, 400, "messages"),

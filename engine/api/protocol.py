@@ -13,7 +13,7 @@ import codecs
 import json
 import re
 import reprlib
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -133,7 +133,8 @@ class TextPart(Wire):
 class ChatMessage(Wire):
     role: Literal["system", "developer", "user", "assistant"]
     """``developer`` is OpenAI's newer name for ``system``, and is treated as one."""
-    content: str | list[TextPart]
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    """A list of parts holds at least one, as OpenAI asks (a string may be empty)."""
     name: str | None = None
     """Accepted and not used: the chat templates here have no participant names."""
     refusal: Any = None
