@@ -193,6 +193,12 @@ CASES = [
     ("body-array", "POST", CHAT, b"[]", {}, 400, None),
     ("body-string", "POST", CHAT, b'"hi"', {}, 400, None),
     ("body-null", "POST", CHAT, b"null", {}, 400, None),
+    ("content-type-text-plain", "POST", CHAT, json.dumps(OK_CHAT).encode(), {"content-type": "text/plain"}, 415, None),
+    ("content-type-form", "POST", CHAT, json.dumps(OK_CHAT).encode(), {"content-type": "application/x-www-form-urlencoded"}, 415, None),
+    ("content-type-multipart-admin", "POST", "/v1/adapters", b'{"name": "x", "path": "gamma"}', AUTH | {"content-type": "multipart/form-data; boundary=b"}, 415, None),
+    ("content-type-json-charset", "POST", CHAT, json.dumps(OK_CHAT).encode(), {"content-type": "application/json; charset=utf-8"}, 200, None),
+    ("content-type-json-suffix", "POST", DONE, json.dumps(OK_DONE).encode(), {"content-type": "application/vnd.x+json"}, 200, None),
+    ("content-encoding-gzip", "POST", CHAT, json.dumps(OK_CHAT).encode(), {"content-encoding": "gzip"}, 415, None),
     ("truncated-json", "POST", CHAT, b'{"model": "alpha", "messages": [', {}, 400, None),
     ("body-over-the-limit", "POST", CHAT, b"x" * 70_000, {}, 413, None),
     ("get-on-chat", "GET", CHAT, None, {}, 405, None),
@@ -273,6 +279,13 @@ def test_bad_request_gets_its_4xx_in_openai_shape_and_serving_goes_on(
             assert (error["param"] or "").startswith(param), error
     health = client.get("/health")
     assert health.status_code == 200 and health.json()["ok"] is True
+
+
+def test_a_body_without_a_content_type_is_read_as_json(client):
+    """As FastAPI reads one: only a Content-Type that names another format is refused."""
+    response = client.post(CHAT, content=json.dumps(OK_CHAT).encode())
+    assert "content-type" not in response.request.headers
+    assert response.status_code == 200, response.text
 
 
 UNPARSABLE_HTTP = {
