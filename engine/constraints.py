@@ -27,7 +27,7 @@ class JsonSchemaSpec(BaseModel):
     """What the schema is for (informational)."""
     json_schema: dict[str, Any] = Field(alias="schema")
     """The JSON Schema the answer must satisfy."""
-    strict: bool | None = None
+    strict: bool | None = Field(None, strict=True)
     """Honoured always: the answer is constrained to the schema either way."""
 
 

@@ -118,6 +118,10 @@ CASES = [
     ("prediction", "POST", CHAT, chat(prediction={"type": "content", "content": "x"}), {}, 400, "prediction"),
     ("reasoning_effort", "POST", CHAT, chat(reasoning_effort="high"), {}, 400, "reasoning_effort"),
     ("store", "POST", CHAT, chat(store=True), {}, 400, "store"),
+    ("store-zero", "POST", CHAT, chat(store=0), {}, 400, "store"),
+    ("store-false", "POST", CHAT, chat(store=False), {}, 200, None),  # nothing stored: as here
+    ("service_tier-auto", "POST", CHAT, chat(service_tier="auto"), {}, 200, None),  # the one tier
+    ("service_tier-default", "POST", CHAT, chat(service_tier="default"), {}, 200, None),
     ("metadata", "POST", CHAT, chat(metadata={"a": "b"}), {}, 400, "metadata"),
     ("service_tier", "POST", CHAT, chat(service_tier="flex"), {}, 400, "service_tier"),
     ("web_search_options", "POST", CHAT, chat(web_search_options={}), {}, 400, "web_search_options"),  # {}: on
@@ -131,6 +135,8 @@ CASES = [
     ("answer-with-a-refusal", "POST", CHAT, chat(messages=[{"role": "assistant", "content": "b", "refusal": "no"}]), {}, 400, "messages.0.refusal"),
     ("answer-with-tool-calls", "POST", CHAT, chat(messages=[{"role": "assistant", "content": "b", "tool_calls": [{"id": "1"}]}]), {}, 400, "messages.0.tool_calls"),
     ("stream_options-without-stream", "POST", CHAT, chat(stream_options={"include_usage": True}), {}, 400, "stream_options"),
+    ("response_format-strict-string", "POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": "yes"}}), {}, 400, "response_format.json_schema.strict"),
+    ("response_format-strict-int", "POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": 1}}), {}, 400, "response_format.json_schema.strict"),
     ("response_format-name-with-space", "POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "has space", "schema": {"type": "object"}}}), {}, 400, "response_format.json_schema.name"),
     ("suffix", "POST", DONE, completion(suffix="end"), {}, 400, "suffix"),
     ("best_of-larger-than-n", "POST", DONE, completion(best_of=3), {}, 400, "best_of"),
@@ -156,6 +162,7 @@ CASES = [
     ("message-content-null", "POST", CHAT, message(content=None), {}, 400, "messages.0.content"),
     ("message-content-missing", "POST", CHAT, chat(messages=[{"role": "user"}]), {}, 400, "messages.0.content"),
     ("message-image-part", "POST", CHAT, message(content=[{"type": "image_url", "image_url": {"url": "http://x"}}]), {}, 400, "messages.0.content"),
+    ("message-content-empty-parts", "POST", CHAT, message(content=[]), {}, 400, "messages.0.content"),
     ("message-part-without-text", "POST", CHAT, message(content=[{"type": "text"}]), {}, 400, "messages.0.content"),
     ("message-unknown-key", "POST", CHAT, message(tool_calls=[]), {}, 400, "messages.0.tool_calls"),
     ("last-message-not-user", "POST", CHAT, chat(messages=[{"role": "assistant", "content": "Hi"}]), {}, 400, "messages"),
@@ -190,6 +197,12 @@ CASES = [
     ("body-array", "POST", CHAT, b"[]", {}, 400, None),
     ("body-string", "POST", CHAT, b'"hi"', {}, 400, None),
     ("body-null", "POST", CHAT, b"null", {}, 400, None),
+    ("content-type-text-plain", "POST", CHAT, json.dumps(OK_CHAT).encode(), {"content-type": "text/plain"}, 415, None),
+    ("content-type-form", "POST", CHAT, json.dumps(OK_CHAT).encode(), {"content-type": "application/x-www-form-urlencoded"}, 415, None),
+    ("content-type-multipart-admin", "POST", "/v1/adapters", b'{"name": "x", "path": "gamma"}', AUTH | {"content-type": "multipart/form-data; boundary=b"}, 415, None),
+    ("content-type-json-charset", "POST", CHAT, json.dumps(OK_CHAT).encode(), {"content-type": "application/json; charset=utf-8"}, 200, None),
+    ("content-type-json-suffix", "POST", DONE, json.dumps(OK_DONE).encode(), {"content-type": "application/vnd.x+json"}, 200, None),
+    ("content-encoding-gzip", "POST", CHAT, json.dumps(OK_CHAT).encode(), {"content-encoding": "gzip"}, 415, None),
     ("truncated-json", "POST", CHAT, b'{"model": "alpha", "messages": [', {}, 400, None),
     ("body-over-the-limit", "POST", CHAT, b"x" * 70_000, {}, 413, None),
     ("get-on-chat", "GET", CHAT, None, {}, 405, None),
@@ -270,6 +283,13 @@ def test_bad_request_gets_its_4xx_in_openai_shape_and_serving_goes_on(
             assert (error["param"] or "").startswith(param), error
     health = client.get("/health")
     assert health.status_code == 200 and health.json()["ok"] is True
+
+
+def test_a_body_without_a_content_type_is_read_as_json(client):
+    """As FastAPI reads one: only a Content-Type that names another format is refused."""
+    response = client.post(CHAT, content=json.dumps(OK_CHAT).encode())
+    assert "content-type" not in response.request.headers
+    assert response.status_code == 200, response.text
 
 
 UNPARSABLE_HTTP = {

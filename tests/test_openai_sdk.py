@@ -141,6 +141,25 @@ def test_logprobs_of_tokens_that_are_parts_of_a_character_carry_their_bytes(clie
     assert [t for p in pieces for t in p.logprobs.tokens] == logprobs.tokens
 
 
+def test_a_temperature_near_zero_samples_the_greedy_answer(client):
+    """Temperatures this small (in OpenAI's range) divide the logits past a float's range: the
+    answer is the greedy one, their limit, not a 500."""
+    greedy = ask(client, max_tokens=12, temperature=0).choices[0].message.content
+    for temperature in (1e-300, 5e-324):
+        answer = ask(client, max_tokens=12, temperature=temperature, seed=3)
+        assert answer.choices[0].message.content == greedy
+
+
+def test_a_grammar_over_llguidances_limits_is_a_400_not_an_empty_answer(client):
+    """This regex compiles and passes the check before generation, then its first mask exceeds
+    llguidance's lexer limit ("too many expressions constructed"), which leaves only the end
+    token allowed: the answer was "" with finish_reason "stop", a string the regex refuses."""
+    with pytest.raises(openai.BadRequestError, match="response_format") as failed:
+        ask(client, max_tokens=4, response_format={"type": "regex", "regex": "(a{1000}){1000}"})
+    assert failed.value.param == "response_format"
+    assert ask(client, max_tokens=4, temperature=0).choices[0].message.content
+
+
 def test_n_choices_with_a_seed_are_reproducible_and_distinct(client):
     first = ask(client, n=3, max_tokens=10, temperature=1.0, seed=11)
     again = ask(client, n=3, max_tokens=10, temperature=1.0, seed=11)

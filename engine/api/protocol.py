@@ -13,7 +13,7 @@ import codecs
 import json
 import re
 import reprlib
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -39,7 +39,10 @@ UNSUPPORTED = {
     "suffix": "suffix (insertion) is not supported",
 }
 """OpenAI fields this server cannot honour: a request that sets one (other than to null, an
-empty list, or ``tool_choice: "none"``) gets a 400 naming it."""
+empty list, or a value in ``NOTHING_ASKED``) gets a 400 naming it."""
+NOTHING_ASKED = {"tool_choice": ["none"], "store": [False], "service_tier": ["auto", "default"]}
+"""Values of ``UNSUPPORTED`` fields that ask for what this server does anyway: no tool called,
+nothing stored, the one tier there is (OpenAI's default tiers)."""
 EMPTY_ASKS = {"web_search_options"}
 """Fields whose empty value still asks for something (``web_search_options: {}`` turns web search
 on with its defaults): only null leaves them off."""
@@ -86,13 +89,14 @@ def from_engine(err: EngineError) -> OpenAIError:
 
 def refuse_unsupported(body: dict) -> None:
     """A 400 for an OpenAI field this server cannot honour; the same field left empty (null,
-    [], {}, ``tool_choice: "none"``) asks for nothing and is dropped."""
+    [], {}) or asking for what this server does anyway (``NOTHING_ASKED``) is dropped."""
     for name, why in UNSUPPORTED.items():
         if name not in body:
             continue
         value = body[name]
         asks_nothing = value is None if name in EMPTY_ASKS else value in (None, [], {})
-        if asks_nothing or (name == "tool_choice" and value == "none"):
+        as_here = any(type(value) is type(v) and value == v for v in NOTHING_ASKED.get(name, []))
+        if asks_nothing or as_here:
             del body[name]
             continue
         raise invalid(f"{name}: {why}", name)
@@ -133,7 +137,8 @@ class TextPart(Wire):
 class ChatMessage(Wire):
     role: Literal["system", "developer", "user", "assistant"]
     """``developer`` is OpenAI's newer name for ``system``, and is treated as one."""
-    content: str | list[TextPart]
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    """A list of parts holds at least one, as OpenAI asks (a string may be empty)."""
     name: str | None = None
     """Accepted and not used: the chat templates here have no participant names."""
     refusal: Any = None

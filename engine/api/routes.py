@@ -121,7 +121,10 @@ def error_response(err: OpenAIError, headers: dict | None = None) -> JSONRespons
 
 
 async def read_json(request: Request) -> dict:
-    """The body as a JSON object, or a 400 saying why not (the size limit is ``BodyLimit``'s)."""
+    """The body as a JSON object, or a 400 saying why not (the size limit is ``BodyLimit``'s);
+    a 415 for a body declared in another format."""
+    headers = request.headers
+    refuse_other_formats(headers.get("content-type"), headers.get("content-encoding"))
     raw = await request.body()
     try:
         text = raw.decode("utf-8")
@@ -141,6 +144,21 @@ async def read_json(request: Request) -> dict:
         where, why = found
         raise invalid(f"{where}: {why}", where)
     return body
+
+
+def refuse_other_formats(media: str | None, encoding: str | None) -> None:
+    """A 415 for a body whose ``Content-Type`` is not JSON (``application/json``,
+    ``application/*+json``; none is read as JSON, as FastAPI reads it) or that is compressed. A
+    browser sends a ``text/plain`` or form body to another origin without asking first (no CORS
+    preflight): read as JSON, any web page could make this server generate."""
+    kind = (media or "").partition(";")[0].strip().lower()
+    suffixed = kind.startswith("application/") and kind.endswith("+json")
+    if kind and kind != "application/json" and not suffixed:
+        why = f"Content-Type {kind!r} is not JSON: send the body as application/json"
+        raise invalid(why, status=415)
+    if (encoding or "identity").strip().lower() != "identity":
+        why = f"Content-Encoding {encoding!r} is not supported: send the body uncompressed"
+        raise invalid(why, status=415)
 
 
 class NotJson(str):

@@ -24,14 +24,20 @@ class Grammar:
 
         bitmask = llguidance.torch.allocate_token_bitmask(1, logits.shape[-1])
         llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, 0)
+        if self.matcher.is_error():  # a limit hit while masking leaves only the end token
+            self.failed()
         llguidance.torch.apply_token_bitmask_inplace(logits.view(1, -1), bitmask)
 
     def accept(self, token: int) -> None:
-        if not self.matcher.consume_token(token):  # a limit of llguidance's, say: its first line
-            why = (self.matcher.get_error() or "no reason given").splitlines()[0][:300]
-            raise InvalidRequestError(
-                f"response_format: the grammar failed during generation: {why}", "response_format"
-            )
+        if not self.matcher.consume_token(token):
+            self.failed()
+
+    def failed(self) -> None:
+        """The matcher's error (a limit of llguidance's, say) as the request's: its first line."""
+        why = (self.matcher.get_error() or "no reason given").splitlines()[0][:300]
+        raise InvalidRequestError(
+            f"response_format: the grammar failed during generation: {why}", "response_format"
+        )
 
     @property
     def finished(self) -> bool:
@@ -105,7 +111,9 @@ def adjusted(
 def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> int:
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
+    # in float64 (where 1e-300 is not 0) and from the largest logit down: a tiny temperature
+    # sends the others to -inf and leaves the largest at 0, its limit (greedy), instead of NaNs
+    logits = (logits.double() - logits.max()) / params.temperature
     if params.top_k:
         cutoff = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < cutoff, float("-inf"))
