@@ -285,6 +285,13 @@ def test_bad_request_gets_its_4xx_in_openai_shape_and_serving_goes_on(
     assert health.status_code == 200 and health.json()["ok"] is True
 
 
+def test_an_empty_list_of_parts_is_named_as_one(client):
+    """Of the union's two complaints (not a string; a list too short) the one about the list."""
+    answer = client.post(CHAT, json=message(content=[]))
+    assert answer.status_code == 400
+    assert "at least 1" in answer.json()["error"]["message"], answer.text
+
+
 def test_a_body_without_a_content_type_is_read_as_json(client):
     """As FastAPI reads one: only a Content-Type that names another format is refused."""
     response = client.post(CHAT, content=json.dumps(OK_CHAT).encode())

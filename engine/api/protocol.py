@@ -375,8 +375,9 @@ def field_path(loc) -> list[str]:
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """Pydantic's errors → (message, param) in plain words, naming the field. Of a union's
-    errors, the one that got furthest into the value is the one that explains it."""
-    error = max(errors, key=lambda e: len(field_path(e.get("loc", ()))))
+    errors, the one that got furthest into the value is the one that explains it, and of those
+    as far, a broken rule of a type the value has over the type it has not."""
+    error = max(errors, key=lambda e: (len(field_path(e.get("loc", ()))), "_type" not in e["type"]))
     param = ".".join(field_path(error.get("loc", ()))) or None
     if error["type"] == "extra_forbidden":
         return f"unknown field '{param}'", param
