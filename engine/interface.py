@@ -184,9 +184,10 @@ def validate_messages(messages: list[dict]) -> None:
             "system",
             "user",
             "assistant",
+            "tool",
         }:
             raise InvalidRequestError(
-                f"messages[{i}].role must be system, user or assistant", "messages"
+                f"messages[{i}].role must be system, user, assistant or tool", "messages"
             )
         if not isinstance(message.get("content"), str):
             raise InvalidRequestError(f"messages[{i}].content must be a string", "messages")

@@ -23,11 +23,8 @@ from ..text import token_bytes
 
 Endpoint = Literal["chat", "completions"]
 UNSUPPORTED = {
-    "tools": "tool calling is not supported",
-    "tool_choice": "tool calling is not supported",
-    "functions": "function calling is not supported",
-    "function_call": "function calling is not supported",
-    "parallel_tool_calls": "tool calling is not supported",
+    "functions": "functions (deprecated by OpenAI) are not supported: send tools",
+    "function_call": "function_call (deprecated by OpenAI) is not supported: send tool_choice",
     "audio": "audio output is not supported",
     "modalities": "only text output is supported",
     "prediction": "predicted outputs are not supported",
@@ -40,9 +37,9 @@ UNSUPPORTED = {
 }
 """OpenAI fields this server cannot honour: a request that sets one (other than to null, an
 empty list, or a value in ``NOTHING_ASKED``) gets a 400 naming it."""
-NOTHING_ASKED = {"tool_choice": ["none"], "store": [False], "service_tier": ["auto", "default"]}
-"""Values of ``UNSUPPORTED`` fields that ask for what this server does anyway: no tool called,
-nothing stored, the one tier there is (OpenAI's default tiers)."""
+NOTHING_ASKED = {"store": [False], "service_tier": ["auto", "default"]}
+"""Values of ``UNSUPPORTED`` fields that ask for what this server does anyway: nothing stored,
+the one tier there is (OpenAI's default tiers)."""
 EMPTY_ASKS = {"web_search_options"}
 """Fields whose empty value still asks for something (``web_search_options: {}`` turns web search
 on with its defaults): only null leaves them off."""
@@ -114,14 +111,13 @@ token), at most 9 digits."""
 
 ANSWER_ONLY_FIELDS = {
     "refusal": "this server's answers have no refusals: send the text as content",
-    "tool_calls": "tool calling is not supported",
-    "function_call": "function calling is not supported",
+    "function_call": "function_call (deprecated by OpenAI) is not supported: send tool_calls",
     "audio": "audio is not supported",
     "annotations": "this server's answers have no annotations",
 }
 
 
-LIST_FIELDS = {"tool_calls", "annotations"}
+LIST_FIELDS = {"annotations"}
 """Of ``ANSWER_ONLY_FIELDS``, those whose empty value is a list (the others' is null)."""
 
 
@@ -134,15 +130,60 @@ class TextPart(Wire):
     text: str
 
 
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+"""A function's name, as OpenAI allows it."""
+
+
+class FunctionSpec(Wire):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON Schema of the arguments (an object); none: any object."""
+    strict: bool | None = None
+    """Honoured always: the arguments are constrained to ``parameters`` either way."""
+
+
+class Tool(Wire):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(Wire):
+    name: str = Field(pattern=FUNCTION_NAME)
+
+
+class NamedToolChoice(Wire):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(Wire):
+    name: str = Field(pattern=FUNCTION_NAME)
+    arguments: str
+    """The arguments as JSON text, as this server (and OpenAI) answer them."""
+
+
+class ToolCall(Wire):
+    """A call of an answer sent back in the next request's messages."""
+
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(Wire):
-    role: Literal["system", "developer", "user", "assistant"]
-    """``developer`` is OpenAI's newer name for ``system``, and is treated as one."""
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    """``developer`` is OpenAI's newer name for ``system``, and is treated as one; ``tool``
+    carries a tool's result back."""
     content: str | Annotated[list[TextPart], Field(min_length=1)]
     """A list of parts holds at least one, as OpenAI asks (a string may be empty)."""
     name: str | None = None
     """Accepted and not used: the chat templates here have no participant names."""
+    tool_calls: list[ToolCall] | None = None
+    """On an assistant's message: the calls it made (the next request sends them back)."""
+    tool_call_id: str | None = Field(None, max_length=256)
+    """On a tool's message: the call it answers (accepted; the prompt shows results in order)."""
     refusal: Any = None
-    tool_calls: Any = None
     function_call: Any = None
     audio: Any = None
     annotations: Any = None
@@ -150,6 +191,32 @@ class ChatMessage(Wire):
     sends them back when a client appends an answer to its next request's messages): on an
     assistant's message, accepted null or empty, as this server answers them; a 400 naming the
     field otherwise."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def calls_need_no_content(cls, message):
+        """An assistant's message with tool calls may have null content, as OpenAI's has."""
+        if (
+            isinstance(message, dict)
+            and message.get("tool_calls")
+            and message.get("content") is None
+        ):
+            return message | {"content": ""}
+        return message
+
+    @field_validator("tool_calls")
+    @classmethod
+    def calls_are_an_answers(cls, calls, info: ValidationInfo):
+        if calls is not None and info.data.get("role") != "assistant":
+            raise ValueError("only an assistant's message has tool calls")
+        return calls or None
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def ids_are_a_tools(cls, call_id, info: ValidationInfo):
+        if call_id is not None and info.data.get("role") != "tool":
+            raise ValueError("only a tool's message answers a tool call")
+        return call_id
 
     @field_validator(*ANSWER_ONLY_FIELDS)
     @classmethod
@@ -161,10 +228,15 @@ class ChatMessage(Wire):
         return value
 
     def as_engine_message(self) -> dict:
+        """The message as the chat template takes it; an assistant's tool calls written after
+        its text as the answers of ``tool_choice: required`` are (``tools.calls_text``)."""
         role = "system" if self.role == "developer" else self.role
-        if isinstance(self.content, str):
-            return {"role": role, "content": self.content}
-        return {"role": role, "content": "\n".join(part.text for part in self.content)}
+        text = self.content
+        if not isinstance(text, str):
+            text = "\n".join(part.text for part in text)
+        if self.tool_calls:
+            text = "\n".join(t for t in (text, calls_text(self.tool_calls)) if t)
+        return {"role": role, "content": text}
 
 
 class StreamOptions(Wire):
@@ -281,6 +353,22 @@ class CompletionBody(SamplingFields):
     """Log-probabilities of each token and the most likely ``logprobs`` alternatives."""
 
 
+def calls_text(calls: list[ToolCall]) -> str:
+    """Tool calls as the model writes them under ``tool_choice: required``: a JSON array of
+    ``{"name", "parameters"}`` (arguments that are not JSON go as their text)."""
+
+    def parameters(arguments: str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+
+    listed = [
+        {"name": c.function.name, "parameters": parameters(c.function.arguments)} for c in calls
+    ]
+    return json.dumps(listed, ensure_ascii=False)
+
+
 class ChatBody(SamplingFields):
     messages: list[ChatMessage] = Field(default_factory=list)
     """May be empty only with ``template_fields``."""
@@ -293,6 +381,13 @@ class ChatBody(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    """Functions the answer may call (``engine/api/tools.py``)."""
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """``required`` (at least one call) or a named function; ``none``: no call (the tools are
+    not shown). ``auto``, OpenAI's default with tools, is a 400 (as vLLM's without a parser)."""
+    parallel_tool_calls: bool | None = None
+    """With ``required``: several calls in one answer (the default), or one."""
 
 
 class TokenizeBody(Wire):

@@ -80,6 +80,7 @@ from .protocol import (
     usage_dict,
     validation_message,
 )
+from .tools import ToolPlan, ToolStream, tool_plan
 
 log = logging.getLogger(__name__)
 Merger = Callable[..., Path]
@@ -367,7 +368,9 @@ class Api:
             raise invalid("models: list each model once (base:x and x name one model)", "models")
         return targets
 
-    async def chat_requests(self, body: ChatBody) -> list[tuple[str, GenerationRequest]]:
+    async def chat_requests(
+        self, body: ChatBody, tools: ToolPlan | None = None
+    ) -> list[tuple[str, GenerationRequest]]:
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -378,6 +381,8 @@ class Api:
             spec = self.spec(adapter)
             params = self.sampling(body, spec, max_tokens, logprobs)
             messages = self.chat_messages(body, spec)
+            if tools is not None:
+                messages = tools.with_instructions(messages)
             request = GenerationRequest(adapter=adapter, messages=messages, params=params)
             requests += [(model, r) for r in self.copies(request, body.n)]
         return requests
@@ -685,8 +690,12 @@ def create_api(
             raw = await read_json(request)
             refuse_unsupported(raw)
             body = parse(model, raw)
-            build = api.chat_requests if endpoint == "chat" else api.completion_requests
-            named = await build(body)  # not cancelled halfway: it may load an adapter
+            tools = tool_plan(body) if endpoint == "chat" else None
+            # not cancelled halfway: it may load an adapter
+            if endpoint == "chat":
+                named = await api.chat_requests(body, tools)
+            else:
+                named = await api.completion_requests(body)
             requests = [r for _, r in named]
             label = requests[0].adapter or BASE_MODEL_ALIAS
             outcome = RequestOutcome()
@@ -719,14 +728,15 @@ def create_api(
                 api.metrics.error(label, err.kind, err.status)
 
             return EventStream(
-                stream_events(writer, firsts, streams, include_usage, echo, body.n, count), watch
+                stream_events(writer, firsts, streams, include_usage, echo, body.n, count, tools),
+                watch,
             )
         async with watch:
             parts = await collect(firsts, streams)
         if watch.left:
             return client_left()
         fanout = body.models is not None
-        return JSONResponse(whole_response(writer, parts, echo, fanout, body.n))
+        return JSONResponse(whole_response(writer, parts, echo, fanout, body.n, tools))
 
     @app.post("/v1/completions")  # served by GenerationRoutes; listed here for the OpenAPI page
     async def completions(request: Request):
@@ -897,7 +907,12 @@ async def collect(firsts: list[Chunk], streams) -> list[list[Chunk]]:
 
 
 def whole_response(
-    writer: ChunkWriter, parts: list[list[Chunk]], echo, fanout: bool, n: int
+    writer: ChunkWriter,
+    parts: list[list[Chunk]],
+    echo,
+    fanout: bool,
+    n: int,
+    tools: ToolPlan | None = None,
 ) -> dict:
     """The non-streamed answer; usage counts each prompt once, not once per copy (``n``)."""
     choices, usage = [], Usage(0, 0)
@@ -906,15 +921,19 @@ def whole_response(
         text = "".join(c.text for c in chunks)
         with_logprobs = last.logprobs is not None
         logprobs = [lp for c in chunks for lp in c.logprobs or []] if with_logprobs else None
+        finish = last.finish_reason
         if writer.endpoint == "chat":
-            choice = {"message": {"role": "assistant", "content": text, "refusal": None}}
+            message = {"role": "assistant", "content": text, "refusal": None}
+            if tools is not None:
+                message, finish = tools.message(text, finish)
+            choice = {"message": message}
             choice["logprobs"] = chat_logprobs(logprobs) if logprobs is not None else None
         else:
             prefix = echo[index] if echo else ""
             choice = {"text": prefix + text}
             choice["logprobs"] = completion_logprobs(logprobs) if logprobs is not None else None
         tag = {"model": writer.choice_models[index]} if fanout else {}
-        choices.append({"index": index, **tag, **choice, "finish_reason": last.finish_reason})
+        choices.append({"index": index, **tag, **choice, "finish_reason": finish})
         usage = Usage(
             usage.prompt_tokens + (last.usage.prompt_tokens if index % n == 0 else 0),
             usage.completion_tokens + last.usage.completion_tokens,
@@ -938,12 +957,16 @@ def encoded(writer: ChunkWriter, index: int, chunk: Chunk, offsets: TextOffsets)
     return writer.text(index, chunk.text) if chunk.text else None
 
 
-async def stream_events(writer, firsts, streams, include_usage: bool, echo, n: int, on_failure):
-    """SSE events: the role (chat), every choice's deltas, usage (each prompt once, not once
-    per copy), ``[DONE]``. A failure after the 200 ends this stream with an error event and
-    ``[DONE]`` and is handed to ``on_failure`` (to be counted); other streams never see it."""
+async def stream_events(
+    writer, firsts, streams, include_usage: bool, echo, n: int, on_failure, tools=None
+):
+    """SSE events: the role (chat), every choice's deltas (with ``tools``, tool-call deltas),
+    usage (each prompt once, not once per copy), ``[DONE]``. A failure after the 200 ends this
+    stream with an error event and ``[DONE]`` and is handed to ``on_failure`` (to be counted);
+    other streams never see it."""
     prompt_tokens = completion_tokens = 0
     offsets = [TextOffsets(len(echo[i]) if echo else 0) for i in range(len(streams))]
+    calls = [ToolStream(tools) for _ in streams] if tools is not None else None
     failure = None
     try:
         for index in range(len(streams)):
@@ -953,7 +976,10 @@ async def stream_events(writer, firsts, streams, include_usage: bool, echo, n: i
                 yield writer.text(index, echo[index])
         async with contextlib.aclosing(merged(firsts, streams)) as chunks:
             async for index, chunk in chunks:
-                if event := encoded(writer, index, chunk, offsets[index]):
+                if calls is not None:
+                    for event in tool_events(writer, index, chunk, calls[index]):
+                        yield event
+                elif event := encoded(writer, index, chunk, offsets[index]):
                     yield event
                 if chunk.usage:
                     prompt_tokens += chunk.usage.prompt_tokens if index % n == 0 else 0
@@ -969,6 +995,22 @@ async def stream_events(writer, firsts, streams, include_usage: bool, echo, n: i
         on_failure(failure)
         yield writer.error(failure)
     yield writer.done()
+
+
+def tool_events(writer: ChunkWriter, index: int, chunk: Chunk, calls: ToolStream) -> list[bytes]:
+    """One chunk's events in a tool-call answer: its call deltas, the chunk's logprobs on the
+    last of them, the finish reason on the chunk that finishes."""
+    deltas = calls.deltas(chunk)
+    logprobs = chat_logprobs(chunk.logprobs) if chunk.logprobs is not None else None
+    if chunk.finish_reason or (logprobs and not deltas):
+        deltas = deltas or [{}]
+    events = []
+    for i, delta in enumerate(deltas):
+        last = i == len(deltas) - 1
+        finish = calls.finish_reason(chunk.finish_reason) if last else None
+        choice = {"index": index, "delta": delta, "logprobs": logprobs if last else None}
+        events.append(writer.payload(index, choices=[choice | {"finish_reason": finish}]))
+    return events
 
 
 async def merged(firsts, streams) -> AsyncIterator[tuple[int, Chunk]]:

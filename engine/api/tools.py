@@ -1,0 +1,181 @@
+"""Tool calls (OpenAI's ``tools``, ``tool_choice``, ``parallel_tool_calls``) on any model: the
+answer is constrained to the call's JSON by the structured-output grammar (both backends).
+
+- ``tool_choice: {"type": "function", "function": {"name": …}}``: the answer is that function's
+  arguments, one JSON object matching its ``parameters``;
+- ``tool_choice: "required"``: a JSON array of ``{"name", "parameters"}``, one item per call
+  (one at most with ``parallel_tool_calls: false``), each matching its function;
+- ``"none"``: no call, the tools are not shown; ``"auto"`` (OpenAI's default when tools are
+  given) needs a parser of a model's own tool-call format, which the models here do not have: a
+  400 that says what to send instead, as vLLM answers without ``--tool-call-parser``.
+
+The functions are shown to the model in a system message (``instructions``); an answer's calls
+sent back in the next request are written as the model wrote them (``protocol.calls_text``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from ..constraints import JsonSchemaSpec, ResponseFormat, grammar_problem
+from ..interface import Chunk, new_id
+from .protocol import ChatBody, Tool, invalid
+
+ANY_OBJECT = {"type": "object"}
+
+
+@dataclass
+class ToolPlan:
+    """What one request's tool choice asks of the answer."""
+
+    tools: list[Tool]
+    named: str | None
+    """The function the answer must call; ``None``: ``required`` (any of them, one or more)."""
+    parallel: bool = True
+
+    def schema(self) -> dict:
+        functions = {t.function.name: t.function.parameters or ANY_OBJECT for t in self.tools}
+        if self.named is not None:
+            return functions[self.named]
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": name}, "parameters": parameters},
+                "required": ["name", "parameters"],
+                "additionalProperties": False,
+            }
+            for name, parameters in functions.items()
+        ]
+        array = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        return array | ({} if self.parallel else {"maxItems": 1})
+
+    def response_format(self) -> ResponseFormat:
+        spec = JsonSchemaSpec(name="tool_calls", schema=self.schema())
+        return ResponseFormat(type="json_schema", json_schema=spec)
+
+    def instructions(self) -> str:
+        listed = "\n".join(
+            json.dumps(t.function.model_dump(exclude_none=True), ensure_ascii=False)
+            for t in self.tools
+        )
+        if self.named is not None:
+            ask = f'Call the function "{self.named}": answer with its arguments, one JSON object.'
+        else:
+            ask = (
+                'Call functions: answer with a JSON array of calls, [{"name": <function name>, '
+                '"parameters": <its arguments>}].'
+            )
+        return f"You can call these functions (JSON Schema of their parameters):\n{listed}\n{ask}"
+
+    def with_instructions(self, messages: list[dict]) -> list[dict]:
+        """The functions shown in the system message (a new first one if there is none)."""
+        if messages and messages[0]["role"] == "system":
+            first = messages[0] | {"content": f"{messages[0]['content']}\n\n{self.instructions()}"}
+            return [first, *messages[1:]]
+        return [{"role": "system", "content": self.instructions()}, *messages]
+
+    def calls(self, text: str) -> list[dict] | None:
+        """The answer's calls in OpenAI's shape; ``None`` when the text is not whole calls (an
+        answer cut by ``max_tokens``)."""
+        if self.named is not None:
+            return [call(self.named, text)]
+        try:
+            listed = json.loads(text)
+            return [call(item["name"], json.dumps(item["parameters"], ensure_ascii=False))
+                    for item in listed]  # fmt: skip
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        """OpenAI's: ``tool_calls`` for calls the model chose (``required``), ``stop`` for the
+        named function's, ``length`` for an answer cut short."""
+        return "tool_calls" if reason == "stop" and self.named is None else reason
+
+    def message(self, text: str, reason: str | None) -> tuple[dict, str | None]:
+        """The non-streamed answer's message and finish reason."""
+        calls = self.calls(text) if reason != "length" or self.named else None
+        if calls is None:  # cut short: the text as it came, no calls
+            return {"role": "assistant", "content": text, "refusal": None}, reason
+        message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": calls}
+        return message, self.finish_reason(reason)
+
+
+def call(name: str, arguments: str) -> dict:
+    return {"id": f"call_{new_id()[:24]}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}  # fmt: skip
+
+
+def tool_plan(body: ChatBody) -> ToolPlan | None:
+    """The request's tool choice checked against its tools and other fields; ``None``: no
+    calls. Sets ``body.response_format`` to the calls' grammar."""
+    tools, choice = body.tools or [], body.tool_choice
+    if not tools:
+        if choice not in (None, "none"):
+            raise invalid("tool_choice needs tools", "tool_choice")
+        if body.parallel_tool_calls is not None:
+            raise invalid("parallel_tool_calls needs tools", "parallel_tool_calls")
+        return None
+    names = [t.function.name for t in tools]
+    if len(set(names)) != len(names):
+        raise invalid("tools: each function's name once", "tools")
+    if choice == "none":
+        return None
+    if choice in (None, "auto"):
+        raise invalid(
+            "tool_choice 'auto' (the default with tools) needs a parser of the model's own "
+            "tool-call format, which the models here do not have: send tool_choice 'required' "
+            'or name a function ({"type": "function", "function": {"name": …}})',
+            "tool_choice",
+        )
+    named = None if choice == "required" else choice.function.name
+    if named is not None and named not in names:
+        raise invalid(f"tool_choice names '{named}', which is not among the tools", "tool_choice")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise invalid("response_format cannot be combined with tool calls", "response_format")
+    plan = ToolPlan(tools, named, body.parallel_tool_calls is not False)
+    fmt = plan.response_format()
+    if problem := grammar_problem(fmt.constraint()):
+        raise invalid(f"tools: {problem}", "tools")
+    body.response_format = fmt
+    return plan
+
+
+@dataclass
+class ToolStream:
+    """One streamed choice's tool calls: a named function's arguments as they come; the calls
+    of ``required`` once the answer is whole (they are parsed from it)."""
+
+    plan: ToolPlan
+    text: str = ""
+    call_id: str = field(default_factory=lambda: f"call_{new_id()[:24]}")
+    started: bool = False
+
+    def deltas(self, chunk: Chunk) -> list[dict]:
+        if self.plan.named is not None:
+            deltas = []
+            if not self.started:
+                self.started = True
+                head = {"name": self.plan.named, "arguments": ""}
+                deltas.append(
+                    one_call(0, {"id": self.call_id, "type": "function", "function": head})
+                )
+            if chunk.text:
+                deltas.append(one_call(0, {"function": {"arguments": chunk.text}}))
+            return deltas
+        self.text += chunk.text
+        if not chunk.finish_reason:
+            return []
+        calls = self.plan.calls(self.text) if chunk.finish_reason != "length" else None
+        if calls is None:
+            return [{"content": self.text}] if self.text else []
+        return [one_call(i, c) for i, c in enumerate(calls)]
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        if reason == "length" and self.plan.named is None:
+            return reason
+        return self.plan.finish_reason(reason)
+
+
+def one_call(index: int, fields: dict) -> dict:
+    return {"tool_calls": [{"index": index, **fields}]}

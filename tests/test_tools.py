@@ -1,0 +1,165 @@
+"""Tool calls (``tools``, ``tool_choice``) through the official OpenAI SDK against a live server
+on the CPU backend: the answer constrained to the call's JSON, streamed and not, sent back."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from engine.api import create_api
+
+BASE = "SmolLM2-135M-Instruct"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"enum": ["c", "f"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 12}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.fixture(scope="module")
+def server(hf_engine, registry_for):
+    from conftest import LiveServer
+
+    live = LiveServer(create_api(hf_engine, registry_for))
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def ask(client, **fields):
+    fields = {"model": BASE, "messages": ASK, "temperature": 0, "max_tokens": 80} | fields
+    return client.chat.completions.create(**fields)
+
+
+def weather_arguments(arguments: str) -> dict:
+    args = json.loads(arguments)
+    assert set(args) == {"city", "unit"} and args["unit"] in {"c", "f"}
+    assert isinstance(args["city"], str) and len(args["city"]) <= 20
+    return args
+
+
+def test_a_named_function_is_called_with_arguments_its_schema_allows(client):
+    answer = ask(client, tools=[WEATHER, CLOCK], tool_choice=NAMED)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    weather_arguments(call.function.arguments)
+
+
+def test_required_calls_are_among_the_tools_and_one_without_parallel_calls(client):
+    answer = ask(client, tools=[WEATHER, CLOCK], tool_choice="required", n=2, seed=1,
+                 temperature=0.8, parallel_tool_calls=False)  # fmt: skip
+    for choice in answer.choices:
+        assert choice.finish_reason == "tool_calls"
+        [call] = choice.message.tool_calls
+        args = json.loads(call.function.arguments)
+        if call.function.name == "get_weather":
+            weather_arguments(call.function.arguments)
+        else:
+            assert call.function.name == "get_time" and set(args) == {"zone"}
+
+
+def streamed_calls(stream) -> tuple[dict[int, dict], str | None]:
+    """The SDK's tool-call deltas put together by index, as a client does."""
+    calls, finish = {}, None
+    for chunk in stream:
+        choice = chunk.choices[0]
+        for delta in choice.delta.tool_calls or []:
+            call = calls.setdefault(delta.index, {"id": None, "name": None, "arguments": ""})
+            call["id"] = delta.id or call["id"]
+            call["name"] = (delta.function.name if delta.function else None) or call["name"]
+            call["arguments"] += (delta.function.arguments if delta.function else None) or ""
+        finish = choice.finish_reason or finish
+    return calls, finish
+
+
+@pytest.mark.parametrize("choice", [NAMED, "required"])
+def test_streamed_calls_join_to_the_non_streamed_ones(client, choice):
+    whole = ask(client, tools=[WEATHER, CLOCK], tool_choice=choice).choices[0]
+    calls, finish = streamed_calls(ask(client, tools=[WEATHER, CLOCK], tool_choice=choice,
+                                       stream=True))  # fmt: skip
+    assert finish == whole.finish_reason
+    expected = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    assert [(c["name"], c["arguments"]) for _, c in sorted(calls.items())] == expected
+    assert all(c["id"] and c["id"].startswith("call_") for c in calls.values())
+
+
+def test_an_answer_with_calls_and_the_tools_results_go_into_the_next_request(client, server):
+    """The SDK's multi-turn idiom: the answer appended as it came, then each call's result."""
+    answer = ask(client, tools=[WEATHER], tool_choice="required").choices[0].message
+    results = [{"role": "tool", "tool_call_id": c.id, "content": "18 C and sunny"}
+               for c in answer.tool_calls]  # fmt: skip
+    messages = [*ASK, answer.model_dump(), *results]
+    follow_up = ask(client, messages=messages, max_tokens=8)
+    assert follow_up.choices[0].message.content
+    prompt = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()["tokens"]
+    seen = httpx.post(f"{server.url}/detokenize", json={"tokens": prompt}).json()["prompt"]
+    assert '"name": "get_weather"' in seen and "18 C and sunny" in seen  # what the model read
+
+
+def test_calls_cut_by_max_tokens_come_back_as_text(client):
+    choice = ask(client, tools=[WEATHER], tool_choice="required", max_tokens=4).choices[0]
+    assert choice.finish_reason == "length"
+    assert choice.message.tool_calls is None and choice.message.content.startswith("[")
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"tools": [WEATHER]}, "tool_choice"),  # auto, OpenAI's default with tools
+        ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "tools"),
+        (
+            {
+                "tools": [WEATHER],
+                "tool_choice": "required",
+                "response_format": {"type": "json_object"},
+            },
+            "response_format",
+        ),
+        ({"parallel_tool_calls": False}, "parallel_tool_calls"),
+    ],
+)
+def test_tool_requests_it_cannot_honour_are_a_400_naming_the_field(client, fields, param):
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(client, **fields)
+    assert refused.value.param == param
+
+
+def test_tool_choice_none_answers_in_text(client):
+    choice = ask(client, tools=[WEATHER], tool_choice="none", max_tokens=6).choices[0]
+    assert choice.message.tool_calls is None and choice.message.content
