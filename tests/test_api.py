@@ -358,3 +358,18 @@ def test_tokenize_refuses_a_prompt_longer_than_the_context(client, body, param):
     error = error_of(client.post("/tokenize", json=body), 400)
     assert error["param"] == param and "maximum context length is 8192" in error["message"]
     assert client.post("/tokenize", json={"prompt": "\0" * 8192}).json()["count"] == 8192
+
+
+def test_tokenize_takes_null_as_not_given_as_generation_and_vllm_do(client):
+    """``prompt_template: null`` is "not given" for a chat completion (``NULL_IS_DEFAULT``), so
+    for the ``/tokenize`` of the same body too; vLLM's ``return_token_strs`` may be null."""
+    body = {"model": "alpha", "messages": REVIEW}
+    plain = client.post("/tokenize", json=body).json()
+    nulls = client.post("/tokenize", json=body | {"prompt_template": None})
+    assert nulls.status_code == 200, nulls.text
+    assert nulls.json() == plain
+    answer = client.post("/v1/chat/completions", json=chat_body("alpha", messages=REVIEW))
+    assert answer.json()["usage"]["prompt_tokens"] == plain["count"]
+    strs = client.post("/tokenize", json={"prompt": "x", "return_token_strs": None})
+    assert strs.status_code == 200, strs.text
+    assert strs.json()["token_strs"] is None
