@@ -341,3 +341,35 @@ def test_tokenize_refusals_name_the_field(client, route, body, status, param):
 def test_model_cards_give_the_context_length(client, hf_engine):
     cards = client.get("/v1/models").json()["data"]
     assert {c["max_model_len"] for c in cards} == {hf_engine.context_length} == {8192}
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": "\0" * 9000, "return_token_strs": True}, "prompt"),
+        ({"messages": [{"role": "user", "content": "\0" * 9000}]}, "messages"),
+    ],
+)
+def test_tokenize_refuses_a_prompt_longer_than_the_context(client, body, param):
+    """A prompt no generation could take (each NUL is a token: 9000 > 8192, though short enough
+    in characters to be tokenized) is the 400 a generation gets, as ``/detokenize`` refuses
+    more ids than the context holds: the answer (and its ``token_strs``, spelled on the event
+    loop) stays within the context, however cheap the characters."""
+    error = error_of(client.post("/tokenize", json=body), 400)
+    assert error["param"] == param and "maximum context length is 8192" in error["message"]
+    assert client.post("/tokenize", json={"prompt": "\0" * 8192}).json()["count"] == 8192
+
+
+def test_tokenize_takes_null_as_not_given_as_generation_and_vllm_do(client):
+    """``prompt_template: null`` is "not given" for a chat completion (``NULL_IS_DEFAULT``), so
+    for the ``/tokenize`` of the same body too; vLLM's ``return_token_strs`` may be null."""
+    body = {"model": "alpha", "messages": REVIEW}
+    plain = client.post("/tokenize", json=body).json()
+    nulls = client.post("/tokenize", json=body | {"prompt_template": None})
+    assert nulls.status_code == 200, nulls.text
+    assert nulls.json() == plain
+    answer = client.post("/v1/chat/completions", json=chat_body("alpha", messages=REVIEW))
+    assert answer.json()["usage"]["prompt_tokens"] == plain["count"]
+    strs = client.post("/tokenize", json={"prompt": "x", "return_token_strs": None})
+    assert strs.status_code == 200, strs.text
+    assert strs.json()["token_strs"] is None

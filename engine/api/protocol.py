@@ -410,6 +410,15 @@ class TokenizeBody(Wire):
     return_token_strs: bool = False
     """vLLM's: each token's text beside its id."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_not_given(cls, body):
+        """As for generation (``NULL_IS_DEFAULT``), and vLLM's ``return_token_strs`` may be null."""
+        if not isinstance(body, dict):
+            return body
+        nullable = {"prompt_template", "return_token_strs"}
+        return {k: v for k, v in body.items() if v is not None or k not in nullable}
+
     @field_validator("add_special_tokens")
     @classmethod
     def as_generation_adds_them(cls, add: bool | None, info: ValidationInfo):

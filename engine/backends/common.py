@@ -178,6 +178,12 @@ class Tokenizes:
     ) -> tuple[list[int], list[str] | None]:
         request.validate()
         ids = await self.prompt_tokenizer(request)
+        if len(ids) > self.context:  # as detokenize: the answer stays within the context
+            raise PromptTooLongError(
+                f"This model's maximum context length is {self.context} tokens. However, the "
+                f"prompt is {len(ids)} tokens. Please reduce the length of the prompt.",
+                "prompt" if request.prompt is not None else "messages",
+            )
         tokenizer = self.prompt_tokenizer.tokenizer
         return ids, [token_text(tokenizer, i) for i in ids] if token_strs else None
 
