@@ -17,7 +17,9 @@ Then the request features through ``SGLangEngine`` (``features``), each with a v
 ``logprobs`` (one entry per streamed token, each ≤ 0, the greedy token its own top choice; and
 against the CPU's log-probabilities), ``choice`` and ``json`` constraints (the answer is one of the
 choices / parses as JSON, in a batch with an unconstrained row that must come out as it does
-alone; and against the CPU's constrained tokens), ``abort`` (``engine.abort`` ends a running
+alone; and against the CPU's constrained tokens), ``tokenize`` (a chat with a tool's result:
+the CPU's ids, and back), ``tool_calls`` (a named function's and ``required``'s calls parse),
+``abort`` (``engine.abort`` ends a running
 stream with ``RequestEndedError``, and the engine goes on) and ``concurrent`` (200 streams at
 once, past the adaptive ``stream_interval``'s 128-request step: every token arrives). The last
 line says ``GPU CHECK <dtype>: PASS`` or which checks failed; the exit status is 1 if any did.
@@ -61,6 +63,26 @@ SCHEMA = {
     "additionalProperties": False,
 }
 LANDMARK = "Where is the Eiffel Tower? Answer as JSON with the city and the country."
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"enum": ["c", "f"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TOOL_TURNS = [
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {"role": "assistant", "content": '[{"name": "get_weather", "parameters": {"city": "Paris"}}]'},
+    {"role": "tool", "content": "18 C and sunny"},
+]
 CONCURRENT, CONCURRENT_TOKENS = 200, 48
 
 
@@ -147,7 +169,8 @@ async def feature_reference(engine) -> dict:
         constrained[name] = (await engine.complete(request)).token_ids
     done = await engine.complete(logprob_request())
     logprobs = [[e.token_id, e.logprob] for e in done.logprobs or []]
-    return {"constrained": constrained, "logprobs": logprobs}
+    prompt, _ = await engine.tokenize(GenerationRequest(messages=TOOL_TURNS))
+    return {"constrained": constrained, "logprobs": logprobs, "tool_turns_prompt": prompt}
 
 
 def compare(reference: dict[str, list[int]], got: dict[str, list[int]]) -> dict:
@@ -196,6 +219,7 @@ async def sglang_checks(engine, reference, concurrent: int = CONCURRENT) -> dict
     for name, check in [
         ("logprobs", lambda: logprobs_check(engine, single, reference.get("features"))),
         ("constraints", lambda: constraint_check(engine, single, reference.get("features"))),
+        ("tokens_and_tools", lambda: tokens_and_tools_check(engine, reference.get("features"))),
         ("abort", lambda: abort_check(engine)),
         ("concurrent", lambda: concurrent_check(engine, concurrent)),
     ]:  # one failing check is a result; the others still run
@@ -213,7 +237,9 @@ def verdicts(report: dict) -> dict[str, bool]:
     """Each check's pass/fail (what must hold on any GPU; token parity with the CPU is reported
     beside, since float16 rounding may flip a near-tie)."""
     f = report.get("features", {})
-    lp, con, ab, cc = (f.get(k, {}) for k in ("logprobs", "constraints", "abort", "concurrent"))
+    lp, con, ab, cc, tt = (
+        f.get(k, {}) for k in ("logprobs", "constraints", "abort", "concurrent", "tokens_and_tools")
+    )
     return {
         "streams": all(s["chunks"] > 1 for s in report["streamed"].values()),
         "hot_load": report["runtime_adapters"]["hot_loaded_equals_beta"]
@@ -228,21 +254,25 @@ def verdicts(report: dict) -> dict[str, bool]:
         "abort": bool(ab.get("ended_with_request_ended_error") and ab.get("running_after") == 0)
         and ab.get("next_request_tokens", 0) > 0,
         "concurrent": bool(cc.get("every_token_delivered")),
+        "tokenize": bool(tt.get("prompt_as_cpu") and tt.get("detokenized_back")),
+        "tool_calls": bool(tt.get("named_parses") and tt.get("required_parses")),
     }
 
 
 async def logprobs_check(engine, single: dict, reference: dict | None) -> dict:
-    """One entry per streamed token, each ≤ 0, the greedy token its step's top choice."""
+    """One entry per streamed token (none for a final end of turn), each ≤ 0, the greedy token
+    its step's top choice."""
     request = logprob_request()
     chunks = [c async for c in engine.stream(request)]
     ids = [t for c in chunks for t in c.token_ids]
     entries = [e for c in chunks for e in c.logprobs or []]
-    aligned = all(len(c.logprobs or []) == len(c.token_ids) for c in chunks)
+    # none for the end-of-turn token that ended the answer (docs/api.md, as OpenAI's)
+    answered = ids[:-1] if chunks[-1].finish_reason == "stop" and len(entries) < len(ids) else ids
     top_is_chosen = [bool(e.top) and e.top[0][0] == e.token_id for e in entries]
     out = {
         "tokens": len(ids),
         "entries": len(entries),
-        "one_per_token": aligned and [e.token_id for e in entries] == ids and bool(ids),
+        "one_per_token": [e.token_id for e in entries] == answered and bool(answered),
         "all_at_most_0": all(e.logprob <= 1e-4 for e in entries),
         "greedy_token_is_top_rate": round(sum(top_is_chosen) / max(1, len(entries)), 3),
         "top_sizes": sorted({len(e.top) for e in entries}),
@@ -285,6 +315,51 @@ async def constraint_check(engine, single: dict, reference: dict | None) -> dict
         cpu = reference["constrained"]
         out["vs_cpu_identical"] = {n: answers[n].token_ids == cpu.get(n) for n in answers}
     return out
+
+
+async def tokens_and_tools_check(engine, reference: dict | None) -> dict:
+    """``Engine.tokenize`` (a chat with a tool's result) against the CPU's ids and back through
+    ``detokenize``; the calls of a named function and of ``required`` (the API's ``ToolPlan``
+    grammar) parse as calls of the tool, in one batch."""
+    from engine.api.protocol import ChatBody
+    from engine.api.tools import tool_plan
+
+    prompt, _ = await engine.tokenize(GenerationRequest(messages=TOOL_TURNS))
+    text = await engine.detokenize(prompt)
+    plans, requests = {}, []
+    for name, choice in [("named", {"type": "function", "function": {"name": "get_weather"}}),
+                         ("required", "required")]:  # fmt: skip
+        body = ChatBody.model_validate({"model": "base", "messages": TOOL_TURNS[:1],
+                                        "tools": [WEATHER], "tool_choice": choice})  # fmt: skip
+        plans[name] = tool_plan(body)
+        constraint = body.response_format.constraint()
+        messages = plans[name].with_instructions([TOOL_TURNS[0]])
+        requests.append(GenerationRequest(adapter="alpha", messages=messages,
+                                          params=greedy(80, constraint=constraint)))  # fmt: skip
+    done = dict(zip(plans, await engine.generate(requests)))
+
+    def parses(name: str) -> bool:
+        calls = plans[name].calls(done[name].text) or []
+        try:
+            args = [json.loads(c["function"]["arguments"]) for c in calls]
+        except ValueError:
+            return False
+        names = {c["function"]["name"] for c in calls}
+        return (
+            bool(calls)
+            and names == {"get_weather"}
+            and all(set(a) == {"city", "unit"} for a in args)
+        )
+
+    cpu = (reference or {}).get("tool_turns_prompt")
+    return {
+        "prompt_tokens": len(prompt),
+        "prompt_as_cpu": prompt == cpu if cpu is not None else None,
+        "detokenized_back": "18 C and sunny" in text and "get_weather" in text,
+        "texts": {name: c.text for name, c in done.items()},
+        "named_parses": parses("named"),
+        "required_parses": parses("required"),
+    }
 
 
 def long_story(adapter: str) -> GenerationRequest:
