@@ -30,6 +30,12 @@ REPORT = {
             "next_request_tokens": 22,
         },
         "concurrent": {"every_token_delivered": True},
+        "tokens_and_tools": {
+            "prompt_as_cpu": True,
+            "detokenized_back": True,
+            "named_parses": True,
+            "required_parses": True,
+        },
     },
 }
 
@@ -46,6 +52,8 @@ def test_each_failure_names_its_check():
         ("features", "abort", "ended_with_request_ended_error"): "abort",
         ("features", "concurrent", "every_token_delivered"): "concurrent",
         ("cancel", "unload_after_cut"): "cancel",
+        ("features", "tokens_and_tools", "prompt_as_cpu"): "tokenize",
+        ("features", "tokens_and_tools", "required_parses"): "tool_calls",
     }
     for path, name in cases.items():
         report = copy.deepcopy(REPORT)
