@@ -152,6 +152,9 @@ def test_calls_cut_by_max_tokens_come_back_as_text(client):
             "response_format",
         ),
         ({"parallel_tool_calls": False}, "parallel_tool_calls"),
+        # a stop string would cut the calls' JSON (it was answered as a whole call)
+        ({"tools": [WEATHER], "tool_choice": NAMED, "stop": ["}"]}, "stop"),
+        ({"tools": [WEATHER], "tool_choice": "required", "stop": "name"}, "stop"),
     ],
 )
 def test_tool_requests_it_cannot_honour_are_a_400_naming_the_field(client, fields, param):

@@ -383,6 +383,7 @@ class Api:
             messages = self.chat_messages(body, spec)
             if tools is not None:
                 messages = tools.with_instructions(messages)
+                params.stop = []  # an adapter's default stop strings would cut the calls
             request = GenerationRequest(adapter=adapter, messages=messages, params=params)
             requests += [(model, r) for r in self.copies(request, body.n)]
         return requests

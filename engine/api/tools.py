@@ -133,6 +133,8 @@ def tool_plan(body: ChatBody) -> ToolPlan | None:
         raise invalid(f"tool_choice names '{named}', which is not among the tools", "tool_choice")
     if body.response_format is not None and body.response_format.type != "text":
         raise invalid("response_format cannot be combined with tool calls", "response_format")
+    if body.stops():
+        raise invalid("stop cannot be combined with tool calls: it would cut their JSON", "stop")
     plan = ToolPlan(tools, named, body.parallel_tool_calls is not False)
     fmt = plan.response_format()
     if problem := grammar_problem(fmt.constraint()):
