@@ -152,6 +152,18 @@ def test_calls_cut_by_max_tokens_come_back_as_text(client):
             "response_format",
         ),
         ({"parallel_tool_calls": False}, "parallel_tool_calls"),
+        (  # arguments are a JSON object, as OpenAI's
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"type": "string"}},
+                    }
+                ],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),
         # a stop string would cut the calls' JSON (it was answered as a whole call)
         ({"tools": [WEATHER], "tool_choice": NAMED, "stop": ["}"]}, "stop"),
         ({"tools": [WEATHER], "tool_choice": "required", "stop": "name"}, "stop"),
@@ -161,6 +173,21 @@ def test_tool_requests_it_cannot_honour_are_a_400_naming_the_field(client, field
     with pytest.raises(openai.BadRequestError) as refused:
         ask(client, **fields)
     assert refused.value.param == param
+
+
+@pytest.mark.parametrize("choice", [{"type": "function", "function": {"name": "f"}}, "required"])
+def test_arguments_are_an_object_when_the_schema_leaves_its_type_out(client, server, choice):
+    """A bias towards a string's opening quote cannot make the arguments a string."""
+    untyped = {
+        "properties": {"a": {"type": "string", "maxLength": 4}},
+        "additionalProperties": False,
+    }
+    tool = {"type": "function", "function": {"name": "f", "parameters": untyped}}
+    [quote] = httpx.post(f"{server.url}/tokenize", json={"prompt": '"'}).json()["tokens"]
+    answer = ask(client, tools=[tool], tool_choice=choice, parallel_tool_calls=False,
+                 logit_bias={str(quote): 100}, max_tokens=60).choices[0]  # fmt: skip
+    [call] = answer.message.tool_calls
+    assert isinstance(json.loads(call.function.arguments), dict)
 
 
 def test_tool_choice_none_answers_in_text(client):

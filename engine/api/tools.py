@@ -23,6 +23,7 @@ from ..interface import Chunk, new_id
 from .protocol import ChatBody, Tool, invalid
 
 ANY_OBJECT = {"type": "object"}
+"""Every function's arguments (a schema without ``type`` gets this one)."""
 
 
 @dataclass
@@ -35,7 +36,9 @@ class ToolPlan:
     parallel: bool = True
 
     def schema(self) -> dict:
-        functions = {t.function.name: t.function.parameters or ANY_OBJECT for t in self.tools}
+        functions = {
+            t.function.name: ANY_OBJECT | (t.function.parameters or {}) for t in self.tools
+        }
         if self.named is not None:
             return functions[self.named]
         calls = [
@@ -117,6 +120,13 @@ def tool_plan(body: ChatBody) -> ToolPlan | None:
             raise invalid("parallel_tool_calls needs tools", "parallel_tool_calls")
         return None
     names = [t.function.name for t in tools]
+    for tool in tools:
+        if (tool.function.parameters or ANY_OBJECT).get("type", "object") != "object":
+            raise invalid(
+                f"tools: function '{tool.function.name}' has parameters that are not of type "
+                "'object' (its arguments are one JSON object)",
+                "tools",
+            )
     if len(set(names)) != len(names):
         raise invalid("tools: each function's name once", "tools")
     if choice == "none":
