@@ -7,6 +7,7 @@ import json
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 from engine.api import create_api
@@ -188,6 +189,27 @@ def test_arguments_are_an_object_when_the_schema_leaves_its_type_out(client, ser
                  logit_bias={str(quote): 100}, max_tokens=60).choices[0]  # fmt: skip
     [call] = answer.message.tool_calls
     assert isinstance(json.loads(call.function.arguments), dict)
+
+
+class City(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=12)
+
+
+class Trip(pydantic.BaseModel):
+    origin: City
+    destination: City
+
+
+@pytest.mark.parametrize("choice", [{"type": "function", "function": {"name": "Trip"}}, "required"])
+def test_a_schema_with_defs_and_refs_is_served_under_any_tool_choice(client, choice):
+    """The SDK's ``pydantic_function_tool`` of nested models: ``$defs`` and ``#/$defs/…`` refs
+    (under ``required`` each function's refs point into its own schema)."""
+    answer = client.chat.completions.parse(
+        model=BASE, messages=ASK, tools=[openai.pydantic_function_tool(Trip)], tool_choice=choice,
+        parallel_tool_calls=False, temperature=0, max_tokens=120,
+    )  # fmt: skip
+    [call] = answer.choices[0].message.tool_calls
+    assert isinstance(call.function.parsed_arguments, Trip)
 
 
 def test_tool_choice_none_answers_in_text(client):

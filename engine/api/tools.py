@@ -44,13 +44,15 @@ class ToolPlan:
         calls = [
             {
                 "type": "object",
-                "properties": {"name": {"const": name}, "parameters": parameters},
+                "properties": {"name": {"const": name}, "parameters": {"$ref": f"#/$defs/{name}"}},
                 "required": ["name", "parameters"],
                 "additionalProperties": False,
             }
-            for name, parameters in functions.items()
+            for name in functions
         ]
-        array = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        # each function's schema in $defs, its local refs (#, #/$defs/…) pointing into it
+        defs = {name: refs_under(schema, f"#/$defs/{name}") for name, schema in functions.items()}
+        array = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, "$defs": defs}
         return array | ({} if self.parallel else {"maxItems": 1})
 
     def response_format(self) -> ResponseFormat:
@@ -102,6 +104,24 @@ class ToolPlan:
             return {"role": "assistant", "content": text, "refusal": None}, reason
         message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": calls}
         return message, self.finish_reason(reason)
+
+
+def refs_under(schema: dict, base: str) -> dict:
+    """A copy of ``schema`` with its local ``$ref``s (``#``, ``#/...``) made to point below
+    ``base``, where it is moved; walked without recursion (a schema may be nested deep)."""
+    copy: dict = {}
+    stack: list[tuple[dict | list, dict | list]] = [(schema, copy)]
+    while stack:
+        source, target = stack.pop()
+        for key, value in source.items() if isinstance(source, dict) else enumerate(source):
+            if key == "$ref" and isinstance(value, str) and (value == "#" or value[:2] == "#/"):
+                value = base + value[1:]
+            elif isinstance(value, dict | list):
+                child = {} if isinstance(value, dict) else [None] * len(value)
+                stack.append((value, child))
+                value = child
+            target[key] = value  # type: ignore[index]
+    return copy
 
 
 def call(name: str, arguments: str) -> dict:
