@@ -181,8 +181,9 @@ class ChatMessage(Wire):
     """Accepted and not used: the chat templates here have no participant names."""
     tool_calls: list[ToolCall] | None = None
     """On an assistant's message: the calls it made (the next request sends them back)."""
-    tool_call_id: str | None = Field(None, max_length=256)
-    """On a tool's message: the call it answers (accepted; the prompt shows results in order)."""
+    tool_call_id: str | None = Field(None, max_length=256, validate_default=True)
+    """On a tool's message, required (as OpenAI's): the call it answers (the prompt shows results
+    in order)."""
     refusal: Any = None
     function_call: Any = None
     audio: Any = None
@@ -216,6 +217,8 @@ class ChatMessage(Wire):
     def ids_are_a_tools(cls, call_id, info: ValidationInfo):
         if call_id is not None and info.data.get("role") != "tool":
             raise ValueError("only a tool's message answers a tool call")
+        if call_id is None and info.data.get("role") == "tool":
+            raise ValueError("a tool's message needs the id of the call it answers")
         return call_id
 
     @field_validator(*ANSWER_ONLY_FIELDS)
