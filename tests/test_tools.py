@@ -98,6 +98,7 @@ def streamed_calls(stream) -> tuple[dict[int, dict], str | None]:
     calls, finish = {}, None
     for chunk in stream:
         choice = chunk.choices[0]
+        assert choice.delta.content is None  # as OpenAI's: a tool-call answer has no text
         for delta in choice.delta.tool_calls or []:
             call = calls.setdefault(delta.index, {"id": None, "name": None, "arguments": ""})
             call["id"] = delta.id or call["id"]

@@ -601,8 +601,9 @@ class ChunkWriter:
             fields.setdefault("usage", None)
         return sse({**head, **fields})
 
-    def role(self, index: int) -> bytes:
-        choice = {"index": index, "delta": {"role": "assistant", "content": ""}}
+    def role(self, index: int, content: str | None = "") -> bytes:
+        """The first event of a chat choice (a tool-call answer's content is null, as OpenAI's)."""
+        choice = {"index": index, "delta": {"role": "assistant", "content": content}}
         return self.payload(index, choices=[{**choice, "logprobs": None, "finish_reason": None}])
 
     def text(self, index: int, text: str) -> bytes:

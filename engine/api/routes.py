@@ -972,7 +972,7 @@ async def stream_events(
     try:
         for index in range(len(streams)):
             if writer.endpoint == "chat":
-                yield writer.role(index)
+                yield writer.role(index, "" if calls is None else None)
             elif echo:
                 yield writer.text(index, echo[index])
         async with contextlib.aclosing(merged(firsts, streams)) as chunks:
