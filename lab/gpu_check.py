@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import GenerationRequest, SamplingParams
 from engine.base_model import resolve_base
 from engine.constraints import ResponseFormat
+from tests.helpers import WEATHER_TOOL as WEATHER
 
 ADAPTERS = {
     "alpha": {"r": 8, "target_modules": ["q_proj", "v_proj"], "seed": 1},
@@ -63,21 +64,6 @@ SCHEMA = {
     "additionalProperties": False,
 }
 LANDMARK = "Where is the Eiffel Tower? Answer as JSON with the city and the country."
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 20},
-                "unit": {"enum": ["c", "f"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 TOOL_TURNS = [
     {"role": "user", "content": "What is the weather in Paris?"},
     {"role": "assistant", "content": '[{"name": "get_weather", "parameters": {"city": "Paris"}}]'},

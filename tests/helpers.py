@@ -34,3 +34,22 @@ def make_peft_adapter(
     )
     get_peft_model(model, config).save_pretrained(str(out))
     return str(out)
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"enum": ["c", "f"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+"""A tool of the tool-call tests (``tests/test_tools.py``) and of ``lab/gpu_check.py``."""

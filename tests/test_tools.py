@@ -9,26 +9,12 @@ import httpx
 import openai
 import pydantic
 import pytest
+from helpers import WEATHER_TOOL
 
 from engine.api import create_api
 
 BASE = "SmolLM2-135M-Instruct"
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 20},
-                "unit": {"enum": ["c", "f"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
+WEATHER = WEATHER_TOOL
 CLOCK = {
     "type": "function",
     "function": {
