@@ -159,8 +159,8 @@ def test_the_control_api_tokenizes_as_a_replica_does(cluster):
     ids = control.json()["tokens"]
     back = httpx.post(f"{cluster['control']}/v1/detokenize", json={"tokens": ids}, timeout=60)
     assert "A joyless slog." in back.json()["prompt"]
-    unknown = httpx.post(f"{cluster['control']}/tokenize", json={"model": "nope", "prompt": "x"})
-    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+    refused = httpx.post(f"{cluster['control']}/detokenize", json={"tokens": [-1]})  # a replica's
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tokens"  # refusal
 
 
 def test_a_hot_load_reaches_every_replica_and_unloads_from_every_one(cluster):
