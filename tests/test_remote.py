@@ -343,3 +343,38 @@ def test_the_server_ends_its_tokenizer_process_when_it_stops(registry_for, tmp_p
         process.wait(120)
     _, alive = psutil.wait_procs(children, timeout=60)
     assert not alive, f"still running after the server stopped: {[p.cmdline() for p in alive]}"
+
+
+def test_a_tool_round_trip_through_the_apps_api_over_a_remote_engine(remote, registry_for):
+    """``python app.py --remote``: a call made under ``tool_choice`` and its result sent back
+    reach the server as the server takes them (a tool's message keeps its ``tool_call_id``)."""
+    import openai
+    from conftest import LiveServer
+    from helpers import WEATHER_TOOL
+
+    from engine.api import create_api
+
+    live = LiveServer(create_api(remote, registry_for))
+    try:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+        ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+        answer = client.chat.completions.create(
+            model="base",
+            messages=ask,
+            tools=[WEATHER_TOOL],
+            tool_choice="required",
+            max_tokens=80,
+            temperature=0,
+        ).choices[0]
+        assert answer.finish_reason == "tool_calls" and answer.message.tool_calls
+        results = [{"role": "tool", "tool_call_id": c.id, "content": "18 C"}
+                   for c in answer.message.tool_calls]  # fmt: skip
+        messages = [*ask, answer.message.model_dump(), *results]
+        follow_up = client.chat.completions.create(
+            model="base", messages=messages, max_tokens=4, temperature=0
+        )
+        assert follow_up.choices[0].message.content
+        counted = httpx.post(f"{live.url}/tokenize", json={"messages": messages}).json()
+        assert counted["count"] == follow_up.usage.prompt_tokens
+    finally:
+        live.stop()

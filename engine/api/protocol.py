@@ -239,6 +239,8 @@ class ChatMessage(Wire):
             text = "\n".join(part.text for part in text)
         if self.tool_calls:
             text = "\n".join(t for t in (text, calls_text(self.tool_calls)) if t)
+        if self.tool_call_id is not None:  # what a server behind ``app.py --remote`` asks for
+            return {"role": role, "content": text, "tool_call_id": self.tool_call_id}
         return {"role": role, "content": text}
 
 
