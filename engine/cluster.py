@@ -328,8 +328,8 @@ def forward_headers(request: Request) -> dict:
     return {k: v for k, v in request.headers.items() if k.lower() in wanted}
 
 
-async def admin_body(request: Request, limit: int = MAX_ADMIN_BODY) -> bytes | JSONResponse:
-    """The body of an admin call (or a token route's), up to ``limit`` bytes, else a 413."""
+async def bounded_body(request: Request, limit: int = MAX_ADMIN_BODY) -> bytes | JSONResponse:
+    """A relayed body (an admin call's, a token route's), up to ``limit`` bytes, else a 413."""
     message = f"this route's body is at most {limit} bytes"
     too_large = error(413, message, "invalid_request_error")
     declared = request.headers.get("content-length", "0")
@@ -378,7 +378,7 @@ def create_control(
     async def tokens(request: Request) -> Response:
         """``/tokenize`` and ``/detokenize``, answered by a replica, which fills an adapter's
         template as its generations do (sglang-router's own ``/v1/tokenize`` would not)."""
-        body = await admin_body(request, MAX_TOKENS_BODY)
+        body = await bounded_body(request, MAX_TOKENS_BODY)
         if isinstance(body, JSONResponse):
             return body
         return await from_a_replica(request.url.path, body)
@@ -405,7 +405,7 @@ def create_control(
     async def load_adapter(request: Request):
         if refused := control.refuse_admin(request.headers.get("authorization", "")):
             return refused
-        body = await admin_body(request)
+        body = await bounded_body(request)
         if isinstance(body, JSONResponse):
             return body
         return await control.load(body, forward_headers(request))

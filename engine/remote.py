@@ -341,13 +341,7 @@ class RemoteEngine(Engine):
 
     async def post_json(self, path: str, body: dict) -> dict:
         """A POST to the control API that must answer 200 with JSON; a refusal keeps its status."""
-        try:
-            answer = await self.client().post(self.control_url + path, json=body)
-        except httpx.HTTPError as err:
-            raise RemoteError(f"{self.control_url}: {type(err).__name__}: {err}") from err
-        if answer.status_code != 200:
-            raise engine_error(*error_of(answer))
-        return answer.json()
+        return await self.get_json(self.control_url + path, body)
 
     # ----- admin, health, metrics -----------------------------------------------------------
 
@@ -409,10 +403,14 @@ class RemoteEngine(Engine):
             self.clients[loop] = httpx.AsyncClient(timeout=timeout, headers=self.key_header)
         return self.clients[loop]
 
-    async def get_json(self, url: str) -> dict:
-        """A GET that must answer 200 with JSON; anything else is an ``EngineError``."""
+    async def get_json(self, url: str, post: dict | None = None) -> dict:
+        """A GET (or a POST of ``post``) that must answer 200 with JSON; anything else is an
+        ``EngineError``, a refusal with its status."""
         try:
-            answer = await self.client().get(url)
+            if post is None:
+                answer = await self.client().get(url)
+            else:
+                answer = await self.client().post(url, json=post)
         except httpx.HTTPError as err:
             raise RemoteError(f"{url}: {type(err).__name__}: {err}") from err
         if answer.status_code != 200:

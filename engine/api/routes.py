@@ -691,12 +691,12 @@ def create_api(
             raw = await read_json(request)
             refuse_unsupported(raw)
             body = parse(model, raw)
-            tools = tool_plan(body) if endpoint == "chat" else None
             # not cancelled halfway: it may load an adapter
             if endpoint == "chat":
+                tools = tool_plan(body)
                 named = await api.chat_requests(body, tools)
             else:
-                named = await api.completion_requests(body)
+                tools, named = None, await api.completion_requests(body)
             requests = [r for _, r in named]
             label = requests[0].adapter or BASE_MODEL_ALIAS
             outcome = RequestOutcome()
