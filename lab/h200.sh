@@ -39,6 +39,8 @@
 #                                    256 streams; DECODE_OPEN="--arrival-rate R": open loop)
 #                       space-rehearsal  the GPU Space (deploy/gpu-space) from a clean home: its
 #                                    build step, its command, scripts/app_check.py against it
+#                       lora-tune    lab/tune_lora_kernels.py: csgmv block sizes for the 7B
+#                                    shape on this GPU (decode setting `lora-tuned` uses them)
 #                       code-ab      the code of e930aef vs this tree, one engine each, alternating,
 #                                    direct base and 128 adapters at 256 streams (the throughput
 #                                    drop; payload with CODE_AB=1)
@@ -84,6 +86,7 @@ export LORALAND_DATA=/tmp/payload/data PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # the device page: NVLink multicast stays off, also for the processes started here
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 SYNTH=/tmp/synth7b
+LORA_CONFIGS=/tmp/lora-kernel-configs  # lora-tune writes, the lora-tuned setting reads
 CONSTRAINED_CPU=results/finetune/constrained-cpu
 STEPS_OURS_DEFAULT="bench-smoke synth pairs"
 STEPS_CHECK_DEFAULT="peer-smoke gpu-check parity parity-constrained peer full-evals sql-fresh merges sql"
@@ -445,25 +448,50 @@ decode_setting() {  # a named engine setting of decode-settings, as bench's --se
     max-running-256) echo 'max_running_requests=256' ;;  # the rest wait for a slot
     mixed-chunk) echo 'extra={"enable_mixed_chunk": true}' ;;
     lora-chunk-128) echo 'extra={"max_lora_chunk_size": 128}' ;;  # csgmv's segments (SGLang: 16)
+    lora-tuned) echo 'extra={}' ;;  # the defaults, with tuned csgmv block sizes (decode_env)
     *) echo "no decode setting named $1" >&2; return 1 ;;
   esac
 }
 
 decode_settings() {  # #16 item 4, after the profile: SGLang settings against the GPU's idle share
-  # and eager steps, one engine each (1 round of the pairs plan at 256 streams × 128 adapters).
+  # and eager steps, one engine each (DECODE_PAIRS rounds of the pairs plan at 256 streams × 128
+  # adapters). A name listed again is another engine (folder NAME-2, ...): alternate A/B engines.
   wait_file "$SYNTH/adapters.yaml" 600 || return 1
-  local name setting
+  local name setting folder env_vars
   for name in ${DECODE_SETTINGS:-default continuous-4 graph-bs-512}; do
     setting=$(decode_setting "$name") || continue
+    env_vars=$(decode_env "$name") || continue
+    folder=$(next_folder "$RESULTS/decode-settings/$name")
     gpu_free
-    # shellcheck disable=SC2086  # DECODE_OPEN: flags, split on purpose
-    timeout 900 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" \
-      --out "$RESULTS/decode-settings/$name" --plan pairs --pairs "${DECODE_PAIRS:-1}" \
+    # shellcheck disable=SC2086  # DECODE_OPEN: flags, env_vars: words, both split on purpose
+    env $env_vars timeout 900 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" \
+      --out "$folder" --plan pairs --pairs "${DECODE_PAIRS:-1}" \
       --users "${DECODE_USERS:-256}" --adapters 128 \
       --duration "${DURATION:-20}" --warmup 5 --http-port 8768 \
       --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" --set "$setting" \
       ${DECODE_OPEN:-} || echo "decode-settings: $name failed"  # DECODE_OPEN: e.g. --arrival-rate 85
   done
+}
+
+decode_env() {  # the environment a decode setting adds to the engine's process (words for env)
+  case $1 in
+    lora-tuned)  # lab/tune_lora_kernels.py's block sizes (the lora-tune step writes them)
+      [ -d "$LORA_CONFIGS/csgmv_configs" ] || { echo "lora-tuned: no $LORA_CONFIGS" >&2; return 1; }
+      echo "SGLANG_LORA_CONFIG_DIR=$LORA_CONFIGS" ;;
+    *) ;;
+  esac
+}
+
+next_folder() {  # DIR, or DIR-2, DIR-3, ... when it exists
+  local n=2 dir=$1
+  while [ -e "$dir" ]; do dir="$1-$n"; n=$((n + 1)); done
+  echo "$dir"
+}
+
+lora_tune() {  # #16 item 4: csgmv block sizes for the 7B shape on this GPU (lab/tune_lora_kernels.py)
+  wait_file "$SYNTH/adapters.yaml" 600 || return 1
+  timeout 600 python3 lab/tune_lora_kernels.py --config "$SYNTH/adapters.yaml" \
+    --out "$RESULTS/lora-kernels" --configs "$LORA_CONFIGS" --slots 128
 }
 
 space_rehearsal() {  # #16.7: the GPU Space (deploy/gpu-space) as the Space runs it: its files,

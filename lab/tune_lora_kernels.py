@@ -1,0 +1,480 @@
+"""Block sizes for SGLang's csgmv LoRA kernels, tuned for one base model on this GPU (#16, item 4).
+
+    python lab/tune_lora_kernels.py --config /tmp/synth7b/adapters.yaml \
+        --out /tmp/results/lora-kernels --configs /tmp/lora-kernel-configs
+    SGLANG_LORA_CONFIG_DIR=/tmp/lora-kernel-configs python -m loadtest.bench ...  # engine uses them
+    python lab/tune_lora_kernels.py --config /tmp/synth7b/adapters.yaml --out /tmp/x --dry-run
+
+The decode profile (`results/serving/h200-7b-decode-profile/`) put `_chunked_lora_expand_kernel`
+first among all kernels at three of four points, and the LoRA kernels take a fifth of the kernel
+time even on base traffic. SGLang 0.5.17 reads block sizes for these kernels from
+`$SGLANG_LORA_CONFIG_DIR/csgmv_configs/triton_<version>/lora_{shrink,expand},K=..,R=..,S=..,
+device=<GPU>.json`, keyed by chunk size (`max_lora_chunk_size`, 16 by default); it ships files
+for rank 64 only, so a rank-8 model runs on the hard-coded defaults (shrink BLOCK_N 16 / BLOCK_K
+256, expand BLOCK_N 64 / BLOCK_K 16). With CUDA graphs the grid holds one program row per
+possible segment (the batch size), so a 256-token decode launches 64 × 3 × 256 expand programs
+per layer whatever the adapters.
+
+For each LoRA projection group that the adapters' `target_modules` touch (qkv, o, gate_up, down;
+shapes from the model's config.json) and each kernel (shrink, expand), this times SGLang's own
+kernel under every config of a small grid on a few batches as the engine builds them (decode of
+256 and 128 tokens spread over `--slots` adapters and 256 tokens of base rows, graph-padded; a
+prefill of 4 × 128 tokens, eager), each as a CUDA graph of `--calls` launches replayed
+`--replays` times, checks the output equals the default config's, keeps the config with the least
+summed time, and writes SGLang's JSON files into `--configs` (SGLang's shipped files copied
+beside, since the variable replaces its folder). Report: `lora-kernels.md/json/png` in `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GROUP_OF_TARGET = {
+    "q_proj": "qkv",
+    "k_proj": "qkv",
+    "v_proj": "qkv",
+    "o_proj": "o",
+    "gate_proj": "gate_up",
+    "up_proj": "gate_up",
+    "down_proj": "down",
+}
+DEFAULTS = {  # SGLang 0.5.17's lora_tuning_config: used when no file matches
+    "shrink": {"BLOCK_N": 16, "BLOCK_K": 256},
+    "expand": {"BLOCK_N": 64, "BLOCK_K": 16},
+}
+
+
+@dataclass(frozen=True)
+class Group:
+    """One fused LoRA projection as SGLang's csgmv backend runs it."""
+
+    name: str
+    slices: int  # S: 3 for qkv, 2 for gate_up, 1 otherwise
+    input_dim: int  # shrink's K
+    slice_offsets: tuple[int, ...]  # expand's output columns of each slice
+
+    @property
+    def output_dim(self) -> int:  # expand's K in the config file name
+        return self.slice_offsets[-1]
+
+    @property
+    def max_slice(self) -> int:
+        return max(b - a for a, b in itertools.pairwise(self.slice_offsets))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One batch the kernels see: token rows, their adapter slots, graph-padded or eager."""
+
+    name: str
+    tokens_per_request: tuple[int, ...]
+    slots: tuple[int, ...]  # adapter slot of each request
+    graph: bool  # True: decode under a CUDA graph (segment grid = the batch size)
+
+
+def groups_of(model_config: dict, targets: list[str]) -> list[Group]:
+    hidden = model_config["hidden_size"]
+    heads = model_config["num_attention_heads"]
+    kv_heads = model_config.get("num_key_value_heads", heads)
+    head_dim = model_config.get("head_dim") or hidden // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    inter = model_config["intermediate_size"]
+    every = {
+        "qkv": Group("qkv", 3, hidden, (0, q, q + kv, q + 2 * kv)),
+        "o": Group("o", 1, q, (0, hidden)),
+        "gate_up": Group("gate_up", 2, hidden, (0, inter, 2 * inter)),
+        "down": Group("down", 1, inter, (0, hidden)),
+    }
+    unknown = sorted(set(targets) - set(GROUP_OF_TARGET))
+    if unknown:
+        raise SystemExit(f"no csgmv group for target modules {unknown}")
+    wanted = {GROUP_OF_TARGET[t] for t in targets}
+    return [g for name, g in every.items() if name in wanted]
+
+
+def cases_of(slots: int, seed: int = 0) -> list[Case]:
+    import random
+
+    rng = random.Random(seed)
+    spread = lambda n: tuple(rng.randrange(1, slots + 1) for _ in range(n))  # noqa: E731
+    return [
+        Case("decode-256-adapters", (1,) * 256, spread(256), graph=True),
+        Case("decode-128-adapters", (1,) * 128, spread(128), graph=True),
+        Case("decode-256-base", (1,) * 256, (0,) * 256, graph=True),
+        Case("prefill-4x128-adapters", (128,) * 4, spread(4), graph=False),
+    ]
+
+
+def segments(case: Case, chunk: int) -> tuple[list[int], list[int], list[int]]:
+    """(permutation, segment start offsets with the end, segment slots) as SGLang's csgmv backend
+    builds them: token rows grouped by slot (stable), each run cut into chunks of ≤ chunk rows."""
+    rows = [s for s, n in zip(case.slots, case.tokens_per_request, strict=True) for _ in range(n)]
+    permutation = sorted(range(len(rows)), key=lambda i: rows[i])
+    indptr, seg_slots = [0], []
+    start = 0
+    while start < len(permutation):
+        slot = rows[permutation[start]]
+        end = start
+        while end < len(permutation) and rows[permutation[end]] == slot and end - start < chunk:
+            end += 1
+        indptr.append(end)
+        seg_slots.append(slot)
+        start = end
+    return permutation, indptr, seg_slots
+
+
+def lora_rows(case: Case) -> list[int]:
+    """Token rows with an adapter: the only rows shrink writes (base rows keep what was there)."""
+    rows = [s for s, n in zip(case.slots, case.tokens_per_request, strict=True) for _ in range(n)]
+    return [i for i, slot in enumerate(rows) if slot != 0]
+
+
+def config_grid(kernel: str, rank: int, slices: int) -> list[dict]:
+    warps, stages = (2, 4, 8), (1, 2, 3)
+    if kernel == "expand":
+        blocks_n = (32, 64, 128, 256)
+        blocks_k = tuple(k for k in (16, 32, 64) if k <= max(16, rank))
+    else:
+        blocks_n = tuple(n for n in (16, 32, 64) if n <= max(16, 2 * rank * slices))
+        blocks_k = (128, 256, 512)
+    return [
+        {"BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": s}
+        for n, k, w, s in itertools.product(blocks_n, blocks_k, warps, stages)
+    ]
+
+
+def file_name(kernel: str, group: Group, rank: int, device: str) -> str:
+    k = group.input_dim if kernel == "shrink" else group.output_dim
+    return f"lora_{kernel},K={k},R={rank},S={group.slices},device={device.replace(' ', '_')}.json"
+
+
+def pick(timings: dict[str, dict[str, float | None]]) -> str | None:
+    """The config (key) with the least summed time over every case; None if none ran them all."""
+    complete = {k: sum(v.values()) for k, v in timings.items() if None not in v.values()}
+    return min(complete, key=complete.get) if complete else None
+
+
+def config_key(config: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(config.items()))
+
+
+# --- the GPU part ---------------------------------------------------------------------------
+
+
+class KernelBench:
+    """Times SGLang's csgmv shrink/expand under a given config, on batches as the engine builds."""
+
+    def __init__(self, group: Group, rank: int, slots: int, chunk: int, dtype: str):
+        import torch
+
+        self.torch, self.group, self.rank, self.chunk = torch, group, rank, chunk
+        self.dtype = getattr(torch, dtype)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        n_slots = slots + 1  # slot 0: the base, rank 0
+        scale = group.input_dim**-0.5
+        self.lora_a = (
+            torch.randn(n_slots, group.slices * rank, group.input_dim, generator=g, device="cuda")
+            * scale
+        ).to(self.dtype)
+        self.lora_b = (
+            torch.randn(n_slots, group.output_dim, rank, generator=g, device="cuda") * 0.1
+        ).to(self.dtype)
+        self.ranks = torch.full((n_slots,), rank, dtype=torch.int32, device="cuda")
+        self.ranks[0] = 0
+        self.scalings = torch.full((n_slots,), 2.0, dtype=torch.float32, device="cuda")
+        self.offsets = torch.tensor(group.slice_offsets, dtype=torch.int32, device="cuda")
+
+    def batch(self, case: Case):
+        from sglang.srt.lora.utils import LoRABatchInfo
+
+        torch = self.torch
+        permutation, indptr, seg_slots = segments(case, self.chunk)
+        tokens = len(permutation)
+        grid_rows = tokens if case.graph else len(seg_slots)  # the graph's worst case
+        weight_indices = seg_slots + [0] * (grid_rows - len(seg_slots))
+        indptr = indptr + [indptr[-1]] * (grid_rows + 1 - len(indptr))
+        on_gpu = lambda v: torch.tensor(v, dtype=torch.int32, device="cuda")  # noqa: E731
+        info = LoRABatchInfo(
+            use_cuda_graph=case.graph,
+            bs=len(case.tokens_per_request),
+            num_segments=len(seg_slots),
+            seg_indptr=on_gpu(indptr),
+            weight_indices=on_gpu(weight_indices),
+            lora_ranks=self.ranks,
+            scalings=self.scalings,
+            max_len=self.chunk,
+            seg_lens=None,
+            permutation=on_gpu(permutation),
+        )
+        x = torch.randn(tokens, self.group.input_dim, device="cuda").to(self.dtype)
+        return info, x
+
+    def call(self, kernel: str, config: dict, info, x, out=None):
+        import sglang.kernels.ops.gemm.chunked_sgmv_expand as expand_mod
+        import sglang.kernels.ops.gemm.chunked_sgmv_shrink as shrink_mod
+
+        if kernel == "shrink":
+            shrink_mod.get_lora_shrink_config = lambda **_: dict(config)
+            return shrink_mod.chunked_sgmv_lora_shrink_forward(
+                x=x, weights=self.lora_a, batch_info=info, num_slices=self.group.slices
+            )
+        expand_mod.get_lora_expand_config = lambda **_: dict(config)
+        return expand_mod.chunked_sgmv_lora_expand_forward(
+            x=x,
+            weights=self.lora_b,
+            batch_info=info,
+            slice_offsets=self.offsets,
+            max_slice_size=self.group.max_slice,
+            base_output=out,
+        )
+
+    def inputs(self, kernel: str, info, x):
+        """The kernel's input: x for shrink; for expand, the shrink's output (default config)."""
+        if kernel == "shrink":
+            return x
+        return self.call("shrink", DEFAULTS["shrink"], info, x).contiguous()
+
+    def result(self, kernel: str, config: dict, info, x):
+        torch = self.torch
+        inp = self.inputs(kernel, info, x)
+        if kernel == "shrink":
+            return self.call(kernel, config, info, inp)
+        out = torch.zeros(x.shape[0], self.group.output_dim, device="cuda", dtype=self.dtype)
+        return self.call(kernel, config, info, inp, out)
+
+    def time_us(self, kernel: str, config: dict, info, x, calls: int, replays: int) -> float:
+        """µs per launch: `calls` launches captured in one CUDA graph, replayed `replays` times."""
+        torch = self.torch
+        inp = self.inputs(kernel, info, x)
+        out = torch.zeros(x.shape[0], self.group.output_dim, device="cuda", dtype=self.dtype)
+        self.call(kernel, config, info, inp, out)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                self.call(kernel, config, info, inp, out)
+        graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) * 1000 / (calls * replays)
+
+
+def tune_group(bench: KernelBench, kernel: str, cases: list[Case], args) -> dict:
+    torch = bench.torch
+    batches = {c.name: bench.batch(c) for c in cases}
+    reference = {n: bench.result(kernel, DEFAULTS[kernel], *b) for n, b in batches.items()}
+    adapter_rows = {c.name: torch.tensor(lora_rows(c), device="cuda") for c in cases}
+    timings: dict[str, dict[str, float | None]] = {}
+    configs = {config_key(DEFAULTS[kernel]): DEFAULTS[kernel]}
+    configs |= {config_key(c): c for c in config_grid(kernel, bench.rank, bench.group.slices)}
+    t0 = time.perf_counter()
+    for i, (key, config) in enumerate(configs.items()):
+        row: dict[str, float | None] = {}
+        for name, (info, x) in batches.items():
+            try:
+                got = bench.result(kernel, config, info, x)[adapter_rows[name]].float()
+                want = reference[name][adapter_rows[name]].float()
+                same = torch.allclose(got, want, rtol=2e-2, atol=2e-2)
+                row[name] = (
+                    bench.time_us(kernel, config, info, x, args.calls, args.replays)
+                    if same
+                    else None
+                )
+            except Exception as error:  # out of resources, an invalid tile: not a candidate
+                print(f"    {key} {name}: {type(error).__name__}: {str(error)[:120]}", flush=True)
+                row[name] = None
+        timings[key] = row
+        if i % 10 == 0:
+            print(f"  {bench.group.name} {kernel}: {i + 1}/{len(configs)} configs, "
+                  f"{time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
+    best = pick(timings)
+    return {"timings": timings, "configs": configs, "best": best,
+            "default": config_key(DEFAULTS[kernel])}  # fmt: skip
+
+
+def sglang_config_root():
+    import sglang.kernels.ops.gemm.lora_tuning_config as cfg
+
+    return Path(cfg.__file__).parent / "csgmv_configs"
+
+
+def write_configs(
+    configs_dir: Path, tuned: list[dict], triton_version: str, shipped: Path | None
+) -> list[Path]:
+    """SGLang's layout under configs_dir, its shipped files first (the variable replaces it)."""
+    root = configs_dir / "csgmv_configs"
+    if shipped is not None and shipped.is_dir() and not root.exists():
+        shutil.copytree(shipped, root)
+    folder = root / f"triton_{triton_version.replace('.', '_')}"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for entry in tuned:
+        if entry["best"] is None:
+            continue
+        path = folder / entry["file"]
+        best = entry["configs"][entry["best"]]
+        path.write_text(json.dumps({str(entry["chunk"]): best}, indent=2))
+        written.append(path)
+    return written
+
+
+def report_rows(tuned: list[dict]) -> list[dict]:
+    rows = []
+    for entry in tuned:
+        best, default = entry["best"], entry["default"]
+        for case, default_us in entry["timings"][default].items():
+            best_us = entry["timings"][best][case] if best else None
+            ratio = best_us / default_us if best_us and default_us else None
+            rows.append({"group": entry["group"], "kernel": entry["kernel"], "case": case,
+                         "default_us": default_us, "tuned_us": best_us, "tuned_config": best,
+                         "ratio": ratio})  # fmt: skip
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    fmt = lambda v, spec=".1f": "—" if v is None else format(v, spec)  # noqa: E731
+    lines = [
+        "# csgmv LoRA kernels: SGLang's default block sizes against the tuned ones",
+        "",
+        f"`{meta['command']}`",
+        "",
+        f"GPU {meta['device']}, SGLang {meta['sglang']}, Triton {meta['triton']}, rank "
+        f"{meta['rank']}, chunk {meta['chunk']}, {meta['slots']} adapter slots. µs per launch: "
+        f"{meta['calls']} launches in one CUDA graph, replayed {meta['replays']} times. tuned ÷ "
+        "default is within one run on one GPU.",
+        "",
+        "| group | kernel | case | default µs | tuned µs | tuned ÷ default | tuned config |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['group']} | {r['kernel']} | {r['case']} | {fmt(r['default_us'])} | "
+                     f"{fmt(r['tuned_us'])} | {fmt(r['ratio'], '.2f')} | "
+                     f"`{r['tuned_config']}` |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["default_us"] and r["tuned_us"]]
+    if not shown:
+        return
+    labels = [f"{r['group']} {r['kernel']}\n{r['case']}" for r in shown]
+    xs = range(len(shown))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(shown)), 4))
+    ax.bar([x - 0.2 for x in xs], [r["default_us"] for r in shown], 0.4, label="SGLang default")
+    ax.bar([x + 0.2 for x in xs], [r["tuned_us"] for r in shown], 0.4, label="tuned")
+    ax.set_xticks(list(xs), labels, fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("µs per launch")
+    ax.set_title("csgmv LoRA kernels, one layer's launch")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def model_shape(config_path: str) -> tuple[dict, int, list[str]]:
+    """The base model's config.json, the adapters' largest rank and their target modules."""
+    from engine.registry import load_registry
+
+    registry = load_registry(config_path)
+    model_config = json.loads((Path(registry.base.model) / "config.json").read_text())
+    ranks, targets = [], set()
+    for adapter in registry.adapters:
+        peft = json.loads((Path(adapter.path) / "adapter_config.json").read_text())
+        ranks.append(int(peft["r"]))
+        targets |= set(peft["target_modules"])
+    if not ranks:
+        raise SystemExit(f"{config_path}: no adapters")
+    return model_config, max(ranks), sorted(targets)
+
+
+def plan(args) -> tuple[list[Group], int, list[Case]]:
+    model_config, rank, targets = model_shape(args.config)
+    rank = args.rank or rank
+    groups = groups_of(model_config, targets)
+    print(f"rank {rank}, targets {targets}: groups {[g.name for g in groups]}", flush=True)
+    return groups, rank, cases_of(args.slots)
+
+
+def run(args) -> None:
+    os.environ.setdefault("SGLANG_USE_CUSTOM_TRITON_KERNEL_CACHE", "0")  # key by every constexpr
+    import sglang
+    import torch
+    import triton
+
+    groups, rank, cases = plan(args)
+    device = torch.cuda.get_device_name(0)
+    tuned = []
+    for group in groups:
+        bench = KernelBench(group, rank, args.slots, args.chunk, args.dtype)
+        for kernel in ("shrink", "expand"):
+            entry = tune_group(bench, kernel, cases, args)
+            entry |= {"group": group.name, "kernel": kernel, "chunk": args.chunk,
+                      "file": file_name(kernel, group, rank, device)}  # fmt: skip
+            tuned.append(entry)
+    written = write_configs(Path(args.configs), tuned, triton.__version__, sglang_config_root())
+    meta = {"command": "python lab/tune_lora_kernels.py " + " ".join(sys.argv[1:]),
+            "device": device, "sglang": sglang.__version__, "triton": triton.__version__,
+            "rank": rank, "chunk": args.chunk, "slots": args.slots, "calls": args.calls,
+            "replays": args.replays, "written": [str(p) for p in written]}  # fmt: skip
+    rows = report_rows(tuned)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lora-kernels.json").write_text(json.dumps({"meta": meta, "rows": rows,
+                                                       "tuned": tuned}, indent=1))  # fmt: skip
+    (out / "lora-kernels.md").write_text(markdown(rows, meta))
+    plot(rows, out / "lora-kernels.png")
+    print((out / "lora-kernels.md").read_text(), flush=True)
+    print("written:", *written, sep="\n  ", flush=True)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="adapters.yaml: base model and adapters")
+    parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--configs", default="/tmp/lora-kernel-configs",
+                        help="SGLANG_LORA_CONFIG_DIR to write")  # fmt: skip
+    parser.add_argument("--rank", type=int, help="max LoRA rank (default: the adapters' largest)")
+    parser.add_argument("--slots", type=int, default=128, help="max_loras_per_batch")
+    parser.add_argument("--chunk", type=int, default=16, help="max_lora_chunk_size (SGLang: 16)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--calls", type=int, default=32, help="launches per graph (layers)")
+    parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, no GPU")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.dry_run:
+        groups, rank, cases = plan(args)
+        for group in groups:
+            for kernel in ("shrink", "expand"):
+                grid = config_grid(kernel, rank, group.slices)
+                print(f"{group.name} {kernel}: {len(grid)} configs × {len(cases)} cases -> "
+                      f"{file_name(kernel, group, rank, 'GPU')}")  # fmt: skip
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

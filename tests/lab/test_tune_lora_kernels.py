@@ -1,0 +1,135 @@
+"""lab/tune_lora_kernels.py's CPU side: the projection shapes, the segments as SGLang's csgmv
+backend cuts them, the config files in SGLang's layout, the report (the kernels need a GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("tune", ROOT / "lab" / "tune_lora_kernels.py")
+tune = importlib.util.module_from_spec(spec)
+sys.modules["tune"] = tune  # its dataclasses look their module up
+spec.loader.exec_module(tune)
+
+MISTRAL = {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "intermediate_size": 14336}  # fmt: skip
+
+
+def test_q_and_v_targets_give_the_fused_qkv_projection_of_the_mistral_shape():
+    (qkv,) = tune.groups_of(MISTRAL, ["q_proj", "v_proj"])
+    assert (qkv.name, qkv.slices, qkv.input_dim) == ("qkv", 3, 4096)
+    assert qkv.slice_offsets == (0, 4096, 5120, 6144)
+    assert (qkv.output_dim, qkv.max_slice) == (6144, 4096)
+
+
+def test_every_linear_target_gives_four_groups_and_an_unknown_one_stops():
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    groups = {g.name: g for g in tune.groups_of(MISTRAL, targets)}
+    assert list(groups) == ["qkv", "o", "gate_up", "down"]
+    assert groups["gate_up"].slice_offsets == (0, 14336, 28672)
+    assert (groups["down"].input_dim, groups["down"].output_dim) == (14336, 4096)
+    with pytest.raises(SystemExit, match="lm_head"):
+        tune.groups_of(MISTRAL, ["q_proj", "lm_head"])
+
+
+def test_segments_group_rows_by_slot_stably_and_cut_each_run_at_the_chunk_size():
+    case = tune.Case("c", (1,) * 6 + (20,), (2, 0, 2, 5, 0, 2, 2), graph=False)
+    permutation, indptr, slots = tune.segments(case, chunk=16)
+    rows = [2, 0, 2, 5, 0, 2] + [2] * 20
+    assert sorted(permutation) == list(range(26))
+    assert [rows[i] for i in permutation] == sorted(rows)
+    assert [i for i in permutation if rows[i] == 2][:4] == [0, 2, 5, 6]  # stable
+    lengths = [b - a for a, b in itertools.pairwise(indptr)]
+    assert slots == [0, 2, 2, 5] and lengths == [2, 16, 7, 1]
+    assert tune.lora_rows(case) == [i for i, slot in enumerate(rows) if slot != 0]
+
+
+def test_the_cases_are_the_engines_batches_decode_graph_padded_and_one_eager_prefill():
+    cases = {c.name: c for c in tune.cases_of(slots=128)}
+    decode = cases["decode-256-adapters"]
+    assert decode.graph and len(decode.slots) == 256 and set(decode.tokens_per_request) == {1}
+    assert min(decode.slots) >= 1 and max(decode.slots) <= 128
+    assert set(cases["decode-256-base"].slots) == {0}
+    assert not cases["prefill-4x128-adapters"].graph
+
+
+def test_the_grids_hold_the_defaults_neighbours_and_valid_tiles():
+    expand = tune.config_grid("expand", rank=8, slices=3)
+    shrink = tune.config_grid("shrink", rank=8, slices=3)
+    assert {c["BLOCK_K"] for c in expand} == {16}  # rank 8: one K tile of tl.dot's minimum
+    assert {c["BLOCK_N"] for c in expand} == {32, 64, 128, 256}
+    assert {c["BLOCK_N"] for c in shrink} == {16, 32}  # N = 3 × 8
+    assert all(c["num_warps"] in (2, 4, 8) and c["num_stages"] in (1, 2, 3) for c in shrink)
+
+
+def test_file_names_follow_sglangs_config_loader():
+    (qkv,) = tune.groups_of(MISTRAL, ["q_proj", "v_proj"])
+    assert tune.file_name("expand", qkv, 8, "NVIDIA H200") == (
+        "lora_expand,K=6144,R=8,S=3,device=NVIDIA_H200.json"
+    )
+    assert tune.file_name("shrink", qkv, 8, "NVIDIA H200") == (
+        "lora_shrink,K=4096,R=8,S=3,device=NVIDIA_H200.json"
+    )
+
+
+def entry(kernel: str, timings: dict) -> dict:
+    configs = {k: {"BLOCK_N": int(k.split("=")[-1])} for k in timings}
+    return {"group": "qkv", "kernel": kernel, "chunk": 16, "timings": timings,
+            "configs": configs, "best": tune.pick(timings), "default": "BLOCK_N=64",
+            "file": f"lora_{kernel},K=1,R=8,S=3,device=G.json"}  # fmt: skip
+
+
+def test_the_pick_is_the_least_summed_time_among_configs_that_ran_every_case():
+    timings = {
+        "BLOCK_N=64": {"a": 80.0, "b": 10.0},
+        "BLOCK_N=256": {"a": 20.0, "b": 12.0},
+        "BLOCK_N=32": {"a": 5.0, "b": None},  # failed one case: not a candidate
+    }
+    assert tune.pick(timings) == "BLOCK_N=256"
+    assert tune.pick({"BLOCK_N=32": {"a": None}}) is None
+
+
+def test_configs_are_written_in_sglangs_layout_beside_its_shipped_files(tmp_path):
+    shipped = tmp_path / "sglang" / "csgmv_configs" / "triton_3_5_1"
+    shipped.mkdir(parents=True)
+    (shipped / "lora_expand,K=4096,R=64,S=3,device=G.json").write_text("{}")
+    tuned = [entry("expand", {"BLOCK_N=64": {"a": 80.0}, "BLOCK_N=256": {"a": 20.0}}),
+             entry("shrink", {"BLOCK_N=64": {"a": None}})]  # fmt: skip
+    written = tune.write_configs(tmp_path / "out", tuned, "3.5.1", shipped.parent)
+    folder = tmp_path / "out" / "csgmv_configs" / "triton_3_5_1"
+    assert written == [folder / "lora_expand,K=1,R=8,S=3,device=G.json"]
+    assert json.loads(written[0].read_text()) == {"16": {"BLOCK_N": 256}}
+    assert (folder / "lora_expand,K=4096,R=64,S=3,device=G.json").exists()
+
+
+def test_the_report_gives_each_cases_ratio_and_a_figure(tmp_path):
+    tuned = [entry("expand", {"BLOCK_N=64": {"a": 80.0, "b": 10.0},
+                              "BLOCK_N=256": {"a": 20.0, "b": 12.0}})]  # fmt: skip
+    rows = tune.report_rows(tuned)
+    assert [(r["case"], r["ratio"]) for r in rows] == [("a", 0.25), ("b", 1.2)]
+    meta = {"command": "c", "device": "G", "sglang": "0.5.17", "triton": "3.5.1", "rank": 8,
+            "chunk": 16, "slots": 128, "calls": 32, "replays": 20}  # fmt: skip
+    text = tune.markdown(rows, meta)
+    assert "| qkv | expand | a | 80.0 | 20.0 | 0.25 | `BLOCK_N=256` |" in text
+    tune.plot(rows, tmp_path / "k.png")
+    assert (tmp_path / "k.png").stat().st_size > 0
+
+
+def test_the_dry_run_reads_the_registry_and_plans_without_a_gpu(tmp_path):
+    synth = tmp_path / "synth"
+    subprocess.run([sys.executable, "-m", "loadtest.synth", "--shape", "tiny", "--adapters", "2",
+                    "--out", str(synth)], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "lab/tune_lora_kernels.py", "--config", str(synth / "adapters.yaml"),
+         "--out", str(tmp_path / "out"), "--dry-run"],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    assert "groups ['qkv']" in done.stdout
+    assert "qkv expand: 36 configs × 4 cases" in done.stdout
