@@ -67,6 +67,13 @@ def test_the_grids_hold_the_defaults_neighbours_and_valid_tiles():
     assert {c["BLOCK_N"] for c in expand} == {32, 64, 128, 256}
     assert {c["BLOCK_N"] for c in shrink} == {16, 32}  # N = 3 × 8
     assert all(c["num_warps"] in (2, 4, 8) and c["num_stages"] in (1, 2, 3) for c in shrink)
+    assert {c["num_stages"] for c in expand} == {3}  # one K step: stages change nothing
+    assert {c["num_stages"] for c in tune.config_grid("expand", rank=64, slices=1)} == {1, 2, 3}
+
+
+def test_a_case_takes_the_median_of_its_rounds_and_fails_with_any_of_them():
+    rounds = [{"a": 3.0, "b": 1.0}, {"a": 1.0, "b": None}, {"a": 2.0, "b": 2.0}]
+    assert tune.median_row(rounds) == {"a": 2.0, "b": None}
 
 
 def test_file_names_follow_sglangs_config_loader():
@@ -132,4 +139,4 @@ def test_the_dry_run_reads_the_registry_and_plans_without_a_gpu(tmp_path):
         cwd=ROOT, check=True, capture_output=True, text=True,
     )  # fmt: skip
     assert "groups ['qkv']" in done.stdout
-    assert "qkv expand: 36 configs × 4 cases" in done.stdout
+    assert "qkv expand: 12 configs × 4 cases" in done.stdout
