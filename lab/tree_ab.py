@@ -2,7 +2,7 @@
 figure per round, after ÷ before within the round, and the median [range] over rounds.
 
     python lab/tree_ab.py DIR --figure "TTFT ms=results.json:rounds.0.points.think.ttft_p50*1000" \
-        [--figure ...] [--title TEXT]    # → DIR/ab.md, DIR/ab.json
+        [--figure ...] [--title TEXT]    # → DIR/ab.md, DIR/ab.json, DIR/ab.png
 
 ``DIR`` holds ``before-N`` and ``after-N`` folders (any N; a round needs both). A figure is
 ``label=FILE:dotted.path`` (list indices as numbers), optionally ``*SCALE``; FILE is relative to
@@ -80,6 +80,30 @@ def markdown(table: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(table: dict, title: str, path: Path) -> None:
+    """Each figure's after ÷ before per round (dots) and their median (bar), 1 = no change."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(table["figures"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 4))
+    for x, label in enumerate(labels):
+        figure = table["figures"][label]
+        ratios = [r["ratio"] for r in figure["rows"] if r["ratio"] is not None]
+        if figure["after_over_before"]:
+            ax.bar(x, figure["after_over_before"]["median"], 0.6, color="tab:blue", alpha=0.5)
+        ax.plot([x] * len(ratios), ratios, "o", color="tab:blue")
+    ax.axhline(1, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("after ÷ before (bar: median; dots: rounds)")
+    ax.set_title(title if len(title) < 80 else title[:77] + "...", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folder", type=Path)
@@ -91,6 +115,7 @@ def main() -> None:
         raise SystemExit(f"{args.folder}: no round with both before-N and after-N")
     (args.folder / "ab.json").write_text(json.dumps(table, indent=1))
     (args.folder / "ab.md").write_text(markdown(table, args.title))
+    plot(table, args.title, args.folder / "ab.png")
     print(markdown(table, args.title))
 
 

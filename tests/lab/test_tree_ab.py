@@ -37,6 +37,7 @@ def test_each_round_pairs_its_own_before_and_after_and_the_ratios_reduce_to_a_me
     cells = "400.0 / 200.0 | 500.0 / 300.0 | 300.0 / 240.0 | 100.0 / 50.0"
     assert f"| TTFT ms | {cells} | **0.55** [0.50–0.80] |" in text
     assert "| absent | — / — | — / — | — / — | — / — | — |" in text
+    assert (tmp_path / "ab.png").stat().st_size > 0
 
 
 def test_a_figure_without_a_file_and_a_path_is_refused(tmp_path):
