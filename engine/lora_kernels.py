@@ -1,28 +1,31 @@
-"""Block sizes for SGLang's csgmv LoRA kernels, tuned for one base model on this GPU (#16, item 4).
+"""Tuned block sizes for SGLang's csgmv LoRA kernels: one base model, one GPU, once.
 
-    python lab/tune_lora_kernels.py --config /tmp/synth7b/adapters.yaml \
-        --out /tmp/results/lora-kernels --configs /tmp/lora-kernel-configs
-    SGLANG_LORA_CONFIG_DIR=/tmp/lora-kernel-configs python -m loadtest.bench ...  # engine uses them
-    python lab/tune_lora_kernels.py --config /tmp/synth7b/adapters.yaml --out /tmp/x --dry-run
+    python -m engine.lora_kernels --config adapters.yaml          # ~1 min on the GPU serving it
+    python -m engine.lora_kernels --config adapters.yaml --dry-run  # the plan, any machine
 
-The decode profile (`results/serving/h200-7b-decode-profile/`) put `_chunked_lora_expand_kernel`
-first among all kernels at three of four points, and the LoRA kernels take a fifth of the kernel
-time even on base traffic. SGLang 0.5.17 reads block sizes for these kernels from
-`$SGLANG_LORA_CONFIG_DIR/csgmv_configs/triton_<version>/lora_{shrink,expand},K=..,R=..,S=..,
-device=<GPU>.json`, keyed by chunk size (`max_lora_chunk_size`, 16 by default); it ships files
-for rank 64 only, so a rank-8 model runs on the hard-coded defaults (shrink BLOCK_N 16 / BLOCK_K
-256, expand BLOCK_N 64 / BLOCK_K 16). With CUDA graphs the grid holds one program row per
-possible segment (the batch size), so a 256-token decode launches 64 × 3 × 256 expand programs
-per layer whatever the adapters.
+SGLang 0.5.17 reads the block sizes of its multi-LoRA kernels (shrink: x·A, expand: ·B) from
+``$SGLANG_LORA_CONFIG_DIR/csgmv_configs/triton_<version>/lora_{shrink,expand},K=..,R=..,S=..,
+device=<GPU>.json``, keyed by chunk size; it ships files for rank 64 only, so other ranks run on
+hard-coded defaults (shrink BLOCK_N 16 / BLOCK_K 256, expand BLOCK_N 64 / BLOCK_K 16). With CUDA
+graphs a decode step launches one program row per possible segment (the batch size), so at 256
+streams the expand kernel was the largest kernel of the 7B decode step
+(``results/serving/h200-7b-decode-profile``).
 
-For each LoRA projection group that the adapters' `target_modules` touch (qkv, o, gate_up, down;
-shapes from the model's config.json) and each kernel (shrink, expand), this times SGLang's own
-kernel under every config of a small grid on a few batches as the engine builds them (decode of
-256 and 128 tokens spread over `--slots` adapters and 256 tokens of base rows, graph-padded; a
-prefill of 4 × 128 tokens, eager), each as a CUDA graph of `--calls` launches replayed
-`--replays` times, checks the output equals the default config's, keeps the config with the least
-summed time, and writes SGLang's JSON files into `--configs` (SGLang's shipped files copied
-beside, since the variable replaces its folder). Report: `lora-kernels.md/json/png` in `--out`.
+For each LoRA projection the adapters' ``target_modules`` touch (qkv, o, gate_up, down; shapes
+from the base model's config.json) and each kernel, this times SGLang's own kernel under every
+config of a small grid, on batches as the engine builds them (decode of 256 and 128 tokens over
+``--slots`` adapters and 256 base rows, padded as a CUDA graph pads them; a prefill of 4 × 128
+tokens), each as a CUDA graph of ``--calls`` launches on their own weights; checks each config's
+output against the default's; re-times the best ``--finalists`` against the default in
+alternation; keeps the least median summed time. It writes SGLang's files into ``--configs``
+(default ``$LORALAND_CACHE/lora-kernels``, SGLang's shipped files copied beside, as the variable
+replaces its folder) and a report (``lora-kernels.md/json/png``) beside them or into ``--out``.
+
+The SGLang backend uses that folder when ``engine.sglang.lora_kernel_configs`` is ``auto`` (the
+default) and it exists; SGLang itself picks the file of the GPU and shape it runs, and keeps its
+defaults where none matches. On the H200 for the Mistral-7B shape, rank 8 on q/v: the kernels
+0.31–0.71× the defaults' time, and the engine at 256 streams × 128 adapters faster in every
+figure of 3 alternated pairs (``results/serving/h200-7b-lora-kernels-tuned``).
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+AUTO = "auto"
+"""``lora_kernel_configs``' default: the cache's folder when it exists, else SGLang's own."""
+ENV = "SGLANG_LORA_CONFIG_DIR"
 
 GROUP_OF_TARGET = {
     "q_proj": "qkv",
@@ -53,6 +58,40 @@ DEFAULTS = {  # SGLang 0.5.17's lora_tuning_config: used when no file matches
     "shrink": {"BLOCK_N": 16, "BLOCK_K": 256},
     "expand": {"BLOCK_N": 64, "BLOCK_K": 16},
 }
+
+
+def cache_folder() -> Path:
+    from .base_model import cache_root
+
+    return cache_root() / "lora-kernels"
+
+
+def config_folder(setting: str | None) -> Path | None:
+    """The folder ``engine.sglang.lora_kernel_configs`` names: ``auto`` → the cache's, if tuned
+    there; a path → that path, which must hold SGLang's layout; ``None`` → SGLang's own files."""
+    if setting is None:
+        return None
+    if setting == AUTO:
+        folder = cache_folder()
+        return folder if (folder / "csgmv_configs").is_dir() else None
+    folder = Path(setting).expanduser()
+    if not (folder / "csgmv_configs").is_dir():
+        raise ValueError(
+            f"lora_kernel_configs: {folder} has no csgmv_configs/ folder "
+            "(write one with: python -m engine.lora_kernels --config adapters.yaml --configs DIR)"
+        )
+    return folder
+
+
+def use_tuned_kernels(setting: str | None, environ=os.environ) -> Path | None:
+    """Point SGLang at the tuned folder before it starts (its scheduler inherits the variable);
+    a variable the user set wins. Returns the folder SGLang will read, if not its own."""
+    if environ.get(ENV):
+        return Path(environ[ENV])
+    folder = config_folder(setting)
+    if folder is not None:
+        environ[ENV] = str(folder)
+    return folder
 
 
 @dataclass(frozen=True)
@@ -445,27 +484,35 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def model_shape(config_path: str) -> tuple[dict, int, list[str]]:
-    """The base model's config.json, the adapters' largest rank and their target modules."""
-    from engine.registry import load_registry
+def model_shape(config_path: str) -> tuple[dict, int, list[str], int]:
+    """The base model's config.json and, as the engine will run: the max LoRA rank (the setting,
+    else the adapters' largest), the target modules, the adapter slots (max_loras_per_batch)."""
+    from .registry import load_registry
 
     registry = load_registry(config_path)
+    settings = registry.engine.sglang
     model_config = json.loads((Path(registry.base.model) / "config.json").read_text())
     ranks, targets = [], set()
     for adapter in registry.adapters:
         peft = json.loads((Path(adapter.path) / "adapter_config.json").read_text())
         ranks.append(int(peft["r"]))
         targets |= set(peft["target_modules"])
-    if not ranks:
-        raise SystemExit(f"{config_path}: no adapters")
-    return model_config, max(ranks), sorted(targets)
+    rank = settings.max_lora_rank or max(ranks, default=0)
+    targets = set(settings.lora_target_modules or targets)
+    if "all" in targets:
+        targets = set(GROUP_OF_TARGET)
+    if not rank or not targets:
+        raise SystemExit(f"{config_path}: no adapters, and no max_lora_rank/lora_target_modules")
+    return model_config, rank, sorted(targets), settings.max_loras_per_batch
 
 
 def plan(args) -> tuple[list[Group], int, list[Case]]:
-    model_config, rank, targets = model_shape(args.config)
+    model_config, rank, targets, slots = model_shape(args.config)
     rank = args.rank or rank
+    args.slots = args.slots or slots
     groups = groups_of(model_config, targets)
-    print(f"rank {rank}, targets {targets}: groups {[g.name for g in groups]}", flush=True)
+    print(f"rank {rank}, targets {targets}, {args.slots} adapter slots: groups "
+          f"{[g.name for g in groups]}", flush=True)  # fmt: skip
     return groups, rank, cases_of(args.slots)
 
 
@@ -481,7 +528,7 @@ def run(args) -> None:
 
     groups, rank, cases = plan(args)
     device = torch.cuda.get_device_name(0)
-    meta = {"command": "python lab/tune_lora_kernels.py " + " ".join(sys.argv[1:]),
+    meta = {"command": "python -m engine.lora_kernels " + " ".join(sys.argv[1:]),
             "device": device, "sglang": sglang.__version__, "triton": triton.__version__,
             "rank": rank, "chunk": args.chunk, "slots": args.slots, "calls": args.calls,
             "replays": args.replays, "graph_bs": args.graph_bs, "rounds": args.rounds,
@@ -521,11 +568,12 @@ def save(tuned: list[dict], meta: dict, args) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="adapters.yaml: base model and adapters")
-    parser.add_argument("--out", required=True, help="report folder")
-    parser.add_argument("--configs", default="/tmp/lora-kernel-configs",
-                        help="SGLANG_LORA_CONFIG_DIR to write")  # fmt: skip
+    parser.add_argument("--configs", type=Path, default=None,
+                        help="the folder to write (default $LORALAND_CACHE/lora-kernels, which "
+                        "engine.sglang.lora_kernel_configs: auto reads)")  # fmt: skip
+    parser.add_argument("--out", type=Path, help="the report's folder (default: --configs)")
     parser.add_argument("--rank", type=int, help="max LoRA rank (default: the adapters' largest)")
-    parser.add_argument("--slots", type=int, default=128, help="max_loras_per_batch")
+    parser.add_argument("--slots", type=int, help="default: the registry's max_loras_per_batch")
     parser.add_argument("--chunk", type=int, default=16, help="max_lora_chunk_size (SGLang: 16)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument(
@@ -549,6 +597,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    args.configs = args.configs or cache_folder()
+    args.out = args.out or args.configs
     if args.dry_run:
         groups, rank, cases = plan(args)
         for group in groups:

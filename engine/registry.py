@@ -80,6 +80,13 @@ class SGLangSettings(Strict):
     >= max_loras_per_batch."""
     lora_backend: Literal["csgmv", "triton", "torch_native"] = "csgmv"
     """Multi-LoRA kernel backend."""
+    lora_kernel_configs: str | None = "auto"
+    """Block sizes for csgmv's kernels, tuned once per GPU and base model by ``python -m
+    engine.lora_kernels``: that folder; ``auto``: ``$LORALAND_CACHE/lora-kernels`` once the tuner
+    wrote there, else SGLang's own; ``None``: SGLang's own (it ships rank 64 only). A variable
+    ``SGLANG_LORA_CONFIG_DIR`` in the environment wins. H200, 7B, rank 8: the kernels at
+    0.31–0.71× their time, the engine faster in every figure of 3 alternated pairs
+    (``results/serving/h200-7b-lora-kernels-tuned``)."""
     max_lora_rank: int | None = Field(None, ge=1)
     """Largest rank a hot-loaded adapter may have; ``None`` = inferred from the adapters."""
     lora_target_modules: list[str] | None = None

@@ -39,7 +39,7 @@
 #                                    256 streams; DECODE_OPEN="--arrival-rate R": open loop)
 #                       space-rehearsal  the GPU Space (deploy/gpu-space) from a clean home: its
 #                                    build step, its command, scripts/app_check.py against it
-#                       lora-tune    lab/tune_lora_kernels.py: csgmv block sizes for the 7B
+#                       lora-tune    python -m engine.lora_kernels: csgmv block sizes for the 7B
 #                                    shape on this GPU (decode setting `lora-tuned` uses them)
 #                       code-ab      the code of e930aef vs this tree, one engine each, alternating,
 #                                    direct base and 128 adapters at 256 streams (the throughput
@@ -448,7 +448,8 @@ decode_setting() {  # a named engine setting of decode-settings, as bench's --se
     max-running-256) echo 'max_running_requests=256' ;;  # the rest wait for a slot
     mixed-chunk) echo 'extra={"enable_mixed_chunk": true}' ;;
     lora-chunk-128) echo 'extra={"max_lora_chunk_size": 128}' ;;  # csgmv's segments (SGLang: 16)
-    lora-tuned) echo 'extra={}' ;;  # the defaults, with tuned csgmv block sizes (decode_env)
+    lora-tuned) echo "lora_kernel_configs=$LORA_CONFIGS" ;;  # the lora-tune step's block sizes
+    sglang-kernels) echo 'lora_kernel_configs=null' ;;  # SGLang's own csgmv block sizes
     *) echo "no decode setting named $1" >&2; return 1 ;;
   esac
 }
@@ -457,14 +458,13 @@ decode_settings() {  # #16 item 4, after the profile: SGLang settings against th
   # and eager steps, one engine each (DECODE_PAIRS rounds of the pairs plan at 256 streams × 128
   # adapters). A name listed again is another engine (folder NAME-2, ...): alternate A/B engines.
   wait_file "$SYNTH/adapters.yaml" 600 || return 1
-  local name setting folder env_vars
+  local name setting folder
   for name in ${DECODE_SETTINGS:-default continuous-4 graph-bs-512}; do
     setting=$(decode_setting "$name") || continue
-    env_vars=$(decode_env "$name") || continue
     folder=$(next_folder "$RESULTS/decode-settings/$name")
     gpu_free
-    # shellcheck disable=SC2086  # DECODE_OPEN: flags, env_vars: words, both split on purpose
-    env $env_vars timeout 900 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" \
+    # shellcheck disable=SC2086  # DECODE_OPEN: flags, split on purpose
+    timeout 900 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" \
       --out "$folder" --plan pairs --pairs "${DECODE_PAIRS:-1}" \
       --users "${DECODE_USERS:-256}" --adapters 128 \
       --duration "${DURATION:-20}" --warmup 5 --http-port 8768 \
@@ -473,24 +473,15 @@ decode_settings() {  # #16 item 4, after the profile: SGLang settings against th
   done
 }
 
-decode_env() {  # the environment a decode setting adds to the engine's process (words for env)
-  case $1 in
-    lora-tuned)  # lab/tune_lora_kernels.py's block sizes (the lora-tune step writes them)
-      [ -d "$LORA_CONFIGS/csgmv_configs" ] || { echo "lora-tuned: no $LORA_CONFIGS" >&2; return 1; }
-      echo "SGLANG_LORA_CONFIG_DIR=$LORA_CONFIGS" ;;
-    *) ;;
-  esac
-}
-
 next_folder() {  # DIR, or DIR-2, DIR-3, ... when it exists
   local n=2 dir=$1
   while [ -e "$dir" ]; do dir="$1-$n"; n=$((n + 1)); done
   echo "$dir"
 }
 
-lora_tune() {  # #16 item 4: csgmv block sizes for the 7B shape on this GPU (lab/tune_lora_kernels.py)
+lora_tune() {  # #16 item 4: csgmv block sizes for the 7B shape on this GPU (engine.lora_kernels)
   wait_file "$SYNTH/adapters.yaml" 600 || return 1
-  timeout 600 python3 lab/tune_lora_kernels.py --config "$SYNTH/adapters.yaml" \
+  timeout 600 python3 -m engine.lora_kernels --config "$SYNTH/adapters.yaml" \
     --out "$RESULTS/lora-kernels" --configs "$LORA_CONFIGS" --slots 128
 }
 

@@ -1,9 +1,9 @@
-"""lab/tune_lora_kernels.py's CPU side: the projection shapes, the segments as SGLang's csgmv
-backend cuts them, the config files in SGLang's layout, the report (the kernels need a GPU)."""
+"""engine/lora_kernels.py's CPU side: the projection shapes, the segments as SGLang's csgmv
+backend cuts them, the config files in SGLang's layout, the report, and which folder the SGLang
+backend hands SGLang (the kernels need a GPU: results/serving/h200-7b-lora-kernels-tuned)."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import subprocess
@@ -12,12 +12,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("tune", ROOT / "lab" / "tune_lora_kernels.py")
-tune = importlib.util.module_from_spec(spec)
-sys.modules["tune"] = tune  # its dataclasses look their module up
-spec.loader.exec_module(tune)
+from engine import lora_kernels as tune
 
+ROOT = Path(__file__).resolve().parents[1]
 MISTRAL = {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8,
            "intermediate_size": 14336}  # fmt: skip
 
@@ -134,9 +131,54 @@ def test_the_dry_run_reads_the_registry_and_plans_without_a_gpu(tmp_path):
     subprocess.run([sys.executable, "-m", "loadtest.synth", "--shape", "tiny", "--adapters", "2",
                     "--out", str(synth)], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
     done = subprocess.run(
-        [sys.executable, "lab/tune_lora_kernels.py", "--config", str(synth / "adapters.yaml"),
-         "--out", str(tmp_path / "out"), "--dry-run"],
+        [sys.executable, "-m", "engine.lora_kernels", "--config", str(synth / "adapters.yaml"),
+         "--dry-run"],
         cwd=ROOT, check=True, capture_output=True, text=True,
     )  # fmt: skip
     assert "groups ['qkv']" in done.stdout
     assert "qkv expand: 12 configs × 4 cases" in done.stdout
+
+
+def tuned_folder(path: Path) -> Path:
+    (path / "csgmv_configs" / "triton_3_6_0").mkdir(parents=True)
+    return path
+
+
+def test_auto_uses_the_cache_folder_once_the_tuner_wrote_there(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORALAND_CACHE", str(tmp_path))
+    assert tune.config_folder("auto") is None  # never tuned: SGLang's own files
+    tuned_folder(tmp_path / "lora-kernels")
+    assert tune.config_folder("auto") == tmp_path / "lora-kernels"
+    assert tune.config_folder(None) is None
+
+
+def test_a_named_folder_must_hold_sglangs_layout(tmp_path):
+    assert tune.config_folder(str(tuned_folder(tmp_path / "k"))) == tmp_path / "k"
+    with pytest.raises(ValueError, match="no csgmv_configs"):
+        tune.config_folder(str(tmp_path / "missing"))
+
+
+def test_the_backend_sets_sglangs_variable_and_a_users_own_wins(tmp_path):
+    environ = {}
+    folder = tuned_folder(tmp_path / "k")
+    assert tune.use_tuned_kernels(str(folder), environ) == folder
+    assert environ == {"SGLANG_LORA_CONFIG_DIR": str(folder)}
+    mine = {"SGLANG_LORA_CONFIG_DIR": "/mine"}
+    assert tune.use_tuned_kernels(str(folder), mine) == Path("/mine")
+    assert mine == {"SGLANG_LORA_CONFIG_DIR": "/mine"}
+    untouched = {}
+    assert tune.use_tuned_kernels(None, untouched) is None and untouched == {}
+
+
+def test_the_engines_rank_targets_and_slots_come_from_the_registry_settings(tmp_path):
+    synth = tmp_path / "synth"
+    subprocess.run([sys.executable, "-m", "loadtest.synth", "--shape", "tiny", "--adapters", "2",
+                    "--out", str(synth)], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+    config = synth / "adapters.yaml"
+    _, rank, targets, slots = tune.model_shape(str(config))
+    assert (rank, targets) == (8, ["q_proj", "v_proj"])
+    settings = "sglang: {max_lora_rank: 32, lora_target_modules: [all], max_loras_per_batch: 64}"
+    config.write_text(config.read_text().replace("engine:", f"engine:\n  {settings}", 1))
+    _, rank, targets, slots = tune.model_shape(str(config))
+    assert (rank, slots) == (32, 64)
+    assert set(targets) == set(tune.GROUP_OF_TARGET)

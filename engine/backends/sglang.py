@@ -32,6 +32,7 @@ from ..interface import (
     TokenLogprob,
     Usage,
 )
+from ..lora_kernels import use_tuned_kernels
 from ..registry import SGLangSettings
 from ..text import end_of_turn_ids, token_text
 from .common import PromptTokenizer, Tokenizes, check_context, check_loadable
@@ -337,6 +338,11 @@ class SGLangEngine(Tokenizes, Engine):
         self.names = set(adapters)
         self.adapter_paths = dict(adapters)
         kwargs = engine_kwargs(self.settings, base_dir, adapters, dtype)
+        try:
+            kernels = use_tuned_kernels(self.settings.lora_kernel_configs)
+        except ValueError as error:
+            raise EngineError(str(error)) from None
+        log.info("csgmv LoRA kernels: block sizes from %s", kernels or "SGLang's own files")
         log.info(
             "starting sglang.Engine with %s", {k: v for k, v in kwargs.items() if k != "lora_paths"}
         )
