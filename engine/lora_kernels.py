@@ -518,9 +518,15 @@ def plan(args) -> tuple[list[Group], int, list[Case]]:
 
 def run(args) -> None:
     os.environ["SGLANG_USE_CUSTOM_TRITON_KERNEL_CACHE"] = "0"  # compiled per config, not per shape
-    import sglang
+    try:
+        import sglang
+        import torch
+    except ImportError as error:
+        raise SystemExit(f"{error}: tuning runs SGLang's kernels on a GPU (requirements/gpu.txt); "
+                         "--dry-run shows the plan anywhere") from None  # fmt: skip
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU: the block sizes are tuned on the GPU that will serve")
     import sglang.kernels.ops.gemm.chunked_sgmv_shrink as shrink_mod
-    import torch
     import triton
 
     if not isinstance(shrink_mod._chunked_lora_shrink_kernel, triton.runtime.JITFunction):

@@ -182,3 +182,24 @@ def test_the_engines_rank_targets_and_slots_come_from_the_registry_settings(tmp_
     _, rank, targets, slots = tune.model_shape(str(config))
     assert (rank, slots) == (32, 64)
     assert set(targets) == set(tune.GROUP_OF_TARGET)
+
+
+def test_without_sglang_or_a_gpu_the_tuner_says_what_it_needs(tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import sglang  # noqa: F401
+
+        pytest.skip("SGLang is installed here")
+    except ImportError:
+        pass
+    synth = tmp_path / "synth"
+    subprocess.run([sys.executable, "-m", "loadtest.synth", "--shape", "tiny", "--adapters", "1",
+                    "--out", str(synth)], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.lora_kernels", "--config", str(synth / "adapters.yaml"),
+         "--configs", str(tmp_path / "k")],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "requirements/gpu.txt" in done.stderr and "--dry-run" in done.stderr
+    assert not (tmp_path / "k").exists()
