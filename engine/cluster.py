@@ -351,16 +351,18 @@ def create_control(
     app = FastAPI(title="LoRA Land cluster control")
     guard_v1(app, api_key, control.admin_token)
 
-    async def from_a_replica(path: str, body: bytes | None = None) -> Response:
+    async def from_a_replica(
+        path: str, body: bytes | None = None, headers: dict | None = None
+    ) -> Response:
         """The first replica that answers (they serve the same adapters and tokenizer): a GET,
-        or a POST of ``body``."""
+        or a POST of ``body`` with the client's ``headers`` about it (the replica refuses a body
+        that is not JSON, as it would the client's own)."""
         for url in urls:
             try:
                 if body is None:
                     answer = await control.client.get(url + path)
                 else:
-                    json_type = {"content-type": "application/json"}
-                    answer = await control.client.post(url + path, content=body, headers=json_type)
+                    answer = await control.client.post(url + path, content=body, headers=headers)
             except httpx.HTTPError:
                 continue
             if answer.status_code < 500:
@@ -381,7 +383,9 @@ def create_control(
         body = await bounded_body(request, MAX_TOKENS_BODY)
         if isinstance(body, JSONResponse):
             return body
-        return await from_a_replica(request.url.path, body)
+        about_body = ("content-type", "content-encoding")
+        headers = {k: v for k, v in request.headers.items() if k.lower() in about_body}
+        return await from_a_replica(request.url.path, body, headers)
 
     for path in ("/tokenize", "/detokenize", "/v1/tokenize", "/v1/detokenize"):
         app.add_api_route(path, tokens, methods=["POST"])

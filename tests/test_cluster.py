@@ -161,6 +161,9 @@ def test_the_control_api_tokenizes_as_a_replica_does(cluster):
     assert "A joyless slog." in back.json()["prompt"]
     refused = httpx.post(f"{cluster['control']}/detokenize", json={"tokens": [-1]})  # a replica's
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "tokens"  # refusal
+    plain = {"content-type": "text/plain"}  # a page's cross-origin POST without a preflight
+    as_text = httpx.post(f"{cluster['control']}/tokenize", content=json.dumps(body), headers=plain)
+    assert as_text.status_code == 415 and "not JSON" in as_text.json()["error"]["message"]
 
 
 def test_a_hot_load_reaches_every_replica_and_unloads_from_every_one(cluster):
