@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import weakref
 
@@ -100,28 +101,55 @@ def prompt_token_ids(tokenizer, request: GenerationRequest, chat_template: bool)
     if request.prompt_ids is not None:
         return list(request.prompt_ids)
     if request.messages is not None:
+        messages = template_messages(request.messages)
         if chat_template and tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template(
-                request.messages, add_generation_prompt=True, tokenize=True
-            )
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        text = "\n".join(m["content"] for m in request.messages)
-        return tokenizer.encode(text)
+        return tokenizer.encode("\n".join(m["content"] for m in messages))
     return tokenizer.encode(request.prompt)
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """The messages as the chat template takes them: an assistant's tool calls written after
+    its text, as the model writes them under ``tool_choice: required`` (``calls_text``)."""
+    out = []
+    for message in messages:
+        if message.get("tool_calls"):
+            text = "\n".join(
+                t for t in (message["content"], calls_text(message["tool_calls"])) if t
+            )
+            message = {k: v for k, v in message.items() if k != "tool_calls"} | {"content": text}
+        out.append(message)
+    return out
+
+
+def calls_text(calls: list[dict]) -> str:
+    """Calls (OpenAI's shape) as a JSON array of ``{"name", "parameters"}`` (arguments that are
+    not JSON go as their text)."""
+
+    def parameters(arguments: str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+
+    listed = [
+        {"name": c["function"]["name"], "parameters": parameters(c["function"]["arguments"])}
+        for c in calls
+    ]
+    return json.dumps(listed, ensure_ascii=False)
 
 
 def check_vocabulary(vocab: int, request: GenerationRequest) -> None:
     """Every token id of the prompt and of ``logit_bias`` is in 0 … ``vocab`` − 1 (else 400)."""
-    biased = request.params.logit_bias or {}
-    if (bad := next((t for t in biased if not 0 <= t < vocab), None)) is not None:
-        raise InvalidRequestError(
-            f"logit_bias token {bad} is outside the vocabulary (0..{vocab - 1})", "logit_bias"
-        )
-    bad = next((t for t in request.prompt_ids or [] if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise InvalidRequestError(
-            f"prompt token {bad} is outside the vocabulary (0..{vocab - 1})", "prompt"
-        )
+    check_ids(vocab, request.params.logit_bias or {}, "logit_bias", "logit_bias token")
+    check_ids(vocab, request.prompt_ids or [], "prompt", "prompt token")
+
+
+def check_ids(vocab: int, ids, param: str, what: str = "token") -> None:
+    """A 400 naming ``param`` for the first id outside 0 … ``vocab`` − 1."""
+    if (bad := next((t for t in ids if not 0 <= t < vocab), None)) is not None:
+        raise InvalidRequestError(f"{what} {bad} is outside the vocabulary (0..{vocab - 1})", param)
 
 
 class TextStream:

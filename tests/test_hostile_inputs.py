@@ -35,6 +35,10 @@ def message(**fields):
     return chat(messages=[{"role": "user", "content": "Hi"} | fields])
 
 
+CALLED = {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]}  # fmt: skip
+TOOL_RESULT = {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}
+
+
 # (id, method, path, body: dict | bytes | None, headers, status, param or None)
 # fmt: off
 CASES = [
@@ -163,6 +167,11 @@ CASES = [
     ("message-tool-call-id-on-user", "POST", CHAT, message(tool_call_id="call_1"), {}, 400, "messages.0.tool_call_id"),
     ("message-tool-without-tool-call-id", "POST", CHAT, chat(messages=[{"role": "user", "content": "Hi"}, {"role": "tool", "content": "18 C"}]), {}, 400, "messages.1.tool_call_id"),
     ("message-tool-call-id-null", "POST", CHAT, chat(messages=[{"role": "user", "content": "Hi"}, {"role": "tool", "tool_call_id": None, "content": "18 C"}]), {}, 400, "messages.1.tool_call_id"),
+    ("message-tool-answers-no-call", "POST", CHAT, chat(messages=[{"role": "user", "content": "Hi"}, {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]), {}, 400, "messages.1.tool_call_id"),
+    ("message-tool-answers-a-call-twice", "POST", CHAT, chat(messages=[{"role": "user", "content": "Hi"}, CALLED, TOOL_RESULT, TOOL_RESULT]), {}, 400, "messages.3.tool_call_id"),
+    ("message-call-left-unanswered", "POST", CHAT, chat(messages=[{"role": "user", "content": "Hi"}, CALLED, {"role": "user", "content": "and?"}]), {}, 400, "messages.2"),
+    ("message-call-last-unanswered", "POST", CHAT, chat(messages=[{"role": "user", "content": "Hi"}, CALLED]), {}, 400, "messages"),
+    ("tokenize-call-left-unanswered", "POST", "/tokenize", {"messages": [{"role": "user", "content": "Hi"}, CALLED, {"role": "user", "content": "and?"}]}, {}, 400, "messages.2"),
     ("message-role-missing", "POST", CHAT, chat(messages=[{"content": "Hi"}]), {}, 400, "messages.0.role"),
     ("message-content-int", "POST", CHAT, message(content=5), {}, 400, "messages.0.content"),
     ("message-content-null", "POST", CHAT, message(content=None), {}, 400, "messages.0.content"),

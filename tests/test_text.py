@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from engine.interface import GenerationRequest, InvalidRequestError, SamplingParams
-from engine.text import TextStream, prompt_token_ids
+from engine.interface import (
+    GenerationRequest,
+    InvalidRequestError,
+    SamplingParams,
+    validate_messages,
+)
+from engine.text import TextStream, prompt_token_ids, template_messages
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +104,39 @@ def test_a_token_that_is_part_of_a_character_is_spelled_by_its_bytes(tokenizer, 
     assert b"".join(token_bytes(s) for s in spelled).decode("utf-8") == text
     assert all("\ufffd" not in s for s in spelled)
     assert any(s.startswith("bytes:") for s in spelled) == (text == "👏👏")
+
+
+CALL = {"id": "call_1", "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
+
+
+def test_an_assistants_calls_are_written_after_its_text_for_the_template(tokenizer):
+    """Engine messages keep OpenAI's calls (a remote server checks the tool results' ids); the
+    prompt shows them as the model writes them under ``tool_choice: required``."""
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "tool", "content": "18 C", "tool_call_id": "call_1"},
+    ]
+    shown = template_messages(messages)
+    assert shown[1] == {
+        "role": "assistant",
+        "content": '[{"name": "get_weather", "parameters": {"city": "Paris"}}]',
+    }
+    assert shown[0] is messages[0] and shown[2] is messages[2]
+    assert messages[1]["content"] == "" and messages[1]["tool_calls"] == [CALL]  # not changed
+    request = GenerationRequest(messages=messages)
+    text = tokenizer.decode(prompt_token_ids(tokenizer, request, chat_template=True))
+    assert '"parameters": {"city": "Paris"}' in text and "18 C" in text
+
+
+def test_calls_keep_arguments_that_are_not_json_as_their_text_beside_the_answers_text():
+    call = CALL | {"function": {"name": "f", "arguments": "not json"}}
+    [shown] = template_messages([{"role": "assistant", "content": "Sure.", "tool_calls": [call]}])
+    assert shown["content"] == 'Sure.\n[{"name": "f", "parameters": "not json"}]'
+
+
+@pytest.mark.parametrize("calls", [{"function": {}}, [{"function": {"name": "f"}}], ["f"]])
+def test_engine_messages_with_calls_not_in_openais_shape_are_refused(calls):
+    with pytest.raises(InvalidRequestError, match="tool_calls"):
+        validate_messages([{"role": "assistant", "content": "", "tool_calls": calls}])

@@ -231,17 +231,19 @@ class ChatMessage(Wire):
         return value
 
     def as_engine_message(self) -> dict:
-        """The message as the chat template takes it; an assistant's tool calls written after
-        its text as the answers of ``tool_choice: required`` are (``tools.calls_text``)."""
+        """The engine's message: text content, an assistant's calls and a tool's call id as
+        OpenAI's (the prompt writes the calls after the text: ``text.template_messages``; a
+        server behind ``app.py --remote`` checks the ids)."""
         role = "system" if self.role == "developer" else self.role
         text = self.content
         if not isinstance(text, str):
             text = "\n".join(part.text for part in text)
+        message = {"role": role, "content": text}
         if self.tool_calls:
-            text = "\n".join(t for t in (text, calls_text(self.tool_calls)) if t)
-        if self.tool_call_id is not None:  # what a server behind ``app.py --remote`` asks for
-            return {"role": role, "content": text, "tool_call_id": self.tool_call_id}
-        return {"role": role, "content": text}
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class StreamOptions(Wire):
@@ -356,22 +358,6 @@ class CompletionBody(SamplingFields):
     """Prepend the prompt to the answer."""
     logprobs: int | None = Field(None, ge=0, le=5)
     """Log-probabilities of each token and the most likely ``logprobs`` alternatives."""
-
-
-def calls_text(calls: list[ToolCall]) -> str:
-    """Tool calls as the model writes them under ``tool_choice: required``: a JSON array of
-    ``{"name", "parameters"}`` (arguments that are not JSON go as their text)."""
-
-    def parameters(arguments: str):
-        try:
-            return json.loads(arguments)
-        except ValueError:
-            return arguments
-
-    listed = [
-        {"name": c.function.name, "parameters": parameters(c.function.arguments)} for c in calls
-    ]
-    return json.dumps(listed, ensure_ascii=False)
 
 
 class ChatBody(SamplingFields):

@@ -80,7 +80,7 @@ from .protocol import (
     usage_dict,
     validation_message,
 )
-from .tools import ToolPlan, ToolStream, tool_plan
+from .tools import ToolPlan, ToolStream, check_tool_results, tool_plan
 
 log = logging.getLogger(__name__)
 Merger = Callable[..., Path]
@@ -390,6 +390,7 @@ class Api:
 
     def chat_messages(self, body: ChatBody | TokenizeBody, spec: AdapterSpec | None) -> list[dict]:
         """The engine's messages, with the adapter's prompt template filled (unless ``raw``)."""
+        check_tool_results(body.messages or [])
         messages = [m.as_engine_message() for m in body.messages or []]
         if body.prompt_template == "raw" or spec is None:
             if body.template_fields is not None:

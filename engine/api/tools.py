@@ -10,7 +10,7 @@ answer is constrained to the call's JSON by the structured-output grammar (both 
   400 that says what to send instead, as vLLM answers without ``--tool-call-parser``.
 
 The functions are shown to the model in a system message (``instructions``); an answer's calls
-sent back in the next request are written as the model wrote them (``protocol.calls_text``).
+sent back in the next request are written as the model wrote them (``text.calls_text``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from ..constraints import JsonSchemaSpec, ResponseFormat, grammar_problem
 from ..interface import Chunk, new_id
-from .protocol import ChatBody, Tool, invalid
+from .protocol import ChatBody, ChatMessage, Tool, invalid
 
 ANY_OBJECT = {"type": "object"}
 """Every function's arguments (a schema without ``type`` gets this one)."""
@@ -104,6 +104,34 @@ class ToolPlan:
             return {"role": "assistant", "content": text, "refusal": None}, reason
         message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": calls}
         return message, self.finish_reason(reason)
+
+
+def check_tool_results(messages: list[ChatMessage]) -> None:
+    """OpenAI's rule for a conversation with calls: a tool's message answers a call of the
+    assistant's message before it (by ``tool_call_id``), and each such call is answered before
+    the conversation goes on; else a 400 naming the message."""
+    waiting: dict[str, None] = {}  # the calls not yet answered, in order
+    for i, message in enumerate(messages):
+        if message.role == "tool":
+            call_id = message.tool_call_id
+            if call_id not in waiting:
+                raise invalid(
+                    f"messages[{i}]: tool_call_id {call_id!r} answers no call of the assistant's "
+                    "message before it (or one answered already)",
+                    f"messages.{i}.tool_call_id",
+                )
+            del waiting[call_id]
+            continue
+        if waiting:
+            raise invalid(unanswered(waiting, f"messages[{i}] comes"), f"messages.{i}")
+        waiting = dict.fromkeys(call.id for call in message.tool_calls or [])
+    if waiting:
+        raise invalid(unanswered(waiting, "the conversation ends"), "messages")
+
+
+def unanswered(waiting: dict[str, None], where: str) -> str:
+    ids = ", ".join(repr(c) for c in waiting)
+    return f"{where} before a tool's message answers the call(s) {ids}: send each call's result"
 
 
 def refs_under(schema: dict, base: str) -> dict:

@@ -20,7 +20,7 @@ from ..interface import (
     SamplingParams,
 )
 from ..registry import SLUG, adapter_dir_problems
-from ..text import prompt_token_ids, token_text, vocabulary_size
+from ..text import check_ids, prompt_token_ids, template_messages, token_text, vocabulary_size
 
 OFF_LOOP_CHARS = 8192
 """Prompts longer than this are tokenized in a worker process, so the event loop keeps serving."""
@@ -100,7 +100,8 @@ empty messages are a long prompt too."""
 def prompt_chars(request: GenerationRequest) -> int:
     if request.prompt is not None:
         return len(request.prompt)
-    return sum(len(m["content"]) + MESSAGE_CHARS for m in request.messages or [])
+    messages = template_messages(request.messages or [])
+    return sum(len(m["content"]) + MESSAGE_CHARS for m in messages)
 
 
 WORKER_TOKENIZER = None
@@ -192,9 +193,5 @@ class Tokenizes:
             raise InvalidRequestError(
                 f"tokens: at most the context's {self.context} ids ({len(ids)} given)", "tokens"
             )
-        vocab = vocabulary_size(self.prompt_tokenizer.tokenizer)
-        if (bad := next((t for t in ids if not 0 <= t < vocab), None)) is not None:
-            raise InvalidRequestError(
-                f"token {bad} is outside the vocabulary (0..{vocab - 1})", "tokens"
-            )
+        check_ids(vocabulary_size(self.prompt_tokenizer.tokenizer), ids, "tokens")
         return self.prompt_tokenizer.tokenizer.decode(ids)
