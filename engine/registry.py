@@ -80,12 +80,13 @@ class SGLangSettings(Strict):
     >= max_loras_per_batch."""
     lora_backend: Literal["csgmv", "triton", "torch_native"] = "csgmv"
     """Multi-LoRA kernel backend."""
-    lora_kernel_configs: str | None = "auto"
+    lora_kernel_configs: str | None = Field("auto", min_length=1)
     """Block sizes for csgmv's kernels, tuned once per GPU and base model by ``python -m
-    engine.lora_kernels``: that folder; ``auto``: ``$LORALAND_CACHE/lora-kernels`` once the tuner
-    wrote there, else SGLang's own; ``None``: SGLang's own (it ships rank 64 only). A variable
-    ``SGLANG_LORA_CONFIG_DIR`` in the environment wins. H200, 7B, rank 8: the kernels at
-    0.31–0.71× their time, the engine faster in every figure of 3 alternated pairs
+    engine.lora_kernels``: that folder (a relative one: beside this file); ``auto``:
+    ``$LORALAND_CACHE/lora-kernels`` once the tuner wrote there, else SGLang's own; ``None``:
+    SGLang's own (it ships rank 64 only). A variable ``SGLANG_LORA_CONFIG_DIR`` in the
+    environment wins. H200, 7B, rank 8: the kernels at 0.31–0.71× their time, the engine faster
+    in every figure of 3 alternated pairs
     (``results/serving/h200-7b-lora-kernels-tuned``)."""
     max_lora_rank: int | None = Field(None, ge=1)
     """Largest rank a hot-loaded adapter may have; ``None`` = inferred from the adapters."""
@@ -443,6 +444,7 @@ def load_registry(path: str | Path) -> Registry:
         raise RegistryError(format_validation_error(path, raw, err)) from None
     problems = check_trained_on(registry)
     resolve_local_base(registry, path.parent)
+    resolve_kernel_configs(registry.engine.sglang, path.parent)
     problems += check_adapters(registry, path.parent)
     if problems:
         raise RegistryError(f"{path}:\n  " + "\n  ".join(problems))
@@ -472,6 +474,12 @@ def resolve_local_base(registry: Registry, root: Path) -> None:
     candidate = root / registry.base.model
     if not Path(registry.base.model).is_absolute() and candidate.is_dir():
         registry.base.model = str(candidate.resolve())
+
+
+def resolve_kernel_configs(settings: SGLangSettings, root: Path) -> None:
+    folder = settings.lora_kernel_configs
+    if folder not in (None, "auto") and not Path(folder).expanduser().is_absolute():
+        settings.lora_kernel_configs = str((root / folder).resolve())
 
 
 def check_trained_on(registry: Registry) -> list[str]:

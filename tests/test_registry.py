@@ -65,6 +65,22 @@ def test_a_good_file_resolves_paths_against_its_folder(tmp_path, adapter_copy):
     assert registry.engine.backend == "auto" and registry.base.model == "smollm2"
 
 
+def test_a_kernel_config_folder_resolves_beside_the_file_and_auto_or_null_stay(tmp_path):
+    def kernels(value):
+        path = write(tmp_path, {"engine": {"sglang": {"lora_kernel_configs": value}}})
+        return load_registry(path).engine.sglang.lora_kernel_configs
+
+    assert kernels("kernels") == str((tmp_path / "kernels").resolve())
+    assert kernels("/abs/kernels") == "/abs/kernels"
+    assert kernels("auto") == "auto" and kernels(None) is None
+    assert "lora_kernel_configs" in error_of(
+        tmp_path, {"engine": {"sglang": {"lora_kernel_configs": ""}}}
+    )
+    assert "lora_kernel_configs" in error_of(
+        tmp_path, {"engine": {"sglang": {"lora_kernel_configs": 5}}}
+    )
+
+
 def test_duplicate_name(tmp_path, adapter_copy):
     message = error_of(tmp_path, {"adapters": [entry(), entry()]})
     assert "adapters[1] 'alpha' → name: duplicate of adapters[0]" in message
