@@ -259,6 +259,7 @@ async def direct_point(
     if (busy := meter.cores()["server_cpu_cores"]) is not None:
         point["engine_process_cpu_cores"] = busy
     point["engine_children_cpu_cores"] = children.cores()  # SGLang's scheduler, detokenizer
+    point |= children.busiest_thread()
     point["distribution"] = "base" if adapters == 0 else "uniform"
     if lag:
         point |= lag.figures(*steady)
@@ -292,6 +293,7 @@ async def http_point(options, users: int, adapters: int, raw: Path, clocks=None,
     point, records = await asyncio.to_thread(measured, options, users, adapters, raw)
     point["open_loop"] = bool(getattr(options, "arrival_rate", 0))
     point["engine_children_cpu_cores"] = children.cores()
+    point |= children.busiest_thread()
     if window := steady_window(records, options):  # the client's: the requests of its TTFT
         point |= {figure: clock.ttft_p50(*window) for figure, clock in clocks.items()}
         point |= lag.figures(*window) if lag else {}

@@ -72,8 +72,8 @@ FIGURES = ("output_throughput", "ttft_p50", "ttft_p90", "first_event_p50", "engi
            "server_ttft_p50", "to_server_p50", "to_client_p50",
            "loop_lag_p50", "loop_lag_p99", "client_loop_lag_p50", "client_loop_lag_p99",
            "itl_p50", "tpot_mean", "gc_full_pause_s", "process_cpu_cores",
-           "engine_children_cpu_cores", "client_cpu_cores", "completed", "failures",
-           "served")  # fmt: skip
+           "engine_children_cpu_cores", "engine_busiest_thread_cores", "client_cpu_cores",
+           "completed", "failures", "served")  # fmt: skip
 STEADY_SERVED = 0.9
 """Completed ÷ arrived in the window below this: the point's arrivals outran the server."""
 
@@ -203,7 +203,7 @@ def pairs_markdown(summary: dict, title: str = "Alternating pairs") -> str:
             "loop lag p50 / p99 ms median | "
             "Locust's hub lag p50 / p99 ms median | full GC s median | "
             "TPOT ms median | ITL p50 ms median (per chunk) | serving process cores | "
-            "SGLang children cores | Locust cores | failed (sum) |",
+            "SGLang children cores (busiest thread) | Locust cores | failed (sum) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for kind, figures in group["points"].items():
@@ -224,6 +224,7 @@ def pairs_markdown(summary: dict, title: str = "Alternating pairs") -> str:
             tpot, _ = fmt(figures["tpot_mean"], 1000, 1)
             cores, _ = fmt(figures["process_cpu_cores"])
             children, _ = fmt(figures["engine_children_cpu_cores"])
+            busiest, _ = fmt(figures["engine_busiest_thread_cores"])
             client, _ = fmt(figures["client_cpu_cores"])
             failed = sum(figures["failures"]["values"])
             lines.append(
@@ -232,7 +233,7 @@ def pairs_markdown(summary: dict, title: str = "Alternating pairs") -> str:
                 f"{hub50} / {hub99} | "
                 f"{paused} | "
                 f"{tpot} | {itl} | "
-                f"{cores} | {children} | {client} | {failed} |"
+                f"{cores} | {children} ({busiest}) | {client} | {failed} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -81,18 +81,44 @@ def process_tree(root: int) -> set[int]:
     return tree
 
 
+def thread_cpu_seconds(pid: int) -> dict[tuple[int, int], tuple[str, float]]:
+    """(pid, thread id) → (the thread's name, its user + system CPU seconds), from ``/proc``."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+        try:
+            text = (task / "stat").read_text()
+            fields = text.rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        name = text[text.find("(") + 1 : text.rfind(")")]
+        out[(pid, int(task.name))] = (name, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+    return out
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
 class ChildrenMeter:
     """Cores busy in a process's descendants that live through the whole measurement: SGLang's
-    scheduler and detokenizer (a Locust run, started and ended inside, is not counted)."""
+    scheduler and detokenizer (a Locust run, started and ended inside, is not counted); and the
+    busiest single thread among them: near 1.0 core, that thread (SGLang's scheduler loop is one
+    Python thread) is what bounds the step."""
 
     def __init__(self, root: int):
         self.root = root
         self.wall = time.perf_counter()
         self.before = self.seconds()
+        self.threads_before = self.threads()
+
+    def descendants(self) -> set[int]:
+        return process_tree(self.root) - {self.root}
 
     def seconds(self) -> dict[int, float]:
-        times = {pid: process_cpu_seconds(pid) for pid in process_tree(self.root) - {self.root}}
+        times = {pid: process_cpu_seconds(pid) for pid in self.descendants()}
         return {pid: t for pid, t in times.items() if t is not None}
+
+    def threads(self) -> dict[tuple[int, int], tuple[str, float]]:
+        return {key: v for pid in self.descendants() for key, v in thread_cpu_seconds(pid).items()}
 
     def cores(self) -> float | None:
         wall = time.perf_counter() - self.wall
@@ -101,6 +127,21 @@ class ChildrenMeter:
         if not both:
             return None
         return round(sum(after[p] - self.before[p] for p in both) / wall, 2)
+
+    def busiest_thread(self) -> dict:
+        """``engine_busiest_thread_cores`` and its ``engine_busiest_thread`` ("name pid/tid")."""
+        wall = time.perf_counter() - self.wall
+        after = self.threads()
+        used = {
+            k: after[k][1] - self.threads_before[k][1] for k in after if k in self.threads_before
+        }
+        if not used:
+            return {}
+        pid, tid = max(used, key=used.get)
+        return {
+            "engine_busiest_thread_cores": round(used[(pid, tid)] / wall, 2),
+            "engine_busiest_thread": f"{after[(pid, tid)][0]} {pid}/{tid}",
+        }
 
 
 def gpu_memory_mib() -> int | None:

@@ -459,3 +459,23 @@ def test_gc_pauses_runs_both_modes_and_only_the_frozen_server_has_frozen_objects
         assert point["completed"] > 0 and point["failures"] == 0
         assert point["gen2_collections"] >= 0 and point["gen2_pause_s"] >= 0
     assert "frozen ÷ not frozen" in (tmp_path / "results.md").read_text()
+
+
+def test_the_children_meter_names_the_busiest_thread_of_a_child():
+    """What says whether SGLang's scheduler loop (one thread of a child process) is saturated:
+    here a child spinning on one thread is the busiest, with some CPU over the window."""
+    from loadtest.procs import ChildrenMeter, process_cpu_seconds
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        meter = ChildrenMeter(os.getpid())
+        start = process_cpu_seconds(busy.pid)
+        deadline = time.monotonic() + 120  # a busy machine may give it little CPU: wait for it
+        while process_cpu_seconds(busy.pid) - start < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        found = meter.busiest_thread()
+    finally:
+        busy.kill()
+        busy.wait()
+    assert found["engine_busiest_thread"].endswith(f" {busy.pid}/{busy.pid}")
+    assert found["engine_busiest_thread_cores"] > 0
