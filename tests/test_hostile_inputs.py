@@ -112,7 +112,8 @@ CASES = [
     ("completion-echo-token-prompt", "POST", DONE, completion(echo=True, prompt=[1, 2]), {}, 400, "echo"),
     ("completion-echo-string", "POST", DONE, completion(echo="yes"), {}, 400, "echo"),
     # fields that would be ignored are refused, naming them
-    ("tools-without-a-choice-is-auto", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), {}, 400, "tool_choice"),
+    ("tools-without-a-choice-is-auto", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), {}, 200, None),
+    ("tools-auto-with-stop", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}], stop=["]"]), {}, 400, "stop"),
     ("tools-not-functions", "POST", CHAT, chat(tools=[{"type": "retrieval"}], tool_choice="required"), {}, 400, "tools.0.type"),
     ("tool-name-with-spaces", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "a b"}}], tool_choice="required"), {}, 400, "tools.0.function.name"),
     ("tool-choice-unknown-function", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice={"type": "function", "function": {"name": "g"}}), {}, 400, "tool_choice"),

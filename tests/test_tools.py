@@ -12,6 +12,9 @@ import pytest
 from helpers import WEATHER_TOOL
 
 from engine.api import create_api
+from engine.api.protocol import ChatBody
+from engine.api.tools import ToolPlan, ToolStream, tool_plan
+from engine.interface import Chunk
 
 BASE = "SmolLM2-135M-Instruct"
 WEATHER = WEATHER_TOOL
@@ -127,8 +130,7 @@ def test_calls_cut_by_max_tokens_come_back_as_text(client):
 @pytest.mark.parametrize(
     "fields, param",
     [
-        ({"tools": [WEATHER]}, "tool_choice"),  # auto, OpenAI's default with tools
-        ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice"),
+        ({"tools": [WEATHER], "stop": ["]"]}, "stop"),  # auto: a call's JSON may come
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "tools"),
         (
@@ -202,3 +204,95 @@ def test_a_schema_with_defs_and_refs_is_served_under_any_tool_choice(client, cho
 def test_tool_choice_none_answers_in_text(client):
     choice = ask(client, tools=[WEATHER], tool_choice="none", max_tokens=6).choices[0]
     assert choice.message.tool_calls is None and choice.message.content
+
+
+def auto_plan(parallel: bool = True) -> ToolPlan:
+    body = ChatBody.model_validate({"model": "m", "messages": ASK, "tools": [WEATHER, CLOCK],
+                                    "parallel_tool_calls": parallel})  # fmt: skip
+    plan = tool_plan(body)
+    assert plan.auto and body.response_format is None  # no grammar: the model chooses
+    return plan
+
+
+PARIS = '[{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}]'
+
+
+@pytest.mark.parametrize(
+    "text, called",
+    [
+        (PARIS, True),
+        (f"  {PARIS}\n", True),
+        ("It is sunny in Paris.", False),
+        ('[{"name": "get_moon", "parameters": {}}]', False),  # not a listed function
+        ('[{"name": "get_weather", "parameters": "Paris"}]', False),  # arguments not an object
+        ('[{"name": "get_weather", "parameters": {}, "why": 1}]', False),
+        ("[]", False),
+        ('["get_weather"]', False),
+        (PARIS[:-2], False),  # not whole
+    ],
+)
+def test_under_auto_an_answer_is_calls_only_when_it_is_whole_calls_of_the_tools(text, called):
+    message, finish = auto_plan().message(text, "stop")
+    if called:
+        [call] = message["tool_calls"]
+        assert message["content"] is None and finish == "tool_calls"
+        assert call["function"]["name"] == "get_weather"
+        assert json.loads(call["function"]["arguments"]) == {"city": "Paris", "unit": "c"}
+    else:
+        assert message == {"role": "assistant", "content": text, "refusal": None}
+        assert finish == "stop"
+
+
+def test_auto_with_parallel_calls_off_takes_one_call_and_no_more():
+    two = PARIS[:-1] + ', {"name": "get_time", "parameters": {"zone": "UTC"}}]'
+    assert auto_plan(parallel=True).message(two, "stop")[1] == "tool_calls"
+    assert auto_plan(parallel=False).message(two, "stop") == (
+        {"role": "assistant", "content": two, "refusal": None}, "stop",
+    )  # fmt: skip
+    assert "one call at most" in auto_plan(parallel=False).instructions()
+
+
+def streamed(plan, pieces: list[str], finish: str = "stop") -> tuple[list[dict], str | None]:
+    stream, deltas = ToolStream(plan), []
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        deltas += stream.deltas(Chunk(piece, [], finish_reason=finish if last else None))
+    return deltas, stream.finish_reason(finish)
+
+
+def test_auto_streams_text_as_it_comes_and_holds_back_an_answer_that_opens_with_a_bracket():
+    deltas, finish = streamed(auto_plan(), [" ", "It is", " sunny", "."])
+    assert deltas == [{"content": " It is"}, {"content": " sunny"}, {"content": "."}]
+    assert finish == "stop"
+    pieces = [PARIS[:10], PARIS[10:30], PARIS[30:]]
+    deltas, finish = streamed(auto_plan(), pieces)
+    [only] = deltas
+    assert only["tool_calls"][0]["function"]["name"] == "get_weather" and finish == "tool_calls"
+    deltas, finish = streamed(auto_plan(), ["[1, ", "2]"])  # a bracket, but no calls
+    assert deltas == [{"content": "[1, 2]"}] and finish == "stop"
+    deltas, finish = streamed(auto_plan(), [PARIS[:20]], finish="length")
+    assert deltas == [{"content": PARIS[:20]}] and finish == "length"
+
+
+def test_tools_without_a_choice_are_auto_through_the_sdk_streamed_as_not(client, server):
+    """OpenAI's default with tools: the SDK's plain call works; the answer is text or calls, the
+    same streamed and not (greedy), and the model was shown the functions."""
+    whole = ask(client, tools=[WEATHER]).choices[0]
+    parts = list(ask(client, tools=[WEATHER], stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+    calls = [t for c in parts if c.choices for t in c.choices[0].delta.tool_calls or []]
+    assert parts[-1].choices[0].finish_reason == whole.finish_reason
+    if whole.message.tool_calls:
+        assert whole.finish_reason == "tool_calls" and whole.message.content is None
+        assert [c.function.name for c in calls] == [
+            c.function.name for c in whole.message.tool_calls
+        ]
+    else:
+        assert whole.finish_reason in {"stop", "length"} and text == whole.message.content
+        assert not calls
+    shown = httpx.post(f"{server.url}/tokenize", json={"messages": ASK}).json()["count"]
+    assert whole_prompt_tokens(client) > shown  # the functions' instructions were in the prompt
+
+
+def whole_prompt_tokens(client) -> int:
+    return ask(client, tools=[WEATHER], max_tokens=1).usage.prompt_tokens

@@ -375,10 +375,11 @@ class ChatBody(SamplingFields):
     tools: list[Tool] | None = Field(None, max_length=128)
     """Functions the answer may call (``engine/api/tools.py``)."""
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    """``required`` (at least one call) or a named function; ``none``: no call (the tools are
-    not shown). ``auto``, OpenAI's default with tools, is a 400 (as vLLM's without a parser)."""
+    """``required`` (at least one call) or a named function, made by a grammar; ``auto``
+    (OpenAI's default with tools): calls or text, the model's choice; ``none``: no call (the
+    tools are not shown). ``engine/api/tools.py``."""
     parallel_tool_calls: bool | None = None
-    """With ``required``: several calls in one answer (the default), or one."""
+    """With ``required`` or ``auto``: several calls in one answer (the default), or one."""
 
 
 class TokenizeBody(Wire):

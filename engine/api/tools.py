@@ -5,9 +5,12 @@ answer is constrained to the call's JSON by the structured-output grammar (both 
   arguments, one JSON object matching its ``parameters``;
 - ``tool_choice: "required"``: a JSON array of ``{"name", "parameters"}``, one item per call
   (one at most with ``parallel_tool_calls: false``), each matching its function;
-- ``"none"``: no call, the tools are not shown; ``"auto"`` (OpenAI's default when tools are
-  given) needs a parser of a model's own tool-call format, which the models here do not have: a
-  400 that says what to send instead, as vLLM answers without ``--tool-call-parser``.
+- ``"auto"`` (OpenAI's default when tools are given): the model chooses. It is told to answer
+  with the same JSON array to call functions, and otherwise in text; no grammar holds it, and
+  the answer is calls only if it is, whole, such an array of the listed functions (the parser
+  vLLM asks for with ``--tool-call-parser``, for the format this server teaches the model).
+  Streamed, an answer that begins with ``[`` is held back until it is whole;
+- ``"none"``: no call, the tools are not shown.
 
 The functions are shown to the model in a system message (``instructions``); an answer's calls
 sent back in the next request are written as the model wrote them (``text.calls_text``).
@@ -32,8 +35,10 @@ class ToolPlan:
 
     tools: list[Tool]
     named: str | None
-    """The function the answer must call; ``None``: ``required`` (any of them, one or more)."""
+    """The function the answer must call; ``None``: ``required`` or ``auto`` (any of them)."""
     parallel: bool = True
+    auto: bool = False
+    """``auto``: calls or text, the model's choice (no grammar)."""
 
     def schema(self) -> dict:
         functions = {
@@ -64,13 +69,17 @@ class ToolPlan:
             json.dumps(t.function.model_dump(exclude_none=True), ensure_ascii=False)
             for t in self.tools
         )
+        calls = '[{"name": <function name>, "parameters": <its arguments>}]'
         if self.named is not None:
             ask = f'Call the function "{self.named}": answer with its arguments, one JSON object.'
-        else:
+        elif self.auto:
+            one = "" if self.parallel else " (one call at most)"
             ask = (
-                'Call functions: answer with a JSON array of calls, [{"name": <function name>, '
-                '"parameters": <its arguments>}].'
+                f"To call functions, answer with only a JSON array of calls{one}, {calls}; "
+                "otherwise answer in text."
             )
+        else:
+            ask = f"Call functions: answer with a JSON array of calls, {calls}."
         return f"You can call these functions (JSON Schema of their parameters):\n{listed}\n{ask}"
 
     def with_instructions(self, messages: list[dict]) -> list[dict]:
@@ -87,18 +96,37 @@ class ToolPlan:
             return [call(self.named, text)]
         try:
             listed = json.loads(text)
-            return [call(item["name"], json.dumps(item["parameters"], ensure_ascii=False))
-                    for item in listed]  # fmt: skip
+            calls = [call(item["name"], json.dumps(item["parameters"], ensure_ascii=False))
+                     for item in listed]  # fmt: skip
         except (ValueError, KeyError, TypeError):
             return None
+        return calls if not self.auto or self.chose_calls(listed) else None
+
+    def chose_calls(self, listed) -> bool:
+        """Under ``auto`` no grammar made the answer: it is calls only if it is what the model
+        was told to write, calls of the listed functions with object arguments."""
+        names = {t.function.name for t in self.tools}
+        return (
+            isinstance(listed, list)
+            and 0 < len(listed) <= (len(listed) if self.parallel else 1)
+            and all(
+                isinstance(item, dict)
+                and set(item) == {"name", "parameters"}
+                and item["name"] in names
+                and isinstance(item["parameters"], dict)
+                for item in listed
+            )
+        )
 
     def finish_reason(self, reason: str | None) -> str | None:
-        """OpenAI's: ``tool_calls`` for calls the model chose (``required``), ``stop`` for the
-        named function's, ``length`` for an answer cut short."""
+        """OpenAI's for an answer of calls: ``tool_calls`` for calls the model chose
+        (``required``, ``auto``), ``stop`` for the named function's, ``length`` for an answer cut
+        short."""
         return "tool_calls" if reason == "stop" and self.named is None else reason
 
     def message(self, text: str, reason: str | None) -> tuple[dict, str | None]:
-        """The non-streamed answer's message and finish reason."""
+        """The non-streamed answer's message and finish reason (text as it came when it is not
+        whole calls)."""
         calls = self.calls(text) if reason != "length" or self.named else None
         if calls is None:  # cut short: the text as it came, no calls
             return {"role": "assistant", "content": text, "refusal": None}, reason
@@ -179,37 +207,36 @@ def tool_plan(body: ChatBody) -> ToolPlan | None:
         raise invalid("tools: each function's name once", "tools")
     if choice == "none":
         return None
-    if choice in (None, "auto"):
-        raise invalid(
-            "tool_choice 'auto' (the default with tools) needs a parser of the model's own "
-            "tool-call format, which the models here do not have: send tool_choice 'required' "
-            'or name a function ({"type": "function", "function": {"name": …}})',
-            "tool_choice",
-        )
-    named = None if choice == "required" else choice.function.name
+    auto = choice in (None, "auto")
+    named = None if auto or choice == "required" else choice.function.name
     if named is not None and named not in names:
         raise invalid(f"tool_choice names '{named}', which is not among the tools", "tool_choice")
     if body.response_format is not None and body.response_format.type != "text":
         raise invalid("response_format cannot be combined with tool calls", "response_format")
     if body.stops():
         raise invalid("stop cannot be combined with tool calls: it would cut their JSON", "stop")
-    plan = ToolPlan(tools, named, body.parallel_tool_calls is not False)
+    plan = ToolPlan(tools, named, body.parallel_tool_calls is not False, auto)
     fmt = plan.response_format()
     if problem := grammar_problem(fmt.constraint()):
         raise invalid(f"tools: {problem}", "tools")
-    body.response_format = fmt
+    if not auto:
+        body.response_format = fmt
     return plan
 
 
 @dataclass
 class ToolStream:
     """One streamed choice's tool calls: a named function's arguments as they come; the calls
-    of ``required`` once the answer is whole (they are parsed from it)."""
+    of ``required`` once the answer is whole (they are parsed from it); under ``auto``, text
+    as it comes unless the answer begins with ``[`` (held back until whole: calls or text)."""
 
     plan: ToolPlan
     text: str = ""
     call_id: str = field(default_factory=lambda: f"call_{new_id()[:24]}")
     started: bool = False
+    texting: bool = False
+    """``auto``: the answer began as text, and streams as content."""
+    called: bool = False
 
     def deltas(self, chunk: Chunk) -> list[dict]:
         if self.plan.named is not None:
@@ -223,16 +250,22 @@ class ToolStream:
             if chunk.text:
                 deltas.append(one_call(0, {"function": {"arguments": chunk.text}}))
             return deltas
+        if self.texting:
+            return [{"content": chunk.text}] if chunk.text else []
         self.text += chunk.text
+        if self.plan.auto and self.text.strip() and not self.text.lstrip().startswith("["):
+            self.texting = True  # not a call: what was held back goes out, and the rest as it comes
+            return [{"content": self.text}]
         if not chunk.finish_reason:
             return []
         calls = self.plan.calls(self.text) if chunk.finish_reason != "length" else None
         if calls is None:
             return [{"content": self.text}] if self.text else []
+        self.called = True
         return [one_call(i, c) for i, c in enumerate(calls)]
 
     def finish_reason(self, reason: str | None) -> str | None:
-        if reason == "length" and self.plan.named is None:
+        if self.plan.named is None and (reason == "length" or (self.plan.auto and not self.called)):
             return reason
         return self.plan.finish_reason(reason)
 
