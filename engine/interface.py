@@ -191,10 +191,10 @@ def validate_messages(messages: list[dict]) -> None:
             )
         if not isinstance(message.get("content"), str):
             raise InvalidRequestError(f"messages[{i}].content must be a string", "messages")
-        if "tool_calls" in message and not calls_as_openai(message["tool_calls"]):
+        if message.get("tool_calls") is not None and not calls_as_openai(message["tool_calls"]):
             raise InvalidRequestError(
                 f"messages[{i}].tool_calls must be a list of OpenAI's calls: "
-                '{"function": {"name": str, "arguments": str}, ...}',
+                '{"id": str, "type": "function", "function": {"name": str, "arguments": str}}',
                 "messages",
             )
 
@@ -202,8 +202,10 @@ def validate_messages(messages: list[dict]) -> None:
 def calls_as_openai(calls) -> bool:
     def one(call) -> bool:
         function = call.get("function") if isinstance(call, dict) else None
-        return isinstance(function, dict) and all(
-            isinstance(function.get(k), str) for k in ("name", "arguments")
+        return (
+            isinstance(function, dict)
+            and isinstance(call.get("id"), str)
+            and all(isinstance(function.get(k), str) for k in ("name", "arguments"))
         )
 
     return isinstance(calls, list) and all(map(one, calls))

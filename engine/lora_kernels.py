@@ -77,20 +77,27 @@ def config_folder(setting: str | None) -> Path | None:
     folder = Path(setting).expanduser()
     if not (folder / "csgmv_configs").is_dir():
         raise ValueError(
-            f"lora_kernel_configs: {folder} has no csgmv_configs/ folder "
+            f"engine.sglang.lora_kernel_configs: {folder} has no csgmv_configs/ folder "
             "(write one with: python -m engine.lora_kernels --config adapters.yaml --configs DIR)"
         )
     return folder
 
 
+SET_HERE = f"_LORALAND_SET_{ENV}"
+"""Marks the variable as set by ``use_tuned_kernels`` (not the user's): a later engine of the
+same process sets it anew."""
+
+
 def use_tuned_kernels(setting: str | None, environ=os.environ) -> Path | None:
     """Point SGLang at the tuned folder before it starts (its scheduler inherits the variable);
     a variable the user set wins. Returns the folder SGLang will read, if not its own."""
-    if environ.get(ENV):
+    if environ.get(ENV) and environ.get(SET_HERE) != environ[ENV]:
         return Path(environ[ENV])
+    environ.pop(ENV, None)
+    environ.pop(SET_HERE, None)
     folder = config_folder(setting)
     if folder is not None:
-        environ[ENV] = str(folder)
+        environ[ENV] = environ[SET_HERE] = str(folder)
     return folder
 
 
@@ -487,19 +494,26 @@ def plot(rows: list[dict], path: Path) -> None:
 def model_shape(config_path: str) -> tuple[dict, int, list[str], int]:
     """The base model's config.json and, as the engine will run: the max LoRA rank (the setting,
     else the adapters' largest), the target modules, the adapter slots (max_loras_per_batch)."""
-    from .registry import load_registry
+    from transformers import AutoConfig
 
-    registry = load_registry(config_path)
+    from .base_model import resolve_base
+    from .registry import RegistryError, load_registry
+
+    try:
+        registry = load_registry(config_path)
+    except RegistryError as error:
+        raise SystemExit(str(error)) from None
     settings = registry.engine.sglang
-    model_config = json.loads((Path(registry.base.model) / "config.json").read_text())
+    model_config = AutoConfig.from_pretrained(resolve_base(registry.base.model)).to_dict()
     ranks, targets = [], set()
     for adapter in registry.adapters:
         peft = json.loads((Path(adapter.path) / "adapter_config.json").read_text())
         ranks.append(int(peft["r"]))
-        targets |= set(peft["target_modules"])
+        listed = peft["target_modules"]
+        targets |= {listed} if isinstance(listed, str) else set(listed)
     rank = settings.max_lora_rank or max(ranks, default=0)
     targets = set(settings.lora_target_modules or targets)
-    if "all" in targets:
+    if targets & {"all", "all-linear"}:
         targets = set(GROUP_OF_TARGET)
     if not rank or not targets:
         raise SystemExit(f"{config_path}: no adapters, and no max_lora_rank/lora_target_modules")

@@ -124,20 +124,24 @@ def template_messages(messages: list[dict]) -> list[dict]:
 
 
 def calls_text(calls: list[dict]) -> str:
-    """Calls (OpenAI's shape) as a JSON array of ``{"name", "parameters"}`` (arguments that are
-    not JSON go as their text)."""
-
-    def parameters(arguments: str):
-        try:
-            return json.loads(arguments)
-        except ValueError:
-            return arguments
-
-    listed = [
-        {"name": c["function"]["name"], "parameters": parameters(c["function"]["arguments"])}
+    """Calls (OpenAI's shape) as a JSON array of ``{"name", "parameters"}``; arguments that are
+    not JSON a prompt can hold (not JSON, a lone surrogate, nested past the parser's depth) go
+    as their text."""
+    listed = (
+        f'{{"name": {json.dumps(c["function"]["name"], ensure_ascii=False)}, '
+        f'"parameters": {parameters_text(c["function"]["arguments"])}}}'
         for c in calls
-    ]
-    return json.dumps(listed, ensure_ascii=False)
+    )
+    return "[" + ", ".join(listed) + "]"
+
+
+def parameters_text(arguments: str) -> str:
+    try:
+        text = json.dumps(json.loads(arguments), ensure_ascii=False)
+        text.encode("utf-8")
+        return text
+    except (ValueError, RecursionError, UnicodeEncodeError):
+        return json.dumps(arguments, ensure_ascii=False)
 
 
 def check_vocabulary(vocab: int, request: GenerationRequest) -> None:

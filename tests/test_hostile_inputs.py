@@ -39,6 +39,10 @@ CALLED = {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", 
 TOOL_RESULT = {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}
 
 
+def called(arguments: str) -> dict:
+    return {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": arguments}}]}  # fmt: skip
+
+
 # (id, method, path, body: dict | bytes | None, headers, status, param or None)
 # fmt: off
 CASES = [
@@ -171,6 +175,9 @@ CASES = [
     ("message-tool-answers-no-call", "POST", CHAT, chat(messages=[{"role": "user", "content": "Hi"}, {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]), {}, 400, "messages.1.tool_call_id"),
     ("message-tool-answers-a-call-twice", "POST", CHAT, chat(messages=[{"role": "user", "content": "Hi"}, CALLED, TOOL_RESULT, TOOL_RESULT]), {}, 400, "messages.3.tool_call_id"),
     ("message-call-left-unanswered", "POST", CHAT, chat(messages=[{"role": "user", "content": "Hi"}, CALLED, {"role": "user", "content": "and?"}]), {}, 400, "messages.2"),
+    ("message-call-ids-twice", "POST", CHAT, chat(messages=[{"role": "user", "content": "Hi"}, CALLED | {"tool_calls": CALLED["tool_calls"] * 2}, TOOL_RESULT]), {}, 400, "messages.1.tool_calls"),
+    ("message-call-arguments-nested-deep", "POST", CHAT, chat(messages=[{"role": "user", "content": "Hi"}, called("[" * 1_500 + "]" * 1_500), TOOL_RESULT], max_tokens=2, prompt_template="raw"), {}, 200, None),
+    ("message-call-arguments-lone-surrogate", "POST", CHAT, chat(messages=[{"role": "user", "content": "Hi"}, called('{"x": "\\ud800"}'), TOOL_RESULT], max_tokens=2, prompt_template="raw"), {}, 200, None),
     ("message-call-last-unanswered", "POST", CHAT, chat(messages=[{"role": "user", "content": "Hi"}, CALLED]), {}, 400, "messages"),
     ("tokenize-call-left-unanswered", "POST", "/tokenize", {"messages": [{"role": "user", "content": "Hi"}, CALLED, {"role": "user", "content": "and?"}]}, {}, 400, "messages.2"),
     ("message-role-missing", "POST", CHAT, chat(messages=[{"content": "Hi"}]), {}, 400, "messages.0.role"),

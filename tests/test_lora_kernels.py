@@ -162,12 +162,43 @@ def test_the_backend_sets_sglangs_variable_and_a_users_own_wins(tmp_path):
     environ = {}
     folder = tuned_folder(tmp_path / "k")
     assert tune.use_tuned_kernels(str(folder), environ) == folder
-    assert environ == {"SGLANG_LORA_CONFIG_DIR": str(folder)}
+    assert environ["SGLANG_LORA_CONFIG_DIR"] == str(folder)
     mine = {"SGLANG_LORA_CONFIG_DIR": "/mine"}
     assert tune.use_tuned_kernels(str(folder), mine) == Path("/mine")
     assert mine == {"SGLANG_LORA_CONFIG_DIR": "/mine"}
     untouched = {}
     assert tune.use_tuned_kernels(None, untouched) is None and untouched == {}
+
+
+def test_a_later_engine_of_the_process_is_not_held_to_an_earlier_ones_folder(tmp_path):
+    environ = {}
+    first = tune.use_tuned_kernels(str(tuned_folder(tmp_path / "a")), environ)
+    assert environ["SGLANG_LORA_CONFIG_DIR"] == str(first)
+    second = tuned_folder(tmp_path / "b")
+    assert tune.use_tuned_kernels(str(second), environ) == second
+    assert tune.use_tuned_kernels(None, environ) is None
+    assert "SGLANG_LORA_CONFIG_DIR" not in environ  # SGLang's own files again
+
+
+def test_the_shipped_registry_plans_every_projection_its_adapters_touch(base_dir):
+    """The packaged base (converted once, as the server does) and its five adapters: two of
+    them train every linear layer at rank 16 and 32."""
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.lora_kernels", "--config", "adapters.yaml", "--dry-run"],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    assert "rank 32" in done.stdout and "groups ['qkv', 'o', 'gate_up', 'down']" in done.stdout
+    assert "lora_expand,K=576,R=32,S=1" in done.stdout  # o and down share it
+
+
+def test_a_registry_that_does_not_load_stops_the_tuner_with_its_reason(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.lora_kernels", "--config", str(tmp_path / "no.yaml"),
+         "--dry-run"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 1 and "cannot read" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_the_engines_rank_targets_and_slots_come_from_the_registry_settings(tmp_path):

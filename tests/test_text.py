@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -136,7 +138,26 @@ def test_calls_keep_arguments_that_are_not_json_as_their_text_beside_the_answers
     assert shown["content"] == 'Sure.\n[{"name": "f", "parameters": "not json"}]'
 
 
-@pytest.mark.parametrize("calls", [{"function": {}}, [{"function": {"name": "f"}}], ["f"]])
+@pytest.mark.parametrize(
+    "calls",
+    [{"function": {}}, [{"function": {"name": "f"}}], ["f"],
+     [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]],  # no id
+)  # fmt: skip
 def test_engine_messages_with_calls_not_in_openais_shape_are_refused(calls):
     with pytest.raises(InvalidRequestError, match="tool_calls"):
         validate_messages([{"role": "assistant", "content": "", "tool_calls": calls}])
+    validate_messages([{"role": "assistant", "content": "", "tool_calls": None}])  # a dump's
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        "[" * 100_000 + "]" * 100_000,
+        '{"x": "\\ud800"}',
+    ],  # past the parser's depth; a lone surrogate
+)
+def test_arguments_a_prompt_cannot_hold_as_json_go_as_their_text(tokenizer, arguments):
+    call = CALL | {"function": {"name": "f", "arguments": arguments}}
+    [shown] = template_messages([{"role": "assistant", "content": "", "tool_calls": [call]}])
+    assert json.loads(shown["content"]) == [{"name": "f", "parameters": arguments}]
+    shown["content"].encode("utf-8")  # the tokenizer can take it

@@ -98,7 +98,7 @@ class ToolPlan:
             listed = json.loads(text)
             calls = [call(item["name"], json.dumps(item["parameters"], ensure_ascii=False))
                      for item in listed]  # fmt: skip
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             return None
         return calls if not self.auto or self.chose_calls(listed) else None
 
@@ -158,8 +158,12 @@ def check_tool_results(messages: list[ChatMessage]) -> None:
 
 
 def unanswered(waiting: dict[str, None], where: str) -> str:
-    ids = ", ".join(repr(c) for c in waiting)
-    return f"{where} before a tool's message answers the call(s) {ids}: send each call's result"
+    first, *more = waiting
+    others = f" and {len(more)} more" if more else ""
+    return (
+        f"{where} before a tool's message answers the call {first!r}{others}: send each call's "
+        "result right after the assistant's message that made it"
+    )
 
 
 def refs_under(schema: dict, base: str) -> dict:
