@@ -210,7 +210,7 @@ def auto_plan(parallel: bool = True) -> ToolPlan:
     body = ChatBody.model_validate({"model": "m", "messages": ASK, "tools": [WEATHER, CLOCK],
                                     "parallel_tool_calls": parallel})  # fmt: skip
     plan = tool_plan(body)
-    assert plan.auto and body.response_format is None  # no grammar: the model chooses
+    assert plan.auto and body.response_format.type == "text"  # no grammar: the model chooses
     return plan
 
 
@@ -229,6 +229,9 @@ PARIS = '[{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}]
         ("[]", False),
         ('["get_weather"]', False),
         (PARIS[:-2], False),  # not whole
+        ('[{"name": ["get_weather"], "parameters": {}}]', False),  # a name that is not text
+        ('[{"name": "get_weather", "parameters": {"city": NaN}}]', False),  # not JSON
+        ('[{"name": "get_weather", "parameters": {"x": 1e999}}]', False),  # infinite
     ],
 )
 def test_under_auto_an_answer_is_calls_only_when_it_is_whole_calls_of_the_tools(text, called):
@@ -296,3 +299,26 @@ def test_tools_without_a_choice_are_auto_through_the_sdk_streamed_as_not(client,
 
 def whole_prompt_tokens(client) -> int:
     return ask(client, tools=[WEATHER], max_tokens=1).usage.prompt_tokens
+
+
+def test_arguments_with_an_escaped_lone_surrogate_stay_json_a_response_can_carry():
+    text = '[{"name": "get_weather", "parameters": {"city": "\\ud800Paris", "unit": "c"}}]'
+    message, finish = auto_plan().message(text, "stop")
+    arguments = message["tool_calls"][0]["function"]["arguments"]
+    arguments.encode("utf-8")  # the response can be written
+    assert json.loads(arguments)["city"] == "\ud800Paris" and finish == "tool_calls"
+
+
+def test_under_auto_an_adapters_default_grammar_does_not_hold_the_answer():
+    """A classifier's ``response_format`` default (its labels) would make calls unwritable."""
+    from types import SimpleNamespace
+
+    from engine.registry import GenerationDefaults
+    from engine.sampling import resolve
+
+    labels = GenerationDefaults(response_format={"type": "choice", "choices": ["fresh", "rotten"]})
+    spec = SimpleNamespace(generation=labels)
+    assert resolve(spec).constraint is not None
+    body = ChatBody.model_validate({"model": "m", "messages": ASK, "tools": [WEATHER]})
+    tool_plan(body)
+    assert resolve(spec, response_format=body.response_format).constraint is None

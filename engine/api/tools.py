@@ -96,8 +96,7 @@ class ToolPlan:
             return [call(self.named, text)]
         try:
             listed = json.loads(text)
-            calls = [call(item["name"], json.dumps(item["parameters"], ensure_ascii=False))
-                     for item in listed]  # fmt: skip
+            calls = [call(item["name"], arguments_json(item["parameters"])) for item in listed]
         except (ValueError, KeyError, TypeError, RecursionError):
             return None
         return calls if not self.auto or self.chose_calls(listed) else None
@@ -112,6 +111,7 @@ class ToolPlan:
             and all(
                 isinstance(item, dict)
                 and set(item) == {"name", "parameters"}
+                and isinstance(item["name"], str)
                 and item["name"] in names
                 and isinstance(item["parameters"], dict)
                 for item in listed
@@ -184,6 +184,17 @@ def refs_under(schema: dict, base: str) -> dict:
     return copy
 
 
+def arguments_json(value) -> str:
+    """A call's arguments as JSON text any client parses: no NaN or infinities (a ValueError:
+    not a call), and ASCII escapes where the text would hold a lone surrogate."""
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, allow_nan=False)
+    return text
+
+
 def call(name: str, arguments: str) -> dict:
     return {"id": f"call_{new_id()[:24]}", "type": "function",
             "function": {"name": name, "arguments": arguments}}  # fmt: skip
@@ -223,8 +234,8 @@ def tool_plan(body: ChatBody) -> ToolPlan | None:
     fmt = plan.response_format()
     if problem := grammar_problem(fmt.constraint()):
         raise invalid(f"tools: {problem}", "tools")
-    if not auto:
-        body.response_format = fmt
+    # auto: no grammar, and none of an adapter's defaults either (its calls must be writable)
+    body.response_format = ResponseFormat(type="text") if auto else fmt
     return plan
 
 
