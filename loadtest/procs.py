@@ -17,13 +17,24 @@ from engine.registry import load_registry
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def process_cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU seconds a process has used (Linux ``/proc``); None where unreadable."""
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def stat_cpu(path: Path) -> tuple[str, float] | None:
+    """A ``/proc`` stat file's (name, user + system CPU seconds); None where unreadable."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        text = path.read_text()
+        fields = text.rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    name = text[text.find("(") + 1 : text.rfind(")")]
+    return name, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds a process has used (Linux ``/proc``); None where unreadable."""
+    found = stat_cpu(Path(f"/proc/{pid}/stat"))
+    return found[1] if found else None
 
 
 class CpuMeter:
@@ -83,19 +94,8 @@ def process_tree(root: int) -> set[int]:
 
 def thread_cpu_seconds(pid: int) -> dict[tuple[int, int], tuple[str, float]]:
     """(pid, thread id) → (the thread's name, its user + system CPU seconds), from ``/proc``."""
-    out = {}
-    for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
-        try:
-            text = (task / "stat").read_text()
-            fields = text.rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        name = text[text.find("(") + 1 : text.rfind(")")]
-        out[(pid, int(task.name))] = (name, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
-    return out
-
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+    tasks = {int(t.name): stat_cpu(t / "stat") for t in Path(f"/proc/{pid}/task").glob("[0-9]*")}
+    return {(pid, tid): found for tid, found in tasks.items() if found}
 
 
 class ChildrenMeter:

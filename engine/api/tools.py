@@ -107,7 +107,8 @@ class ToolPlan:
         names = {t.function.name for t in self.tools}
         return (
             isinstance(listed, list)
-            and 0 < len(listed) <= (len(listed) if self.parallel else 1)
+            and len(listed) >= 1
+            and (self.parallel or len(listed) == 1)
             and all(
                 isinstance(item, dict)
                 and set(item) == {"name", "parameters"}
