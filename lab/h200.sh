@@ -34,7 +34,8 @@
 #                                    waves): the engine's share of a wave's TTFT, the API's
 #                       decode-settings  one engine each: defaults, num_continuous_decode_steps=4,
 #                                    cuda_graph_max_bs_decode=512, max_running_requests=256,
-#                                    enable_mixed_chunk, max_lora_chunk_size=128 (names in
+#                                    enable_mixed_chunk, max_lora_chunk_size=128, the prefill
+#                                    delayer at 8 passes (names in
 #                                    DECODE_SETTINGS; pairs plan, DECODE_PAIRS rounds (1),
 #                                    256 streams; DECODE_OPEN="--arrival-rate R": open loop)
 #                       space-rehearsal  the GPU Space (deploy/gpu-space) from a clean home: its
@@ -450,6 +451,8 @@ decode_setting() {  # a named engine setting of decode-settings, as bench's --se
     lora-chunk-128) echo 'extra={"max_lora_chunk_size": 128}' ;;  # csgmv's segments (SGLang: 16)
     lora-tuned) echo "lora_kernel_configs=$LORA_CONFIGS" ;;  # the lora-tune step's block sizes
     sglang-kernels) echo 'lora_kernel_configs=null' ;;  # SGLang's own csgmv block sizes
+    prefill-delay-8)  # SGLang's prefill delayer: new requests wait up to 8 passes to prefill together
+      echo 'extra={"enable_prefill_delayer": true, "prefill_delayer_max_delay_passes": 8}' ;;
     *) echo "no decode setting named $1" >&2; return 1 ;;
   esac
 }
