@@ -67,7 +67,8 @@ SGLANG_KWARGS_OF_FIELDS = frozenset(
     """model_path dtype enable_lora lora_paths max_loras_per_batch max_loaded_loras lora_backend
     max_lora_rank lora_target_modules attention_backend sampling_backend mem_fraction_static
     disable_cuda_graph chunked_prefill_size max_running_requests stream_interval
-    incremental_streaming_output grammar_backend tp_size dp_size""".split()
+    incremental_streaming_output grammar_backend tp_size dp_size enable_prefill_delayer
+    prefill_delayer_max_delay_passes""".split()
 )
 """``sglang.Engine`` keyword arguments the SGLang backend sets (``engine_kwargs``)."""
 
@@ -109,6 +110,16 @@ class SGLangSettings(Strict):
     4x: under 85 Poisson arrivals a second SGLang's own limit outran them at 12 of 12 points,
     256 carried 11 of 12 (``results/serving/h200-7b-open-loop-defaults-vs-cap``). ``None``:
     SGLang's own limit, from the KV pool (thousands on an H200)."""
+    prefill_delay_passes: int | None = Field(8, ge=2)
+    """Near ``max_running_requests`` (fewer slots free than the largest recent prefill took),
+    new requests wait fewer than this many forward passes, so that their prefills run together in
+    one step instead of a prefill step between nearly every two decode steps (SGLang's prefill
+    delayer). Below that load no request waits: one stream (the app) starts at once. H200, 7B,
+    256 streams × 128 adapters, 8 against ``None`` over 3 alternated pairs: output tok/s
+    1.14–1.20× (HTTP, 128 adapters: 11.8k), request latency 0.85–0.88×, TTFT p50 ~55 → ~130 ms
+    (``results/serving/h200-7b-prefill-delayer``). ``None``: off, each request prefilled at the
+    first pass that has room (SGLang's default). Needs SGLang's overlap scheduler (on unless
+    ``extra`` turns it off)."""
     stream_interval: int | Literal["auto"] = "auto"
     """Stream a chunk every N tokens: N times fewer outputs for the one event loop that runs the
     API and SGLang's tokenizer manager, at the price of coarser streaming. ``auto``: token by
@@ -137,6 +148,15 @@ class SGLangSettings(Strict):
         if taken:
             raise ValueError(f"{', '.join(taken)}: set by a field of its own, not through extra")
         return value
+
+    @model_validator(mode="after")
+    def delay_needs_overlap(self) -> SGLangSettings:
+        if self.prefill_delay_passes is not None and self.extra.get("disable_overlap_schedule"):
+            raise ValueError(
+                "prefill_delay_passes needs SGLang's overlap scheduler: set it to null, or "
+                "leave disable_overlap_schedule out of extra"
+            )
+        return self
 
     @model_validator(mode="after")
     def loaded_holds_a_batch(self) -> SGLangSettings:

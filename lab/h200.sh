@@ -35,7 +35,7 @@
 #                       decode-settings  one engine each: defaults, num_continuous_decode_steps=4,
 #                                    cuda_graph_max_bs_decode=512, max_running_requests=256,
 #                                    enable_mixed_chunk, max_lora_chunk_size=128, the prefill
-#                                    delayer at 8 passes (names in
+#                                    delayer off or at 4/8 passes (names in
 #                                    DECODE_SETTINGS; pairs plan, DECODE_PAIRS rounds (1),
 #                                    256 streams; DECODE_OPEN="--arrival-rate R": open loop)
 #                       space-rehearsal  the GPU Space (deploy/gpu-space) from a clean home: its
@@ -442,7 +442,7 @@ profile_decode() {  # #16: what bounds the decode step (torch profiler through S
 
 decode_setting() {  # a named engine setting of decode-settings, as bench's --set takes it
   case $1 in
-    default) echo 'extra={}' ;;  # the product's defaults (max_running_requests 256 since 2026-12-02)
+    default) echo 'extra={}' ;;  # the product's defaults (max_running_requests 256, prefill_delay_passes 8)
     sglang-running) echo 'max_running_requests=null' ;;  # SGLang's own limit, from the KV pool
     continuous-4) echo 'extra={"num_continuous_decode_steps": 4}' ;;
     graph-bs-512) echo 'extra={"cuda_graph_max_bs_decode": 512}' ;;
@@ -451,8 +451,9 @@ decode_setting() {  # a named engine setting of decode-settings, as bench's --se
     lora-chunk-128) echo 'extra={"max_lora_chunk_size": 128}' ;;  # csgmv's segments (SGLang: 16)
     lora-tuned) echo "lora_kernel_configs=$LORA_CONFIGS" ;;  # the lora-tune step's block sizes
     sglang-kernels) echo 'lora_kernel_configs=null' ;;  # SGLang's own csgmv block sizes
-    prefill-delay-8)  # SGLang's prefill delayer: new requests wait up to 8 passes to prefill together
-      echo 'extra={"enable_prefill_delayer": true, "prefill_delayer_max_delay_passes": 8}' ;;
+    prefill-delay-4) echo 'prefill_delay_passes=4' ;;  # new requests wait < 4 passes near the cap
+    prefill-delay-8) echo 'prefill_delay_passes=8' ;;  # the product's default since 2026-12-02
+    no-prefill-delay) echo 'prefill_delay_passes=null' ;;  # each request prefilled at once (SGLang's)
     *) echo "no decode setting named $1" >&2; return 1 ;;
   esac
 }

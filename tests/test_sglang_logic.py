@@ -66,6 +66,31 @@ def test_running_requests_are_capped_at_256_unless_set_to_sglangs_own_limit():
         SGLangSettings(max_running_requests=0)
 
 
+def test_prefill_delayer_is_on_at_8_passes_unless_set_to_null():
+    kwargs = engine_kwargs(SGLangSettings(), "/m", {})
+    assert kwargs["enable_prefill_delayer"] is True
+    assert kwargs["prefill_delayer_max_delay_passes"] == 8
+    assert (
+        engine_kwargs(SGLangSettings(prefill_delay_passes=4), "/m", {})[
+            "prefill_delayer_max_delay_passes"
+        ]
+        == 4
+    )
+    off = engine_kwargs(SGLangSettings(prefill_delay_passes=None), "/m", {})
+    assert "enable_prefill_delayer" not in off and "prefill_delayer_max_delay_passes" not in off
+    with pytest.raises(ValueError, match="greater than or equal to 2"):
+        SGLangSettings(prefill_delay_passes=1)  # SGLang would never delay: a no-op setting
+
+
+def test_prefill_delayer_needs_the_overlap_scheduler():
+    with pytest.raises(ValueError, match="prefill_delay_passes needs SGLang's overlap scheduler"):
+        SGLangSettings(extra={"disable_overlap_schedule": True})
+    alone = SGLangSettings(prefill_delay_passes=None, extra={"disable_overlap_schedule": True})
+    assert engine_kwargs(alone, "/m", {})["disable_overlap_schedule"] is True
+    with pytest.raises(ValueError, match="enable_prefill_delayer: set by a field"):
+        SGLangSettings(extra={"enable_prefill_delayer": False})
+
+
 def test_extra_cannot_set_what_a_field_sets():
     with pytest.raises(ValueError, match="max_running_requests, tp_size: set by a field"):
         SGLangSettings(extra={"tp_size": 2, "max_running_requests": 512, "log_level": "info"})
