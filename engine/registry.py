@@ -73,6 +73,10 @@ SGLANG_KWARGS_OF_FIELDS = frozenset(
 """``sglang.Engine`` keyword arguments the SGLang backend sets (``engine_kwargs``)."""
 
 
+DEFAULT_PREFILL_DELAY_PASSES = 8
+"""``prefill_delay_passes: auto`` where SGLang's prefill delayer works as measured."""
+
+
 class SGLangSettings(Strict):
     max_loras_per_batch: int = Field(8, ge=1)
     """Distinct adapters one running batch may hold (the base model counts as one)."""
@@ -110,16 +114,30 @@ class SGLangSettings(Strict):
     4x: under 85 Poisson arrivals a second SGLang's own limit outran them at 12 of 12 points,
     256 carried 11 of 12 (``results/serving/h200-7b-open-loop-defaults-vs-cap``). ``None``:
     SGLang's own limit, from the KV pool (thousands on an H200)."""
-    prefill_delay_passes: int | None = Field(8, ge=2)
-    """Near ``max_running_requests`` (fewer slots free than the largest recent prefill took),
-    new requests wait fewer than this many forward passes, so that their prefills run together in
-    one step instead of a prefill step between nearly every two decode steps (SGLang's prefill
-    delayer). Below that load no request waits: one stream (the app) starts at once. H200, 7B,
-    256 streams × 128 adapters, 8 against ``None`` over 3 alternated pairs: output tok/s
-    1.14–1.20× (HTTP, 128 adapters: 11.8k), request latency 0.85–0.88×, TTFT p50 ~55 → ~130 ms
-    (``results/serving/h200-7b-prefill-delayer``). ``None``: off, each request prefilled at the
-    first pass that has room (SGLang's default). Needs SGLang's overlap scheduler (on unless
-    ``extra`` turns it off)."""
+    prefill_delay_passes: int | Literal["auto"] | None = "auto"
+    """Near ``max_running_requests`` (fewer slots free than the largest prefill of the last few
+    hundred passes took), new requests wait fewer than this many forward passes, so that their
+    prefills run together in one step instead of a prefill step between nearly every two decode
+    steps (SGLang's prefill delayer). At full load each prefill waits the whole time; away from
+    the cap none does: one stream (the app) starts at once, and with ``max_running_requests:
+    null`` it almost never acts. ``auto``: 8 where it works as measured (one data-parallel
+    replica, SGLang's overlap scheduler on: no ``disable_overlap_schedule``, ``pp_size`` > 1,
+    ``enable_pdmux`` or ``dllm_algorithm`` in ``extra``), else off; a number there is refused.
+    H200, 7B, 256 streams, 8 against off over 3 alternated pairs: output tok/s 1.14–1.17× with
+    128 adapters (HTTP: 11.8k), 1.18–1.20× base; whole answers 0.85–0.88× the time; the first
+    token's median 49–95 ms later, at ~130 ms (``results/serving/h200-7b-prefill-delayer``).
+    ``None``: off, each request prefilled at the first pass with room (SGLang's default). A base
+    model SGLang runs without its overlap scheduler (hybrid Mamba models) needs ``None``."""
+
+    @field_validator("prefill_delay_passes")
+    @classmethod
+    def delay_of_at_least_two(cls, value):
+        if isinstance(value, int) and value < 2:
+            raise ValueError(
+                "must be >= 2 (SGLang delays fewer than this many passes), 'auto' or null"
+            )
+        return value
+
     stream_interval: int | Literal["auto"] = "auto"
     """Stream a chunk every N tokens: N times fewer outputs for the one event loop that runs the
     API and SGLang's tokenizer manager, at the price of coarser streaming. ``auto``: token by
@@ -149,12 +167,33 @@ class SGLangSettings(Strict):
             raise ValueError(f"{', '.join(taken)}: set by a field of its own, not through extra")
         return value
 
+    def delayer_conflicts(self) -> list[str]:
+        """Settings under which SGLang's prefill delayer does not work as measured."""
+        extra, found = self.extra, []
+        if self.dp_size > 1 and not extra.get("enable_dp_attention"):
+            found.append(f"dp_size {self.dp_size} (without enable_dp_attention it takes each "
+                         "replica's cap for max_running_requests ÷ dp_size)")  # fmt: skip
+        pp_size = extra.get("pp_size")
+        off = [key for key in ("disable_overlap_schedule", "enable_pdmux", "dllm_algorithm")
+               if extra.get(key)] + (["pp_size > 1"] if isinstance(pp_size, int) and pp_size > 1
+                                     else [])  # fmt: skip
+        if off:
+            found.append(f"{', '.join(off)} in extra (it needs SGLang's overlap scheduler)")
+        return found
+
+    @property
+    def prefill_delay(self) -> int | None:
+        """``prefill_delay_passes`` resolved: the passes the SGLang backend asks for, or None."""
+        if self.prefill_delay_passes == "auto":
+            return None if self.delayer_conflicts() else DEFAULT_PREFILL_DELAY_PASSES
+        return self.prefill_delay_passes
+
     @model_validator(mode="after")
-    def delay_needs_overlap(self) -> SGLangSettings:
-        if self.prefill_delay_passes is not None and self.extra.get("disable_overlap_schedule"):
+    def delay_where_it_works(self) -> SGLangSettings:
+        if isinstance(self.prefill_delay_passes, int) and (found := self.delayer_conflicts()):
             raise ValueError(
-                "prefill_delay_passes needs SGLang's overlap scheduler: set it to null, or "
-                "leave disable_overlap_schedule out of extra"
+                f"prefill_delay_passes {self.prefill_delay_passes} does not work with "
+                f"{'; '.join(found)}: set it to auto (off here) or null"
             )
         return self
 

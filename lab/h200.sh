@@ -26,6 +26,8 @@
 #                                    hand-written sets (fresh, fresh2)
 #                       profile-decode  lab/profile_decode.py: torch-profiler traces of the
 #                                    decode step at 128/256 streams, base vs 128 adapters
+#                       profile-scheduler  lab/profile_scheduler.py: py-spy samples of SGLang's
+#                                    scheduler process at 64/256 streams × 128 adapters
 #                       bursty       loadtest.bursty: closed loop vs 1 s think time vs Poisson
 #                       pairs-open   the pairs with both arms open loop: ARRIVAL_RATE Poisson
 #                                    arrivals a second (70: ~3/4 of what 256 closed-loop
@@ -189,6 +191,7 @@ payload() {  # on the CPU machine: runtime parts + local caches, in chunks that 
   fi
   (cd "$work" && pip download -q --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
     --python-version 3.12 -d payload/wheels sglang-router==0.3.2 httptools==0.9.0 setproctitle \
+    py-spy==0.4.3 \
     aiohttp multidict \
     yarl frozenlist aiosignal propcache aiohappyeyeballs) || return 1
   if [ "${CODE_AB:-0}" = 1 ]; then  # the code of e930aef for the code-ab step (no adapters/results)
@@ -432,6 +435,14 @@ merges() {  # #18: every merge and each own adapter on every task's whole test s
     "$out/pair-sentiment-news" "$out/pair-address-sql" "$out/triple-classifiers" --out "$out"
 }
 
+profile_scheduler() {  # #16: where SGLang's scheduler loop spends its time (py-spy, carried)
+  wait_file "$SYNTH/adapters.yaml" 600 || return 1
+  gpu_free
+  timeout 900 python3 lab/profile_scheduler.py run --config "$SYNTH/adapters.yaml" \
+    --out "$RESULTS/scheduler" --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" \
+    --streams 64 256 --arms adapters --py-spy /tmp/extra/bin/py-spy
+}
+
 profile_decode() {  # #16: what bounds the decode step (torch profiler through SGLang's own API)
   wait_file "$SYNTH/adapters.yaml" 600 || return 1
   gpu_free
@@ -442,7 +453,7 @@ profile_decode() {  # #16: what bounds the decode step (torch profiler through S
 
 decode_setting() {  # a named engine setting of decode-settings, as bench's --set takes it
   case $1 in
-    default) echo 'extra={}' ;;  # the product's defaults (max_running_requests 256, prefill_delay_passes 8)
+    default) echo 'extra={}' ;;  # the product's defaults (max_running_requests 256, prefill delay 8)
     sglang-running) echo 'max_running_requests=null' ;;  # SGLang's own limit, from the KV pool
     continuous-4) echo 'extra={"num_continuous_decode_steps": 4}' ;;
     graph-bs-512) echo 'extra={"cuda_graph_max_bs_decode": 512}' ;;
@@ -452,7 +463,7 @@ decode_setting() {  # a named engine setting of decode-settings, as bench's --se
     lora-tuned) echo "lora_kernel_configs=$LORA_CONFIGS" ;;  # the lora-tune step's block sizes
     sglang-kernels) echo 'lora_kernel_configs=null' ;;  # SGLang's own csgmv block sizes
     prefill-delay-4) echo 'prefill_delay_passes=4' ;;  # new requests wait < 4 passes near the cap
-    prefill-delay-8) echo 'prefill_delay_passes=8' ;;  # the product's default since 2026-12-02
+    prefill-delay-8) echo 'prefill_delay_passes=8' ;;  # what auto picks on one GPU
     no-prefill-delay) echo 'prefill_delay_passes=null' ;;  # each request prefilled at once (SGLang's)
     *) echo "no decode setting named $1" >&2; return 1 ;;
   esac

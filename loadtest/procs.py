@@ -101,8 +101,9 @@ def thread_cpu_seconds(pid: int) -> dict[tuple[int, int], tuple[str, float]]:
 class ChildrenMeter:
     """Cores busy in a process's descendants that live through the whole measurement: SGLang's
     scheduler and detokenizer (a Locust run, started and ended inside, is not counted); and the
-    busiest single thread among them: near 1.0 core, that thread (SGLang's scheduler loop is one
-    Python thread) is what bounds the step."""
+    busiest single thread among them. SGLang's scheduler loop (one Python thread) never blocks:
+    it reads 1.0 core at 64 streams as at 256 (``results/serving/h200-7b-prefill-delayer``), so
+    a full core does not show that its work bounds the step (``lab/profile_scheduler.py``)."""
 
     def __init__(self, root: int):
         self.root = root

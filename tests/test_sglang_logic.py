@@ -70,23 +70,44 @@ def test_prefill_delayer_is_on_at_8_passes_unless_set_to_null():
     kwargs = engine_kwargs(SGLangSettings(), "/m", {})
     assert kwargs["enable_prefill_delayer"] is True
     assert kwargs["prefill_delayer_max_delay_passes"] == 8
-    assert (
-        engine_kwargs(SGLangSettings(prefill_delay_passes=4), "/m", {})[
-            "prefill_delayer_max_delay_passes"
-        ]
-        == 4
-    )
+    for passes in (2, 4):  # 2: the least that ever delays (SGLang waits fewer than N passes)
+        chosen = engine_kwargs(SGLangSettings(prefill_delay_passes=passes), "/m", {})
+        assert chosen["prefill_delayer_max_delay_passes"] == passes
     off = engine_kwargs(SGLangSettings(prefill_delay_passes=None), "/m", {})
     assert "enable_prefill_delayer" not in off and "prefill_delayer_max_delay_passes" not in off
-    with pytest.raises(ValueError, match="greater than or equal to 2"):
-        SGLangSettings(prefill_delay_passes=1)  # SGLang would never delay: a no-op setting
+    for bad in (1, 0, "eight"):
+        with pytest.raises(ValueError, match="prefill_delay_passes"):
+            SGLangSettings(prefill_delay_passes=bad)
 
 
-def test_prefill_delayer_needs_the_overlap_scheduler():
-    with pytest.raises(ValueError, match="prefill_delay_passes needs SGLang's overlap scheduler"):
-        SGLangSettings(extra={"disable_overlap_schedule": True})
-    alone = SGLangSettings(prefill_delay_passes=None, extra={"disable_overlap_schedule": True})
-    assert engine_kwargs(alone, "/m", {})["disable_overlap_schedule"] is True
+@pytest.mark.parametrize(
+    "settings, reason",
+    [
+        ({"extra": {"disable_overlap_schedule": True}}, "disable_overlap_schedule in extra"),
+        ({"extra": {"pp_size": 2}}, "pp_size > 1 in extra"),
+        ({"extra": {"enable_pdmux": True}}, "enable_pdmux in extra"),
+        ({"dp_size": 2}, "dp_size 2 (without enable_dp_attention"),
+    ],
+)
+def test_auto_turns_the_delayer_off_where_it_does_not_work_and_a_number_is_refused(
+    settings, reason
+):
+    auto = SGLangSettings(**settings)
+    assert auto.prefill_delay is None and reason in auto.delayer_conflicts()[0]
+    assert "enable_prefill_delayer" not in engine_kwargs(auto, "/m", {})
+    with pytest.raises(ValueError, match=r"prefill_delay_passes 8 does not work with .*set it to"):
+        SGLangSettings(prefill_delay_passes=8, **settings)
+    assert SGLangSettings(prefill_delay_passes=None, **settings).prefill_delay is None
+
+
+def test_where_the_delayer_works_auto_keeps_it():
+    for fine in (
+        {"extra": {"disable_overlap_schedule": False, "pp_size": 1}},
+        {"tp_size": 2},
+        {"dp_size": 2, "extra": {"enable_dp_attention": True}},
+        {"extra": {"pp_size": "two"}},  # not a number: SGLang's own check answers that one
+    ):
+        assert SGLangSettings(**fine).prefill_delay == 8, fine
     with pytest.raises(ValueError, match="enable_prefill_delayer: set by a field"):
         SGLangSettings(extra={"enable_prefill_delayer": False})
 

@@ -76,10 +76,9 @@ def engine_kwargs(
         "max_running_requests": settings.max_running_requests,
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
-    if settings.prefill_delay_passes is not None:
+    if settings.prefill_delay is not None:
         kwargs.update(
-            enable_prefill_delayer=True,
-            prefill_delayer_max_delay_passes=settings.prefill_delay_passes,
+            enable_prefill_delayer=True, prefill_delayer_max_delay_passes=settings.prefill_delay
         )
     if not adapters and not (settings.max_lora_rank and settings.lora_target_modules):
         kwargs.update(max_lora_rank=64, lora_target_modules=["all"])

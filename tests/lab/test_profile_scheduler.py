@@ -1,0 +1,103 @@
+"""lab/profile_scheduler.py: py-spy's collapsed stacks summarised by the scheduler loop's phases;
+the scheduler found among a process's children by its name."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "lab" / "profile_scheduler.py"
+spec = importlib.util.spec_from_file_location("profile_scheduler", SCRIPT)
+profile_scheduler = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(profile_scheduler)
+
+LOOP = "event_loop_overlap (sglang/srt/managers/scheduler.py:1727)"
+MAIN = "thread (101): MainThread"
+RAW = "\n".join(
+    [
+        f"{MAIN};{LOOP};process_batch_result (s.py:10);synchronize (torch/cuda/streams.py:224) 40",
+        f"{MAIN};{LOOP};process_batch_result (s.py:10);stream_output (o.py:5);send (z.py:1) 20",
+        f"{MAIN};{LOOP};process_batch_result (s.py:10);process_batch_result_decode (d.py:3) 10",
+        f"{MAIN};{LOOP};run_batch (s.py:20);forward (m.py:7) 15",
+        f"{MAIN};{LOOP};get_next_batch_to_run (s.py:30) 5",
+        f"{MAIN};{LOOP};recv_requests (r.py:122) 5",
+        f"{MAIN};{LOOP};on_idle (s.py:40) 5",
+        "thread (102): watchdog;watchdog_thread (w.py:9);sleep (w.py:10) 3",
+        "not a stack line",
+    ]
+)
+
+
+def test_phases_follow_the_innermost_frame_that_names_one():
+    stacks = profile_scheduler.parse_raw(RAW)
+    assert len(stacks) == 8 and {t for t, _, _ in stacks} == {MAIN, "thread (102): watchdog"}
+    main = [(frames, n) for t, frames, n in stacks if t == MAIN]
+    summary = profile_scheduler.thread_summary(main, window_samples=200)
+    assert summary["samples"] == 100 and summary["busy_share"] == 0.5
+    assert summary["phases"] == {
+        "waiting for the GPU": 0.4,  # synchronize under process_batch_result
+        "streaming out": 0.2,  # stream_output under process_batch_result
+        "processing results": 0.1,
+        "launching the forward": 0.15,
+        "scheduling the next batch": 0.05,
+        "taking in requests": 0.05,
+        "other": 0.05,
+    }
+    assert summary["top_self"][0] == {
+        "line": "synchronize (torch/cuda/streams.py:224)",
+        "share": 0.4,
+    }
+    inclusive = {t["function"]: t["share"] for t in summary["top_inclusive"]}
+    assert inclusive["event_loop_overlap"] == 1.0 and inclusive["process_batch_result"] == 0.7
+
+
+def test_summarize_writes_the_busiest_threads_table_and_plot(tmp_path):
+    (tmp_path / "256-adapters.txt").write_text(RAW)
+    meta = {"label": "256-adapters", "streams": 256, "arm": "adapters", "rate": 250, "seconds": 15,
+            "sampled": 125, "tok_s": 11800.0, "command": "python lab/x.py run"}  # fmt: skip
+    (tmp_path / "256-adapters.meta.json").write_text(json.dumps(meta))
+    failed = {"label": "64-adapters", "error": "RuntimeError: py-spy exited 1: no permission"}
+    (tmp_path / "64-adapters.meta.json").write_text(json.dumps(failed))
+    results = profile_scheduler.summarize(tmp_path, tmp_path / "out")
+    point = next(p for p in results["points"] if p["label"] == "256-adapters")
+    assert point["busiest_thread"] == MAIN and point["threads"][MAIN] == 100
+    assert point["busiest"]["busy_share"] == 0.8  # 100 of py-spy's 125 samplings, not 250 × 15
+    md = (tmp_path / "out" / "scheduler.md").read_text()
+    assert "| 256-adapters | 11800 | 100 | 80 | 40 | 20 | 10 | 15 | 5 | 5 | 5 |" in md
+    assert "64-adapters: RuntimeError: py-spy exited 1: no permission" in md
+    assert "`python lab/x.py run`" in md
+    assert (tmp_path / "out" / "scheduler.png").stat().st_size > 0
+    assert json.loads((tmp_path / "out" / "scheduler.json").read_text()) == results
+
+
+def test_the_scheduler_is_the_child_named_like_sglangs():
+    code = (
+        "from pathlib import Path; import time; "
+        "Path('/proc/self/comm').write_text('sglang::scheduler'); time.sleep(60)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        for _ in range(600):  # the child renames itself once its interpreter is up
+            if Path(f"/proc/{child.pid}/comm").read_text().startswith("sglang::schedul"):
+                break
+            time.sleep(0.1)
+        assert profile_scheduler.scheduler_pid(os.getpid()) == child.pid
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_without_such_a_child_the_process_itself_is_sampled():
+    assert profile_scheduler.scheduler_pid(os.getpid()) == os.getpid()
+
+
+def test_a_py_spy_that_fails_is_an_error_naming_it(tmp_path):
+    with pytest.raises(RuntimeError, match="py-spy exited"):
+        profile_scheduler.record(sys.executable, 1, 1, 10, tmp_path / "x.txt")
