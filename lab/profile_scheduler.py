@@ -47,11 +47,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # profile_decode's clients and build
 
-PHASES = {  # a function's name → the loop's phase it belongs to (the innermost match wins)
+PHASES = {  # SGLang 0.5.17's function names → the loop's phases (the innermost match wins);
+    # synchronize: torch.cuda.Event's, on the forward's copy_done before results are read
     "synchronize": "waiting for the GPU",
     "stream_output": "streaming out",
-    "stream_output_generation": "streaming out",
-    "send_to_detokenizer": "streaming out",
     "process_batch_result": "processing results",
     "process_batch_result_decode": "processing results",
     "process_batch_result_prefill": "processing results",
