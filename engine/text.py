@@ -111,9 +111,11 @@ def prompt_token_ids(tokenizer, request: GenerationRequest, chat_template: bool)
 
 def template_messages(messages: list[dict]) -> list[dict]:
     """The messages as the chat template takes them: an assistant's tool calls written after
-    its text, as the model writes them under ``tool_choice: required`` (``calls_text``)."""
+    its text, as the model writes them under ``tool_choice: required`` (``calls_text``), and the
+    tool results that answer them in the calls' order (OpenAI matches results by
+    ``tool_call_id``, in any order; the templates here show no ids, so order is the link)."""
     out = []
-    for message in messages:
+    for message in in_call_order(messages):
         if message.get("tool_calls"):
             text = "\n".join(
                 t for t in (message["content"], calls_text(message["tool_calls"])) if t
@@ -121,6 +123,24 @@ def template_messages(messages: list[dict]) -> list[dict]:
             message = {k: v for k, v in message.items() if k != "tool_calls"} | {"content": text}
         out.append(message)
     return out
+
+
+def in_call_order(messages: list[dict]) -> list[dict]:
+    """Each run of tool messages sorted by the position of the call it answers among the calls
+    of the message before the run (a result of no such call keeps its place among the last)."""
+    out, run, order = [], [], {}
+
+    def answered_run() -> list[dict]:
+        return sorted(run, key=lambda m: order.get(m.get("tool_call_id"), len(order)))
+
+    for message in messages:
+        if message.get("role") == "tool":
+            run.append(message)
+            continue
+        out += answered_run()
+        run, order = [], {c.get("id"): i for i, c in enumerate(message.get("tool_calls") or [])}
+        out.append(message)
+    return out + answered_run()
 
 
 def calls_text(calls: list[dict]) -> str:

@@ -132,6 +132,31 @@ def test_an_assistants_calls_are_written_after_its_text_for_the_template(tokeniz
     assert '"parameters": {"city": "Paris"}' in text and "18 C" in text
 
 
+def test_tool_results_reach_the_prompt_in_the_order_of_their_calls(tokenizer):
+    """OpenAI matches results to calls by id, in any order; the template shows no ids, so the
+    prompt lists each run of results in its calls' order."""
+    cities = ("Paris", "Oslo", "Rome")
+    calls = [CALL | {"id": f"call_{city}", "function": {"name": "get_weather",
+             "arguments": json.dumps({"city": city})}} for city in cities]  # fmt: skip
+    messages = [
+        {"role": "user", "content": "Weather in three cities?"},
+        {"role": "assistant", "content": "", "tool_calls": calls},
+        {"role": "tool", "content": "Rome: 25 C", "tool_call_id": "call_Rome"},
+        {"role": "tool", "content": "Paris: 18 C", "tool_call_id": "call_Paris"},
+        {"role": "tool", "content": "Oslo: 4 C", "tool_call_id": "call_Oslo"},
+        {"role": "user", "content": "And tomorrow?"},
+        {"role": "tool", "content": "a result of no call before it", "tool_call_id": "x"},
+    ]
+    shown = template_messages(messages)
+    assert [m["content"] for m in shown[2:5]] == ["Paris: 18 C", "Oslo: 4 C", "Rome: 25 C"]
+    assert shown[5] is messages[5] and shown[6] is messages[6] and len(shown) == 7
+    assert messages[2]["content"] == "Rome: 25 C"  # the request itself is not changed
+    text = tokenizer.decode(
+        prompt_token_ids(tokenizer, GenerationRequest(messages=messages[:5]), chat_template=True)
+    )
+    assert text.index("Paris: 18 C") < text.index("Oslo: 4 C") < text.index("Rome: 25 C")
+
+
 def test_calls_keep_arguments_that_are_not_json_as_their_text_beside_the_answers_text():
     call = CALL | {"function": {"name": "f", "arguments": "not json"}}
     [shown] = template_messages([{"role": "assistant", "content": "Sure.", "tool_calls": [call]}])
