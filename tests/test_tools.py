@@ -297,6 +297,25 @@ def test_tools_without_a_choice_are_auto_through_the_sdk_streamed_as_not(client,
     assert whole_prompt_tokens(client) > shown  # the functions' instructions were in the prompt
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [{"tool_choice": "required"}, {"tool_choice": NAMED}, {}],  # {}: auto
+)
+def test_streamed_logprobs_arrive_with_the_deltas_that_carry_their_tokens(client, fields):
+    """Logprobs of text held back (``required``'s answer; an ``auto`` answer opening with ``[``)
+    go out with that text or the calls parsed from it, not ahead of it in empty deltas; every
+    token's logprob arrives once, as in the answer that is not streamed."""
+    fields |= {"tools": [WEATHER, CLOCK], "logprobs": True, "top_logprobs": 2}
+    whole = ask(client, **fields).choices[0]
+    parts = [c.choices[0] for c in ask(client, stream=True, **fields) if c.choices]
+    with_logprobs = [p for p in parts if p.logprobs is not None]
+    for part in with_logprobs:
+        carried = part.delta.content or part.delta.tool_calls or part.finish_reason
+        assert carried, "logprobs in an event that carries nothing"
+    tokens = [t.token for p in with_logprobs for t in p.logprobs.content]
+    assert tokens and tokens == [t.token for t in whole.logprobs.content]
+
+
 def whole_prompt_tokens(client) -> int:
     return ask(client, tools=[WEATHER], max_tokens=1).usage.prompt_tokens
 

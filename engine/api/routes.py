@@ -1000,11 +1000,13 @@ async def stream_events(
 
 
 def tool_events(writer: ChunkWriter, index: int, chunk: Chunk, calls: ToolStream) -> list[bytes]:
-    """One chunk's events in a tool-call answer: its call deltas, the chunk's logprobs on the
-    last of them, the finish reason on the chunk that finishes."""
+    """One chunk's events in a tool-call answer: its call deltas, the logprobs of the tokens
+    they carry on the last of them (those of text held back go with it), the finish reason on
+    the chunk that finishes; nothing while everything is held back."""
     deltas = calls.deltas(chunk)
-    logprobs = chat_logprobs(chunk.logprobs) if chunk.logprobs is not None else None
-    if chunk.finish_reason or (logprobs and not deltas):
+    entries = calls.logprobs_to_send(chunk, sending=bool(deltas))
+    logprobs = chat_logprobs(entries) if entries is not None else None
+    if chunk.finish_reason:
         deltas = deltas or [{}]
     events = []
     for i, delta in enumerate(deltas):

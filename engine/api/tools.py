@@ -253,6 +253,19 @@ class ToolStream:
     texting: bool = False
     """``auto``: the answer began as text, and streams as content."""
     called: bool = False
+    held_logprobs: list = field(default_factory=list)
+    """Logprobs of tokens whose text is held back: they go out with it."""
+
+    def logprobs_to_send(self, chunk: Chunk, sending: bool) -> list | None:
+        """The logprobs to send with this chunk's deltas (``sending``), held ones first; None
+        when the request asked for none or everything is still held back."""
+        if chunk.logprobs is None and not self.held_logprobs:
+            return None
+        self.held_logprobs += chunk.logprobs or []
+        if not sending and not chunk.finish_reason:
+            return None
+        entries, self.held_logprobs = self.held_logprobs, []
+        return entries
 
     def deltas(self, chunk: Chunk) -> list[dict]:
         if self.plan.named is not None:
