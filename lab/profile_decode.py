@@ -526,23 +526,30 @@ def drop_traces(trace_dir: Path) -> None:
             path.unlink()
 
 
-async def run(args) -> None:
+async def each_point(args, point) -> dict:
+    """Build the engine, warm it, await ``point(engine, args, names, streams, arm)`` for each of
+    ``--streams`` × ``--arms`` (the cut requests settling in between), shut it down; returns the
+    run's settings (``settings_of``)."""
     from loadtest.bench import settle, warm_up
 
     engine, names = build(args)
-    out = Path(args.out)
     try:
         if "adapters" in args.arms and len(names) < args.adapters:
             raise SystemExit(f"--adapters {args.adapters}: the registry has {len(names)}")
         await warm_up(engine, names)
         for streams in args.streams:
             for arm in args.arms:
-                await profile_point(engine, args, names, streams, arm)
+                await point(engine, args, names, streams, arm)
                 await settle(engine, 30)  # the cut requests leave the batch
                 await asyncio.sleep(args.pause)
-        settings = settings_of(args, engine)
+        return settings_of(args, engine)
     finally:
         await engine.shutdown()
+
+
+async def run(args) -> None:
+    out = Path(args.out)
+    settings = await each_point(args, profile_point)
     summarize(out / "traces", out, settings)
     if not args.keep_traces:
         drop_traces(out / "traces")
@@ -551,29 +558,34 @@ async def run(args) -> None:
     print((out / "profile.md").read_text(), flush=True)
 
 
-def parse_args(argv=None):
+def add_load_arguments(run, streams: list[int], arms: list[str], warmup: float) -> None:
+    """The engine and the load of a ``run``: the registry, overrides, the points, the requests."""
     from loadtest.stats import parse_range
 
+    run.add_argument("--config", required=True, help="adapters.yaml to serve")
+    run.add_argument("--backend", choices=["auto", "sglang", "hf"], default="auto")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                     help="backend setting, e.g. max_loras_per_batch=128")  # fmt: skip
+    run.add_argument("--streams", type=int, nargs="+", default=streams)
+    run.add_argument("--arms", nargs="+", choices=["base", "adapters"], default=arms)
+    run.add_argument("--adapters", type=int, default=128, help="adapters arm: the first N")
+    run.add_argument("--warmup", type=float, default=warmup, help="seconds before measuring")
+    run.add_argument("--pause", type=float, default=3, help="seconds between points")
+    run.add_argument("--prompt-words", type=parse_range, default=(90, 110))
+    run.add_argument("--output-tokens", type=parse_range, default=(90, 110))
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     s = sub.add_parser("summarize", help="summarise a folder of traces")
     s.add_argument("trace_dir")
     s.add_argument("--out", required=True)
     r = sub.add_parser("run", help="start the engine, load it, record traces, summarise")
-    r.add_argument("--config", required=True, help="adapters.yaml to serve")
-    r.add_argument("--backend", choices=["auto", "sglang", "hf"], default="auto")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                   help="backend setting, e.g. max_loras_per_batch=128")  # fmt: skip
-    r.add_argument("--streams", type=int, nargs="+", default=[128, 256])
-    r.add_argument("--arms", nargs="+", choices=["base", "adapters"], default=["base", "adapters"])
-    r.add_argument("--adapters", type=int, default=128, help="adapters arm: the first N")
-    r.add_argument("--warmup", type=float, default=10, help="seconds before measuring")
+    add_load_arguments(r, streams=[128, 256], arms=["base", "adapters"], warmup=10)
     r.add_argument("--measure", type=float, default=10, help="seconds of tok/s, no profiler")
     r.add_argument("--num-steps", type=int, default=50, help="forward steps in each trace")
     r.add_argument("--trace-timeout", type=float, default=180, help="seconds to wait for a trace")
-    r.add_argument("--pause", type=float, default=3, help="seconds between points")
-    r.add_argument("--prompt-words", type=parse_range, default=(90, 110))
-    r.add_argument("--output-tokens", type=parse_range, default=(90, 110))
     r.add_argument("--no-profile", action="store_true", help="tok/s only (any backend)")
     r.add_argument("--keep-traces", action="store_true", help="keep the raw traces under --out")
     r.add_argument("--out", required=True)

@@ -230,7 +230,7 @@ def record(py_spy: str, pid: int, seconds: float, rate: int, raw: Path) -> int |
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
     if done.returncode != 0 or not raw.exists():
         raise RuntimeError(f"py-spy exited {done.returncode}: {done.stderr.strip()[-400:]}")
-    taken = re.search(r"Samples: (\d+)", done.stderr)
+    taken = re.search(r"Samples: (\d+)", done.stdout + done.stderr)
     return int(taken[1]) if taken else None
 
 
@@ -267,29 +267,17 @@ async def profile_point(engine, args, names: list[str], streams: int, arm: str) 
 
 
 async def run(args) -> None:
-    from profile_decode import build
-
-    from loadtest.bench import settle, warm_up
+    from profile_decode import each_point
 
     args.no_profile = True  # profile_decode's build: any backend
-    engine, names = build(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    try:
-        if "adapters" in args.arms and len(names) < args.adapters:
-            raise SystemExit(f"--adapters {args.adapters}: the registry has {len(names)}")
-        await warm_up(engine, names)
-        for streams in args.streams:
-            for arm in args.arms:
-                await profile_point(engine, args, names, streams, arm)
-                await settle(engine, 30)
-    finally:
-        await engine.shutdown()
+    await each_point(args, profile_point)
     summarize(args.out, args.out)
     print(Path(args.out, "scheduler.md").read_text(), flush=True)
 
 
 def parse_args(argv=None):
-    from loadtest.stats import parse_range
+    from profile_decode import add_load_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -297,18 +285,9 @@ def parse_args(argv=None):
     s.add_argument("folder")
     s.add_argument("--out", required=True)
     r = sub.add_parser("run", help="start the engine, keep streams running, sample the scheduler")
-    r.add_argument("--config", required=True, help="adapters.yaml to serve")
-    r.add_argument("--backend", choices=["auto", "sglang", "hf"], default="auto")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                   help="engine setting override, as loadtest.bench takes it")  # fmt: skip
-    r.add_argument("--streams", type=int, nargs="+", default=[64, 256])
-    r.add_argument("--arms", nargs="+", choices=["base", "adapters"], default=["adapters"])
-    r.add_argument("--adapters", type=int, default=128, help="adapters arm: the first N")
-    r.add_argument("--warmup", type=float, default=15, help="seconds before sampling")
+    add_load_arguments(r, streams=[64, 256], arms=["adapters"], warmup=15)
     r.add_argument("--seconds", type=float, default=15, help="seconds of py-spy samples")
     r.add_argument("--rate", type=int, default=250, help="samples a second")
-    r.add_argument("--prompt-words", type=parse_range, default=(90, 110))
-    r.add_argument("--output-tokens", type=parse_range, default=(90, 110))
     r.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy", help="its binary")
     r.add_argument("--out", required=True)
     return parser.parse_args(argv)

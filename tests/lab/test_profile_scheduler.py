@@ -101,3 +101,19 @@ def test_without_such_a_child_the_process_itself_is_sampled():
 def test_a_py_spy_that_fails_is_an_error_naming_it(tmp_path):
     with pytest.raises(RuntimeError, match="py-spy exited"):
         profile_scheduler.record(sys.executable, 1, 1, 10, tmp_path / "x.txt")
+
+
+def test_the_busy_share_divides_by_py_spys_own_count_of_samplings(tmp_path):
+    """py-spy prints how many times it sampled (it may fall behind --rate); record returns it."""
+    fake = tmp_path / "py-spy"
+    fake.write_text(
+        '#!/bin/sh\nwhile [ "$1" != "--output" ]; do shift; done\n'
+        'echo "thread (1): MainThread;f (a.py:1) 3" > "$2"\n'
+        "echo \"py-spy> Wrote raw flamegraph data to '$2'. Samples: 42 Errors: 0\"\n"
+    )
+    fake.chmod(0o755)
+    raw = tmp_path / "p.txt"
+    assert profile_scheduler.record(str(fake), 1, 1, 250, raw) == 42
+    assert profile_scheduler.parse_raw(raw.read_text()) == [
+        ("thread (1): MainThread", ["f (a.py:1)"], 3)
+    ]
