@@ -210,10 +210,13 @@ class ChatMessage(Wire):
     def calls_are_an_answers(cls, calls, info: ValidationInfo):
         if calls is not None and info.data.get("role") != "assistant":
             raise ValueError("only an assistant's message has tool calls")
-        ids = [call.id for call in calls or []]
-        if len(set(ids)) != len(ids):
-            twice = next(i for i in ids if ids.count(i) > 1)
-            raise ValueError(f"each call's id once: {twice!r} is twice (a result answers one id)")
+        seen = set()
+        for call in calls or []:
+            if call.id in seen:  # a set, not ids.count: 14,500 calls took 2 s of the event loop
+                raise ValueError(
+                    f"each call's id once: {call.id!r} is twice (a result answers one id)"
+                )
+            seen.add(call.id)
         return calls or None
 
     @field_validator("tool_call_id")
