@@ -315,6 +315,23 @@ def test_an_empty_list_of_parts_is_named_as_one(client):
     assert "at least 1" in answer.json()["error"]["message"], answer.text
 
 
+@pytest.mark.parametrize(
+    ("choice", "param", "words"),
+    [
+        ("sometimes", "tool_choice", "'none', 'auto' or 'required'"),
+        ({"type": "function"}, "tool_choice.function", "required"),
+        ({"type": "function", "function": {}}, "tool_choice.function.name", "required"),
+    ],
+)
+def test_a_bad_tool_choice_is_named_without_pydantics_class_names(client, choice, param, words):
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    answer = client.post(CHAT, json=OK_CHAT | {"tools": tools, "tool_choice": choice})
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+    assert "NamedToolChoice" not in answer.text
+
+
 def test_a_body_without_a_content_type_is_read_as_json(client):
     """As FastAPI reads one: only a Content-Type that names another format is refused."""
     response = client.post(CHAT, content=json.dumps(OK_CHAT).encode())

@@ -470,10 +470,17 @@ class MergeBody(Wire):
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
+def wire_model_names(model: type[BaseModel] | None = None) -> set[str]:
+    """The class names of every wire model: pydantic tags a union's model branch with them."""
+    model = model or Wire
+    return {model.__name__}.union(*(wire_model_names(sub) for sub in model.__subclasses__()))
+
+
 def field_path(loc) -> list[str]:
     """A pydantic error's location without the union-branch tags it adds (``str``,
-    ``list[int]``, ``function-after[...]``)."""
-    return [str(p) for p in loc if str(p) not in TYPE_TAGS and "[" not in str(p)]
+    ``list[int]``, ``function-after[...]``, a model's class name)."""
+    tags = TYPE_TAGS | wire_model_names()
+    return [str(p) for p in loc if str(p) not in tags and "[" not in str(p)]
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
