@@ -13,7 +13,7 @@ from helpers import WEATHER_TOOL
 
 from engine.api import create_api
 from engine.api.protocol import ChatBody
-from engine.api.tools import ToolPlan, ToolStream, tool_plan
+from engine.api.tools import CallScanner, ToolPlan, ToolStream, tool_plan
 from engine.interface import Chunk
 
 BASE = "SmolLM2-135M-Instruct"
@@ -82,12 +82,16 @@ def test_required_calls_are_among_the_tools_and_one_without_parallel_calls(clien
             assert call.function.name == "get_time" and set(args) == {"zone"}
 
 
-def streamed_calls(stream) -> tuple[dict[int, dict], str | None]:
-    """The SDK's tool-call deltas put together by index, as a client does."""
+def streamed_calls(stream, text_too: bool = False) -> tuple[dict, str | None]:
+    """The SDK's tool-call deltas put together by index, as a client does (``text_too``: an
+    answer's text under ``"text"``, else there is none)."""
     calls, finish = {}, None
     for chunk in stream:
         choice = chunk.choices[0]
-        assert choice.delta.content is None  # as OpenAI's: a tool-call answer has no text
+        if text_too and choice.delta.content:
+            calls["text"] = calls.get("text", "") + choice.delta.content
+        else:
+            assert choice.delta.content is None  # as OpenAI's: a tool-call answer has no text
         for delta in choice.delta.tool_calls or []:
             call = calls.setdefault(delta.index, {"id": None, "name": None, "arguments": ""})
             call["id"] = delta.id or call["id"]
@@ -125,6 +129,36 @@ def test_calls_cut_by_max_tokens_come_back_as_text(client):
     choice = ask(client, tools=[WEATHER], tool_choice="required", max_tokens=4).choices[0]
     assert choice.finish_reason == "length"
     assert choice.message.tool_calls is None and choice.message.content.startswith("[")
+
+
+def test_required_calls_stream_their_arguments_as_they_are_written(client):
+    """As OpenAI's: a call's id and name first, then its arguments in pieces, not one event at
+    the end of the answer."""
+    chunks = [c for c in ask(client, tools=[WEATHER, CLOCK], tool_choice="required", stream=True)
+              if c.choices]  # fmt: skip
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    heads = [d for d in deltas if d.id]
+    assert heads and all(d.function.name and d.function.arguments == "" for d in heads)
+    assert len(deltas) - len(heads) >= 3  # the arguments in at least three pieces
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("share", [0.1, 0.4, 0.7, 0.95])
+def test_required_calls_cut_by_max_tokens_are_the_same_streamed_and_not(client, share):
+    """Cut after a call's name: that call with the arguments written so far (as a named
+    function's), ``length``; cut before any name: the text. Streamed the same."""
+    fields = {"tools": [WEATHER, CLOCK], "tool_choice": "required"}
+    uncut = ask(client, **fields).usage.completion_tokens
+    fields["max_tokens"] = max(1, min(uncut - 1, round(uncut * share)))
+    whole = ask(client, **fields).choices[0]
+    calls, finish = streamed_calls(ask(client, stream=True, **fields), text_too=True)
+    assert finish == whole.finish_reason == "length"
+    if whole.message.tool_calls is None:
+        assert calls == {"text": whole.message.content}
+        return
+    assert [(c["name"], c["arguments"]) for _, c in sorted(calls.items())] == [
+        (c.function.name, c.function.arguments) for c in whole.message.tool_calls
+    ]
 
 
 @pytest.mark.parametrize(
@@ -314,6 +348,47 @@ def test_streamed_logprobs_arrive_with_the_deltas_that_carry_their_tokens(client
         assert carried, "logprobs in an event that carries nothing"
     tokens = [t.token for p in with_logprobs for t in p.logprobs.content]
     assert tokens and tokens == [t.token for t in whole.logprobs.content]
+
+
+TWO_CALLS = (
+    '[ {"name":"get_weather" , "parameters":{"city": "Pa}\\"ris{", "unit": "c"}},\n'
+    '{"parameters": {"zone": "[UTC]"}, "name": "get_time"} ]'
+)
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 7, len(TWO_CALLS)])
+def test_the_scanner_reads_required_calls_the_same_in_any_pieces(piece):
+    """Names once whole, arguments as written (braces and quotes inside strings are text),
+    arguments written before their name told with it; whatever the pieces the text comes in."""
+    scanner, told = CallScanner(), []
+    for at in range(0, len(TWO_CALLS), piece):
+        told += scanner.feed(TWO_CALLS[at : at + piece])
+    assert scanner.done
+    weather = '{"city": "Pa}\\"ris{", "unit": "c"}'
+    assert [(c.name, c.arguments) for c in scanner.calls] == [
+        ("get_weather", weather), ("get_time", '{"zone": "[UTC]"}'),
+    ]  # fmt: skip
+    assert [name for _, name, _ in told if name] == ["get_weather", "get_time"]
+    assert "".join(a for i, _, a in told if i == 0) == weather
+    assert [t for t in told if t[0] == 1] == [(1, "get_time", '{"zone": "[UTC]"}')]
+
+
+@pytest.mark.parametrize(
+    "text", ['{"name": "f"}', '[{"name": 5}]', '[{"why": 1}]', '[{"name": "f", "parameters": 3}]']
+)
+def test_the_scanner_stops_at_text_that_is_not_calls(text):
+    scanner = CallScanner()
+    scanner.feed(text)
+    assert not scanner.done and scanner.state == "broken"
+
+
+def test_a_required_answer_that_is_not_calls_streams_as_its_text():
+    plan = ToolPlan([ChatBody.model_validate({"model": "m", "tools": [WEATHER]}).tools[0]], None)
+    deltas, finish = streamed(plan, ["It is", " sunny"])
+    assert deltas == [{"content": "It is sunny"}] and finish == "stop"
+    assert plan.message("It is sunny", "stop") == (
+        {"role": "assistant", "content": "It is sunny", "refusal": None}, "stop",
+    )  # fmt: skip
 
 
 def whole_prompt_tokens(client) -> int:

@@ -4,7 +4,8 @@ answer is constrained to the call's JSON by the structured-output grammar (both 
 - ``tool_choice: {"type": "function", "function": {"name": …}}``: the answer is that function's
   arguments, one JSON object matching its ``parameters``;
 - ``tool_choice: "required"``: a JSON array of ``{"name", "parameters"}``, one item per call
-  (one at most with ``parallel_tool_calls: false``), each matching its function;
+  (one at most with ``parallel_tool_calls: false``), each matching its function; read as it
+  comes (``CallScanner``), so each call streams once its name is written;
 - ``"auto"`` (OpenAI's default when tools are given): the model chooses. It is told to answer
   with the same JSON array to call functions, and otherwise in text; no grammar holds it, and
   the answer is calls only if it is, whole, such an array of the listed functions (the parser
@@ -90,8 +91,8 @@ class ToolPlan:
         return [{"role": "system", "content": self.instructions()}, *messages]
 
     def calls(self, text: str) -> list[dict] | None:
-        """The answer's calls in OpenAI's shape; ``None`` when the text is not whole calls (an
-        answer cut by ``max_tokens``)."""
+        """A named function's or an ``auto`` answer's calls in OpenAI's shape; ``None`` when the
+        text is not whole calls (``required``'s are read by ``CallScanner``)."""
         if self.named is not None:
             return [call(self.named, text)]
         try:
@@ -126,9 +127,15 @@ class ToolPlan:
         return "tool_calls" if reason == "stop" and self.named is None else reason
 
     def message(self, text: str, reason: str | None) -> tuple[dict, str | None]:
-        """The non-streamed answer's message and finish reason (text as it came when it is not
-        whole calls)."""
-        calls = self.calls(text) if reason != "length" or self.named else None
+        """The non-streamed answer's message and finish reason: text as it came when it is not
+        whole calls, but for the calls of ``required`` whose names were written before a cut
+        (as they stream)."""
+        if self.named is None and not self.auto:
+            scanner = CallScanner()
+            scanner.feed(text)
+            calls = [call(c.name, c.arguments) for c in scanner.announced()] or None
+        else:
+            calls = self.calls(text) if reason != "length" or self.named else None
         if calls is None:  # cut short: the text as it came, no calls
             return {"role": "assistant", "content": text, "refusal": None}, reason
         message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": calls}
@@ -240,15 +247,150 @@ def tool_plan(body: ChatBody) -> ToolPlan | None:
     return plan
 
 
+WHITESPACE = " \t\n\r"
+
+
+@dataclass
+class ScannedCall:
+    name: str | None = None
+    arguments: str = ""
+    announced: bool = False
+    """Its name went out (streamed: the call's first delta)."""
+
+
+@dataclass
+class CallScanner:
+    """A ``required`` answer, the JSON array ``[{"name": …, "parameters": {…}}, …]`` its grammar
+    writes, read as its text comes: each call once its name is whole, then its arguments' text
+    as the model writes it (the raw text, as a named function's arguments are; a call whose
+    arguments come before its name is told whole once the name is). ``feed`` answers with what
+    a piece of text added: ``(call index, its name or None, arguments text)``."""
+
+    text: str = ""
+    at: int = 0
+    state: str = "open"
+    """What the text at ``at`` must be: ``open`` ``[``; ``item`` ``{``; ``key`` a key or ``}``;
+    ``colon``; ``name`` or ``parameters`` the key's value; ``after`` ``,`` or ``}`` in an item;
+    ``next`` ``,`` or ``]``; then ``done``, or ``broken`` (not the grammar's shape)."""
+    key: str | None = None
+    calls: list[ScannedCall] = field(default_factory=list)
+    depth: int = 0
+    in_string: bool = False
+    escaped: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.state == "done"
+
+    def announced(self) -> list[ScannedCall]:
+        return [c for c in self.calls if c.announced]
+
+    def feed(self, text: str) -> list[tuple[int, str | None, str]]:
+        self.text += text
+        told: list[tuple[int, str | None, str]] = []
+        while self.at < len(self.text) and self.state not in ("done", "broken"):
+            if not self.step(told):
+                break
+        return told
+
+    def step(self, told: list) -> bool:
+        """Read one token of the array (or the arguments so far); False: more text needed."""
+        char = self.text[self.at]
+        if self.state == "parameters" and (self.depth or char == "{"):
+            return self.read_arguments(told)
+        if char in WHITESPACE:
+            self.at += 1
+            return True
+        if self.state in ("key", "name") and (char == '"' or self.state == "key"):
+            return self.read_string(told)
+        expected = {"open": "[", "item": "{", "colon": ":", "after": ",}", "next": ",]"}
+        if char not in expected.get(self.state, ""):
+            self.state = "broken"
+            return False
+        self.at += 1
+        if self.state == "open" or char == ",":
+            self.state = "item" if self.state in ("open", "next") else "key"
+        elif char == "{":
+            self.calls.append(ScannedCall())
+            self.state = "key"
+        elif char == ":":
+            self.state = self.key
+        else:  # "}" ends an item, "]" the array
+            self.state = "next" if char == "}" else "done"
+        return True
+
+    def read_string(self, told: list) -> bool:
+        if self.state == "key" and self.text[self.at] == "}" and self.calls[-1].name is not None:
+            self.at += 1
+            self.state = "next"
+            return True
+        if self.text[self.at] != '"':
+            self.state = "broken"
+            return False
+        try:
+            value, end = json.JSONDecoder().raw_decode(self.text, self.at)
+        except json.JSONDecodeError:
+            return False  # the string is not whole yet
+        if not isinstance(value, str) or (self.state == "key" and value not in KEYS):
+            self.state = "broken"
+            return False
+        self.at = end
+        if self.state == "key":
+            self.key, self.state = value, "colon"
+            return True
+        call = self.calls[-1]
+        call.name, call.announced, self.state = value, True, "after"
+        told.append((len(self.calls) - 1, value, call.arguments))
+        return True
+
+    def read_arguments(self, told: list) -> bool:
+        """The arguments' text up to where their object closes, or all there is so far."""
+        start, text = self.at, self.text
+        for at in range(start, len(text)):
+            char = text[at]
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif char == "\\":
+                    self.escaped = True
+                elif char == '"':
+                    self.in_string = False
+            elif char == '"':
+                self.in_string = True
+            elif char in "{[":
+                self.depth += 1
+            elif char in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.tell(text[start : at + 1], told)
+                    self.at, self.state = at + 1, "after"
+                    return True
+        self.tell(text[start:], told)
+        self.at = len(text)
+        return False
+
+    def tell(self, piece: str, told: list) -> None:
+        call = self.calls[-1]
+        call.arguments += piece
+        if call.announced and piece:
+            told.append((len(self.calls) - 1, None, piece))
+
+
+KEYS = ("name", "parameters")
+
+
 @dataclass
 class ToolStream:
-    """One streamed choice's tool calls: a named function's arguments as they come; the calls
-    of ``required`` once the answer is whole (they are parsed from it); under ``auto``, text
-    as it comes unless the answer begins with ``[`` (held back until whole: calls or text)."""
+    """One streamed choice's tool calls: a named function's arguments as they come; each call
+    of ``required`` once its name is written, then its arguments as they come
+    (``CallScanner``); under ``auto``, text as it comes unless the answer begins with ``[``
+    (held back until whole: calls or text)."""
 
     plan: ToolPlan
     text: str = ""
     call_id: str = field(default_factory=lambda: f"call_{new_id()[:24]}")
+    scanner: CallScanner = field(default_factory=CallScanner)
+    call_ids: list[str] = field(default_factory=list)
     started: bool = False
     texting: bool = False
     """``auto``: the answer began as text, and streams as content."""
@@ -279,6 +421,8 @@ class ToolStream:
             if chunk.text:
                 deltas.append(one_call(0, {"function": {"arguments": chunk.text}}))
             return deltas
+        if not self.plan.auto:
+            return self.required_deltas(chunk)
         if self.texting:
             return [{"content": chunk.text}] if chunk.text else []
         self.text += chunk.text
@@ -293,8 +437,25 @@ class ToolStream:
         self.called = True
         return [one_call(i, c) for i, c in enumerate(calls)]
 
+    def required_deltas(self, chunk: Chunk) -> list[dict]:
+        """Each call's first delta (id, name) once its name is written, then its arguments as
+        they come; the text as content, at the end, if no call was (cut short)."""
+        deltas = []
+        for index, name, arguments in self.scanner.feed(chunk.text):
+            if name is None:
+                deltas.append(one_call(index, {"function": {"arguments": arguments}}))
+                continue
+            self.call_ids.append(f"call_{new_id()[:24]}")
+            head = {"name": name, "arguments": arguments}
+            deltas.append(one_call(index, {"id": self.call_ids[-1], "type": "function",
+                                           "function": head}))  # fmt: skip
+        self.called = bool(self.call_ids)
+        if chunk.finish_reason and not self.called and self.scanner.text:
+            deltas.append({"content": self.scanner.text})
+        return deltas
+
     def finish_reason(self, reason: str | None) -> str | None:
-        if self.plan.named is None and (reason == "length" or (self.plan.auto and not self.called)):
+        if self.plan.named is None and (reason == "length" or not self.called):
             return reason
         return self.plan.finish_reason(reason)
 
