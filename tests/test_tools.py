@@ -391,6 +391,28 @@ def test_a_required_answer_that_is_not_calls_streams_as_its_text():
     )  # fmt: skip
 
 
+def test_a_held_back_answer_sends_keepalive_comments_that_the_sdk_skips(
+    client, server, monkeypatch
+):
+    """An ``auto`` answer opening with ``[`` is held until whole; meanwhile SSE comments keep a
+    proxy from cutting the stream (every held token here: the interval set to 0)."""
+    from engine.api import tools
+
+    monkeypatch.setattr(tools, "HELD_KEEPALIVE_S", 0.0)
+    [bracket] = httpx.post(f"{server.url}/tokenize", json={"model": BASE, "prompt": "["}).json()[
+        "tokens"
+    ]
+    fields = {"tools": [WEATHER], "logit_bias": {str(bracket): 100}, "max_tokens": 6}
+    body = {"model": BASE, "messages": ASK, "stream": True} | fields
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as raw:
+        lines = list(raw.iter_lines())
+    assert sum(line.startswith(": ") for line in lines) >= 3
+    parts = [c.choices[0] for c in ask(client, stream=True, **fields) if c.choices]
+    text = "".join(p.delta.content or "" for p in parts)
+    assert text == "[" * 6 == ask(client, **fields).choices[0].message.content
+    assert parts[-1].finish_reason == "length"
+
+
 def whole_prompt_tokens(client) -> int:
     return ask(client, tools=[WEATHER], max_tokens=1).usage.prompt_tokens
 

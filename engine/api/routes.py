@@ -1002,12 +1002,14 @@ async def stream_events(
 def tool_events(writer: ChunkWriter, index: int, chunk: Chunk, calls: ToolStream) -> list[bytes]:
     """One chunk's events in a tool-call answer: its call deltas, the logprobs of the tokens
     they carry on the last of them (those of text held back go with it), the finish reason on
-    the chunk that finishes; nothing while everything is held back."""
+    the chunk that finishes; while everything is held back, nothing, or a keep-alive comment."""
     deltas = calls.deltas(chunk)
     entries = calls.logprobs_to_send(chunk, sending=bool(deltas))
     logprobs = chat_logprobs(entries) if entries is not None else None
     if chunk.finish_reason:
         deltas = deltas or [{}]
+    if comment := calls.keepalive(sending=bool(deltas)):
+        return [comment]
     events = []
     for i, delta in enumerate(deltas):
         last = i == len(deltas) - 1

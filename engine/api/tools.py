@@ -20,12 +20,17 @@ sent back in the next request are written as the model wrote them (``text.calls_
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 
 from ..constraints import JsonSchemaSpec, ResponseFormat, grammar_problem
 from ..interface import Chunk, new_id
 from .protocol import ChatBody, ChatMessage, Tool, invalid
 
+HELD_KEEPALIVE_S = 10.0
+"""While an ``auto`` answer is held back, an SSE comment at least this often as its tokens come
+(a proxy cuts a stream that sends nothing for its read timeout, often 60 s)."""
+KEEPALIVE = b": held back until whole\n\n"
 ANY_OBJECT = {"type": "object"}
 """Every function's arguments (a schema without ``type`` gets this one)."""
 
@@ -397,6 +402,16 @@ class ToolStream:
     called: bool = False
     held_logprobs: list = field(default_factory=list)
     """Logprobs of tokens whose text is held back: they go out with it."""
+    sent_at: float = field(default_factory=time.monotonic)
+
+    def keepalive(self, sending: bool) -> bytes | None:
+        """An SSE comment when nothing went out for ``HELD_KEEPALIVE_S`` (clients skip it)."""
+        now = time.monotonic()
+        if sending or now - self.sent_at < HELD_KEEPALIVE_S:
+            self.sent_at = now if sending else self.sent_at
+            return None
+        self.sent_at = now
+        return KEEPALIVE
 
     def logprobs_to_send(self, chunk: Chunk, sending: bool) -> list | None:
         """The logprobs to send with this chunk's deltas (``sending``), held ones first; None
