@@ -465,6 +465,8 @@ decode_setting() {  # a named engine setting of decode-settings, as bench's --se
     prefill-delay-4) echo 'prefill_delay_passes=4' ;;  # new requests wait < 4 passes near the cap
     prefill-delay-8) echo 'prefill_delay_passes=8' ;;  # what auto picks on one GPU
     no-prefill-delay) echo 'prefill_delay_passes=null' ;;  # each request prefilled at once (SGLang's)
+    no-radix-cache) echo 'extra={"disable_radix_cache": true}' ;;  # no prefix tree for the scheduler
+    prefill-delay-16) echo 'prefill_delay_passes=16' ;;
     *) echo "no decode setting named $1" >&2; return 1 ;;
   esac
 }
