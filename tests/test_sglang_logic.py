@@ -19,6 +19,7 @@ from engine.backends.sglang import (
     adaptive_interval,
     check_event_loop,
     engine_kwargs,
+    environment_overrides,
     finish_reason,
     grace_left,
     matched_token,
@@ -64,6 +65,13 @@ def test_running_requests_are_capped_at_256_unless_set_to_sglangs_own_limit():
     )
     with pytest.raises(ValueError, match="greater than or equal to 1"):
         SGLangSettings(max_running_requests=0)
+
+
+def test_sglangs_delayer_variables_that_override_the_registry_are_named():
+    assert environment_overrides({}) == []
+    environ = {"SGLANG_PREFILL_DELAYER_MAX_DELAY_PASSES": "3", "SGLANG_OTHER": "1",
+               "SGLANG_SCHEDULER_DECREASE_PREFILL_IDLE": ""}  # fmt: skip
+    assert environment_overrides(environ) == ["SGLANG_PREFILL_DELAYER_MAX_DELAY_PASSES=3"]
 
 
 def test_prefill_delayer_is_on_at_8_passes_unless_set_to_null():

@@ -14,8 +14,9 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from pathlib import Path
 
 from ..constraints import grammar_problem
@@ -42,6 +43,20 @@ UNSUPPORTED_FLOAT32 = (
     "SGLang 0.5.17 cannot run float32 (its rmsnorm kernel has no float32 path and the scheduler "
     "dies); use bfloat16 (auto) or float16, which matches the CPU backend's greedy tokens closely"
 )
+
+
+DELAYER_ENVIRONMENT = (
+    "SGLANG_SCHEDULER_DECREASE_PREFILL_IDLE",
+    "SGLANG_PREFILL_DELAYER_MAX_DELAY_PASSES",
+    "SGLANG_PREFILL_DELAYER_TOKEN_USAGE_LOW_WATERMARK",
+)
+"""SGLang's environment variables that override the prefill delayer's engine arguments."""
+
+
+def environment_overrides(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """``NAME=value`` of each set variable of ``DELAYER_ENVIRONMENT``: SGLang takes them over
+    what adapters.yaml asks (``engine.sglang.prefill_delay_passes``)."""
+    return [f"{name}={environ[name]}" for name in DELAYER_ENVIRONMENT if environ.get(name)]
 
 
 def engine_kwargs(
@@ -347,6 +362,12 @@ class SGLangEngine(Tokenizes, Engine):
         except ValueError as error:
             raise EngineError(str(error)) from None
         log.info("csgmv LoRA kernels: block sizes from %s", kernels or "SGLang's own files")
+        if overrides := environment_overrides():
+            log.warning(
+                "%s: SGLang takes these over engine.sglang.prefill_delay_passes (%s) in the "
+                "registry; unset them to serve with the registry's",
+                ", ".join(overrides), self.settings.prefill_delay_passes,
+            )  # fmt: skip
         log.info(
             "starting sglang.Engine with %s", {k: v for k, v in kwargs.items() if k != "lora_paths"}
         )
