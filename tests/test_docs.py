@@ -39,3 +39,14 @@ def test_the_readme_is_short_and_starts_with_the_two_commands():
     assert commands[0].endswith("python app.py")
     ci = (ROOT / ".ci" / "run").read_text()
     assert commands[1] in ci, "the README's test command is what .ci/run runs"
+
+
+def test_the_targets_table_is_the_same_in_the_docs_and_the_apps_benchmarks_tab():
+    """``results/serving/targets.md`` (the app shows it) and docs/benchmarks.md's first section."""
+    rows = [
+        line
+        for line in (ROOT / "results/serving/targets.md").read_text().splitlines()
+        if line.startswith("|")
+    ]
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert len(rows) >= 10 and all(row in docs for row in rows)
