@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 
 import httpx
+import pydantic
 import pytest
 
 from engine.api import create_api
+from engine.api.protocol import MAX_LIST, ChatBody, validation_message
 
 TOKEN = "s3cret"
 CHAT = "/v1/chat/completions"
@@ -330,6 +332,43 @@ def test_a_bad_tool_choice_is_named_without_pydantics_class_names(client, choice
     error = answer.json()["error"]
     assert error["param"] == param and words in error["message"], error
     assert "NamedToolChoice" not in answer.text
+
+
+MANY = 300_000
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"messages": [{}] * MANY}, "messages"),
+        ({"messages": [{"role": "user", "content": [{}] * MANY}]}, "messages.0.content"),
+        ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{}] * MANY}]},
+         "messages.0.tool_calls"),
+        ({"stop": [5] * MANY}, "stop"),
+        ({"logit_bias": {str(i): "x" for i in range(MANY)}}, "logit_bias"),
+        ({"template_fields": {str(i): 5 for i in range(MANY)}}, "template_fields"),
+    ],
+)  # fmt: skip
+def test_a_body_of_many_bad_items_is_one_error_not_one_per_item(client, fields, param):
+    """Pydantic reports every bad item, and turning 600,000 of them into a message held the
+    event loop for seconds: a list or object over ``MAX_LIST`` is refused before its items."""
+    with pytest.raises(pydantic.ValidationError) as refused:
+        ChatBody.model_validate(OK_CHAT | fields)
+    assert refused.value.error_count() <= 2  # a union's two branches at most
+    message, named = validation_message(refused.value.errors())
+    assert named == param and str(MAX_LIST) in message, message
+    if param == "messages":  # through HTTP (this server's bodies are 64 KiB at most)
+        answer = client.post(CHAT, json=OK_CHAT | {"messages": [{}] * (MAX_LIST + 1)})
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "messages"
+
+
+def test_a_key_of_the_clients_is_kept_in_the_errors_param_and_no_class_is_named(client):
+    answer = client.post(CHAT, json=OK_CHAT | {"template_fields": {"ChatMessage": 5}})
+    assert answer.json()["error"]["param"] == "template_fields.ChatMessage", answer.text
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    choice = {"type": "function", "function": None}
+    answer = client.post(CHAT, json=OK_CHAT | {"tools": tools, "tool_choice": choice})
+    assert answer.status_code == 400 and "instance of" not in answer.text, answer.text
 
 
 def test_a_body_without_a_content_type_is_read_as_json(client):

@@ -121,6 +121,20 @@ LIST_FIELDS = {"annotations"}
 """Of ``ANSWER_ONLY_FIELDS``, those whose empty value is a list (the others' is null)."""
 
 
+MAX_LIST = 4096
+"""The most items of a list or object in a request (messages, a message's parts and calls, stop
+strings, ``logit_bias``, template fields): a body of many bad items gets one error, not one per
+item, so its 400 costs the event loop no more than a good body's validation. Fields with a
+lower rule (4 stop strings, 300 biases) check it after."""
+
+
+def at_most_max_list(_, value):
+    """Before an object's items are validated (pydantic checks a dict's ``max_length`` after)."""
+    if isinstance(value, dict) and len(value) > MAX_LIST:
+        raise ValueError(f"at most {MAX_LIST} entries, not {len(value)}")
+    return value
+
+
 class Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -175,11 +189,11 @@ class ChatMessage(Wire):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     """``developer`` is OpenAI's newer name for ``system``, and is treated as one; ``tool``
     carries a tool's result back."""
-    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    content: str | Annotated[list[TextPart], Field(min_length=1, max_length=MAX_LIST)]
     """A list of parts holds at least one, as OpenAI asks (a string may be empty)."""
     name: str | None = None
     """Accepted and not used: the chat templates here have no participant names."""
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_LIST)
     """On an assistant's message: the calls it made (the next request sends them back)."""
     tool_call_id: str | None = Field(None, max_length=256, validate_default=True)
     """On a tool's message, required (as OpenAI's): the call it answers (the prompt shows results
@@ -271,14 +285,14 @@ class SamplingFields(Wire):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)
     """Extension: -1 or 0 = off."""
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_LIST)] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LIST)
     """Token id (as a string, as OpenAI sends it) → bias in [-100, 100]."""
     response_format: ResponseFormat | None = None
     user: str | None = None
@@ -300,6 +314,8 @@ class SamplingFields(Wire):
             return body
         nullable = NULL_IS_DEFAULT & cls.model_fields.keys()  # another endpoint's: unknown here
         return {k: v for k, v in body.items() if v is not None or k not in nullable}
+
+    biases_at_most = field_validator("logit_bias", mode="before")(classmethod(at_most_max_list))
 
     @field_validator("stream_options")
     @classmethod
@@ -368,14 +384,17 @@ class CompletionBody(SamplingFields):
 
 
 class ChatBody(SamplingFields):
-    messages: list[ChatMessage] = Field(default_factory=list)
+    messages: list[ChatMessage] = Field(default_factory=list, max_length=MAX_LIST)
     """May be empty only with ``template_fields``."""
     prompt_template: Literal["apply", "raw"] = "apply"
     """Extension: ``apply`` fills the adapter's prompt template (from adapters.yaml) with the
     last user message; ``raw`` sends the messages as they are."""
-    template_fields: dict[str, str] | None = None
+    template_fields: dict[str, str] | None = Field(None, max_length=MAX_LIST)
     """Extension: values of the adapter template's named fields; the filled template becomes a
     new last user message."""
+    fields_at_most = field_validator("template_fields", mode="before")(
+        classmethod(at_most_max_list)
+    )
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -399,9 +418,12 @@ class TokenizeBody(Wire):
     model: str | None = Field(None, min_length=1)
     """The base model when not given; an unknown model is a 404, as for generation."""
     prompt: str | None = Field(None, min_length=1)
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, max_length=MAX_LIST)
     prompt_template: Literal["apply", "raw"] = "apply"
-    template_fields: dict[str, str] | None = None
+    template_fields: dict[str, str] | None = Field(None, max_length=MAX_LIST)
+    fields_at_most = field_validator("template_fields", mode="before")(
+        classmethod(at_most_max_list)
+    )
     add_special_tokens: bool | None = None
     """vLLM's: a prompt is tokenized with them (true), chat messages without (false)."""
     add_generation_prompt: bool = True
@@ -467,20 +489,18 @@ class MergeBody(Wire):
     svd_rank: int | None = Field(None, ge=1)
 
 
-TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", NamedToolChoice.__name__}
+"""What pydantic puts in an error's location for a union's branch, besides tags with ``[``: a
+type's name (``NamedToolChoice``: the one model in a union here)."""
 
 
-def wire_model_names(model: type[BaseModel] | None = None) -> set[str]:
-    """The class names of every wire model: pydantic tags a union's model branch with them."""
-    model = model or Wire
-    return {model.__name__}.union(*(wire_model_names(sub) for sub in model.__subclasses__()))
+INSTANCE_OF = re.compile(r" or instance of \w+")
 
 
 def field_path(loc) -> list[str]:
     """A pydantic error's location without the union-branch tags it adds (``str``,
-    ``list[int]``, ``function-after[...]``, a model's class name)."""
-    tags = TYPE_TAGS | wire_model_names()
-    return [str(p) for p in loc if str(p) not in tags and "[" not in str(p)]
+    ``list[int]``, ``function-after[...]``, ``NamedToolChoice``)."""
+    return [str(p) for p in loc if str(p) not in UNION_TAGS and "[" not in str(p)]
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
@@ -494,6 +514,7 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     if error["type"] == "missing":
         return f"{param}: required", param
     message = error.get("msg", "invalid").removeprefix("Value error, ")
+    message = INSTANCE_OF.sub("", message).replace(" after validation", "")  # pydantic's words
     return (f"{param}: {message}" if param else message), param
 
 
