@@ -374,7 +374,18 @@ def test_the_scanner_reads_required_calls_the_same_in_any_pieces(piece):
 
 
 @pytest.mark.parametrize(
-    "text", ['{"name": "f"}', '[{"name": 5}]', '[{"why": 1}]', '[{"name": "f", "parameters": 3}]']
+    "text",
+    [
+        '{"name": "f"}',
+        '[{"name": 5}]',
+        '[{"why": 1}]',
+        '[{"name": "f", "parameters": 3}]',
+        '[{"name": "f", "parameters": {},}]',  # a trailing comma
+        '[{"name": "f"}]',  # no arguments
+        '[{"name": "f", "name": "g", "parameters": {}}]',
+        '[{"name": "f", "parameters": {}, "parameters": {}}]',
+        "[{}]",
+    ],
 )
 def test_the_scanner_stops_at_text_that_is_not_calls(text):
     scanner = CallScanner()

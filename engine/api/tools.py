@@ -306,10 +306,11 @@ class CallScanner:
         if char in WHITESPACE:
             self.at += 1
             return True
-        if self.state in ("key", "name") and (char == '"' or self.state == "key"):
+        if self.state in ("key", "name") and char == '"':
             return self.read_string(told)
         expected = {"open": "[", "item": "{", "colon": ":", "after": ",}", "next": ",]"}
-        if char not in expected.get(self.state, ""):
+        whole = self.calls and self.calls[-1].name is not None and self.calls[-1].arguments
+        if char not in expected.get(self.state, "") or (char == "}" and not whole):
             self.state = "broken"
             return False
         self.at += 1
@@ -325,25 +326,19 @@ class CallScanner:
         return True
 
     def read_string(self, told: list) -> bool:
-        if self.state == "key" and self.text[self.at] == "}" and self.calls[-1].name is not None:
-            self.at += 1
-            self.state = "next"
-            return True
-        if self.text[self.at] != '"':
-            self.state = "broken"
-            return False
         try:
             value, end = json.JSONDecoder().raw_decode(self.text, self.at)
         except json.JSONDecodeError:
             return False  # the string is not whole yet
-        if not isinstance(value, str) or (self.state == "key" and value not in KEYS):
-            self.state = "broken"
+        call = self.calls[-1]
+        seen = {"name": call.name is not None, "parameters": bool(call.arguments)}
+        if self.state == "key" and (value not in KEYS or seen[value]):
+            self.state = "broken"  # not a key of a call's, or one written twice
             return False
         self.at = end
         if self.state == "key":
             self.key, self.state = value, "colon"
             return True
-        call = self.calls[-1]
         call.name, call.announced, self.state = value, True, "after"
         told.append((len(self.calls) - 1, value, call.arguments))
         return True
@@ -399,6 +394,8 @@ class ToolStream:
     started: bool = False
     texting: bool = False
     """``auto``: the answer began as text, and streams as content."""
+    bracketed: bool = False
+    """``auto``: the answer began with ``[`` (held back until whole)."""
     called: bool = False
     held_logprobs: list = field(default_factory=list)
     """Logprobs of tokens whose text is held back: they go out with it."""
@@ -441,9 +438,12 @@ class ToolStream:
         if self.texting:
             return [{"content": chunk.text}] if chunk.text else []
         self.text += chunk.text
-        if self.plan.auto and self.text.strip() and not self.text.lstrip().startswith("["):
-            self.texting = True  # not a call: what was held back goes out, and the rest as it comes
-            return [{"content": self.text}]
+        if not self.bracketed:  # until the first character that is not a space
+            opening = self.text.lstrip()
+            if opening and not opening.startswith("["):
+                self.texting = True  # not a call: what was held back goes out, the rest as it comes
+                return [{"content": self.text}]
+            self.bracketed = bool(opening)
         if not chunk.finish_reason:
             return []
         calls = self.plan.calls(self.text) if chunk.finish_reason != "length" else None
