@@ -101,6 +101,15 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     """Token id → bias added to its logit (-100 bans it, 100 forces it)."""
+    min_p: float = 0.0
+    """vLLM's and SGLang's: tokens less likely than ``min_p`` × the most likely one's probability
+    (after temperature, top-k and top-p) are left out; 0 = off."""
+    repetition_penalty: float = 1.0
+    """SGLang's (and HF's): each token generated so far has its logit divided by this when
+    positive, multiplied when negative; 1 = off. (vLLM counts the prompt's tokens too.)"""
+    min_tokens: int = 0
+    """vLLM's and SGLang's: the end-of-turn tokens are barred until this many tokens were
+    generated (as SGLang's, a stop string still ends the answer)."""
     logprobs: int | None = None
     """None: no log-probabilities; k >= 0: each token's, with the k most likely alternatives."""
     constraint: Constraint | None = None
@@ -123,6 +132,9 @@ class SamplingParams:
                 "at most 300 tokens, each bias in [-100, 100]",
             ),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
+            ("repetition_penalty", 0.0 < self.repetition_penalty <= 2.0, "must be in (0, 2]"),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "must be in [0, max_tokens]"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -136,7 +148,18 @@ class SamplingParams:
 
     @property
     def penalised(self) -> bool:
+        """Presence or frequency penalties (added to logits)."""
         return bool(self.presence_penalty or self.frequency_penalty)
+
+    @property
+    def rescales(self) -> bool:
+        """A repetition penalty (multiplies logits)."""
+        return self.repetition_penalty != 1.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Anything that changes the logits before sampling, the grammar aside."""
+        return bool(self.logit_bias) or self.penalised or self.rescales or self.min_tokens > 0
 
 
 IDS = random.Random()

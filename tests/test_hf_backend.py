@@ -290,3 +290,21 @@ def test_the_fast_default_gives_the_exact_modes_greedy_tokens_on_task_prompts():
         tokens[weights] = [c.token_ids for c in done]
     same = sum(a == b for a, b in zip(tokens["fp16"], tokens["fp32"]))
     assert same >= 0.9 * len(requests), f"{same}/{len(requests)} sequences identical"
+
+
+def test_repetition_penalty_and_min_tokens_adjust_the_logits_as_sglang_does():
+    """Generated tokens: a positive logit divided by the penalty, a negative one multiplied
+    (after presence and frequency penalties); the end tokens barred until ``min_tokens``."""
+    import torch
+
+    from engine.backends.sample import adjusted
+    from engine.interface import SamplingParams
+
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5, 3.0])
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, min_tokens=4)
+    out = adjusted(logits, params, [0, 1, 1], None, end_ids={4})
+    assert out.tolist() == [0.75, -5.0, 1.0, 0.5, float("-inf")]
+    assert logits.tolist() == [2.0, -2.0, 1.0, 0.5, 3.0]  # the model's own, for logprobs
+    assert adjusted(logits, params, [0, 1, 2, 3], None, end_ids={4})[4] == 3.0
+    unchanged = SamplingParams(ignore_eos=True, min_tokens=3)
+    assert adjusted(logits, unchanged, [], None, end_ids={4})[4] == 3.0

@@ -53,8 +53,8 @@ def test_errors_arrive_as_the_sdks_exceptions(client):
     with pytest.raises(openai.BadRequestError, match="not among the tools"):
         ask(client, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
             tool_choice={"type": "function", "function": {"name": "g"}})  # fmt: skip
-    with pytest.raises(openai.BadRequestError, match="unknown field 'repetition_penalty'"):
-        ask(client, extra_body={"repetition_penalty": 1.1})
+    with pytest.raises(openai.BadRequestError, match="unknown field 'use_beam_search'"):
+        ask(client, extra_body={"use_beam_search": True})
     with pytest.raises(openai.BadRequestError, match="maximum context length") as too_long:
         ask(client, max_tokens=100_000)  # as OpenAI and vLLM answer it, a 400
     assert too_long.value.param == "max_tokens"
@@ -187,6 +187,42 @@ def test_penalties_and_logit_bias_change_the_answer(client, base_dir):
     first = AutoTokenizer.from_pretrained(base_dir).encode(greedy)[0]
     biased = ask(client, max_tokens=4, temperature=0, logit_bias={str(first): -100})
     assert biased.choices[0].message.content != greedy
+
+
+def test_vllms_sampling_extensions_through_extra_body(client):
+    """``min_tokens``, ``repetition_penalty`` and ``min_p`` as vLLM's and SGLang's clients send
+    them (the SDK's ``extra_body``), on chat and completions."""
+    short = ask(client, content="Say OK.", max_tokens=48, temperature=0)
+    assert short.choices[0].finish_reason == "stop"
+    floor = short.usage.completion_tokens + 6
+    longer = ask(client, content="Say OK.", max_tokens=48, temperature=0,
+                 extra_body={"min_tokens": floor})  # fmt: skip
+    assert longer.usage.completion_tokens >= floor
+    la = "Repeat: la la la la la la"
+    plain = ask(client, content=la, max_tokens=16, temperature=0).choices[0].message.content
+    penalised = ask(client, content=la, max_tokens=16, temperature=0,
+                    extra_body={"repetition_penalty": 2.0}).choices[0].message.content  # fmt: skip
+    assert penalised != plain
+    # min_p = 1 keeps only the likeliest token: sampling at temperature 1 gives greedy's answer
+    greedy = client.completions.create(model="base", prompt="The sea is", max_tokens=12,
+                                       temperature=0).choices[0].text  # fmt: skip
+    for seed in (1, 2):
+        only_top = client.completions.create(model="base", prompt="The sea is", max_tokens=12,
+                                             temperature=1.0, seed=seed,
+                                             extra_body={"min_p": 1.0}).choices[0].text  # fmt: skip
+        assert only_top == greedy
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"min_p": 1.5}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
+     ({"repetition_penalty": 2.5}, "repetition_penalty"), ({"min_tokens": -1}, "min_tokens"),
+     ({"min_tokens": 9, "max_tokens": 8}, "min_tokens")],
+)  # fmt: skip
+def test_sampling_extensions_out_of_range_are_a_400_naming_them(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(client, extra_body=extra)
+    assert refused.value.param == param
 
 
 def test_openai_inputs_content_parts_developer_role_and_token_prompts(client):

@@ -106,6 +106,15 @@ def test_the_remote_engine_streams_what_the_embedded_engine_answers(
         assert last.timings.ttft_s is not None and last.timings.e2e_s >= last.timings.ttft_s
 
 
+def test_sampling_extensions_reach_the_server_and_answer_as_the_embedded_engine(remote, hf_engine):
+    """``min_tokens``, ``repetition_penalty``, ``min_p`` travel to the server (only when set)."""
+    request = greedy_request(None, "Say OK.", min_tokens=12, repetition_penalty=1.5, min_p=0.2)
+    embedded = asyncio.run(collect(hf_engine.stream(request), request))
+    chunks = asyncio.run(chunks_of(remote, request))
+    assert "".join(c.text for c in chunks) == embedded.text
+    assert chunks[-1].usage.completion_tokens == embedded.usage.completion_tokens >= 12
+
+
 def test_log_probabilities_come_back_per_token(remote, hf_engine, registry_for):
     alpha = registry_for.adapter("alpha")
     request = greedy_request(alpha, alpha.fill(REVIEW), logprobs=2)

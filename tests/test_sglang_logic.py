@@ -173,6 +173,14 @@ def test_penalties_bias_and_constraints_reach_sglang():
     )
 
 
+def test_sampling_extensions_reach_sglang_under_its_names_only_when_set():
+    out = sampling_params(SamplingParams(min_p=0.1, repetition_penalty=1.3, min_tokens=4))
+    assert out["min_p"] == 0.1 and out["repetition_penalty"] == 1.3
+    assert out["min_new_tokens"] == 4
+    plain = sampling_params(SamplingParams())
+    assert not {"min_p", "repetition_penalty", "min_new_tokens"} & set(plain)
+
+
 def test_an_unload_waits_out_the_grace_after_its_adapters_last_cut_stream():
     assert grace_left(None, 100.0) == 0.0  # never cut: at once
     assert grace_left(99.8, 100.0, grace=1.0) == pytest.approx(0.8)

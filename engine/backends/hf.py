@@ -574,7 +574,8 @@ class HFEngine(Tokenizes, Engine):
 
     def choose_token(self, row: Row, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
         params = row.request.params
-        token = choose(adjusted(logits, params, row.generated, row.grammar), params, row.rng)
+        chosen_from = adjusted(logits, params, row.generated, row.grammar, self.eos_ids)
+        token = choose(chosen_from, params, row.rng)
         if row.grammar is not None:
             row.grammar.accept(token)
         entry = None

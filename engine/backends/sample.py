@@ -1,11 +1,13 @@
-"""The CPU default's choice of one row's next token, as OpenAI defines the knobs: log-probabilities
-of the model's own distribution; then logit bias, presence and frequency penalties and the
-structured-output grammar's mask; then greedy, or temperature with top-k and top-p."""
+"""The CPU default's choice of one row's next token, as OpenAI defines the knobs (and SGLang the
+extensions): log-probabilities of the model's own distribution; then presence, frequency and
+repetition penalties, ``min_tokens``' bar on the end of turn, the structured-output grammar's
+mask and the logit bias; then greedy, or temperature with top-k, top-p and min-p."""
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Collection
 
 import torch
 
@@ -89,22 +91,32 @@ def logprob_entry(logits: torch.Tensor, token: int, top: int, decode) -> TokenLo
 
 
 def adjusted(
-    logits: torch.Tensor, params: SamplingParams, generated: list[int], grammar: Grammar | None
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generated: list[int],
+    grammar: Grammar | None,
+    end_ids: Collection[int] = (),
 ) -> torch.Tensor:
-    """Logits after bias, penalties and the grammar's mask (a copy when any applies)."""
-    if not (params.logit_bias or params.penalised or grammar):
+    """Logits after penalties, ``min_tokens``' bar on ``end_ids``, the grammar's mask and the
+    bias, in SGLang's order (a copy when any applies)."""
+    if not (params.adjusts_logits or grammar):
         return logits
     logits = logits.clone()
-    for token, bias in params.logit_bias.items():
-        if token < logits.shape[-1]:
-            logits[token] += bias
-    if params.penalised and generated:
+    if generated and (params.penalised or params.rescales):
         counts = Counter(generated)
         ids = torch.tensor(list(counts), device=logits.device)
         n = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
         logits[ids] -= params.presence_penalty + params.frequency_penalty * n
+        seen = logits[ids]
+        penalty = params.repetition_penalty
+        logits[ids] = torch.where(seen < 0, seen * penalty, seen / penalty)
+    if len(generated) < params.min_tokens and not params.ignore_eos:
+        logits[[t for t in end_ids if t < logits.shape[-1]]] = float("-inf")
     if grammar is not None:
         grammar.mask(logits)
+    for token, bias in params.logit_bias.items():
+        if token < logits.shape[-1]:
+            logits[token] += bias
     return logits
 
 
@@ -122,4 +134,6 @@ def choose(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | 
         sorted_probs, order = torch.sort(probs, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
         probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     return int(torch.multinomial(probs.cpu(), 1, generator=rng))
