@@ -207,6 +207,7 @@ async def sglang_checks(engine, reference, concurrent: int = CONCURRENT) -> dict
         ("constraints", lambda: constraint_check(engine, single, reference.get("features"))),
         ("tokens_and_tools", lambda: tokens_and_tools_check(engine, reference.get("features"))),
         ("abort", lambda: abort_check(engine)),
+        ("sampling_extensions", lambda: sampling_extensions_check(engine)),
         ("concurrent", lambda: concurrent_check(engine, concurrent)),
     ]:  # one failing check is a result; the others still run
         try:
@@ -223,9 +224,13 @@ def verdicts(report: dict) -> dict[str, bool]:
     """Each check's pass/fail (what must hold on any GPU; token parity with the CPU is reported
     beside, since float16 rounding may flip a near-tie)."""
     f = report.get("features", {})
-    lp, con, ab, cc, tt = (
-        f.get(k, {}) for k in ("logprobs", "constraints", "abort", "concurrent", "tokens_and_tools")
-    )
+    lp, con, ab, cc, tt, ext = (
+        f.get(k, {})
+        for k in (
+            "logprobs", "constraints", "abort", "concurrent", "tokens_and_tools",
+            "sampling_extensions",
+        )
+    )  # fmt: skip
     return {
         "streams": all(s["chunks"] > 1 for s in report["streamed"].values()),
         "hot_load": report["runtime_adapters"]["hot_loaded_equals_beta"]
@@ -242,6 +247,11 @@ def verdicts(report: dict) -> dict[str, bool]:
         "concurrent": bool(cc.get("every_token_delivered")),
         "tokenize": bool(tt.get("prompt_as_cpu") and tt.get("detokenized_back")),
         "tool_calls": bool(tt.get("named_parses") and tt.get("required_parses")),
+        "sampling_extensions": bool(
+            ext.get("min_tokens_held")
+            and ext.get("penalty_changed_the_answer")
+            and ext.get("min_p_1_is_greedy")
+        ),
     }
 
 
@@ -389,6 +399,32 @@ async def abort_check(engine) -> dict:
         "seconds_to_end": round(ended_s, 3),
         "running_after": running_after,
         "next_request_tokens": len(nxt.token_ids),
+    }
+
+
+async def sampling_extensions_check(engine) -> dict:
+    """vLLM's and SGLang's ``min_tokens``, ``repetition_penalty``, ``min_p`` reach SGLang:
+    no end of turn before ``min_tokens``; a penalty changes a repetitive answer; ``min_p = 1``
+    at temperature 1 keeps only the likeliest token, so it answers as greedy does."""
+
+    def ask(content: str, **kw) -> GenerationRequest:
+        params = SamplingParams(max_tokens=kw.pop("max_tokens", 48), **kw)
+        return GenerationRequest(messages=[{"role": "user", "content": content}], params=params)
+
+    la = "Repeat: la la la la la la"
+    short, plain = await engine.generate([ask("Say OK.", temperature=0.0), ask(la, temperature=0)])
+    floor = short.usage.completion_tokens + 6
+    longer, penalised, top_only = await engine.generate([
+        ask("Say OK.", temperature=0.0, min_tokens=floor),
+        ask(la, temperature=0.0, repetition_penalty=2.0),
+        ask(la, temperature=1.0, min_p=1.0, seed=3),
+    ])  # fmt: skip
+    return {
+        "short_tokens": short.usage.completion_tokens,
+        "min_tokens_held": longer.usage.completion_tokens >= floor,
+        "penalty_changed_the_answer": penalised.text != plain.text,
+        "min_p_1_is_greedy": top_only.text == plain.text,
+        "texts": {"plain": plain.text, "penalised": penalised.text, "min_p_1": top_only.text},
     }
 
 

@@ -96,10 +96,12 @@ class ToolPlan:
         return [{"role": "system", "content": self.instructions()}, *messages]
 
     def calls(self, text: str) -> list[dict] | None:
-        """A named function's or an ``auto`` answer's calls in OpenAI's shape; ``None`` when the
-        text is not whole calls (``required``'s are read by ``CallScanner``)."""
+        """The answer's calls in OpenAI's shape; ``None`` when the text is not whole calls."""
         if self.named is not None:
             return [call(self.named, text)]
+        if not self.auto:
+            scanner = scanned(text)
+            return [call(c.name, c.arguments) for c in scanner.calls] if scanner.done else None
         try:
             listed = json.loads(text)
             calls = [call(item["name"], arguments_json(item["parameters"])) for item in listed]
@@ -136,9 +138,7 @@ class ToolPlan:
         whole calls, but for the calls of ``required`` whose names were written before a cut
         (as they stream)."""
         if self.named is None and not self.auto:
-            scanner = CallScanner()
-            scanner.feed(text)
-            calls = [call(c.name, c.arguments) for c in scanner.announced()] or None
+            calls = [call(c.name, c.arguments) for c in scanned(text).announced()] or None
         else:
             calls = self.calls(text) if reason != "length" or self.named else None
         if calls is None:  # cut short: the text as it came, no calls
@@ -377,6 +377,12 @@ class CallScanner:
 
 
 KEYS = ("name", "parameters")
+
+
+def scanned(text: str) -> CallScanner:
+    scanner = CallScanner()
+    scanner.feed(text)
+    return scanner
 
 
 @dataclass

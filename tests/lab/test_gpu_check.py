@@ -36,6 +36,11 @@ REPORT = {
             "named_parses": True,
             "required_parses": True,
         },
+        "sampling_extensions": {
+            "min_tokens_held": True,
+            "penalty_changed_the_answer": True,
+            "min_p_1_is_greedy": True,
+        },
     },
 }
 
@@ -54,6 +59,7 @@ def test_each_failure_names_its_check():
         ("cancel", "unload_after_cut"): "cancel",
         ("features", "tokens_and_tools", "prompt_as_cpu"): "tokenize",
         ("features", "tokens_and_tools", "required_parses"): "tool_calls",
+        ("features", "sampling_extensions", "min_p_1_is_greedy"): "sampling_extensions",
     }
     for path, name in cases.items():
         report = copy.deepcopy(REPORT)
