@@ -159,6 +159,8 @@ CASES = [
     ("repetition_penalty-zero", "POST", CHAT, chat(repetition_penalty=0), {}, 400, "repetition_penalty"),
     ("min_p-string", "POST", DONE, completion(min_p="0.1"), {}, 400, "min_p"),
     ("min_tokens-over-max", "POST", DONE, completion(min_tokens=50, max_tokens=5), {}, 400, "min_tokens"),
+    ("min_tokens-with-a-grammar", "POST", CHAT, chat(min_tokens=2, response_format={"type": "json_object"}), {}, 400, "min_tokens"),
+    ("min_tokens-with-tools", "POST", CHAT, chat(min_tokens=2, tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required"), {}, 400, "min_tokens"),
     ("unknown-field-typo", "POST", CHAT, chat(max_token=5), {}, 400, "max_token"),
     ("response_format-unknown-type", "POST", CHAT, chat(response_format={"type": "xml"}), {}, 400, "response_format.type"),
     ("response_format-schema-endless", "POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": {"$ref": "#/$defs/a", "$defs": {"a": {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "required": ["x"]}}}}}), {}, 400, "response_format"),

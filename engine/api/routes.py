@@ -336,6 +336,13 @@ class Api:
             raise from_engine(err) from err
         if params.constraint is not None and (problem := grammar_problem(params.constraint)):
             raise invalid(f"response_format: {problem}", "response_format")
+        if params.constraint is not None and params.min_tokens:
+            raise invalid(
+                "min_tokens cannot be combined with structured output or tool calls: the grammar "
+                "decides where the answer ends (an adapter's default response_format is lifted "
+                "by response_format: {type: text})",
+                "min_tokens",
+            )
         return params
 
     def copies(self, request: GenerationRequest, n: int) -> list[GenerationRequest]:
