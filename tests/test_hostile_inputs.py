@@ -376,6 +376,22 @@ def test_a_key_of_the_clients_is_kept_in_the_errors_param_and_no_class_is_named(
     assert answer.status_code == 400 and "instance of" not in answer.text, answer.text
 
 
+def test_only_a_body_with_a_lone_surrogate_is_walked_for_its_path():
+    """Found at C speed; the walk that names the field runs only then (off the event loop)."""
+    from engine.api.routes import holds_a_lone_surrogate, unreadable
+
+    for text, lone in [
+        ('{"a": [[["x"]]]}', False),
+        ('{"a": "\\ud83d\\ude00"}', False),  # a pair: an emoji
+        ('{"a": ["\\ud83d"]}', True),
+        ('{"a": {"b": ["ok", "\\udc00"]}}', True),
+    ]:
+        body = json.loads(text)
+        assert holds_a_lone_surrogate(text, body) is lone, text
+        assert (unreadable(body) is not None) is lone
+    assert unreadable(json.loads('{"a": {"b": ["ok", "\\udc00"]}}'))[0] == "a.b.1"
+
+
 def test_a_body_without_a_content_type_is_read_as_json(client):
     """As FastAPI reads one: only a Content-Type that names another format is refused."""
     response = client.post(CHAT, content=json.dumps(OK_CHAT).encode())
