@@ -392,6 +392,32 @@ def test_only_a_body_with_a_lone_surrogate_is_walked_for_its_path():
     assert unreadable(json.loads('{"a": {"b": ["ok", "\\udc00"]}}'))[0] == "a.b.1"
 
 
+def test_grammars_are_checked_off_the_event_loop(client, server, monkeypatch):
+    """llguidance's check of a schema may take seconds: it runs in a thread, not the loop's."""
+    import threading
+
+    from engine.api import routes, tools
+
+    threads = []
+
+    def recording(check):
+        def wrapper(constraint):
+            threads.append(threading.get_ident())
+            return check(constraint)
+
+        return wrapper
+
+    monkeypatch.setattr(routes, "grammar_problem", recording(routes.grammar_problem))
+    monkeypatch.setattr(tools, "grammar_problem", recording(tools.grammar_problem))
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    assert client.post(CHAT, json=OK_CHAT | {"response_format": fmt}).status_code == 200
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    chat = OK_CHAT | {"tools": [tool], "tool_choice": "required"}
+    assert client.post(CHAT, json=chat).status_code == 200
+    assert len(threads) == 2 and server.thread.ident not in threads
+
+
 def test_a_body_without_a_content_type_is_read_as_json(client):
     """As FastAPI reads one: only a Content-Type that names another format is refused."""
     response = client.post(CHAT, content=json.dumps(OK_CHAT).encode())

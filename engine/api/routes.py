@@ -371,8 +371,6 @@ class Api:
             )
         except EngineError as err:
             raise from_engine(err) from err
-        if params.constraint is not None and (problem := grammar_problem(params.constraint)):
-            raise invalid(f"response_format: {problem}", "response_format")
         if params.constraint is not None and params.min_tokens:
             raise invalid(
                 "min_tokens cannot be combined with structured output or tool calls: the grammar "
@@ -381,6 +379,17 @@ class Api:
                 "min_tokens",
             )
         return params
+
+    async def check_grammar(self, params: SamplingParams, checked: set[str]) -> None:
+        """A 400 for a constraint that cannot be served, checked once per request (``checked``:
+        the specs passed) and off the event loop: llguidance's check of a large schema takes
+        seconds (and releases the interpreter lock)."""
+        constraint = params.constraint
+        if constraint is None or constraint.spec in checked:
+            return
+        if problem := await asyncio.to_thread(grammar_problem, constraint):
+            raise invalid(f"response_format: {problem}", "response_format")
+        checked.add(constraint.spec)
 
     def copies(self, request: GenerationRequest, n: int) -> list[GenerationRequest]:
         """``n`` generations of one request; with a seed, seed + i for the i-th."""
@@ -423,10 +432,11 @@ class Api:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
         check_choice_count(body)
-        requests = []
+        requests, checked = [], set(tools.checked if tools else ())
         for model, adapter in await self.targets(body):
             spec = self.spec(adapter)
             params = self.sampling(body, spec, max_tokens, logprobs)
+            await self.check_grammar(params, checked)
             messages = self.chat_messages(body, spec)
             if tools is not None:
                 messages = tools.with_instructions(messages)
@@ -503,9 +513,10 @@ class Api:
         if body.echo and any(isinstance(p, list) for p in prompts):
             raise invalid("echo needs text prompts, not token ids", "echo")
         check_choice_count(body, len(prompts))
-        requests = []
+        requests, checked = [], set()
         for model, adapter in await self.targets(body):
             params = self.sampling(body, self.spec(adapter), body.max_tokens, body.logprobs)
+            await self.check_grammar(params, checked)
             for prompt in prompts:
                 as_text = isinstance(prompt, str)
                 request = GenerationRequest(
@@ -742,6 +753,8 @@ def create_api(
             # not cancelled halfway: it may load an adapter
             if endpoint == "chat":
                 tools = tool_plan(body)
+                if tools is not None:
+                    await tools.check_grammar()
                 named = await api.chat_requests(body, tools)
             else:
                 tools, named = None, await api.completion_requests(body)

@@ -19,6 +19,7 @@ sent back in the next request are written as the model wrote them (``text.calls_
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ class ToolPlan:
     parallel: bool = True
     auto: bool = False
     """``auto``: calls or text, the model's choice (no grammar)."""
+    checked: set[str] = field(default_factory=set)
+    """The calls' grammar once ``check_grammar`` passed it."""
 
     def schema(self) -> dict:
         functions = {
@@ -69,6 +72,14 @@ class ToolPlan:
     def response_format(self) -> ResponseFormat:
         spec = JsonSchemaSpec(name="tool_calls", schema=self.schema())
         return ResponseFormat(type="json_schema", json_schema=spec)
+
+    async def check_grammar(self) -> None:
+        """A 400 naming ``tools`` for calls no grammar can make (their schemas), checked off the
+        event loop (as ``Api.check_grammar``); under ``auto`` too, though no grammar holds it."""
+        constraint = self.response_format().constraint()
+        if problem := await asyncio.to_thread(grammar_problem, constraint):
+            raise invalid(f"tools: {problem}", "tools")
+        self.checked.add(constraint.spec)
 
     def instructions(self) -> str:
         listed = "\n".join(
@@ -244,11 +255,8 @@ def tool_plan(body: ChatBody) -> ToolPlan | None:
     if body.stops():
         raise invalid("stop cannot be combined with tool calls: it would cut their JSON", "stop")
     plan = ToolPlan(tools, named, body.parallel_tool_calls is not False, auto)
-    fmt = plan.response_format()
-    if problem := grammar_problem(fmt.constraint()):
-        raise invalid(f"tools: {problem}", "tools")
     # auto: no grammar, and none of an adapter's defaults either (its calls must be writable)
-    body.response_format = ResponseFormat(type="text") if auto else fmt
+    body.response_format = ResponseFormat(type="text") if auto else plan.response_format()
     return plan
 
 
