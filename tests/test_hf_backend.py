@@ -308,3 +308,29 @@ def test_repetition_penalty_and_min_tokens_adjust_the_logits_as_sglang_does():
     assert adjusted(logits, params, [0, 1, 2, 3], None, end_ids={4})[4] == 3.0
     unchanged = SamplingParams(ignore_eos=True, min_tokens=3)
     assert adjusted(logits, unchanged, [], None, end_ids={4})[4] == 3.0
+
+
+def test_copies_of_one_prompt_starting_together_are_tokenized_once(hf_engine, monkeypatch):
+    """``n`` copies share their prompt's objects; a list changed in place afterwards is
+    tokenized afresh (the memory lasts one turn of the event loop)."""
+    from engine.backends import common
+
+    calls = []
+
+    def counted(tokenizer, request, chat_template):
+        calls.append(request)
+        return real(tokenizer, request, chat_template)
+
+    real = common.prompt_token_ids
+    monkeypatch.setattr(common, "prompt_token_ids", counted)
+    messages = [{"role": "user", "content": "Hi"}]
+    copies = [
+        GenerationRequest(messages=messages, params=SamplingParams(max_tokens=1, seed=i))
+        for i in range(4)
+    ]
+    done = asyncio.run(hf_engine.generate(copies))
+    assert len(calls) == 1 and len({d.usage.prompt_tokens for d in done}) == 1
+    messages[0]["content"] = "A much longer question, about the colour of the sea at night?"
+    longer = GenerationRequest(messages=messages, params=SamplingParams(max_tokens=1))
+    again = asyncio.run(hf_engine.complete(longer))
+    assert len(calls) == 2 and again.usage.prompt_tokens > done[0].usage.prompt_tokens
