@@ -268,3 +268,16 @@ def test_models_list_and_retrieve(client):
     assert client.models.retrieve("base:alpha").id == "alpha"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
+
+
+def test_an_answer_with_many_logprobs_is_built_off_the_loop_and_reads_the_same(client, monkeypatch):
+    """Over ``INLINE_LOGPROBS`` entries the answer is built and written in a thread."""
+    from engine.api import routes
+
+    fields = {"max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 3, "n": 2}
+    inline = ask(client, **fields)
+    monkeypatch.setattr(routes, "INLINE_LOGPROBS", 0)
+    threaded = ask(client, **fields)
+    strip = {"id", "created"}
+    assert threaded.model_dump(exclude=strip) == inline.model_dump(exclude=strip)
+    assert all(c.logprobs.content for c in threaded.choices)

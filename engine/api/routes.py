@@ -96,6 +96,8 @@ API_PATHS = {
     "/v1/tokenize": {"POST"},
     "/v1/detokenize": {"POST"},
 }
+INLINE_LOGPROBS = 2048
+"""Log-probability entries a non-streamed answer may hold and be built on the event loop."""
 MAX_PROMPTS = 16
 MAX_CHOICES = 64
 """At most this many generations per request: models × prompts × n."""
@@ -798,7 +800,13 @@ def create_api(
         if watch.left:
             return client_left()
         fanout = body.models is not None
-        return JSONResponse(whole_response(writer, parts, echo, fanout, body.n, tools))
+        if sum(len(c.logprobs or ()) for chunks in parts for c in chunks) <= INLINE_LOGPROBS:
+            return JSONResponse(whole_response(writer, parts, echo, fanout, body.n, tools))
+        # off the loop: 16,000 tokens' top-20 logprobs took 1.8 s to build and write out
+        answer = await asyncio.to_thread(
+            lambda: JSONResponse(whole_response(writer, parts, echo, fanout, body.n, tools))
+        )
+        return answer
 
     @app.post("/v1/completions")  # served by GenerationRoutes; listed here for the OpenAPI page
     async def completions(request: Request):
