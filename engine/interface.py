@@ -156,6 +156,16 @@ class SamplingParams:
         """A repetition penalty (multiplies logits)."""
         return self.repetition_penalty != 1.0
 
+    def extensions(self) -> dict:
+        """vLLM's and SGLang's sampling extensions this request sets, by their API names (left
+        out at their defaults: a server or engine that lacks one is not asked for it)."""
+        chosen = {
+            "min_p": self.min_p or None,
+            "repetition_penalty": self.repetition_penalty if self.rescales else None,
+            "min_tokens": self.min_tokens or None,
+        }
+        return {name: value for name, value in chosen.items() if value is not None}
+
     @property
     def adjusts_logits(self) -> bool:
         """Anything that changes the logits before sampling, the grammar aside."""

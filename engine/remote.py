@@ -524,12 +524,7 @@ def common_sampling(params: SamplingParams, cluster: bool) -> dict:
         body["seed"] = params.seed
     if params.logit_bias:
         body["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}
-    extensions = {  # vLLM's and SGLang's, sent only when asked: a server may not know them
-        "min_p": params.min_p or None,
-        "repetition_penalty": params.repetition_penalty if params.rescales else None,
-        "min_tokens": params.min_tokens or None,
-    }
-    return body | {k: v for k, v in extensions.items() if v is not None}
+    return body | params.extensions()
 
 
 def chat_sampling(params: SamplingParams, cluster: bool) -> dict:

@@ -293,6 +293,7 @@ class SamplingFields(Wire):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LIST)
+    """Token id (as a string, as OpenAI sends it) → bias in [-100, 100]."""
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     """vLLM's and SGLang's: leave out tokens less likely than ``min_p`` × the likeliest one's
     probability."""
@@ -300,7 +301,6 @@ class SamplingFields(Wire):
     """vLLM's and SGLang's: divide a generated token's logit by it (multiply a negative one)."""
     min_tokens: int | None = Field(None, ge=0)
     """vLLM's and SGLang's: no end of turn before this many tokens."""
-    """Token id (as a string, as OpenAI sends it) → bias in [-100, 100]."""
     response_format: ResponseFormat | None = None
     user: str | None = None
     """Accepted, as OpenAI does: an end-user id that does not change the answer."""

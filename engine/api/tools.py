@@ -219,8 +219,12 @@ def arguments_json(value) -> str:
     return text
 
 
+def new_call_id() -> str:
+    return f"call_{new_id()[:24]}"
+
+
 def call(name: str, arguments: str) -> dict:
-    return {"id": f"call_{new_id()[:24]}", "type": "function",
+    return {"id": new_call_id(), "type": "function",
             "function": {"name": name, "arguments": arguments}}  # fmt: skip
 
 
@@ -402,7 +406,7 @@ class ToolStream:
 
     plan: ToolPlan
     text: str = ""
-    call_id: str = field(default_factory=lambda: f"call_{new_id()[:24]}")
+    call_id: str = field(default_factory=new_call_id)
     scanner: CallScanner = field(default_factory=CallScanner)
     call_ids: list[str] = field(default_factory=list)
     started: bool = False
@@ -474,7 +478,7 @@ class ToolStream:
             if name is None:
                 deltas.append(one_call(index, {"function": {"arguments": arguments}}))
                 continue
-            self.call_ids.append(f"call_{new_id()[:24]}")
+            self.call_ids.append(new_call_id())
             head = {"name": name, "arguments": arguments}
             deltas.append(one_call(index, {"id": self.call_ids[-1], "type": "function",
                                            "function": head}))  # fmt: skip

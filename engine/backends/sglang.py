@@ -122,12 +122,13 @@ def sampling_params(
         "presence_penalty": params.presence_penalty or None,
         "frequency_penalty": params.frequency_penalty or None,
         "logit_bias": {str(k): v for k, v in params.logit_bias.items()} or None,
-        "min_p": params.min_p or None,
-        "repetition_penalty": params.repetition_penalty if params.rescales else None,
-        "min_new_tokens": params.min_tokens or None,
         "stream_interval": stream_interval,
     }
     out.update({k: v for k, v in optional.items() if v is not None})
+    extensions = params.extensions()
+    if "min_tokens" in extensions:
+        extensions["min_new_tokens"] = extensions.pop("min_tokens")  # SGLang's name
+    out.update(extensions)
     if params.constraint is not None:
         out.update(params.constraint.sglang_params())
     return out
