@@ -44,7 +44,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from .api.limits import bearer, guard_v1
+from .api.limits import bearer, came_without_key, guard_v1
 from .api.protocol import OpenAIError
 from .api.routes import admin_refusal, error_response
 from .api.server import http_protocol
@@ -344,12 +344,17 @@ async def bounded_body(request: Request, limit: int = MAX_ADMIN_BODY) -> bytes |
 
 
 def create_control(
-    urls: list[str], router_url: str, admin_token: str | None = None, api_key: str | None = None
+    urls: list[str],
+    router_url: str,
+    admin_token: str | None = None,
+    api_key: str | None = None,
+    open_metrics: bool = False,
 ) -> FastAPI:
-    """The control API; with an ``api_key`` its ``/v1`` routes need it, as the replicas' do."""
+    """The control API; with an ``api_key`` its ``/v1`` routes and ``/metrics`` (unless
+    ``open_metrics``) need it, as the replicas' do."""
     control = Control(urls, router_url, admin_token, api_key)
     app = FastAPI(title="LoRA Land cluster control")
-    guard_v1(app, api_key, control.admin_token)
+    guard_v1(app, api_key, control.admin_token, open_metrics=open_metrics)
 
     async def from_a_replica(
         path: str, body: bytes | None = None, headers: dict | None = None
@@ -391,10 +396,12 @@ def create_control(
         app.add_api_route(path, tokens, methods=["POST"])
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
         answers = await control.each("GET", "/health")
         replicas = [a.json() if ok(a) else {"ok": False, "error": str(a)} for a in answers]
         body = {"ok": all(map(ok, answers)), "router": router_url, "replicas": replicas}
+        if came_without_key(request.scope):
+            body = {"ok": body["ok"]}
         return JSONResponse(body, status_code=200 if body["ok"] else 503)
 
     @app.get("/metrics")
@@ -463,6 +470,7 @@ def main() -> None:
             router_url,
             os.environ.get("LORALAND_ADMIN_TOKEN"),
             os.environ.get("LORALAND_API_KEY"),
+            registry.server.open_metrics,
         )
         uvicorn.run(
             app, host=args.host, port=args.port + 1, log_level="warning", http=http_protocol()

@@ -250,6 +250,12 @@ class ServerSettings(Strict):
     from a browser and read its answers (CORS: preflights answered, ``Access-Control-Allow-*``
     headers, no cookies). Empty by default: a page from elsewhere cannot read the answers of a
     server on your machine (vLLM and SGLang allow every origin by default)."""
+    open_metrics: bool = False
+    """With an API key set (``LORALAND_API_KEY``), ``/metrics`` needs it too, as ``/v1`` does
+    (Prometheus sends it with ``authorization: {credentials: <key>}``): its series name every
+    adapter. True leaves ``/metrics`` open for a scraper that cannot send a key. Without a key
+    everything is open anyway. ``/health`` stays open, but without the key it answers only
+    ``{"ok": ...}``."""
     freeze_heap: bool = True
     """Once the engine and the app are built, move every object alive (the model's libraries:
     hundreds of thousands) out of the garbage collector's sight (``gc.freeze``), so a full

@@ -1,6 +1,7 @@
 """``LORALAND_API_KEY``: every ``/v1`` route asks for it (the plain-ASGI generation routes too),
-over real HTTP on the CPU backend; ``/health``, ``/metrics`` and the UI stay open; the admin
-token stays its own; the clients in the product send the key."""
+and ``/metrics`` unless ``server.open_metrics``, over real HTTP on the CPU backend; ``/health``
+and the UI stay open, ``/health`` naming nothing without the key; the admin token stays its
+own; the clients in the product send the key."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ TOKEN = "admin-s3cret"
 BASE = "SmolLM2-135M-Instruct"
 REFUSAL = {"type": "invalid_request_error", "param": None, "code": 401}
 OPEN_ROUTES = {
-    *("/health", "/metrics", "/get_model_info", "/model_info", "/get_server_info", "/server_info"),
+    *("/health", "/get_model_info", "/model_info", "/get_server_info", "/server_info"),
     *("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"),
 }
 """Every route outside ``/v1``: a new one must be added here, on purpose."""
@@ -134,11 +135,18 @@ def test_the_openai_sdk_with_the_key_streamed_and_not(server):
     assert refused.value.status_code == 401
 
 
-def test_health_and_metrics_stay_open_and_count_the_refusals(server):
+def test_health_names_nothing_without_the_key_and_metrics_count_the_refusals(server):
     httpx.get(f"{server.url}/v1/models", timeout=60)
-    assert httpx.get(f"{server.url}/health", timeout=60).status_code == 200
-    assert httpx.head(f"{server.url}/metrics", timeout=60).status_code == 200
-    metrics = httpx.get(f"{server.url}/metrics", timeout=60).text.splitlines()
+    brief = httpx.get(f"{server.url}/health", timeout=60)
+    assert brief.status_code == 200 and brief.json() == {"ok": True}
+    wrong = httpx.get(f"{server.url}/health", headers={"Authorization": "Bearer no"}, timeout=60)
+    assert wrong.json() == {"ok": True}
+    full = httpx.get(f"{server.url}/health", headers=KEYED, timeout=60).json()
+    assert full["ok"] is True and {"alpha", "beta"} <= set(full["adapters"])
+    refusal_message(httpx.get(f"{server.url}/metrics", timeout=60))
+    assert httpx.head(f"{server.url}/metrics", headers=KEYED, timeout=60).status_code == 200
+    metrics = httpx.get(f"{server.url}/metrics", headers=KEYED, timeout=60).text.splitlines()
+    assert 'adapter="alpha"' not in httpx.get(f"{server.url}/metrics", timeout=60).text
     refused = [m for m in metrics if m.startswith("loraland_request_errors_total{")
                and 'adapter="none"' in m and 'status="401"' in m]  # fmt: skip
     assert refused and float(refused[0].rsplit(" ", 1)[1]) >= 1
@@ -184,6 +192,22 @@ def test_every_v1_route_refuses_without_the_key(server):
             assert_refused(client, method, path, {"Authorization": "Bearer wrong"})
         for path in outside_v1(server.app) - {"/health"}:  # /health: the test above
             assert client.get(path).status_code == 200, path
+
+
+def test_open_metrics_leaves_only_the_metrics_open(hf_engine, registry_for):
+    registry = registry_for.model_copy(deep=True)
+    registry.server.open_metrics = True
+    live = serve(create_api(hf_engine, registry, api_key=KEY))
+    try:
+        with httpx.Client(base_url=live.url, timeout=60) as client:
+            metrics = client.get("/metrics")
+            refusal_message(client.get("/v1/models"))
+            refusal_message(client.post("/tokenize", json={"prompt": "Hi"}))
+            health = client.get("/health").json()
+    finally:
+        live.stop()
+    assert metrics.status_code == 200 and "loraland_requests_total" in metrics.text
+    assert health == {"ok": True}
 
 
 def test_the_admin_token_stays_its_own(server, hf_engine, registry_for):
@@ -294,12 +318,17 @@ def test_the_control_api_asks_for_the_key_and_sends_it_to_the_replicas(server):
         listed = client.get("/v1/models", headers=KEYED)
         unload = client.delete("/v1/adapters/no-such", headers={"Authorization": f"Bearer {TOKEN}"})
         health = client.get("/health")
+        full_health = client.get("/health", headers=KEYED)
+        refusal_message(client.get("/metrics"))
+        metrics = client.get("/metrics", headers=KEYED)
         refusal_message(client.post("/tokenize", json={"prompt": "Hi"}))
         tokenized = client.post("/tokenize", json={"prompt": "Hi"}, headers=KEYED)
     assert tokenized.status_code == 200 and tokenized.json()["count"] >= 1
     assert listed.status_code == 200 and "alpha" in {c["id"] for c in listed.json()["data"]}
     assert unload.status_code == 404  # the replica's answer: the admin token passed its checks
-    assert health.status_code == 200
+    assert health.status_code == 200 and health.json() == {"ok": True}
+    assert "alpha" in full_health.json()["replicas"][0]["adapters"]
+    assert metrics.status_code == 200 and 'adapter="alpha"' in metrics.text
 
 
 def free_router_port() -> int:

@@ -27,18 +27,32 @@ async def respond(send, status: int, message: str, kind: str) -> None:
 
 
 class ApiKey:
-    """ASGI middleware: every ``/v1`` request needs ``Authorization: Bearer <key>`` (or the admin
-    token, which an admin call carries in the same header), else a 401 in OpenAI's shape before
-    its body is read, counted in ``/metrics``. A preflight (``OPTIONS``) carries no key and goes
-    on; ``/health``, ``/metrics`` and the UI are not under ``/v1``. Added only when a key is set
-    (``guard_v1``): without one it costs nothing."""
+    """ASGI middleware: every ``/v1`` request, and one to ``KEYED_ROOT_PATHS`` but those in
+    ``open_paths``, needs ``Authorization: Bearer <key>`` (or the admin token, which an admin call
+    carries in the same header), else a 401 in OpenAI's shape before its body is read, counted in
+    ``/metrics``. A preflight (``OPTIONS``) carries no key and goes on; so does ``/health``, marked
+    ``KEYED_STATE`` false in its scope's state when it came without the key (its route then names
+    nothing served). Added only when a key is set (``guard_v1``): without one it costs nothing."""
 
-    def __init__(self, app, key: str, admin_token: str | None, metrics: Metrics | None):
-        self.app, self.metrics = app, metrics
+    def __init__(
+        self,
+        app,
+        key: str,
+        admin_token: str | None,
+        metrics: Metrics | None,
+        open_paths: tuple[str, ...] = (),
+    ):
+        self.app, self.metrics, self.open_paths = app, metrics, open_paths
         self.accepted = [secret.strip().encode() for secret in (key, admin_token) if secret]
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not under_v1(scope):
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        if scope["path"] == BRIEF_WITHOUT_KEY:
+            keyed = self.refusal(authorization(scope)) is None
+            scope.setdefault("state", {})[KEYED_STATE] = keyed
+            return await self.app(scope, receive, send)
+        if not under_v1(scope) or scope["path"] in self.open_paths:
             return await self.app(scope, receive, send)
         if why := self.refusal(authorization(scope)):
             if self.metrics is not None:
@@ -59,10 +73,20 @@ class ApiKey:
         return None if any(matches) else "Incorrect API key provided"
 
 
-def guard_v1(app, key: str | None, admin_token: str | None, metrics: Metrics | None = None):
-    """``ApiKey`` on ``app`` when ``key`` (``LORALAND_API_KEY``) is set; nothing otherwise."""
+def guard_v1(
+    app,
+    key: str | None,
+    admin_token: str | None,
+    metrics: Metrics | None = None,
+    open_metrics: bool = False,
+):
+    """``ApiKey`` on ``app`` when ``key`` (``LORALAND_API_KEY``) is set, ``/metrics`` left open
+    with ``open_metrics``; nothing otherwise."""
     if key and key.strip():
-        app.add_middleware(ApiKey, key=key, admin_token=admin_token, metrics=metrics)
+        open_paths = (METRICS_PATH,) if open_metrics else ()
+        app.add_middleware(
+            ApiKey, key=key, admin_token=admin_token, metrics=metrics, open_paths=open_paths
+        )
         log.info("the /v1 routes need the API key (LORALAND_API_KEY)")
 
 
@@ -79,8 +103,19 @@ def bearer_token(authorization: str) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-KEYED_ROOT_PATHS = ("/tokenize", "/detokenize")
-"""Routes outside ``/v1`` that the key guards too (vLLM's and SGLang's token routes)."""
+METRICS_PATH = "/metrics"
+KEYED_ROOT_PATHS = ("/tokenize", "/detokenize", METRICS_PATH)
+"""Routes outside ``/v1`` that the key guards too: vLLM's and SGLang's token routes, and the
+metrics, which name every adapter (``server.open_metrics`` leaves them open)."""
+BRIEF_WITHOUT_KEY = "/health"
+"""Open to a liveness probe without the key, but then it names no model or adapter."""
+KEYED_STATE = "keyed"
+"""The scope's state entry ``ApiKey`` sets on a ``BRIEF_WITHOUT_KEY`` request: the key came."""
+
+
+def came_without_key(scope) -> bool:
+    """A request that ``ApiKey`` saw without the key (never true when no key is set)."""
+    return scope.get("state", {}).get(KEYED_STATE) is False
 
 
 def under_v1(scope) -> bool:

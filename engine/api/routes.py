@@ -5,7 +5,8 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both streaming and not), GET /v1/models
 (and /v1/models/{id}), POST /v1/adapters + DELETE /v1/adapters/{name} (only with an admin token),
-GET /health, GET /metrics; with an API key (``LORALAND_API_KEY``) every /v1 route needs it.
+GET /health, GET /metrics; with an API key (``LORALAND_API_KEY``) every /v1 route, the token
+routes and /metrics need it, and /health names nothing without it.
 ``model`` is an adapter name, the base model id (or ``base``), or SGLang's ``base:adapter`` form.
 Every failure is a 4xx/5xx in OpenAI's error shape.
 """
@@ -61,7 +62,7 @@ from .hot_path import (
     client_left,
     why_fastapi_routes,
 )
-from .limits import BodyLimit, bearer_token, guard_v1
+from .limits import BodyLimit, bearer_token, came_without_key, guard_v1
 from .protocol import (
     AdapterBody,
     ChatBody,
@@ -822,7 +823,8 @@ def create_api(
     else:
         app.add_middleware(GenerationRoutes, routes=GENERATION_ROUTES, serve=serve)
     app.add_middleware(BodyLimit, max_bytes=registry.server.max_body_bytes, metrics=api.metrics)
-    guard_v1(app, api_key, api.admin_token, api.metrics)  # a refusal reads no body
+    open_metrics = registry.server.open_metrics
+    guard_v1(app, api_key, api.admin_token, api.metrics, open_metrics)  # a refusal reads no body
     if registry.server.cors_origins:  # outermost: a preflight is answered before any limit
         app.add_middleware(
             CORSMiddleware,
@@ -899,13 +901,14 @@ def create_api(
         return await api.detokenize(parse(DetokenizeBody, await read_json(request)))
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
         if api.draining:
             return error_response(OpenAIError(503, "shutting down", "server_error"))
         try:
-            return await engine.health()
+            report = await engine.health()
         except EngineError as err:
             return error_response(OpenAIError(503, f"engine unhealthy: {err}", "server_error"))
+        return {"ok": report["ok"]} if came_without_key(request.scope) else report
 
     @app.get("/metrics")
     async def metrics():
