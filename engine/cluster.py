@@ -8,7 +8,7 @@
 - each replica: ``python -m engine.api`` on port ``--port + 10 + i``, on its own GPUs;
 - sglang-router on ``--port``, the address clients use for ``/v1/chat/completions`` and
   ``/v1/completions`` (policy ``cluster.policy``; ``/engine_metrics`` there is every replica's
-  ``/metrics`` labelled by replica);
+  ``/metrics`` labelled by replica, without an API key set: the router sends none);
 - the control API on ``--port + 1``: ``GET /v1/models``, ``GET /metrics`` (the replicas' series
   summed), ``GET /health`` (every replica's), ``POST /tokenize`` / ``/detokenize`` (a replica's),
   and, behind the admin token, ``POST /v1/adapters``
@@ -44,7 +44,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from .api.limits import bearer, came_without_key, guard_v1
+from .api.limits import bearer, guard_v1, shows_details
 from .api.protocol import OpenAIError
 from .api.routes import admin_refusal, error_response
 from .api.server import http_protocol
@@ -400,7 +400,7 @@ def create_control(
         answers = await control.each("GET", "/health")
         replicas = [a.json() if ok(a) else {"ok": False, "error": str(a)} for a in answers]
         body = {"ok": all(map(ok, answers)), "router": router_url, "replicas": replicas}
-        if came_without_key(request.scope):
+        if not shows_details(request.scope, api_key):
             body = {"ok": body["ok"]}
         return JSONResponse(body, status_code=200 if body["ok"] else 503)
 

@@ -144,6 +144,7 @@ def test_health_names_nothing_without_the_key_and_metrics_count_the_refusals(ser
     full = httpx.get(f"{server.url}/health", headers=KEYED, timeout=60).json()
     assert full["ok"] is True and {"alpha", "beta"} <= set(full["adapters"])
     refusal_message(httpx.get(f"{server.url}/metrics", timeout=60))
+    assert httpx.head(f"{server.url}/metrics", timeout=60).status_code == 401
     assert httpx.head(f"{server.url}/metrics", headers=KEYED, timeout=60).status_code == 200
     metrics = httpx.get(f"{server.url}/metrics", headers=KEYED, timeout=60).text.splitlines()
     assert 'adapter="alpha"' not in httpx.get(f"{server.url}/metrics", timeout=60).text
@@ -208,6 +209,26 @@ def test_open_metrics_leaves_only_the_metrics_open(hf_engine, registry_for):
         live.stop()
     assert metrics.status_code == 200 and "loraland_requests_total" in metrics.text
     assert health == {"ok": True}
+
+
+def test_mounted_under_a_prefix_health_and_open_metrics_behave_the_same(hf_engine, registry_for):
+    from fastapi import FastAPI
+
+    registry = registry_for.model_copy(deep=True)
+    registry.server.open_metrics = True
+    parent = FastAPI()
+    parent.mount("/api", create_api(hf_engine, registry, api_key=KEY))
+    live = serve(parent)
+    try:
+        with httpx.Client(base_url=f"{live.url}/api", timeout=60) as client:
+            brief = client.get("/health").json()
+            full = client.get("/health", headers=KEYED).json()
+            metrics = client.get("/metrics")
+            refusal_message(client.get("/v1/models"))
+    finally:
+        live.stop()
+    assert brief == {"ok": True} and "alpha" in full["adapters"]
+    assert metrics.status_code == 200
 
 
 def test_the_admin_token_stays_its_own(server, hf_engine, registry_for):
@@ -329,6 +350,12 @@ def test_the_control_api_asks_for_the_key_and_sends_it_to_the_replicas(server):
     assert health.status_code == 200 and health.json() == {"ok": True}
     assert "alpha" in full_health.json()["replicas"][0]["adapters"]
     assert metrics.status_code == 200 and 'adapter="alpha"' in metrics.text
+    open_control = create_control(
+        [server.url], "http://127.0.0.1:9", api_key=KEY, open_metrics=True
+    )
+    with TestClient(open_control) as client:
+        assert 'adapter="alpha"' in client.get("/metrics").text
+        refusal_message(client.get("/v1/models"))
 
 
 def free_router_port() -> int:

@@ -30,9 +30,9 @@ class ApiKey:
     """ASGI middleware: every ``/v1`` request, and one to ``KEYED_ROOT_PATHS`` but those in
     ``open_paths``, needs ``Authorization: Bearer <key>`` (or the admin token, which an admin call
     carries in the same header), else a 401 in OpenAI's shape before its body is read, counted in
-    ``/metrics``. A preflight (``OPTIONS``) carries no key and goes on; so does ``/health``, marked
-    ``KEYED_STATE`` false in its scope's state when it came without the key (its route then names
-    nothing served). Added only when a key is set (``guard_v1``): without one it costs nothing."""
+    ``/metrics``. A preflight (``OPTIONS``) carries no key and goes on; so does ``/health``, its
+    scope's state saying whether the key came (``shows_details``). Added only when a key is set
+    (``guard_v1``): without one it costs nothing."""
 
     def __init__(
         self,
@@ -48,11 +48,12 @@ class ApiKey:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
-        if scope["path"] == BRIEF_WITHOUT_KEY:
+        paths = (route_path(scope), scope["path"])
+        if BRIEF_WITHOUT_KEY in paths:
             keyed = self.refusal(authorization(scope)) is None
             scope.setdefault("state", {})[KEYED_STATE] = keyed
             return await self.app(scope, receive, send)
-        if not under_v1(scope) or scope["path"] in self.open_paths:
+        if not under_v1(scope) or any(path in self.open_paths for path in paths):
             return await self.app(scope, receive, send)
         if why := self.refusal(authorization(scope)):
             if self.metrics is not None:
@@ -87,7 +88,8 @@ def guard_v1(
         app.add_middleware(
             ApiKey, key=key, admin_token=admin_token, metrics=metrics, open_paths=open_paths
         )
-        log.info("the /v1 routes need the API key (LORALAND_API_KEY)")
+        also = "/tokenize" + ("" if open_metrics else ", /metrics")
+        log.info("the /v1 routes and %s need the API key (LORALAND_API_KEY)", also)
 
 
 def bearer(secret: str | None) -> dict[str, str]:
@@ -109,13 +111,14 @@ KEYED_ROOT_PATHS = ("/tokenize", "/detokenize", METRICS_PATH)
 metrics, which name every adapter (``server.open_metrics`` leaves them open)."""
 BRIEF_WITHOUT_KEY = "/health"
 """Open to a liveness probe without the key, but then it names no model or adapter."""
-KEYED_STATE = "keyed"
+KEYED_STATE = "loraland.keyed"
 """The scope's state entry ``ApiKey`` sets on a ``BRIEF_WITHOUT_KEY`` request: the key came."""
 
 
-def came_without_key(scope) -> bool:
-    """A request that ``ApiKey`` saw without the key (never true when no key is set)."""
-    return scope.get("state", {}).get(KEYED_STATE) is False
+def shows_details(scope, key: str | None) -> bool:
+    """May ``/health`` name what is served: no key is set, or ``ApiKey`` saw this request carry
+    it (anything else, a path it did not recognise say, gets the brief answer)."""
+    return not (key and key.strip()) or scope.get("state", {}).get(KEYED_STATE) is True
 
 
 def under_v1(scope) -> bool:

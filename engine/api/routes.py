@@ -62,7 +62,7 @@ from .hot_path import (
     client_left,
     why_fastapi_routes,
 )
-from .limits import BodyLimit, bearer_token, came_without_key, guard_v1
+from .limits import BodyLimit, bearer_token, guard_v1, shows_details
 from .protocol import (
     AdapterBody,
     ChatBody,
@@ -904,11 +904,13 @@ def create_api(
     async def health(request: Request):
         if api.draining:
             return error_response(OpenAIError(503, "shutting down", "server_error"))
+        details = shows_details(request.scope, api_key)
         try:
             report = await engine.health()
         except EngineError as err:
-            return error_response(OpenAIError(503, f"engine unhealthy: {err}", "server_error"))
-        return {"ok": report["ok"]} if came_without_key(request.scope) else report
+            why = f"engine unhealthy: {err}" if details else "engine unhealthy"
+            return error_response(OpenAIError(503, why, "server_error"))
+        return report if details else {"ok": report["ok"]}
 
     @app.get("/metrics")
     async def metrics():
