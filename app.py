@@ -206,10 +206,23 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
     first = (catalog.names() or [None])[0]
     source = engine if api is None else api  # the API's streams: drain and unload reach them
 
+    def fields_of(name: str | None) -> list[str]:
+        return template_fields(catalog.spec(name).template) if name else []
+
+    def first_example(name: str | None) -> list[str]:
+        """The first example's value of each field (empty without one): the fields start with
+        the example the Examples menu shows, so Run works at once."""
+        examples = catalog.spec(name).examples if name else []
+        return [examples[0].get(f, "") if examples else "" for f in fields_of(name)]
+
     def field_updates(name: str | None) -> list:
-        fields = template_fields(catalog.spec(name).template) if name else []
+        fields, values = fields_of(name), first_example(name)
         return [
-            gr.update(visible=i < len(fields), label=fields[i] if i < len(fields) else "", value="")
+            gr.update(
+                visible=i < len(fields),
+                label=fields[i] if i < len(fields) else "",
+                value=values[i] if i < len(fields) else "",
+            )
             for i in range(MAX_FIELDS)
         ]
 
@@ -224,7 +237,7 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
         return [
             catalog.card(name),
             template,
-            gr.update(choices=examples, value=None, visible=bool(examples)),
+            gr.update(choices=examples, value=(examples or [None])[0], visible=bool(examples)),
             *field_updates(name),
         ]
 
@@ -284,12 +297,14 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
                 catalog.spec(first).template if first else "",
                 label="Prompt template", interactive=False, lines=2,
             )  # fmt: skip
+            choices = example_choices(first)
             example = gr.Dropdown(
-                example_choices(first), label="Examples", visible=bool(example_choices(first))
+                choices, value=(choices or [None])[0], label="Examples", visible=bool(choices)
             )
-            names = template_fields(catalog.spec(first).template) if first else []
+            names, values = fields_of(first), first_example(first)
             fields = [
                 gr.Textbox(
+                    values[i] if i < len(names) else "",
                     lines=3,
                     visible=i < len(names),
                     label=names[i] if i < len(names) else "",

@@ -125,11 +125,11 @@ def test_browser_picks_an_adapter_runs_and_sees_both_panels(hf_engine, registry_
             page.get_by_label("Adapter", exact=True).click()
             page.get_by_role("option", name="beta").click()
             page.wait_for_selector("#adapter-card:has-text('beta')")
-            page.get_by_label("Examples").click()
-            page.get_by_role("option").first.click()
-            page.wait_for_function(
+            page.wait_for_function(  # the example the menu shows is in the fields already
                 "() => document.querySelector('#field-1 textarea').value.length > 0"
             )
+            shown = page.get_by_label("Examples").input_value()
+            filled = [page.locator(f"#field-{i} textarea").input_value() for i in (0, 1)]
             page.locator("#run").click()
             page.wait_for_function(BOTH_FINISHED, timeout=120_000)
             tuned = page.locator("#tuned-output textarea").input_value()
@@ -144,6 +144,7 @@ def test_browser_picks_an_adapter_runs_and_sees_both_panels(hf_engine, registry_
     finally:
         live.stop()
     assert tuned and base
+    assert sorted(shown.split(" | ")) == sorted(filled)
     assert shot.stat().st_size > 10_000
     assert len(turns) == 3 and all(turns) and not any("Error" in t for t in turns)
 
