@@ -53,7 +53,7 @@ class ApiKey:
             keyed = self.refusal(authorization(scope)) is None
             scope.setdefault("state", {})[KEYED_STATE] = keyed
             return await self.app(scope, receive, send)
-        if not under_v1(scope) or any(path in self.open_paths for path in paths):
+        if not any(map(needs_key, paths)) or any(path in self.open_paths for path in paths):
             return await self.app(scope, receive, send)
         if why := self.refusal(authorization(scope)):
             if self.metrics is not None:
@@ -121,11 +121,10 @@ def shows_details(scope, key: str | None) -> bool:
     return not (key and key.strip()) or scope.get("state", {}).get(KEYED_STATE) is True
 
 
-def under_v1(scope) -> bool:
-    """Under ``/v1`` as the app routes it or as the client sent it (whichever says so), or one of
-    ``KEYED_ROOT_PATHS``."""
-    paths = (route_path(scope), scope["path"])
-    return any(p == "/v1" or p.startswith("/v1/") or p in KEYED_ROOT_PATHS for p in paths)
+def needs_key(path: str) -> bool:
+    """Under ``/v1`` or one of ``KEYED_ROOT_PATHS`` (``ApiKey`` asks it of the path as the app
+    routes it and as the client sent it: either one says so)."""
+    return path == "/v1" or path.startswith("/v1/") or path in KEYED_ROOT_PATHS
 
 
 def authorization(scope) -> bytes | None:
