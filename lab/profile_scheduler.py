@@ -17,12 +17,13 @@ samples it: ``run`` starts the engine as ``loadtest.bench`` does and, for each o
 ``sglang::schedul``; this process on the CPU backend) for ``--seconds`` s at ``--rate`` samples a
 second, without pausing it (``--nonblocking``), while it counts output tok/s.
 
-``summarize`` reads each point's collapsed stacks (``<label>.txt``, py-spy's ``raw`` format, one
-line per distinct stack with its thread) and reports for the busiest thread: its samples as a
-share of the window (the rest: waiting in a system call), the share of its samples in each phase
-of the loop (the innermost frame that names one: waiting for the GPU, streaming out, processing
-results, launching the forward, scheduling the next batch, taking in requests; else other), the
-top lines by samples spent there (self) and the top functions by samples under them (inclusive);
+``summarize`` reads each point's collapsed stacks (``<label>.txt`` or ``.txt.gz``, py-spy's
+``raw`` format, one line per distinct stack with its thread) and reports for the busiest thread:
+its samples as a share of the window (the rest: waiting in a system call), the share of its
+samples in each phase of the loop (the innermost frame that names one: waiting for the GPU,
+streaming out, processing results, launching the forward, the LoRA batch's indices, scheduling the
+next batch, the prefix tree, taking in requests; else other), the top lines by samples spent there
+(self) and the top functions by samples under them (inclusive; ties in the order met);
 the busy share divides by py-spy's own count of samplings (it may fall behind ``--rate``).
 Writes ``scheduler.md``, ``scheduler.json`` and ``scheduler.png`` into ``--out``.
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import os
 import re
@@ -47,7 +49,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # profile_decode's clients and build
 
-PHASES = {  # SGLang 0.5.17's function names → the loop's phases (the innermost match wins);
+PHASES = {  # SGLang 0.5.17's method names → the loop's phases (the innermost match wins; py-spy
+    # names a frame ``Class.method``, matched here by the method's name alone);
     # synchronize: torch.cuda.Event's, on the forward's copy_done before results are read
     "synchronize": "waiting for the GPU",
     "stream_output": "streaming out",
@@ -55,15 +58,20 @@ PHASES = {  # SGLang 0.5.17's function names → the loop's phases (the innermos
     "process_batch_result_decode": "processing results",
     "process_batch_result_prefill": "processing results",
     "run_batch": "launching the forward",
+    "prepare_lora_batch": "the LoRA batch's indices",
     "get_next_batch_to_run": "scheduling the next batch",
     "get_new_batch_prefill": "scheduling the next batch",
     "update_running_batch": "scheduling the next batch",
+    "match_prefix": "the prefix tree",
+    "evict": "the prefix tree",
+    "cache_finished_req": "the prefix tree",
+    "cache_unfinished_req": "the prefix tree",
     "recv_requests": "taking in requests",
     "process_input_requests": "taking in requests",
 }
 PHASE_NAMES = ["waiting for the GPU", "streaming out", "processing results",
-               "launching the forward", "scheduling the next batch", "taking in requests",
-               "other"]  # fmt: skip
+               "launching the forward", "the LoRA batch's indices", "scheduling the next batch",
+               "the prefix tree", "taking in requests", "other"]  # fmt: skip
 SCHEDULER_NAME = "sglang::schedul"  # the kernel keeps 15 characters of setproctitle's name
 TOP = 15
 FRAME = re.compile(r"^(?P<function>.*?) \((?P<where>[^()]*)\)$")
@@ -94,7 +102,7 @@ def function_of(frame: str) -> str:
 
 def phase_of(frames: list[str]) -> str:
     for frame in reversed(frames):
-        if (phase := PHASES.get(function_of(frame))) is not None:
+        if (phase := PHASES.get(function_of(frame).rsplit(".", 1)[-1])) is not None:
             return phase
     return "other"
 
@@ -106,7 +114,7 @@ def thread_summary(stacks: list[tuple[list[str], int]], window_samples: float) -
         phases[phase_of(frames)] += n
         if frames:
             lines[frames[-1]] += n
-        for frame in set(frames):
+        for frame in dict.fromkeys(frames):
             inclusive[function_of(frame)] += n
     return {
         "samples": total,
@@ -121,7 +129,8 @@ def thread_summary(stacks: list[tuple[list[str], int]], window_samples: float) -
 
 def summarize_point(raw: Path, meta: dict) -> dict:
     by_thread: dict[str, list] = defaultdict(list)
-    for thread, frames, n in parse_raw(raw.read_text()):
+    text = gzip.decompress(raw.read_bytes()).decode() if raw.suffix == ".gz" else raw.read_text()
+    for thread, frames, n in parse_raw(text):
         by_thread[thread].append((frames, n))
     window = meta.get("sampled") or meta.get("rate", 0) * meta.get("seconds", 0)
     threads = {t: thread_summary(s, window) for t, s in by_thread.items()}
@@ -138,8 +147,11 @@ def summarize(folder: str | Path, out: str | Path) -> dict:
     points = []
     for meta_file in sorted(folder.glob("*.meta.json")):
         meta = json.loads(meta_file.read_text())
-        raw = meta_file.with_name(meta_file.name.replace(".meta.json", ".txt"))
-        points.append(summarize_point(raw, meta) if raw.exists() else meta)
+        label = meta_file.name.removesuffix(".meta.json")
+        raw = next(
+            (r for r in (folder / f"{label}.txt", folder / f"{label}.txt.gz") if r.exists()), None
+        )
+        points.append(summarize_point(raw, meta) if raw else meta)
     out.mkdir(parents=True, exist_ok=True)
     results = {"points": points}
     (out / "scheduler.json").write_text(json.dumps(results, indent=1))

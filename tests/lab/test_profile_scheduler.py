@@ -18,17 +18,25 @@ spec = importlib.util.spec_from_file_location("profile_scheduler", SCRIPT)
 profile_scheduler = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(profile_scheduler)
 
-LOOP = "event_loop_overlap (sglang/srt/managers/scheduler.py:1727)"
+# Frames as py-spy names them (``Class.method (file:line)``), copied from a run on SGLang 0.5.17
+LOOP = "Scheduler.event_loop_overlap (scheduler.py:1763)"
+RESULT = "Scheduler.process_batch_result (scheduler.py:3700)"
+UPDATE = "Scheduler.update_running_batch (scheduler.py:3400)"
 MAIN = "thread (101): MainThread"
 RAW = "\n".join(
     [
-        f"{MAIN};{LOOP};process_batch_result (s.py:10);synchronize (torch/cuda/streams.py:224) 40",
-        f"{MAIN};{LOOP};process_batch_result (s.py:10);stream_output (o.py:5);send (z.py:1) 20",
-        f"{MAIN};{LOOP};process_batch_result (s.py:10);process_batch_result_decode (d.py:3) 10",
-        f"{MAIN};{LOOP};run_batch (s.py:20);forward (m.py:7) 15",
-        f"{MAIN};{LOOP};get_next_batch_to_run (s.py:30) 5",
-        f"{MAIN};{LOOP};recv_requests (r.py:122) 5",
-        f"{MAIN};{LOOP};on_idle (s.py:40) 5",
+        f"{MAIN};{LOOP};{RESULT};Event.synchronize (torch/cuda/streams.py:254) 40",
+        f"{MAIN};{LOOP};{RESULT};SchedulerOutputStreamer.stream_output (o.py:5);"
+        "Socket.send_pyobj (zmq/sugar/socket.py:1002) 20",
+        f"{MAIN};{LOOP};{RESULT};"
+        "SchedulerBatchResultProcessor.process_batch_result_decode (d.py:863) 10",
+        f"{MAIN};{LOOP};Scheduler.run_batch (s.py:20);ModelRunner.forward (m.py:7) 10",
+        f"{MAIN};{LOOP};Scheduler.run_batch (s.py:20);LoRAManager.prepare_lora_batch (l.py:456);"
+        "ChunkedSgmvLoRABackend.prepare_lora_batch (c.py:283) 5",
+        f"{MAIN};{LOOP};Scheduler.get_next_batch_to_run (s.py:30) 3",
+        f"{MAIN};{LOOP};{UPDATE};RadixCache.evict (radix_cache.py:570) 2",
+        f"{MAIN};{LOOP};SchedulerRequestReceiver.recv_requests (r.py:122) 5",
+        f"{MAIN};{LOOP};Scheduler.on_idle (s.py:40) 5",
         "thread (102): watchdog;watchdog_thread (w.py:9);sleep (w.py:10) 3",
         "not a stack line",
     ]
@@ -37,25 +45,28 @@ RAW = "\n".join(
 
 def test_phases_follow_the_innermost_frame_that_names_one():
     stacks = profile_scheduler.parse_raw(RAW)
-    assert len(stacks) == 8 and {t for t, _, _ in stacks} == {MAIN, "thread (102): watchdog"}
+    assert len(stacks) == 10 and {t for t, _, _ in stacks} == {MAIN, "thread (102): watchdog"}
     main = [(frames, n) for t, frames, n in stacks if t == MAIN]
     summary = profile_scheduler.thread_summary(main, window_samples=200)
     assert summary["samples"] == 100 and summary["busy_share"] == 0.5
     assert summary["phases"] == {
-        "waiting for the GPU": 0.4,  # synchronize under process_batch_result
+        "waiting for the GPU": 0.4,  # Event.synchronize under process_batch_result
         "streaming out": 0.2,  # stream_output under process_batch_result
         "processing results": 0.1,
-        "launching the forward": 0.15,
-        "scheduling the next batch": 0.05,
+        "launching the forward": 0.1,
+        "the LoRA batch's indices": 0.05,  # prepare_lora_batch under run_batch
+        "scheduling the next batch": 0.03,
+        "the prefix tree": 0.02,  # RadixCache.evict under update_running_batch
         "taking in requests": 0.05,
         "other": 0.05,
     }
     assert summary["top_self"][0] == {
-        "line": "synchronize (torch/cuda/streams.py:224)",
+        "line": "Event.synchronize (torch/cuda/streams.py:254)",
         "share": 0.4,
     }
     inclusive = {t["function"]: t["share"] for t in summary["top_inclusive"]}
-    assert inclusive["event_loop_overlap"] == 1.0 and inclusive["process_batch_result"] == 0.7
+    assert inclusive["Scheduler.event_loop_overlap"] == 1.0
+    assert inclusive["Scheduler.process_batch_result"] == 0.7
 
 
 def test_summarize_writes_the_busiest_threads_table_and_plot(tmp_path):
@@ -70,7 +81,7 @@ def test_summarize_writes_the_busiest_threads_table_and_plot(tmp_path):
     assert point["busiest_thread"] == MAIN and point["threads"][MAIN] == 100
     assert point["busiest"]["busy_share"] == 0.8  # 100 of py-spy's 125 samplings, not 250 × 15
     md = (tmp_path / "out" / "scheduler.md").read_text()
-    assert "| 256-adapters | 11800 | 100 | 80 | 40 | 20 | 10 | 15 | 5 | 5 | 5 |" in md
+    assert "| 256-adapters | 11800 | 100 | 80 | 40 | 20 | 10 | 10 | 5 | 3 | 2 | 5 | 5 |" in md
     assert "64-adapters: RuntimeError: py-spy exited 1: no permission" in md
     assert "`python lab/x.py run`" in md
     assert (tmp_path / "out" / "scheduler.png").stat().st_size > 0
