@@ -280,7 +280,17 @@ def row(label: str, ours: dict | None, peer: dict | None, scale: float) -> dict:
 
     a, b = scaled(ours), scaled(peer)
     ratio = a["median"] / b["median"] if a and b and b["median"] else None
-    return {"figure": label, "ours": a, "peer": b, "ours_over_peer": ratio}
+    return {"figure": label, "ours": a, "peer": b, "ours_over_peer": ratio,
+            "ours_over_peer_by_round": ratios_by_round(ours, peer)}  # fmt: skip
+
+
+def ratios_by_round(ours: dict | None, peer: dict | None) -> dict | None:
+    """Round i of ours over round i of the peer, median and range; None unless both sides have
+    a figure in every round and as many rounds."""
+    a, b = (ours or {}).get("values") or [], (peer or {}).get("values") or []
+    if not a or len(a) != len(b) or len(a) != ours["n"] or len(b) != peer["n"] or not all(b):
+        return None
+    return median_range([x / y for x, y in zip(a, b, strict=True)])
 
 
 def side_by_side_markdown(report: dict, peer_name: str = "SGLang's own server") -> str:
@@ -290,8 +300,9 @@ def side_by_side_markdown(report: dict, peer_name: str = "SGLang's own server") 
     lines = [
         f"### Ours vs {peer_name}: HTTP, the same Locust user, {report['users']} streams "
         f"(rounds: ours {report['rounds']['ours']}, peer {report['rounds']['peer']})\n",
-        "| figure | ours: median | ours: range | peer: median | peer: range | ours ÷ peer |",
-        "|---|---|---|---|---|---|",
+        "| figure | ours: median | ours: range | peer: median | peer: range | ours ÷ peer "
+        "| ours ÷ peer, round by round |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         digits = 2 if "÷" in r["figure"] or "cores" in r["figure"] else 0
@@ -300,11 +311,16 @@ def side_by_side_markdown(report: dict, peer_name: str = "SGLang's own server") 
         a_med, a_rng = fmt(r["ours"], digits=digits)
         b_med, b_rng = fmt(r["peer"], digits=digits)
         ratio = "—" if r["ours_over_peer"] is None else f"{r['ours_over_peer']:.2f}"
-        lines.append(f"| {r['figure']} | {a_med} | {a_rng} | {b_med} | {b_rng} | {ratio} |")
+        round_med, round_rng = fmt(r.get("ours_over_peer_by_round"))
+        by_round = "—" if round_med == "—" else f"{round_med} [{round_rng}]"
+        lines.append(
+            f"| {r['figure']} | {a_med} | {a_rng} | {b_med} | {b_rng} | {ratio} | {by_round} |"
+        )
     lines.append(
         "\nITL is the gap between streamed chunks: ours sends up to 4 tokens a chunk at 256 "
         "streams (`stream_interval: auto`), SGLang's server one (its default); TPOT is per token "
-        "on both sides."
+        "on both sides. Round by round: ours in round i over the peer in round i (median "
+        "[range]), where both have every round."
     )
     return "\n".join(lines) + "\n"
 

@@ -148,7 +148,14 @@ def test_side_by_side_sets_our_http_points_beside_the_peers():
     assert rows["128 adapters, TTFT p50 ms"]["peer"]["median"] == pytest.approx(60)
     assert rows["adapters ÷ base, tok/s"]["peer"]["min"] == pytest.approx(9000 / 11000)
     text = side_by_side_markdown(report)
-    assert "| base, tok/s | 9500 | 6000–11000 | 12000 | 11000–13000 | 0.79 |" in text
+    ours_by_round = [r["points"]["http-base"]["output_throughput"] for r in ROUNDS]
+    by_round = [x / y for x, y in zip(ours_by_round, (12000, 13000, 11000), strict=True)]
+    assert rows["base, tok/s"]["ours_over_peer_by_round"]["values"] == pytest.approx(by_round)
+    low, mid, high = sorted(by_round)
+    cells = f"| 0.79 | {mid:.2f} [{low:.2f}–{high:.2f}] |"
+    assert f"| base, tok/s | 9500 | 6000–11000 | 12000 | 11000–13000 {cells}" in text
+    one_round_short = summarize_rounds(peer_rounds[:2])
+    assert side_by_side(ours, one_round_short, 256)["rows"][0]["ours_over_peer_by_round"] is None
     assert side_by_side(ours, {}, 256)["missing"] == ["peer"]
     assert "no rounds from ['peer']" in side_by_side_markdown(side_by_side(ours, {}, 256))
 
