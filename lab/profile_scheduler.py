@@ -203,7 +203,7 @@ def plot(points: list[dict], path: Path) -> None:
     shown = [p for p in points if p.get("busiest")]
     if not shown:
         return
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(shown)))
+    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.6 * len(shown)))
     left = [0.0] * len(shown)
     for name in PHASE_NAMES:
         widths = [100 * p["busiest"]["phases"].get(name, 0) for p in shown]
@@ -211,7 +211,7 @@ def plot(points: list[dict], path: Path) -> None:
         left = [a + b for a, b in zip(left, widths)]
     ax.set_xlabel("% of the scheduler thread's samples")
     ax.set_xlim(0, 100)
-    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title("SGLang's scheduler loop by phase (py-spy)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
