@@ -74,6 +74,12 @@ MAX_STOP_CHARS = 1000
 """A stop string's length at most: every token is checked against each stop string's prefixes."""
 
 
+MIN_REPETITION_PENALTY = 0.01
+"""The smallest repetition penalty: far below it a divided logit overflows to inf and the
+probabilities become NaN, which the sampler refuses (a 500 on the CPU backend; SGLang's penalizer
+divides the same way). At 0.01 a generated token's logit is already a hundred times larger."""
+
+
 def stop_problem(stops: list[str]) -> str | None:
     """What is wrong with these stop strings (a request's or an adapter's default), or None."""
     if len(stops) > 4 or not all(stops):
@@ -106,7 +112,8 @@ class SamplingParams:
     (after temperature, top-k and top-p) are left out; 0 = off."""
     repetition_penalty: float = 1.0
     """SGLang's (and HF's): each token generated so far has its logit divided by this when
-    positive, multiplied when negative; 1 = off. (vLLM counts the prompt's tokens too.)"""
+    positive, multiplied when negative; 1 = off, at least ``MIN_REPETITION_PENALTY``. (vLLM
+    counts the prompt's tokens too.)"""
     min_tokens: int = 0
     """vLLM's and SGLang's: the end-of-turn tokens are barred until this many tokens were
     generated (as SGLang's, a stop string still ends the answer)."""
@@ -133,7 +140,11 @@ class SamplingParams:
             ),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
             ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
-            ("repetition_penalty", 0.0 < self.repetition_penalty <= 2.0, "must be in (0, 2]"),
+            (
+                "repetition_penalty",
+                MIN_REPETITION_PENALTY <= self.repetition_penalty <= 2.0,
+                f"must be in [{MIN_REPETITION_PENALTY}, 2]",
+            ),
             ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "must be in [0, max_tokens]"),
         ]
         for name, ok, rule in checks:

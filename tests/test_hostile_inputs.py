@@ -157,6 +157,8 @@ CASES = [
     ("best_of-larger-than-n", "POST", DONE, completion(best_of=3), {}, 400, "best_of"),
     ("unknown-field", "POST", CHAT, chat(use_beam_search=True), {}, 400, "use_beam_search"),
     ("repetition_penalty-zero", "POST", CHAT, chat(repetition_penalty=0), {}, 400, "repetition_penalty"),
+    ("repetition_penalty-tiny-sampled", "POST", CHAT, chat(repetition_penalty=1e-300, temperature=1.0), {}, 400, "repetition_penalty"),
+    ("repetition_penalty-tiny-completion", "POST", DONE, completion(repetition_penalty=1e-30, temperature=1.0), {}, 400, "repetition_penalty"),
     ("min_p-string", "POST", DONE, completion(min_p="0.1"), {}, 400, "min_p"),
     ("min_tokens-over-max", "POST", DONE, completion(min_tokens=50, max_tokens=5), {}, 400, "min_tokens"),
     ("min_tokens-with-a-grammar", "POST", CHAT, chat(min_tokens=2, response_format={"type": "json_object"}), {}, 400, "min_tokens"),

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..constraints import ResponseFormat
-from ..interface import EngineError, TokenLogprob, Usage, stop_problem
+from ..interface import MIN_REPETITION_PENALTY, EngineError, TokenLogprob, Usage, stop_problem
 from ..text import token_bytes
 
 Endpoint = Literal["chat", "completions"]
@@ -297,7 +297,7 @@ class SamplingFields(Wire):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     """vLLM's and SGLang's: leave out tokens less likely than ``min_p`` × the likeliest one's
     probability."""
-    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=2.0)
     """vLLM's and SGLang's: divide a generated token's logit by it (multiply a negative one)."""
     min_tokens: int | None = Field(None, ge=0)
     """vLLM's and SGLang's: no end of turn before this many tokens."""
