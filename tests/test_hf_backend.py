@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -334,3 +335,80 @@ def test_copies_of_one_prompt_starting_together_are_tokenized_once(hf_engine, mo
     longer = GenerationRequest(messages=messages, params=SamplingParams(max_tokens=1))
     again = asyncio.run(hf_engine.complete(longer))
     assert len(calls) == 2 and again.usage.prompt_tokens > done[0].usage.prompt_tokens
+
+
+def forwards_counted(engine, monkeypatch) -> list[tuple[int, int]]:
+    """(rows, tokens) of every forward the worker runs from now on."""
+    shapes, real = [], engine.forward
+
+    def counted(rows, input_ids, *args, **kwargs):
+        shapes.append(tuple(input_ids.shape))
+        return real(rows, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "forward", counted)
+    return shapes
+
+
+async def queued_together(engine, requests) -> list:
+    """Complete the requests with the worker held until every one waits in its queue (the
+    worker's lock is re-entrant for this thread, which the engine's own calls run on)."""
+    with engine.wake:
+        tasks = [asyncio.ensure_future(engine.complete(r)) for r in requests]
+        while len(engine.pending) < len(requests):
+            await asyncio.sleep(0.01)
+    return await asyncio.gather(*tasks)
+
+
+def test_requests_with_one_prompt_share_its_prefill(hf_engine, monkeypatch):
+    """Seeded copies of one prompt (a request's ``n``) are prefilled once, as one row, and
+    each decodes apart: every copy answers as its seed does alone, and a different prompt in
+    the same step keeps its own answer."""
+    sampled = {"temperature": 0.9, "max_tokens": 10, "ignore_eos": True}
+    copies = [chat("alpha", "Write a haiku about the sea.", seed=s, **sampled) for s in (1, 2, 3)]
+    requests = [*copies, chat("beta", "What is 2 + 2?", max_tokens=10)]
+    alone = [asyncio.run(hf_engine.complete(r)).token_ids for r in requests]
+    assert len({tuple(a) for a in alone[:3]}) == 3, "the seeds gave the same answer"
+    shapes = forwards_counted(hf_engine, monkeypatch)
+    together = asyncio.run(queued_together(hf_engine, requests))
+    assert [c.token_ids for c in together] == alone
+    prefill_rows, prefill_width = shapes[0]
+    assert prefill_rows == 2 and prefill_width > 1  # two distinct prompts, not four rows
+    assert shapes[1] == (4, 1) and all(width == 1 for _, width in shapes[1:])  # then decodes
+
+
+def test_copies_of_a_long_prompt_share_its_chunks(hf_engine, monkeypatch):
+    """A prompt chunked over many steps is prefilled once for all its copies, those queued
+    with it and those that come while it is chunked, and each answers as it does alone."""
+    monkeypatch.setattr(hf_engine.settings, "prefill_tokens", 64)
+    requests = [chat("alpha", LONG, max_tokens=6, temperature=0.9, seed=s) for s in (1, 2)]
+    alone = [asyncio.run(hf_engine.complete(r)).token_ids for r in requests]
+    prompt_tokens = asyncio.run(hf_engine.complete(requests[0])).usage.prompt_tokens
+    chunks = -(-prompt_tokens // 64)
+    shapes = forwards_counted(hf_engine, monkeypatch)
+    together = asyncio.run(queued_together(hf_engine, requests))
+    assert [c.token_ids for c in together] == alone
+    prefills = [rows for rows, width in shapes if width > 1]
+    assert prefills == [1] * chunks  # one row a chunk, the prompt's chunks once
+
+    reached, go_on, counted = threading.Event(), threading.Event(), hf_engine.forward
+
+    def paused_before_the_second_chunk(*args, **kwargs):
+        if len(shapes) == 1:
+            reached.set()
+            go_on.wait(60)
+        return counted(*args, **kwargs)
+
+    async def a_copy_arrives_mid_prefill():
+        first = asyncio.ensure_future(hf_engine.complete(requests[0]))
+        assert await asyncio.to_thread(reached.wait, 60)
+        second = asyncio.ensure_future(hf_engine.complete(requests[1]))
+        while not any(row.request is requests[1] for row in hf_engine.pending):
+            await asyncio.sleep(0.01)
+        go_on.set()
+        return await asyncio.gather(first, second)
+
+    monkeypatch.setattr(hf_engine, "forward", paused_before_the_second_chunk)
+    shapes.clear()
+    late = asyncio.run(a_copy_arrives_mid_prefill())
+    assert [c.token_ids for c in late] == alone
+    assert [rows for rows, width in shapes if width > 1] == [1] * chunks  # the late one joined

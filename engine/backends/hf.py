@@ -1,8 +1,9 @@
 """CPU default backend: transformers with every adapter on one model, mixed-adapter batches.
 
 One worker thread owns the model. Each step it admits waiting requests (prefilled together,
-left-padded, up to ``prefill_tokens``; a longer prompt a chunk a step), merges them into the
-running batch, and decodes one token for every row, each row
+left-padded, up to ``prefill_tokens``; a longer prompt a chunk a step; requests with the same
+prompt and adapter, such as a request's ``n`` copies, prefilled once and its cache copied to each),
+merges them into the running batch, and decodes one token for every row, each row
 with its own adapter: on the CPU by default every row's LoRA in one gathered op per layer over
 fp16 base weights (``lora_batched.py``; ``base_weights: fp32`` is the exact mode), else peft's
 ``adapter_names``. Finished or cancelled rows leave the batch at once, so their slot is free for
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -64,6 +66,15 @@ class Row:
     def adapter_key(self) -> str:
         return self.request.adapter or PEFT_BASE_ROW
 
+    @cached_property
+    def prefill_key(self) -> tuple:
+        """Rows with equal keys have the same prefill: one computes it for all."""
+        return self.request.adapter, tuple(self.prompt_ids)
+
+    @property
+    def ended(self) -> bool:
+        return self.cancelled or self.done
+
     def send(self, item: Chunk | Exception) -> None:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -82,11 +93,21 @@ class Row:
 
 @dataclass
 class ChunkedPrefill:
-    """A prompt longer than one step's prefill, ``done`` of its tokens in ``cache`` so far."""
+    """A prompt longer than one step's prefill, ``done`` of its tokens in ``cache`` so far, for
+    ``rows`` (the requests with this prompt and adapter)."""
 
-    row: Row
+    rows: list[Row]
     cache: object
     done: int = 0
+
+    def join(self, candidates: list[Row]) -> list[Row]:
+        """The candidates with this prompt and adapter join the prefill (its cache so far is
+        theirs too); returns them."""
+        twins = [r for r in candidates if r.prefill_key == self.rows[0].prefill_key]
+        for row in twins:
+            row.clock.start()
+        self.rows += twins
+        return twins
 
 
 @dataclass
@@ -343,7 +364,7 @@ class HFEngine(Tokenizes, Engine):
                 self.wake.notify()
 
     def active_rows(self) -> list[Row]:
-        chunked = [self.chunked.row] if self.chunked else []
+        chunked = self.chunked.rows if self.chunked else []
         return (self.batch.rows if self.batch else []) + chunked + self.pending
 
     async def health(self) -> dict:
@@ -361,7 +382,7 @@ class HFEngine(Tokenizes, Engine):
 
     def stats(self) -> dict:
         batch, chunked = self.batch, self.chunked  # the worker may end them meanwhile
-        running = (len(batch.rows) if batch else 0) + (chunked is not None)
+        running = (len(batch.rows) if batch else 0) + (len(chunked.rows) if chunked else 0)
         return {
             "running": running,
             "queued": len(self.pending),
@@ -400,30 +421,43 @@ class HFEngine(Tokenizes, Engine):
             self.step_started = None
 
     def fail_all(self, fresh: list[Row], err: Exception) -> None:
-        chunked = [self.chunked.row] if self.chunked else []
+        chunked = self.chunked.rows if self.chunked else []
         for row in (self.batch.rows if self.batch else []) + chunked + fresh:
             row.fail(err)
         self.batch = self.chunked = None
 
     def take_pending(self) -> list[Row]:
-        """The waiting rows this step admits, in order, while there is room in the batch: a
-        prompt longer than ``prefill_tokens`` alone (chunked) when none is chunking, else short
-        ones while their padded prompts fit in ``prefill_tokens`` (long ones wait their turn)."""
-        self.pending = [r for r in self.pending if not (r.cancelled or r.done)]
-        running = (len(self.batch.rows) if self.batch else 0) + (self.chunked is not None)
-        budget, fresh, width = self.settings.prefill_tokens, [], 0
-        for row in self.pending[: self.settings.max_batch_size - running]:
+        """The waiting rows this step admits, in order, while there is room in the batch. Rows
+        with the prompt being chunked join its prefill; then a prompt longer than
+        ``prefill_tokens`` (chunked) with the rows that share it, when none is chunking, else
+        short ones while their padded prompts, each distinct prefill once, fit in
+        ``prefill_tokens`` (long ones wait their turn)."""
+        self.pending = [r for r in self.pending if not r.ended]
+        running = (len(self.batch.rows) if self.batch else 0) + (
+            len(self.chunked.rows) if self.chunked else 0
+        )
+        room = self.pending[: self.settings.max_batch_size - running]
+        joined = {id(row) for row in (self.chunked.join(room) if self.chunked else [])}
+        fresh = self.prefills_from([row for row in room if id(row) not in joined])
+        taken = joined | {id(row) for row in fresh}
+        self.pending = [row for row in self.pending if id(row) not in taken]
+        return fresh
+
+    def prefills_from(self, room: list[Row]) -> list[Row]:
+        budget, fresh, width, prefills = self.settings.prefill_tokens, [], 0, set()
+        for row in room:
             if len(row.prompt_ids) > budget:
                 if fresh or self.chunked is not None:
                     continue
-                fresh = [row]
-                break
+                return [r for r in room if r.prefill_key == row.prefill_key]
+            if row.prefill_key in prefills:
+                fresh.append(row)
+                continue
             width = max(width, len(row.prompt_ids))
-            if (len(fresh) + 1) * width > budget:
+            if (len(prefills) + 1) * width > budget:
                 break
+            prefills.add(row.prefill_key)
             fresh.append(row)
-        taken = {id(row) for row in fresh}
-        self.pending = [row for row in self.pending if id(row) not in taken]
         return fresh
 
     def step(self, fresh: list[Row]) -> None:
@@ -431,8 +465,8 @@ class HFEngine(Tokenizes, Engine):
         rows that cause it: a failed prefill is retried row by row, a failed decode rebuilds
         each row's cache alone, and only a row that fails by itself gets the error."""
         self.drop_rows()
-        if len(fresh) == 1 and len(fresh[0].prompt_ids) > self.settings.prefill_tokens:
-            self.chunked = ChunkedPrefill(fresh[0], new_cache())
+        if fresh and len(fresh[0].prompt_ids) > self.settings.prefill_tokens:
+            self.chunked = ChunkedPrefill(fresh, new_cache())
         elif fresh:
             self.admit(fresh)
         if self.chunked:
@@ -468,11 +502,13 @@ class HFEngine(Tokenizes, Engine):
     def prefill_chunk(self) -> None:
         """The chunked prompt's next ``prefill_tokens``; after its last, it joins the batch."""
         job, self.chunked = self.chunked, None
-        row = job.row
-        if row.cancelled or row.done:
+        rows = job.rows = [r for r in job.rows if not r.ended]
+        if not rows:
             return
         if job.done == 0:
-            row.clock.start()
+            for row in rows:
+                row.clock.start()
+        row = rows[0]
         ids = row.prompt_ids[job.done : job.done + self.settings.prefill_tokens]
         end = job.done + len(ids)
         input_ids = torch.tensor([ids], device=self.torch_device)
@@ -482,18 +518,21 @@ class HFEngine(Tokenizes, Engine):
             logits, job.cache = self.forward([row], input_ids, mask, positions, job.cache)
         except Exception as err:
             log.exception("prefill chunk of row %s failed", row.request.request_id)
-            row.fail(err)
+            for failed in rows:
+                failed.fail(err)
             return
         job.done = end
         if end < len(row.prompt_ids):
             self.chunked = job
             return
         try:
-            batch = Batch([row], job.cache, mask, self.sample_and_emit([row], logits))
+            cache, mask, logits = shared_prefill(job.cache, mask, logits, [0] * len(rows))
+            batch = Batch(rows, cache, mask, self.sample_and_emit(rows, logits))
             self.batch = merge_batches(self.batch, batch)
-        except Exception as err:  # the running rows go on; this one ends with the error
+        except Exception as err:  # the running rows go on; these end with the error
             log.exception("row %s could not join the batch", row.request.request_id)
-            row.fail(err)
+            for failed in rows:
+                failed.fail(err)
             return
         self.peak_running = max(self.peak_running, len(self.batch.rows))
         self.drop_rows()
@@ -526,16 +565,27 @@ class HFEngine(Tokenizes, Engine):
         return out.logits[:, -1, :].float(), out.past_key_values
 
     def prefill(self, rows: list[Row]) -> Batch:
+        """Each distinct prefill once (rows with the same prompt and adapter share one), then
+        every row's own copy of its cache and logits."""
         for row in rows:
             row.clock.start()
-        width = max(len(r.prompt_ids) for r in rows)
+        firsts: dict[tuple, int] = {}
+        distinct: list[Row] = []
+        index = []
+        for row in rows:
+            if row.prefill_key not in firsts:
+                firsts[row.prefill_key] = len(distinct)
+                distinct.append(row)
+            index.append(firsts[row.prefill_key])
+        width = max(len(r.prompt_ids) for r in distinct)
         pad = self.tokenizer.pad_token_id
-        ids = [[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows]
-        mask = [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows]
+        ids = [[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in distinct]
+        mask = [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in distinct]
         input_ids = torch.tensor(ids, device=self.torch_device)
         mask = torch.tensor(mask, device=self.torch_device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self.forward(rows, input_ids, mask, positions, new_cache())
+        logits, cache = self.forward(distinct, input_ids, mask, positions, new_cache())
+        cache, mask, logits = shared_prefill(cache, mask, logits, index)
         return Batch(rows, cache, mask, self.sample_and_emit(rows, logits))
 
     def decode(self) -> None:
@@ -637,6 +687,16 @@ def build_cache(tensors: list[tuple[torch.Tensor, torch.Tensor]]):
     from transformers import DynamicCache
 
     return DynamicCache(ddp_cache_data=tensors)
+
+
+def shared_prefill(cache, mask: torch.Tensor, logits: torch.Tensor, index: list[int]):
+    """Row i of the batch gets prefill ``index[i]``'s cache, mask and logits (a copy each, so
+    rows that shared a prefill decode apart)."""
+    if index == list(range(mask.shape[0])):
+        return cache, mask, logits
+    pick = torch.tensor(index, device=mask.device)
+    tensors = [(k[pick], v[pick]) for k, v in cache_tensors(cache)]
+    return build_cache(tensors), mask[pick], logits[pick]
 
 
 def select_rows(batch: Batch, keep: list[int]) -> Batch:
