@@ -534,6 +534,29 @@ def test_a_head_over_the_limit_is_refused_in_openai_shape_and_serving_goes_on(
         live.stop()
 
 
+def test_a_head_over_the_limit_in_one_write_is_refused_too(registry_for):
+    """A complete head over 64 KB sent at once (found by a hostile-input pass: it was served),
+    and one just under it on the same server, which is served."""
+    import socket
+
+    from test_hostile_inputs import read_answer
+
+    from engine.api.server import MAX_HEAD_BYTES
+
+    live = serve(NoModelEngine("base", ["alpha"], gap_s=0), registry_for)
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: %s\r\n\r\n"
+    try:
+        for size, expected in ((MAX_HEAD_BYTES + 6_000, 431), (MAX_HEAD_BYTES - 1_000, 200)):
+            with socket.create_connection(("127.0.0.1", live.port), timeout=30) as s:
+                s.sendall(head % (b"a" * (size - len(head))))
+                code, headers, body = read_answer(s)
+            assert code == expected and headers["content-type"] == "application/json"
+            if expected == 431:
+                assert "larger than" in json.loads(body)["error"]["message"]
+    finally:
+        live.stop()
+
+
 def test_a_head_sent_too_slowly_is_a_408_and_serving_goes_on(registry_for, monkeypatch):
     import socket
 

@@ -68,7 +68,8 @@ class OpenAIErrors:
 
 class HttpToolsSlowClients(OpenAIErrors):
     """Counts the bytes read while a request's head is incomplete (from the parser's
-    ``on_message_begin`` to its ``on_headers_complete``), gives a head that does not come in one
+    ``on_message_begin`` to its ``on_headers_complete``) and, before the parser sees a read,
+    those up to the end of a head that ends in it; gives a head that does not come in one
     read ``HEAD_SECONDS`` and a body that does not come with its head ``BODY_SECONDS``. Bytes of
     a pipelined request's body read together with the next request's head count toward that
     head (clients rarely pipeline)."""
@@ -89,7 +90,7 @@ class HttpToolsSlowClients(OpenAIErrors):
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
-        self.in_head, self.in_body = False, True
+        self.in_head, self.in_body, self.head_bytes = False, True, 0
         self.head_timer = cancelled(self.head_timer)
         super().on_headers_complete()
 
@@ -123,6 +124,8 @@ class HttpToolsSlowClients(OpenAIErrors):
     def data_received(self, data: bytes) -> None:
         if self.transport.is_closing():
             return
+        if not self.in_body and self.head_ends_too_large(data):
+            return
         super().data_received(data)
         if self.transport.is_closing():
             return
@@ -136,6 +139,16 @@ class HttpToolsSlowClients(OpenAIErrors):
         if self.head_bytes > MAX_HEAD_BYTES:
             message = f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes"
             send_error_and_close(self, 431, "Request Header Fields Too Large", message)
+
+    def head_ends_too_large(self, data: bytes) -> bool:
+        """A head that ends in this read (with what came of it before) over the limit: a 431
+        before the parser reads it."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or self.head_bytes + end + 4 <= MAX_HEAD_BYTES:
+            return False
+        message = f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes"
+        send_error_and_close(self, 431, "Request Header Fields Too Large", message)
+        return True
 
 
 def cancelled(timer: asyncio.TimerHandle | None) -> None:
