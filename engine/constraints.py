@@ -25,8 +25,9 @@ class JsonSchemaSpec(BaseModel):
     """Name of the schema (informational): letters, digits, ``_`` and ``-``, as OpenAI asks."""
     description: str | None = None
     """What the schema is for (informational)."""
-    json_schema: dict[str, Any] = Field(alias="schema")
-    """The JSON Schema the answer must satisfy."""
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    """The JSON Schema the answer must satisfy; left out (optional in OpenAI's API), any JSON
+    value (the empty schema)."""
     strict: bool | None = Field(None, strict=True)
     """Honoured always: the answer is constrained to the schema either way."""
 

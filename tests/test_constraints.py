@@ -112,3 +112,22 @@ def test_a_grammar_failing_during_generation_names_response_format(base_dir):
     with pytest.raises(InvalidRequestError, match="grammar failed during generation") as failed:
         grammar.accept(tokenizer.encode("no")[0])
     assert failed.value.param == "response_format" and "\n" not in str(failed.value)
+
+
+def test_a_json_schema_without_its_schema_is_any_json_value(base_dir):
+    """``schema`` is optional in OpenAI's API (found refused by a hostile-input pass): left out,
+    the answer is any JSON value, and the grammar takes numbers, strings, objects."""
+    from engine.constraints import ResponseFormat
+
+    nameless = ResponseFormat.model_validate({"type": "json_schema", "json_schema": {"name": "x"}})
+    constraint = nameless.constraint()
+    assert constraint == Constraint("json_schema", "{}")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    grammars = Grammars(tokenizer, len(tokenizer))
+    for answer in ("42", '"yes"', '{"a":[1,2]}'):
+        grammar = grammars.compile(constraint)
+        for token in tokenizer.encode(answer):
+            grammar.accept(token)  # raises where the grammar refuses it
+        assert grammar.matcher.is_accepting(), answer
+    with pytest.raises(InvalidRequestError, match="grammar failed"):
+        grammars.compile(constraint).accept(tokenizer.encode("yes")[0])  # not JSON
