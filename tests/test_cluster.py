@@ -189,7 +189,7 @@ def test_a_hot_load_one_replica_refuses_is_undone_on_the_others(cluster):
     try:
         refused = httpx.post(f"{cluster['control']}/v1/adapters", headers=auth, json=body,
                              timeout=600)  # fmt: skip
-        assert refused.status_code == 422, refused.text  # "already loaded" on replica 1
+        assert refused.status_code == 409, refused.text  # "already loaded" on replica 1
         assert "replica 1; unloaded again on replicas [0]" in refused.json()["error"]["message"]
         assert "gamma-2" not in listed(first)
     finally:

@@ -175,7 +175,7 @@ def test_admin_needs_the_token_and_reaches_the_server(server, remote, registry_f
         assert "alpha-2" in remote.adapters()
         with pytest.raises(AdminRefusedError) as taken:
             asyncio.run(remote.load_adapter("alpha-2", adapter_dirs["alpha"]))
-        assert taken.value.status_code == 422 and "already loaded" in str(taken.value)
+        assert taken.value.status_code == 409 and "already loaded" in str(taken.value)
     finally:
         asyncio.run(remote.unload_adapter("alpha-2"))
     assert "alpha-2" not in remote.adapters()
