@@ -422,11 +422,21 @@ class Engine(ABC):
         """Run a batch concurrently; the backend batches the rows together."""
         return list(await asyncio.gather(*(self.complete(r) for r in requests)))
 
+    health_probe: asyncio.Future | None = None
+    """The one-token probe in flight, which every concurrent ``health`` call awaits."""
+
     async def health(self) -> dict:
-        """Answer a one-token generation on the base model."""
+        """Answer a one-token generation on the base model; callers that come while one runs
+        share it (a flood of ``/health``, open without the API key, is one probe at a time)."""
+        probe = self.health_probe
+        if probe is None or probe.done() or probe.get_loop() is not asyncio.get_running_loop():
+            probe = self.health_probe = asyncio.ensure_future(self.one_token_probe())
+        return self.health_report(await asyncio.shield(probe))
+
+    async def one_token_probe(self) -> bool:
         probe = GenerationRequest(prompt="Hi", params=SamplingParams(max_tokens=1))
         done = await self.complete(probe)
-        return self.health_report(done.usage.completion_tokens == 1)
+        return done.usage.completion_tokens == 1
 
     def health_report(self, ok: bool) -> dict:
         return {

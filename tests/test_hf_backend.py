@@ -225,6 +225,25 @@ def test_health_answers_a_one_token_generation(hf_engine):
     assert set(health["adapters"]) >= {"alpha", "beta"}
 
 
+def test_health_calls_that_come_together_share_one_probe(hf_engine, monkeypatch):
+    """Ten at once: one generation; the next call, a fresh one."""
+    probes, real = [], hf_engine.complete
+
+    async def counted(request):
+        probes.append(request)
+        return await real(request)
+
+    monkeypatch.setattr(hf_engine, "complete", counted)
+
+    async def ten_then_one():
+        reports = await asyncio.gather(*(hf_engine.health() for _ in range(10)))
+        return reports, await hf_engine.health()
+
+    reports, later = asyncio.run(ten_then_one())
+    assert all(r["ok"] for r in reports) and later["ok"]
+    assert len(probes) == 2
+
+
 def test_end_of_turn_ids_include_the_chatml_markers(base_dir):
     from transformers import AutoTokenizer
 
