@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -553,6 +554,17 @@ def test_a_head_over_the_limit_in_one_write_is_refused_too(registry_for):
             assert code == expected and headers["content-type"] == "application/json"
             if expected == 431:
                 assert "larger than" in json.loads(body)["error"]["message"]
+        with socket.create_connection(("127.0.0.1", live.port), timeout=30) as s:
+            # pipelined: a body of 62,000 bytes and, in its last read, the next head's start
+            s.sendall(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 62000\r\n\r\n")
+            time.sleep(0.2)
+            s.sendall(b"b" * 62_000 + b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            time.sleep(0.2)
+            s.sendall(b"X-Pad: " + b"a" * 5_000 + b"\r\nConnection: close\r\n\r\n")
+            answers = b""
+            while chunk := s.recv(65536):
+                answers += chunk
+        assert re.findall(rb"HTTP/1.1 (\d{3})", answers) == [b"404", b"200"]  # no false 431
     finally:
         live.stop()
 

@@ -70,9 +70,9 @@ class HttpToolsSlowClients(OpenAIErrors):
     """Counts the bytes read while a request's head is incomplete (from the parser's
     ``on_message_begin`` to its ``on_headers_complete``) and, before the parser sees a read,
     those up to the end of a head that ends in it; gives a head that does not come in one
-    read ``HEAD_SECONDS`` and a body that does not come with its head ``BODY_SECONDS``. Bytes of
-    a pipelined request's body read together with the next request's head count toward that
-    head (clients rarely pipeline)."""
+    read ``HEAD_SECONDS`` and a body that does not come with its head ``BODY_SECONDS``. A
+    pipelined request's head that begins in the read that ends the body before it counts from
+    the next read (clients rarely pipeline)."""
 
     in_head = False
     in_body = False
@@ -124,7 +124,8 @@ class HttpToolsSlowClients(OpenAIErrors):
     def data_received(self, data: bytes) -> None:
         if self.transport.is_closing():
             return
-        if not self.in_body and self.head_ends_too_large(data):
+        began_in_body = self.in_body
+        if not began_in_body and self.head_ends_too_large(data):
             return
         super().data_received(data)
         if self.transport.is_closing():
@@ -133,7 +134,9 @@ class HttpToolsSlowClients(OpenAIErrors):
             self.body_timer = self.loop.call_later(BODY_SECONDS, self.body_too_slow)
         if not self.in_head:
             return
-        self.head_bytes += len(data)  # a head still incomplete after these bytes
+        # a head still incomplete after these bytes; one that began after a body in this read
+        # counts from the next read (undercounted by at most one read, not the body's bytes)
+        self.head_bytes += 0 if began_in_body else len(data)
         if self.head_timer is None:  # armed only for a head that did not come in one read
             self.head_timer = self.loop.call_later(HEAD_SECONDS, self.head_too_slow)
         if self.head_bytes > MAX_HEAD_BYTES:
