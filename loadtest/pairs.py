@@ -248,6 +248,7 @@ def side_by_side(ours: dict, peer: dict, users: int) -> dict:
         missing = [n for n, g in (("ours", mine), ("peer", theirs)) if g is None]
         return {"users": users, "missing": missing, "rows": []}
     rows, n = [], theirs["adapters"]
+    rounds = mine["rounds"] if mine["rounds"] == theirs["rounds"] else None
     for label, kind, metric, scale in [
         ("base, tok/s", "http-base", "output_throughput", 1),
         (f"{theirs['adapters']} adapters, tok/s", "http-adapters", "output_throughput", 1),
@@ -262,17 +263,17 @@ def side_by_side(ours: dict, peer: dict, users: int) -> dict:
     ]:
         a = mine["points"].get(kind, {}).get(metric)
         b = theirs["points"].get(kind, {}).get(metric)
-        rows.append(row(label, a, b, scale))
+        rows.append(row(label, a, b, scale, rounds))
     for label, name in [
         ("adapters ÷ base, tok/s", "adapters_over_base_tok_s_http"),
         ("adapters ÷ base, TTFT p50", "adapters_over_base_ttft_p50_http"),
     ]:
-        rows.append(row(label, mine["ratios"].get(name), theirs["ratios"].get(name), 1))
+        rows.append(row(label, mine["ratios"].get(name), theirs["ratios"].get(name), 1, rounds))
     return {"users": users, "adapters": theirs["adapters"], "rounds": {
         "ours": mine["rounds"], "peer": theirs["rounds"]}, "rows": rows}  # fmt: skip
 
 
-def row(label: str, ours: dict | None, peer: dict | None, scale: float) -> dict:
+def row(label: str, ours: dict | None, peer: dict | None, scale: float, rounds: int | None) -> dict:
     def scaled(stat):
         if not stat or stat.get("median") is None:
             return None
@@ -281,14 +282,15 @@ def row(label: str, ours: dict | None, peer: dict | None, scale: float) -> dict:
     a, b = scaled(ours), scaled(peer)
     ratio = a["median"] / b["median"] if a and b and b["median"] else None
     return {"figure": label, "ours": a, "peer": b, "ours_over_peer": ratio,
-            "ours_over_peer_by_round": ratios_by_round(ours, peer)}  # fmt: skip
+            "ours_over_peer_by_round": ratios_by_round(ours, peer, rounds)}  # fmt: skip
 
 
-def ratios_by_round(ours: dict | None, peer: dict | None) -> dict | None:
-    """Round i of ours over round i of the peer, median and range; None unless both sides have
-    a figure in every round and as many rounds."""
+def ratios_by_round(ours: dict | None, peer: dict | None, rounds: int | None) -> dict | None:
+    """Round i of ours over round i of the peer, median and range; None unless both sides ran
+    ``rounds`` rounds and have this figure in every one (``median_range`` leaves out missing
+    ones, which would pair other rounds)."""
     a, b = (ours or {}).get("values") or [], (peer or {}).get("values") or []
-    if not a or len(a) != len(b) or len(a) != ours["n"] or len(b) != peer["n"] or not all(b):
+    if not rounds or len(a) != rounds or len(b) != rounds or not all(b):
         return None
     return median_range([x / y for x, y in zip(a, b, strict=True)])
 

@@ -156,6 +156,9 @@ def test_side_by_side_sets_our_http_points_beside_the_peers():
     assert f"| base, tok/s | 9500 | 6000–11000 | 12000 | 11000–13000 {cells}" in text
     one_round_short = summarize_rounds(peer_rounds[:2])
     assert side_by_side(ours, one_round_short, 256)["rows"][0]["ours_over_peer_by_round"] is None
+    peer_rounds[1]["points"]["http-base"]["output_throughput"] = None  # a round without it
+    gap = side_by_side(ours, summarize_rounds(peer_rounds), 256)["rows"][0]
+    assert gap["peer"]["n"] == 2 and gap["ours_over_peer_by_round"] is None  # not rounds 1 and 3
     assert side_by_side(ours, {}, 256)["missing"] == ["peer"]
     assert "no rounds from ['peer']" in side_by_side_markdown(side_by_side(ours, {}, 256))
 
