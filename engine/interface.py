@@ -431,6 +431,7 @@ class Engine(ABC):
         probe = self.health_probe
         if probe is None or probe.done() or probe.get_loop() is not asyncio.get_running_loop():
             probe = self.health_probe = asyncio.ensure_future(self.one_token_probe())
+            probe.add_done_callback(lambda done: done.cancelled() or done.exception())  # seen
         return self.health_report(await asyncio.shield(probe))
 
     async def one_token_probe(self) -> bool:
