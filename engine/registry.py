@@ -223,7 +223,9 @@ class HFSettings(Strict):
     step, between the running rows' decode steps (short prompts still join beside its chunk), so
     one long prompt slows the others' tokens instead of stopping them (a hostile-input pass sent
     16 prompts of 7,000 tokens in one request: prefilled in one step, they stopped every stream
-    for minutes). Not benchmarked: 512 is a bound on a step, not a tuned optimum."""
+    for minutes). Its later chunks are smaller, as attention over the context so far grows, so
+    each step costs about what the first did. Not benchmarked: 512 is a bound on a step, not a
+    tuned optimum."""
     base_weights: Literal["fp16", "fp32", "int8"] = "fp16"
     """The base's Linear weights on the ``batched`` path (activations and the LoRA terms stay
     fp32): ``fp16`` halves the bytes read per decode step and is lossless for a base stored in

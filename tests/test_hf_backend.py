@@ -400,10 +400,11 @@ def test_copies_of_a_long_prompt_share_its_chunks(hf_engine, monkeypatch):
     with it and those that come while it is chunked, and each answers as it does alone."""
     monkeypatch.setattr(hf_engine.settings, "prefill_tokens", 64)
     requests = [chat("alpha", LONG, max_tokens=6, temperature=0.9, seed=s) for s in (1, 2)]
-    alone = [asyncio.run(hf_engine.complete(r)).token_ids for r in requests]
-    prompt_tokens = asyncio.run(hf_engine.complete(requests[0])).usage.prompt_tokens
-    chunks = -(-prompt_tokens // 64)
     shapes = forwards_counted(hf_engine, monkeypatch)
+    alone = [asyncio.run(hf_engine.complete(r)).token_ids for r in requests]
+    chunks = len([width for _, width in shapes if width > 1]) // 2  # each prompt's, alone
+    assert chunks >= 6
+    shapes.clear()
     together = asyncio.run(queued_together(hf_engine, requests))
     assert [c.token_ids for c in together] == alone
     prefills = [rows for rows, width in shapes if width > 1]
@@ -431,3 +432,15 @@ def test_copies_of_a_long_prompt_share_its_chunks(hf_engine, monkeypatch):
     late = asyncio.run(a_copy_arrives_mid_prefill())
     assert [c.token_ids for c in late] == alone
     assert [rows for rows, width in shapes if width > 1] == [1] * chunks  # the late one joined
+
+
+def test_a_long_prompts_later_chunks_are_smaller_as_its_context_grows(hf_engine):
+    """Each chunk's step costs about what the first did: attention over the context so far
+    grows, so the chunk shrinks (SmolLM2-135M: at 3,073 tokens of context, half of it)."""
+    from engine.backends.hf import chunk_tokens
+
+    balance = hf_engine.attention_balance
+    assert balance == 3073  # its layer's 3.5 M weights against 2 × 576 hidden units
+    sizes = [chunk_tokens(512, context, balance) for context in (0, 3073, 7000)]
+    assert sizes == [512, 256, 156]
+    assert chunk_tokens(512, 10**6, balance) == 16 and chunk_tokens(512, 9000, None) == 512
