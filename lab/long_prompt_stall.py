@@ -105,11 +105,38 @@ async def run(args) -> None:
             rounds.append(result)
     finally:
         await engine.shutdown()
+    write(rounds, args)
+
+
+def write(rounds: list[dict], args) -> None:
     data, text = report(rounds, args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "stall.json").write_text(json.dumps(data, indent=1))
     (args.out / "stall.md").write_text(text)
+    plot(rounds, args.out / "stall.png")
     print(text)
+
+
+def plot(rounds: list[dict], path: Path) -> None:
+    """Each round's longest and median wait of the running stream, by arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.2
+    for i, (arm, figure) in enumerate([(a, f) for a in ARMS for f in ("max_gap_s", "p50_gap_s")]):
+        xs = [n + (i - 1.5) * width for n in range(len(rounds))]
+        ax.bar(xs, [r[arm][figure] for r in rounds], width, label=f"{arm}: {figure[:3]} wait")
+    ax.set_xticks(range(len(rounds)), [f"round {n + 1}" for n in range(len(rounds))])
+    ax.set_ylim(0, 1.45 * max(r[arm]["max_gap_s"] for r in rounds for arm in ARMS))  # legend
+    ax.set_ylabel("seconds between the stream's tokens")
+    ax.set_title("A running stream while a long prompt is prefilled (CPU)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -118,7 +145,12 @@ def main() -> None:
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
-    asyncio.run(run(parser.parse_args()))
+    parser.add_argument("--from-json", type=Path, help="write the report again from a stall.json")
+    args = parser.parse_args()
+    if args.from_json:
+        write(json.loads(args.from_json.read_text())["rounds"], args)
+    else:
+        asyncio.run(run(args))
 
 
 if __name__ == "__main__":
