@@ -252,7 +252,7 @@ CASES = [
     ("admin-reserved-base", "POST", "/v1/adapters", {"name": "base", "path": "gamma"}, AUTH, 422, "name"),
     ("admin-reserved-fanout", "POST", "/v1/adapters", {"name": "fanout", "path": "gamma"}, AUTH, 422, "name"),
     ("admin-bad-slug", "POST", "/v1/adapters", {"name": "Bad Name", "path": "gamma"}, AUTH, 422, "name"),
-    ("admin-already-loaded", "POST", "/v1/adapters", {"name": "alpha", "path": "gamma"}, AUTH, 422, None),
+    ("admin-already-loaded", "POST", "/v1/adapters", {"name": "alpha", "path": "gamma"}, AUTH, 409, "name"),
     ("admin-not-an-adapter", "POST", "/v1/adapters", {"name": "x", "path": "."}, AUTH, 422, None),
     ("admin-dora", "POST", "/v1/adapters", {"name": "x", "path": "dora"}, AUTH, 422, None),
     ("admin-rank-too-high", "POST", "/v1/adapters", {"name": "x", "path": "big"}, AUTH, 422, None),
