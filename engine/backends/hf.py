@@ -675,9 +675,8 @@ class HFEngine(Tokenizes, Engine):
 def attention_balance(model) -> int | None:
     """The context length at which a prompt token's attention over it costs as much as the rest
     of its forward: per layer, the layer's weights (two flops each) against four flops per
-    context token and hidden unit (QKᵀ and the weighted sum of V). 3,073 for SmolLM2-135M,
-    where a 512-token chunk at 7,000 tokens of context measured 3.3 times the first one's time.
-    None where the model's layers are not found."""
+    context token and hidden unit (QKᵀ and the weighted sum of V). 3,073 for SmolLM2-135M
+    (``results/serving/long-prompt-stall-cpu/``). None where the model's layers are not found."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     hidden = getattr(model.config, "hidden_size", None)
     if not layers or not hidden:
