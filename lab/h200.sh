@@ -37,7 +37,7 @@
 #                       decode-settings  one engine each: defaults, num_continuous_decode_steps=4,
 #                                    cuda_graph_max_bs_decode=512, max_running_requests=256,
 #                                    enable_mixed_chunk, max_lora_chunk_size=128, the prefill
-#                                    delayer off or at 4/8 passes (names in
+#                                    delayer off or at 4/8 passes, fp8 (names in
 #                                    DECODE_SETTINGS; pairs plan, DECODE_PAIRS rounds (1),
 #                                    256 streams; DECODE_OPEN="--arrival-rate R": open loop)
 #                       space-rehearsal  the GPU Space (deploy/gpu-space) from a clean home: its
@@ -467,6 +467,7 @@ decode_setting() {  # a named engine setting of decode-settings, as bench's --se
     no-prefill-delay) echo 'prefill_delay_passes=null' ;;  # each request prefilled at once (SGLang's)
     no-radix-cache) echo 'extra={"disable_radix_cache": true}' ;;  # no prefix tree for the scheduler
     prefill-delay-16) echo 'prefill_delay_passes=16' ;;
+    fp8) echo 'extra={"quantization": "fp8"}' ;;  # the base's linear layers in FP8 (weights quantized at load)
     *) echo "no decode setting named $1" >&2; return 1 ;;
   esac
 }
