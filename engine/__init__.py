@@ -2,6 +2,7 @@
 
 from .factory import build_engine, choose_backend
 from .interface import (
+    AdapterConflictError,
     AdapterLoadError,
     AdapterNotFoundError,
     Chunk,
@@ -18,6 +19,7 @@ from .interface import (
 from .registry import Registry, RegistryError, load_registry
 
 __all__ = [
+    "AdapterConflictError",
     "AdapterLoadError",
     "AdapterNotFoundError",
     "Chunk",

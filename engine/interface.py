@@ -70,6 +70,14 @@ class AdapterLoadError(EngineError):
     error_type = "invalid_request_error"
 
 
+class AdapterConflictError(AdapterLoadError):
+    """The name is taken: an adapter of that name is loaded, or being loaded or unloaded."""
+
+    status_code = 409
+    error_type = "conflict_error"
+    param = "name"
+
+
 MAX_STOP_CHARS = 1000
 """A stop string's length at most: every token is checked against each stop string's prefixes."""
 

@@ -94,9 +94,9 @@ class AdminRefusedError(AdapterLoadError):
     """The server refused a hot-load or unload (no or a wrong admin token, admin off, a path
     outside its adapter root, a name taken, ...); its status and error type are kept."""
 
-    def __init__(self, message: str, status: int, kind: str):
+    def __init__(self, message: str, status: int, kind: str, param: str | None = None):
         super().__init__(message)
-        self.status_code, self.error_type = status, kind
+        self.status_code, self.error_type, self.param = status, kind, param
 
 
 class RemoteEngine(Engine):
@@ -371,7 +371,8 @@ class RemoteEngine(Engine):
             return answer.json()
         status, error = error_of(answer)
         message = error.get("message") or answer.text[:300]
-        raise AdminRefusedError(message, status, error.get("type") or "server_error")
+        kind = error.get("type") or "server_error"
+        raise AdminRefusedError(message, status, kind, error.get("param"))
 
     async def health(self) -> dict:
         """The server's own ``/health`` (a cluster's: every replica's) and, on a cluster, the

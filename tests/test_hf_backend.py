@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine import (
+    AdapterConflictError,
     AdapterLoadError,
     AdapterNotFoundError,
     GenerationRequest,
@@ -183,11 +184,27 @@ def test_load_use_and_unload_at_run_time(hf_engine, adapter_dirs, tmp_path):
     assert asyncio.run(hf_engine.complete(chat("beta"))).token_ids == expected
 
 
+def test_two_loads_of_one_name_at_once_load_it_once_and_refuse_the_other(hf_engine, adapter_dirs):
+    async def both():
+        loads = [hf_engine.load_adapter("twin", adapter_dirs["beta"]) for _ in range(2)]
+        return await asyncio.gather(*loads, return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(both())
+        refused = [o for o in outcomes if isinstance(o, Exception)]
+        assert len(refused) == 1 and isinstance(refused[0], AdapterConflictError), outcomes
+        assert "twin" in hf_engine.adapters()
+    finally:
+        asyncio.run(hf_engine.unload_adapter("twin"))
+    assert "twin" not in hf_engine.adapters()
+
+
 def test_bad_adapter_loads_are_refused_and_serving_goes_on(hf_engine, tmp_path):
     with pytest.raises(AdapterLoadError, match="no such directory"):
         asyncio.run(hf_engine.load_adapter("ghost", str(tmp_path / "missing")))
-    with pytest.raises(AdapterLoadError, match="already loaded"):
+    with pytest.raises(AdapterConflictError, match="already loaded") as taken:
         asyncio.run(hf_engine.load_adapter("alpha", str(tmp_path)))
+    assert (taken.value.status_code, taken.value.param) == (409, "name")
     with pytest.raises(AdapterLoadError, match="slug"):
         asyncio.run(hf_engine.load_adapter("Bad Name", str(tmp_path)))
     assert asyncio.run(hf_engine.complete(chat("alpha", max_tokens=2))).usage.completion_tokens

@@ -27,6 +27,7 @@ from engine.backends.sglang import (
     sampling_params,
 )
 from engine.interface import (
+    AdapterConflictError,
     EngineError,
     GenerationRequest,
     InvalidRequestError,
@@ -218,7 +219,8 @@ def backend_over(fake: FakeSGLang, tokenize) -> SGLangEngine:
     """The SGLang backend without its GPU engine (``__init__`` starts one)."""
     engine = object.__new__(SGLangEngine)
     engine.engine, engine.tokenizer, engine.stop_ids, engine.context = fake, None, set(), 4096
-    engine.names, engine.adapter_paths = {"a"}, {"a": "/a"}
+    engine.names, engine.adapter_paths, engine.changing = {"a"}, {"a": "/a"}, set()
+    engine.base_dir = "/base"
     engine.pending, engine.running, engine.adaptive = PendingAdapters({}), 0, False
     engine.aborted, engine.cut_at, engine.streams_on = {}, {}, collections.Counter()
     engine.prompt_tokenizer = tokenize
@@ -239,6 +241,8 @@ def test_an_unload_waits_for_the_adapters_streams_and_then_the_grace_after_the_c
         unloading = asyncio.ensure_future(engine.unload_adapter("a"))
         await asyncio.sleep(0.3)
         assert fake.unloaded_at is None and "a" not in engine.adapters()
+        with pytest.raises(AdapterConflictError, match="already loaded"):
+            await engine.load_adapter("a", "/a")  # SGLang still holds it: a 409, not SGLang's
         engine.abort(request.request_id, "adapter 'a' was unloaded")  # the API's deadline
         with pytest.raises(RequestEndedError, match="unloaded"):
             async for _ in stream:

@@ -853,10 +853,6 @@ def create_api(
         check_admin(request)
         body = parse(AdapterBody, await read_json(request))
         api.check_name(body.name)
-        if body.name in engine.adapters():
-            raise OpenAIError(
-                409, f"adapter '{body.name}' is already loaded", "conflict_error", "name"
-            )
         path = api.allowed_path(body.path)
         try:
             await engine.load_adapter(body.name, path, max_rank=api.limits.max_adapter_rank)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..base_model import adapter_fit_problems
 from ..interface import (
+    AdapterConflictError,
     AdapterLoadError,
     EngineError,
     GenerationRequest,
@@ -66,7 +67,7 @@ def check_loadable(
     if not SLUG.match(name):
         raise AdapterLoadError(f"adapter name {name!r} must be a slug (a-z, 0-9, -, _)")
     if name in loaded:
-        raise AdapterLoadError(f"adapter '{name}' is already loaded")
+        raise AdapterConflictError(f"adapter '{name}' is already loaded")
     try:
         problems = adapter_problems(path, base_dir, backend, max_rank)
     except (OSError, ValueError) as err:

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..interface import AdapterLoadError
+from ..interface import AdapterConflictError, AdapterLoadError
 
 BaseWeights = Literal["fp32", "fp16", "int8", "bf16"]
 BASE_WEIGHTS = ("fp32", "fp16", "int8", "bf16")
@@ -330,7 +330,7 @@ class BatchedLora(nn.Module):
     def load_adapter(self, name: str, path: str | Path) -> int:
         """Add an adapter in a free slot (reusing a removed one's) and return the slot."""
         if name in self.slots or name in BASE_NAMES:
-            raise AdapterLoadError(f"adapter '{name}' is already loaded")
+            raise AdapterConflictError(f"adapter '{name}' is already loaded")
         weights = read_lora(path)
         targets = {module: self.target(module, path) for module in weights.pairs}
         slot = self.free_slot()

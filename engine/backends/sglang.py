@@ -359,6 +359,8 @@ class SGLangEngine(Tokenizes, Engine):
         self.context = int(getattr(config, "max_position_embeddings", 2048))
         adapters = dict(adapters or {})
         self.names = set(adapters)
+        self.changing: set[str] = set()
+        """Names being loaded or unloaded: a second load of one is a conflict, not SGLang's."""
         self.adapter_paths = dict(adapters)
         kwargs = engine_kwargs(self.settings, base_dir, adapters, dtype)
         try:
@@ -402,9 +404,14 @@ class SGLangEngine(Tokenizes, Engine):
             raise AdapterLoadError(f"SGLang could not load '{name}': {result.error_message}")
 
     async def load_adapter(self, name: str, path: str, max_rank: int | None = None) -> None:
-        check_loadable(name, Path(path), self.names, self.base_dir, self.backend, max_rank)
-        await self.pending.ensure(self.load_into_sglang)
-        await self.load_into_sglang(name, path)
+        taken = self.names | self.changing
+        check_loadable(name, Path(path), taken, self.base_dir, self.backend, max_rank)
+        self.changing.add(name)
+        try:
+            await self.pending.ensure(self.load_into_sglang)
+            await self.load_into_sglang(name, path)
+        finally:
+            self.changing.discard(name)
         self.names.add(name)
         self.adapter_paths[name] = str(path)
 
@@ -412,10 +419,14 @@ class SGLangEngine(Tokenizes, Engine):
         self.check_adapter(name)
         self.names.discard(name)
         self.adapter_paths.pop(name, None)
-        while self.streams_on[name]:  # the API ends them at its unload deadline
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(grace_left(self.cut_at.get(name), time.monotonic()))
-        result = await self.engine.async_unload_lora_adapter(name)
+        self.changing.add(name)
+        try:
+            while self.streams_on[name]:  # the API ends them at its unload deadline
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(grace_left(self.cut_at.get(name), time.monotonic()))
+            result = await self.engine.async_unload_lora_adapter(name)
+        finally:
+            self.changing.discard(name)
         if not getattr(result, "success", True):
             raise AdapterLoadError(f"SGLang could not unload '{name}': {result.error_message}")
 
