@@ -140,8 +140,7 @@ class HttpToolsSlowClients(OpenAIErrors):
         if self.head_timer is None:  # armed only for a head that did not come in one read
             self.head_timer = self.loop.call_later(HEAD_SECONDS, self.head_too_slow)
         if self.head_bytes > MAX_HEAD_BYTES:
-            message = f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes"
-            send_error_and_close(self, 431, "Request Header Fields Too Large", message)
+            self.refuse_large_head()
 
     def head_ends_too_large(self, data: bytes) -> bool:
         """A head that ends in this read (with what came of it before) over the limit: a 431
@@ -149,9 +148,12 @@ class HttpToolsSlowClients(OpenAIErrors):
         end = data.find(b"\r\n\r\n")
         if end < 0 or self.head_bytes + end + 4 <= MAX_HEAD_BYTES:
             return False
+        self.refuse_large_head()
+        return True
+
+    def refuse_large_head(self) -> None:
         message = f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes"
         send_error_and_close(self, 431, "Request Header Fields Too Large", message)
-        return True
 
 
 def cancelled(timer: asyncio.TimerHandle | None) -> None:
