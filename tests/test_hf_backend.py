@@ -461,3 +461,13 @@ def test_a_long_prompts_later_chunks_are_smaller_as_its_context_grows(hf_engine)
     sizes = [chunk_tokens(512, context, balance) for context in (0, 3073, 7000)]
     assert sizes == [512, 256, 156]
     assert chunk_tokens(512, 10**6, balance) == 16 and chunk_tokens(512, 9000, None) == 512
+
+
+def test_prefill_keys_match_on_adapter_and_every_prompt_id():
+    from engine.backends.hf import PrefillKey
+
+    ids = list(range(8000))
+    key = PrefillKey("alpha", ids)
+    assert key == PrefillKey("alpha", list(ids)) and len({key, PrefillKey("alpha", ids)}) == 1
+    assert key != PrefillKey("beta", ids) and key != PrefillKey(None, ids)
+    assert key != PrefillKey("alpha", [*ids[:-1], 8000])

@@ -46,6 +46,24 @@ STALLED_AFTER_S = 300.0  # one step (a prefill of a full batch included) never t
 PEFT_BASE_ROW = "__base__"  # peft's adapter_names entry for a row that uses no adapter
 
 
+class PrefillKey:
+    """A prompt's ids and adapter, hashed once: waiting rows are matched by it every step."""
+
+    __slots__ = ("adapter", "hash", "ids")
+
+    def __init__(self, adapter: str | None, ids: list[int]):
+        self.adapter, self.ids = adapter, tuple(ids)
+        self.hash = hash((adapter, self.ids))
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PrefillKey):
+            return NotImplemented
+        return (self.hash, self.adapter, self.ids) == (other.hash, other.adapter, other.ids)
+
+
 @dataclass
 class Row:
     """One request in flight: its prompt, what it generated, and where its chunks go."""
@@ -67,9 +85,9 @@ class Row:
         return self.request.adapter or PEFT_BASE_ROW
 
     @cached_property
-    def prefill_key(self) -> tuple:
+    def prefill_key(self) -> PrefillKey:
         """Rows with equal keys have the same prefill: one computes it for all."""
-        return self.request.adapter, tuple(self.prompt_ids)
+        return PrefillKey(self.request.adapter, self.prompt_ids)
 
     @property
     def ended(self) -> bool:
