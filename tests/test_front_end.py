@@ -569,6 +569,31 @@ def test_a_head_over_the_limit_in_one_write_is_refused_too(registry_for):
         live.stop()
 
 
+@pytest.mark.parametrize("http", ["auto", "h11"])
+def test_an_offer_of_http2_is_ignored_and_the_request_served_with_its_body(registry_for, http):
+    """``curl --http2`` on a plain-text URL adds ``Upgrade: h2c``: httptools stopped at that
+    head and the app saw no body (found by a hostile-input pass: a 400 "not valid JSON")."""
+    import socket
+
+    from test_hostile_inputs import read_answer
+
+    live = serve(NoModelEngine("base", ["alpha"], gap_s=0), registry_for, http=http)
+    body = json.dumps({"model": "base", "prompt": "Hi", "max_tokens": 2}).encode()
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        "Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", live.port), timeout=30) as s:
+            s.sendall(head.encode() + body)
+            code, _, answer = read_answer(s)
+        assert code == 200, answer
+        assert json.loads(answer)["choices"][0]["text"]
+    finally:
+        live.stop()
+
+
 def test_a_head_sent_too_slowly_is_a_408_and_serving_goes_on(registry_for, monkeypatch):
     import socket
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import uvicorn
 from fastapi import FastAPI
@@ -38,6 +39,22 @@ BODY_SECONDS = 60.0
 """On httptools, a request's body arrives within this of its head, or a 408 closes the
 connection (a body sent a byte at a time held its connection for as long as the client liked;
 a body of ``server.max_body_bytes``, 1 MB by default, needs 17 KB/s)."""
+
+
+H2C_UPGRADE = re.compile(rb"\r\nupgrade:[ \t]*h2c[ \t]*(?=\r\n)", re.IGNORECASE)
+"""The offer of HTTP/2 that ``curl --http2`` adds to a plain-text request."""
+
+
+def without_h2c_upgrade(data: bytes) -> bytes:
+    """``data`` without an ``Upgrade: h2c`` header in the head it begins with: httptools stops
+    parsing at a head that offers an upgrade, so the app saw the request without its body (a
+    400 "not valid JSON"). A server without HTTP/2 answers as though the header were absent
+    (RFC 7540, section 3.2). A head split over reads keeps it."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return data
+    head, found = H2C_UPGRADE.subn(b"", data[: end + 2], count=1)
+    return head + data[end + 2 :] if found else data
 
 
 def http_protocol(name: str = "auto") -> type:
@@ -125,8 +142,10 @@ class HttpToolsSlowClients(OpenAIErrors):
         if self.transport.is_closing():
             return
         began_in_body = self.in_body
-        if not began_in_body and self.head_ends_too_large(data):
-            return
+        if not began_in_body:
+            data = without_h2c_upgrade(data)
+            if self.head_ends_too_large(data):
+                return
         super().data_received(data)
         if self.transport.is_closing():
             return
