@@ -135,6 +135,8 @@ CASES = [
     ("store", "POST", CHAT, chat(store=True), {}, 400, "store"),
     ("store-zero", "POST", CHAT, chat(store=0), {}, 400, "store"),
     ("store-false", "POST", CHAT, chat(store=False), {}, 200, None),  # nothing stored: as here
+    ("stream_options-obfuscation-off", "POST", CHAT, chat(stream=True, stream_options={"include_obfuscation": False}), {}, 200, None),  # never padded
+    ("message-with-a-name", "POST", CHAT, chat(messages=[{"role": "user", "content": "hi", "name": "bob"}]), {}, 200, None),  # to the template
     ("service_tier-auto", "POST", CHAT, chat(service_tier="auto"), {}, 200, None),  # the one tier
     ("service_tier-default", "POST", CHAT, chat(service_tier="default"), {}, 200, None),
     ("metadata", "POST", CHAT, chat(metadata={"a": "b"}), {}, 400, "metadata"),
@@ -150,6 +152,8 @@ CASES = [
     ("answer-with-a-refusal", "POST", CHAT, chat(messages=[{"role": "assistant", "content": "b", "refusal": "no"}]), {}, 400, "messages.0.refusal"),
     ("answer-with-tool-calls", "POST", CHAT, chat(messages=[{"role": "assistant", "content": "b", "tool_calls": [{"id": "1"}]}]), {}, 400, "messages.0.tool_calls"),
     ("stream_options-without-stream", "POST", CHAT, chat(stream_options={"include_usage": True}), {}, 400, "stream_options"),
+    ("stream_options-obfuscation-asked", "POST", CHAT, chat(stream=True, stream_options={"include_obfuscation": True}), {}, 400, "stream_options.include_obfuscation"),
+    ("message-name-too-long", "POST", CHAT, chat(messages=[{"role": "user", "content": "hi", "name": "n" * 257}]), {}, 400, "messages.0.name"),
     ("response_format-strict-string", "POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": "yes"}}), {}, 400, "response_format.json_schema.strict"),
     ("response_format-strict-int", "POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": 1}}), {}, 400, "response_format.json_schema.strict"),
     ("response_format-name-with-space", "POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "has space", "schema": {"type": "object"}}}), {}, 400, "response_format.json_schema.name"),

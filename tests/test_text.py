@@ -186,3 +186,16 @@ def test_arguments_a_prompt_cannot_hold_as_json_go_as_their_text(tokenizer, argu
     [shown] = template_messages([{"role": "assistant", "content": "", "tool_calls": [call]}])
     assert json.loads(shown["content"]) == [{"name": "f", "parameters": arguments}]
     shown["content"].encode("utf-8")  # the tokenizer can take it
+
+
+def test_a_participants_name_reaches_a_chat_template_that_shows_names(base_dir):
+    from engine.api.protocol import ChatMessage
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m.get('name', m['role']) }}: {{ m['content'] }}\n{% endfor %}"
+    )
+    message = ChatMessage(role="user", name="bob", content="hi").as_engine_message()
+    assert message == {"role": "user", "content": "hi", "name": "bob"}
+    request = GenerationRequest(messages=[message])
+    assert tokenizer.decode(prompt_token_ids(tokenizer, request, True)) == "bob: hi\n"

@@ -191,8 +191,9 @@ class ChatMessage(Wire):
     carries a tool's result back."""
     content: str | Annotated[list[TextPart], Field(min_length=1, max_length=MAX_LIST)]
     """A list of parts holds at least one, as OpenAI asks (a string may be empty)."""
-    name: str | None = None
-    """Accepted and not used: the chat templates here have no participant names."""
+    name: str | None = Field(None, max_length=256)
+    """A participant's name, passed to the chat template as vLLM passes it (the shipped
+    templates, SmolLM2's and Gemma's, show none)."""
     tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_LIST)
     """On an assistant's message: the calls it made (the next request sends them back)."""
     tool_call_id: str | None = Field(None, max_length=256, validate_default=True)
@@ -264,11 +265,16 @@ class ChatMessage(Wire):
             message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
         return message
 
 
 class StreamOptions(Wire):
     include_usage: bool = False
+    include_obfuscation: Literal[False] | None = None
+    """OpenAI pads its stream's events with random text unless this is false; this server never
+    does, so false (or null) is what it serves and true a 400."""
 
 
 NULL_IS_DEFAULT = {"n", "stream", "ignore_eos", "echo", "logprobs", "prompt_template"}
