@@ -21,6 +21,11 @@ from pydantic import BaseModel
 from .constraints import Constraint
 
 
+def clipped(text: str, limit: int = 200) -> str:
+    """What a client sent, as an error message quotes it: at most ``limit`` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
 class EngineError(Exception):
     """Base class of the errors an engine raises for a bad request or a failed operation."""
 
@@ -157,8 +162,7 @@ class SamplingParams:
         ]
         for name, ok, rule in checks:
             if not ok:
-                got = repr(getattr(self, name))
-                got = got if len(got) <= 200 else got[:200] + "…"
+                got = clipped(repr(getattr(self, name)))
                 raise InvalidRequestError(f"{name} {rule}, got {got}", name)
 
     @property

@@ -136,6 +136,8 @@ CASES = [
     ("store-zero", "POST", CHAT, chat(store=0), {}, 400, "store"),
     ("store-false", "POST", CHAT, chat(store=False), {}, 200, None),  # nothing stored: as here
     ("stream_options-obfuscation-off", "POST", CHAT, chat(stream=True, stream_options={"include_obfuscation": False}), {}, 200, None),  # never padded
+    ("model-name-of-60k-characters", "POST", CHAT, chat(model="m" * 60_000), {}, 404, "model"),
+    ("logit_bias-key-of-60k-digits", "POST", CHAT, chat(logit_bias={"1" * 60_000: 1}), {}, 400, "logit_bias"),
     ("message-with-a-name", "POST", CHAT, chat(messages=[{"role": "user", "content": "hi", "name": "bob"}]), {}, 200, None),  # to the template
     ("service_tier-auto", "POST", CHAT, chat(service_tier="auto"), {}, 200, None),  # the one tier
     ("service_tier-default", "POST", CHAT, chat(service_tier="default"), {}, 200, None),
@@ -317,6 +319,7 @@ def test_bad_request_gets_its_4xx_in_openai_shape_and_serving_goes_on(
         assert error["message"] and error["type"] and error["code"] == status
         if param is not None:
             assert (error["param"] or "").startswith(param), error
+        assert len(error["message"]) < 4096, "an error quotes what was sent, clipped"
     health = client.get("/health")
     assert health.status_code == 200 and health.json()["ok"] is True
 

@@ -18,7 +18,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..constraints import ResponseFormat
-from ..interface import MIN_REPETITION_PENALTY, EngineError, TokenLogprob, Usage, stop_problem
+from ..interface import (
+    MIN_REPETITION_PENALTY,
+    EngineError,
+    TokenLogprob,
+    Usage,
+    clipped,
+    stop_problem,
+)
 from ..text import token_bytes
 
 Endpoint = Literal["chat", "completions"]
@@ -361,7 +368,8 @@ class SamplingFields(Wire):
         for key, value in bias.items():
             token_id = TOKEN_ID_KEY.fullmatch(key) is not None  # one spelling per token
             if not token_id or not -100 <= value <= 100:
-                raise ValueError(f"want token id → bias in [-100, 100], got {key!r}: {value!r}")
+                got = clipped(f"{key!r}: {value!r}")
+                raise ValueError(f"want token id → bias in [-100, 100], got {got}")
         return bias
 
     def stops(self) -> list[str] | None:

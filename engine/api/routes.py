@@ -40,6 +40,7 @@ from ..interface import (
     GenerationRequest,
     SamplingParams,
     Usage,
+    clipped,
     new_id,
 )
 from ..metrics import ABORTED, Metrics, RequestOutcome, RequestTimer
@@ -281,7 +282,7 @@ class Api:
             available = ", ".join([self.engine.base_model_id, *self.engine.adapters()])
             raise OpenAIError(
                 404,
-                f"The model '{model}' does not exist. Available: {available}",
+                f"The model '{clipped(model)}' does not exist. Available: {available}",
                 "not_found_error",
                 "model",
             )
