@@ -279,9 +279,16 @@ class ChatMessage(Wire):
 
 class StreamOptions(Wire):
     include_usage: bool = False
-    include_obfuscation: Literal[False] | None = None
+    include_obfuscation: bool | None = None
     """OpenAI pads its stream's events with random text unless this is false; this server never
     does, so false (or null) is what it serves and true a 400."""
+
+    @field_validator("include_obfuscation")
+    @classmethod
+    def never_padded(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("true is not served: this server never pads its events")
+        return value
 
 
 NULL_IS_DEFAULT = {"n", "stream", "ignore_eos", "echo", "logprobs", "prompt_template"}
