@@ -594,6 +594,30 @@ def test_an_offer_of_http2_is_ignored_and_the_request_served_with_its_body(regis
         live.stop()
 
 
+def test_a_body_that_looks_like_an_http2_offer_is_passed_on_whole(registry_for):
+    """A head whose blank line comes in the next read: that read's first blank line is in the
+    body, and an ``Upgrade: h2c`` line before it is the body's, not to be taken out (a review
+    found it taken out: the next pipelined request was then read as the body's rest)."""
+    import socket
+
+    live = serve(NoModelEngine("base", ["alpha"], gap_s=0), registry_for)
+    body = b"X\r\nUpgrade:" + b" " * 20 + b"h2c\r\n\r\n"
+    head = b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % len(body)
+    try:
+        with socket.create_connection(("127.0.0.1", live.port), timeout=30) as s:
+            s.sendall(head)
+            time.sleep(0.3)
+            s.sendall(
+                b"\r\n" + body + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            answers = b""
+            while chunk := s.recv(65536):
+                answers += chunk
+        assert re.findall(rb"HTTP/1.1 (\d{3})", answers) == [b"404", b"200"], answers[:300]
+    finally:
+        live.stop()
+
+
 def test_a_head_sent_too_slowly_is_a_408_and_serving_goes_on(registry_for, monkeypatch):
     import socket
 

@@ -49,7 +49,8 @@ def without_h2c_upgrade(data: bytes) -> bytes:
     """``data`` without an ``Upgrade: h2c`` header in the head it begins with: httptools stops
     parsing at a head that offers an upgrade, so the app saw the request without its body (a
     400 "not valid JSON"). A server without HTTP/2 answers as though the header were absent
-    (RFC 7540, section 3.2). A head split over reads keeps it."""
+    (RFC 7540, section 3.2). Only for a read that begins a head (as curl sends one): a head split
+    over reads, or begun after a body in the same read, keeps it."""
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return data
@@ -94,6 +95,9 @@ class HttpToolsSlowClients(OpenAIErrors):
     in_head = False
     in_body = False
     head_bytes = 0
+    head_begun = False
+    """Bytes of a head still incomplete came in an earlier read (a blank line in this one may
+    be the body's, so nothing is taken out of it)."""
     head_timer: asyncio.TimerHandle | None = None
     body_timer: asyncio.TimerHandle | None = None
 
@@ -108,6 +112,7 @@ class HttpToolsSlowClients(OpenAIErrors):
 
     def on_headers_complete(self) -> None:
         self.in_head, self.in_body, self.head_bytes = False, True, 0
+        self.head_begun = False
         self.head_timer = cancelled(self.head_timer)
         super().on_headers_complete()
 
@@ -143,12 +148,14 @@ class HttpToolsSlowClients(OpenAIErrors):
             return
         began_in_body = self.in_body
         if not began_in_body:
-            data = without_h2c_upgrade(data)
+            if not self.head_begun:  # this read begins the head: its first blank line ends it
+                data = without_h2c_upgrade(data)
             if self.head_ends_too_large(data):
                 return
         super().data_received(data)
         if self.transport.is_closing():
             return
+        self.head_begun = self.in_head
         if self.in_body and self.body_timer is None:  # armed only for a body still incomplete
             self.body_timer = self.loop.call_later(BODY_SECONDS, self.body_too_slow)
         if not self.in_head:
