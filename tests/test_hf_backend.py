@@ -184,19 +184,36 @@ def test_load_use_and_unload_at_run_time(hf_engine, adapter_dirs, tmp_path):
     assert asyncio.run(hf_engine.complete(chat("beta"))).token_ids == expected
 
 
-def test_two_loads_of_one_name_at_once_load_it_once_and_refuse_the_other(hf_engine, adapter_dirs):
+def two_loads_at_once(engine, path: str) -> list:
     async def both():
-        loads = [hf_engine.load_adapter("twin", adapter_dirs["beta"]) for _ in range(2)]
+        loads = [engine.load_adapter("twin", path) for _ in range(2)]
         return await asyncio.gather(*loads, return_exceptions=True)
 
     try:
-        outcomes = asyncio.run(both())
-        refused = [o for o in outcomes if isinstance(o, Exception)]
-        assert len(refused) == 1 and isinstance(refused[0], AdapterConflictError), outcomes
-        assert "twin" in hf_engine.adapters()
+        return asyncio.run(both())
     finally:
-        asyncio.run(hf_engine.unload_adapter("twin"))
-    assert "twin" not in hf_engine.adapters()
+        if "twin" in engine.adapters():
+            asyncio.run(engine.unload_adapter("twin"))
+
+
+def test_two_loads_of_one_name_at_once_load_it_once_and_refuse_the_other(hf_engine, adapter_dirs):
+    outcomes = two_loads_at_once(hf_engine, adapter_dirs["beta"])
+    assert outcomes[0] is None and isinstance(outcomes[1], AdapterConflictError), outcomes
+    assert "being loaded" in str(outcomes[1]) and "twin" not in hf_engine.adapters()
+
+
+def test_two_loads_of_one_name_at_once_on_peft_refuse_the_second(base_dir, adapter_dirs):
+    """peft loads a second adapter of one name over the first without a word (a review found
+    both answered 200 in this mode)."""
+    from engine.backends.hf import HFEngine
+    from engine.registry import HFSettings
+
+    engine = HFEngine(base_dir, "SmolLM2-135M-Instruct", settings=HFSettings(lora="peft"))
+    try:
+        outcomes = two_loads_at_once(engine, adapter_dirs["beta"])
+        assert outcomes[0] is None and isinstance(outcomes[1], AdapterConflictError), outcomes
+    finally:
+        asyncio.run(engine.shutdown())
 
 
 def test_bad_adapter_loads_are_refused_and_serving_goes_on(hf_engine, tmp_path):

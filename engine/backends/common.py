@@ -61,13 +61,22 @@ def adapter_problems(path: Path, base_dir: str, backend: str, max_rank: int | No
 
 
 def check_loadable(
-    name: str, path: Path, loaded: set[str], base_dir: str, backend: str, max_rank: int | None
+    name: str,
+    path: Path,
+    loaded: set[str],
+    base_dir: str,
+    backend: str,
+    max_rank: int | None,
+    changing: set[str] = frozenset(),
 ) -> None:
-    """Hot-load guard: a slug not in use, and an adapter this backend can serve on this base."""
+    """Hot-load guard: a slug not in use (``changing``: names being loaded or unloaded), and an
+    adapter this backend can serve on this base."""
     if not SLUG.match(name):
         raise AdapterLoadError(f"adapter name {name!r} must be a slug (a-z, 0-9, -, _)")
     if name in loaded:
         raise AdapterConflictError(f"adapter '{name}' is already loaded")
+    if name in changing:
+        raise AdapterConflictError(f"adapter '{name}' is being loaded or unloaded")
     try:
         problems = adapter_problems(path, base_dir, backend, max_rank)
     except (OSError, ValueError) as err:

@@ -227,6 +227,7 @@ class HFEngine(Tokenizes, Engine):
         self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size)
         self.names: set[str] = set()
         self.adapter_paths: dict[str, str] = {}
+        self.loading: set[str] = set()
         for name, path in (adapters or {}).items():
             self.attach_adapter(name, path)
         self.pending: list[Row] = []
@@ -282,9 +283,13 @@ class HFEngine(Tokenizes, Engine):
         return self.lora.model
 
     async def load_adapter(self, name: str, path: str, max_rank: int | None = None) -> None:
-        loaded = set(self.adapter_paths)
-        check_loadable(name, Path(path), loaded, self.base_dir, self.backend, max_rank)
-        await self.control("load", name, path)
+        loaded, where = set(self.adapter_paths), Path(path)
+        check_loadable(name, where, loaded, self.base_dir, self.backend, max_rank, self.loading)
+        self.loading.add(name)  # peft would load a second one over the first
+        try:
+            await self.control("load", name, path)
+        finally:
+            self.loading.discard(name)
 
     async def unload_adapter(self, name: str) -> None:
         """New requests for it are refused at once; it leaves when its running rows finish."""

@@ -404,8 +404,10 @@ class SGLangEngine(Tokenizes, Engine):
             raise AdapterLoadError(f"SGLang could not load '{name}': {result.error_message}")
 
     async def load_adapter(self, name: str, path: str, max_rank: int | None = None) -> None:
-        taken = self.names | self.changing
-        check_loadable(name, Path(path), taken, self.base_dir, self.backend, max_rank)
+        where = Path(path)
+        check_loadable(
+            name, where, self.names, self.base_dir, self.backend, max_rank, self.changing
+        )
         self.changing.add(name)
         try:
             await self.pending.ensure(self.load_into_sglang)
