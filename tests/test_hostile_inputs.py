@@ -138,6 +138,7 @@ CASES = [
     ("stream_options-obfuscation-off", "POST", CHAT, chat(stream=True, stream_options={"include_obfuscation": False}), {}, 200, None),  # never padded
     ("model-name-of-60k-characters", "POST", CHAT, chat(model="m" * 60_000), {}, 404, "model"),
     ("logit_bias-key-of-60k-digits", "POST", CHAT, chat(logit_bias={"1" * 60_000: 1}), {}, 400, "logit_bias"),
+    ("unknown-field-of-60k-characters", "POST", CHAT, chat(**{"k" * 60_000: 1}), {}, 400, "kkk"),
     ("message-with-a-name", "POST", CHAT, chat(messages=[{"role": "user", "content": "hi", "name": "bob"}]), {}, 200, None),  # to the template
     ("service_tier-auto", "POST", CHAT, chat(service_tier="auto"), {}, 200, None),  # the one tier
     ("service_tier-default", "POST", CHAT, chat(service_tier="default"), {}, 200, None),

@@ -537,6 +537,7 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     as far, a broken rule of a type the value has over the type it has not."""
     error = max(errors, key=lambda e: (len(field_path(e.get("loc", ()))), "_type" not in e["type"]))
     param = ".".join(field_path(error.get("loc", ()))) or None
+    param = param and clipped(param)
     if error["type"] == "extra_forbidden":
         return f"unknown field '{param}'", param
     if error["type"] == "missing":

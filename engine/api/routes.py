@@ -311,7 +311,7 @@ class Api:
     def on_demand_path(self, name: str | None) -> str | None:
         if not (self.registry.engine.load_on_demand and self.adapter_root and name):
             return None
-        if not SLUG.match(name) or name in self.unloading:
+        if not SLUG.match(name) or name in self.unloading or name in self.merging:
             return None
         path = self.adapter_root / name
         return str(path) if (path / "adapter_config.json").is_file() else None
