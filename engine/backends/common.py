@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import concurrent.futures.process
+import contextlib
 import json
 import multiprocessing
 from pathlib import Path
@@ -83,6 +84,17 @@ def check_loadable(
         problems = [f"cannot read it: {err}"]
     if problems:
         raise AdapterLoadError(f"adapter '{name}' cannot be served: {problems[0]}")
+
+
+@contextlib.contextmanager
+def holding(changing: set[str], name: str):
+    """``name`` in ``changing`` while a load or unload of it runs (``check_loadable`` refuses a
+    second load meanwhile)."""
+    changing.add(name)
+    try:
+        yield
+    finally:
+        changing.discard(name)
 
 
 def check_context(prompt_tokens: int, params: SamplingParams, context: int) -> None:

@@ -37,7 +37,7 @@ from ..interface import (
 )
 from ..registry import HFSettings
 from ..text import TextStream, end_of_turn_ids, token_text
-from .common import PromptTokenizer, Tokenizes, check_context, check_loadable
+from .common import PromptTokenizer, Tokenizes, check_context, check_loadable, holding
 from .lora_batched import BatchedLora
 from .sample import Grammar, Grammars, adjusted, choose, logprob_entry
 
@@ -227,7 +227,8 @@ class HFEngine(Tokenizes, Engine):
         self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size)
         self.names: set[str] = set()
         self.adapter_paths: dict[str, str] = {}
-        self.loading: set[str] = set()
+        self.changing: set[str] = set()
+        """Names being loaded: a second load of one is a conflict."""
         for name, path in (adapters or {}).items():
             self.attach_adapter(name, path)
         self.pending: list[Row] = []
@@ -284,12 +285,9 @@ class HFEngine(Tokenizes, Engine):
 
     async def load_adapter(self, name: str, path: str, max_rank: int | None = None) -> None:
         loaded, where = set(self.adapter_paths), Path(path)
-        check_loadable(name, where, loaded, self.base_dir, self.backend, max_rank, self.loading)
-        self.loading.add(name)  # peft would load a second one over the first
-        try:
+        check_loadable(name, where, loaded, self.base_dir, self.backend, max_rank, self.changing)
+        with holding(self.changing, name):  # peft would load a second one over the first
             await self.control("load", name, path)
-        finally:
-            self.loading.discard(name)
 
     async def unload_adapter(self, name: str) -> None:
         """New requests for it are refused at once; it leaves when its running rows finish."""

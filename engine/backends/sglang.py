@@ -36,7 +36,7 @@ from ..interface import (
 from ..lora_kernels import use_tuned_kernels
 from ..registry import SGLangSettings
 from ..text import end_of_turn_ids, token_text
-from .common import PromptTokenizer, Tokenizes, check_context, check_loadable
+from .common import PromptTokenizer, Tokenizes, check_context, check_loadable, holding
 
 log = logging.getLogger(__name__)
 UNSUPPORTED_FLOAT32 = (
@@ -408,12 +408,9 @@ class SGLangEngine(Tokenizes, Engine):
         check_loadable(
             name, where, self.names, self.base_dir, self.backend, max_rank, self.changing
         )
-        self.changing.add(name)
-        try:
+        with holding(self.changing, name):
             await self.pending.ensure(self.load_into_sglang)
             await self.load_into_sglang(name, path)
-        finally:
-            self.changing.discard(name)
         self.names.add(name)
         self.adapter_paths[name] = str(path)
 
@@ -421,14 +418,11 @@ class SGLangEngine(Tokenizes, Engine):
         self.check_adapter(name)
         self.names.discard(name)
         self.adapter_paths.pop(name, None)
-        self.changing.add(name)
-        try:
+        with holding(self.changing, name):
             while self.streams_on[name]:  # the API ends them at its unload deadline
                 await asyncio.sleep(0.05)
             await asyncio.sleep(grace_left(self.cut_at.get(name), time.monotonic()))
             result = await self.engine.async_unload_lora_adapter(name)
-        finally:
-            self.changing.discard(name)
         if not getattr(result, "success", True):
             raise AdapterLoadError(f"SGLang could not unload '{name}': {result.error_message}")
 
