@@ -28,6 +28,10 @@
 #                                    decode step at 128/256 streams, base vs 128 adapters
 #                       profile-scheduler  lab/profile_scheduler.py: py-spy samples of SGLang's
 #                                    scheduler process at 64/256 streams × 128 adapters
+#                       profile-http  lab/profile_http.py: py-spy samples of the API process,
+#                                    SGLang's scheduler and detokenizer, and Locust, engine-direct
+#                                    against HTTP at 256 streams, base and 128 adapters
+#                                    (PROFILE_SET: an engine setting, e.g. the fp8 one)
 #                       bursty       loadtest.bursty: closed loop vs 1 s think time vs Poisson
 #                       pairs-open   the pairs with both arms open loop: ARRIVAL_RATE Poisson
 #                                    arrivals a second (70: ~3/4 of what 256 closed-loop
@@ -443,6 +447,15 @@ profile_scheduler() {  # #16: where SGLang's scheduler loop spends its time (py-
     --streams 64 256 --arms adapters --py-spy /tmp/extra/bin/py-spy
 }
 
+profile_http() {  # #16: which process holds HTTP below the engine (py-spy, carried)
+  wait_file "$SYNTH/adapters.yaml" 600 || return 1
+  gpu_free
+  timeout 600 python3 lab/profile_http.py run --config "$SYNTH/adapters.yaml" \
+    --out "$RESULTS/http-profile" --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" \
+    --set "$(decode_setting "${PROFILE_SET:-fp8}")" --streams 256 --arms base adapters \
+    --py-spy /tmp/extra/bin/py-spy
+}
+
 profile_decode() {  # #16: what bounds the decode step (torch profiler through SGLang's own API)
   wait_file "$SYNTH/adapters.yaml" 600 || return 1
   gpu_free
@@ -468,6 +481,7 @@ decode_setting() {  # a named engine setting of decode-settings, as bench's --se
     no-radix-cache) echo 'extra={"disable_radix_cache": true}' ;;  # no prefix tree for the scheduler
     prefill-delay-16) echo 'prefill_delay_passes=16' ;;
     fp8) echo 'extra={"quantization": "fp8"}' ;;  # the base's linear layers in FP8 (weights quantized at load)
+    fp8-locust-4) echo 'extra={"quantization": "fp8"}' ;;  # fp8, Locust in 4 processes (decode_args)
     *) echo "no decode setting named $1" >&2; return 1 ;;
   esac
 }
@@ -487,8 +501,14 @@ decode_settings() {  # #16 item 4, after the profile: SGLang settings against th
       --users "${DECODE_USERS:-256}" --adapters 128 \
       --duration "${DURATION:-20}" --warmup 5 --http-port 8768 \
       --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" --set "$setting" \
-      ${DECODE_OPEN:-} || echo "decode-settings: $name failed"  # DECODE_OPEN: e.g. --arrival-rate 85
+      ${DECODE_OPEN:-} $(decode_args "$name") || echo "decode-settings: $name failed"  # DECODE_OPEN: e.g. --arrival-rate 85
   done
+}
+
+decode_args() {  # bench's own flags a decode setting adds (the client side of the HTTP arm)
+  case $1 in
+    *-locust-4) echo "--locust-processes 4" ;;
+  esac
 }
 
 next_folder() {  # DIR, or DIR-2, DIR-3, ... when it exists

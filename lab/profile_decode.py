@@ -498,6 +498,7 @@ def build(args):
     if engine.backend != "sglang" and not args.no_profile:
         raise SystemExit(f"the {engine.backend} backend has no profiler: use --no-profile")
     args.layers = layers_of(registry.base.model)
+    args.registry = registry  # for a caller that serves the API over the engine
     return engine, [a.name for a in registry.adapters]
 
 

@@ -1,0 +1,362 @@
+"""Which process holds HTTP below the engine (issue #16): py-spy samples of SGLang's scheduler,
+its detokenizer and the API process during steady decode, engine-direct against through HTTP.
+
+    python lab/profile_http.py run --config /tmp/synth7b/adapters.yaml --out /tmp/results/http \
+        --set max_loras_per_batch=128 --set mem_fraction_static=0.7 \
+        --set 'extra={"quantization": "fp8"}' --streams 256 --arms base adapters \
+        --py-spy /tmp/extra/bin/py-spy
+    python lab/profile_http.py summarize /tmp/results/http --out /tmp/results/http
+    python lab/profile_http.py run --config /tmp/synth-tiny/adapters.yaml --backend hf \
+        --streams 2 --adapters 2 --warmup 2 --seconds 3 --out /tmp/http-profile   # CPU dry run
+
+With FP8 base weights the engine gives 17k tok/s engine-direct and HTTP stays near 13k
+(``results/serving/h200-7b-fp8-weights``); the API process reads 0.6–0.7 of a core and SGLang's
+scheduler thread one core either way, so core counts cannot say which side holds it. ``run``
+starts the engine as ``loadtest.bench`` does and serves the API over it in this process (as
+``python -m engine.api`` does: SGLang's tokenizer manager, uvicorn and our API on one event loop).
+For each of ``--streams`` × ``--arms`` × ``--paths`` (``direct``: bench's engine-direct clients in
+this process; ``http``: one Locust run against that API, as ``loadtest.bench --plan pairs``), it
+waits ``--warmup`` s (Locust: plus its start-up) and runs ``py-spy record`` on each process of
+``--targets`` at once for ``--seconds`` s (``scheduler``: the SGLang child named
+``sglang::schedul``; ``detokenizer``: ``sglang::detoken``; ``api``: this process; ``locust``: the
+client, HTTP points only), every thread,
+without pausing them (``--nonblocking``), while it counts output tok/s.
+
+``summarize`` reports per point and process: cores busy (all threads' samples ÷ py-spy's
+samplings: a waiting thread is not sampled), the busiest thread's share, the scheduler loop's
+phases (``lab/profile_scheduler.py``'s), and the top functions (inclusive) and lines (self) of the
+busiest thread. Writes ``http-profile.md``, ``.json`` and ``.png`` into ``--out``.
+py-spy is not a dependency of the product (``--py-spy PATH``); it needs ptrace rights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from profile_scheduler import PHASE_NAMES, parse_raw, record, thread_summary
+
+TARGET_NAMES = {"scheduler": "sglang::schedul", "detokenizer": "sglang::detoken"}
+"""SGLang's children by the 15 characters of setproctitle's name the kernel keeps."""
+TARGETS = ["api", "scheduler", "detokenizer", "locust"]
+LOCUST_START = 5.0
+"""Seconds Locust takes to import and spawn its users, before the warm-up counts."""
+TOP = 12
+
+
+# ---------------------------------------------------------------- the summariser (no GPU needed)
+
+
+def read_raw(path: Path) -> dict[str, list]:
+    by_thread: dict[str, list] = defaultdict(list)
+    for thread, frames, n in parse_raw(path.read_text()):
+        by_thread[thread].append((frames, n))
+    return by_thread
+
+
+def summarize_target(raw: Path, sampled: int | None) -> dict:
+    """One process's samples: cores busy, each thread's share, the busiest thread's summary."""
+    threads = read_raw(raw)
+    window = sampled or 0
+    summaries = {t: thread_summary(stacks, window) for t, stacks in threads.items()}
+    samples = {t: s["samples"] for t, s in summaries.items()}
+    busiest = max(samples, key=samples.get, default=None)
+    return {
+        "sampled": sampled,
+        "cores": round(sum(samples.values()) / window, 2) if window else None,
+        "threads": samples,
+        "busiest_thread": busiest,
+        "busiest": summaries.get(busiest, {}),
+    }
+
+
+def summarize(folder: str | Path, out: str | Path) -> dict:
+    folder, out = Path(folder), Path(out)
+    points = []
+    for meta_file in sorted(folder.glob("*.meta.json")):
+        meta = json.loads(meta_file.read_text())
+        label = meta_file.name.removesuffix(".meta.json")
+        for target, got in meta.get("targets", {}).items():
+            raw = folder / f"{label}.{target}.txt"
+            if raw.exists() and not got.get("error"):
+                got |= summarize_target(raw, got.get("sampled"))
+        points.append(meta)
+    points.sort(key=lambda p: (p.get("streams", 0), p.get("arm", ""), p.get("path") != "direct"))
+    results = {"points": points}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "http-profile.json").write_text(json.dumps(results, indent=1))
+    (out / "http-profile.md").write_text(markdown(results))
+    plot(points, out / "http-profile.png")
+    return results
+
+
+def pct(share) -> str:
+    return "—" if share is None else f"{100 * share:.0f}"
+
+
+def cell(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def cores_table(points: list[dict]) -> list[str]:
+    head = ["point", "tok/s", "failed"]
+    head += [f"{t} {what}" for t in TARGETS for what in ("cores", "busiest %")]
+    rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for p in points:
+        cells = [p["label"], cell(p.get("tok_s"), ".0f"), cell(p.get("failures"), "d")]
+        for t in TARGETS:
+            got = p.get("targets", {}).get(t, {})
+            cells += [cell(got.get("cores"), ".2f"), pct(got.get("busiest", {}).get("busy_share"))]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def phases_table(points: list[dict]) -> list[str]:
+    rows = ["| point | " + " | ".join(f"{n} %" for n in PHASE_NAMES) + " |",
+            "|---" * (1 + len(PHASE_NAMES)) + "|"]  # fmt: skip
+    for p in points:
+        phases = p.get("targets", {}).get("scheduler", {}).get("busiest", {}).get("phases")
+        if phases:
+            rows.append(f"| {p['label']} | " + " | ".join(pct(phases.get(n)) for n in PHASE_NAMES)
+                        + " |")  # fmt: skip
+    return rows
+
+
+def top_tables(p: dict, target: str, got: dict) -> list[str]:
+    busiest = got["busiest"]
+    out = ["", f"### {p['label']}, {target}: busiest thread `{got['busiest_thread']}`", "",
+           "| function (inclusive) | % |", "|---|---|"]  # fmt: skip
+    out += [f"| `{t['function']}` | {pct(t['share'])} |" for t in busiest["top_inclusive"][:TOP]]
+    out += ["", "| line (self) | % |", "|---|---|"]
+    out += [f"| `{t['line']}` | {pct(t['share'])} |" for t in busiest["top_self"][:TOP]]
+    return out
+
+
+def markdown(results: dict) -> str:
+    points = results["points"]
+    out = ["# Which process holds HTTP below the engine", ""]
+    if cmd := next((p.get("command") for p in points if p.get("command")), None):
+        out += [f"`{cmd}`", ""]
+    out += ["py-spy samples of each process during steady decode, engine-direct and through "
+            "HTTP (Locust). cores = all its threads' samples ÷ py-spy's samplings (a thread "
+            "waiting in a system call is not sampled); busiest % = its busiest thread's share.",
+            "", *cores_table(points), "", "## SGLang's scheduler loop by phase", "",
+            *phases_table(points)]  # fmt: skip
+    for p in points:
+        for target, got in p.get("targets", {}).items():
+            if got.get("error"):
+                out += ["", f"{p['label']}, {target}: {got['error']}"]
+        if p.get("error"):
+            out += ["", f"{p['label']}: {p['error']}"]
+    out += ["", "## The busiest thread's top functions and lines"]
+    for p in points:
+        for target, got in p.get("targets", {}).items():
+            if got.get("busiest"):
+                out += top_tables(p, target, got)
+    return "\n".join(out) + "\n"
+
+
+def plot(points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [p for p in points if any(t.get("cores") for t in p.get("targets", {}).values())]
+    if not shown:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 1.8 + 0.6 * len(shown)))
+    labels = [p["label"] for p in shown]
+    height = 0.8 / len(TARGETS)
+    for i, target in enumerate(TARGETS):
+        cores = [p.get("targets", {}).get(target, {}).get("cores") or 0 for p in shown]
+        left.barh([k + i * height for k in range(len(shown))], cores, height=height, label=target)
+    left.set_yticks([k + height for k in range(len(shown))], labels)
+    left.set_xlabel("cores busy (py-spy samples ÷ samplings)")
+    left.legend(fontsize=8)
+    starts = [0.0] * len(shown)
+    for name in PHASE_NAMES:
+        widths = [100 * p.get("targets", {}).get("scheduler", {}).get("busiest", {})
+                  .get("phases", {}).get(name, 0) for p in shown]  # fmt: skip
+        right.barh(labels, widths, left=starts, label=name)
+        starts = [a + b for a, b in zip(starts, widths)]
+    right.set_xlabel("% of the scheduler thread's samples")
+    right.set_xlim(0, 100)
+    right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle("Engine-direct against HTTP: where each process's time goes (py-spy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the run (the engine's machine)
+
+
+def is_locust(pid: int) -> bool:
+    try:
+        return b"\0locust\0" in Path(f"/proc/{pid}/cmdline").read_bytes()  # python -m locust
+    except OSError:
+        return False
+
+
+def target_pids(root: int, wanted: list[str]) -> dict[str, int]:
+    """``wanted`` targets found: ``api`` is ``root``; SGLang's children by name (none on the CPU
+    backend, which runs in this process); Locust's process (the HTTP points')."""
+    from loadtest.procs import process_tree, stat_cpu
+
+    found = {"api": root} if "api" in wanted else {}
+    for pid in sorted(process_tree(root) - {root}):
+        name = (stat_cpu(Path(f"/proc/{pid}/stat")) or ("",))[0]
+        for target, prefix in TARGET_NAMES.items():
+            if target in wanted and target not in found and name.startswith(prefix):
+                found[target] = pid
+        if "locust" in wanted and "locust" not in found and is_locust(pid):
+            found["locust"] = pid
+    return found
+
+
+async def record_targets(args, pids: dict[str, int], label: str) -> dict:
+    """py-spy on every target at once; per target its pid and samplings, or the error."""
+    out = Path(args.out)
+
+    async def one(target: str, pid: int) -> dict:
+        raw = out / f"{label}.{target}.txt"
+        try:
+            spy = (args.py_spy, pid, args.seconds, args.rate, raw)
+            sampled = await asyncio.to_thread(record, *spy)
+            return {"pid": pid, "sampled": sampled}
+        except Exception as err:  # one process's failure is a result; the others still count
+            return {"pid": pid, "error": f"{type(err).__name__}: {err}"}
+
+    got = await asyncio.gather(*(one(t, pid) for t, pid in pids.items()))
+    return dict(zip(pids, got))
+
+
+async def direct_point(engine, args, adapters: list, streams: int, label: str) -> dict:
+    from profile_decode import Clients
+
+    from loadtest.bench import Traffic
+
+    traffic = Traffic(adapters, args.prompt_words, args.output_tokens, chat=True)
+    clients = Clients(engine, traffic, streams)
+    try:
+        await asyncio.sleep(args.warmup)
+        low = time.time()
+        targets = await record_targets(args, target_pids(os.getpid(), args.targets), label)
+        tok_s, failures = clients.tok_s(low, time.time())
+    finally:
+        await clients.stop()
+    return {"targets": targets, "tok_s": tok_s, "failures": failures}
+
+
+async def http_point(args, port: int, adapters: int, streams: int, label: str) -> dict:
+    from loadtest.bench import locust_options
+    from loadtest.sweep import measured
+
+    timed = {"duration": LOCUST_START + args.warmup + args.seconds + 3,
+             "warmup": LOCUST_START + args.warmup}  # fmt: skip
+    options = locust_options(argparse.Namespace(**vars(args) | timed), port)
+    raw = Path(args.out) / "locust" / f"{label}.jsonl"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    load = asyncio.create_task(asyncio.to_thread(measured, options, streams, adapters, raw))
+    await asyncio.sleep(LOCUST_START + args.warmup)
+    targets = await record_targets(args, target_pids(os.getpid(), args.targets), label)
+    point, _ = await load
+    return {"targets": targets, "tok_s": point.get("output_throughput"),
+            "failures": point.get("failures", 0), "locust_cores": point.get("client_cpu_cores"),
+            "api_cores_from_proc": point.get("server_cpu_cores")}  # fmt: skip
+
+
+async def profile_point(engine, args, names, streams: int, arm: str, port: int) -> None:
+    from loadtest.bench import settle
+
+    for path in args.paths:
+        label = f"{streams}-{arm}-{path}"
+        meta = {"label": label, "streams": streams, "arm": arm, "path": path, "rate": args.rate,
+                "seconds": args.seconds, "command": "python lab/profile_http.py "
+                + " ".join(sys.argv[1:])}  # fmt: skip
+        print(f"[http-profile] {label}: warm-up {args.warmup}s, py-spy {args.seconds}s", flush=True)
+        try:
+            if path == "direct":
+                chosen = names[: args.adapters] if arm == "adapters" else [None]
+                meta |= await direct_point(engine, args, chosen, streams, label)
+            else:
+                count = args.adapters if arm == "adapters" else 0
+                meta |= await http_point(args, port, count, streams, label)
+        except Exception as err:  # one point's failure is a result; the next point still runs
+            meta["error"] = f"{type(err).__name__}: {err}"
+        Path(args.out, f"{label}.meta.json").write_text(json.dumps(meta, indent=1))
+        print(f"    {json.dumps({k: meta.get(k) for k in ('tok_s', 'failures', 'error')})}",
+              flush=True)  # fmt: skip
+        await settle(engine, 30)
+        await asyncio.sleep(args.pause)
+
+
+async def run(args) -> None:
+    from profile_decode import each_point
+
+    from engine.api import create_api
+    from loadtest.bench import serve_app
+
+    args.no_profile = True  # profile_decode's build: any backend
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    served = {}
+
+    async def point(engine, args, names, streams, arm):
+        if not served:  # the API over the engine each_point built, once
+            server, serving, url = await serve_app(create_api(engine, args.registry))
+            served.update(server=server, serving=serving, port=int(url.rsplit(":", 1)[1]))
+        await profile_point(engine, args, names, streams, arm, served["port"])
+
+    try:
+        await each_point(args, point)
+    finally:
+        if served:
+            served["server"].should_exit = True
+            await served["serving"]
+    summarize(args.out, args.out)
+    print(Path(args.out, "http-profile.md").read_text(), flush=True)
+
+
+def parse_args(argv=None):
+    from profile_decode import add_load_arguments
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    s = sub.add_parser("summarize", help="summarise a run's folder again")
+    s.add_argument("folder")
+    s.add_argument("--out", required=True)
+    r = sub.add_parser("run", help="start the engine, load it each way, sample its processes")
+    add_load_arguments(r, streams=[256], arms=["base", "adapters"], warmup=15)
+    r.add_argument("--paths", nargs="+", choices=["direct", "http"], default=["direct", "http"])
+    r.add_argument("--targets", nargs="+", choices=TARGETS, default=TARGETS)
+    r.add_argument("--seconds", type=float, default=15, help="seconds of py-spy samples")
+    r.add_argument("--rate", type=int, default=250, help="samples a second")
+    r.add_argument("--locust-processes", type=int, default=1, help="as loadtest.bench's")
+    r.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy", help="its binary")
+    r.add_argument("--out", required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.mode == "summarize":
+        results = summarize(args.folder, args.out)
+        print(json.dumps([{k: p.get(k) for k in ("label", "tok_s", "error")}
+                          for p in results["points"]], indent=1))  # fmt: skip
+    else:
+        asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
