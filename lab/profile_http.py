@@ -22,9 +22,11 @@ waits ``--warmup`` s (Locust: plus its start-up) and runs ``py-spy record`` on e
 client, HTTP points only), every thread,
 without pausing them (``--nonblocking``), while it counts output tok/s.
 
-``summarize`` reports per point and process: cores busy (all threads' samples ÷ py-spy's
-samplings: a waiting thread is not sampled), the busiest thread's share, the scheduler loop's
-phases (``lab/profile_scheduler.py``'s), and the top functions (inclusive) and lines (self) of the
+``summarize`` reports per point and process: cores busy (its CPU seconds in ``/proc`` over the
+window; where not measured, all its threads' samples ÷ ``--rate`` × ``--seconds``, a lower bound:
+py-spy may miss samplings, and its own "Samples" count counts only those that found a busy
+thread), the busiest thread's share, the scheduler loop's phases (``lab/profile_scheduler.py``'s),
+and the top functions (inclusive, below the frames every sample holds) and lines (self) of the
 busiest thread. Writes ``http-profile.md``, ``.json`` and ``.png`` into ``--out``.
 py-spy is not a dependency of the product (``--py-spy PATH``); it needs ptrace rights.
 """
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import os
 import shutil
@@ -58,22 +61,22 @@ TOP = 12
 
 
 def read_raw(path: Path) -> dict[str, list]:
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
     by_thread: dict[str, list] = defaultdict(list)
-    for thread, frames, n in parse_raw(path.read_text()):
+    for thread, frames, n in parse_raw(text):
         by_thread[thread].append((frames, n))
     return by_thread
 
 
-def summarize_target(raw: Path, sampled: int | None) -> dict:
-    """One process's samples: cores busy, each thread's share, the busiest thread's summary."""
+def summarize_target(raw: Path, window: float) -> dict:
+    """One process's samples over ``window`` nominal samplings (rate × seconds): cores busy by
+    py-spy (a lower bound: it may miss samplings), each thread's samples, the busiest thread."""
     threads = read_raw(raw)
-    window = sampled or 0
     summaries = {t: thread_summary(stacks, window) for t, stacks in threads.items()}
     samples = {t: s["samples"] for t, s in summaries.items()}
     busiest = max(samples, key=samples.get, default=None)
     return {
-        "sampled": sampled,
-        "cores": round(sum(samples.values()) / window, 2) if window else None,
+        "spy_cores": round(sum(samples.values()) / window, 2) if window else None,
         "threads": samples,
         "busiest_thread": busiest,
         "busiest": summaries.get(busiest, {}),
@@ -87,9 +90,10 @@ def summarize(folder: str | Path, out: str | Path) -> dict:
         meta = json.loads(meta_file.read_text())
         label = meta_file.name.removesuffix(".meta.json")
         for target, got in meta.get("targets", {}).items():
-            raw = folder / f"{label}.{target}.txt"
-            if raw.exists() and not got.get("error"):
-                got |= summarize_target(raw, got.get("sampled"))
+            stacks = (folder / f"{label}.{target}.txt", folder / f"{label}.{target}.txt.gz")
+            raw = next((r for r in stacks if r.exists()), None)
+            if raw and not got.get("error"):
+                got |= summarize_target(raw, meta.get("rate", 0) * meta.get("seconds", 0))
         points.append(meta)
     points.sort(key=lambda p: (p.get("streams", 0), p.get("arm", ""), p.get("path") != "direct"))
     results = {"points": points}
@@ -116,9 +120,16 @@ def cores_table(points: list[dict]) -> list[str]:
         cells = [p["label"], cell(p.get("tok_s"), ".0f"), cell(p.get("failures"), "d")]
         for t in TARGETS:
             got = p.get("targets", {}).get(t, {})
-            cells += [cell(got.get("cores"), ".2f"), pct(got.get("busiest", {}).get("busy_share"))]
+            cells += [cores_cell(got), pct(got.get("busiest", {}).get("busy_share"))]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
+
+
+def cores_cell(got: dict) -> str:
+    """/proc's CPU over the window where measured, else py-spy's lower bound (≥)."""
+    if got.get("proc_cores") is not None:
+        return f"{got['proc_cores']:.2f}"
+    return "—" if got.get("spy_cores") is None else f"≥ {got['spy_cores']:.2f}"
 
 
 def phases_table(points: list[dict]) -> list[str]:
@@ -136,7 +147,10 @@ def top_tables(p: dict, target: str, got: dict) -> list[str]:
     busiest = got["busiest"]
     out = ["", f"### {p['label']}, {target}: busiest thread `{got['busiest_thread']}`", "",
            "| function (inclusive) | % |", "|---|---|"]  # fmt: skip
-    out += [f"| `{t['function']}` | {pct(t['share'])} |" for t in busiest["top_inclusive"][:TOP]]
+    below_root = [
+        t for t in busiest["top_inclusive"] if t["share"] < busiest["top_inclusive"][0]["share"]
+    ]
+    out += [f"| `{t['function']}` | {pct(t['share'])} |" for t in below_root[:TOP]]
     out += ["", "| line (self) | % |", "|---|---|"]
     out += [f"| `{t['line']}` | {pct(t['share'])} |" for t in busiest["top_self"][:TOP]]
     return out
@@ -148,8 +162,9 @@ def markdown(results: dict) -> str:
     if cmd := next((p.get("command") for p in points if p.get("command")), None):
         out += [f"`{cmd}`", ""]
     out += ["py-spy samples of each process during steady decode, engine-direct and through "
-            "HTTP (Locust). cores = all its threads' samples ÷ py-spy's samplings (a thread "
-            "waiting in a system call is not sampled); busiest % = its busiest thread's share.",
+            "HTTP (Locust). cores = its CPU seconds in /proc ÷ the window (≥: all its threads' "
+            "py-spy samples ÷ rate × seconds, a lower bound); busiest % = its busiest thread's "
+            "samples ÷ rate × seconds.",
             "", *cores_table(points), "", "## SGLang's scheduler loop by phase", "",
             *phases_table(points)]  # fmt: skip
     for p in points:
@@ -166,23 +181,27 @@ def markdown(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def cores_of(got: dict) -> float:
+    return got.get("proc_cores") if got.get("proc_cores") is not None else got.get("spy_cores") or 0
+
+
 def plot(points: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [p for p in points if any(t.get("cores") for t in p.get("targets", {}).values())]
+    shown = [p for p in points if any(cores_of(t) for t in p.get("targets", {}).values())]
     if not shown:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 1.8 + 0.6 * len(shown)))
     labels = [p["label"] for p in shown]
     height = 0.8 / len(TARGETS)
     for i, target in enumerate(TARGETS):
-        cores = [p.get("targets", {}).get(target, {}).get("cores") or 0 for p in shown]
+        cores = [cores_of(p.get("targets", {}).get(target, {})) for p in shown]
         left.barh([k + i * height for k in range(len(shown))], cores, height=height, label=target)
     left.set_yticks([k + height for k in range(len(shown))], labels)
-    left.set_xlabel("cores busy (py-spy samples ÷ samplings)")
+    left.set_xlabel("cores busy (/proc; else py-spy's samples ÷ rate × seconds)")
     left.legend(fontsize=8)
     starts = [0.0] * len(shown)
     for name in PHASE_NAMES:
@@ -230,13 +249,18 @@ async def record_targets(args, pids: dict[str, int], label: str) -> dict:
     out = Path(args.out)
 
     async def one(target: str, pid: int) -> dict:
+        from loadtest.procs import process_cpu_seconds
+
         raw = out / f"{label}.{target}.txt"
+        before, t0 = process_cpu_seconds(pid), time.perf_counter()
         try:
             spy = (args.py_spy, pid, args.seconds, args.rate, raw)
             sampled = await asyncio.to_thread(record, *spy)
-            return {"pid": pid, "sampled": sampled}
         except Exception as err:  # one process's failure is a result; the others still count
             return {"pid": pid, "error": f"{type(err).__name__}: {err}"}
+        after, wall = process_cpu_seconds(pid), time.perf_counter() - t0
+        cores = None if None in (before, after) else round((after - before) / wall, 2)
+        return {"pid": pid, "sampled": sampled, "proc_cores": cores}
 
     got = await asyncio.gather(*(one(t, pid) for t, pid in pids.items()))
     return dict(zip(pids, got))

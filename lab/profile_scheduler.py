@@ -19,12 +19,16 @@ second, without pausing it (``--nonblocking``), while it counts output tok/s.
 
 ``summarize`` reads each point's collapsed stacks (``<label>.txt`` or ``.txt.gz``, py-spy's
 ``raw`` format, one line per distinct stack with its thread) and reports for the busiest thread:
-its samples as a share of the window (the rest: waiting in a system call), the share of its
+its samples as a share of the window's nominal samplings, ``--rate`` × ``--seconds`` (the rest:
+waiting in a system call, or samplings py-spy missed: a lower bound), the share of its
 samples in each phase of the loop (the innermost frame that names one: waiting for the GPU,
 streaming out, processing results, launching the forward, the LoRA batch's indices, scheduling the
 next batch, the prefix tree, taking in requests; else other), the top lines by samples spent there
 (self) and the top functions by samples under them (inclusive; ties in the order met);
-the busy share divides by py-spy's own count of samplings (it may fall behind ``--rate``).
+py-spy's own count ("Samples: N") counts only samplings that found a busy thread (the API
+process's 2,527 of 3,750 matched its 0.72 core in ``/proc``:
+``results/serving/h200-7b-http-profile``), so it is not the window: a busy share against it
+reads 100 % whatever the thread did.
 Writes ``scheduler.md``, ``scheduler.json`` and ``scheduler.png`` into ``--out``.
 
 py-spy is not a dependency of the product: ``pip install py-spy`` (or ``--py-spy PATH``); it needs
@@ -132,7 +136,7 @@ def summarize_point(raw: Path, meta: dict) -> dict:
     text = gzip.decompress(raw.read_bytes()).decode() if raw.suffix == ".gz" else raw.read_text()
     for thread, frames, n in parse_raw(text):
         by_thread[thread].append((frames, n))
-    window = meta.get("sampled") or meta.get("rate", 0) * meta.get("seconds", 0)
+    window = meta.get("rate", 0) * meta.get("seconds", 0)
     threads = {t: thread_summary(s, window) for t, s in by_thread.items()}
     busiest = max(threads, key=lambda t: threads[t]["samples"], default=None)
     return meta | {
@@ -170,7 +174,8 @@ def markdown(results: dict) -> str:
     if cmd := next((p.get("command") for p in results["points"] if p.get("command")), None):
         out += [f"`{cmd}`", ""]
     out += ["py-spy samples of the scheduler process's busiest thread during steady decode. "
-            "busy % = its samples ÷ py-spy's samplings, the rest it waited in a system call; "
+            "busy % = its samples ÷ (rate × seconds): the rest it waited in a system call or "
+            "py-spy missed the sampling (a lower bound; the thread's CPU in /proc is the measure); "
             "phase columns: shares of its samples by the innermost frame that names a phase of "
             "the loop.", "",
             "| point | tok/s | samples | busy % | " + " | ".join(f"{p} %" for p in PHASE_NAMES)
@@ -235,7 +240,7 @@ def scheduler_pid(root: int) -> int:
 
 def record(py_spy: str, pid: int, seconds: float, rate: int, raw: Path) -> int | None:
     """``py-spy record`` of ``pid``: every thread, waiting ones left out, the process not paused.
-    Returns how many times py-spy sampled (its own count: it may fall behind ``rate``)."""
+    Returns py-spy's own count of samples (those that found a busy thread)."""
     cmd = [py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
            "--rate", str(rate), "--format", "raw", "--threads", "--nonblocking",
            "--output", str(raw)]  # fmt: skip

@@ -4,6 +4,7 @@ busiest thread, the scheduler's phases); the processes found by name; a CPU run 
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import subprocess
@@ -29,31 +30,34 @@ thread (0x3): Thread-1;run (threading.py:1);work (x.py:1) 10
 
 def write_point(folder: Path, label: str, path: str, targets: dict) -> None:
     meta = {"label": label, "streams": 256, "arm": "adapters", "path": path, "tok_s": 12000.0,
-            "failures": 0, "command": "python lab/profile_http.py run",
+            "failures": 0, "rate": 100, "seconds": 1, "command": "python lab/profile_http.py run",
             "targets": targets}  # fmt: skip
     (folder / f"{label}.meta.json").write_text(json.dumps(meta))
 
 
 def test_summarize_reports_cores_busiest_thread_and_phases(tmp_path):
     (tmp_path / "256-adapters-http.scheduler.txt").write_text(SCHEDULER_RAW)
-    (tmp_path / "256-adapters-http.api.txt").write_text(API_RAW)
-    targets = {"scheduler": {"pid": 5, "sampled": 100}, "api": {"pid": 4, "sampled": 100},
+    (tmp_path / "256-adapters-http.api.txt.gz").write_bytes(gzip.compress(API_RAW.encode()))
+    targets = {"scheduler": {"pid": 5, "sampled": 100, "proc_cores": 0.97},
+               "api": {"pid": 4, "sampled": 60},
                "detokenizer": {"pid": 6, "error": "RuntimeError: py-spy exited 1"}}  # fmt: skip
     write_point(tmp_path, "256-adapters-http", "http", targets)
     write_point(tmp_path, "256-adapters-direct", "direct", {})
     results = profile_http.summarize(tmp_path, tmp_path / "out")
     assert [p["path"] for p in results["points"]] == ["direct", "http"]
     api = results["points"][1]["targets"]["api"]
-    assert api["cores"] == 0.6  # 60 samples of 2 threads over 100 samplings
+    assert api["spy_cores"] == 0.6  # 60 samples of 2 threads over 100 × 1 nominal samplings
     assert api["busiest_thread"] == "thread (0x2): MainThread"
     assert api["busiest"]["busy_share"] == 0.5
     scheduler = results["points"][1]["targets"]["scheduler"]
     assert scheduler["busiest"]["phases"]["launching the forward"] == 0.6
     assert scheduler["busiest"]["phases"]["waiting for the GPU"] == 0.4
     md = (tmp_path / "out" / "http-profile.md").read_text()
-    assert "| 256-adapters-http | 12000 | 0 | 0.60 | 50 | 1.00 | 100 | — | — | — | — |" in md
+    # /proc's cores where measured, else py-spy's lower bound
+    assert "| 256-adapters-http | 12000 | 0 | ≥ 0.60 | 50 | 0.97 | 100 | — | — | — | — |" in md
     assert "256-adapters-http, detokenizer: RuntimeError: py-spy exited 1" in md
     assert "| `handle_loop` | 60 |" in md  # 30 of the main thread's 50 samples
+    assert "| `run_forever` |" not in md  # every sample's frame: not listed
     assert "`python lab/profile_http.py run`" in md
     assert (tmp_path / "out" / "http-profile.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "http-profile.json").read_text()) == results
@@ -109,7 +113,8 @@ def test_a_cpu_run_profiles_direct_and_http_points(tmp_path):
     assert set(points) == {"2-adapters-direct", "2-adapters-http"}
     for point in points.values():
         assert not point.get("error") and point["failures"] == 0 and point["tok_s"] > 0
-        assert point["targets"]["api"]["cores"] == 0.5  # the stand-in's 5 of 10
+        api = point["targets"]["api"]
+        assert api["spy_cores"] == 0.01 and api["proc_cores"] >= 0  # the stand-in's 5 of 250 × 2
     assert "locust" not in points["2-adapters-direct"]["targets"]
     assert points["2-adapters-http"]["targets"]["locust"]["sampled"] == 10
     assert (out / "locust" / "2-adapters-http.jsonl").exists()

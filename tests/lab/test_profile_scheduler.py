@@ -71,15 +71,17 @@ def test_phases_follow_the_innermost_frame_that_names_one():
 
 def test_summarize_writes_the_busiest_threads_table_and_plot(tmp_path):
     (tmp_path / "256-adapters.txt").write_text(RAW)
-    meta = {"label": "256-adapters", "streams": 256, "arm": "adapters", "rate": 250, "seconds": 15,
-            "sampled": 125, "tok_s": 11800.0, "command": "python lab/x.py run"}  # fmt: skip
+    meta = {"label": "256-adapters", "streams": 256, "arm": "adapters", "rate": 250, "seconds": 0.5,
+            "sampled": 100, "tok_s": 11800.0, "command": "python lab/x.py run"}  # fmt: skip
     (tmp_path / "256-adapters.meta.json").write_text(json.dumps(meta))
     failed = {"label": "64-adapters", "error": "RuntimeError: py-spy exited 1: no permission"}
     (tmp_path / "64-adapters.meta.json").write_text(json.dumps(failed))
     results = profile_scheduler.summarize(tmp_path, tmp_path / "out")
     point = next(p for p in results["points"] if p["label"] == "256-adapters")
     assert point["busiest_thread"] == MAIN and point["threads"][MAIN] == 100
-    assert point["busiest"]["busy_share"] == 0.8  # 100 of py-spy's 125 samplings, not 250 × 15
+    # 100 samples of 250 × 0.5 samplings; py-spy's own count (100: those it found busy) is not the
+    # window, or the share would read 100 % whatever the thread did
+    assert point["busiest"]["busy_share"] == 0.8
     md = (tmp_path / "out" / "scheduler.md").read_text()
     assert "| 256-adapters | 11800 | 100 | 80 | 40 | 20 | 10 | 10 | 5 | 3 | 2 | 5 | 5 |" in md
     assert "64-adapters: RuntimeError: py-spy exited 1: no permission" in md
@@ -114,8 +116,8 @@ def test_a_py_spy_that_fails_is_an_error_naming_it(tmp_path):
         profile_scheduler.record(sys.executable, 1, 1, 10, tmp_path / "x.txt")
 
 
-def test_the_busy_share_divides_by_py_spys_own_count_of_samplings(tmp_path):
-    """py-spy prints how many times it sampled (it may fall behind --rate); record returns it."""
+def test_record_returns_py_spys_own_count_of_samples(tmp_path):
+    """py-spy prints how many samples it took (those that found a busy thread); record keeps it."""
     fake = tmp_path / "py-spy"
     fake.write_text(
         '#!/bin/sh\nwhile [ "$1" != "--output" ]; do shift; done\n'
