@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -105,6 +107,54 @@ def test_an_adapter_under_the_root_loads_on_first_use_once_for_many_requests(
     texts = {a.json()["choices"][0]["message"]["content"] for a in answers}
     assert texts == {beta.json()["choices"][0]["message"]["content"]}  # omega is beta's copy
     assert missing.status_code == 404
+
+
+def test_a_request_during_an_admin_load_of_its_adapter_waits_for_that_load(
+    hf_engine, registry_for, adapter_dirs, tmp_path
+):
+    """A chat request for a name an admin is loading meanwhile shares that load: its own load on
+    first use would meet the engine's 409 ("being loaded or unloaded")."""
+    from conftest import LiveServer
+
+    shutil.copytree(adapter_dirs["beta"], tmp_path / "omega")
+    registry = registry_for.model_copy(deep=True)
+    registry.engine.load_on_demand = True
+    loads, asked, release = [], [], threading.Event()
+    load, discover = hf_engine.load_adapter, hf_engine.discover_adapter
+
+    async def held(name, path, **kwargs):
+        loads.append(name)
+        while not release.is_set():  # until the chat requests are waiting
+            await asyncio.sleep(0.01)
+        return await load(name, path, **kwargs)
+
+    async def counted(name):
+        asked.append(name)
+        if len(asked) == 3:
+            release.set()
+        return await discover(name)
+
+    hf_engine.load_adapter, hf_engine.discover_adapter = held, counted
+    app = create_api(hf_engine, registry, admin_token="t", adapter_root=tmp_path)
+    live = LiveServer(app)
+    body = {"model": "omega", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    admin = {"name": "omega", "path": "omega"}
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            loaded = pool.submit(httpx.post, f"{live.url}/v1/adapters", json=admin,
+                                 headers={"authorization": "Bearer t"}, timeout=600)  # fmt: skip
+            while not loads:  # the admin's load holds the name first
+                time.sleep(0.01)
+            answers = list(pool.map(lambda _: chat(live.url, body), range(3)))
+    finally:
+        release.set()
+        live.stop()
+        del hf_engine.load_adapter, hf_engine.discover_adapter
+        if "omega" in hf_engine.adapters():
+            asyncio.run(hf_engine.unload_adapter("omega"))
+    assert loaded.result().status_code == 200, loaded.result().text
+    assert [a.status_code for a in answers] == [200] * 3, [a.text for a in answers]
+    assert loads == ["omega"]  # the admin's load only
 
 
 def test_without_the_setting_an_adapter_on_disk_is_not_loaded(

@@ -21,7 +21,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -300,13 +300,21 @@ class Api:
             path = self.on_demand_path(name)
             if path is None:
                 raise
-        loading = self.loading.get(name)
-        if loading is None:
-            loading = asyncio.ensure_future(self.load_on_demand(name, path))
-            self.loading[name] = loading
-            loading.add_done_callback(lambda _: self.loading.pop(name, None))
-        await asyncio.shield(loading)
+        loading = self.loading.get(name) or self.shared_load(name, self.load_on_demand(name, path))
+        with contextlib.suppress(AdapterLoadError):  # an admin's load of it failed: the 404 below
+            await asyncio.shield(loading)
         return self.resolve_model(model)
+
+    def shared_load(self, name: str, load: Awaitable[None]) -> asyncio.Future:
+        """``load`` of ``name`` as the one a request for it waits on meanwhile (``ensure_model``),
+        rather than starting its own, which the engine would refuse as a conflict."""
+        loading = asyncio.ensure_future(load)
+        if name not in self.loading:
+            self.loading[name] = loading
+            loading.add_done_callback(
+                lambda done: self.loading.pop(name) if self.loading.get(name) is done else None
+            )
+        return loading
 
     def on_demand_path(self, name: str | None) -> str | None:
         if not (self.registry.engine.load_on_demand and self.adapter_root and name):
@@ -855,8 +863,9 @@ def create_api(
         body = parse(AdapterBody, await read_json(request))
         api.check_name(body.name)
         path = api.allowed_path(body.path)
-        try:
-            await engine.load_adapter(body.name, path, max_rank=api.limits.max_adapter_rank)
+        load = engine.load_adapter(body.name, path, max_rank=api.limits.max_adapter_rank)
+        try:  # shielded: a load whose caller left runs to its end, for those waiting on it
+            await asyncio.shield(api.shared_load(body.name, load))
         except AdapterLoadError as err:
             raise from_engine(err) from err
         log.info("hot-loaded adapter %s from %s", body.name, path)
