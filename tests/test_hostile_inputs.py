@@ -242,6 +242,8 @@ CASES = [
     ("content-type-json-charset", "POST", CHAT, json.dumps(OK_CHAT).encode(), {"content-type": "application/json; charset=utf-8"}, 200, None),
     ("content-type-json-suffix", "POST", DONE, json.dumps(OK_DONE).encode(), {"content-type": "application/vnd.x+json"}, 200, None),
     ("content-encoding-gzip", "POST", CHAT, json.dumps(OK_CHAT).encode(), {"content-encoding": "gzip"}, 415, None),
+    ("content-type-of-30k-characters", "POST", CHAT, json.dumps(OK_CHAT).encode(), {"content-type": "text/" + "x" * 30_000}, 415, None),
+    ("content-encoding-of-30k-characters", "POST", CHAT, json.dumps(OK_CHAT).encode(), {"content-encoding": "x" * 30_000}, 415, None),
     ("truncated-json", "POST", CHAT, b'{"model": "alpha", "messages": [', {}, 400, None),
     ("body-over-the-limit", "POST", CHAT, b"x" * 70_000, {}, 413, None),
     ("get-on-chat", "GET", CHAT, None, {}, 405, None),

@@ -163,10 +163,10 @@ def refuse_other_formats(media: str | None, encoding: str | None) -> None:
     kind = (media or "").partition(";")[0].strip().lower()
     suffixed = kind.startswith("application/") and kind.endswith("+json")
     if kind and kind != "application/json" and not suffixed:
-        why = f"Content-Type {kind!r} is not JSON: send the body as application/json"
+        why = f"Content-Type {clipped(kind)!r} is not JSON: send the body as application/json"
         raise invalid(why, status=415)
     if (encoding or "identity").strip().lower() != "identity":
-        why = f"Content-Encoding {encoding!r} is not supported: send the body uncompressed"
+        why = f"Content-Encoding {clipped(encoding)!r} is not supported: send the body uncompressed"
         raise invalid(why, status=415)
 
 
