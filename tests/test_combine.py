@@ -228,3 +228,27 @@ def test_a_failed_or_misnamed_merge_leaves_nothing_behind_whoever_asks(
     assert too_big.status == 422 and "rank" in too_big.message
     assert list((tmp_path / "root").iterdir()) == [] and not (tmp_path / "evil").exists()
     assert "alpha-beta" not in hf_engine.adapters() and not api.merging
+
+
+def test_a_merge_whose_name_is_taken_while_it_runs_is_a_409_and_leaves_nothing(
+    hf_engine, registry_for, tmp_path
+):
+    from engine.api.protocol import MergeBody, OpenAIError
+    from engine.interface import AdapterConflictError
+    from finetune.merge import merge_adapters
+
+    api = create_api(hf_engine, registry_for, admin_token="t", adapter_root=tmp_path,
+                     merger=merge_adapters).state.api  # fmt: skip
+
+    async def taken(name, path, max_rank=None):
+        raise AdapterConflictError(f"adapter {name!r} is being loaded or unloaded")
+
+    hf_engine.load_adapter = taken
+    try:
+        with pytest.raises(OpenAIError) as refused:
+            body = MergeBody(name="alpha-beta", adapters=["alpha", "beta"], method="cat")
+            asyncio.run(api.merge(body, merge_adapters))
+    finally:
+        del hf_engine.load_adapter
+    assert (refused.value.status, refused.value.param) == (409, "name")
+    assert list(tmp_path.iterdir()) == [] and not api.merging

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 
 from ..constraints import grammar_problem
 from ..interface import (
+    AdapterConflictError,
     AdapterLoadError,
     AdapterNotFoundError,
     Chunk,
@@ -636,6 +637,8 @@ class Api:
             with contextlib.suppress(BaseException):  # a thread cannot be stopped: let it end
                 await merging
             shutil.rmtree(out, ignore_errors=True)
+            if isinstance(err, AdapterConflictError):  # the name was taken meanwhile: a 409
+                raise from_engine(err) from err
             if isinstance(err, ValueError | AdapterLoadError):
                 raise invalid(f"cannot merge: {err}", "adapters", 422) from err
             raise
