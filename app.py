@@ -267,12 +267,15 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
 
     async def chat(message: str, history: list, name: str):
         """One chat turn: the history plus the user's message and the reply, streamed. The
-        message fills the adapter's template, as the API does."""
+        message fills the adapter's template, as the API does; a task adapter gets the message
+        alone (``answers_each_message_alone``)."""
         if not message or not message.strip():
             raise gr.Error("Type a message first.")
         adapter = None if name == BASE_MODEL_ALIAS else name
         spec = catalog.registered(adapter)
         past = [{"role": m["role"], "content": message_text(m["content"])} for m in history or []]
+        if answers_each_message_alone(spec):
+            past = []
         prompt = [*past, {"role": "user", "content": fill_template(spec, message)}]
         request = GenerationRequest(adapter=adapter, messages=prompt, params=resolve(spec))
         shown = [*(history or []), {"role": "user", "content": message}]
@@ -438,6 +441,17 @@ def message_text(content) -> str:
     if len(texts) != len(content):
         raise gr.Error("Only text messages are supported.")
     return "\n".join(texts)
+
+
+def answers_each_message_alone(spec: AdapterSpec | None) -> bool:
+    """A task adapter (a prompt template around the message) was trained on one message and its
+    answer: in the chat it answers each message alone, as the Compare tab and a one-message API
+    request do (given the earlier turns, the news classifier labelled one of four messages
+    otherwise). The base model and a plain ``{field}`` template keep the history."""
+    if spec is None:
+        return False
+    fields = template_fields(spec.template)
+    return spec.template.strip() not in {"{" + field + "}" for field in fields}
 
 
 def fill_template(spec: AdapterSpec | None, text: str) -> str:

@@ -53,6 +53,39 @@ def test_side_by_side_run_returns_both_answers_and_timings(hf_engine, registry_f
         demo.close()
 
 
+def test_the_chat_sends_a_task_adapter_each_message_alone_and_the_base_its_history(
+    hf_engine, registry_for
+):
+    """A task adapter (a template around the message) was trained on one message: the chat
+    tab's second turn sends it that message alone; the base model gets the conversation."""
+    from gradio_client import Client
+
+    sent = []
+    stream = hf_engine.stream
+
+    def recorded(request):
+        sent.append((request.adapter, [m["content"] for m in request.messages]))
+        return stream(request)
+
+    hf_engine.stream = recorded
+    demo = build_demo(hf_engine, registry_for)
+    demo.queue(default_concurrency_limit=8)
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, ssr_mode=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        for name in ("alpha", "base"):
+            history = client.predict("A joyless slog.", [], name, api_name="/chat")
+            client.predict("A quiet triumph.", history, name, api_name="/chat")
+    finally:
+        demo.close()
+        del hf_engine.stream
+    alpha, base = [messages for _, messages in sent[:2]], [messages for _, messages in sent[2:]]
+    assert alpha[1] == ["Is this review positive or negative?\nA quiet triumph."]
+    assert len(base[1]) == 3
+    assert (base[1][0], base[1][2]) == ("A joyless slog.", "A quiet triumph.")
+
+
 def chat_text(message: dict) -> str:
     content = message["content"]
     return content if isinstance(content, str) else "".join(p["text"] for p in content)
