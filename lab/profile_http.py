@@ -35,19 +35,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
 import json
 import os
-import shutil
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from profile_scheduler import PHASE_NAMES, parse_raw, record, thread_summary
+from profile_scheduler import (
+    PHASE_NAMES,
+    metas,
+    pct,
+    phase_bars,
+    py_spy_parser,
+    record,
+    stacks_file,
+    summarize_stacks,
+    write_reports,
+)
 
 TARGET_NAMES = {"scheduler": "sglang::schedul", "detokenizer": "sglang::detoken"}
 """SGLang's children by the 15 characters of setproctitle's name the kernel keeps."""
@@ -60,52 +67,27 @@ TOP = 12
 # ---------------------------------------------------------------- the summariser (no GPU needed)
 
 
-def read_raw(path: Path) -> dict[str, list]:
-    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
-    by_thread: dict[str, list] = defaultdict(list)
-    for thread, frames, n in parse_raw(text):
-        by_thread[thread].append((frames, n))
-    return by_thread
-
-
 def summarize_target(raw: Path, window: float) -> dict:
     """One process's samples over ``window`` nominal samplings (rate × seconds): cores busy by
     py-spy (a lower bound: it may miss samplings), each thread's samples, the busiest thread."""
-    threads = read_raw(raw)
-    summaries = {t: thread_summary(stacks, window) for t, stacks in threads.items()}
-    samples = {t: s["samples"] for t, s in summaries.items()}
-    busiest = max(samples, key=samples.get, default=None)
-    return {
-        "spy_cores": round(sum(samples.values()) / window, 2) if window else None,
-        "threads": samples,
-        "busiest_thread": busiest,
-        "busiest": summaries.get(busiest, {}),
-    }
+    summary = summarize_stacks(raw, window)
+    spy_cores = round(sum(summary["threads"].values()) / window, 2) if window else None
+    return {"spy_cores": spy_cores} | summary
 
 
 def summarize(folder: str | Path, out: str | Path) -> dict:
     folder, out = Path(folder), Path(out)
     points = []
-    for meta_file in sorted(folder.glob("*.meta.json")):
-        meta = json.loads(meta_file.read_text())
-        label = meta_file.name.removesuffix(".meta.json")
+    for label, meta in metas(folder):
         for target, got in meta.get("targets", {}).items():
-            stacks = (folder / f"{label}.{target}.txt", folder / f"{label}.{target}.txt.gz")
-            raw = next((r for r in stacks if r.exists()), None)
+            raw = stacks_file(folder, f"{label}.{target}")
             if raw and not got.get("error"):
                 got |= summarize_target(raw, meta.get("rate", 0) * meta.get("seconds", 0))
         points.append(meta)
     points.sort(key=lambda p: (p.get("streams", 0), p.get("arm", ""), p.get("path") != "direct"))
     results = {"points": points}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "http-profile.json").write_text(json.dumps(results, indent=1))
-    (out / "http-profile.md").write_text(markdown(results))
-    plot(points, out / "http-profile.png")
+    write_reports(out, "http-profile", results, markdown, plot)
     return results
-
-
-def pct(share) -> str:
-    return "—" if share is None else f"{100 * share:.0f}"
 
 
 def cell(value, spec: str) -> str:
@@ -203,15 +185,9 @@ def plot(points: list[dict], path: Path) -> None:
     left.set_yticks([k + height for k in range(len(shown))], labels)
     left.set_xlabel("cores busy (/proc; else py-spy's samples ÷ rate × seconds)")
     left.legend(fontsize=8)
-    starts = [0.0] * len(shown)
-    for name in PHASE_NAMES:
-        widths = [100 * p.get("targets", {}).get("scheduler", {}).get("busiest", {})
-                  .get("phases", {}).get(name, 0) for p in shown]  # fmt: skip
-        right.barh(labels, widths, left=starts, label=name)
-        starts = [a + b for a, b in zip(starts, widths)]
-    right.set_xlabel("% of the scheduler thread's samples")
-    right.set_xlim(0, 100)
-    right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    phases = [p.get("targets", {}).get("scheduler", {}).get("busiest", {}).get("phases", {})
+              for p in shown]  # fmt: skip
+    phase_bars(right, labels, phases)
     fig.suptitle("Engine-direct against HTTP: where each process's time goes (py-spy)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -353,22 +329,13 @@ async def run(args) -> None:
 
 
 def parse_args(argv=None):
-    from profile_decode import add_load_arguments
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="mode", required=True)
-    s = sub.add_parser("summarize", help="summarise a run's folder again")
-    s.add_argument("folder")
-    s.add_argument("--out", required=True)
-    r = sub.add_parser("run", help="start the engine, load it each way, sample its processes")
-    add_load_arguments(r, streams=[256], arms=["base", "adapters"], warmup=15)
+    run_help = "start the engine, load it each way, sample its processes"
+    parser, r = py_spy_parser(
+        __doc__, run_help, streams=[256], arms=["base", "adapters"], warmup=15
+    )
     r.add_argument("--paths", nargs="+", choices=["direct", "http"], default=["direct", "http"])
     r.add_argument("--targets", nargs="+", choices=TARGETS, default=TARGETS)
-    r.add_argument("--seconds", type=float, default=15, help="seconds of py-spy samples")
-    r.add_argument("--rate", type=int, default=250, help="samples a second")
     r.add_argument("--locust-processes", type=int, default=1, help="as loadtest.bench's")
-    r.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy", help="its binary")
-    r.add_argument("--out", required=True)
     return parser.parse_args(argv)
 
 

@@ -49,6 +49,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # profile_decode's clients and build
@@ -131,37 +132,53 @@ def thread_summary(stacks: list[tuple[list[str], int]], window_samples: float) -
     }
 
 
-def summarize_point(raw: Path, meta: dict) -> dict:
+def stacks_file(folder: Path, stem: str) -> Path | None:
+    """``<stem>.txt`` or ``<stem>.txt.gz`` in ``folder``, whichever is there."""
+    return next(
+        (r for r in (folder / f"{stem}.txt", folder / f"{stem}.txt.gz") if r.exists()), None
+    )
+
+
+def summarize_stacks(raw: Path, window: float) -> dict:
+    """One process's py-spy stacks: each thread's samples, its busiest thread and that thread's
+    summary over ``window`` nominal samplings (rate × seconds)."""
     by_thread: dict[str, list] = defaultdict(list)
     text = gzip.decompress(raw.read_bytes()).decode() if raw.suffix == ".gz" else raw.read_text()
     for thread, frames, n in parse_raw(text):
         by_thread[thread].append((frames, n))
-    window = meta.get("rate", 0) * meta.get("seconds", 0)
     threads = {t: thread_summary(s, window) for t, s in by_thread.items()}
     busiest = max(threads, key=lambda t: threads[t]["samples"], default=None)
-    return meta | {
+    return {
         "threads": {t: s["samples"] for t, s in threads.items()},
         "busiest_thread": busiest,
         "busiest": threads.get(busiest, {}),
     }
 
 
+def metas(folder: Path) -> list[tuple[str, dict]]:
+    """Each point's label and meta (``<label>.meta.json``), by label."""
+    found = sorted(folder.glob("*.meta.json"))
+    return [(f.name.removesuffix(".meta.json"), json.loads(f.read_text())) for f in found]
+
+
 def summarize(folder: str | Path, out: str | Path) -> dict:
     folder, out = Path(folder), Path(out)
     points = []
-    for meta_file in sorted(folder.glob("*.meta.json")):
-        meta = json.loads(meta_file.read_text())
-        label = meta_file.name.removesuffix(".meta.json")
-        raw = next(
-            (r for r in (folder / f"{label}.txt", folder / f"{label}.txt.gz") if r.exists()), None
-        )
-        points.append(summarize_point(raw, meta) if raw else meta)
-    out.mkdir(parents=True, exist_ok=True)
+    for label, meta in metas(folder):
+        raw = stacks_file(folder, label)
+        window = meta.get("rate", 0) * meta.get("seconds", 0)
+        points.append(meta | summarize_stacks(raw, window) if raw else meta)
     results = {"points": points}
-    (out / "scheduler.json").write_text(json.dumps(results, indent=1))
-    (out / "scheduler.md").write_text(markdown(results))
-    plot(points, out / "scheduler.png")
+    write_reports(out, "scheduler", results, markdown, plot)
     return results
+
+
+def write_reports(out: Path, stem: str, results: dict, markdown, plot) -> None:
+    """``<stem>.json``, ``.md`` (``markdown(results)``) and ``.png`` (``plot(points, path)``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{stem}.md").write_text(markdown(results))
+    plot(results["points"], out / f"{stem}.png")
 
 
 def pct(share) -> str:
@@ -209,18 +226,23 @@ def plot(points: list[dict], path: Path) -> None:
     if not shown:
         return
     fig, ax = plt.subplots(figsize=(11, 1.6 + 0.6 * len(shown)))
-    left = [0.0] * len(shown)
-    for name in PHASE_NAMES:
-        widths = [100 * p["busiest"]["phases"].get(name, 0) for p in shown]
-        ax.barh([p["label"] for p in shown], widths, left=left, label=name)
-        left = [a + b for a, b in zip(left, widths)]
-    ax.set_xlabel("% of the scheduler thread's samples")
-    ax.set_xlim(0, 100)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    phase_bars(ax, [p["label"] for p in shown], [p["busiest"]["phases"] for p in shown])
     ax.set_title("SGLang's scheduler loop by phase (py-spy)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def phase_bars(ax, labels: list[str], phases: list[dict]) -> None:
+    """A stacked bar per label: its phase shares (``PHASE_NAMES``), % of the thread's samples."""
+    left = [0.0] * len(labels)
+    for name in PHASE_NAMES:
+        widths = [100 * shares.get(name, 0) for shares in phases]
+        ax.barh(labels, widths, left=left, label=name)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_xlabel("% of the scheduler thread's samples")
+    ax.set_xlim(0, 100)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
 
 
 # ---------------------------------------------------------------- the run (the engine's machine)
@@ -293,20 +315,29 @@ async def run(args) -> None:
     print(Path(args.out, "scheduler.md").read_text(), flush=True)
 
 
-def parse_args(argv=None):
+def py_spy_parser(doc: str, run_help: str, **load) -> tuple[argparse.ArgumentParser, Any]:
+    """A py-spy profiler's command line: ``summarize FOLDER --out DIR``, and ``run`` with the
+    engine's load (``profile_decode.add_load_arguments(**load)``), the samples' length and rate,
+    py-spy's binary and ``--out``. Returns the parser and ``run``'s, for more arguments."""
     from profile_decode import add_load_arguments
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     s = sub.add_parser("summarize", help="summarise a run's folder again")
     s.add_argument("folder")
     s.add_argument("--out", required=True)
-    r = sub.add_parser("run", help="start the engine, keep streams running, sample the scheduler")
-    add_load_arguments(r, streams=[64, 256], arms=["adapters"], warmup=15)
+    r = sub.add_parser("run", help=run_help)
+    add_load_arguments(r, **load)
     r.add_argument("--seconds", type=float, default=15, help="seconds of py-spy samples")
     r.add_argument("--rate", type=int, default=250, help="samples a second")
     r.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy", help="its binary")
     r.add_argument("--out", required=True)
+    return parser, r
+
+
+def parse_args(argv=None):
+    run_help = "start the engine, keep streams running, sample the scheduler"
+    parser, _ = py_spy_parser(__doc__, run_help, streams=[64, 256], arms=["adapters"], warmup=15)
     return parser.parse_args(argv)
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,15 +25,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_side_by_side_run_returns_both_answers_and_timings(hf_engine, registry_for):
+@contextlib.contextmanager
+def demo_client(engine, registry):
+    """The app's UI served on a free port, and a Gradio client of it."""
     from gradio_client import Client
 
-    demo = build_demo(hf_engine, registry_for)
+    demo = build_demo(engine, registry)
     demo.queue(default_concurrency_limit=8)
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, ssr_mode=False)
     try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    finally:
+        demo.close()
+
+
+def test_side_by_side_run_returns_both_answers_and_timings(hf_engine, registry_for):
+    with demo_client(hf_engine, registry_for) as client:
         tuned, tuned_stats, base, base_stats = client.predict(
             "alpha", "A joyless slog.", "", "", "", api_name="/compare"
         )
@@ -49,8 +58,6 @@ def test_side_by_side_run_returns_both_answers_and_timings(hf_engine, registry_f
             history = client.predict(message, history, "base", api_name="/chat")
             assert [m["role"] for m in history] == ["user", "assistant"] * turn
             assert chat_text(history[-1]) and chat_text(history[-2]) == message
-    finally:
-        demo.close()
 
 
 def test_the_chat_sends_a_task_adapter_each_message_alone_and_the_base_its_history(
@@ -58,8 +65,6 @@ def test_the_chat_sends_a_task_adapter_each_message_alone_and_the_base_its_histo
 ):
     """A task adapter (a template around the message) was trained on one message: the chat
     tab's second turn sends it that message alone; the base model gets the conversation."""
-    from gradio_client import Client
-
     sent = []
     stream = hf_engine.stream
 
@@ -68,17 +73,12 @@ def test_the_chat_sends_a_task_adapter_each_message_alone_and_the_base_its_histo
         return stream(request)
 
     hf_engine.stream = recorded
-    demo = build_demo(hf_engine, registry_for)
-    demo.queue(default_concurrency_limit=8)
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, ssr_mode=False)
     try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        for name in ("alpha", "base"):
-            history = client.predict("A joyless slog.", [], name, api_name="/chat")
-            client.predict("A quiet triumph.", history, name, api_name="/chat")
+        with demo_client(hf_engine, registry_for) as client:
+            for name in ("alpha", "base"):
+                history = client.predict("A joyless slog.", [], name, api_name="/chat")
+                client.predict("A quiet triumph.", history, name, api_name="/chat")
     finally:
-        demo.close()
         del hf_engine.stream
     alpha, base = [messages for _, messages in sent[:2]], [messages for _, messages in sent[2:]]
     assert alpha[1] == ["Is this review positive or negative?\nA quiet triumph."]
