@@ -109,21 +109,31 @@ def test_an_adapter_under_the_root_loads_on_first_use_once_for_many_requests(
     assert missing.status_code == 404
 
 
-def test_a_request_during_an_admin_load_of_its_adapter_waits_for_that_load(
-    hf_engine, registry_for, adapter_dirs, tmp_path
+@pytest.mark.parametrize(
+    "admin_path, on_disk, admin_status, loads",
+    [
+        ("omega", "omega", 200, ["omega"]),  # the admin's load, shared
+        ("elsewhere/omega", "elsewhere/omega", 200, ["omega"]),  # nothing at <root>/omega
+        ("broken", "omega", 422, ["omega", "omega"]),  # the admin's fails: theirs, after
+    ],
+)
+def test_requests_during_an_admin_load_of_their_adapter_wait_for_it(
+    hf_engine, registry_for, adapter_dirs, tmp_path, admin_path, on_disk, admin_status, loads
 ):
-    """A chat request for a name an admin is loading meanwhile shares that load: its own load on
-    first use would meet the engine's 409 ("being loaded or unloaded")."""
+    """A chat request for a name an admin is loading meanwhile waits for that load: its own
+    load on first use would meet the engine's 409 ("being loaded or unloaded"). If the admin's
+    load fails, the request loads the adapter from under the root itself."""
     from conftest import LiveServer
 
-    shutil.copytree(adapter_dirs["beta"], tmp_path / "omega")
+    shutil.copytree(adapter_dirs["beta"], tmp_path / on_disk)
+    (tmp_path / "broken").mkdir()  # no adapter_config.json: the engine refuses it
     registry = registry_for.model_copy(deep=True)
     registry.engine.load_on_demand = True
-    loads, asked, release = [], [], threading.Event()
+    started, asked, release = [], [], threading.Event()
     load, discover = hf_engine.load_adapter, hf_engine.discover_adapter
 
     async def held(name, path, **kwargs):
-        loads.append(name)
+        started.append(name)
         while not release.is_set():  # until the chat requests are waiting
             await asyncio.sleep(0.01)
         return await load(name, path, **kwargs)
@@ -138,12 +148,12 @@ def test_a_request_during_an_admin_load_of_its_adapter_waits_for_that_load(
     app = create_api(hf_engine, registry, admin_token="t", adapter_root=tmp_path)
     live = LiveServer(app)
     body = {"model": "omega", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
-    admin = {"name": "omega", "path": "omega"}
+    admin = {"name": "omega", "path": admin_path}
     try:
         with ThreadPoolExecutor(4) as pool:
             loaded = pool.submit(httpx.post, f"{live.url}/v1/adapters", json=admin,
                                  headers={"authorization": "Bearer t"}, timeout=600)  # fmt: skip
-            while not loads:  # the admin's load holds the name first
+            while not started:  # the admin's load holds the name first
                 time.sleep(0.01)
             answers = list(pool.map(lambda _: chat(live.url, body), range(3)))
     finally:
@@ -152,9 +162,9 @@ def test_a_request_during_an_admin_load_of_its_adapter_waits_for_that_load(
         del hf_engine.load_adapter, hf_engine.discover_adapter
         if "omega" in hf_engine.adapters():
             asyncio.run(hf_engine.unload_adapter("omega"))
-    assert loaded.result().status_code == 200, loaded.result().text
+    assert loaded.result().status_code == admin_status, loaded.result().text
     assert [a.status_code for a in answers] == [200] * 3, [a.text for a in answers]
-    assert loads == ["omega"]  # the admin's load only
+    assert started == loads  # the admin's load, and after a failed one a single shared load
 
 
 def test_without_the_setting_an_adapter_on_disk_is_not_loaded(
@@ -252,3 +262,24 @@ def test_a_merge_whose_name_is_taken_while_it_runs_is_a_409_and_leaves_nothing(
         del hf_engine.load_adapter
     assert (refused.value.status, refused.value.param) == (409, "name")
     assert list(tmp_path.iterdir()) == [] and not api.merging
+
+
+def test_a_merge_named_like_an_adapter_being_loaded_is_refused_before_it_runs(
+    hf_engine, registry_for, tmp_path
+):
+    from engine.api.protocol import MergeBody, OpenAIError
+
+    api = create_api(hf_engine, registry_for, admin_token="t", adapter_root=tmp_path).state.api
+    merged = []
+
+    async def merge_while_loading():
+        api.loading["alpha-beta"] = asyncio.get_running_loop().create_future()
+        try:
+            body = MergeBody(name="alpha-beta", adapters=["alpha", "beta"], method="cat")
+            await api.merge(body, lambda *args, **kwargs: merged.append(args))
+        finally:
+            api.loading.pop("alpha-beta").cancel()
+
+    with pytest.raises(OpenAIError, match="being loaded") as refused:
+        asyncio.run(merge_while_loading())
+    assert (refused.value.status, refused.value.param) == (409, "name") and merged == []

@@ -291,7 +291,8 @@ class Api:
 
     async def ensure_model(self, model: str) -> str | None:
         """``resolve_model``, loading the adapter first when ``engine.load_on_demand`` allows and
-        it lies under the adapter root; concurrent requests for it share one load."""
+        it lies under the adapter root; concurrent requests for it share one load, and wait for
+        an admin's load of it in flight (if that fails, they load it themselves)."""
         try:
             return self.resolve_model(model)
         except OpenAIError:
@@ -299,11 +300,16 @@ class Api:
             if name is not None and await self.engine.discover_adapter(name):
                 return name
             path = self.on_demand_path(name)
-            if path is None:
+            waits = self.registry.engine.load_on_demand and name in self.loading
+            if path is None and not waits:
                 raise
+        if (theirs := self.loading.get(name)) is not None:
+            with contextlib.suppress(AdapterLoadError):  # an admin's load failed: ours, below
+                await asyncio.shield(theirs)
+            if path is None or name in self.engine.adapters():
+                return self.resolve_model(model)
         loading = self.loading.get(name) or self.shared_load(name, self.load_on_demand(name, path))
-        with contextlib.suppress(AdapterLoadError):  # an admin's load of it failed: the 404 below
-            await asyncio.shield(loading)
+        await asyncio.shield(loading)
         return self.resolve_model(model)
 
     def shared_load(self, name: str, load: Awaitable[None]) -> asyncio.Future:
@@ -583,7 +589,8 @@ class Api:
         return len(doomed)
 
     def check_name(self, name: str) -> None:
-        """A new adapter's name: a slug, not the base model's, not one being unloaded/merged."""
+        """A new adapter's name: a slug, not the base model's, not one being loaded, unloaded or
+        merged."""
         if not SLUG.match(name):
             raise invalid(f"name {name!r} must be a slug (a-z, 0-9, -, _)", "name", 422)
         reserved = RESERVED_NAMES | {self.engine.base_model_id: "the base model"}
@@ -593,6 +600,8 @@ class Api:
             raise OpenAIError(409, f"adapter '{name}' is being unloaded", "conflict_error", "name")
         if name in self.merging:
             raise OpenAIError(409, f"adapter '{name}' is being merged", "conflict_error", "name")
+        if name in self.loading:
+            raise OpenAIError(409, f"adapter '{name}' is being loaded", "conflict_error", "name")
 
     def allowed_path(self, raw: str) -> str:
         """``raw`` (absolute, or relative to the adapter root) resolved; 403 outside the root."""
@@ -867,7 +876,8 @@ def create_api(
         api.check_name(body.name)
         path = api.allowed_path(body.path)
         load = engine.load_adapter(body.name, path, max_rank=api.limits.max_adapter_rank)
-        try:  # shielded: a load whose caller left runs to its end, for those waiting on it
+        try:  # shielded, as the requests waiting on it shield it: one waiter cancelled (at
+            # shutdown) does not cancel the load for the others
             await asyncio.shield(api.shared_load(body.name, load))
         except AdapterLoadError as err:
             raise from_engine(err) from err
