@@ -19,8 +19,8 @@ this process; ``http``: one Locust run against that API, as ``loadtest.bench --p
 waits ``--warmup`` s (Locust: plus its start-up) and runs ``py-spy record`` on each process of
 ``--targets`` at once for ``--seconds`` s (``scheduler``: the SGLang child named
 ``sglang::schedul``; ``detokenizer``: ``sglang::detoken``; ``api``: this process; ``locust``: the
-client, HTTP points only), every thread,
-without pausing them (``--nonblocking``), while it counts output tok/s.
+client, HTTP points only), every thread, without pausing them (``--nonblocking``), while it
+counts output tok/s.
 
 ``summarize`` reports per point and process: cores busy (its CPU seconds in ``/proc`` over the
 window; where not measured, all its threads' samples ÷ ``--rate`` × ``--seconds``, a lower bound:
@@ -114,6 +114,15 @@ def cores_cell(got: dict) -> str:
     return "—" if got.get("spy_cores") is None else f"≥ {got['spy_cores']:.2f}"
 
 
+def whole_run_cores(points: list[dict]) -> list[str]:
+    """The HTTP points' cores from /proc over the whole Locust run (its start-up included)."""
+    measured = [p for p in points if p.get("api_cores_from_proc") is not None]
+    lines = [f"- {p['label']}: the API process {p['api_cores_from_proc']:.2f}, "
+             f"Locust {cell(p.get('locust_cores'), '.2f')}" for p in measured]  # fmt: skip
+    head = "Cores from /proc over the whole Locust run (start-up included):"
+    return ["", head, "", *lines] if lines else []
+
+
 def phases_table(points: list[dict]) -> list[str]:
     rows = ["| point | " + " | ".join(f"{n} %" for n in PHASE_NAMES) + " |",
             "|---" * (1 + len(PHASE_NAMES)) + "|"]  # fmt: skip
@@ -147,8 +156,8 @@ def markdown(results: dict) -> str:
             "HTTP (Locust). cores = its CPU seconds in /proc ÷ the window (≥: all its threads' "
             "py-spy samples ÷ rate × seconds, a lower bound); busiest % = its busiest thread's "
             "samples ÷ rate × seconds.",
-            "", *cores_table(points), "", "## SGLang's scheduler loop by phase", "",
-            *phases_table(points)]  # fmt: skip
+            "", *cores_table(points), *whole_run_cores(points), "",
+            "## SGLang's scheduler loop by phase", "", *phases_table(points)]  # fmt: skip
     for p in points:
         for target, got in p.get("targets", {}).items():
             if got.get("error"):

@@ -28,10 +28,11 @@ thread (0x3): Thread-1;run (threading.py:1);work (x.py:1) 10
 """
 
 
-def write_point(folder: Path, label: str, path: str, targets: dict) -> None:
+def write_point(folder: Path, label: str, path: str, targets: dict, **more) -> None:
     meta = {"label": label, "streams": 256, "arm": "adapters", "path": path, "tok_s": 12000.0,
             "failures": 0, "rate": 100, "seconds": 1, "command": "python lab/profile_http.py run",
             "targets": targets}  # fmt: skip
+    meta |= more
     (folder / f"{label}.meta.json").write_text(json.dumps(meta))
 
 
@@ -41,7 +42,8 @@ def test_summarize_reports_cores_busiest_thread_and_phases(tmp_path):
     targets = {"scheduler": {"pid": 5, "sampled": 100, "proc_cores": 0.97},
                "api": {"pid": 4, "sampled": 60},
                "detokenizer": {"pid": 6, "error": "RuntimeError: py-spy exited 1"}}  # fmt: skip
-    write_point(tmp_path, "256-adapters-http", "http", targets)
+    write_point(tmp_path, "256-adapters-http", "http", targets, api_cores_from_proc=0.7,
+                locust_cores=0.5)  # fmt: skip
     write_point(tmp_path, "256-adapters-direct", "direct", {})
     results = profile_http.summarize(tmp_path, tmp_path / "out")
     assert [p["path"] for p in results["points"]] == ["direct", "http"]
@@ -56,6 +58,7 @@ def test_summarize_reports_cores_busiest_thread_and_phases(tmp_path):
     # /proc's cores where measured, else py-spy's lower bound
     assert "| 256-adapters-http | 12000 | 0 | ≥ 0.60 | 50 | 0.97 | 100 | — | — | — | — |" in md
     assert "256-adapters-http, detokenizer: RuntimeError: py-spy exited 1" in md
+    assert "- 256-adapters-http: the API process 0.70, Locust 0.50" in md  # /proc, the whole run
     assert "| `handle_loop` | 60 |" in md  # 30 of the main thread's 50 samples
     assert "| `run_forever` |" not in md  # every sample's frame: not listed
     assert "`python lab/profile_http.py run`" in md
