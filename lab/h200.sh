@@ -32,6 +32,9 @@
 #                                    SGLang's scheduler and detokenizer, and Locust, engine-direct
 #                                    against HTTP at 256 streams, base and 128 adapters
 #                                    (PROFILE_SET: an engine setting, e.g. the fp8 one)
+#                       pin-scheduler  lab/pin_scheduler.py: SGLang's scheduler thread on a core
+#                                    of its own against free, alternated in one engine
+#                                    (PROFILE_SET, PIN_ROUNDS: 3), direct and HTTP, 256 streams
 #                       bursty       loadtest.bursty: closed loop vs 1 s think time vs Poisson
 #                       pairs-open   the pairs with both arms open loop: ARRIVAL_RATE Poisson
 #                                    arrivals a second (70: ~3/4 of what 256 closed-loop
@@ -454,6 +457,16 @@ profile_http() {  # #16: which process holds HTTP below the engine (py-spy, carr
     --out "$RESULTS/http-profile" --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" \
     --set "$(decode_setting "${PROFILE_SET:-fp8}")" --streams 256 --arms base adapters \
     --py-spy /tmp/extra/bin/py-spy
+}
+
+pin_scheduler() {  # #16: SGLang's scheduler on a core of its own against free (one engine)
+  wait_file "$SYNTH/adapters.yaml" 600 || return 1
+  gpu_free
+  lscpu | grep -E '^(CPU\(s\)|On-line|Thread|Core|Socket|Model name|NUMA)' || true
+  timeout 1500 python3 lab/pin_scheduler.py run --config "$SYNTH/adapters.yaml" \
+    --out "$RESULTS/pin-scheduler" --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" \
+    --set "$(decode_setting "${PROFILE_SET:-fp8}")" --streams 256 --arms base adapters \
+    --rounds "${PIN_ROUNDS:-3}"
 }
 
 profile_decode() {  # #16: what bounds the decode step (torch profiler through SGLang's own API)
