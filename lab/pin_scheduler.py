@@ -313,6 +313,26 @@ def ratios(points: list[dict]) -> list[dict]:
     return rows
 
 
+def http_over_direct(points: list[dict]) -> list[dict]:
+    """HTTP ÷ direct tok/s and TPOT per round, arm and placement (adjacent points)."""
+    by = {}
+    for p in points:
+        if p.get("tok_s") and not p.get("error"):
+            key = (p.get("streams"), p.get("arm"), p.get("placement"))
+            by.setdefault(key, {}).setdefault(p["round"], {})[p["path"]] = p
+    rows = []
+    for (streams, arm, placement), rounds in sorted(by.items(), key=lambda kv: str(kv[0])):
+        pairs = [r for r in rounds.values() if {"direct", "http"} <= set(r)]
+        if pairs:
+            tok = [r["http"]["tok_s"] / r["direct"]["tok_s"] for r in pairs]
+            tpot = [r["http"]["tpot_p50"] / r["direct"]["tpot_p50"] for r in pairs
+                    if r["http"].get("tpot_p50") and r["direct"].get("tpot_p50")]  # fmt: skip
+            rows.append({"streams": streams, "arm": arm, "placement": placement,
+                         "pairs": len(pairs), "tok_s_ratio": spread(tok),
+                         "tpot_ratio": spread(tpot) if tpot else None})  # fmt: skip
+    return rows
+
+
 def spread(values: list[float]) -> dict:
     return {"median": round(statistics.median(values), 3), "low": round(min(values), 3),
             "high": round(max(values), 3)}  # fmt: skip
@@ -321,7 +341,8 @@ def spread(values: list[float]) -> dict:
 def summarize(folder: str | Path, out: str | Path) -> dict:
     points = [meta for _, meta in metas(Path(folder))]
     points.sort(key=lambda p: (p.get("order", 0), p.get("label", "")))
-    results = {"points": points, "ratios": ratios(points)}
+    results = {"points": points, "ratios": ratios(points),
+               "http_over_direct": http_over_direct(points)}  # fmt: skip
     write_reports(Path(out), "pin-scheduler", results, markdown, plot)
     return results
 
@@ -367,6 +388,12 @@ def markdown(results: dict) -> str:
             "|---|---|---|---|---|---|"]  # fmt: skip
     for r in results["ratios"]:
         out.append(f"| {r['streams']} | {r['arm']} | {r['path']} | {r['pairs']} | "
+                   f"{ratio_cell(r['tok_s_ratio'])} | {ratio_cell(r['tpot_ratio'])} |")  # fmt: skip
+    out += ["", "## HTTP ÷ direct, median [range] over rounds (adjacent points)", "",
+            "| streams | arm | placement | pairs | tok/s | TPOT p50 |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results.get("http_over_direct", []):
+        out.append(f"| {r['streams']} | {r['arm']} | {r['placement']} | {r['pairs']} | "
                    f"{ratio_cell(r['tok_s_ratio'])} | {ratio_cell(r['tpot_ratio'])} |")  # fmt: skip
     out += ["", "## Each point, in the order run", "",
             "Engine thread: SGLang's scheduler main thread (`/proc` schedstat: CPU, waiting for a "
