@@ -843,7 +843,7 @@ collect() {
       | tr '\r' '\n' | grep -v -e "Capturing" -e '^\s*$' | tail -c 2000000 > "$RESULTS/logs/${log##*/}"
   done
   summary > "$OUT/summary.md" 2>&1
-  (cd /tmp && tar czf "$OUT/results.tgz" --exclude='*/raw' --exclude=logs \
+  (cd /tmp && tar czf "$OUT/results.tgz" --exclude='*/raw' --exclude='pin-scheduler/locust' --exclude=logs \
     --exclude=results/sql-variants/adapters results)
   # a file back from $OUT is ≤ 16 MiB, 8 files at most: the archives of the recipes named in
   # ADAPTERS_BACK (default: the first of SQL_RECIPES) in 15-MB parts; here, after fetching:
