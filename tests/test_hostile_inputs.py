@@ -484,6 +484,40 @@ def test_bytes_that_are_not_http_get_a_400_in_openai_shape_and_serving_goes_on(
     assert client.get("/health").json()["ok"] is True
 
 
+def test_a_body_in_a_transfer_coding_other_than_chunked_is_a_415_and_chunked_is_served(server):
+    body = json.dumps(OK_CHAT).encode()
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\ntransfer-encoding: ")  # fmt: skip
+    chunks = b"\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    status, _, answer = raw_exchange(server.port, head + b"gzip, chunked" + chunks)
+    error = json.loads(answer)["error"]
+    assert status == 415 and error["code"] == 415, answer
+    assert error["message"].startswith("Transfer-Encoding 'gzip, chunked' is not supported")
+    status, _, answer = raw_exchange(server.port, head + b"chunked" + chunks)
+    assert status == 200 and json.loads(answer)["choices"][0]["message"]["content"], answer
+
+
+def websocket_library() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) for name in ("websockets", "wsproto"))
+
+
+@pytest.mark.skipif(not websocket_library(), reason="uvicorn answers upgrades as plain HTTP")
+@pytest.mark.parametrize("path", ["/v1/realtime?model=gpt-realtime", CHAT, "/"])
+def test_a_websocket_handshake_gets_a_404_in_openai_shape_not_an_empty_403(server, client, path):
+    handshake = (f"GET {path} HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade"
+                 "\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 "sec-websocket-version: 13\r\n\r\n")  # fmt: skip
+    status, headers, body = raw_exchange(server.port, handshake.encode())
+    assert status == 404 and headers["content-type"] == "application/json", body
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "not_found_error" and error["code"] == 404
+    assert error["message"].startswith(f"no WebSocket endpoint at {path.partition('?')[0]}:")
+    assert client.get("/health").json()["ok"] is True
+
+
 def test_the_metrics_count_every_status_that_happened(client):
     picked = {"model-unknown", "truncated-json", "body-over-the-limit", "admin-no-token",
               "admin-path-traversal", "admin-reserved-base", "max_tokens-huge"}  # fmt: skip
