@@ -44,7 +44,8 @@
 #                       decode-settings  one engine each: defaults, num_continuous_decode_steps=4,
 #                                    cuda_graph_max_bs_decode=512, max_running_requests=256,
 #                                    enable_mixed_chunk, max_lora_chunk_size=128, the prefill
-#                                    delayer off or at 4/8 passes, fp8 (names in
+#                                    delayer off or at 4/8 passes, fp8, fp8 with 4
+#                                    continuous decode steps or no radix cache (names in
 #                                    DECODE_SETTINGS; pairs plan, DECODE_PAIRS rounds (1),
 #                                    256 streams; DECODE_OPEN="--arrival-rate R": open loop)
 #                       space-rehearsal  the GPU Space (deploy/gpu-space) from a clean home: its
@@ -495,6 +496,9 @@ decode_setting() {  # a named engine setting of decode-settings, as bench's --se
     prefill-delay-16) echo 'prefill_delay_passes=16' ;;
     fp8) echo 'extra={"quantization": "fp8"}' ;;  # the base's linear layers in FP8 (weights quantized at load)
     fp8-locust-4) echo 'extra={"quantization": "fp8"}' ;;  # fp8, Locust in 4 processes (decode_args)
+    # with FP8 the scheduler's loop, not the GPU, bounds the step: settings that take work off it
+    fp8-continuous-4) echo 'extra={"quantization": "fp8", "num_continuous_decode_steps": 4}' ;;
+    fp8-no-radix-cache) echo 'extra={"quantization": "fp8", "disable_radix_cache": true}' ;;
     *) echo "no decode setting named $1" >&2; return 1 ;;
   esac
 }
