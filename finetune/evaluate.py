@@ -5,6 +5,8 @@
     python -m finetune.evaluate --rescore results/finetune/smollm2 --limit 200   # no engine
     python -m finetune.evaluate --limit 2000 --out results/finetune/smollm2 --update-registry
     python -m finetune.evaluate --tasks sql --split fresh --out results/finetune/sql-fresh
+    python -m finetune.evaluate --tasks spam --split fresh --backend hf \
+        --out results/finetune/spam-fresh
 
 Writes ``quality.json`` and ``quality.md`` (task, metric, base, fine-tuned, delta) into ``--out``
 (default ``out/results/finetune/<config>``; the shipped results are ``results/finetune/smollm2``)
@@ -34,11 +36,13 @@ from engine.sampling import resolve
 
 from .data import load_split
 from .registry_update import set_eval
+from .sources import read_spam_fresh
 from .sql_fresh import HAND_WRITTEN, load_fresh
 from .tasks import TASKS, Task
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT_SETS = {("sql", name): partial(load_fresh, name) for name in HAND_WRITTEN}
+HELD_OUT_SETS["spam", "fresh"] = read_spam_fresh
 """``--split``: hand-written sets beside a task's test split."""
 
 
@@ -323,8 +327,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help=setting)
     parser.add_argument("--rescore", type=Path, metavar="DIR",
                         help="no engine: score DIR's outputs, first --limit examples")  # fmt: skip
-    parser.add_argument("--split", default="test",
-                        help="test, or a hand-written set: fresh, fresh2 (sql)")  # fmt: skip
+    split_help = "test, or a hand-written set: fresh, fresh2 (sql), fresh (spam)"
+    parser.add_argument("--split", default="test", help=split_help)
     args = parser.parse_args()
     if args.adapter and args.update_registry:
         raise SystemExit("--update-registry records each task's own adapter: not with --adapter")

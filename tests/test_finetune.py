@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -33,6 +34,23 @@ def test_labels_and_splits_are_what_the_tasks_expect():
     assert {e["target"] for e in load_split("spam", "test")} == {"spam", "ham"}
     assert {e["target"] for e in load_split("news", "test")} == set(TASKS["news"].labels)
     assert split_of("same key") == split_of("same key")
+
+
+def test_the_hand_written_spam_set_is_balanced_and_not_from_the_training_corpus():
+    from finetune.evaluate import examples_of
+    from finetune.sources import read_spam
+
+    fresh = examples_of("spam", "fresh")
+    assert sorted(e["target"] for e in fresh) == ["ham"] * 20 + ["spam"] * 20
+
+    def words(example) -> set[str]:
+        return set(re.sub(r"\W+", " ", example["input"]["message"].lower()).split())
+
+    corpus = [words(e) for e in read_spam()]
+    for example in fresh:
+        mine = words(example)
+        overlap = max(len(mine & theirs) / len(mine | theirs) for theirs in corpus)
+        assert overlap < 0.6, example  # no near copy of a message the adapter was trained on
 
 
 def test_the_first_examples_of_a_split_are_a_fair_sample_not_one_class_or_template():
