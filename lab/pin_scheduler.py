@@ -149,15 +149,16 @@ def thread_sched(pid: int, tid: int) -> dict:
             "voluntary": int(status["voluntary_ctxt_switches"])}  # fmt: skip
 
 
-def busy_cpus() -> dict[int, tuple[int, int]]:
-    """Each CPU's (busy, total) clock ticks from ``/proc/stat``."""
+def busy_cpus() -> dict[int, tuple[int, int, int]]:
+    """Each CPU's (busy, stolen, total) clock ticks from ``/proc/stat``; stolen: the time the
+    hypervisor ran something else while this virtual CPU had work (busy includes it)."""
     out = {}
     for line in Path("/proc/stat").read_text().splitlines():
         name, *ticks = line.split()
         if name.startswith("cpu") and name != "cpu":
             values = [int(t) for t in ticks]
             idle = values[3] + values[4]  # idle + iowait
-            out[int(name[3:])] = (sum(values[:8]) - idle, sum(values[:8]))
+            out[int(name[3:])] = (sum(values[:8]) - idle, values[7], sum(values[:8]))
     return out
 
 
@@ -256,9 +257,11 @@ class Window:
             if None not in (before, after):
                 out["process_cores"][name] = round((after - before) / wall, 2)
         host = busy_cpus()
-        busy = {c: (host[c][0] - self.host[c][0]) / max(1, host[c][1] - self.host[c][1])
+        grew = {c: [now - then for now, then in zip(host[c], self.host[c])]
                 for c in host if c in self.host}  # fmt: skip
+        busy = {c: ticks / max(1, total) for c, (ticks, _, total) in grew.items()}
         out["host_busy_cores"] = round(sum(busy.values()), 2)
+        out["host_stolen_cores"] = round(sum(s / max(1, t) for _, s, t in grew.values()), 2)
         out["isolated_busy"] = round(sum(busy.get(c, 0) for c in cores["isolated"]), 2)
         if self.engine:
             out["engine"] = self.engine_figures(wall)
@@ -354,7 +357,7 @@ def cell(value, spec: str) -> str:
 def points_table(points: list[dict]) -> list[str]:
     head = ["point", "tok/s", "TPOT p50 ms", "failed", "engine thread CPU %",
             "waiting for a core %",
-            "involuntary /s", "migrations /s", "GHz", "IPC", "host cores busy",
+            "involuntary /s", "migrations /s", "GHz", "IPC", "host cores busy", "stolen",
             "isolated core busy", "API cores", "Locust cores"]  # fmt: skip
     rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for p in points:
@@ -365,7 +368,8 @@ def points_table(points: list[dict]) -> list[str]:
             cell(p.get("failures"), "d"), pct(e.get("cpu_share")), pct(e.get("waiting_share")),
             cell(e.get("involuntary_per_s"), "d"), cell(e.get("migrations_per_s"), ".1f"),
             cell(e.get("ghz"), ".2f"), cell(e.get("ipc"), ".2f"),
-            cell(p.get("host_busy_cores"), ".2f"), cell(p.get("isolated_busy"), ".2f"),
+            cell(p.get("host_busy_cores"), ".2f"), cell(p.get("host_stolen_cores"), ".2f"),
+            cell(p.get("isolated_busy"), ".2f"),
             cell(procs.get("api"), ".2f"), cell(procs.get("locust"), ".2f")]) + " |")  # fmt: skip
     return rows
 
@@ -398,7 +402,8 @@ def markdown(results: dict) -> str:
     out += ["", "## Each point, in the order run", "",
             "Engine thread: SGLang's scheduler main thread (`/proc` schedstat: CPU, waiting for a "
             "core; GHz = cycles ÷ its CPU time, IPC = instructions ÷ cycles, from "
-            "perf_event_open where the kernel allows).", "", *points_table(points)]  # fmt: skip
+            "perf_event_open where the kernel allows); host cores busy and stolen (the "
+            "hypervisor's, `/proc/stat`).", "", *points_table(points)]  # fmt: skip
     for p in points:
         if p.get("error"):
             out += ["", f"{p['label']}: {p['error']}"]
