@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app import build_demo, create_app
@@ -180,6 +181,30 @@ def test_browser_picks_an_adapter_runs_and_sees_both_panels(hf_engine, registry_
     assert sorted(shown.split(" | ")) == sorted(filled)
     assert shot.stat().st_size > 10_000
     assert len(turns) == 3 and all(turns) and not any("Error" in t for t in turns)
+
+
+def test_a_websocket_handshake_gets_the_apis_404_not_an_empty_403_with_the_ui_mounted(
+    hf_engine, registry_for, tmp_path
+):
+    """Gradio's mount at / would take every handshake (Starlette's empty 403): the API's
+    refusal sits in front of it."""
+    from conftest import LiveServer
+    from test_hostile_inputs import raw_exchange, websocket_library
+
+    if not websocket_library():
+        pytest.skip("uvicorn answers upgrades as plain HTTP")
+    live = LiveServer(create_app(hf_engine, registry_for, tmp_path))
+    try:
+        for path in ("/v1/realtime", "/", "/gradio_api/queue/join"):
+            handshake = (f"GET {path} HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n"
+                         "connection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                         "sec-websocket-version: 13\r\n\r\n")  # fmt: skip
+            status, headers, body = raw_exchange(live.port, handshake.encode())
+            assert status == 404 and headers["content-type"] == "application/json", body
+            assert json.loads(body)["error"]["type"] == "not_found_error"
+        assert httpx.get(live.url + "/", timeout=60).status_code == 200  # the UI still serves
+    finally:
+        live.stop()
 
 
 def test_benchmarks_tab_shows_what_the_manifest_publishes_in_its_order(tmp_path):

@@ -1,6 +1,6 @@
 """The front door: the API key of the ``/v1`` routes, a body-size limit enforced before a body
-is read, and a last-resort handler that turns any uncaught exception into an OpenAI-shaped 500
-on a connection that stays open."""
+is read, a last-resort handler that turns any uncaught exception into an OpenAI-shaped 500
+on a connection that stays open, and WebSocket handshakes refused in OpenAI's shape."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import json
 import logging
 import secrets
 
+from starlette.routing import Match, WebSocketRoute
+
+from ..interface import clipped
 from ..metrics import Metrics
 from .hot_path import route_path
 
@@ -199,3 +202,32 @@ class BodyLimit:
         self.metrics.error("unknown", "invalid_request_error", 413)
         message = f"the request body is larger than the server's limit of {self.max_bytes} bytes"
         await respond(send, 413, message, "invalid_request_error")
+
+
+class RefuseWebSockets:
+    """ASGI middleware: a WebSocket handshake that no WebSocket route of ``router`` takes (the
+    API has none; Gradio 6 has none: a mount at ``/`` would take it and answer Starlette's empty
+    403) gets a 404 in OpenAI's shape where the server can send one (ASGI's
+    ``websocket.http.response``), counted in ``metrics`` as other unknown routes are; the OpenAI
+    SDK's Realtime client opens ``/v1/realtime``."""
+
+    def __init__(self, app, router, metrics):
+        self.app, self.router, self.metrics = app, router, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "websocket" or self.taken(scope):
+            return await self.app(scope, receive, send)
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            return await send({"type": "websocket.close", "code": 1008})
+        message = (f"no WebSocket endpoint at {clipped(scope['path'])}: this server answers HTTP "
+                   "alone (no Realtime API); POST /v1/chat/completions with stream: true sends "
+                   "server-sent events")  # fmt: skip
+        body = error_body(404, message, "not_found_error")
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        self.metrics.error("none", "not_found_error", 404)
+        await send({"type": "websocket.http.response.start", "status": 404, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+
+    def taken(self, scope) -> bool:
+        return any(isinstance(route, WebSocketRoute) and route.matches(scope)[0] == Match.FULL
+                   for route in self.router.routes)  # fmt: skip

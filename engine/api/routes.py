@@ -64,7 +64,7 @@ from .hot_path import (
     client_left,
     why_fastapi_routes,
 )
-from .limits import BodyLimit, bearer_token, error_body, guard_v1, shows_details
+from .limits import BodyLimit, RefuseWebSockets, bearer_token, guard_v1, shows_details
 from .protocol import (
     AdapterBody,
     ChatBody,
@@ -132,7 +132,7 @@ async def read_json(request: Request) -> dict:
     a 415 for a body declared in another format."""
     headers = request.headers
     refuse_other_formats(headers.get("content-type"), headers.get("content-encoding"))
-    refuse_transfer_codings(headers.get("transfer-encoding"))
+    refuse_transfer_codings(", ".join(headers.getlist("transfer-encoding")))
     raw = await request.body()
     try:
         text = raw.decode("utf-8")
@@ -850,6 +850,7 @@ def create_api(
         return await serve(request, "chat")
 
     app.add_middleware(HeadAsGet, is_read_only=read_only_route)  # inside: generation skips it
+    app.add_middleware(RefuseWebSockets, router=app.router, metrics=api.metrics)
     if through_fastapi:
         log.info("the generation routes go through FastAPI: %s", through_fastapi)
     else:
@@ -960,8 +961,6 @@ def create_api(
     for path in ("/get_model_info", "/model_info", "/get_server_info", "/server_info"):
         app.add_api_route(path, model_info, methods=["GET"])
 
-    app.router.default = refusing_websockets(app.router.default)
-
     @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     async def no_such_route(request: Request, rest: str):
         path = request.url.path
@@ -974,27 +973,6 @@ def create_api(
         return counted(OpenAIError(404, f"no route {path}", "not_found_error"))
 
     return app
-
-
-def refusing_websockets(default):
-    """The router's answer where no route matched (``default``), a WebSocket handshake refused
-    with a 404 in OpenAI's shape (the OpenAI SDK's Realtime client opens ``/v1/realtime``) where
-    the server can send one (ASGI's ``websocket.http.response``), not Starlette's empty 403."""
-
-    async def answer(scope, receive, send):
-        if scope["type"] != "websocket":
-            return await default(scope, receive, send)
-        if "websocket.http.response" not in scope.get("extensions", {}):
-            return await send({"type": "websocket.close", "code": 1008})
-        message = (f"no WebSocket endpoint at {clipped(scope['path'])}: this server answers HTTP "
-                   "alone (no Realtime API); POST /v1/chat/completions with stream: true sends "
-                   "server-sent events")  # fmt: skip
-        body = error_body(404, message, "not_found_error")
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        await send({"type": "websocket.http.response.start", "status": 404, "headers": headers})
-        await send({"type": "websocket.http.response.body", "body": body})
-
-    return answer
 
 
 # ----- responses --------------------------------------------------------------------------------
