@@ -36,6 +36,7 @@ import asyncio
 import ctypes
 import json
 import os
+import platform
 import statistics
 import struct
 import sys
@@ -164,7 +165,8 @@ def busy_cpus() -> dict[int, tuple[int, int, int]]:
 
 # ---------------------------------------------------------------- hardware counters (perf)
 
-PERF_EVENT_OPEN = 298  # x86-64
+PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}.get(platform.machine())
+"""The system call's number on this machine's architecture (None: not known here)."""
 PERF_TYPE_HARDWARE, CYCLES, INSTRUCTIONS = 0, 0, 1
 EXCLUDE_KERNEL, EXCLUDE_HV = 1 << 5, 1 << 6
 TIMES = 1 | 2  # read_format: time enabled, time running (the count scaled where multiplexed)
@@ -186,12 +188,18 @@ class Counters:
 
     def __init__(self, tid: int):
         self.fds, self.error, self.kernel = {}, None, True
+        if PERF_EVENT_OPEN is None:
+            self.error = f"perf_event_open: no system call number for {platform.machine()}"
+            return
         libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
         for name, config in (("cycles", CYCLES), ("instructions", INSTRUCTIONS)):
             for flags in (EXCLUDE_HV, EXCLUDE_HV | EXCLUDE_KERNEL):
                 attr = PerfAttr(type=PERF_TYPE_HARDWARE, size=ctypes.sizeof(PerfAttr),
                                 config=config, read_format=TIMES, flags=flags)  # fmt: skip
-                fd = libc.syscall(PERF_EVENT_OPEN, ctypes.byref(attr), tid, -1, -1, 0)
+                args = (ctypes.c_long(PERF_EVENT_OPEN), ctypes.byref(attr), ctypes.c_long(tid),
+                        ctypes.c_long(-1), ctypes.c_long(-1), ctypes.c_ulong(0))  # fmt: skip
+                fd = libc.syscall(*args)
                 if fd >= 0:
                     self.fds[name] = fd
                     self.kernel &= not flags & EXCLUDE_KERNEL
@@ -204,10 +212,12 @@ class Counters:
 
     def read(self) -> dict:
         out = {}
-        for name, fd in self.fds.items():
-            value, enabled, running = struct.unpack("QQQ", os.read(fd, 24))
-            out[name] = round(value * enabled / running) if running else None
-        self.close()
+        try:
+            for name, fd in self.fds.items():
+                value, enabled, running = struct.unpack("QQQ", os.read(fd, 24))
+                out[name] = round(value * enabled / running) if running else None
+        finally:
+            self.close()
         return out | {"kernel_counted": self.kernel}
 
     def close(self) -> None:
@@ -244,7 +254,7 @@ class Window:
             elif name.startswith(TARGET_NAMES["detokenizer"]):
                 found.setdefault("detokenizer", pid)
             elif is_locust(pid):
-                found.setdefault("locust", pid)
+                found[f"locust-{pid}"] = pid  # each of --locust-processes: summed in finish
         return found
 
     def finish(self, cores: dict) -> dict:
@@ -255,7 +265,9 @@ class Window:
         for name, pid in self.processes.items():
             before, after = self.cpu[name], process_cpu_seconds(pid)
             if None not in (before, after):
-                out["process_cores"][name] = round((after - before) / wall, 2)
+                kind = "locust" if name.startswith("locust") else name
+                cores_now = out["process_cores"].get(kind, 0) + (after - before) / wall
+                out["process_cores"][kind] = round(cores_now, 2)
         host = busy_cpus()
         grew = {c: [now - then for now, then in zip(host[c], self.host[c])]
                 for c in host if c in self.host}  # fmt: skip
@@ -271,6 +283,7 @@ class Window:
         try:
             after = thread_sched(*self.engine)
         except (OSError, KeyError) as err:
+            self.counters.close()
             return {"error": f"{type(err).__name__}: {err}"}
         grew = {k: after[k] - self.sched[k] for k in after if None not in (after[k], self.sched[k])}
         cpu_s = grew["cpu_ns"] / 1e9
@@ -284,7 +297,7 @@ class Window:
             return got | {"counters": self.counters.error}
         counted = self.counters.read()
         cycles, instructions = counted.get("cycles"), counted.get("instructions")
-        if cycles and cpu_s > 0:
+        if cycles and instructions is not None and cpu_s > 0:
             got |= {"ghz": round(cycles / cpu_s / 1e9, 2), "ipc": round(instructions / cycles, 2),
                     "kernel_counted": counted["kernel_counted"]}  # fmt: skip
         return got
@@ -337,8 +350,8 @@ def http_over_direct(points: list[dict]) -> list[dict]:
 
 
 def spread(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 3), "low": round(min(values), 3),
-            "high": round(max(values), 3)}  # fmt: skip
+    """Median and range, unrounded (the report rounds once, for display)."""
+    return {"median": statistics.median(values), "low": min(values), "high": max(values)}
 
 
 def summarize(folder: str | Path, out: str | Path) -> dict:
@@ -475,9 +488,11 @@ async def http_load(args, port: int, adapters: int, streams: int, label: str, me
     raw = Path(args.out) / "locust" / f"{label}.jsonl"
     raw.parent.mkdir(parents=True, exist_ok=True)
     load = asyncio.create_task(asyncio.to_thread(measured, options, streams, adapters, raw))
-    await asyncio.sleep(LOCUST_START + args.warmup)
-    got = await measure()
-    point, _ = await load
+    try:
+        await asyncio.sleep(LOCUST_START + args.warmup)
+        got = await measure()
+    finally:
+        point, _ = await load  # a failed measure still lets Locust end before the next point
     return got | {"tok_s": point.get("output_throughput"), "failures": point.get("failures", 0),
                   "tpot_p50": point.get("tpot_p50")}  # fmt: skip
 
@@ -489,8 +504,12 @@ async def one_point(engine, args, names, cores: dict, meta: dict, port: int) -> 
         found = engine_thread(root, engine)
         place(root, found, meta["placement"], cores)  # Locust's processes have started by now
         window = Window(root, found)
-        await asyncio.sleep(args.seconds)
-        got = window.finish(cores)
+        try:
+            await asyncio.sleep(args.seconds)
+            got = window.finish(cores)
+        finally:
+            if window.counters:
+                window.counters.close()  # read already, or the point failed
         return got if found else got | {"error": "no engine thread found"}
 
     place(root, engine_thread(root, engine), meta["placement"], cores)
