@@ -46,7 +46,7 @@ from fastapi.responses import JSONResponse, Response
 
 from .api.limits import bearer, guard_v1, shows_details
 from .api.protocol import OpenAIError
-from .api.routes import admin_refusal, error_response
+from .api.routes import admin_refusal, error_response, refuse_transfer_codings
 from .api.server import http_protocol
 from .registry import SLUG, ClusterSettings, Registry, load_registry
 
@@ -332,6 +332,10 @@ async def bounded_body(request: Request, limit: int = MAX_ADMIN_BODY) -> bytes |
     """A relayed body (an admin call's, a token route's), up to ``limit`` bytes, else a 413."""
     message = f"this route's body is at most {limit} bytes"
     too_large = error(413, message, "invalid_request_error")
+    try:  # relayed de-chunked: a compressed body would reach the replica as "not valid JSON"
+        refuse_transfer_codings(", ".join(request.headers.getlist("transfer-encoding")))
+    except OpenAIError as err:
+        return error_response(err)
     declared = request.headers.get("content-length", "0")
     if not declared.isdigit() or int(declared) > limit:
         return too_large

@@ -164,6 +164,14 @@ def test_the_control_api_tokenizes_as_a_replica_does(cluster):
     plain = {"content-type": "text/plain"}  # a page's cross-origin POST without a preflight
     as_text = httpx.post(f"{cluster['control']}/tokenize", content=json.dumps(body), headers=plain)
     assert as_text.status_code == 415 and "not JSON" in as_text.json()["error"]["message"]
+    from test_hostile_inputs import raw_exchange
+
+    raw = json.dumps(body).encode()  # relayed de-chunked, a gzip coding would read as "not JSON"
+    gzip_chunked = (b"POST /tokenize HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                    b"connection: close\r\ntransfer-encoding: gzip, chunked\r\n\r\n"
+                    b"%x\r\n%s\r\n0\r\n\r\n" % (len(raw), raw))  # fmt: skip
+    status, _, answer = raw_exchange(int(cluster["control"].rsplit(":", 1)[1]), gzip_chunked)
+    assert status == 415 and "Transfer-Encoding" in json.loads(answer)["error"]["message"]
 
 
 def test_a_hot_load_reaches_every_replica_and_unloads_from_every_one(cluster):
