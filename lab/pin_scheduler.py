@@ -46,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from profile_http import LOCUST_START, TARGET_NAMES, is_locust
+from profile_http import TARGET_NAMES, during_locust, is_locust
 from profile_scheduler import metas, pct, write_reports
 
 PLACEMENTS = ("free", "pinned")
@@ -479,20 +479,7 @@ async def direct_load(engine, args, adapters: list, streams: int, measure) -> di
 
 
 async def http_load(args, port: int, adapters: int, streams: int, label: str, measure) -> dict:
-    from loadtest.bench import locust_options
-    from loadtest.sweep import measured
-
-    timed = {"duration": LOCUST_START + args.warmup + args.seconds + 3,
-             "warmup": LOCUST_START + args.warmup}  # fmt: skip
-    options = locust_options(argparse.Namespace(**vars(args) | timed), port)
-    raw = Path(args.out) / "locust" / f"{label}.jsonl"
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    load = asyncio.create_task(asyncio.to_thread(measured, options, streams, adapters, raw))
-    try:
-        await asyncio.sleep(LOCUST_START + args.warmup)
-        got = await measure()
-    finally:
-        point, _ = await load  # a failed measure still lets Locust end before the next point
+    got, point = await during_locust(args, port, adapters, streams, label, measure)
     return got | {"tok_s": point.get("output_throughput"), "failures": point.get("failures", 0),
                   "tpot_p50": point.get("tpot_p50")}  # fmt: skip
 

@@ -268,7 +268,11 @@ async def direct_point(engine, args, adapters: list, streams: int, label: str) -
     return {"targets": targets, "tok_s": tok_s, "failures": failures}
 
 
-async def http_point(args, port: int, adapters: int, streams: int, label: str) -> dict:
+async def during_locust(args, port: int, adapters: int, streams: int, label: str, measure):
+    """One Locust run against the API on ``port`` (records in ``--out``/locust/LABEL.jsonl);
+    ``measure()`` is awaited once Locust has started and warmed up. Returns what it gave and
+    Locust's point (``loadtest.sweep.measured``); Locust ends before this returns, also when
+    ``measure`` fails."""
     from loadtest.bench import locust_options
     from loadtest.sweep import measured
 
@@ -278,9 +282,19 @@ async def http_point(args, port: int, adapters: int, streams: int, label: str) -
     raw = Path(args.out) / "locust" / f"{label}.jsonl"
     raw.parent.mkdir(parents=True, exist_ok=True)
     load = asyncio.create_task(asyncio.to_thread(measured, options, streams, adapters, raw))
-    await asyncio.sleep(LOCUST_START + args.warmup)
-    targets = await record_targets(args, target_pids(os.getpid(), args.targets), label)
-    point, _ = await load
+    try:
+        await asyncio.sleep(LOCUST_START + args.warmup)
+        got = await measure()
+    finally:
+        point, _ = await load
+    return got, point
+
+
+async def http_point(args, port: int, adapters: int, streams: int, label: str) -> dict:
+    def sample():
+        return record_targets(args, target_pids(os.getpid(), args.targets), label)
+
+    targets, point = await during_locust(args, port, adapters, streams, label, sample)
     return {"targets": targets, "tok_s": point.get("output_throughput"),
             "failures": point.get("failures", 0), "locust_cores": point.get("client_cpu_cores"),
             "api_cores_from_proc": point.get("server_cpu_cores")}  # fmt: skip
