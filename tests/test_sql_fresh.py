@@ -176,8 +176,8 @@ def test_evaluate_split_fresh_scores_the_fresh_set_and_never_the_registry(monkey
 
     assert examples_of("sql", "fresh") == FRESH
     assert examples_of("sql", "fresh2") == SECOND
-    with pytest.raises(SystemExit, match="no 'fresh' set for task spam"):
-        examples_of("spam", "fresh")
+    with pytest.raises(SystemExit, match="no 'fresh' set for task news"):
+        examples_of("news", "fresh")
     argv = ["evaluate", "--tasks", "sql", "--split", "fresh", "--update-registry"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as stopped:
