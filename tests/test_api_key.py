@@ -153,6 +153,28 @@ def test_health_names_nothing_without_the_key_and_metrics_count_the_refusals(ser
     assert refused and float(refused[0].rsplit(" ", 1)[1]) >= 1
 
 
+def handshake(path: str, headers: dict[str, str]) -> bytes:
+    fields = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return (f"GET {path} HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+            f"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n"
+            f"{fields}\r\n").encode()  # fmt: skip
+
+
+def test_a_websocket_handshake_without_the_key_is_a_401_before_the_404(server):
+    from test_hostile_inputs import raw_exchange, websocket_library
+
+    if not websocket_library():
+        pytest.skip("uvicorn answers upgrades as plain HTTP")
+    path = "/v1/realtime?model=gpt-realtime"  # the OpenAI SDK's Realtime client
+    for headers in ({}, {"Authorization": "Bearer no"}):
+        status, _, body = raw_exchange(server.port, handshake(path, headers))
+        assert status == 401, body
+        error = json.loads(body)["error"]
+        assert {k: error[k] for k in REFUSAL} == REFUSAL and "API key" in error["message"]
+    status, _, body = raw_exchange(server.port, handshake(path, KEYED))
+    assert status == 404 and json.loads(body)["error"]["type"] == "not_found_error", body
+
+
 def v1_routes(app) -> set[tuple[str, str]]:
     """(method, path) of every ``/v1`` route of ``app``: FastAPI's (path parameters filled, HEAD
     beside GET) and the plain-ASGI ones ``GenerationRoutes`` answers before FastAPI."""

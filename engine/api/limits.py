@@ -29,11 +29,23 @@ async def respond(send, status: int, message: str, kind: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+async def refuse_handshake(scope, send, status: int, message: str, kind: str) -> None:
+    """A WebSocket handshake answered with an HTTP error in OpenAI's shape where the server can
+    send one (ASGI's ``websocket.http.response``), else closed (1008: policy violation)."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        return await send({"type": "websocket.close", "code": 1008})
+    body = error_body(status, message, kind)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
 class ApiKey:
     """ASGI middleware: every ``/v1`` request, and one to ``KEYED_ROOT_PATHS`` but those in
     ``open_paths``, needs ``Authorization: Bearer <key>`` (or the admin token, which an admin call
     carries in the same header), else a 401 in OpenAI's shape before its body is read, counted in
-    ``/metrics``. A preflight (``OPTIONS``) carries no key and goes on; so does ``/health``, its
+    ``/metrics``; a WebSocket handshake to such a path too (no route serves one: the key comes
+    first). A preflight (``OPTIONS``) carries no key and goes on; so does ``/health``, its
     scope's state saying whether the key came (``shows_details``). Added only when a key is set
     (``guard_v1``): without one it costs nothing."""
 
@@ -49,7 +61,7 @@ class ApiKey:
         self.accepted = [secret.strip().encode() for secret in (key, admin_token) if secret]
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+        if scope["type"] not in ("http", "websocket") or scope.get("method") == "OPTIONS":
             return await self.app(scope, receive, send)
         paths = (route_path(scope), scope["path"])
         if BRIEF_WITHOUT_KEY in paths:
@@ -61,6 +73,8 @@ class ApiKey:
         if why := self.refusal(authorization(scope)):
             if self.metrics is not None:
                 self.metrics.error("none", "invalid_request_error", 401)
+            if scope["type"] == "websocket":
+                return await refuse_handshake(scope, send, 401, why, "invalid_request_error")
             return await respond(send, 401, why, "invalid_request_error")
         await self.app(scope, receive, send)
 
@@ -217,16 +231,11 @@ class RefuseWebSockets:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "websocket" or self.taken(scope):
             return await self.app(scope, receive, send)
-        if "websocket.http.response" not in scope.get("extensions", {}):
-            return await send({"type": "websocket.close", "code": 1008})
         message = (f"no WebSocket endpoint at {clipped(scope['path'])}: this server answers HTTP "
                    "alone (no Realtime API); POST /v1/chat/completions with stream: true sends "
                    "server-sent events")  # fmt: skip
-        body = error_body(404, message, "not_found_error")
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         self.metrics.error("none", "not_found_error", 404)
-        await send({"type": "websocket.http.response.start", "status": 404, "headers": headers})
-        await send({"type": "websocket.http.response.body", "body": body})
+        await refuse_handshake(scope, send, 404, message, "not_found_error")
 
     def taken(self, scope) -> bool:
         return any(isinstance(route, WebSocketRoute) and route.matches(scope)[0] == Match.FULL
