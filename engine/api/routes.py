@@ -177,8 +177,8 @@ def refuse_transfer_codings(codings: str | None) -> None:
     the HTTP server undoes the chunks only, and the compressed bytes read as "not valid JSON"."""
     other = [c for c in (codings or "").lower().split(",") if c.strip() not in ("", "chunked")]
     if other:
-        why = (f"Transfer-Encoding {clipped(codings)!r} is not supported: only chunked; send the "
-               "body uncompressed")  # fmt: skip
+        why = (f"Transfer-Encoding {clipped(codings)!r} is not supported: send the body with "
+               "Content-Length, or with Transfer-Encoding: chunked alone")  # fmt: skip
         raise invalid(why, status=415)
 
 
