@@ -44,7 +44,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from .api.limits import bearer, guard_v1, shows_details
+from .api.limits import RefuseWebSockets, bearer, guard_v1, shows_details
 from .api.protocol import OpenAIError
 from .api.routes import admin_refusal, error_response, refuse_transfer_codings
 from .api.server import http_protocol
@@ -358,6 +358,7 @@ def create_control(
     ``open_metrics``) need it, as the replicas' do."""
     control = Control(urls, router_url, admin_token, api_key)
     app = FastAPI(title="LoRA Land cluster control")
+    app.add_middleware(RefuseWebSockets, router=app.router, metrics=None)
     guard_v1(app, api_key, control.admin_token, open_metrics=open_metrics)
 
     async def from_a_replica(

@@ -175,6 +175,23 @@ def test_a_websocket_handshake_without_the_key_is_a_401_before_the_404(server):
     assert status == 404 and json.loads(body)["error"]["type"] == "not_found_error", body
 
 
+def test_the_control_api_answers_a_websocket_handshake_as_a_replica_does(server):
+    from test_hostile_inputs import raw_exchange, websocket_library
+
+    from engine.cluster import create_control
+
+    if not websocket_library():
+        pytest.skip("uvicorn answers upgrades as plain HTTP")
+    live = serve(create_control([server.url], "http://127.0.0.1:9", TOKEN, api_key=KEY))
+    try:
+        refused = raw_exchange(live.port, handshake("/v1/realtime", {}))
+        keyed = raw_exchange(live.port, handshake("/v1/realtime", KEYED))
+    finally:
+        live.stop()
+    assert refused[0] == 401 and json.loads(refused[2])["error"]["code"] == 401, refused
+    assert keyed[0] == 404 and json.loads(keyed[2])["error"]["type"] == "not_found_error", keyed
+
+
 def v1_routes(app) -> set[tuple[str, str]]:
     """(method, path) of every ``/v1`` route of ``app``: FastAPI's (path parameters filled, HEAD
     beside GET) and the plain-ASGI ones ``GenerationRoutes`` answers before FastAPI."""

@@ -222,10 +222,10 @@ class RefuseWebSockets:
     """ASGI middleware: a WebSocket handshake that no WebSocket route of ``router`` takes (the
     API has none; Gradio 6 has none: a mount at ``/`` would take it and answer Starlette's empty
     403) gets a 404 in OpenAI's shape where the server can send one (ASGI's
-    ``websocket.http.response``), counted in ``metrics`` as other unknown routes are; the OpenAI
-    SDK's Realtime client opens ``/v1/realtime``."""
+    ``websocket.http.response``), counted in ``metrics`` (if given) as other unknown routes are;
+    the OpenAI SDK's Realtime client opens ``/v1/realtime``."""
 
-    def __init__(self, app, router, metrics):
+    def __init__(self, app, router, metrics: Metrics | None):
         self.app, self.router, self.metrics = app, router, metrics
 
     async def __call__(self, scope, receive, send):
@@ -234,7 +234,8 @@ class RefuseWebSockets:
         message = (f"no WebSocket endpoint at {clipped(scope['path'])}: this server answers HTTP "
                    "alone (no Realtime API); POST /v1/chat/completions with stream: true sends "
                    "server-sent events")  # fmt: skip
-        self.metrics.error("none", "not_found_error", 404)
+        if self.metrics is not None:
+            self.metrics.error("none", "not_found_error", 404)
         await refuse_handshake(scope, send, 404, message, "not_found_error")
 
     def taken(self, scope) -> bool:
