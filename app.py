@@ -265,6 +265,12 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
         async for update in side_by_side(source, name, spec.render(filled), params):
             yield update
 
+    def hold_input():
+        return gr.update(interactive=False), gr.update(interactive=False)
+
+    def release_input():
+        return gr.update(interactive=True), gr.update(interactive=True)
+
     async def chat(message: str, history: list, name: str):
         """One chat turn: the history plus the user's message and the reply, streamed. The
         message fills the adapter's template, as the API does; a task adapter gets the message
@@ -344,10 +350,15 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
                 )  # fmt: skip
                 send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
             new_chat = gr.Button("New chat", size="sm")
-            gr.on(
-                [message.submit, send.click], chat, [message, conversation, who], conversation,
-                api_name="chat",
-            ).then(lambda: "", None, message, api_name=False)  # fmt: skip
+            # held while a reply streams: a message sent then would be dropped (Gradio runs one
+            # chat at a time per trigger) and the box cleared under it when the reply ended
+            asked = gr.on(
+                [message.submit, send.click], hold_input, None, [message, send], queue=False,
+                api_name=False,
+            )  # fmt: skip
+            answered = asked.then(chat, [message, conversation, who], conversation, api_name="chat")
+            answered.success(lambda: "", None, message, api_name=False)  # kept if it failed
+            answered.then(release_input, None, [message, send], api_name=False)
             who.change(lambda: [], None, conversation, api_name=False)
             new_chat.click(lambda: [], None, conversation, api_name=False)
         with gr.Tab("Every adapter"):

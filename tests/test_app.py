@@ -120,22 +120,35 @@ CLEARED = """() => ['#tuned-output textarea', '#base-output textarea'].every(
 BOT_MESSAGES = "#chatbot .message.bot"
 
 
-def chat_in_the_browser(page, messages: list[str]) -> list[str]:
-    """Send each message in the Chat tab; return the assistant's replies as shown."""
+WATCH_THE_BOX = """() => { window.boxHeld = false; new MutationObserver(() => {
+    const box = document.querySelector('#chat-input textarea');
+    if (box && box.disabled) window.boxHeld = true;
+}).observe(document.body, {subtree: true, childList: true, attributes: true}); }"""
+"""Records whether the chat box was ever disabled after it runs (DOM changes, not timing)."""
+
+
+def chat_in_the_browser(page, messages: list[str]) -> tuple[list[str], list[bool]]:
+    """Send each message in the Chat tab; return the assistant's replies as shown, and per turn
+    whether the box was held (disabled) before the reply ended."""
     page.get_by_role("tab", name="Chat").click()
     box = page.locator("#chat-input textarea")
+    held = []
     for turn, message in enumerate(messages, 1):
         box.fill(message)
+        page.evaluate(WATCH_THE_BOX)
         box.press("Enter")
         page.wait_for_function(
             f"() => document.querySelectorAll('{BOT_MESSAGES}').length >= {turn}"
             f" && document.querySelector('#chat-input textarea').value === ''",
             timeout=120_000,
         )
-        page.wait_for_function(  # the reply has stopped growing
-            "() => !document.querySelector('#chatbot .pending')", timeout=120_000
+        page.wait_for_function(  # the reply has stopped growing, the box is free again
+            "() => !document.querySelector('#chatbot .pending')"
+            " && !document.querySelector('#chat-input textarea').disabled",
+            timeout=120_000,
         )
-    return [m.inner_text() for m in page.locator(BOT_MESSAGES).all()]
+        held.append(page.evaluate("() => window.boxHeld"))
+    return [m.inner_text() for m in page.locator(BOT_MESSAGES).all()], held
 
 
 BOTH_FINISHED = """() => ['#tuned-stats', '#base-stats'].every(
@@ -173,7 +186,7 @@ def test_browser_picks_an_adapter_runs_and_sees_both_panels(hf_engine, registry_
             page.get_by_role("option", name="alpha").click()
             page.wait_for_selector("#adapter-card:has-text('alpha')")
             page.wait_for_function(CLEARED, timeout=30_000)  # no answers of the last adapter
-            turns = chat_in_the_browser(page, ["Say hi.", "Name a colour.", "And another one."])
+            turns, held = chat_in_the_browser(page, ["Say hi.", "Name a colour.", "Another."])
             browser.close()
     finally:
         live.stop()
@@ -181,6 +194,7 @@ def test_browser_picks_an_adapter_runs_and_sees_both_panels(hf_engine, registry_
     assert sorted(shown.split(" | ")) == sorted(filled)
     assert shot.stat().st_size > 10_000
     assert len(turns) == 3 and all(turns) and not any("Error" in t for t in turns)
+    assert held == [True, True, True]  # no message can be sent (and dropped) mid-reply
 
 
 def test_a_websocket_handshake_gets_the_apis_404_not_an_empty_403_with_the_ui_mounted(
