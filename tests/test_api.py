@@ -109,6 +109,13 @@ def test_adapter_answers_differ_from_base_and_sglang_model_form_works(client):
     assert answer(f"{BASE}:alpha") == answer("alpha")
 
 
+@pytest.mark.parametrize("model", ["alpha", "base"])
+def test_no_messages_is_named_as_such_not_as_a_last_message_of_another_role(client, model):
+    for body in ({"model": model, "messages": []}, {"model": model}):
+        error = client.post("/v1/chat/completions", json=body).json()["error"]
+        assert error["param"] == "messages" and "at least one message" in error["message"]
+
+
 def test_models_lists_base_and_adapter_cards(client):
     cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert BASE in cards

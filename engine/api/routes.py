@@ -498,7 +498,9 @@ class Api:
                     "template_fields",
                 )
             return [*messages, {"role": "user", "content": spec.render(body.template_fields)}]
-        if not messages or messages[-1]["role"] != "user":
+        if not messages:
+            raise invalid("messages: give at least one message (or template_fields)", "messages")
+        if messages[-1]["role"] != "user":
             raise invalid(
                 "messages: the last message must be the user's (it fills the adapter's "
                 "template), or send prompt_template: raw",
