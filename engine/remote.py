@@ -197,7 +197,8 @@ class RemoteEngine(Engine):
         await self.ensure_served(request.adapter)
         self.check_template(request.adapter)
         path, body = self.request_body(request)
-        headers = {ROUTING_HEADER: request.adapter or BASE_MODEL_ALIAS} if self.cluster else {}
+        keyed = self.cluster and request.adapter  # the base's requests spread over every replica
+        headers = {ROUTING_HEADER: request.adapter} if keyed else {}
         rid, clock = request.request_id, RequestClock()  # from the send: TTFT as the caller sees it
         self.running.add(rid)
         try:

@@ -50,8 +50,13 @@ from loadtest.targets import SetupError, api_key_header, pick_models
 STATE: dict = {"adapters": [], "base": None, "weights": None, "lock": threading.Lock()}
 OPEN_LOOP_CONNECTIONS = 1024
 ROUTING_HEADER = "X-SMG-Routing-Key"
-"""Set to the model's name on every request: behind ``python -m engine.cluster`` with
-``adapter_affinity``, sglang-router keeps one adapter's requests on one replica."""
+"""Set to the adapter's name on its requests: behind ``python -m engine.cluster`` with
+``adapter_affinity``, sglang-router keeps one adapter's requests on one replica. The base's
+requests carry none, so the router spreads them over every replica."""
+
+
+def routing_headers(model: str) -> dict[str, str]:
+    return {} if model == STATE["base"] else {ROUTING_HEADER: model}
 
 
 OPTIONS = [
@@ -220,7 +225,7 @@ class Streaming:
         with self.client.post(
             "/v1/chat/completions",
             json=body,
-            headers={ROUTING_HEADER: model},
+            headers=routing_headers(model),
             stream=True,
             catch_response=True,
             name=label,

@@ -123,6 +123,52 @@ def test_adapter_affinity_keeps_an_adapter_on_one_replica(cluster):
     assert added == [0, 6]
 
 
+def test_the_bases_requests_spread_over_every_replica_while_an_adapters_stay(cluster):
+    """The app's remote engine over the router sends the routing key for an adapter only: with
+    ``adapter_affinity`` the base's requests go to a random replica each (sglang-router's manual
+    policy without a key), not all to the one its key would pick."""
+    import asyncio
+
+    from engine.interface import GenerationRequest, collect
+    from engine.remote import RemoteEngine
+    from engine.sampling import resolve
+
+    registry = load_registry(cluster["config"])
+    routed = RemoteEngine(cluster["router"], registry)
+    replicas = cluster["replicas"]
+
+    async def send(adapter: str | None, count: int) -> None:
+        spec = registry.adapter(adapter) if adapter else None
+        for _ in range(count):
+            params = resolve(spec, temperature=0.0, max_tokens=1)
+            messages = [{"role": "user", "content": "Hi"}]
+            request = GenerationRequest(adapter, messages=messages, params=params)
+            await collect(routed.stream(request), request)
+
+    before = [requests_for(r, "base") for r in replicas]
+    asyncio.run(send(None, 20))  # all on one replica at random: 2 in a million
+    added = [requests_for(r, "base") - b for r, b in zip(replicas, before)]
+    assert sum(added) == 20 and min(added) >= 1, added
+    before = [requests_for(r, "beta") for r in replicas]
+    asyncio.run(send("beta", 4))
+    assert sorted(requests_for(r, "beta") - b for r, b in zip(replicas, before)) == [0, 4]
+
+
+def test_locust_sends_the_routing_key_for_adapters_only():
+    """In a child process: importing Locust patches this one (gevent)."""
+    script = """
+import locust  # first, as the locust command does
+from loadtest.locustfile import ROUTING_HEADER, STATE, routing_headers
+
+STATE["base"] = "SmolLM2-135M-Instruct"
+assert routing_headers("beta") == {ROUTING_HEADER: "beta"}
+assert routing_headers("SmolLM2-135M-Instruct") == {}
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_the_router_fields_are_accepted_at_their_defaults_only(cluster):
     """sglang-router writes SGLang's extension fields into each request it forwards."""
     body = {"model": "alpha", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
