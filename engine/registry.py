@@ -290,13 +290,16 @@ class ClusterSettings(Strict):
     SGLang settings must fit in them. Replica *i* gets GPUs *i*·n … *i*·n + n − 1 of
     ``gpus``."""
     gpus: list[int] | None = None
-    """The GPUs to share out; ``None`` = 0 … replicas × gpus_per_replica − 1. On the CPU
-    default no GPU is set and every replica runs on the CPU."""
+    """The GPUs to share out; ``None`` = 0 … replicas × gpus_per_replica − 1. A GPU listed
+    more than once holds that many replicas, which share its memory: each then needs
+    ``engine.sglang.extra.max_total_tokens`` (its KV pool, in tokens). On the CPU default no GPU
+    is set and every replica runs on the CPU."""
     policy: Literal["adapter_affinity", "round_robin", "cache_aware", "random"] = "adapter_affinity"
     """sglang-router's policy. ``adapter_affinity`` is its ``manual`` policy keyed by the
     ``X-SMG-Routing-Key`` header, which the app and the load test set to the adapter's name:
-    one adapter's requests stay on one replica while it is healthy (a request without the
-    header goes to a random replica). The others are sglang-router's policies of that name."""
+    one adapter's requests stay on one replica while it is healthy. A request without the
+    header goes to a random replica: the base's requests carry none, as every replica serves
+    the base alike. The others are sglang-router's policies of that name."""
     hosts: list[str] | None = None
     """Replicas already running elsewhere (``http://host:port`` each, started there with
     ``python -m engine.api``): the router fronts these instead of starting local replicas."""
@@ -313,9 +316,15 @@ class ClusterSettings(Strict):
             raise ValueError(f"hosts lists {len(self.hosts)} replicas, replicas is {self.replicas}")
         if self.hosts is not None and self.gpus is not None:
             raise ValueError("gpus places local replicas; with hosts each host places its own")
-        if self.gpus is not None and len(set(self.gpus)) != len(self.gpus):
-            raise ValueError(f"gpus lists a GPU twice: {self.gpus}")
+        for index in range(self.replicas):
+            if len(set(gpus := self.replica_gpus(index))) < len(gpus):
+                raise ValueError(f"replica {index} would get GPU(s) {gpus}: one GPU twice")
         return self
+
+    def shared_gpus(self) -> list[int]:
+        """The GPUs that more than one local replica runs on."""
+        placed = [g for i in range(self.replicas) for g in self.replica_gpus(i)]
+        return sorted({g for g in placed if placed.count(g) > 1})
 
     def replica_gpus(self, index: int) -> list[int]:
         gpus = self.gpus if self.gpus is not None else range(self.replicas * self.gpus_per_replica)
@@ -451,6 +460,14 @@ class Registry(Strict):
             raise ValueError(
                 f"cluster.gpus_per_replica ({cluster.gpus_per_replica}) < engine.sglang tp_size "
                 f"× dp_size ({sglang.tp_size * sglang.dp_size}): a replica needs that many GPUs"
+            )
+        shared = cluster.shared_gpus() if local else []
+        if shared and "max_total_tokens" not in sglang.extra:
+            raise ValueError(
+                f"cluster.gpus places several replicas on GPU {', '.join(map(str, shared))}: set "
+                "engine.sglang.extra.max_total_tokens (each replica's KV pool, in tokens), as "
+                "SGLang sizes a pool from the memory free when its replica starts, and replicas "
+                "started together would get small, uneven pools"
             )
         return self
 

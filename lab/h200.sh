@@ -35,6 +35,9 @@
 #                       pin-scheduler  lab/pin_scheduler.py: SGLang's scheduler thread on a core
 #                                    of its own against free, alternated in one engine
 #                                    (PROFILE_SET, PIN_ROUNDS: 3), direct and HTTP, 256 streams
+#                       router-one-gpu  loadtest.router with two replicas sharing GPU 0
+#                                    (cluster.gpus [0, 0], pools by max_total_tokens) against
+#                                    one of them, adapters and base (ONE_GPU_SETTINGS: fp8 bf16)
 #                       bursty       loadtest.bursty: closed loop vs 1 s think time vs Poisson
 #                       pairs-open   the pairs with both arms open loop: ARRIVAL_RATE Poisson
 #                                    arrivals a second (70: ~3/4 of what 256 closed-loop
@@ -308,6 +311,28 @@ router() {  # #16: two replicas behind sglang-router vs one; adapter affinity vs
     --set mem_fraction_static="${MEM:-0.7}" --users 512 --adapters 128 --many 512 \
     --pairs "${PAIRS:-3}" --duration "${DURATION:-20}" --warmup 5 ${ROUTER_ARGS:-} \
     --out "$RESULTS/${ROUTER_OUT:-router}"
+}
+
+router_one_gpu() {  # #16 item 4: two replicas sharing GPU 0 behind sglang-router against one
+  # of them (two SGLang schedulers and two API processes in front of one GPU; each pool sized by
+  # max_total_tokens), adapters and base, 256 streams; one cluster per name in ONE_GPU_SETTINGS
+  # (fp8: FP8 base weights, where SGLang's scheduler thread bounds the step; bf16)
+  wait_file "$SYNTH/adapters.yaml" 600 || return 1
+  local name quant
+  for name in ${ONE_GPU_SETTINGS:-fp8 bf16}; do
+    case $name in
+      fp8) quant='"quantization": "fp8", ' ;;
+      bf16) quant='' ;;
+      *) echo "router-one-gpu: no setting $name"; continue ;;
+    esac
+    gpu_free
+    timeout 1200 python3 -m loadtest.router --config "$SYNTH/adapters.yaml" \
+      --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" \
+      --set "extra={${quant}\"max_total_tokens\": ${ONE_GPU_TOKENS:-160000}}" --gpus 0,0 \
+      --users 256 --adapters 128 --many 128 --comparisons scale,scale-base \
+      --pairs "${PAIRS:-3}" --duration "${DURATION:-20}" --warmup 5 --port 8400 \
+      --out "$RESULTS/router-one-gpu/$name" || echo "router-one-gpu: $name failed"
+  done
 }
 
 structured_h200() {  # #17: what a JSON schema costs per decoded token on SGLang
@@ -816,7 +841,7 @@ if check.exists():
             print(f"\n## gpu_check {key}: ok = {json.dumps(value.get('ok') or value.get('error'))}")
 for name in ["code-ab/summary.md", "machine.txt", "sql-variants/test/quality.md", "sql-variants/fresh/quality.md",
              "sql-variants/fresh2/quality.md", "merges/merges.md",
-             "profile/profile.md", "bursty/bursty.md", "router/summary.md", "structured-h200/results.md", "first-use-7b/first_use.md",
+             "profile/profile.md", "bursty/bursty.md", "router/summary.md", "router-one-gpu/fp8/summary.md", "router-one-gpu/bf16/summary.md", "structured-h200/results.md", "first-use-7b/first_use.md",
              "side-by-side/side-by-side.md", "side-by-side-512/side-by-side.md", "ours/pairs/summary.md", "peer/summary.md",
              "parity-shipped/parity.md", "parity-constrained/parity.md",
              "parity-shipped/sglang/quality.md", "parity-constrained/sglang/quality.md",

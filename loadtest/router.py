@@ -1,14 +1,17 @@
-"""Replicas behind sglang-router: two GPUs against one, adapter affinity against round-robin.
+"""Replicas behind sglang-router: all against one, adapter affinity against round-robin.
 
     python -m loadtest.router --config /tmp/synth7b/adapters.yaml --out /tmp/router \
         --set max_loras_per_batch=128 --set mem_fraction_static=0.7
 
 Starts ``python -m engine.cluster`` with ``--replicas`` replicas (its router uses the shipped
-policy, ``adapter_affinity``) and two more routers over the same replicas: one over replica 0
-alone (one GPU) and one round-robin over all. The engines are the same for every arm, so each
-ratio compares routing only. Then, in alternating rounds (the order flips each round):
+policy, ``adapter_affinity``; ``--gpus 0,0`` puts two on one GPU) and two more routers over the
+same replicas: one over replica 0 alone and one round-robin over all. The engines are the same
+for every arm, so each ratio compares routing only. Then, in alternating rounds (the order flips
+each round):
 
-- ``scale``: ``--users`` streams over ``--adapters`` adapters, one GPU vs all;
+- ``scale``: ``--users`` streams over ``--adapters`` adapters, one replica vs all;
+- ``scale-base``: the same streams to the base (no routing key: spread at random), one replica
+  vs all;
 - ``affinity``: the same streams over ``--many`` adapters (more than a batch holds),
   round-robin vs affinity;
 - a hot-load through the control API (the first adapter under the adapter root that the
@@ -46,7 +49,11 @@ from loadtest.report import describe
 from loadtest.sweep import measure_point
 from loadtest.targets import api_key_header
 
-ARMS = {"scale": ("one-gpu", "replicas"), "affinity": ("round-robin", "adapter-affinity")}
+ARMS = {
+    "scale": ("one-replica", "replicas"),
+    "scale-base": ("one-replica", "replicas"),
+    "affinity": ("round-robin", "adapter-affinity"),
+}
 """Each comparison: (denominator arm, numerator arm)."""
 
 
@@ -59,6 +66,8 @@ def cluster_config(args, out: Path) -> tuple[Path, str | None]:
     spare = config["adapters"][args.many]["path"] if len(config["adapters"]) > args.many else None
     config["adapters"] = config["adapters"][: args.many]
     config["cluster"] = {"replicas": args.replicas, "policy": "adapter_affinity"}
+    if args.gpus:
+        config["cluster"]["gpus"] = args.gpus
     os.environ["LORALAND_ADAPTER_ROOT"] = str(source.parent / "adapters")  # the replicas'
     return write_registry(config, out / "cluster.yaml"), spare
 
@@ -135,7 +144,19 @@ def summarize(results: dict) -> dict:
             for metric in ("output_throughput", "ttft_p50"):
                 values = [r["points"][arm].get(metric) for r in rounds]
                 summary[f"{comparison}:{arm}:{metric}"] = median_range(values)
+    for arm in ARMS["scale"]:
+        summary[f"adapters/base:{arm}:output_throughput"] = median_range(
+            adapters_over_base(results["rounds"], arm)
+        )
     return summary
+
+
+def adapters_over_base(rounds: list[dict], arm: str) -> list[float]:
+    """Per round, the arm's tok/s with adapters ÷ with the base (``scale`` ÷ ``scale-base``)."""
+    tok = {(r["comparison"], r["round"]): r["points"][arm].get("output_throughput")
+           for r in rounds if r["comparison"] in ("scale", "scale-base")}  # fmt: skip
+    ratios = [(tok[("scale", n)], tok.get(("scale-base", n))) for c, n in tok if c == "scale"]
+    return [a / b for a, b in ratios if a and b]
 
 
 def markdown(results: dict) -> str:
@@ -145,7 +166,8 @@ def markdown(results: dict) -> str:
         "",
         f"Command: `{settings['command']}`",
         "",
-        f"{settings['replicas']} replicas, {settings['users']} streams, "
+        f"{settings['replicas']} replicas (GPUs {settings.get('gpus') or 'one each'}), "
+        f"{settings['users']} streams, "
         f"{settings['duration']}-s points ({settings['warmup']} s warm-up), "
         f"{settings['pairs']} alternating rounds per comparison. Median [min–max] of the rounds.",
         "",
@@ -161,7 +183,11 @@ def markdown(results: dict) -> str:
     for comparison, (low, high) in ARMS.items():
         tok = s.get(f"{comparison}:{high}/{low}:output_throughput") or {}
         ttft = s.get(f"{comparison}:{high}/{low}:ttft_p50") or {}
-        lines.append(f"| {high} ÷ {low} | {cell(tok, 1, 2)} | {cell(ttft, 1, 2)} |")
+        lines.append(f"| {comparison}: {high} ÷ {low} | {cell(tok, 1, 2)} | {cell(ttft, 1, 2)} |")
+    for arm in ARMS["scale"]:
+        tok = s.get(f"adapters/base:{arm}:output_throughput") or {}
+        lines.append(f"| {arm}: {results['settings']['adapters']} adapters ÷ base | "
+                     f"{cell(tok, 1, 2)} | |")  # fmt: skip
     lines += ["", f"Hot-load across replicas: `{json.dumps(results.get('hot_load'))}`", ""]
     return "\n".join(lines)
 
@@ -181,10 +207,11 @@ def plot(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, (comparison, arms) in zip(axes, ARMS.items(), strict=True):
+    shown = [c for c in ARMS if any(r["comparison"] == c for r in results["rounds"])]
+    fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 3.6), squeeze=False)
+    for ax, comparison in zip(axes[0], shown, strict=True):
         rounds = [r for r in results["rounds"] if r["comparison"] == comparison]
-        for arm in arms:
+        for arm in ARMS[comparison]:
             values = [(r["points"][arm].get("output_throughput") or 0) / 1000 for r in rounds]
             ax.plot(range(1, len(values) + 1), values, marker="o", label=arm)
         ax.set_title(f"{comparison}: output tok/s per round")
@@ -210,14 +237,14 @@ def run(args) -> dict:
         start_cluster(config, args.port, args.backend, started)
         start_router(urls[:1], args.port + 100, "round_robin", started)
         start_router(urls, args.port + 200, "round_robin", started)
-        hosts = {"one-gpu": args.port + 100, "round-robin": args.port + 200,
+        hosts = {"one-replica": args.port + 100, "round-robin": args.port + 200,
                  "replicas": args.port, "adapter-affinity": args.port}  # fmt: skip
         warm = point_options(args, f"http://127.0.0.1:{args.port + 200}", control)
         warm.duration, warm.warmup = 10, 0
         measure_point(warm, min(args.users, 128), args.many, out / "raw" / "warm-up.jsonl")
-        wanted = [("scale", args.adapters), ("affinity", args.many)]
-        for comparison, adapters in [c for c in wanted if c[0] in args.comparisons]:
-            for number in range(1, args.pairs + 1):
+        wanted = [("scale", args.adapters), ("scale-base", 0), ("affinity", args.many)]
+        for number in range(1, args.pairs + 1):  # a round of each comparison, then the next
+            for comparison, adapters in [c for c in wanted if c[0] in args.comparisons]:
                 arms = ARMS[comparison] if number % 2 else ARMS[comparison][::-1]
                 points = {}
                 for arm in arms:
@@ -254,12 +281,16 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--port", type=int, default=8300,
                         help=f"the cluster's router; control +1, replicas +{REPLICA_PORT_OFFSET}…, "
-                        "the one-GPU router +100, the round-robin one +200")  # fmt: skip
+                        "the one-replica router +100, the round-robin one +200")  # fmt: skip
     parser.add_argument("--users", type=int, default=512)
     parser.add_argument("--adapters", type=int, default=128, help="adapters in the scale rounds")
     parser.add_argument("--many", type=int, default=512, help="adapters in the affinity rounds")
     parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--comparisons", default="scale,affinity", type=lambda t: t.split(","))
+    parser.add_argument("--comparisons", default="scale,scale-base,affinity",
+                        type=lambda t: t.split(","))  # fmt: skip
+    parser.add_argument("--gpus", type=lambda t: [int(g) for g in t.split(",")],
+                        help="cluster.gpus, e.g. 0,0: two replicas sharing GPU 0 (they need "
+                             "--set 'extra={max_total_tokens: N}')")  # fmt: skip
     parser.add_argument("--duration", type=int, default=20, help="seconds per point")
     parser.add_argument("--warmup", type=float, default=5)
     parser.add_argument("--prompt-words", default="90-110")

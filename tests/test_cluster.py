@@ -321,7 +321,8 @@ def test_the_router_benchmark_runs_end_to_end(cluster, tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
-    assert [r["comparison"] for r in results["rounds"]] == ["scale", "affinity"]
+    assert [r["comparison"] for r in results["rounds"]] == ["scale", "scale-base", "affinity"]
+    assert [r["adapters"] for r in results["rounds"]] == [1, 0, 2]
     assert all(p["completed"] and not p["failures"] for r in results["rounds"]
                for p in r["points"].values())  # fmt: skip
     assert results["hot_load"]["ok"], results["hot_load"]
@@ -345,7 +346,8 @@ def test_summed_metrics_add_series_and_keep_the_earliest_start():
         ({"replicas": 2, "gpus": [0]}, {}, "need 2 GPUs"),
         ({"replicas": 2, "hosts": ["http://a:1"]}, {}, "hosts lists 1"),
         ({"replicas": 2}, {"sglang": {"tp_size": 2}}, "gpus_per_replica"),
-        ({"replicas": 2, "gpus": [0, 0]}, {}, "a GPU twice"),
+        ({"replicas": 2, "gpus": [0, 0]}, {}, "replicas on GPU 0: set .*max_total_tokens"),
+        ({"replicas": 1, "gpus_per_replica": 2, "gpus": [0, 0]}, {}, "one GPU twice"),
         ({"replicas": 1, "hosts": ["http://a:1"], "gpus": [0]}, {}, "each host places"),
     ],
 )
@@ -354,6 +356,16 @@ def test_cluster_settings_check_their_rules(tmp_path, cluster_section, engine_se
     path.write_text(yaml.safe_dump({"cluster": cluster_section, "engine": engine_section}))
     with pytest.raises(RegistryError, match=problem):
         load_registry(path)
+
+
+def test_replicas_share_a_gpu_with_their_pools_sized(tmp_path):
+    path = tmp_path / "adapters.yaml"
+    engine = {"sglang": {"extra": {"max_total_tokens": 160_000}}}
+    cluster = {"replicas": 3, "gpus": [0, 0, 1]}
+    path.write_text(yaml.safe_dump({"cluster": cluster, "engine": engine}))
+    settings = load_registry(path).cluster
+    assert [settings.replica_gpus(i) for i in range(3)] == [[0], [0], [1]]
+    assert settings.shared_gpus() == [0]
 
 
 def test_the_control_api_refuses_bad_admin_calls_before_any_replica(cluster):
