@@ -302,6 +302,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.plot_only and not args.config:
         parser.error("--config is required")
+    if unknown := sorted(set(args.comparisons) - set(ARMS)):
+        parser.error(f"--comparisons: no {', '.join(unknown)} (there are {', '.join(ARMS)})")
     if args.plot_only:
         plot(json.loads((Path(args.out) / "results.json").read_text()), Path(args.out))
         return

@@ -330,6 +330,14 @@ def test_the_router_benchmark_runs_end_to_end(cluster, tmp_path):
     assert all(port_is_free(port + k) for k in (0, 1, 10, 11, 100, 200))
 
 
+def test_the_router_benchmark_refuses_a_comparison_it_does_not_have(tmp_path):
+    cmd = [sys.executable, "-m", "loadtest.router", "--config", "adapters.yaml",
+           "--comparisons", "scale,scal", "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--comparisons: no scal (there are scale," in done.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_summed_metrics_add_series_and_keep_the_earliest_start():
     one = '# TYPE x counter\nx_total{a="1"} 12345678\nx_created{a="1"} 100\nadapters_loaded 5\n'
     two = '# TYPE x counter\nx_total{a="1"} 3\nx_total{a="2"} 0.25\nx_created{a="1"} 90\n'
