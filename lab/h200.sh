@@ -48,7 +48,8 @@
 #                                    cuda_graph_max_bs_decode=512, max_running_requests=256,
 #                                    enable_mixed_chunk, max_lora_chunk_size=128, the prefill
 #                                    delayer off or at 4/8 passes, fp8, fp8 with 4
-#                                    continuous decode steps or no radix cache (names in
+#                                    continuous decode steps, no radix cache or an FP8
+#                                    KV cache (fp8-kv) (names in
 #                                    DECODE_SETTINGS; pairs plan, DECODE_PAIRS rounds (1),
 #                                    256 streams; DECODE_OPEN="--arrival-rate R": open loop)
 #                       space-rehearsal  the GPU Space (deploy/gpu-space) from a clean home: its
@@ -84,7 +85,8 @@
 # archives come back, in 15-MB parts; default the first of SQL_RECIPES), DECODE_SETTINGS (the engines of
 # decode-settings), DECODE_OPEN (decode-settings' arrivals, e.g. --arrival-rate 85), DECODE_USERS
 # (decode-settings' streams, 256), DECODE_PAIRS
-# (decode-settings' rounds per engine, default 1), ARRIVAL_RATE
+# (decode-settings' rounds per engine, default 1), DECODE_KERNELS (tuned: decode-settings' engines
+# on the lora-tune step's csgmv block sizes; shipped, the default: what `auto` finds), ARRIVAL_RATE
 # (pairs-open, 70), STEPS_OURS / STEPS_CHECK / STEPS_ALL / STEPS_CPU (the step lists). Jobs run from a copy
 # of the repo in /tmp/repo (each call re-syncs the working tree) and write under /tmp/results.
 set -uo pipefail
@@ -524,6 +526,8 @@ decode_setting() {  # a named engine setting of decode-settings, as bench's --se
     # with FP8 the scheduler's loop, not the GPU, bounds the step: settings that take work off it
     fp8-continuous-4) echo 'extra={"quantization": "fp8", "num_continuous_decode_steps": 4}' ;;
     fp8-no-radix-cache) echo 'extra={"quantization": "fp8", "disable_radix_cache": true}' ;;
+    # FP8 weights and an FP8 KV cache (no scales: a throughput figure, not a quality one)
+    fp8-kv) echo 'extra={"quantization": "fp8", "kv_cache_dtype": "fp8_e4m3"}' ;;
     *) echo "no decode setting named $1" >&2; return 1 ;;
   esac
 }
@@ -531,6 +535,7 @@ decode_setting() {  # a named engine setting of decode-settings, as bench's --se
 decode_settings() {  # #16 item 4, after the profile: SGLang settings against the GPU's idle share
   # and eager steps, one engine each (DECODE_PAIRS rounds of the pairs plan at 256 streams × 128
   # adapters). A name listed again is another engine (folder NAME-2, ...): alternate A/B engines.
+  decode_kernels > /dev/null || return 1
   wait_file "$SYNTH/adapters.yaml" 600 || return 1
   local name setting folder
   for name in ${DECODE_SETTINGS:-default continuous-4 graph-bs-512}; do
@@ -543,8 +548,17 @@ decode_settings() {  # #16 item 4, after the profile: SGLang settings against th
       --users "${DECODE_USERS:-256}" --adapters 128 \
       --duration "${DURATION:-20}" --warmup 5 --http-port 8768 \
       --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" --set "$setting" \
-      ${DECODE_OPEN:-} $(decode_args "$name") || echo "decode-settings: $name failed"  # DECODE_OPEN: e.g. --arrival-rate 85
+      ${DECODE_OPEN:-} $(decode_kernels) $(decode_args "$name") ||
+      echo "decode-settings: $name failed"  # DECODE_OPEN: e.g. --arrival-rate 85
   done
+}
+
+decode_kernels() {  # DECODE_KERNELS=tuned: every engine on the lora-tune step's block sizes
+  case ${DECODE_KERNELS:-shipped} in  # shipped: `auto`, SGLang's own on a fresh machine
+    tuned) echo "--set lora_kernel_configs=$LORA_CONFIGS" ;;
+    shipped) ;;
+    *) echo "DECODE_KERNELS is tuned or shipped, not $DECODE_KERNELS" >&2; return 1 ;;
+  esac
 }
 
 decode_args() {  # bench's own flags a decode setting adds (the client side of the HTTP arm)
