@@ -538,6 +538,8 @@ decode_settings() {  # #16 item 4, after the profile: SGLang settings against th
   decode_kernels > /dev/null || return 1
   wait_file "$SYNTH/adapters.yaml" 600 || return 1
   local name setting folder
+  mkdir -p "$RESULTS/decode-settings"
+  echo "csgmv block sizes: $(decode_kernels 2>&1 || true)" >> "$RESULTS/decode-settings/KERNELS"
   for name in ${DECODE_SETTINGS:-default continuous-4 graph-bs-512}; do
     setting=$(decode_setting "$name") || continue
     folder=$(next_folder "$RESULTS/decode-settings/$name")
@@ -555,7 +557,8 @@ decode_settings() {  # #16 item 4, after the profile: SGLang settings against th
 
 decode_kernels() {  # DECODE_KERNELS=tuned: every engine on the lora-tune step's block sizes
   case ${DECODE_KERNELS:-shipped} in  # shipped: `auto`, SGLang's own on a fresh machine
-    tuned) echo "--set lora_kernel_configs=$LORA_CONFIGS" ;;
+    tuned) if [ -d "$LORA_CONFIGS" ]; then echo "--set lora_kernel_configs=$LORA_CONFIGS"
+           else echo "DECODE_KERNELS=tuned, but lora-tune wrote no $LORA_CONFIGS: shipped" >&2; fi ;;
     shipped) ;;
     *) echo "DECODE_KERNELS is tuned or shipped, not $DECODE_KERNELS" >&2; return 1 ;;
   esac
