@@ -83,6 +83,22 @@ def config_folder(setting: str | None) -> Path | None:
     return folder
 
 
+def kernels_note(setting: str | None, folder: Path | None) -> tuple[bool, str]:
+    """What the SGLang backend logs at start: (a warning?, the line). ``auto`` without a tuned
+    folder is the one case worth a warning: a fresh GPU machine serves on SGLang's defaults
+    until the tuner runs once (this project's own benchmark jobs did, unnoticed, from the
+    sixteenth session to the twenty-fourth)."""
+    if folder is not None:
+        return False, f"csgmv LoRA kernels: block sizes from {folder}"
+    if setting == AUTO:
+        return True, (
+            "csgmv LoRA kernels: SGLang's default block sizes (it ships tuned ones for rank 64 "
+            f"only; none in {cache_folder()} yet). Tune them once for this GPU and base model, "
+            "about a minute: python -m engine.lora_kernels --config adapters.yaml (docs/gpu.md)"
+        )
+    return False, "csgmv LoRA kernels: SGLang's own files (lora_kernel_configs: null)"
+
+
 SET_HERE = f"_LORALAND_SET_{ENV}"
 """Marks the variable as set by ``use_tuned_kernels`` (not the user's): a later engine of the
 same process sets it anew."""

@@ -234,3 +234,19 @@ def test_without_sglang_or_a_gpu_the_tuner_says_what_it_needs(tmp_path):
     assert done.returncode != 0
     assert "requirements/gpu.txt" in done.stderr and "--dry-run" in done.stderr
     assert not (tmp_path / "k").exists()
+
+
+def test_the_start_log_asks_for_the_tuner_only_where_auto_found_no_tuned_folder(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LORALAND_CACHE", str(tmp_path))
+    warn, note = tune.kernels_note("auto", tune.config_folder("auto"))
+    assert warn and "python -m engine.lora_kernels --config" in note
+    assert str(tmp_path / "lora-kernels") in note
+    folder = tuned_folder(tmp_path / "lora-kernels")
+    assert tune.kernels_note("auto", tune.config_folder("auto")) == (
+        False,
+        f"csgmv LoRA kernels: block sizes from {folder}",
+    )
+    warn, note = tune.kernels_note(None, None)
+    assert not warn and "lora_kernel_configs: null" in note

@@ -33,7 +33,7 @@ from ..interface import (
     TokenLogprob,
     Usage,
 )
-from ..lora_kernels import use_tuned_kernels
+from ..lora_kernels import kernels_note, use_tuned_kernels
 from ..registry import SGLangSettings
 from ..text import end_of_turn_ids, token_text
 from .common import PromptTokenizer, Tokenizes, check_context, check_loadable, holding
@@ -367,7 +367,8 @@ class SGLangEngine(Tokenizes, Engine):
             kernels = use_tuned_kernels(self.settings.lora_kernel_configs)
         except ValueError as error:
             raise EngineError(str(error)) from None
-        log.info("csgmv LoRA kernels: block sizes from %s", kernels or "SGLang's own files")
+        warn, note = kernels_note(self.settings.lora_kernel_configs, kernels)
+        (log.warning if warn else log.info)("%s", note)
         if overrides := environment_overrides():
             log.warning(
                 "%s: SGLang takes these over engine.sglang.prefill_delay_passes (%s) in the "
