@@ -539,7 +539,8 @@ decode_settings() {  # #16 item 4, after the profile: SGLang settings against th
   wait_file "$SYNTH/adapters.yaml" 600 || return 1
   local name setting folder
   mkdir -p "$RESULTS/decode-settings"
-  echo "csgmv block sizes: $(decode_kernels 2>&1 || true)" >> "$RESULTS/decode-settings/KERNELS"
+  echo "csgmv block sizes: ${DECODE_KERNELS:-shipped} $(decode_kernels 2>&1)" \
+    >> "$RESULTS/decode-settings/KERNELS"
   for name in ${DECODE_SETTINGS:-default continuous-4 graph-bs-512}; do
     setting=$(decode_setting "$name") || continue
     folder=$(next_folder "$RESULTS/decode-settings/$name")
@@ -549,13 +550,14 @@ decode_settings() {  # #16 item 4, after the profile: SGLang settings against th
       --out "$folder" --plan pairs --pairs "${DECODE_PAIRS:-1}" \
       --users "${DECODE_USERS:-256}" --adapters 128 \
       --duration "${DURATION:-20}" --warmup 5 --http-port 8768 \
-      --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" --set "$setting" \
-      ${DECODE_OPEN:-} $(decode_kernels) $(decode_args "$name") ||
+      --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" \
+      $(decode_kernels) --set "$setting" ${DECODE_OPEN:-} $(decode_args "$name") ||
       echo "decode-settings: $name failed"  # DECODE_OPEN: e.g. --arrival-rate 85
   done
 }
 
 decode_kernels() {  # DECODE_KERNELS=tuned: every engine on the lora-tune step's block sizes
+  # (before the setting's own --set: lora-tuned and sglang-kernels still win, the last --set does)
   case ${DECODE_KERNELS:-shipped} in  # shipped: `auto`, SGLang's own on a fresh machine
     tuned) if [ -d "$LORA_CONFIGS" ]; then echo "--set lora_kernel_configs=$LORA_CONFIGS"
            else echo "DECODE_KERNELS=tuned, but lora-tune wrote no $LORA_CONFIGS: shipped" >&2; fi ;;
