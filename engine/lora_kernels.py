@@ -96,7 +96,7 @@ def kernels_note(setting: str | None, folder: Path | None) -> tuple[bool, str]:
             f"only; none in {cache_folder()} yet). Tune them once for this GPU and base model, "
             "about a minute: python -m engine.lora_kernels --config adapters.yaml (docs/gpu.md)"
         )
-    return False, "csgmv LoRA kernels: SGLang's own files (lora_kernel_configs: null)"
+    return False, "csgmv LoRA kernels: SGLang's own block sizes (lora_kernel_configs: null)"
 
 
 SET_HERE = f"_LORALAND_SET_{ENV}"
