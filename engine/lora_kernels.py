@@ -86,8 +86,7 @@ def config_folder(setting: str | None) -> Path | None:
 def kernels_note(setting: str | None, folder: Path | None) -> tuple[bool, str]:
     """What the SGLang backend logs at start: (a warning?, the line). ``auto`` without a tuned
     folder is the one case worth a warning: a fresh GPU machine serves on SGLang's defaults
-    until the tuner runs once (this project's own benchmark jobs did, unnoticed, from the
-    sixteenth session to the twenty-fourth)."""
+    until the tuner runs once, which is easy to miss."""
     if folder is not None:
         return False, f"csgmv LoRA kernels: block sizes from {folder}"
     if setting == AUTO:
