@@ -107,6 +107,13 @@ class SGLangSettings(Strict):
     """Capture CUDA graphs for decode (slower start, faster decode)."""
     chunked_prefill_size: int | None = None
     """Prefill chunk size in tokens; ``None`` = SGLang's default."""
+    radix_evict_fraction: float | None = Field(None, gt=0.0, lt=1.0)
+    """Each eviction from SGLang's prefix tree frees at least this fraction of the KV pool
+    (least recently used first), so the scheduler builds its heap of cached requests once per
+    many steps instead of at every step of a full pool (``engine/backends/sglang_radix.py``);
+    the tree then holds up to this much less. ``None``: SGLang's own eviction, only the tokens
+    asked for. Not applied where ``extra`` picks another tree (``disable_radix_cache``,
+    ``radix_cache_backend``, ``enable_hierarchical_cache``) or the model needs a hybrid one."""
     max_running_requests: int | None = Field(256, ge=1)
     """Requests decoded together at most (per replica); the rest wait for a slot before their
     prefill, and SGLang lowers it further to what its KV pool holds. 256: SGLang's decode CUDA

@@ -48,12 +48,15 @@
 #                                    cuda_graph_max_bs_decode=512, max_running_requests=256,
 #                                    enable_mixed_chunk, max_lora_chunk_size=128, the prefill
 #                                    delayer off or at 4/8 passes, fp8, fp8 with 4
-#                                    continuous decode steps, no radix cache or an FP8
-#                                    KV cache (fp8-kv) (names in
+#                                    continuous decode steps, no radix cache, an FP8
+#                                    KV cache (fp8-kv) or batched prefix-tree evictions
+#                                    (fp8-batched-evict) (names in
 #                                    DECODE_SETTINGS; pairs plan, DECODE_PAIRS rounds (1),
 #                                    256 streams; DECODE_OPEN="--arrival-rate R": open loop)
 #                       space-rehearsal  the GPU Space (deploy/gpu-space) from a clean home: its
 #                                    build step, its command, scripts/app_check.py against it
+#                       radix-cost   lab/radix_evict_cost.py: the prefix tree's eviction per
+#                                    decode step, SGLang's vs batched (CPU; and its tests)
 #                       lora-tune    python -m engine.lora_kernels: csgmv block sizes for the 7B
 #                                    shape on this GPU (decode setting `lora-tuned` uses them)
 #                       code-ab      the code of e930aef vs this tree, one engine each, alternating,
@@ -528,6 +531,8 @@ decode_setting() {  # a named engine setting of decode-settings, as bench's --se
     fp8-no-radix-cache) echo 'extra={"quantization": "fp8", "disable_radix_cache": true}' ;;
     # FP8 weights and an FP8 KV cache (no scales: a throughput figure, not a quality one)
     fp8-kv) echo 'extra={"quantization": "fp8", "kv_cache_dtype": "fp8_e4m3"}' ;;
+    # fp8, each prefix-tree eviction freeing 1 % of the pool (decode_args adds the field)
+    fp8-batched-evict) echo 'extra={"quantization": "fp8"}' ;;
     *) echo "no decode setting named $1" >&2; return 1 ;;
   esac
 }
@@ -541,6 +546,11 @@ decode_settings() {  # #16 item 4, after the profile: SGLang settings against th
   mkdir -p "$RESULTS/decode-settings"
   echo "csgmv block sizes: ${DECODE_KERNELS:-shipped} $(decode_kernels 2>&1)" \
     >> "$RESULTS/decode-settings/KERNELS"
+  local vmstat_pid=""  # the host's run queue, steal and CPU per 5 s beside the engines
+  if command -v vmstat > /dev/null; then
+    vmstat -t -w 5 >> "$RESULTS/decode-settings/vmstat.log" 2>&1 &
+    vmstat_pid=$!
+  fi
   for name in ${DECODE_SETTINGS:-default continuous-4 graph-bs-512}; do
     setting=$(decode_setting "$name") || continue
     folder=$(next_folder "$RESULTS/decode-settings/$name")
@@ -553,7 +563,10 @@ decode_settings() {  # #16 item 4, after the profile: SGLang settings against th
       --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" \
       $(decode_kernels) --set "$setting" ${DECODE_OPEN:-} $(decode_args "$name") ||
       echo "decode-settings: $name failed"  # DECODE_OPEN: e.g. --arrival-rate 85
+    echo "$(date +%T) $name done" >> "$RESULTS/decode-settings/vmstat.log"
   done
+  [ -n "$vmstat_pid" ] && kill "$vmstat_pid"
+  return 0
 }
 
 decode_kernels() {  # DECODE_KERNELS=tuned: every engine on the lora-tune step's block sizes
@@ -569,6 +582,7 @@ decode_kernels() {  # DECODE_KERNELS=tuned: every engine on the lora-tune step's
 decode_args() {  # bench's own flags a decode setting adds (the client side of the HTTP arm)
   case $1 in
     *-locust-4) echo "--locust-processes 4" ;;
+    *-batched-evict) echo "--set radix_evict_fraction=0.01" ;;
   esac
 }
 
@@ -576,6 +590,13 @@ next_folder() {  # DIR, or DIR-2, DIR-3, ... when it exists
   local n=2 dir=$1
   while [ -e "$dir" ]; do dir="$1-$n"; n=$((n + 1)); done
   echo "$dir"
+}
+
+radix_cost() {  # #16 item 4: the prefix tree's evictions per decode step, SGLang's vs batched
+  mkdir -p "$RESULTS/radix-evict-cost"
+  timeout 300 python3 -m lab.radix_evict_cost --out "$RESULTS/radix-evict-cost" || return 1
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_sglang_radix.py \
+    > "$RESULTS/radix-evict-cost/pytest.txt" 2>&1
 }
 
 lora_tune() {  # #16 item 4: csgmv block sizes for the 7B shape on this GPU (engine.lora_kernels)

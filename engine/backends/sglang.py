@@ -36,6 +36,7 @@ from ..interface import (
 from ..lora_kernels import kernels_note, use_tuned_kernels
 from ..registry import SGLangSettings
 from ..text import end_of_turn_ids, token_text
+from . import sglang_radix
 from .common import PromptTokenizer, Tokenizes, check_context, check_loadable, holding
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def engine_kwargs(
         kwargs.update(max_lora_rank=64, lora_target_modules=["all"])
     if settings.max_loaded_loras is not None and settings.max_loaded_loras < len(adapters):
         kwargs["lora_paths"] = kwargs["lora_paths"][: settings.max_loaded_loras]
+    kwargs.update(sglang_radix.engine_kwargs_for(settings.radix_evict_fraction, settings.extra))
     kwargs.update(settings.extra)
     return kwargs
 
@@ -367,6 +369,7 @@ class SGLangEngine(Tokenizes, Engine):
             kernels = use_tuned_kernels(self.settings.lora_kernel_configs)
         except ValueError as error:
             raise EngineError(str(error)) from None
+        self.use_batched_eviction(kwargs)
         warn, note = kernels_note(self.settings.lora_kernel_configs, kernels)
         (log.warning if warn else log.info)("%s", note)
         if overrides := environment_overrides():
@@ -392,6 +395,17 @@ class SGLangEngine(Tokenizes, Engine):
             self.tokenizer, base_dir, chat_template, self.context
         )
         self.device = torch.cuda.get_device_name(0)
+
+    def use_batched_eviction(self, kwargs: dict) -> None:
+        fraction = self.settings.radix_evict_fraction
+        if kwargs.get("radix_cache_backend") == sglang_radix.BACKEND:
+            sglang_radix.plugin_path_added(fraction)
+            log.info("prefix tree: evictions free at least %s of the KV pool", fraction)
+        elif fraction:
+            log.warning(
+                "radix_evict_fraction %s not applied: %s",
+                fraction, "; ".join(sglang_radix.blocked_by(self.settings.extra)),
+            )  # fmt: skip
 
     def adapters(self) -> list[str]:
         return sorted(self.names)
