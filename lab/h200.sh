@@ -49,8 +49,9 @@
 #                                    enable_mixed_chunk, max_lora_chunk_size=128, the prefill
 #                                    delayer off or at 4/8 passes, fp8, fp8 with 4
 #                                    continuous decode steps, no radix cache, an FP8
-#                                    KV cache (fp8-kv) or batched prefix-tree evictions
-#                                    (fp8-batched-evict) (names in
+#                                    KV cache (fp8-kv), batched prefix-tree evictions
+#                                    (fp8-batched-evict) or SGLang's own (fp8-sglang-evict)
+#                                    (names in
 #                                    DECODE_SETTINGS; pairs plan, DECODE_PAIRS rounds (1),
 #                                    256 streams; DECODE_OPEN="--arrival-rate R": open loop)
 #                       space-rehearsal  the GPU Space (deploy/gpu-space) from a clean home: its
@@ -277,8 +278,12 @@ pairs() {  # our engine at its shipped defaults: only the batch slots and the me
   [ "$SYNC" = 1 ] && sync=(--sync-users 256 --sync-mine /tmp/sync/ours-256
     --sync-theirs /tmp/sync/peer-256 --sync-timeout "${SYNC_TIMEOUT:-360}")
   if [ -s /tmp/pairs-setting ]; then  # used once: a later restart runs the defaults again
-    chosen=(--set "$(decode_setting "$(cat /tmp/pairs-setting)")") || return 1
-    echo "pairs: decode setting $(cat /tmp/pairs-setting): ${chosen[1]}" | tee "$RESULTS/pairs-setting.txt"
+    local name setting
+    name=$(cat /tmp/pairs-setting)
+    setting=$(decode_setting "$name") || return 1
+    # shellcheck disable=SC2046  # decode_args: flags, split on purpose
+    chosen=(--set "$setting" $(decode_args "$name"))
+    echo "pairs: decode setting $name: ${chosen[*]}" | tee "$RESULTS/pairs-setting.txt"
     rm -f /tmp/pairs-setting
   fi
   # shellcheck disable=SC2086  # PAIRS_ARRIVALS: pairs-open's or pairs-think's flags, split on purpose
@@ -531,8 +536,10 @@ decode_setting() {  # a named engine setting of decode-settings, as bench's --se
     fp8-no-radix-cache) echo 'extra={"quantization": "fp8", "disable_radix_cache": true}' ;;
     # FP8 weights and an FP8 KV cache (no scales: a throughput figure, not a quality one)
     fp8-kv) echo 'extra={"quantization": "fp8", "kv_cache_dtype": "fp8_e4m3"}' ;;
-    # fp8, each prefix-tree eviction freeing 1 % of the pool (decode_args adds the field)
+    # fp8, each prefix-tree eviction freeing 1 % of the pool (the default since 2026-12-04), or
+    # SGLang's own eviction (decode_args adds the field)
     fp8-batched-evict) echo 'extra={"quantization": "fp8"}' ;;
+    fp8-sglang-evict) echo 'extra={"quantization": "fp8"}' ;;
     *) echo "no decode setting named $1" >&2; return 1 ;;
   esac
 }
@@ -583,6 +590,7 @@ decode_args() {  # bench's own flags a decode setting adds (the client side of t
   case $1 in
     *-locust-4) echo "--locust-processes 4" ;;
     *-batched-evict) echo "--set radix_evict_fraction=0.01" ;;
+    *-sglang-evict) echo "--set radix_evict_fraction=null" ;;
   esac
 }
 

@@ -128,7 +128,8 @@ def test_extra_cannot_set_what_a_field_sets():
         max_loaded_loras=8, max_lora_rank=8, lora_target_modules=["q_proj"], chunked_prefill_size=8
     )
     assert set(engine_kwargs(every_optional, "/m", {"a": "/a"})) == SGLANG_KWARGS_OF_FIELDS | {
-        "log_level"  # the one kwarg of ours that extra may change (SGLang's own logs)
+        "log_level",  # kwargs of ours that extra may change: SGLang's own logs,
+        "radix_cache_backend",  # another prefix tree (batched eviction then stays out)
     }
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import multiprocessing
+import os
 import sys
 
 import pytest
@@ -25,9 +26,8 @@ needs_sglang = pytest.mark.skipif(
 @pytest.fixture
 def plugin_on_path(monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.delenv(sglang_radix.FRACTION_ENV, raising=False)
-    sglang_radix.plugin_path_added(0.01)
-    yield
+    monkeypatch.setenv(sglang_radix.FRACTION_ENV, "")  # restored after the test
+    sglang_radix.expose_to_schedulers(0.01)
 
 
 def test_sglang_finds_the_plugin_by_its_entry_point_once_the_path_is_added(plugin_on_path):
@@ -37,21 +37,59 @@ def test_sglang_finds_the_plugin_by_its_entry_point_once_the_path_is_added(plugi
     assert sglang_radix.fraction_from_env() == 0.01
 
 
-def test_the_fraction_picks_the_batched_tree_and_none_leaves_sglangs(monkeypatch):
+def test_the_batched_tree_is_the_default_and_none_leaves_sglangs(monkeypatch):
     monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
-    on = engine_kwargs(SGLangSettings(radix_evict_fraction=0.01), "/m", {})
+    on = engine_kwargs(SGLangSettings(), "/m", {})
     assert on["radix_cache_backend"] == sglang_radix.BACKEND
-    assert "radix_cache_backend" not in engine_kwargs(SGLangSettings(), "/m", {})
+    off = engine_kwargs(SGLangSettings(radix_evict_fraction=None), "/m", {})
+    assert "radix_cache_backend" not in off
+    assert sglang_radix.ready(off, None, {}) == (
+        False,
+        "prefix tree: SGLang's own (radix_evict_fraction: null)",
+    )
+
+
+def test_the_tree_named_in_extra_without_a_fraction_is_refused():
+    kwargs = {"radix_cache_backend": sglang_radix.BACKEND}
+    with pytest.raises(ValueError, match="needs radix_evict_fraction"):
+        sglang_radix.ready(kwargs, None, kwargs)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is not None, reason="SGLang is here")
+def test_an_sglang_without_the_registry_keeps_its_own_tree(monkeypatch):
+    monkeypatch.setenv(sglang_radix.FRACTION_ENV, "")
+    kwargs = {"radix_cache_backend": sglang_radix.BACKEND}
+    warn, note = sglang_radix.ready(kwargs, 0.01, {})
+    assert warn and "no radix-cache registry" in note
+    assert kwargs == {}
+    assert os.environ[sglang_radix.FRACTION_ENV] == ""
+
+
+def test_a_ready_tree_is_exposed_to_the_schedulers(monkeypatch, plugin_on_path):
+    monkeypatch.setattr(sglang_radix, "registry_found", lambda: True)
+    kwargs = {"radix_cache_backend": sglang_radix.BACKEND}
+    assert sglang_radix.ready(kwargs, 0.05, {}) == (
+        False, "prefix tree: each eviction frees at least 0.05 of the KV pool"
+    )  # fmt: skip
+    assert sglang_radix.fraction_from_env() == 0.05
 
 
 @pytest.mark.parametrize(
-    "extra", [{"disable_radix_cache": True}, {"enable_hierarchical_cache": True}]
+    "extra",
+    [
+        {"disable_radix_cache": True},
+        {"enable_hierarchical_cache": True},
+        {"enable_int8_mamba_checkpoint": True},
+    ],
 )
 def test_another_tree_in_extra_keeps_sglangs_choice(monkeypatch, extra):
     monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
     settings = SGLangSettings(radix_evict_fraction=0.01, extra=extra)
     assert "radix_cache_backend" not in engine_kwargs(settings, "/m", {})
     assert list(extra) == sglang_radix.blocked_by(extra)
+    assert (
+        sglang_radix.ready({}, 0.01, extra)[1] == f"prefix tree: SGLang's own ({next(iter(extra))})"
+    )
 
 
 def test_a_tree_named_in_extra_wins(monkeypatch):

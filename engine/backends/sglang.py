@@ -367,11 +367,13 @@ class SGLangEngine(Tokenizes, Engine):
         kwargs = engine_kwargs(self.settings, base_dir, adapters, dtype)
         try:
             kernels = use_tuned_kernels(self.settings.lora_kernel_configs)
+            eviction = sglang_radix.ready(
+                kwargs, self.settings.radix_evict_fraction, self.settings.extra
+            )
         except ValueError as error:
             raise EngineError(str(error)) from None
-        self.use_batched_eviction(kwargs)
-        warn, note = kernels_note(self.settings.lora_kernel_configs, kernels)
-        (log.warning if warn else log.info)("%s", note)
+        for warn, note in (eviction, kernels_note(self.settings.lora_kernel_configs, kernels)):
+            (log.warning if warn else log.info)("%s", note)
         if overrides := environment_overrides():
             log.warning(
                 "%s: SGLang takes these over engine.sglang.prefill_delay_passes (%s) in the "
@@ -395,17 +397,6 @@ class SGLangEngine(Tokenizes, Engine):
             self.tokenizer, base_dir, chat_template, self.context
         )
         self.device = torch.cuda.get_device_name(0)
-
-    def use_batched_eviction(self, kwargs: dict) -> None:
-        fraction = self.settings.radix_evict_fraction
-        if kwargs.get("radix_cache_backend") == sglang_radix.BACKEND:
-            sglang_radix.plugin_path_added(fraction)
-            log.info("prefix tree: evictions free at least %s of the KV pool", fraction)
-        elif fraction:
-            log.warning(
-                "radix_evict_fraction %s not applied: %s",
-                fraction, "; ".join(sglang_radix.blocked_by(self.settings.extra)),
-            )  # fmt: skip
 
     def adapters(self) -> list[str]:
         return sorted(self.names)

@@ -11,7 +11,7 @@ Here every eviction frees at least ``radix_evict_fraction`` of the pool, least r
 first as SGLang does, so one heap serves many steps; the cache holds that much less on average.
 SGLang picks this tree through its radix-cache registry (``radix_cache_backend``); the registry
 lives in each scheduler process, which loads it as a general SGLang plugin: the entry point in
-``sglang_plugin/`` (on ``sys.path`` once :func:`plugin_path_added` ran in the parent; spawned
+``sglang_plugin/`` (on ``sys.path`` once :func:`expose_to_schedulers` ran in the parent; spawned
 processes inherit the path). Only SGLang's plain tree is batched: the hybrid, hierarchical and
 chunk caches its own selection picks stay as they are.
 """
@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import sys
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 BACKEND = "loraland-batched-evict"
 """The name this tree is registered under in SGLang's radix-cache registry."""
@@ -32,7 +35,12 @@ FRACTION_ENV = "LORALAND_RADIX_EVICT_FRACTION"
 """How the parent hands ``radix_evict_fraction`` to SGLang's scheduler processes."""
 PLUGIN_DIR = Path(__file__).with_name("sglang_plugin")
 """Holds the plugin's ``.dist-info``: SGLang finds general plugins by entry point."""
-OTHER_TREES = ("disable_radix_cache", "radix_cache_backend", "enable_hierarchical_cache")
+OTHER_TREES = (
+    "disable_radix_cache",
+    "radix_cache_backend",
+    "enable_hierarchical_cache",
+    "enable_int8_mamba_checkpoint",  # SGLang refuses any radix_cache_backend beside it
+)
 """``extra`` keys that choose another tree: batched eviction then stays out of the way."""
 
 
@@ -53,11 +61,12 @@ def build_tree_cache(ctx):
     from sglang.srt.mem_cache.registry import default_radix_cache_factory
 
     cache = default_radix_cache_factory(ctx)
-    if type(cache) is RadixCache and not cache.disable:
-        pool = cache.token_to_kv_pool_allocator.size
-        cache.evict = functools.partial(
-            evict_in_batches, cache.evict, tokens_per_eviction(pool, fraction_from_env())
-        )
+    if type(cache) is not RadixCache or cache.disable:
+        log.warning("radix_evict_fraction not applied: SGLang picked %s", type(cache).__name__)
+        return cache
+    at_least = tokens_per_eviction(cache.token_to_kv_pool_allocator.size, fraction_from_env())
+    cache.evict = functools.partial(evict_in_batches, cache.evict, at_least)
+    log.info("prefix tree: each eviction frees at least %d tokens", at_least)
     return cache
 
 
@@ -74,6 +83,7 @@ def tokens_per_eviction(pool_tokens: int, fraction: float) -> int:
 
 
 def fraction_from_env() -> float:
+    """``radix_evict_fraction`` as the parent passed it (:func:`expose_to_schedulers`)."""
     value = os.environ.get(FRACTION_ENV, "")
     try:
         fraction = float(value)
@@ -100,8 +110,34 @@ def engine_kwargs_for(fraction: float | None, extra: dict) -> dict:
     return {"radix_cache_backend": BACKEND}
 
 
-def plugin_path_added(fraction: float) -> None:
-    """Make the plugin findable here and in the processes SGLang spawns; pass the fraction."""
+def ready(kwargs: dict, fraction: float | None, extra: dict) -> tuple[bool, str]:
+    """Ready SGLang's processes for the tree ``kwargs`` picks: (a warning?, what to log)."""
+    if kwargs.get("radix_cache_backend") != BACKEND:
+        reasons = blocked_by(extra) if fraction else ["radix_evict_fraction: null"]
+        return False, f"prefix tree: SGLang's own ({'; '.join(reasons)})"
+    if not fraction:
+        raise ValueError(f"radix_cache_backend {BACKEND} needs radix_evict_fraction")
+    if not registry_found():
+        del kwargs["radix_cache_backend"]
+        return True, "radix_evict_fraction not applied: this SGLang has no radix-cache registry"
+    expose_to_schedulers(fraction)
+    return False, f"prefix tree: each eviction frees at least {fraction} of the KV pool"
+
+
+def registry_found() -> bool:
+    try:
+        from sglang.srt.mem_cache import registry
+    except ImportError:
+        return False
+    return all(
+        hasattr(registry, name)
+        for name in ("register_radix_cache_backend", "default_radix_cache_factory")
+    )
+
+
+def expose_to_schedulers(fraction: float) -> None:
+    """Put the plugin on this process's path (spawned ones inherit it) and the fraction in the
+    environment, where SGLang's scheduler processes find them."""
     os.environ[FRACTION_ENV] = repr(fraction)
     if str(PLUGIN_DIR) not in sys.path:
         sys.path.append(str(PLUGIN_DIR))
