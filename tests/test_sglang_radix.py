@@ -172,3 +172,19 @@ def test_a_process_spawned_as_sglang_spawns_its_scheduler_finds_both(plugin_on_p
         names, fraction = child.submit(plugins_and_fraction_seen_here).result(timeout=600)
     assert sglang_radix.PLUGIN in names
     assert fraction == 0.01
+
+
+def trees_registered_by_sglangs_plugin_loading() -> list[str]:
+    from sglang.srt.mem_cache.registry import registered_radix_cache_backends
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()  # what SGLang's scheduler process does first
+    return registered_radix_cache_backends()
+
+
+@needs_sglang
+def test_sglangs_plugin_loading_registers_the_tree_in_a_spawned_process(plugin_on_path):
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as child:
+        trees = child.submit(trees_registered_by_sglangs_plugin_loading).result(timeout=600)
+    assert sglang_radix.BACKEND in trees
