@@ -95,14 +95,16 @@ def report(rows: list[dict]) -> str:
         "|---|---|---|---|",
     ]
     for row in rows:
-        s, b, r = (row["us_per_step"]["sglang"], row["us_per_step"]["batched"],
-                   row["sglang_over_batched"])  # fmt: skip
-        lines.append(
-            f"| {row['cached_requests']} | {statistics.median(s):.0f} [{min(s):.0f}–{max(s):.0f}]"
-            f" | {statistics.median(b):.0f} [{min(b):.0f}–{max(b):.0f}]"
-            f" | {statistics.median(r):.1f} [{min(r):.1f}–{max(r):.1f}] |"
-        )
+        per_step, ratios = row["us_per_step"], row["sglang_over_batched"]
+        cells = [median_range(per_step["sglang"], 0), median_range(per_step["batched"], 0),
+                 median_range(ratios, 1)]  # fmt: skip
+        lines.append(f"| {row['cached_requests']} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
+
+
+def median_range(values: list[float], digits: int) -> str:
+    median, low, high = statistics.median(values), min(values), max(values)
+    return f"{median:.{digits}f} [{low:.{digits}f}–{high:.{digits}f}]"
 
 
 def main() -> None:
