@@ -116,8 +116,9 @@ class SGLangSettings(Strict):
     against engine 1.12–1.20× tok/s through HTTP base and direct with 128 adapters, 0.96–1.05×
     through HTTP with adapters (``results/serving/h200-7b-batched-radix-eviction``). ``None``:
     SGLang's own eviction, only the tokens asked for. Not applied where ``extra`` picks another
-    tree (``disable_radix_cache``, ``radix_cache_backend``, ``enable_hierarchical_cache``) or
-    the model needs a hybrid one."""
+    tree (``disable_radix_cache``, ``radix_cache_backend``, ``enable_hierarchical_cache``,
+    ``enable_int8_mamba_checkpoint``), where ``SGLANG_PLUGINS`` leaves out ``loraland``, or
+    where the model needs a hybrid tree; the start log says which tree serves."""
     max_running_requests: int | None = Field(256, ge=1)
     """Requests decoded together at most (per replica); the rest wait for a slot before their
     prefill, and SGLang lowers it further to what its KV pool holds. 256: SGLang's decode CUDA
