@@ -259,8 +259,18 @@ def test_health_answers_a_one_token_generation(hf_engine):
     assert set(health["adapters"]) >= {"alpha", "beta"}
 
 
+def until_idle(engine, within_s: float = 600) -> None:
+    """Wait until the worker holds no request (one an earlier test cut may still be ending): a
+    busy engine reports healthy without a probe."""
+    deadline = time.monotonic() + within_s
+    while (stats := engine.stats())["running"] or stats["queued"]:
+        assert time.monotonic() < deadline, f"still busy after {within_s} s: {stats}"
+        time.sleep(0.05)
+
+
 def test_health_calls_that_come_together_share_one_probe(hf_engine, monkeypatch):
     """Ten at once: one generation; the next call, a fresh one."""
+    until_idle(hf_engine)
     probes, real = [], hf_engine.complete
 
     async def counted(request):
