@@ -119,6 +119,14 @@ class SGLangSettings(Strict):
     tree (``disable_radix_cache``, ``radix_cache_backend``, ``enable_hierarchical_cache``,
     ``enable_int8_mamba_checkpoint``), where ``SGLANG_PLUGINS`` leaves out ``loraland``, or
     where the model needs a hybrid tree; the start log says which tree serves."""
+    fast_lora_batch: bool = True
+    """Build each batch's LoRA indices for csgmv's kernels (which tokens use which adapter, in
+    segments) with a few vectorised tensor calls instead of SGLang's loop over the batch's
+    adapters, and copy the lm_head's to the GPU without waiting for it
+    (``engine/backends/sglang_lora_batch.py``): the same tensors, less of the scheduler's one
+    thread, which bounds the decode step with FP8 weights (there the indices took 12–14 % of
+    it at 256 streams × 128 adapters). ``False``: SGLang's own. Only for ``lora_backend:
+    csgmv``; not applied where ``SGLANG_PLUGINS`` leaves out ``loraland``."""
     max_running_requests: int | None = Field(256, ge=1)
     """Requests decoded together at most (per replica); the rest wait for a slot before their
     prefill, and SGLang lowers it further to what its KV pool holds. 256: SGLang's decode CUDA

@@ -50,7 +50,9 @@
 #                                    delayer off or at 4/8 passes, fp8, fp8 with 4
 #                                    continuous decode steps, no radix cache, an FP8
 #                                    KV cache (fp8-kv), batched prefix-tree evictions
-#                                    (fp8-batched-evict) or SGLang's own (fp8-sglang-evict)
+#                                    (fp8-batched-evict) or SGLang's own (fp8-sglang-evict),
+#                                    the LoRA batch's indices vectorised (fp8-fast-lora-batch)
+#                                    or SGLang's own (fp8-sglang-lora-batch)
 #                                    (names in
 #                                    DECODE_SETTINGS; pairs plan, DECODE_PAIRS rounds (1),
 #                                    256 streams; DECODE_OPEN="--arrival-rate R": open loop)
@@ -58,6 +60,8 @@
 #                                    build step, its command, scripts/app_check.py against it
 #                       radix-cost   lab/radix_evict_cost.py: the prefix tree's eviction per
 #                                    decode step, SGLang's vs batched (CPU; and its tests)
+#                       lora-batch-cost  lab/lora_batch_cost.py: the LoRA batch's indices per
+#                                    forward pass, SGLang's vs vectorised (and their tests)
 #                       lora-tune    python -m engine.lora_kernels: csgmv block sizes for the 7B
 #                                    shape on this GPU (decode setting `lora-tuned` uses them)
 #                       code-ab      the code of e930aef vs this tree, one engine each, alternating,
@@ -540,6 +544,9 @@ decode_setting() {  # a named engine setting of decode-settings, as bench's --se
     # SGLang's own eviction (decode_args adds the field)
     fp8-batched-evict) echo 'extra={"quantization": "fp8"}' ;;
     fp8-sglang-evict) echo 'extra={"quantization": "fp8"}' ;;
+    # fp8, the LoRA batch's indices vectorised (the default since 2026-12-04) or SGLang's own
+    fp8-fast-lora-batch) echo 'extra={"quantization": "fp8"}' ;;
+    fp8-sglang-lora-batch) echo 'extra={"quantization": "fp8"}' ;;
     *) echo "no decode setting named $1" >&2; return 1 ;;
   esac
 }
@@ -591,6 +598,8 @@ decode_args() {  # bench's own flags a decode setting adds (the client side of t
     *-locust-4) echo "--locust-processes 4" ;;
     *-batched-evict) echo "--set radix_evict_fraction=0.01" ;;
     *-sglang-evict) echo "--set radix_evict_fraction=null" ;;
+    *-fast-lora-batch) echo "--set fast_lora_batch=true" ;;
+    *-sglang-lora-batch) echo "--set fast_lora_batch=false" ;;
   esac
 }
 
@@ -605,6 +614,13 @@ radix_cost() {  # #16 item 4: the prefix tree's evictions per decode step, SGLan
   timeout 300 python3 -m lab.radix_evict_cost --out "$RESULTS/radix-evict-cost" || return 1
   timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_sglang_radix.py \
     > "$RESULTS/radix-evict-cost/pytest.txt" 2>&1
+}
+
+lora_batch_cost() {  # #16 item 4: the LoRA batch's indices per pass, SGLang's vs vectorised
+  mkdir -p "$RESULTS/lora-batch-cost"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_sglang_lora_batch.py \
+    tests/test_sglang_radix.py > "$RESULTS/lora-batch-cost/pytest.txt" 2>&1
+  timeout 300 python3 -m lab.lora_batch_cost --out "$RESULTS/lora-batch-cost"
 }
 
 lora_tune() {  # #16 item 4: csgmv block sizes for the 7B shape on this GPU (engine.lora_kernels)

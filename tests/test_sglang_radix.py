@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from engine.backends import sglang_radix
+from engine.backends import sglang_hooks, sglang_radix
 from engine.backends.sglang import engine_kwargs
 from engine.registry import SGLangSettings
 from lab.radix_evict_cost import filled_tree, request_key
@@ -32,8 +32,8 @@ def plugin_on_path(monkeypatch):
 
 def test_sglang_finds_the_plugin_by_its_entry_point_once_the_path_is_added(plugin_on_path):
     found = importlib.metadata.entry_points(group="sglang.srt.plugins")
-    assert sglang_radix.PLUGIN in found.names
-    assert found[sglang_radix.PLUGIN].load() is sglang_radix.register
+    assert sglang_hooks.PLUGIN in found.names
+    assert found[sglang_hooks.PLUGIN].load() is sglang_hooks.register
     assert sglang_radix.fraction_from_env() == 0.01
 
 
@@ -170,7 +170,7 @@ def test_a_process_spawned_as_sglang_spawns_its_scheduler_finds_both(plugin_on_p
     spawn = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as child:
         names, fraction = child.submit(plugins_and_fraction_seen_here).result(timeout=600)
-    assert sglang_radix.PLUGIN in names
+    assert sglang_hooks.PLUGIN in names
     assert fraction == 0.01
 
 

@@ -36,7 +36,7 @@ from ..interface import (
 from ..lora_kernels import kernels_note, use_tuned_kernels
 from ..registry import SGLangSettings
 from ..text import end_of_turn_ids, token_text
-from . import sglang_radix
+from . import sglang_lora_batch, sglang_radix
 from .common import PromptTokenizer, Tokenizes, check_context, check_loadable, holding
 
 log = logging.getLogger(__name__)
@@ -372,7 +372,9 @@ class SGLangEngine(Tokenizes, Engine):
             )
         except ValueError as error:
             raise EngineError(str(error)) from None
-        for warn, note in (eviction, kernels_note(self.settings.lora_kernel_configs, kernels)):
+        lora_batch = sglang_lora_batch.ready(self.settings.fast_lora_batch, kwargs)
+        kernels_said = kernels_note(self.settings.lora_kernel_configs, kernels)
+        for warn, note in (eviction, lora_batch, kernels_said):
             (log.warning if warn else log.info)("%s", note)
         if overrides := environment_overrides():
             log.warning(

@@ -10,9 +10,8 @@ scheduler's thread bounds the step (FP8 weights), that cost is throughput.
 Here every eviction frees at least ``radix_evict_fraction`` of the pool, least recently used
 first as SGLang does, so one heap serves many steps; the cache holds that much less on average.
 SGLang picks this tree through its radix-cache registry (``radix_cache_backend``); the registry
-lives in each scheduler process, which loads it as a general SGLang plugin: the entry point in
-``sglang_plugin/`` (on ``sys.path`` once :func:`expose_to_schedulers` ran in the parent; spawned
-processes inherit the path). Only SGLang's plain tree is batched: the hybrid, hierarchical and
+lives in each scheduler process, which loads it through the general SGLang plugin ``loraland``
+(``sglang_hooks``). Only SGLang's plain tree is batched: the hybrid, hierarchical and
 chunk caches its own selection picks stay as they are.
 """
 
@@ -22,19 +21,15 @@ import dataclasses
 import functools
 import logging
 import os
-import sys
-from pathlib import Path
+
+from . import sglang_hooks
 
 log = logging.getLogger(__name__)
 
 BACKEND = "loraland-batched-evict"
 """The name this tree is registered under in SGLang's radix-cache registry."""
-PLUGIN = "loraland"
-"""The entry point's name (what ``SGLANG_PLUGINS``, SGLang's allow-list, must name)."""
 FRACTION_ENV = "LORALAND_RADIX_EVICT_FRACTION"
 """How the parent hands ``radix_evict_fraction`` to SGLang's scheduler processes."""
-PLUGIN_DIR = Path(__file__).with_name("sglang_plugin")
-"""Holds the plugin's ``.dist-info``: SGLang finds general plugins by entry point."""
 OTHER_TREES = (
     "disable_radix_cache",
     "radix_cache_backend",
@@ -45,7 +40,7 @@ OTHER_TREES = (
 
 
 def register() -> None:
-    """SGLang's general-plugin entry point: registers :data:`BACKEND` in this process."""
+    """Registers :data:`BACKEND` in this process (the plugin ``loraland`` calls it)."""
     from sglang.srt.mem_cache.registry import (
         register_radix_cache_backend,
         registered_radix_cache_backends,
@@ -97,9 +92,8 @@ def fraction_from_env() -> float:
 def blocked_by(extra: dict) -> list[str]:
     """Why batched eviction stays off under these ``extra`` settings (none: it can be on)."""
     found = [key for key in OTHER_TREES if extra.get(key)]
-    allowed = os.environ.get("SGLANG_PLUGINS", "")
-    if allowed and PLUGIN not in {name.strip() for name in allowed.split(",")}:
-        found.append(f"SGLANG_PLUGINS={allowed} leaves out the plugin '{PLUGIN}'")
+    if left_out := sglang_hooks.left_out_by_allow_list():
+        found.append(left_out)
     return found
 
 
@@ -139,5 +133,4 @@ def expose_to_schedulers(fraction: float) -> None:
     """Put the plugin on this process's path (spawned ones inherit it) and the fraction in the
     environment, where SGLang's scheduler processes find them."""
     os.environ[FRACTION_ENV] = repr(fraction)
-    if str(PLUGIN_DIR) not in sys.path:
-        sys.path.append(str(PLUGIN_DIR))
+    sglang_hooks.expose_plugin()

@@ -1,0 +1,42 @@
+"""The general SGLang plugin ``loraland``: what it does in each of SGLang's processes.
+
+SGLang finds general plugins by entry point (group ``sglang.srt.plugins``) and calls each in
+every process it starts, its scheduler processes included, before the engine serves. Ours is
+the ``.dist-info`` in ``sglang_plugin/``, on ``sys.path`` once :func:`expose_plugin` ran in the
+parent (spawned processes inherit the path). What it turns on there the parent says through
+environment variables: batched evictions from the prefix tree (``sglang_radix``) and the LoRA
+batch's indices built without SGLang's per-adapter loop (``sglang_lora_batch``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+PLUGIN = "loraland"
+"""The entry point's name (what ``SGLANG_PLUGINS``, SGLang's allow-list, must name)."""
+PLUGIN_DIR = Path(__file__).with_name("sglang_plugin")
+"""Holds the plugin's ``.dist-info``: SGLang finds general plugins by entry point."""
+
+
+def register() -> None:
+    """SGLang's general-plugin entry point: each feature the parent turned on, in this process."""
+    from . import sglang_lora_batch, sglang_radix
+
+    sglang_radix.register()
+    sglang_lora_batch.register()
+
+
+def left_out_by_allow_list() -> str | None:
+    """Why SGLang will not load the plugin (``SGLANG_PLUGINS`` names others), or None."""
+    allowed = os.environ.get("SGLANG_PLUGINS", "")
+    if allowed and PLUGIN not in {name.strip() for name in allowed.split(",")}:
+        return f"SGLANG_PLUGINS={allowed} leaves out the plugin '{PLUGIN}'"
+    return None
+
+
+def expose_plugin() -> None:
+    """Put the plugin on this process's path, where SGLang's spawned processes find it."""
+    if str(PLUGIN_DIR) not in sys.path:
+        sys.path.append(str(PLUGIN_DIR))

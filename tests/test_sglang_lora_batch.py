@@ -1,0 +1,218 @@
+"""The LoRA batch's indices built vectorised: the grouping and segments against their definition,
+the settings that turn them on, and (where sglang is installed) against SGLang's own code and
+applied by SGLang's plugin loading."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import itertools
+import multiprocessing
+import os
+import random
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from engine.backends import sglang_hooks, sglang_lora_batch
+from engine.backends.sglang import engine_kwargs
+from engine.registry import SGLangSettings
+
+needs_sglang = pytest.mark.skipif(
+    importlib.util.find_spec("sglang") is None, reason="needs sglang (the GPU machine)"
+)
+
+
+def random_batches(count: int, seed: int = 0):
+    """(adapter per request, tokens per request) with runs, repeats and empty-handed adapters."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        requests = rng.choice([1, 2, 7, 64, 256, 300])
+        adapters = rng.choice([1, 3, 8, 128])
+        weight_indices = [rng.randrange(adapters) for _ in range(requests)]
+        tokens = [rng.choice([1, 1, 5, 16, 17, 200]) for _ in range(requests)]
+        yield weight_indices, tokens
+
+
+def grouped_by_adapter(weight_indices: list[int], tokens: list[int]) -> list[int]:
+    """The definition: token places, grouped by adapter (lowest first), in order within each."""
+    adapter_of = [w for w, n in zip(weight_indices, tokens) for _ in range(n)]
+    return sorted(range(len(adapter_of)), key=lambda place: adapter_of[place])
+
+
+def segments_of(adapter_per_token: list[int], chunk_size: int) -> tuple[list[int], list[int]]:
+    """The definition: each run of one adapter cut into pieces of at most ``chunk_size``."""
+    adapters, bounds = [], [0]
+    for adapter, run in itertools.groupby(adapter_per_token):
+        left = len(list(run))
+        while left:
+            piece = min(left, chunk_size)
+            adapters.append(adapter)
+            bounds.append(bounds[-1] + piece)
+            left -= piece
+    return adapters, bounds
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_tokens_are_grouped_by_adapter_in_order_within_each(decode):
+    for weight_indices, tokens in random_batches(40):
+        tokens = [1] * len(tokens) if decode else tokens
+        permutation, adapter_per_place = sglang_lora_batch.order_by_adapter(
+            weight_indices, None if decode else tokens
+        )
+        assert permutation.dtype == torch.long and adapter_per_place.dtype == torch.int32
+        assert permutation.tolist() == grouped_by_adapter(weight_indices, tokens)
+        adapter_of = [w for w, n in zip(weight_indices, tokens) for _ in range(n)]
+        assert adapter_per_place.tolist() == [adapter_of[p] for p in permutation.tolist()]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 16, 32, 128])
+def test_each_adapters_run_is_cut_into_chunks(chunk_size):
+    for weight_indices, tokens in random_batches(40, seed=chunk_size):
+        _, adapter_per_place = sglang_lora_batch.order_by_adapter(weight_indices, tokens)
+        adapters, indptr = sglang_lora_batch.adapter_segments(adapter_per_place, chunk_size)
+        assert adapters.dtype == torch.int32 and indptr.dtype == torch.int32
+        assert (adapters.tolist(), indptr.tolist()) == segments_of(
+            adapter_per_place.tolist(), chunk_size
+        )
+
+
+def test_a_batch_of_no_tokens_has_no_segments():
+    adapters, indptr = sglang_lora_batch.adapter_segments(torch.tensor([], dtype=torch.int32), 16)
+    assert adapters.tolist() == [] and indptr.tolist() == [0]
+
+
+@pytest.fixture
+def clean_environment(monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv(sglang_lora_batch.FLAG_ENV, "")  # restored after the test
+    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+
+
+def test_the_vectorised_indices_are_the_default(clean_environment, monkeypatch):
+    monkeypatch.setattr(sglang_lora_batch, "hook_registry_found", lambda: True)
+    kwargs = engine_kwargs(SGLangSettings(), "/m", {})
+    assert sglang_lora_batch.ready(SGLangSettings().fast_lora_batch, kwargs) == (
+        False, "LoRA batch indices: vectorised (fast_lora_batch)"
+    )  # fmt: skip
+    assert os.environ[sglang_lora_batch.FLAG_ENV] == "1"
+    assert str(sglang_hooks.PLUGIN_DIR) in sys.path
+
+
+@pytest.mark.parametrize(
+    "settings, said",
+    [
+        (SGLangSettings(fast_lora_batch=False), "SGLang's own (fast_lora_batch: false)"),
+        (SGLangSettings(lora_backend="triton"), "SGLang's own (lora_backend triton)"),
+    ],
+)
+def test_off_or_another_kernel_backend_keeps_sglangs(clean_environment, settings, said):
+    os.environ[sglang_lora_batch.FLAG_ENV] = "1"  # an earlier engine of this process had it on
+    kwargs = engine_kwargs(settings, "/m", {})
+    assert sglang_lora_batch.ready(settings.fast_lora_batch, kwargs) == (
+        False, f"LoRA batch indices: {said}"
+    )  # fmt: skip
+    assert os.environ[sglang_lora_batch.FLAG_ENV] == "0"
+
+
+def test_an_allow_list_without_the_plugin_keeps_sglangs(clean_environment, monkeypatch):
+    monkeypatch.setenv("SGLANG_PLUGINS", "other")
+    warn, note = sglang_lora_batch.ready(True, engine_kwargs(SGLangSettings(), "/m", {}))
+    assert warn and "leaves out the plugin 'loraland'" in note
+    assert os.environ[sglang_lora_batch.FLAG_ENV] == "0"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is not None, reason="SGLang is here")
+def test_an_sglang_without_the_hook_registry_keeps_its_own(clean_environment):
+    warn, note = sglang_lora_batch.ready(True, engine_kwargs(SGLangSettings(), "/m", {}))
+    assert warn and "no plugin hook registry" in note
+    assert os.environ[sglang_lora_batch.FLAG_ENV] == "0"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is not None, reason="SGLang is here")
+def test_the_plugin_reaches_for_sglang_only_where_the_parent_asked(clean_environment):
+    os.environ[sglang_lora_batch.FLAG_ENV] = "0"
+    assert sglang_lora_batch.register() is None
+    os.environ[sglang_lora_batch.FLAG_ENV] = "1"
+    with pytest.raises(ModuleNotFoundError, match="sglang"):
+        sglang_lora_batch.register()
+
+
+def forward_batch(mode: str, tokens: list[int]):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    return SimpleNamespace(
+        forward_mode=ForwardMode.DECODE if mode == "decode" else ForwardMode.EXTEND,
+        batch_size=len(tokens),
+        extend_seq_lens_cpu=tokens,
+        extend_seq_lens=torch.tensor(tokens, dtype=torch.int32),
+        extend_num_tokens=sum(tokens),
+    )
+
+
+def sglangs_own(name: str):
+    from sglang.srt.lora.backend.chunked_backend import ChunkedSgmvLoRABackend
+
+    method = getattr(ChunkedSgmvLoRABackend, name)
+    return getattr(method, "__wrapped__", method)  # SGLang's hook wrappers keep the original
+
+
+@needs_sglang
+@pytest.mark.parametrize("mode", ["decode", "extend"])
+def test_the_indices_are_sglangs_own(mode):
+    from sglang.srt.lora.backend.chunked_backend import ChunkedSgmvLoRABackend
+
+    backend = object.__new__(ChunkedSgmvLoRABackend)  # the two methods read no state
+    for weight_indices, tokens in random_batches(40, seed=7):
+        tokens = [1] * len(tokens) if mode == "decode" else tokens
+        batch = forward_batch(mode, tokens)
+        theirs = sglangs_own("_get_permutation")(weight_indices, batch)
+        ours = sglang_lora_batch.permutation_hook(None, weight_indices, batch)
+        assert [t.tolist() for t in ours] == [t.tolist() for t in theirs]
+        for chunk_size in (16, 32, 128):
+            theirs = sglangs_own("_get_segments_info")(backend, ours[1], chunk_size)
+            mine = sglang_lora_batch.segments_hook(None, backend, ours[1], chunk_size)
+            assert [t.tolist() for t in mine] == [t.tolist() for t in theirs]
+            assert [t.dtype for t in mine] == [t.dtype for t in theirs]
+
+
+@needs_sglang
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_lm_heads_indices_are_sglangs_own():
+    from sglang.srt.lora.backend.chunked_backend import ChunkedSgmvLoRABackend
+    from sglang.srt.lora.utils import LoRABatchInfo, merge_and_chunk_segments
+
+    backend = object.__new__(ChunkedSgmvLoRABackend)
+    backend.device = torch.device("cuda")
+    base = LoRABatchInfo(
+        use_cuda_graph=True, bs=4, num_segments=2, seg_indptr=None, weight_indices=None,
+        lora_ranks=torch.ones(4), scalings=torch.ones(4), max_len=16, seg_lens=None,
+        permutation=None,
+    )  # fmt: skip
+    for weight_indices, tokens in random_batches(20, seed=3):
+        segments = merge_and_chunk_segments(weight_indices, tokens, chunk_size=32)
+        theirs = sglangs_own("_build_lm_head_batch_info")(backend, segments, base, 32, sum(tokens))
+        ours = sglang_lora_batch.lm_head_hook(None, backend, segments, base, 32, sum(tokens))
+        torch.cuda.synchronize()
+        for field in ("seg_indptr", "weight_indices", "permutation"):
+            assert getattr(ours, field).tolist() == getattr(theirs, field).tolist(), field
+        for field in ("use_cuda_graph", "num_segments", "max_len", "expected_tokens", "bs"):
+            assert getattr(ours, field) == getattr(theirs, field), field
+
+
+def hooks_after_sglangs_plugin_loading() -> list[str]:
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()  # what SGLang's scheduler process does first
+    return sglang_lora_batch.hooks_applied()
+
+
+@needs_sglang
+def test_sglangs_plugin_loading_applies_the_hooks_in_a_spawned_process(clean_environment):
+    sglang_lora_batch.ready(True, engine_kwargs(SGLangSettings(), "/m", {}))
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as child:
+        applied = child.submit(hooks_after_sglangs_plugin_loading).result(timeout=600)
+    assert applied == list(sglang_lora_batch.HOOKS)
