@@ -22,7 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from engine.backends.sglang_lora_batch import HOOKS
-from lab.radix_evict_cost import median_range
+from lab.radix_evict_cost import arm_cells
 
 ADAPTERS = 128
 
@@ -124,10 +124,8 @@ def report(rows: list[dict]) -> str:
         "|---|---|---|---|---|",
     ]
     for row in rows:
-        per_call, ratios = row["us_per_call"], row["sglang_over_ours"]
-        cells = [median_range(per_call["sglang"], 0), median_range(per_call["vectorised"], 0),
-                 median_range(ratios, 1)]  # fmt: skip
-        lines.append(f"| {row['batch']} | {row['busy_ms']} ms | {' | '.join(cells)} |")
+        cells = arm_cells(row["us_per_call"], row["sglang_over_ours"])
+        lines.append(f"| {row['batch']} | {row['busy_ms']} ms | {cells} |")
     return "\n".join(lines) + "\n"
 
 

@@ -95,11 +95,15 @@ def report(rows: list[dict]) -> str:
         "|---|---|---|---|",
     ]
     for row in rows:
-        per_step, ratios = row["us_per_step"], row["sglang_over_batched"]
-        cells = [median_range(per_step["sglang"], 0), median_range(per_step["batched"], 0),
-                 median_range(ratios, 1)]  # fmt: skip
-        lines.append(f"| {row['cached_requests']} | {' | '.join(cells)} |")
+        cells = arm_cells(row["us_per_step"], row["sglang_over_batched"])
+        lines.append(f"| {row['cached_requests']} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+def arm_cells(per_arm: dict[str, list[float]], ratios: list[float]) -> str:
+    """Table cells: each arm's µs, then their ratio, as median [range] over rounds."""
+    cells = [median_range(values, 0) for values in per_arm.values()]
+    return " | ".join([*cells, median_range(ratios, 1)])
 
 
 def median_range(values: list[float], digits: int) -> str:
