@@ -663,6 +663,7 @@ def settings_of(args, engine) -> dict:
         "event_loop": type(asyncio.get_running_loop()).__module__,
         "backend": engine.backend,
         "engine": engine.settings.model_dump(),
+        "kv_pool_tokens": engine.stats().get("kv_pool_tokens"),  # SGLang's; None on CPU
         "duration": args.duration,
         "warmup": args.warmup,
     }

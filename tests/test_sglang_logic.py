@@ -501,3 +501,12 @@ def test_the_engine_calls_keep_their_meaning_on_sglang():
 
     for name in ("generate", "complete", "health", "check_adapter"):
         assert getattr(SGLangEngine, name) is getattr(Engine, name), name
+
+
+def test_stats_give_the_kv_pools_size_from_sglangs_start_up_handshake():
+    fake = FakeSGLang()
+    engine = backend_over(fake, three_ids)
+    assert engine.stats()["kv_pool_tokens"] is None  # an SGLang that keeps it elsewhere
+    handshake = {"status": "ready", "max_total_num_tokens": 741_000, "max_req_input_len": 32_762}
+    fake._scheduler_init_result = SimpleNamespace(scheduler_infos=[handshake])  # Engine's own
+    assert engine.stats()["kv_pool_tokens"] == 741_000

@@ -523,7 +523,15 @@ class SGLangEngine(Tokenizes, Engine):
             "queued": 0,
             "adapters_loaded": len(self.names),
             "sglang_open_requests": len(self.engine.tokenizer_manager.rid_to_state),
+            "kv_pool_tokens": self.kv_pool_tokens(),
         }
+
+    def kv_pool_tokens(self) -> int | None:
+        """Tokens SGLang's KV pool holds (its first scheduler's ``max_total_num_tokens``, as
+        its start-up handshake reported), or None where this SGLang keeps it elsewhere."""
+        started = getattr(self.engine, "_scheduler_init_result", None)
+        infos = getattr(started, "scheduler_infos", None) or [{}]
+        return infos[0].get("max_total_num_tokens")
 
     async def shutdown(self) -> None:
         self.prompt_tokenizer.close()
