@@ -618,8 +618,8 @@ radix_cost() {  # #16 item 4: the prefix tree's evictions per decode step, SGLan
 
 lora_batch_cost() {  # #16 item 4: the LoRA batch's indices per pass, SGLang's vs vectorised
   mkdir -p "$RESULTS/lora-batch-cost"
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_sglang_lora_batch.py \
-    tests/test_sglang_radix.py > "$RESULTS/lora-batch-cost/pytest.txt" 2>&1
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_sglang_lora_batch.py \
+    tests/test_sglang_radix.py > "$RESULTS/lora-batch-cost/pytest.txt" 2>&1 || return 1
   timeout 300 python3 -m lab.lora_batch_cost --out "$RESULTS/lora-batch-cost"
 }
 

@@ -7,8 +7,10 @@ call its scheduler makes before every forward pass) with its own code and with t
 ``engine/backends/sglang_lora_batch.py``, alternated over rounds: a decode batch of 256 requests
 over 128 adapters (the CUDA-graph path) and an extend batch of 32 prompts of ~100 tokens, the
 latter with ``--busy-ms`` of GPU work queued before each call, as the overlap scheduler has the
-previous batch's forward queued (SGLang's lm_head copy waits for it). The scheduler's thread time
-per call, median [range] of the rounds' means. Writes ``lora-batch-cost.json`` and ``.md``.
+previous batch's forward queued (SGLang's lm_head copy waits for it; the queue is sized at the
+GPU's top clock, so it may run a little longer). Wall time per call on the calling thread (what
+the scheduler's thread spends on it, waiting included), median [range] of the rounds' means,
+after a warm-up round of each arm. Writes ``lora-batch-cost.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -107,6 +109,9 @@ def cycles_per_second() -> float:
 def measure(mode: str, calls: int, rounds: int, busy_ms: float) -> dict:
     hooks, prepared = Hooks(), backend(256)
     arms = {"sglang": [], "vectorised": []}
+    for arm in arms:  # the first calls allocate pinned blocks and warm the allocator
+        hooks.on(arm == "vectorised")
+        seconds_per_call(prepared, mode, max(1, calls // 10), busy_ms, seed=-1)
     for round_ in range(rounds):
         order = ["sglang", "vectorised"] if round_ % 2 == 0 else ["vectorised", "sglang"]
         for arm in order:

@@ -20,6 +20,8 @@ from engine.backends import sglang_hooks, sglang_lora_batch
 from engine.backends.sglang import engine_kwargs
 from engine.registry import SGLangSettings
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+"""Where SGLang's forward batch keeps ``extend_seq_lens`` (its code reads the list then)."""
 needs_sglang = pytest.mark.skipif(
     importlib.util.find_spec("sglang") is None, reason="needs sglang (the GPU machine)"
 )
@@ -91,10 +93,15 @@ def clean_environment(monkeypatch):
     monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
 
 
-def test_the_vectorised_indices_are_the_default(clean_environment, monkeypatch):
+@pytest.fixture
+def an_sglang_that_fits(monkeypatch):
     monkeypatch.setattr(sglang_lora_batch, "hook_registry_found", lambda: True)
+    monkeypatch.setattr(sglang_lora_batch, "hooks_misfit", list)
+
+
+def test_the_vectorised_indices_are_the_default(clean_environment, an_sglang_that_fits):
     kwargs = engine_kwargs(SGLangSettings(), "/m", {})
-    assert sglang_lora_batch.ready(SGLangSettings().fast_lora_batch, kwargs) == (
+    assert sglang_lora_batch.ready(kwargs, SGLangSettings().fast_lora_batch) == (
         False, "LoRA batch indices: vectorised (fast_lora_batch)"
     )  # fmt: skip
     assert os.environ[sglang_lora_batch.FLAG_ENV] == "1"
@@ -111,22 +118,32 @@ def test_the_vectorised_indices_are_the_default(clean_environment, monkeypatch):
 def test_off_or_another_kernel_backend_keeps_sglangs(clean_environment, settings, said):
     os.environ[sglang_lora_batch.FLAG_ENV] = "1"  # an earlier engine of this process had it on
     kwargs = engine_kwargs(settings, "/m", {})
-    assert sglang_lora_batch.ready(settings.fast_lora_batch, kwargs) == (
+    assert sglang_lora_batch.ready(kwargs, settings.fast_lora_batch) == (
         False, f"LoRA batch indices: {said}"
     )  # fmt: skip
     assert os.environ[sglang_lora_batch.FLAG_ENV] == "0"
 
 
+def test_a_csgmv_backend_the_hooks_do_not_fit_keeps_sglangs(
+    clean_environment, an_sglang_that_fits, monkeypatch
+):
+    misfit = "_get_segments_info takes ['weights', 'chunk_size'], the hook [...]"
+    monkeypatch.setattr(sglang_lora_batch, "hooks_misfit", lambda: [misfit])
+    kwargs = engine_kwargs(SGLangSettings(), "/m", {})
+    assert sglang_lora_batch.ready(kwargs, True) == (True, f"fast_lora_batch not applied: {misfit}")
+    assert os.environ[sglang_lora_batch.FLAG_ENV] == "0"
+
+
 def test_an_allow_list_without_the_plugin_keeps_sglangs(clean_environment, monkeypatch):
     monkeypatch.setenv("SGLANG_PLUGINS", "other")
-    warn, note = sglang_lora_batch.ready(True, engine_kwargs(SGLangSettings(), "/m", {}))
+    warn, note = sglang_lora_batch.ready(engine_kwargs(SGLangSettings(), "/m", {}), True)
     assert warn and "leaves out the plugin 'loraland'" in note
     assert os.environ[sglang_lora_batch.FLAG_ENV] == "0"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sglang") is not None, reason="SGLang is here")
 def test_an_sglang_without_the_hook_registry_keeps_its_own(clean_environment):
-    warn, note = sglang_lora_batch.ready(True, engine_kwargs(SGLangSettings(), "/m", {}))
+    warn, note = sglang_lora_batch.ready(engine_kwargs(SGLangSettings(), "/m", {}), True)
     assert warn and "no plugin hook registry" in note
     assert os.environ[sglang_lora_batch.FLAG_ENV] == "0"
 
@@ -140,6 +157,61 @@ def test_the_plugin_reaches_for_sglang_only_where_the_parent_asked(clean_environ
         sglang_lora_batch.register()
 
 
+class Mode:
+    """A forward mode as SGLang's ``ForwardMode`` answers for it."""
+
+    def __init__(self, *kinds: str):
+        self.kinds = kinds
+
+    def is_decode(self):
+        return "decode" in self.kinds
+
+    def is_extend(self):
+        return "extend" in self.kinds
+
+    def is_target_verify(self):
+        return "target_verify" in self.kinds
+
+
+def sglangs_permutation_recorded(calls: list):
+    def original(seq_weight_indices, forward_batch):
+        calls.append((seq_weight_indices, forward_batch))
+        return "SGLang's"
+
+    return original
+
+
+@pytest.mark.parametrize(
+    "mode, batch_size",
+    [(Mode("extend", "target_verify"), 2), (Mode(), 2), (Mode("decode"), 3)],
+    ids=["speculative verification", "another mode", "a batch size the indices do not match"],
+)
+def test_batches_neither_decode_nor_extend_keep_sglangs_permutation(mode, batch_size):
+    calls = []
+    batch = SimpleNamespace(forward_mode=mode, batch_size=batch_size, extend_seq_lens_cpu=[4, 4])
+    original = sglangs_permutation_recorded(calls)
+    assert sglang_lora_batch.permutation_hook(original, [0, 1], batch) == "SGLang's"
+    assert calls == [([0, 1], batch)]
+
+
+def test_one_feature_of_the_plugin_failing_leaves_the_other(monkeypatch, caplog):
+    from engine.backends import sglang_radix
+
+    done = []
+    monkeypatch.setattr(sglang_radix, "register", lambda: 1 / 0)
+    monkeypatch.setattr(sglang_lora_batch, "register", lambda: done.append("lora batch"))
+    sglang_hooks.register()
+    assert done == ["lora batch"]
+    assert "sglang_radix not registered" in caplog.text
+
+
+def test_the_tree_is_registered_only_where_the_parent_asked(monkeypatch):
+    from engine.backends import sglang_radix
+
+    monkeypatch.setenv(sglang_radix.FRACTION_ENV, "")
+    assert sglang_radix.register() is None  # without SGLang's registry here, an import error
+
+
 def forward_batch(mode: str, tokens: list[int]):
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
@@ -147,7 +219,7 @@ def forward_batch(mode: str, tokens: list[int]):
         forward_mode=ForwardMode.DECODE if mode == "decode" else ForwardMode.EXTEND,
         batch_size=len(tokens),
         extend_seq_lens_cpu=tokens,
-        extend_seq_lens=torch.tensor(tokens, dtype=torch.int32),
+        extend_seq_lens=torch.tensor(tokens, dtype=torch.int32, device=DEVICE),
         extend_num_tokens=sum(tokens),
     )
 
@@ -170,12 +242,20 @@ def test_the_indices_are_sglangs_own(mode):
         batch = forward_batch(mode, tokens)
         theirs = sglangs_own("_get_permutation")(weight_indices, batch)
         ours = sglang_lora_batch.permutation_hook(None, weight_indices, batch)
-        assert [t.tolist() for t in ours] == [t.tolist() for t in theirs]
+        assert same_tensors(ours, theirs)
         for chunk_size in (16, 32, 128):
             theirs = sglangs_own("_get_segments_info")(backend, ours[1], chunk_size)
             mine = sglang_lora_batch.segments_hook(None, backend, ours[1], chunk_size)
-            assert [t.tolist() for t in mine] == [t.tolist() for t in theirs]
-            assert [t.dtype for t in mine] == [t.dtype for t in theirs]
+            assert same_tensors(mine, theirs)
+
+
+def same_tensors(ours, theirs) -> bool:
+    """Values, dtypes, devices and page-locking alike (SGLang copies pinned ones without a wait)."""
+
+    def looks(t):
+        return t.tolist(), t.dtype, t.device, t.is_pinned()
+
+    return [looks(t) for t in ours] == [looks(t) for t in theirs]
 
 
 @needs_sglang
@@ -197,21 +277,37 @@ def test_the_lm_heads_indices_are_sglangs_own():
         ours = sglang_lora_batch.lm_head_hook(None, backend, segments, base, 32, sum(tokens))
         torch.cuda.synchronize()
         for field in ("seg_indptr", "weight_indices", "permutation"):
-            assert getattr(ours, field).tolist() == getattr(theirs, field).tolist(), field
+            assert same_tensors([getattr(ours, field)], [getattr(theirs, field)]), field
         for field in ("use_cuda_graph", "num_segments", "max_len", "expected_tokens", "bs"):
             assert getattr(ours, field) == getattr(theirs, field), field
+
+
+def hooks_applied() -> list[str]:
+    """The csgmv methods that call our hooks in this process (SGLang's wrappers hold them)."""
+    from sglang.srt.lora.backend.chunked_backend import ChunkedSgmvLoRABackend
+
+    def calls(method, hook) -> bool:
+        return any(cell.cell_contents is hook for cell in method.__closure__ or ())
+
+    hooks = sglang_lora_batch.HOOKS.items()
+    return [name for name, hook in hooks if calls(getattr(ChunkedSgmvLoRABackend, name), hook)]
 
 
 def hooks_after_sglangs_plugin_loading() -> list[str]:
     from sglang.srt.plugins import load_plugins
 
     load_plugins()  # what SGLang's scheduler process does first
-    return sglang_lora_batch.hooks_applied()
+    return hooks_applied()
+
+
+@needs_sglang
+def test_the_hooks_fit_this_sglangs_csgmv_backend():
+    assert sglang_lora_batch.hooks_misfit() == []
 
 
 @needs_sglang
 def test_sglangs_plugin_loading_applies_the_hooks_in_a_spawned_process(clean_environment):
-    sglang_lora_batch.ready(True, engine_kwargs(SGLangSettings(), "/m", {}))
+    sglang_lora_batch.ready(engine_kwargs(SGLangSettings(), "/m", {}), True)
     spawn = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as child:
         applied = child.submit(hooks_after_sglangs_plugin_loading).result(timeout=600)

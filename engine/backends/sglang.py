@@ -372,7 +372,7 @@ class SGLangEngine(Tokenizes, Engine):
             )
         except ValueError as error:
             raise EngineError(str(error)) from None
-        lora_batch = sglang_lora_batch.ready(self.settings.fast_lora_batch, kwargs)
+        lora_batch = sglang_lora_batch.ready(kwargs, self.settings.fast_lora_batch)
         kernels_said = kernels_note(self.settings.lora_kernel_configs, kernels)
         for warn, note in (eviction, lora_batch, kernels_said):
             (log.warning if warn else log.info)("%s", note)

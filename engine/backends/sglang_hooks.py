@@ -1,18 +1,22 @@
 """The general SGLang plugin ``loraland``: what it does in each of SGLang's processes.
 
 SGLang finds general plugins by entry point (group ``sglang.srt.plugins``) and calls each in
-every process it starts, its scheduler processes included, before the engine serves. Ours is
-the ``.dist-info`` in ``sglang_plugin/``, on ``sys.path`` once :func:`expose_plugin` ran in the
-parent (spawned processes inherit the path). What it turns on there the parent says through
-environment variables: batched evictions from the prefix tree (``sglang_radix``) and the LoRA
-batch's indices built without SGLang's per-adapter loop (``sglang_lora_batch``).
+the processes that load plugins (the engine's own and each scheduler process) before it
+serves. Ours is the ``.dist-info`` in ``sglang_plugin/``, on ``sys.path`` once
+:func:`expose_plugin` ran in the parent (spawned processes inherit the path). What it turns on
+there the parent says through environment variables: batched evictions from the prefix tree
+(``sglang_radix``) and the LoRA batch's indices built without SGLang's per-adapter loop
+(``sglang_lora_batch``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 PLUGIN = "loraland"
 """The entry point's name (what ``SGLANG_PLUGINS``, SGLang's allow-list, must name)."""
@@ -21,11 +25,15 @@ PLUGIN_DIR = Path(__file__).with_name("sglang_plugin")
 
 
 def register() -> None:
-    """SGLang's general-plugin entry point: each feature the parent turned on, in this process."""
+    """SGLang's general-plugin entry point: each feature the parent turned on, in this process;
+    one that fails leaves the other in place (SGLang would log the plugin failed and go on)."""
     from . import sglang_lora_batch, sglang_radix
 
-    sglang_radix.register()
-    sglang_lora_batch.register()
+    for feature in (sglang_radix, sglang_lora_batch):
+        try:
+            feature.register()
+        except Exception:
+            log.exception("the SGLang plugin %s: %s not registered", PLUGIN, feature.__name__)
 
 
 def left_out_by_allow_list() -> str | None:

@@ -11,10 +11,10 @@ streams × 128 adapters these indices took 12–14 % of it
 (``results/serving/h200-7b-http-profile``).
 
 Here the same tensors come from a few vectorised calls, and the lm_head's through pinned
-memory without a wait. SGLang's plugin hook registry applies them (``AROUND`` hooks: modes
-other than decode and extend keep SGLang's code) in each process that loads the plugin
-``loraland`` (``sglang_hooks``) while the parent's environment says so
-(``engine.sglang.fast_lora_batch``).
+memory without a wait. SGLang's plugin hook registry applies them as ``AROUND`` hooks (the
+permutation of a batch neither decode nor extend, e.g. speculative verification, stays SGLang's)
+in each process that loads the plugin ``loraland`` (``sglang_hooks``) while the parent's
+environment says so (``engine.sglang.fast_lora_batch``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import inspect
 import itertools
 import logging
 import os
@@ -36,7 +37,6 @@ FLAG_ENV = "LORALAND_FAST_LORA_BATCH"
 """How the parent tells SGLang's processes to apply the hooks ("1") or not."""
 BACKEND_CLASS = "sglang.srt.lora.backend.chunked_backend.ChunkedSgmvLoRABackend"
 """SGLang's csgmv backend, whose methods the hooks wrap."""
-HOOKED_METHODS = ("_get_permutation", "_get_segments_info", "_build_lm_head_batch_info")
 
 
 def order_by_adapter(
@@ -44,12 +44,14 @@ def order_by_adapter(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's tokens grouped by adapter, in order within each: (each place's token as a
     permutation, each place's adapter). ``tokens_per_request`` None: one token each (decode)."""
-    per_request = torch.tensor(weight_indices, dtype=torch.int32)
+    per_request = torch.tensor(weight_indices, dtype=torch.int32, device="cpu")
     per_token = per_request
     if tokens_per_request is not None:
-        repeats = torch.tensor(tokens_per_request, dtype=torch.int32)
+        repeats = torch.tensor(tokens_per_request, dtype=torch.int32, device="cpu")
         per_token = torch.repeat_interleave(per_request, repeats)
-    permutation = torch.empty((len(per_token),), dtype=torch.long, pin_memory=pinned())
+    permutation = torch.empty(
+        (len(per_token),), dtype=torch.long, device="cpu", pin_memory=pinned()
+    )
     torch.argsort(per_token, stable=True, out=permutation)
     return permutation, per_token[permutation]
 
@@ -62,14 +64,18 @@ def adapter_segments(
     adapters, run_lengths = torch.unique_consecutive(adapter_per_token, return_counts=True)
     pieces = (run_lengths + chunk_size - 1) // chunk_size
     segment_adapters = torch.repeat_interleave(adapters, pieces)
-    lengths = torch.full((len(segment_adapters),), chunk_size, dtype=torch.int32)
+    lengths = torch.full((len(segment_adapters),), chunk_size, dtype=torch.int32, device="cpu")
     lengths[torch.cumsum(pieces, 0) - 1] = (run_lengths - (pieces - 1) * chunk_size).int()
-    weight_indices = torch.empty((len(lengths),), dtype=torch.int32, pin_memory=pinned())
+    weight_indices = host_int32(len(lengths))
     weight_indices.copy_(segment_adapters)
-    indptr = torch.empty((len(lengths) + 1,), dtype=torch.int32, pin_memory=pinned())
+    indptr = host_int32(len(lengths) + 1)
     indptr[0] = 0
     indptr[1:] = torch.cumsum(lengths, 0)
     return weight_indices, indptr
+
+
+def host_int32(size: int) -> torch.Tensor:
+    return torch.empty((size,), dtype=torch.int32, device="cpu", pin_memory=pinned())
 
 
 @functools.cache
@@ -80,14 +86,14 @@ def pinned() -> bool:
 
 def to_device_without_wait(values: list[int], device) -> torch.Tensor:
     """``values`` as int32 on ``device``, copied from pinned memory: queued, not waited for."""
-    host = torch.tensor(values, dtype=torch.int32, pin_memory=pinned())
+    host = torch.tensor(values, dtype=torch.int32, device="cpu", pin_memory=pinned())
     return host.to(device, non_blocking=True)
 
 
 def permutation_hook(original, seq_weight_indices, forward_batch):
     """``ChunkedSgmvLoRABackend._get_permutation``: decode and extend batches vectorised."""
     mode = forward_batch.forward_mode
-    if mode.is_decode():
+    if mode.is_decode() and len(seq_weight_indices) == forward_batch.batch_size:
         return order_by_adapter(seq_weight_indices, None)
     if mode.is_extend() and not mode.is_target_verify():
         return order_by_adapter(seq_weight_indices, forward_batch.extend_seq_lens_cpu)
@@ -123,49 +129,59 @@ HOOKS = {
 
 def register() -> None:
     """Registers the hooks in SGLang's hook registry where the parent asked for them (the plugin
-    ``loraland`` calls this in each of SGLang's processes; SGLang applies them next)."""
+    ``loraland`` calls this in each process that loads plugins; SGLang applies them next)."""
     if os.environ.get(FLAG_ENV) != "1":
         return
-    from sglang.srt.lora.backend.chunked_backend import ChunkedSgmvLoRABackend
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    missing = [name for name in HOOKS if not hasattr(ChunkedSgmvLoRABackend, name)]
-    if missing:
-        log.warning("fast_lora_batch not applied: this SGLang's csgmv has no %s", missing)
+    if misfits := hooks_misfit():
+        log.warning("fast_lora_batch not applied: %s", "; ".join(misfits))
         return
     for name, hook in HOOKS.items():
         HookRegistry.register(f"{BACKEND_CLASS}.{name}", hook, HookType.AROUND)
 
 
-def hooks_applied() -> list[str]:
-    """The csgmv methods that call our hooks in this process (SGLang's wrappers hold them)."""
+def hooks_misfit() -> list[str]:
+    """Where this SGLang's csgmv backend differs from what the hooks wrap: a method it does not
+    define itself, or one whose parameters are named otherwise (none: they fit)."""
     from sglang.srt.lora.backend.chunked_backend import ChunkedSgmvLoRABackend
 
-    def calls(method, hook) -> bool:
-        return any(cell.cell_contents is hook for cell in method.__closure__ or ())
+    misfits = []
+    for name, hook in HOOKS.items():
+        method = ChunkedSgmvLoRABackend.__dict__.get(name)
+        if method is None:
+            misfits.append(f"csgmv defines no {name}")
+            continue
+        function = method.__func__ if isinstance(method, staticmethod) else method
+        theirs = [p for p in inspect.signature(function).parameters if p != "self"]
+        ours = [p for p in inspect.signature(hook).parameters if p not in ("original", "backend")]
+        if theirs != ours:
+            misfits.append(f"{name} takes {theirs}, the hook {ours}")
+    return misfits
 
-    return [
-        name for name, hook in HOOKS.items() if calls(getattr(ChunkedSgmvLoRABackend, name), hook)
-    ]
 
-
-def ready(fast: bool, kwargs: dict) -> tuple[bool, str]:
+def ready(kwargs: dict, fast: bool) -> tuple[bool, str]:
     """Tell SGLang's processes whether to apply the hooks: (a warning?, what to log)."""
     os.environ[FLAG_ENV] = "0"
     if not fast:
         return False, "LoRA batch indices: SGLang's own (fast_lora_batch: false)"
-    if kwargs.get("lora_backend") != "csgmv" or not kwargs.get("enable_lora"):
-        return False, f"LoRA batch indices: SGLang's own (lora_backend {kwargs['lora_backend']})"
+    if not kwargs.get("enable_lora"):
+        return False, "LoRA batch indices: none (LoRA off)"
+    if (backend := kwargs.get("lora_backend")) != "csgmv":
+        return False, f"LoRA batch indices: SGLang's own (lora_backend {backend})"
     if left_out := sglang_hooks.left_out_by_allow_list():
         return True, f"fast_lora_batch not applied: {left_out}"
     if not hook_registry_found():
         return True, "fast_lora_batch not applied: this SGLang has no plugin hook registry"
+    if misfits := hooks_misfit():
+        return True, f"fast_lora_batch not applied: {'; '.join(misfits)}"
     os.environ[FLAG_ENV] = "1"
     sglang_hooks.expose_plugin()
     return False, "LoRA batch indices: vectorised (fast_lora_batch)"
 
 
 def hook_registry_found() -> bool:
+    """Whether the SGLang installed has the plugin hook registry (SGLang 0.5.17 has)."""
     try:
         return importlib.util.find_spec("sglang.srt.plugins.hook_registry") is not None
     except ImportError:

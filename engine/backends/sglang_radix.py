@@ -40,7 +40,10 @@ OTHER_TREES = (
 
 
 def register() -> None:
-    """Registers :data:`BACKEND` in this process (the plugin ``loraland`` calls it)."""
+    """Registers :data:`BACKEND` in this process where the parent asked for batched eviction
+    (the plugin ``loraland`` calls it)."""
+    if not os.environ.get(FRACTION_ENV):
+        return
     from sglang.srt.mem_cache.registry import (
         register_radix_cache_backend,
         registered_radix_cache_backends,
