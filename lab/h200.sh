@@ -618,9 +618,11 @@ radix_cost() {  # #16 item 4: the prefix tree's evictions per decode step, SGLan
 
 lora_batch_cost() {  # #16 item 4: the LoRA batch's indices per pass, SGLang's vs vectorised
   mkdir -p "$RESULTS/lora-batch-cost"
+  local tests=0
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_sglang_lora_batch.py \
-    tests/test_sglang_radix.py > "$RESULTS/lora-batch-cost/pytest.txt" 2>&1 || return 1
-  timeout 300 python3 -m lab.lora_batch_cost --out "$RESULTS/lora-batch-cost"
+    tests/test_sglang_radix.py > "$RESULTS/lora-batch-cost/pytest.txt" 2>&1 || tests=$?
+  timeout 300 python3 -m lab.lora_batch_cost --out "$RESULTS/lora-batch-cost" || return 1
+  return "$tests"  # measured either way; the step fails where a test did
 }
 
 lora_tune() {  # #16 item 4: csgmv block sizes for the 7B shape on this GPU (engine.lora_kernels)

@@ -5,6 +5,7 @@ applied by SGLang's plugin loading."""
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import importlib.util
 import itertools
 import multiprocessing
@@ -124,6 +125,74 @@ def test_off_or_another_kernel_backend_keeps_sglangs(clean_environment, settings
     assert os.environ[sglang_lora_batch.FLAG_ENV] == "0"
 
 
+def test_the_indices_are_host_tensors_whatever_the_default_device():
+    with torch.device("meta"):  # a caller inside a device context, as SGLang's own code is
+        permutation, adapter_per_place = sglang_lora_batch.order_by_adapter([1, 0, 1], [2, 1, 1])
+        adapters, indptr = sglang_lora_batch.adapter_segments(adapter_per_place, 2)
+    assert [t.device.type for t in (permutation, adapters, indptr)] == ["cpu"] * 3
+    assert (permutation.tolist(), adapters.tolist(), indptr.tolist()) == (
+        [2, 0, 1, 3],
+        [0, 1, 1],
+        [0, 1, 3, 4],
+    )
+
+
+class CsgmvAsInSGLang:
+    """The hooked methods' headers as SGLang 0.5.17's ``chunked_backend.py`` defines them."""
+
+    @staticmethod
+    def _get_permutation(seq_weight_indices, forward_batch): ...
+
+    def _get_segments_info(self, weights_reordered, chunk_size): ...
+
+    def _build_lm_head_batch_info(
+        self, lm_head_segments, batch_info, chunk_size, expected_tokens
+    ): ...
+
+
+def wrapped_as_sglangs_hook_registry_does(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        return method(*args, **kwargs)
+
+    return wrapper
+
+
+def test_the_hooks_fit_sglangs_methods_before_and_after_its_registry_wraps_them():
+    assert sglang_lora_batch.misfits_of(CsgmvAsInSGLang) == []
+
+    class Wrapped(CsgmvAsInSGLang):
+        _get_permutation = staticmethod(
+            wrapped_as_sglangs_hook_registry_does(CsgmvAsInSGLang._get_permutation)
+        )
+        _get_segments_info = wrapped_as_sglangs_hook_registry_does(
+            CsgmvAsInSGLang._get_segments_info
+        )
+        _build_lm_head_batch_info = wrapped_as_sglangs_hook_registry_does(
+            CsgmvAsInSGLang._build_lm_head_batch_info
+        )
+
+    assert sglang_lora_batch.misfits_of(Wrapped) == []
+
+
+def test_methods_renamed_inherited_or_of_another_kind_do_not_fit():
+    class Another(CsgmvAsInSGLang):
+        def _get_permutation(self, seq_weight_indices, forward_batch): ...  # no longer static
+
+        def _get_segments_info(self, weights, chunk_size): ...
+
+    class Inheriting(CsgmvAsInSGLang):
+        pass
+
+    assert sglang_lora_batch.misfits_of(Another) == [
+        "_get_permutation is not a staticmethod here",
+        "_get_segments_info takes ['self', 'weights', 'chunk_size'], the hook "
+        "['backend', 'weights_reordered', 'chunk_size']",
+        "csgmv defines no _build_lm_head_batch_info",
+    ]
+    assert len(sglang_lora_batch.misfits_of(Inheriting)) == 3
+
+
 def test_a_csgmv_backend_the_hooks_do_not_fit_keeps_sglangs(
     clean_environment, an_sglang_that_fits, monkeypatch
 ):
@@ -203,13 +272,6 @@ def test_one_feature_of_the_plugin_failing_leaves_the_other(monkeypatch, caplog)
     sglang_hooks.register()
     assert done == ["lora batch"]
     assert "sglang_radix not registered" in caplog.text
-
-
-def test_the_tree_is_registered_only_where_the_parent_asked(monkeypatch):
-    from engine.backends import sglang_radix
-
-    monkeypatch.setenv(sglang_radix.FRACTION_ENV, "")
-    assert sglang_radix.register() is None  # without SGLang's registry here, an import error
 
 
 def forward_batch(mode: str, tokens: list[int]):

@@ -188,3 +188,12 @@ def test_sglangs_plugin_loading_registers_the_tree_in_a_spawned_process(plugin_o
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as child:
         trees = child.submit(trees_registered_by_sglangs_plugin_loading).result(timeout=600)
     assert sglang_radix.BACKEND in trees
+
+
+def test_the_tree_is_registered_only_where_the_parent_asked(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sglang.srt.mem_cache.registry", None)  # importing it fails
+    monkeypatch.setenv(sglang_radix.FRACTION_ENV, "")
+    sglang_radix.register()
+    monkeypatch.setenv(sglang_radix.FRACTION_ENV, "0.01")
+    with pytest.raises(ImportError):
+        sglang_radix.register()

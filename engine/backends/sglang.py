@@ -527,8 +527,8 @@ class SGLangEngine(Tokenizes, Engine):
         }
 
     def kv_pool_tokens(self) -> int | None:
-        """Tokens SGLang's KV pool holds (its first scheduler's ``max_total_num_tokens``, as
-        its start-up handshake reported), or None where this SGLang keeps it elsewhere."""
+        """Tokens SGLang's KV pool holds (``max_total_num_tokens`` of its start-up handshake:
+        with ``dp_size`` > 1 one replica's), or None where this SGLang keeps it elsewhere."""
         started = getattr(self.engine, "_scheduler_init_result", None)
         infos = getattr(started, "scheduler_infos", None) or [{}]
         return infos[0].get("max_total_num_tokens")

@@ -11,6 +11,7 @@ there the parent says through environment variables: batched evictions from the 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -27,13 +28,11 @@ PLUGIN_DIR = Path(__file__).with_name("sglang_plugin")
 def register() -> None:
     """SGLang's general-plugin entry point: each feature the parent turned on, in this process;
     one that fails leaves the other in place (SGLang would log the plugin failed and go on)."""
-    from . import sglang_lora_batch, sglang_radix
-
-    for feature in (sglang_radix, sglang_lora_batch):
+    for feature in ("sglang_radix", "sglang_lora_batch"):
         try:
-            feature.register()
+            importlib.import_module(f"{__package__}.{feature}").register()
         except Exception:
-            log.exception("the SGLang plugin %s: %s not registered", PLUGIN, feature.__name__)
+            log.exception("the SGLang plugin %s: %s not registered", PLUGIN, feature)
 
 
 def left_out_by_allow_list() -> str | None:

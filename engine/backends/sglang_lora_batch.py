@@ -142,20 +142,29 @@ def register() -> None:
 
 
 def hooks_misfit() -> list[str]:
-    """Where this SGLang's csgmv backend differs from what the hooks wrap: a method it does not
-    define itself, or one whose parameters are named otherwise (none: they fit)."""
-    from sglang.srt.lora.backend.chunked_backend import ChunkedSgmvLoRABackend
+    """Where this SGLang's csgmv backend differs from what the hooks wrap (none: they fit)."""
+    try:
+        from sglang.srt.lora.backend.chunked_backend import ChunkedSgmvLoRABackend
+    except Exception as error:  # whatever keeps it from loading keeps SGLang's own indices
+        return [f"csgmv's backend does not load ({type(error).__name__}: {error})"]
+    return misfits_of(ChunkedSgmvLoRABackend)
 
+
+def misfits_of(backend_class: type) -> list[str]:
+    """Each hooked method ``backend_class`` does not define itself, defines as a method of
+    another kind (static or not), or with parameters named otherwise."""
     misfits = []
     for name, hook in HOOKS.items():
-        method = ChunkedSgmvLoRABackend.__dict__.get(name)
+        method = backend_class.__dict__.get(name)
         if method is None:
             misfits.append(f"csgmv defines no {name}")
             continue
-        function = method.__func__ if isinstance(method, staticmethod) else method
-        theirs = [p for p in inspect.signature(function).parameters if p != "self"]
-        ours = [p for p in inspect.signature(hook).parameters if p not in ("original", "backend")]
-        if theirs != ours:
+        static = isinstance(method, staticmethod)
+        theirs = [p for p in inspect.signature(method.__func__ if static else method).parameters]
+        ours = [p for p in inspect.signature(hook).parameters if p != "original"]
+        if static != ("backend" not in ours):
+            misfits.append(f"{name} is {'' if static else 'not '}a staticmethod here")
+        elif [p for p in theirs if p != "self"] != [p for p in ours if p != "backend"]:
             misfits.append(f"{name} takes {theirs}, the hook {ours}")
     return misfits
 
