@@ -128,7 +128,8 @@ class SGLangSettings(Strict):
     H200: a decode pass of 256 requests over 128 adapters 1,285 → 416 µs of that thread; 7B
     FP8 engines with and without it level, 0.95–1.02× tok/s
     (``results/serving/h200-7b-lora-batch-indices``). ``False``: SGLang's own. Only for
-    ``lora_backend: csgmv``; not applied where ``SGLANG_PLUGINS`` leaves out ``loraland``."""
+    ``lora_backend: csgmv``; not applied where ``SGLANG_PLUGINS`` leaves out ``loraland`` or
+    where the SGLang installed defines csgmv's methods otherwise (the start log says which)."""
     max_running_requests: int | None = Field(256, ge=1)
     """Requests decoded together at most (per replica); the rest wait for a slot before their
     prefill, and SGLang lowers it further to what its KV pool holds. 256: SGLang's decode CUDA
