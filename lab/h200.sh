@@ -490,12 +490,15 @@ profile_scheduler() {  # #16: where SGLang's scheduler loop spends its time (py-
     --streams 64 256 --arms adapters --py-spy /tmp/extra/bin/py-spy
 }
 
-profile_http() {  # #16: which process holds HTTP below the engine (py-spy, carried)
+profile_http() {  # #16: which process holds HTTP below the engine (py-spy, carried); with
+  # DECODE_KERNELS=tuned on the lora-tune step's block sizes, as the decode settings' engines
   wait_file "$SYNTH/adapters.yaml" 600 || return 1
+  decode_kernels > /dev/null || return 1
   gpu_free
+  # shellcheck disable=SC2046  # decode_kernels: flags, split on purpose
   timeout 600 python3 lab/profile_http.py run --config "$SYNTH/adapters.yaml" \
     --out "$RESULTS/http-profile" --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" \
-    --set "$(decode_setting "${PROFILE_SET:-fp8}")" --streams 256 --arms base adapters \
+    $(decode_kernels) --set "$(decode_setting "${PROFILE_SET:-fp8}")" --streams 256 --arms base adapters \
     --py-spy /tmp/extra/bin/py-spy
 }
 
