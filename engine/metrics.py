@@ -51,6 +51,9 @@ class Metrics:
         self.running = Gauge("loraland_requests_running", "Requests being generated", registry=r)
         self.queued = Gauge("loraland_requests_waiting", "Requests waiting for a slot", registry=r)
         self.adapters_loaded = Gauge("loraland_adapters_loaded", "Adapters loaded", registry=r)
+        self.kv_pool_tokens = Gauge(
+            "loraland_kv_pool_tokens", "Tokens the GPU's KV cache holds (0: no pool)", registry=r
+        )
         r.register(GcCollector())
         GC_WATCH.install()
 
@@ -58,6 +61,7 @@ class Metrics:
         self.running.set(stats.get("running", 0))
         self.queued.set(stats.get("queued", 0))
         self.adapters_loaded.set(stats.get("adapters_loaded", 0))
+        self.kv_pool_tokens.set(stats.get("kv_pool_tokens") or 0)
         return generate_latest(self.registry)
 
     def error(self, adapter: str, kind: str, status: int) -> None:

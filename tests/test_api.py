@@ -257,6 +257,14 @@ def test_health_and_per_adapter_metrics(client):
     assert samples[unknown] >= 1
     assert not any("no-such-adapter" in name for name in samples)
     assert "loraland_adapters_loaded 2.0" in text
+    assert samples["loraland_kv_pool_tokens"] == 0  # the CPU backend keeps no KV pool
+
+
+def test_the_kv_pools_size_is_a_gauge_where_the_engine_has_one():
+    from engine.metrics import Metrics
+
+    text = Metrics().render({"running": 3, "kv_pool_tokens": 741_000}).decode()
+    assert "loraland_kv_pool_tokens 741000.0" in text
 
 
 def test_every_collection_is_timed_per_generation():
