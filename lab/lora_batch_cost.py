@@ -24,7 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from engine.backends.sglang_lora_batch import HOOKS
-from lab.radix_evict_cost import arm_cells
+from lab.radix_evict_cost import arm_table
 
 ADAPTERS = 128
 
@@ -123,15 +123,11 @@ def measure(mode: str, calls: int, rounds: int, busy_ms: float) -> dict:
 
 
 def report(rows: list[dict]) -> str:
-    lines = [
-        "| batch | GPU work queued | SGLang µs/call, median [range] | vectorised µs/call | "
-        "SGLang ÷ vectorised |",
-        "|---|---|---|---|---|",
-    ]
-    for row in rows:
-        cells = arm_cells(row["us_per_call"], row["sglang_over_ours"])
-        lines.append(f"| {row['batch']} | {row['busy_ms']} ms | {cells} |")
-    return "\n".join(lines) + "\n"
+    header = ["batch", "GPU work queued", "SGLang µs/call, median [range]", "vectorised µs/call",
+              "SGLang ÷ vectorised"]  # fmt: skip
+    cells = [([row["batch"], f"{row['busy_ms']} ms"], row["us_per_call"], row["sglang_over_ours"])
+             for row in rows]  # fmt: skip
+    return arm_table(header, cells)
 
 
 def main() -> None:

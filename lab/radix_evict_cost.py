@@ -90,13 +90,18 @@ def measure(requests: int, steps: int, rounds: int) -> dict:
 
 
 def report(rows: list[dict]) -> str:
-    lines = [
-        "| cached requests | SGLang µs/step, median [range] | batched µs/step | SGLang ÷ batched |",
-        "|---|---|---|---|",
-    ]
-    for row in rows:
-        cells = arm_cells(row["us_per_step"], row["sglang_over_batched"])
-        lines.append(f"| {row['cached_requests']} | {cells} |")
+    header = ["cached requests", "SGLang µs/step, median [range]", "batched µs/step",
+              "SGLang ÷ batched"]  # fmt: skip
+    cells = [([str(row["cached_requests"])], row["us_per_step"], row["sglang_over_batched"])
+             for row in rows]  # fmt: skip
+    return arm_table(header, cells)
+
+
+def arm_table(header: list[str], rows: list[tuple[list[str], dict, list[float]]]) -> str:
+    """A markdown table: each row's own cells, then its :func:`arm_cells`."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for labels, per_arm, ratios in rows:
+        lines.append(f"| {' | '.join([*labels, arm_cells(per_arm, ratios)])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -160,7 +160,7 @@ def misfits_of(backend_class: type) -> list[str]:
             misfits.append(f"csgmv defines no {name}")
             continue
         static = isinstance(method, staticmethod)
-        theirs = [p for p in inspect.signature(method.__func__ if static else method).parameters]
+        theirs = list(inspect.signature(method.__func__ if static else method).parameters)
         ours = [p for p in inspect.signature(hook).parameters if p != "original"]
         if static != ("backend" not in ours):
             misfits.append(f"{name} is {'' if static else 'not '}a staticmethod here")
