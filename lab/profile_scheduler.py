@@ -22,8 +22,10 @@ second, without pausing it (``--nonblocking``), while it counts output tok/s.
 its samples as a share of the window's nominal samplings, ``--rate`` × ``--seconds`` (the rest:
 waiting in a system call, or samplings py-spy missed: a lower bound), the share of its
 samples in each phase of the loop (the innermost frame that names one: waiting for the GPU,
-streaming out, processing results, launching the forward, the LoRA batch's indices, scheduling the
-next batch, the prefix tree, taking in requests; else other), the top lines by samples spent there
+streaming out, processing results, launching the forward, launching a prefill (its forward,
+eager or SGLang's breakable prefill graph, whose attention runs eagerly: each prefill pass's
+launches on this thread), the LoRA batch's indices, scheduling the next batch, the prefix tree,
+taking in requests; else other), the top lines by samples spent there
 (self) and the top functions by samples under them (inclusive; ties in the order met);
 py-spy's own count ("Samples: N") counts only samplings that found a busy thread (the API
 process's 2,527 of 3,750 matched its 0.72 core in ``/proc``:
@@ -63,6 +65,10 @@ PHASES = {  # SGLang 0.5.17's method names → the loop's phases (the innermost 
     "process_batch_result_decode": "processing results",
     "process_batch_result_prefill": "processing results",
     "run_batch": "launching the forward",
+    # a prefill's forward: eager (ModelRunner.forward_extend, the attention backend's) or
+    # SGLang's breakable prefill graph, whose attention runs eagerly between the captured parts
+    "forward_extend": "launching a prefill",
+    "_execute_body_capture": "launching a prefill",
     "prepare_lora_batch": "the LoRA batch's indices",
     "get_next_batch_to_run": "scheduling the next batch",
     "get_new_batch_prefill": "scheduling the next batch",
@@ -75,8 +81,9 @@ PHASES = {  # SGLang 0.5.17's method names → the loop's phases (the innermost 
     "process_input_requests": "taking in requests",
 }
 PHASE_NAMES = ["waiting for the GPU", "streaming out", "processing results",
-               "launching the forward", "the LoRA batch's indices", "scheduling the next batch",
-               "the prefix tree", "taking in requests", "other"]  # fmt: skip
+               "launching the forward", "launching a prefill", "the LoRA batch's indices",
+               "scheduling the next batch", "the prefix tree", "taking in requests",
+               "other"]  # fmt: skip
 SCHEDULER_NAME = "sglang::schedul"  # the kernel keeps 15 characters of setproctitle's name
 TOP = 15
 FRAME = re.compile(r"^(?P<function>.*?) \((?P<where>[^()]*)\)$")

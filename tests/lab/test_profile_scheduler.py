@@ -30,7 +30,11 @@ RAW = "\n".join(
         "Socket.send_pyobj (zmq/sugar/socket.py:1002) 20",
         f"{MAIN};{LOOP};{RESULT};"
         "SchedulerBatchResultProcessor.process_batch_result_decode (d.py:863) 10",
-        f"{MAIN};{LOOP};Scheduler.run_batch (s.py:20);ModelRunner.forward (m.py:7) 10",
+        f"{MAIN};{LOOP};Scheduler.run_batch (s.py:20);ModelRunner.forward (m.py:7) 6",
+        f"{MAIN};{LOOP};Scheduler.run_batch (s.py:20);ModelRunner.forward (m.py:7);"
+        "PrefillCudaGraphRunner._execute_body_capture (p.py:9);BreakableCUDAGraph.replay (b.py:3);"
+        "TritonAttnBackend.forward_extend (triton_backend.py:1413) 3",
+        f"{MAIN};{LOOP};Scheduler.run_batch (s.py:20);ModelRunner.forward_extend (m.py:9) 1",
         f"{MAIN};{LOOP};Scheduler.run_batch (s.py:20);LoRAManager.prepare_lora_batch (l.py:456);"
         "ChunkedSgmvLoRABackend.prepare_lora_batch (c.py:283) 5",
         f"{MAIN};{LOOP};Scheduler.get_next_batch_to_run (s.py:30) 3",
@@ -45,7 +49,7 @@ RAW = "\n".join(
 
 def test_phases_follow_the_innermost_frame_that_names_one():
     stacks = profile_scheduler.parse_raw(RAW)
-    assert len(stacks) == 10 and {t for t, _, _ in stacks} == {MAIN, "thread (102): watchdog"}
+    assert len(stacks) == 12 and {t for t, _, _ in stacks} == {MAIN, "thread (102): watchdog"}
     main = [(frames, n) for t, frames, n in stacks if t == MAIN]
     summary = profile_scheduler.thread_summary(main, window_samples=200)
     assert summary["samples"] == 100 and summary["busy_share"] == 0.5
@@ -53,7 +57,8 @@ def test_phases_follow_the_innermost_frame_that_names_one():
         "waiting for the GPU": 0.4,  # Event.synchronize under process_batch_result
         "streaming out": 0.2,  # stream_output under process_batch_result
         "processing results": 0.1,
-        "launching the forward": 0.1,
+        "launching the forward": 0.06,
+        "launching a prefill": 0.04,  # the prefill graph's eager attention, an eager prefill
         "the LoRA batch's indices": 0.05,  # prepare_lora_batch under run_batch
         "scheduling the next batch": 0.03,
         "the prefix tree": 0.02,  # RadixCache.evict under update_running_batch
@@ -83,7 +88,7 @@ def test_summarize_writes_the_busiest_threads_table_and_plot(tmp_path):
     # window, or the share would read 100 % whatever the thread did
     assert point["busiest"]["busy_share"] == 0.8
     md = (tmp_path / "out" / "scheduler.md").read_text()
-    assert "| 256-adapters | 11800 | 100 | 80 | 40 | 20 | 10 | 10 | 5 | 3 | 2 | 5 | 5 |" in md
+    assert "| 256-adapters | 11800 | 100 | 80 | 40 | 20 | 10 | 6 | 4 | 5 | 3 | 2 | 5 | 5 |" in md
     assert "64-adapters: RuntimeError: py-spy exited 1: no permission" in md
     assert "`python lab/x.py run`" in md
     assert (tmp_path / "out" / "scheduler.png").stat().st_size > 0
