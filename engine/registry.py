@@ -533,7 +533,8 @@ def with_overrides(settings: Strict, items: list[str]) -> Strict:
         return type(settings).model_validate(values)
     except ValidationError as err:
         first = err.errors()[0]
-        raise RegistryError(f"--set {first['loc'][0]}: {first['msg']}") from None
+        where = first["loc"][0] if first["loc"] else "the settings together"  # a cross-field rule
+        raise RegistryError(f"--set {where}: {first['msg']}") from None
 
 
 def load_registry(path: str | Path) -> Registry:
