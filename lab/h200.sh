@@ -52,7 +52,8 @@
 #                                    KV cache (fp8-kv), batched prefix-tree evictions
 #                                    (fp8-batched-evict) or SGLang's own (fp8-sglang-evict),
 #                                    the LoRA batch's indices vectorised (fp8-fast-lora-batch)
-#                                    or SGLang's own (fp8-sglang-lora-batch)
+#                                    or SGLang's own (fp8-sglang-lora-batch), the prefill
+#                                    delayer waiting for N free slots (fp8-min-slots-N)
 #                                    (names in
 #                                    DECODE_SETTINGS; pairs plan, DECODE_PAIRS rounds (1),
 #                                    256 streams; DECODE_OPEN="--arrival-rate R": open loop)
@@ -550,6 +551,9 @@ decode_setting() {  # a named engine setting of decode-settings, as bench's --se
     # fp8, the LoRA batch's indices vectorised (the default since 2026-12-04) or SGLang's own
     fp8-fast-lora-batch) echo 'extra={"quantization": "fp8"}' ;;
     fp8-sglang-lora-batch) echo 'extra={"quantization": "fp8"}' ;;
+    # fp8, the prefill delayer waiting for at least N free slots near the cap (decode_args adds
+    # prefill_delay_min_slots=N): fewer, larger prefill passes where requests arrive one by one
+    fp8-min-slots-[0-9]*) echo 'extra={"quantization": "fp8"}' ;;
     *) echo "no decode setting named $1" >&2; return 1 ;;
   esac
 }
@@ -603,6 +607,7 @@ decode_args() {  # bench's own flags a decode setting adds (the client side of t
     *-sglang-evict) echo "--set radix_evict_fraction=null" ;;
     *-fast-lora-batch) echo "--set fast_lora_batch=true" ;;
     *-sglang-lora-batch) echo "--set fast_lora_batch=false" ;;
+    *-min-slots-[0-9]*) echo "--set prefill_delay_min_slots=${1##*-}" ;;
   esac
 }
 

@@ -96,7 +96,7 @@ def clean_environment(monkeypatch):
 
 @pytest.fixture
 def an_sglang_that_fits(monkeypatch):
-    monkeypatch.setattr(sglang_lora_batch, "hook_registry_found", lambda: True)
+    monkeypatch.setattr(sglang_hooks, "hook_registry_found", lambda: True)
     monkeypatch.setattr(sglang_lora_batch, "hooks_misfit", list)
 
 

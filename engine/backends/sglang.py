@@ -36,7 +36,7 @@ from ..interface import (
 from ..lora_kernels import kernels_note, use_tuned_kernels
 from ..registry import SGLangSettings
 from ..text import end_of_turn_ids, token_text
-from . import sglang_lora_batch, sglang_radix
+from . import sglang_lora_batch, sglang_prefill_slots, sglang_radix
 from .common import PromptTokenizer, Tokenizes, check_context, check_loadable, holding
 
 log = logging.getLogger(__name__)
@@ -373,8 +373,9 @@ class SGLangEngine(Tokenizes, Engine):
         except ValueError as error:
             raise EngineError(str(error)) from None
         lora_batch = sglang_lora_batch.ready(kwargs, self.settings.fast_lora_batch)
+        min_slots = sglang_prefill_slots.ready(kwargs, self.settings.prefill_delay_min_slots)
         kernels_said = kernels_note(self.settings.lora_kernel_configs, kernels)
-        for warn, note in (eviction, lora_batch, kernels_said):
+        for warn, note in (eviction, lora_batch, min_slots, kernels_said):
             (log.warning if warn else log.info)("%s", note)
         if overrides := environment_overrides():
             log.warning(

@@ -5,13 +5,15 @@ the processes that load plugins (the engine's own and each scheduler process) be
 serves. Ours is the ``.dist-info`` in ``sglang_plugin/``, on ``sys.path`` once
 :func:`expose_plugin` ran in the parent (spawned processes inherit the path). What it turns on
 there the parent says through environment variables: batched evictions from the prefix tree
-(``sglang_radix``) and the LoRA batch's indices built without SGLang's per-adapter loop
-(``sglang_lora_batch``).
+(``sglang_radix``), the LoRA batch's indices built without SGLang's per-adapter loop
+(``sglang_lora_batch``) and the prefill delayer waiting for a least number of free slots
+(``sglang_prefill_slots``).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -23,12 +25,14 @@ PLUGIN = "loraland"
 """The entry point's name (what ``SGLANG_PLUGINS``, SGLang's allow-list, must name)."""
 PLUGIN_DIR = Path(__file__).with_name("sglang_plugin")
 """Holds the plugin's ``.dist-info``: SGLang finds general plugins by entry point."""
+FEATURES = ("sglang_radix", "sglang_lora_batch", "sglang_prefill_slots")
+"""This package's modules the plugin registers, each with its ``register()``."""
 
 
 def register() -> None:
     """SGLang's general-plugin entry point: each feature the parent turned on, in this process;
     one that fails leaves the other in place (SGLang would log the plugin failed and go on)."""
-    for feature in ("sglang_radix", "sglang_lora_batch"):
+    for feature in FEATURES:
         try:
             importlib.import_module(f"{__package__}.{feature}").register()
         except Exception:
@@ -47,3 +51,11 @@ def expose_plugin() -> None:
     """Put the plugin on this process's path, where SGLang's spawned processes find it."""
     if str(PLUGIN_DIR) not in sys.path:
         sys.path.append(str(PLUGIN_DIR))
+
+
+def hook_registry_found() -> bool:
+    """Whether the SGLang installed has the plugin hook registry (SGLang 0.5.17 has)."""
+    try:
+        return importlib.util.find_spec("sglang.srt.plugins.hook_registry") is not None
+    except ImportError:
+        return False

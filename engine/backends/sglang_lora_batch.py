@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import inspect
 import itertools
 import logging
@@ -180,18 +179,10 @@ def ready(kwargs: dict, fast: bool) -> tuple[bool, str]:
         return False, f"LoRA batch indices: SGLang's own (lora_backend {backend})"
     if left_out := sglang_hooks.left_out_by_allow_list():
         return True, f"fast_lora_batch not applied: {left_out}"
-    if not hook_registry_found():
+    if not sglang_hooks.hook_registry_found():
         return True, "fast_lora_batch not applied: this SGLang has no plugin hook registry"
     if misfits := hooks_misfit():
         return True, f"fast_lora_batch not applied: {'; '.join(misfits)}"
     os.environ[FLAG_ENV] = "1"
     sglang_hooks.expose_plugin()
     return False, "LoRA batch indices: vectorised (fast_lora_batch)"
-
-
-def hook_registry_found() -> bool:
-    """Whether the SGLang installed has the plugin hook registry (SGLang 0.5.17 has)."""
-    try:
-        return importlib.util.find_spec("sglang.srt.plugins.hook_registry") is not None
-    except ImportError:
-        return False

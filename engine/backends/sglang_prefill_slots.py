@@ -1,0 +1,114 @@
+"""SGLang's prefill delayer waiting for a least number of free slots, however requests arrive.
+
+Near ``max_running_requests`` SGLang 0.5.17's prefill delayer holds new requests back (fewer
+than ``prefill_delay_passes`` forward passes) while fewer slots are free than the largest
+prefill of the last few hundred passes took (``max_prefill_bs``: a high-water mark that decays
+0.2 % a pass). Where requests arrive one by one, as HTTP clients send them, the prefills stay
+small, so does the mark, and the delayer barely waits: a small prefill pass between nearly every
+two decode passes, each launching every layer's attention eagerly on the scheduler's one thread.
+With FP8 weights at 256 streams × 128 adapters on an H200, those launches took 15–16 % of that
+thread through HTTP against 7 % engine-direct, whose clients, started all at once, set a high
+mark (``results/serving/h200-7b-scheduler-http-vs-direct``).
+
+Here the delayer decides with a mark of at least ``prefill_delay_min_slots``: near the cap it
+waits for that many free slots (or its passes), whatever the arrivals; away from the cap it
+does not wait, as before. A ``BEFORE`` hook on the delayer's decision, through SGLang's plugin
+hook registry, in each process that loads the plugin ``loraland`` (``sglang_hooks``) while the
+parent's environment says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+
+from . import sglang_hooks
+
+log = logging.getLogger(__name__)
+
+MIN_SLOTS_ENV = "LORALAND_PREFILL_MIN_SLOTS"
+"""How the parent hands ``prefill_delay_min_slots`` to SGLang's processes (empty: not asked)."""
+DELAYER_CLASS = "sglang.srt.managers.prefill_delayer.PrefillDelayer"
+DECISION = "_negotiate_should_allow_prefill_pure"
+"""The delayer's decision for one pass, from the scheduler's figures: the hooked method."""
+MARK = "max_prefill_bs"
+SLOT_FIGURES = ("running_batch", MARK, "max_running_requests")
+"""The decision's parameters its free-slots rule reads (the hook needs them by these names)."""
+
+
+def with_min_slots(signature: inspect.Signature, min_slots: int, *args, **kwargs):
+    """The decision's arguments with its high-water mark raised to ``min_slots``."""
+    call = signature.bind(*args, **kwargs)
+    call.apply_defaults()
+    if call.arguments[MARK] < min_slots:
+        call.arguments[MARK] = min_slots
+    return call.args, call.kwargs
+
+
+def register() -> None:
+    """Registers the hook in SGLang's hook registry where the parent asked for it (the plugin
+    ``loraland`` calls this in each process that loads plugins; SGLang applies it next)."""
+    if not os.environ.get(MIN_SLOTS_ENV):
+        return
+    min_slots = min_slots_from_env()
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if misfit := decision_misfit():
+        log.warning("prefill_delay_min_slots not applied: %s", misfit)
+        return
+    decision = getattr(delayer_class(), DECISION)
+    hook = functools.partial(with_min_slots, inspect.signature(decision), min_slots)
+    HookRegistry.register(f"{DELAYER_CLASS}.{DECISION}", hook, HookType.BEFORE)
+
+
+def delayer_class() -> type:
+    from sglang.srt.managers.prefill_delayer import PrefillDelayer
+
+    return PrefillDelayer
+
+
+def decision_misfit() -> str | None:
+    """Where this SGLang's prefill delayer differs from what the hook needs (None: it fits)."""
+    try:
+        delayer = delayer_class()
+    except Exception as error:  # whatever keeps it from loading keeps SGLang's own
+        return f"SGLang's prefill delayer does not load ({type(error).__name__}: {error})"
+    return misfit_of(delayer)
+
+
+def misfit_of(delayer: type) -> str | None:
+    method = delayer.__dict__.get(DECISION)
+    if not inspect.isfunction(method):
+        return f"the prefill delayer defines no method {DECISION}"
+    names = inspect.signature(method).parameters
+    if missing := [name for name in SLOT_FIGURES if name not in names]:
+        return f"{DECISION} takes no {', '.join(missing)}"
+    return None
+
+
+def min_slots_from_env() -> int:
+    """``prefill_delay_min_slots`` as the parent passed it (:func:`ready`)."""
+    value = os.environ.get(MIN_SLOTS_ENV, "")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{MIN_SLOTS_ENV} must be a whole number >= 1, not {value!r}")
+    return int(value)
+
+
+def ready(kwargs: dict, min_slots: int | None) -> tuple[bool, str]:
+    """Tell SGLang's processes whether to apply the hook: (a warning?, what to log)."""
+    os.environ[MIN_SLOTS_ENV] = ""
+    if min_slots is None:
+        return False, "prefill delayer: SGLang's free-slots rule (prefill_delay_min_slots: null)"
+    if not kwargs.get("enable_prefill_delayer"):
+        return True, "prefill_delay_min_slots not applied: SGLang's prefill delayer is off"
+    if left_out := sglang_hooks.left_out_by_allow_list():
+        return True, f"prefill_delay_min_slots not applied: {left_out}"
+    if not sglang_hooks.hook_registry_found():
+        return True, "prefill_delay_min_slots not applied: this SGLang has no plugin hook registry"
+    if misfit := decision_misfit():
+        return True, f"prefill_delay_min_slots not applied: {misfit}"
+    os.environ[MIN_SLOTS_ENV] = str(min_slots)
+    sglang_hooks.expose_plugin()
+    return False, f"prefill delayer: waits for at least {min_slots} free slots near the cap"

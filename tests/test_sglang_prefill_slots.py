@@ -1,0 +1,229 @@
+"""The prefill delayer waiting for a least number of free slots: the hook on its decision, the
+setting's rules, what the parent tells SGLang's processes, and (where sglang is installed)
+SGLang's own delayer deciding with the hook after SGLang's plugin loading."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import inspect
+import multiprocessing
+import os
+import socket
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from engine.backends import sglang_hooks, sglang_prefill_slots
+from engine.backends.sglang import engine_kwargs
+from engine.registry import SGLangSettings
+
+needs_sglang = pytest.mark.skipif(
+    importlib.util.find_spec("sglang") is None, reason="needs sglang (the GPU machine)"
+)
+
+
+class Delayer:
+    """The decision's signature as SGLang 0.5.17's ``PrefillDelayer`` declares it."""
+
+    def _negotiate_should_allow_prefill_pure(
+        self,
+        prev_state,
+        local_prefillable: bool,
+        token_usage: float,
+        running_batch: int = 0,
+        max_prefill_bs: int = 0,
+        max_running_requests: int = 0,
+        waiting_queue_len: int = 0,
+    ):
+        return max_prefill_bs
+
+
+def decided_with(min_slots: int, *args, **kwargs) -> int:
+    """The mark the decision sees once the hook ran on this call."""
+    decision = Delayer._negotiate_should_allow_prefill_pure
+    args, kwargs = sglang_prefill_slots.with_min_slots(
+        inspect.signature(decision), min_slots, *args, **kwargs
+    )
+    return decision(*args, **kwargs)
+
+
+def test_a_mark_below_the_least_is_raised_to_it_as_sglang_calls_the_decision():
+    call = dict(prev_state=None, local_prefillable=True, token_usage=0.9, running_batch=250,
+                max_running_requests=256, waiting_queue_len=3)  # fmt: skip
+    assert decided_with(32, Delayer(), **call, max_prefill_bs=3) == 32
+    assert decided_with(32, Delayer(), **call, max_prefill_bs=80) == 80  # above: as it was
+
+
+def test_the_mark_is_raised_passed_by_position_or_left_to_its_default():
+    assert decided_with(16, Delayer(), None, True, 0.9, 250, 4, 256, 3) == 16
+    assert decided_with(16, Delayer(), None, True, 0.9) == 16
+
+
+def test_the_hook_fits_sglangs_decision_and_not_one_without_the_slot_figures():
+    assert sglang_prefill_slots.misfit_of(Delayer) is None
+
+    class Renamed:
+        def _negotiate_should_allow_prefill_pure(self, prev_state, running_bs, max_bs):
+            return max_bs
+
+    class Without:
+        pass
+
+    assert sglang_prefill_slots.misfit_of(Renamed) == (
+        "_negotiate_should_allow_prefill_pure takes no running_batch, max_prefill_bs, "
+        "max_running_requests"
+    )
+    assert "defines no method" in sglang_prefill_slots.misfit_of(Without)
+
+
+@pytest.fixture
+def clean_environment(monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv(sglang_prefill_slots.MIN_SLOTS_ENV, "")  # restored after the test
+    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+
+
+@pytest.fixture
+def an_sglang_that_fits(monkeypatch):
+    monkeypatch.setattr(sglang_hooks, "hook_registry_found", lambda: True)
+    monkeypatch.setattr(sglang_prefill_slots, "decision_misfit", lambda: None)
+
+
+def test_the_least_reaches_sglangs_processes_where_the_delayer_is_on(
+    clean_environment, an_sglang_that_fits
+):
+    settings = SGLangSettings(prefill_delay_min_slots=32)
+    kwargs = engine_kwargs(settings, "/m", {})
+    assert sglang_prefill_slots.ready(kwargs, settings.prefill_delay_min_slots) == (
+        False, "prefill delayer: waits for at least 32 free slots near the cap"
+    )  # fmt: skip
+    assert os.environ[sglang_prefill_slots.MIN_SLOTS_ENV] == "32"
+    assert str(sglang_hooks.PLUGIN_DIR) in sys.path
+
+
+def test_off_by_default_and_an_earlier_engines_least_cleared(clean_environment):
+    os.environ[sglang_prefill_slots.MIN_SLOTS_ENV] = "32"  # an earlier engine of this process
+    settings = SGLangSettings()
+    assert settings.prefill_delay_min_slots is None
+    warn, note = sglang_prefill_slots.ready(engine_kwargs(settings, "/m", {}), None)
+    assert not warn and "SGLang's free-slots rule" in note
+    assert os.environ[sglang_prefill_slots.MIN_SLOTS_ENV] == ""
+
+
+@pytest.mark.parametrize(
+    "why, fits, allowed, said",
+    [
+        ("delayer off", True, "", "SGLang's prefill delayer is off"),
+        ("allow-list", True, "other", "leaves out the plugin 'loraland'"),
+        ("misfit", False, "", "takes no max_prefill_bs"),
+    ],
+)
+def test_where_it_cannot_apply_it_says_so_and_keeps_sglangs_rule(
+    clean_environment, an_sglang_that_fits, monkeypatch, why, fits, allowed, said
+):
+    kwargs = engine_kwargs(SGLangSettings(prefill_delay_min_slots=32), "/m", {})
+    if why.startswith("delayer off"):
+        kwargs["enable_prefill_delayer"] = False
+    if allowed:
+        monkeypatch.setenv("SGLANG_PLUGINS", allowed)
+    if not fits:
+        misfit = "_negotiate_should_allow_prefill_pure takes no max_prefill_bs"
+        monkeypatch.setattr(sglang_prefill_slots, "decision_misfit", lambda: misfit)
+    warn, note = sglang_prefill_slots.ready(kwargs, 32)
+    assert warn and note.startswith("prefill_delay_min_slots not applied") and said in note
+    assert os.environ[sglang_prefill_slots.MIN_SLOTS_ENV] == ""
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"prefill_delay_passes": None}, "needs the prefill delayer"),
+        ({"dp_size": 2}, "needs the prefill delayer"),  # auto: off for dp_size 2
+        ({"max_running_requests": 16}, "must be <= max_running_requests (16)"),
+        ({"prefill_delay_min_slots": 0}, "greater than or equal to 1"),
+    ],
+)
+def test_a_least_the_delayer_cannot_serve_is_refused(fields, message):
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        SGLangSettings(**{"prefill_delay_min_slots": 32, **fields})
+
+
+def test_a_least_up_to_the_cap_is_taken():
+    assert SGLangSettings(prefill_delay_min_slots=256).prefill_delay_min_slots == 256
+    assert (
+        SGLangSettings(
+            prefill_delay_min_slots=999, max_running_requests=None
+        ).prefill_delay_min_slots
+        == 999
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is not None, reason="SGLang is here")
+def test_the_plugin_reaches_for_sglang_only_where_the_parent_asked(clean_environment):
+    assert sglang_prefill_slots.register() is None
+    os.environ[sglang_prefill_slots.MIN_SLOTS_ENV] = "32"
+    with pytest.raises(ModuleNotFoundError, match="sglang"):
+        sglang_prefill_slots.register()
+
+
+def test_a_least_not_a_whole_number_is_refused_in_the_scheduler(clean_environment):
+    os.environ[sglang_prefill_slots.MIN_SLOTS_ENV] = "0.5"
+    with pytest.raises(ValueError, match="whole number"):
+        sglang_prefill_slots.register()
+
+
+def sglangs_delayer_decisions(hooked: bool) -> list[tuple[bool, str]]:
+    """SGLang's own delayer, one rank (a gloo group of one), deciding two passes at 250 of 256
+    running with a mark of 2, after SGLang's plugin loading (the hook on only if ``hooked``)."""
+    from types import SimpleNamespace
+
+    import torch.distributed
+    from sglang.srt.managers.prefill_delayer import PrefillDelayer
+    from sglang.srt.plugins import load_plugins
+
+    if not hooked:
+        os.environ[sglang_prefill_slots.MIN_SLOTS_ENV] = ""
+    load_plugins()  # what SGLang's scheduler process does first
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+    )
+    server_args = SimpleNamespace(
+        prefill_delayer_queue_min_ratio=None, prefill_delayer_max_delay_ms=None,
+        enable_dp_attention=False, disable_overlap_schedule=False,
+    )  # fmt: skip
+    delayer = PrefillDelayer(
+        dp_size=1, attn_tp_size=1, cpu_group=torch.distributed.group.WORLD,
+        server_args=server_args, max_delay_passes=8, token_usage_low_watermark=None,
+    )  # fmt: skip
+    decisions = []
+    for _ in range(2):  # SGLang lets the first pass that meets its rule through
+        out = delayer._negotiate_should_allow_prefill(
+            local_prefillable=True, token_usage=0.9, running_batch=250, max_prefill_bs=2,
+            max_running_requests=256, waiting_queue_len=3,
+        )  # fmt: skip
+        decisions.append((out.output_allow, out.output_reason))
+    return decisions
+
+
+@needs_sglang
+def test_the_hook_fits_this_sglangs_prefill_delayer():
+    assert sglang_prefill_slots.decision_misfit() is None
+
+
+@needs_sglang
+@pytest.mark.parametrize("hooked", [False, True])
+def test_sglangs_delayer_waits_for_the_least_after_its_plugin_loading(clean_environment, hooked):
+    kwargs = engine_kwargs(SGLangSettings(prefill_delay_min_slots=32), "/m", {})
+    sglang_prefill_slots.ready(kwargs, 32)
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as child:
+        decisions = child.submit(sglangs_delayer_decisions, hooked).result(timeout=600)
+    if hooked:  # 6 free slots < 32: the second pass waits
+        assert decisions == [(True, "no_wait"), (False, "delay")]
+    else:  # 6 free slots >= SGLang's mark of 2: no wait
+        assert decisions == [(True, "no_wait"), (True, "no_wait")]
