@@ -496,11 +496,13 @@ profile_http() {  # #16: which process holds HTTP below the engine (py-spy, carr
   wait_file "$SYNTH/adapters.yaml" 600 || return 1
   decode_kernels > /dev/null || return 1
   gpu_free
-  # shellcheck disable=SC2046  # decode_kernels: flags, split on purpose
+  local engine_sets  # the setting's own engine fields (decode_args' --set ones; not Locust's)
+  engine_sets=$(decode_args "${PROFILE_SET:-fp8}" | grep -o -- '--set [^ ]*' | tr '\n' ' ' || true)
+  # shellcheck disable=SC2046,SC2086  # decode_kernels, engine_sets: flags, split on purpose
   timeout 600 python3 lab/profile_http.py run --config "$SYNTH/adapters.yaml" \
     --out "$RESULTS/http-profile" --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" \
-    $(decode_kernels) --set "$(decode_setting "${PROFILE_SET:-fp8}")" --streams 256 --arms base adapters \
-    --py-spy /tmp/extra/bin/py-spy
+    $(decode_kernels) --set "$(decode_setting "${PROFILE_SET:-fp8}")" $engine_sets \
+    --streams 256 --arms base adapters --py-spy /tmp/extra/bin/py-spy
 }
 
 pin_scheduler() {  # #16: SGLang's scheduler on a core of its own against free (one engine)
@@ -624,11 +626,13 @@ radix_cost() {  # #16 item 4: the prefix tree's evictions per decode step, SGLan
     > "$RESULTS/radix-evict-cost/pytest.txt" 2>&1
 }
 
-lora_batch_cost() {  # #16 item 4: the LoRA batch's indices per pass, SGLang's vs vectorised
+lora_batch_cost() {  # #16 item 4: the LoRA batch's indices per pass, SGLang's vs vectorised;
+  # the tests of every hook of the plugin loraland with SGLang (tree, indices, delayer's slots)
   mkdir -p "$RESULTS/lora-batch-cost"
   local tests=0
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_sglang_lora_batch.py \
-    tests/test_sglang_radix.py > "$RESULTS/lora-batch-cost/pytest.txt" 2>&1 || tests=$?
+    tests/test_sglang_radix.py tests/test_sglang_prefill_slots.py \
+    > "$RESULTS/lora-batch-cost/pytest.txt" 2>&1 || tests=$?
   timeout 300 python3 -m lab.lora_batch_cost --out "$RESULTS/lora-batch-cost" || return 1
   return "$tests"  # measured either way; the step fails where a test did
 }
