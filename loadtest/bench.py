@@ -664,6 +664,7 @@ def settings_of(args, engine) -> dict:
         "backend": engine.backend,
         "engine": engine.settings.model_dump(),
         "kv_pool_tokens": engine.stats().get("kv_pool_tokens"),  # SGLang's; None on CPU
+        "start_notes": getattr(engine, "start_notes", None),  # SGLang's: what served in its place
         "duration": args.duration,
         "warmup": args.warmup,
     }

@@ -227,3 +227,18 @@ def test_sglangs_delayer_waits_for_the_least_after_its_plugin_loading(clean_envi
         assert decisions == [(True, "no_wait"), (False, "delay")]
     else:  # 6 free slots >= SGLang's mark of 2: no wait
         assert decisions == [(True, "no_wait"), (True, "no_wait")]
+
+
+def test_the_engines_start_notes_say_the_delayer_waits_for_the_least(
+    clean_environment, an_sglang_that_fits, monkeypatch
+):
+    from engine.backends import sglang_lora_batch, sglang_radix
+    from engine.backends.sglang import ready_our_parts
+
+    monkeypatch.setenv(sglang_lora_batch.FLAG_ENV, "")  # each restored after the test
+    monkeypatch.setenv(sglang_radix.FRACTION_ENV, "")
+    settings = SGLangSettings(prefill_delay_min_slots=32, lora_kernel_configs=None)
+    notes = [note for _, note in ready_our_parts(settings, engine_kwargs(settings, "/m", {}))]
+    assert len(notes) == 4  # tree, indices, delayer, kernels: what bench records as start_notes
+    assert "prefill delayer: waits for at least 32 free slots near the cap" in notes
+    assert "csgmv LoRA kernels: SGLang's own block sizes (lora_kernel_configs: null)" in notes

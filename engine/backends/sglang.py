@@ -105,6 +105,18 @@ def engine_kwargs(
     return kwargs
 
 
+def ready_our_parts(settings: SGLangSettings, kwargs: dict) -> list[tuple[bool, str]]:
+    """Ready SGLang's processes for this product's parts (the plugin's hooks, tuned kernels)
+    before ``sglang.Engine(**kwargs)`` starts them: each part's (a warning?, what serves)."""
+    kernels = use_tuned_kernels(settings.lora_kernel_configs)
+    return [
+        sglang_radix.ready(kwargs, settings.radix_evict_fraction, settings.extra),
+        sglang_lora_batch.ready(kwargs, settings.fast_lora_batch),
+        sglang_prefill_slots.ready(kwargs, settings.prefill_delay_min_slots),
+        kernels_note(settings.lora_kernel_configs, kernels),
+    ]
+
+
 def sampling_params(
     params: SamplingParams, stop_ids: set[int] | None = None, stream_interval: int | None = None
 ) -> dict:
@@ -366,17 +378,13 @@ class SGLangEngine(Tokenizes, Engine):
         self.adapter_paths = dict(adapters)
         kwargs = engine_kwargs(self.settings, base_dir, adapters, dtype)
         try:
-            kernels = use_tuned_kernels(self.settings.lora_kernel_configs)
-            eviction = sglang_radix.ready(
-                kwargs, self.settings.radix_evict_fraction, self.settings.extra
-            )
+            said = ready_our_parts(self.settings, kwargs)
         except ValueError as error:
             raise EngineError(str(error)) from None
-        lora_batch = sglang_lora_batch.ready(kwargs, self.settings.fast_lora_batch)
-        min_slots = sglang_prefill_slots.ready(kwargs, self.settings.prefill_delay_min_slots)
-        kernels_said = kernels_note(self.settings.lora_kernel_configs, kernels)
-        for warn, note in (eviction, lora_batch, min_slots, kernels_said):
+        for warn, note in said:
             (log.warning if warn else log.info)("%s", note)
+        self.start_notes = [note for _, note in said]
+        """What serves in SGLang's place or beside it (tree, indices, delayer, kernels)."""
         if overrides := environment_overrides():
             log.warning(
                 "%s: SGLang takes these over engine.sglang.prefill_delay_passes (%s) in the "
