@@ -155,12 +155,13 @@ class SGLangSettings(Strict):
     prefill_delay_min_slots: int | None = Field(None, ge=1)
     """Near ``max_running_requests`` the prefill delayer waits for at least this many free slots
     (or ``prefill_delay_passes`` passes), however requests arrive. SGLang's own rule waits only
-    while fewer slots are free than the largest recent prefill took; where requests arrive one
-    by one, as HTTP clients send them, that stays small and a small prefill pass runs between
-    nearly every two decode passes (``engine/backends/sglang_prefill_slots.py``). H200, 7B, FP8,
-    256 streams × 128 adapters: a prefill's launches took 15–16 % of SGLang's scheduler thread
-    through HTTP, 7 % engine-direct (``results/serving/h200-7b-scheduler-http-vs-direct``); the
-    effect of this setting on throughput is not measured yet. ``None``: SGLang's rule alone.
+    while fewer slots are free than the largest recent prefill took; where requests arrive
+    spread out, as HTTP clients send them, that stays small and the delayer waits little
+    (``engine/backends/sglang_prefill_slots.py``). H200, 7B, FP8, 256 streams × 128 adapters: a
+    prefill's launches took 15–16 % of SGLang's scheduler thread through HTTP, 7 % engine-direct
+    (``results/serving/h200-7b-scheduler-http-vs-direct``); the effect of this setting on
+    throughput is not measured yet. SGLang's own ``min_free_slots_delay`` caps its number at 4
+    and does not bound the wait in passes. ``None``: SGLang's rule alone.
     Needs the delayer on (``prefill_delay_passes`` not off) and at most
     ``max_running_requests``; not applied where ``SGLANG_PLUGINS`` leaves out ``loraland`` (the
     start log says)."""

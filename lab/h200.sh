@@ -53,7 +53,8 @@
 #                                    (fp8-batched-evict) or SGLang's own (fp8-sglang-evict),
 #                                    the LoRA batch's indices vectorised (fp8-fast-lora-batch)
 #                                    or SGLang's own (fp8-sglang-lora-batch), the prefill
-#                                    delayer waiting for N free slots (fp8-min-slots-N)
+#                                    delayer waiting for N free slots (fp8-min-slots-N) or
+#                                    SGLang's min_free_slots_delay (fp8-sglang-min-free-4)
 #                                    (names in
 #                                    DECODE_SETTINGS; pairs plan, DECODE_PAIRS rounds (1),
 #                                    256 streams; DECODE_OPEN="--arrival-rate R": open loop)
@@ -556,6 +557,8 @@ decode_setting() {  # a named engine setting of decode-settings, as bench's --se
     # fp8, the prefill delayer waiting for at least N free slots near the cap (decode_args adds
     # prefill_delay_min_slots=N): fewer, larger prefill passes where requests arrive one by one
     fp8-min-slots-[0-9]*) echo 'extra={"quantization": "fp8"}' ;;
+    # SGLang's own (0.5.17): new prefills held until 4 slots are free (it caps the number at 4)
+    fp8-sglang-min-free-4) echo 'extra={"quantization": "fp8", "min_free_slots_delay": 4}' ;;
     *) echo "no decode setting named $1" >&2; return 1 ;;
   esac
 }

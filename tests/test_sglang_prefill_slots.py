@@ -1,4 +1,4 @@
-"""The prefill delayer waiting for a least number of free slots: the hook on its decision, the
+"""The prefill delayer waiting for a minimum number of free slots: the hook on its decision, the
 setting's rules, what the parent tells SGLang's processes, and (where sglang is installed)
 SGLang's own delayer deciding with the hook after SGLang's plugin loading."""
 

@@ -6,7 +6,7 @@ serves. Ours is the ``.dist-info`` in ``sglang_plugin/``, on ``sys.path`` once
 :func:`expose_plugin` ran in the parent (spawned processes inherit the path). What it turns on
 there the parent says through environment variables: batched evictions from the prefix tree
 (``sglang_radix``), the LoRA batch's indices built without SGLang's per-adapter loop
-(``sglang_lora_batch``) and the prefill delayer waiting for a least number of free slots
+(``sglang_lora_batch``) and the prefill delayer waiting for a minimum number of free slots
 (``sglang_prefill_slots``).
 """
 

@@ -1,14 +1,14 @@
-"""SGLang's prefill delayer waiting for a least number of free slots, however requests arrive.
+"""SGLang's prefill delayer waiting for a minimum number of free slots, however requests arrive.
 
 Near ``max_running_requests`` SGLang 0.5.17's prefill delayer holds new requests back (fewer
 than ``prefill_delay_passes`` forward passes) while fewer slots are free than the largest
 prefill of the last few hundred passes took (``max_prefill_bs``: a high-water mark that decays
-0.2 % a pass). Where requests arrive one by one, as HTTP clients send them, the prefills stay
-small, so does the mark, and the delayer barely waits: a small prefill pass between nearly every
-two decode passes, each launching every layer's attention eagerly on the scheduler's one thread.
-With FP8 weights at 256 streams × 128 adapters on an H200, those launches took 15–16 % of that
-thread through HTTP against 7 % engine-direct, whose clients, started all at once, set a high
-mark (``results/serving/h200-7b-scheduler-http-vs-direct``).
+0.2 % a pass). Where requests arrive spread out, as HTTP clients send them, the prefills stay
+small, so does the mark, and the delayer waits little: more, smaller prefill passes, each
+launching every layer's attention eagerly on the scheduler's one thread (read from SGLang's
+code; the delayer's decisions were not recorded). With FP8 weights at 256 streams × 128 adapters
+on an H200, a prefill's launches took 15–16 % of that thread's samples through HTTP against 7 %
+engine-direct (``results/serving/h200-7b-scheduler-http-vs-direct``).
 
 Here the delayer decides with a mark of at least ``prefill_delay_min_slots``: near the cap it
 waits for that many free slots (or its passes), whatever the arrivals; away from the cap it
