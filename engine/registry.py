@@ -157,14 +157,16 @@ class SGLangSettings(Strict):
     (or ``prefill_delay_passes`` passes), however requests arrive. SGLang's own rule waits only
     while fewer slots are free than the largest recent prefill took; where requests arrive
     spread out, as HTTP clients send them, that stays small and the delayer waits little
-    (``engine/backends/sglang_prefill_slots.py``). H200, 7B, FP8, 256 streams × 128 adapters: a
-    prefill's launches took 15–16 % of SGLang's scheduler thread through HTTP, 7 % engine-direct
+    (``engine/backends/sglang_prefill_slots.py``). H200, 7B, FP8, 256 streams, base and 128
+    adapters: a prefill's launches took 15–16 % of SGLang's scheduler thread through HTTP, 7 %
+    engine-direct
     (``results/serving/h200-7b-scheduler-http-vs-direct``); the effect of this setting on
     throughput is not measured yet. SGLang's own ``min_free_slots_delay`` caps its number at 4
-    and does not bound the wait in passes. ``None``: SGLang's rule alone.
-    Needs the delayer on (``prefill_delay_passes`` not off) and at most
-    ``max_running_requests``; not applied where ``SGLANG_PLUGINS`` leaves out ``loraland`` (the
-    start log says)."""
+    and does not bound the wait in passes. ``None``: SGLang's rule alone. Needs the delayer on
+    (``prefill_delay_passes`` not off), at most half of ``max_running_requests`` (per DP rank
+    with DP attention; where SGLang lowers its cap, half of that is used), and not SGLang's
+    queue trigger (``prefill_delayer_queue_min_ratio`` in ``extra``); not applied where
+    ``SGLANG_PLUGINS`` leaves out ``loraland`` (the start notes say)."""
 
     @field_validator("prefill_delay_passes")
     @classmethod
@@ -236,19 +238,35 @@ class SGLangSettings(Strict):
 
     @model_validator(mode="after")
     def min_slots_with_the_delayer(self) -> SGLangSettings:
-        slots, cap = self.prefill_delay_min_slots, self.max_running_requests
+        slots = self.prefill_delay_min_slots
         if slots is None:
             return self
         if self.prefill_delay is None:
+            why = "; ".join(self.delayer_conflicts()) or "prefill_delay_passes: null"
             raise ValueError(
-                f"prefill_delay_min_slots {slots} needs the prefill delayer, which is off here "
-                "(prefill_delay_passes null, or auto where it does not work): set it to null"
+                f"prefill_delay_min_slots {slots} needs SGLang's prefill delayer, off here "
+                f"({why}): set prefill_delay_min_slots to null"
             )
-        if cap is not None and slots > cap:
+        if self.extra.get("prefill_delayer_queue_min_ratio") is not None:
             raise ValueError(
-                f"prefill_delay_min_slots ({slots}) must be <= max_running_requests ({cap})"
+                "prefill_delay_min_slots with extra's prefill_delayer_queue_min_ratio: SGLang's "
+                "queue trigger would wait for that many requests at any load; set one of them"
+            )
+        if (cap := self.slots_per_scheduler) is not None and slots > cap // 2:
+            raise ValueError(
+                f"prefill_delay_min_slots ({slots}) must be at most half of each scheduler's "
+                f"max_running_requests ({cap}): the delayer waits only near the cap"
             )
         return self
+
+    @property
+    def slots_per_scheduler(self) -> int | None:
+        """``max_running_requests`` as each SGLang scheduler counts it (DP attention splits
+        it across the ``dp_size`` ranks); None: SGLang's own, from the KV pool."""
+        cap = self.max_running_requests
+        if cap is not None and self.extra.get("enable_dp_attention"):
+            return cap // self.dp_size
+        return cap
 
     @model_validator(mode="after")
     def loaded_holds_a_batch(self) -> SGLangSettings:
@@ -564,7 +582,8 @@ def with_overrides(settings: Strict, items: list[str]) -> Strict:
     except ValidationError as err:
         first = err.errors()[0]
         where = first["loc"][0] if first["loc"] else "the settings together"  # a cross-field rule
-        raise RegistryError(f"--set {where}: {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise RegistryError(f"--set {where}: {message}") from None
 
 
 def load_registry(path: str | Path) -> Registry:

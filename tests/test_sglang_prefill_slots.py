@@ -9,6 +9,7 @@ import importlib.util
 import inspect
 import multiprocessing
 import os
+import re
 import socket
 import sys
 
@@ -58,7 +59,17 @@ def test_a_mark_below_the_least_is_raised_to_it_as_sglang_calls_the_decision():
 
 def test_the_mark_is_raised_passed_by_position_or_left_to_its_default():
     assert decided_with(16, Delayer(), None, True, 0.9, 250, 4, 256, 3) == 16
-    assert decided_with(16, Delayer(), None, True, 0.9) == 16
+    assert decided_with(16, Delayer(), None, True, 0.9, max_running_requests=256) == 16
+
+
+def test_the_least_is_at_most_half_the_cap_the_decision_is_given():
+    """SGLang may lower its cap below the registry's (a small KV pool): the delayer then still
+    waits only while more than half its slots are in use."""
+    call = dict(prev_state=None, local_prefillable=True, token_usage=0.9, running_batch=20,
+                max_prefill_bs=3, waiting_queue_len=3)  # fmt: skip
+    assert decided_with(32, Delayer(), **call, max_running_requests=24) == 12
+    assert decided_with(32, Delayer(), None, True, 0.9, 20, 3, 24, 3) == 12
+    assert decided_with(32, Delayer(), None, True, 0.9) == 0  # no cap given: none to wait for
 
 
 def test_the_hook_fits_sglangs_decision_and_not_one_without_the_slot_figures():
@@ -139,25 +150,27 @@ def test_where_it_cannot_apply_it_says_so_and_keeps_sglangs_rule(
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"prefill_delay_passes": None}, "needs the prefill delayer"),
-        ({"dp_size": 2}, "needs the prefill delayer"),  # auto: off for dp_size 2
-        ({"max_running_requests": 16}, "must be <= max_running_requests (16)"),
+        ({"prefill_delay_passes": None},
+         "off here (prefill_delay_passes: null): set prefill_delay_min_slots to null"),
+        ({"dp_size": 2}, "off here (dp_size 2 (without enable_dp_attention"),  # auto: off
+        ({"max_running_requests": 48},
+         "at most half of each scheduler's max_running_requests (48)"),
+        ({"dp_size": 4, "extra": {"enable_dp_attention": True}}, "max_running_requests (64)"),
+        ({"extra": {"prefill_delayer_queue_min_ratio": 0.5}}, "queue trigger"),
         ({"prefill_delay_min_slots": 0}, "greater than or equal to 1"),
     ],
-)
+)  # fmt: skip
 def test_a_least_the_delayer_cannot_serve_is_refused(fields, message):
-    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        SGLangSettings(**{"prefill_delay_min_slots": 32, **fields})
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        SGLangSettings(**{"prefill_delay_min_slots": 40, **fields})
 
 
-def test_a_least_up_to_the_cap_is_taken():
-    assert SGLangSettings(prefill_delay_min_slots=256).prefill_delay_min_slots == 256
-    assert (
-        SGLangSettings(
-            prefill_delay_min_slots=999, max_running_requests=None
-        ).prefill_delay_min_slots
-        == 999
-    )
+def test_a_least_up_to_half_the_cap_is_taken():
+    assert SGLangSettings(prefill_delay_min_slots=128).prefill_delay_min_slots == 128
+    with pytest.raises(ValidationError, match="at most half"):
+        SGLangSettings(prefill_delay_min_slots=129)
+    unbounded = SGLangSettings(prefill_delay_min_slots=999, max_running_requests=None)
+    assert unbounded.prefill_delay_min_slots == 999  # SGLang's own cap: half of it in the hook
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sglang") is not None, reason="SGLang is here")
@@ -174,9 +187,9 @@ def test_a_least_not_a_whole_number_is_refused_in_the_scheduler(clean_environmen
         sglang_prefill_slots.register()
 
 
-def sglangs_delayer_decisions(hooked: bool) -> list[tuple[bool, str]]:
-    """SGLang's own delayer, one rank (a gloo group of one), deciding two passes at 250 of 256
-    running with a mark of 2, after SGLang's plugin loading (the hook on only if ``hooked``)."""
+def sglangs_delayer_decisions(hooked: bool, running: int, cap: int) -> list[tuple[bool, str]]:
+    """SGLang's own delayer, one rank (a gloo group of one), deciding two passes at ``running``
+    of ``cap`` with a mark of 2, after SGLang's plugin loading (the hook on if ``hooked``)."""
     from types import SimpleNamespace
 
     import torch.distributed
@@ -203,8 +216,8 @@ def sglangs_delayer_decisions(hooked: bool) -> list[tuple[bool, str]]:
     decisions = []
     for _ in range(2):  # SGLang lets the first pass that meets its rule through
         out = delayer._negotiate_should_allow_prefill(
-            local_prefillable=True, token_usage=0.9, running_batch=250, max_prefill_bs=2,
-            max_running_requests=256, waiting_queue_len=3,
+            local_prefillable=True, token_usage=0.9, running_batch=running, max_prefill_bs=2,
+            max_running_requests=cap, waiting_queue_len=3,
         )  # fmt: skip
         decisions.append((out.output_allow, out.output_reason))
     return decisions
@@ -215,18 +228,30 @@ def test_the_hook_fits_this_sglangs_prefill_delayer():
     assert sglang_prefill_slots.decision_misfit() is None
 
 
+WAITS = [(True, "no_wait"), (False, "delay")]  # SGLang lets the first pass that would wait go
+NO_WAIT = [(True, "no_wait"), (True, "no_wait")]
+
+
 @needs_sglang
-@pytest.mark.parametrize("hooked", [False, True])
-def test_sglangs_delayer_waits_for_the_least_after_its_plugin_loading(clean_environment, hooked):
+@pytest.mark.parametrize(
+    "hooked, running, cap, decisions",
+    [
+        (False, 250, 256, NO_WAIT),  # SGLang's rule: 6 free slots >= its mark of 2
+        (True, 250, 256, WAITS),  # 6 free < 32
+        (True, 200, 256, NO_WAIT),  # 56 free >= 32: away from the cap, as before
+        (True, 20, 24, WAITS),  # SGLang's cap lowered to 24: 4 free < 12, half of it
+        (True, 10, 24, NO_WAIT),  # 14 free >= 12
+    ],
+)
+def test_sglangs_delayer_waits_for_the_least_after_its_plugin_loading(
+    clean_environment, hooked, running, cap, decisions
+):
     kwargs = engine_kwargs(SGLangSettings(prefill_delay_min_slots=32), "/m", {})
     sglang_prefill_slots.ready(kwargs, 32)
     spawn = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as child:
-        decisions = child.submit(sglangs_delayer_decisions, hooked).result(timeout=600)
-    if hooked:  # 6 free slots < 32: the second pass waits
-        assert decisions == [(True, "no_wait"), (False, "delay")]
-    else:  # 6 free slots >= SGLang's mark of 2: no wait
-        assert decisions == [(True, "no_wait"), (True, "no_wait")]
+        decided = child.submit(sglangs_delayer_decisions, hooked, running, cap)
+        assert decided.result(timeout=600) == decisions
 
 
 def test_the_engines_start_notes_say_the_delayer_waits_for_the_least(

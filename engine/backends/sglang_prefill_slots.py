@@ -6,15 +6,15 @@ prefill of the last few hundred passes took (``max_prefill_bs``: a high-water ma
 0.2 % a pass). Where requests arrive spread out, as HTTP clients send them, the prefills stay
 small, so does the mark, and the delayer waits little: more, smaller prefill passes, each
 launching every layer's attention eagerly on the scheduler's one thread (read from SGLang's
-code; the delayer's decisions were not recorded). With FP8 weights at 256 streams × 128 adapters
-on an H200, a prefill's launches took 15–16 % of that thread's samples through HTTP against 7 %
-engine-direct (``results/serving/h200-7b-scheduler-http-vs-direct``).
+code; the delayer's decisions were not recorded). With FP8 weights at 256 streams on an H200,
+base and 128 adapters, a prefill's launches took 15–16 % of that thread's samples through HTTP
+against 7 % engine-direct (``results/serving/h200-7b-scheduler-http-vs-direct``).
 
-Here the delayer decides with a mark of at least ``prefill_delay_min_slots``: near the cap it
-waits for that many free slots (or its passes), whatever the arrivals; away from the cap it
-does not wait, as before. A ``BEFORE`` hook on the delayer's decision, through SGLang's plugin
-hook registry, in each process that loads the plugin ``loraland`` (``sglang_hooks``) while the
-parent's environment says so.
+Here the delayer decides with a mark of at least ``prefill_delay_min_slots`` (at most half the
+cap it is given): near the cap it waits for that many free slots (or its passes), whatever the
+arrivals; with half the slots or more free it does not wait, as before. A ``BEFORE`` hook on the
+delayer's decision, through SGLang's plugin hook registry, in each process that loads the
+plugin ``loraland`` (``sglang_hooks``) while the parent's environment says so.
 """
 
 from __future__ import annotations
@@ -34,17 +34,28 @@ DELAYER_CLASS = "sglang.srt.managers.prefill_delayer.PrefillDelayer"
 DECISION = "_negotiate_should_allow_prefill_pure"
 """The delayer's decision for one pass, from the scheduler's figures: the hooked method."""
 MARK = "max_prefill_bs"
-SLOT_FIGURES = ("running_batch", MARK, "max_running_requests")
+CAP = "max_running_requests"
+SLOT_FIGURES = ("running_batch", MARK, CAP)
 """The decision's parameters its free-slots rule reads (the hook needs them by these names)."""
 
 
 def with_min_slots(signature: inspect.Signature, min_slots: int, *args, **kwargs):
-    """The decision's arguments with its high-water mark raised to ``min_slots``."""
+    """The decision's arguments with its high-water mark raised to ``min_slots``, at most half
+    the slots the decision is given (SGLang may lower its cap below the registry's)."""
+    if MARK in kwargs and CAP in kwargs:  # how SGLang 0.5.17 calls it: no binding needed
+        kwargs[MARK] = max(kwargs[MARK], least_for(min_slots, kwargs[CAP]))
+        return args, kwargs
     call = signature.bind(*args, **kwargs)
     call.apply_defaults()
-    if call.arguments[MARK] < min_slots:
-        call.arguments[MARK] = min_slots
+    marks = call.arguments
+    marks[MARK] = max(marks[MARK], least_for(min_slots, marks[CAP]))
     return call.args, call.kwargs
+
+
+def least_for(min_slots: int, cap: int) -> int:
+    """The free slots to wait for under this cap: never more than half of them, so the delayer
+    only waits while more than half the slots are in use."""
+    return min(min_slots, cap // 2)
 
 
 def register() -> None:
