@@ -112,3 +112,21 @@ def registry_for(adapter_dirs):
             ]
         }
     )
+
+
+@pytest.fixture
+def clean_environment(monkeypatch):
+    """``sys.path``, the SGLang plugin's environment variables and ``SGLANG_PLUGINS`` as they
+    were once the test ends (what the parent hands SGLang's processes through them)."""
+    import sys
+
+    from engine.backends import sglang_lora_batch, sglang_prefill_slots, sglang_radix
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in (
+        sglang_lora_batch.FLAG_ENV,
+        sglang_radix.FRACTION_ENV,
+        sglang_prefill_slots.MIN_SLOTS_ENV,
+    ):
+        monkeypatch.setenv(name, "")
+    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)

@@ -88,13 +88,6 @@ def test_a_batch_of_no_tokens_has_no_segments():
 
 
 @pytest.fixture
-def clean_environment(monkeypatch):
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.setenv(sglang_lora_batch.FLAG_ENV, "")  # restored after the test
-    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
-
-
-@pytest.fixture
 def an_sglang_that_fits(monkeypatch):
     monkeypatch.setattr(sglang_hooks, "hook_registry_found", lambda: True)
     monkeypatch.setattr(sglang_lora_batch, "hooks_misfit", list)

@@ -90,13 +90,6 @@ def test_the_hook_fits_sglangs_decision_and_not_one_without_the_slot_figures():
 
 
 @pytest.fixture
-def clean_environment(monkeypatch):
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.setenv(sglang_prefill_slots.MIN_SLOTS_ENV, "")  # restored after the test
-    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
-
-
-@pytest.fixture
 def an_sglang_that_fits(monkeypatch):
     monkeypatch.setattr(sglang_hooks, "hook_registry_found", lambda: True)
     monkeypatch.setattr(sglang_prefill_slots, "decision_misfit", lambda: None)
@@ -257,11 +250,8 @@ def test_sglangs_delayer_waits_for_the_least_after_its_plugin_loading(
 def test_the_engines_start_notes_say_the_delayer_waits_for_the_least(
     clean_environment, an_sglang_that_fits, monkeypatch
 ):
-    from engine.backends import sglang_lora_batch, sglang_radix
     from engine.backends.sglang import ready_our_parts
 
-    monkeypatch.setenv(sglang_lora_batch.FLAG_ENV, "")  # each restored after the test
-    monkeypatch.setenv(sglang_radix.FRACTION_ENV, "")
     settings = SGLangSettings(prefill_delay_min_slots=32, lora_kernel_configs=None)
     notes = [note for _, note in ready_our_parts(settings, engine_kwargs(settings, "/m", {}))]
     assert len(notes) == 4  # tree, indices, delayer, kernels: what bench records as start_notes

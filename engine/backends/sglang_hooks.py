@@ -17,6 +17,7 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -59,3 +60,13 @@ def hook_registry_found() -> bool:
         return importlib.util.find_spec("sglang.srt.plugins.hook_registry") is not None
     except ImportError:
         return False
+
+
+def why_hooks_cannot_apply(misfit: Callable[[], str | None]) -> str | None:
+    """Why a feature's hooks cannot apply in SGLang's processes (the allow-list leaves the
+    plugin out, no hook registry, ``misfit()`` names where SGLang differs), or None."""
+    if left_out := left_out_by_allow_list():
+        return left_out
+    if not hook_registry_found():
+        return "this SGLang has no plugin hook registry"
+    return misfit()

@@ -177,12 +177,8 @@ def ready(kwargs: dict, fast: bool) -> tuple[bool, str]:
         return False, "LoRA batch indices: none (LoRA off)"
     if (backend := kwargs.get("lora_backend")) != "csgmv":
         return False, f"LoRA batch indices: SGLang's own (lora_backend {backend})"
-    if left_out := sglang_hooks.left_out_by_allow_list():
-        return True, f"fast_lora_batch not applied: {left_out}"
-    if not sglang_hooks.hook_registry_found():
-        return True, "fast_lora_batch not applied: this SGLang has no plugin hook registry"
-    if misfits := hooks_misfit():
-        return True, f"fast_lora_batch not applied: {'; '.join(misfits)}"
+    if blocked := sglang_hooks.why_hooks_cannot_apply(lambda: "; ".join(hooks_misfit()) or None):
+        return True, f"fast_lora_batch not applied: {blocked}"
     os.environ[FLAG_ENV] = "1"
     sglang_hooks.expose_plugin()
     return False, "LoRA batch indices: vectorised (fast_lora_batch)"

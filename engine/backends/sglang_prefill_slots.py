@@ -114,12 +114,8 @@ def ready(kwargs: dict, min_slots: int | None) -> tuple[bool, str]:
         return False, "prefill delayer: SGLang's free-slots rule (prefill_delay_min_slots: null)"
     if not kwargs.get("enable_prefill_delayer"):
         return True, "prefill_delay_min_slots not applied: SGLang's prefill delayer is off"
-    if left_out := sglang_hooks.left_out_by_allow_list():
-        return True, f"prefill_delay_min_slots not applied: {left_out}"
-    if not sglang_hooks.hook_registry_found():
-        return True, "prefill_delay_min_slots not applied: this SGLang has no plugin hook registry"
-    if misfit := decision_misfit():
-        return True, f"prefill_delay_min_slots not applied: {misfit}"
+    if blocked := sglang_hooks.why_hooks_cannot_apply(decision_misfit):
+        return True, f"prefill_delay_min_slots not applied: {blocked}"
     os.environ[MIN_SLOTS_ENV] = str(min_slots)
     sglang_hooks.expose_plugin()
     return False, f"prefill delayer: waits for at least {min_slots} free slots near the cap"
