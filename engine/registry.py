@@ -242,7 +242,11 @@ class SGLangSettings(Strict):
         if slots is None:
             return self
         if self.prefill_delay is None:
-            why = "; ".join(self.delayer_conflicts()) or "prefill_delay_passes: null"
+            why = (
+                "prefill_delay_passes: null"
+                if self.prefill_delay_passes is None
+                else "; ".join(self.delayer_conflicts())
+            )
             raise ValueError(
                 f"prefill_delay_min_slots {slots} needs SGLang's prefill delayer, off here "
                 f"({why}): set prefill_delay_min_slots to null"
@@ -253,9 +257,14 @@ class SGLangSettings(Strict):
                 "queue trigger would wait for that many requests at any load; set one of them"
             )
         if (cap := self.slots_per_scheduler) is not None and slots > cap // 2:
+            counted = (
+                f"{self.max_running_requests} ÷ dp_size {self.dp_size} = {cap}"
+                if cap != self.max_running_requests
+                else str(cap)
+            )
             raise ValueError(
                 f"prefill_delay_min_slots ({slots}) must be at most half of each scheduler's "
-                f"max_running_requests ({cap}): the delayer waits only near the cap"
+                f"max_running_requests ({counted}): the delayer waits only near the cap"
             )
         return self
 

@@ -101,7 +101,8 @@ def test_the_least_reaches_sglangs_processes_where_the_delayer_is_on(
     settings = SGLangSettings(prefill_delay_min_slots=32)
     kwargs = engine_kwargs(settings, "/m", {})
     assert sglang_prefill_slots.ready(kwargs, settings.prefill_delay_min_slots) == (
-        False, "prefill delayer: waits for at least 32 free slots near the cap"
+        False, "prefill delayer: waits for at least 32 free slots near the cap (at most half of "
+        "each scheduler's cap)"
     )  # fmt: skip
     assert os.environ[sglang_prefill_slots.MIN_SLOTS_ENV] == "32"
     assert str(sglang_hooks.PLUGIN_DIR) in sys.path
@@ -148,7 +149,9 @@ def test_where_it_cannot_apply_it_says_so_and_keeps_sglangs_rule(
         ({"dp_size": 2}, "off here (dp_size 2 (without enable_dp_attention"),  # auto: off
         ({"max_running_requests": 48},
          "at most half of each scheduler's max_running_requests (48)"),
-        ({"dp_size": 4, "extra": {"enable_dp_attention": True}}, "max_running_requests (64)"),
+        ({"dp_size": 4, "extra": {"enable_dp_attention": True}},
+         "max_running_requests (256 ÷ dp_size 4 = 64)"),
+        ({"prefill_delay_passes": None, "dp_size": 2}, "off here (prefill_delay_passes: null)"),
         ({"extra": {"prefill_delayer_queue_min_ratio": 0.5}}, "queue trigger"),
         ({"prefill_delay_min_slots": 0}, "greater than or equal to 1"),
     ],
@@ -250,10 +253,16 @@ def test_sglangs_delayer_waits_for_the_least_after_its_plugin_loading(
 def test_the_engines_start_notes_say_the_delayer_waits_for_the_least(
     clean_environment, an_sglang_that_fits, monkeypatch
 ):
+    from engine import lora_kernels
     from engine.backends.sglang import ready_our_parts
 
+    monkeypatch.delenv(lora_kernels.ENV, raising=False)  # a user's tuned folder; restored after
+    monkeypatch.delenv(lora_kernels.SET_HERE, raising=False)
     settings = SGLangSettings(prefill_delay_min_slots=32, lora_kernel_configs=None)
     notes = [note for _, note in ready_our_parts(settings, engine_kwargs(settings, "/m", {}))]
     assert len(notes) == 4  # tree, indices, delayer, kernels: what bench records as start_notes
-    assert "prefill delayer: waits for at least 32 free slots near the cap" in notes
+    assert (
+        "prefill delayer: waits for at least 32 free slots near the cap (at most half of each "
+        "scheduler's cap)" in notes
+    )
     assert "csgmv LoRA kernels: SGLang's own block sizes (lora_kernel_configs: null)" in notes

@@ -118,4 +118,7 @@ def ready(kwargs: dict, min_slots: int | None) -> tuple[bool, str]:
         return True, f"prefill_delay_min_slots not applied: {blocked}"
     os.environ[MIN_SLOTS_ENV] = str(min_slots)
     sglang_hooks.expose_plugin()
-    return False, f"prefill delayer: waits for at least {min_slots} free slots near the cap"
+    return False, (
+        f"prefill delayer: waits for at least {min_slots} free slots near the cap (at most half "
+        "of each scheduler's cap)"
+    )
