@@ -159,13 +159,12 @@ class SGLangSettings(Strict):
     spread out, as HTTP clients send them, that stays small and the delayer waits little
     (``engine/backends/sglang_prefill_slots.py``). H200, 7B, FP8, 256 streams, base and 128
     adapters: a prefill's launches took 15–16 % of SGLang's scheduler thread through HTTP, 7 %
-    engine-direct
-    (``results/serving/h200-7b-scheduler-http-vs-direct``); the effect of this setting on
-    throughput is not measured yet. SGLang's own ``min_free_slots_delay`` caps its number at 4
-    and does not bound the wait in passes. ``None``: SGLang's rule alone. Needs the delayer on
-    (``prefill_delay_passes`` not off), at most half of ``max_running_requests`` (per DP rank
-    with DP attention; where SGLang lowers its cap, half of that is used), and not SGLang's
-    queue trigger (``prefill_delayer_queue_min_ratio`` in ``extra``); not applied where
+    engine-direct (``results/serving/h200-7b-scheduler-http-vs-direct``); the effect of this
+    setting on throughput is not measured yet. SGLang's own ``min_free_slots_delay`` caps its
+    number at 4 and does not bound the wait in passes. ``None``: SGLang's rule alone. Needs the
+    delayer on (``prefill_delay_passes`` not off), at most half of ``max_running_requests``
+    (per DP rank with DP attention; where SGLang lowers its cap, half of that is used), and not
+    SGLang's queue trigger (``prefill_delayer_queue_min_ratio`` in ``extra``); not applied where
     ``SGLANG_PLUGINS`` leaves out ``loraland`` (the start notes say)."""
 
     @field_validator("prefill_delay_passes")
