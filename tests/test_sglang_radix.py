@@ -24,9 +24,7 @@ needs_sglang = pytest.mark.skipif(
 
 
 @pytest.fixture
-def plugin_on_path(monkeypatch):
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.setenv(sglang_radix.FRACTION_ENV, "")  # restored after the test
+def plugin_on_path(clean_environment):
     sglang_radix.expose_to_schedulers(0.01)
 
 
@@ -37,8 +35,7 @@ def test_sglang_finds_the_plugin_by_its_entry_point_once_the_path_is_added(plugi
     assert sglang_radix.fraction_from_env() == 0.01
 
 
-def test_the_batched_tree_is_the_default_and_none_leaves_sglangs(monkeypatch):
-    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+def test_the_batched_tree_is_the_default_and_none_leaves_sglangs(clean_environment):
     on = engine_kwargs(SGLangSettings(), "/m", {})
     assert on["radix_cache_backend"] == sglang_radix.BACKEND
     off = engine_kwargs(SGLangSettings(radix_evict_fraction=None), "/m", {})
@@ -56,8 +53,7 @@ def test_the_tree_named_in_extra_without_a_fraction_is_refused():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sglang") is not None, reason="SGLang is here")
-def test_an_sglang_without_the_registry_keeps_its_own_tree(monkeypatch):
-    monkeypatch.setenv(sglang_radix.FRACTION_ENV, "")
+def test_an_sglang_without_the_registry_keeps_its_own_tree(clean_environment):
     kwargs = {"radix_cache_backend": sglang_radix.BACKEND}
     warn, note = sglang_radix.ready(kwargs, 0.01, {})
     assert warn and "no radix-cache registry" in note
@@ -82,8 +78,7 @@ def test_a_ready_tree_is_exposed_to_the_schedulers(monkeypatch, plugin_on_path):
         {"enable_int8_mamba_checkpoint": True},
     ],
 )
-def test_another_tree_in_extra_keeps_sglangs_choice(monkeypatch, extra):
-    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+def test_another_tree_in_extra_keeps_sglangs_choice(clean_environment, extra):
     settings = SGLangSettings(radix_evict_fraction=0.01, extra=extra)
     assert "radix_cache_backend" not in engine_kwargs(settings, "/m", {})
     assert list(extra) == sglang_radix.blocked_by(extra)
@@ -92,8 +87,7 @@ def test_another_tree_in_extra_keeps_sglangs_choice(monkeypatch, extra):
     )
 
 
-def test_a_tree_named_in_extra_wins(monkeypatch):
-    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+def test_a_tree_named_in_extra_wins(clean_environment):
     settings = SGLangSettings(radix_evict_fraction=0.01, extra={"radix_cache_backend": "mine"})
     assert engine_kwargs(settings, "/m", {})["radix_cache_backend"] == "mine"
 
@@ -190,9 +184,8 @@ def test_sglangs_plugin_loading_registers_the_tree_in_a_spawned_process(plugin_o
     assert sglang_radix.BACKEND in trees
 
 
-def test_the_tree_is_registered_only_where_the_parent_asked(monkeypatch):
+def test_the_tree_is_registered_only_where_the_parent_asked(clean_environment, monkeypatch):
     monkeypatch.setitem(sys.modules, "sglang.srt.mem_cache.registry", None)  # importing it fails
-    monkeypatch.setenv(sglang_radix.FRACTION_ENV, "")
     sglang_radix.register()
     monkeypatch.setenv(sglang_radix.FRACTION_ENV, "0.01")
     with pytest.raises(ImportError):
