@@ -54,8 +54,10 @@
 #                                    the LoRA batch's indices vectorised (fp8-fast-lora-batch)
 #                                    or SGLang's own (fp8-sglang-lora-batch), the prefill
 #                                    delayer waiting for N free slots (fp8-min-slots-N) or
-#                                    SGLang's min_free_slots_delay (fp8-sglang-min-free-4)
-#                                    (names in
+#                                    SGLang's min_free_slots_delay (fp8-sglang-min-free-4);
+#                                    NAME-counted: that engine with SGLang's pass counters
+#                                    (bench --sglang-counters: its metrics on, not a
+#                                    throughput figure) (names in
 #                                    DECODE_SETTINGS; pairs plan, DECODE_PAIRS rounds (1),
 #                                    256 streams; DECODE_OPEN="--arrival-rate R": open loop)
 #                       space-rehearsal  the GPU Space (deploy/gpu-space) from a clean home: its
@@ -578,7 +580,7 @@ decode_settings() {  # #16 item 4, after the profile: SGLang settings against th
     vmstat_pid=$!
   fi
   for name in ${DECODE_SETTINGS:-default continuous-4 graph-bs-512}; do
-    setting=$(decode_setting "$name") || continue
+    setting=$(decode_setting "${name%-counted}") || continue
     folder=$(next_folder "$RESULTS/decode-settings/$name")
     gpu_free
     # shellcheck disable=SC2086  # DECODE_OPEN: flags, split on purpose
@@ -606,6 +608,7 @@ decode_kernels() {  # DECODE_KERNELS=tuned: every engine on the lora-tune step's
 }
 
 decode_args() {  # bench's own flags a decode setting adds (the client side of the HTTP arm)
+  [ "${1%-counted}" = "$1" ] || { echo "--sglang-counters $(decode_args "${1%-counted}")"; return; }
   case $1 in
     *-locust-4) echo "--locust-processes 4" ;;
     *-batched-evict) echo "--set radix_evict_fraction=0.01" ;;
@@ -634,7 +637,7 @@ lora_batch_cost() {  # #16 item 4: the LoRA batch's indices per pass, SGLang's v
   mkdir -p "$RESULTS/lora-batch-cost"
   local tests=0
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_sglang_lora_batch.py \
-    tests/test_sglang_radix.py tests/test_sglang_prefill_slots.py \
+    tests/test_sglang_radix.py tests/test_sglang_prefill_slots.py tests/test_sglang_counters.py \
     > "$RESULTS/lora-batch-cost/pytest.txt" 2>&1 || tests=$?
   timeout 300 python3 -m lab.lora_batch_cost --out "$RESULTS/lora-batch-cost" || return 1
   return "$tests"  # measured either way; the step fails where a test did

@@ -75,6 +75,7 @@ from loadtest.report import (
     soak_markdown,
     write_outputs,
 )
+from loadtest.sglang_counters import CounterTrace, multiprocess_dir
 from loadtest.stats import WORDS, parse_range, percentile, point_key, ratios, summarize
 from loadtest.sweep import measured, steady_window
 
@@ -251,6 +252,8 @@ async def direct_point(
         )
     steady = (began + args.warmup, began + ran)
     point = {"users": users, "adapters": adapters, **summarize(records, steady)}
+    if trace := getattr(args, "counter_trace", None):
+        point |= trace.figures(*steady, point.get("arrived_per_s"))
     point["open_loop"] = bool(rate)
     point |= full_collections_since(collections)
     # the clients call the engine directly: its TTFT and the "server's" are theirs
@@ -281,10 +284,13 @@ def locust_options(args, port: int) -> argparse.Namespace:
     )
 
 
-async def http_point(options, users: int, adapters: int, raw: Path, clocks=None, lag=None) -> dict:
+async def http_point(
+    options, users: int, adapters: int, raw: Path, clocks=None, lag=None, counters=None
+) -> dict:
     """One Locust point through the API this process serves (Locust from a thread: the event
     loop goes on serving); ``clocks``: {figure: clock}, e.g. the engine's own TTFT
-    (``EngineClock``) and the server's (``ServerClock``); ``lag``: a running ``LoopLag``."""
+    (``EngineClock``) and the server's (``ServerClock``); ``lag``: a running ``LoopLag``;
+    ``counters``: a running ``CounterTrace`` (SGLang's passes)."""
     clocks = clocks or {}
     children, collections = ChildrenMeter(os.getpid()), GC_WATCH.full()
     for clock in clocks.values():
@@ -297,6 +303,7 @@ async def http_point(options, users: int, adapters: int, raw: Path, clocks=None,
     if window := steady_window(records, options):  # the client's: the requests of its TTFT
         point |= {figure: clock.ttft_p50(*window) for figure, clock in clocks.items()}
         point |= lag.figures(*window) if lag else {}
+        point |= counters.figures(*window, point.get("arrived_per_s")) if counters else {}
         for clock in clocks.values():
             point |= clock.hops(records, *window) if isinstance(clock, ServerClock) else {}
     return point | full_collections_since(collections)
@@ -352,7 +359,8 @@ async def pairs(engine, args, names: list[str], registry) -> dict:
                             point = await direct_point(engine, args, names, users, count, True, lag)
                         else:
                             raw = out / "raw" / f"u{users}-a{count}-r{number}.jsonl"
-                            point = await http_point(options, users, count, raw, clocks, lag)
+                            trace = getattr(args, "counter_trace", None)
+                            point = await http_point(options, users, count, raw, clocks, lag, trace)
                         points[kind] = point
                         print(f"    {describe(point)}", flush=True)
                     results["rounds"].append(
@@ -693,6 +701,8 @@ async def run(args) -> None:
         registry.engine.hf = with_overrides(registry.engine.hf, args.set)
     else:
         registry.engine.sglang = with_overrides(registry.engine.sglang, args.set)
+    if args.sglang_counters:
+        registry.engine.sglang = with_metrics(registry.engine.sglang)
     if args.dtype:
         registry.base.dtype = args.dtype
     if args.keep:
@@ -703,7 +713,11 @@ async def run(args) -> None:
     names = [a.name for a in registry.adapters]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     GC_WATCH.install()
+    tracing = None
     try:
+        if args.sglang_counters:
+            args.counter_trace = counter_trace(engine)
+            tracing = asyncio.create_task(args.counter_trace.run())
         await warm_up(engine, names)
         if registry.server.freeze_heap:  # as python app.py does: this process is the server
             print(f"froze {freeze_heap()} objects out of the collector", flush=True)
@@ -715,7 +729,27 @@ async def run(args) -> None:
                 await wait_for_file(Path(path))
             await steps[step](engine, args, names)
     finally:
+        if tracing:
+            tracing.cancel()
         await engine.shutdown()
+
+
+def with_metrics(settings):
+    """SGLang's settings with its own metrics on (``enable_metrics``): its scheduler then
+    counts its passes for ``--sglang-counters``."""
+    extra = json.dumps(settings.extra | {"enable_metrics": True})
+    return with_overrides(settings, [f"extra={extra}"])
+
+
+def counter_trace(engine) -> CounterTrace:
+    """The trace of SGLang's pass counters; refused where the engine writes none."""
+    path = multiprocess_dir()
+    if engine.backend != "sglang" or not path:
+        raise SystemExit(
+            f"--sglang-counters: SGLang's counters need the sglang backend with its metrics "
+            f"on; the engine is {engine.backend}, PROMETHEUS_MULTIPROC_DIR {path or 'unset'}"
+        )
+    return CounterTrace(path)
 
 
 def main() -> None:
@@ -767,9 +801,15 @@ def main() -> None:
     parser.add_argument("--disconnect", type=float, default=0.05, help="share of clients leaving")
     parser.add_argument("--hotload-every", type=float, default=60)
     parser.add_argument("--spare-adapter", help="adapter dir hot-loaded during the soak")
+    parser.add_argument("--sglang-counters", action="store_true",
+                        help="SGLang: start it with enable_metrics and record each point's "
+                             "prefill and decode passes (loadtest.sglang_counters)")  # fmt: skip
     parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    if args.sglang_counters and args.backend == "hf":
+        parser.error("--sglang-counters counts SGLang's passes: not with --backend hf")
     with asyncio.Runner(loop_factory=product_loop_factory()) as runner:
-        runner.run(run(parser.parse_args()))
+        runner.run(run(args))
 
 
 if __name__ == "__main__":

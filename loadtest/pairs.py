@@ -68,12 +68,15 @@ LABELS = {
     "http_server_over_direct_ttft_p50_base": "HTTP's server TTFT ÷ direct, p50, base",
     "http_server_over_direct_ttft_p50_adapters": "HTTP's server TTFT ÷ direct, p50, adapters",
 }
+PASS_FIGURES = ("prefill_passes_per_s", "requests_per_prefill", "prefill_tokens_per_pass",
+                "decode_passes_per_s", "decode_batch_mean", "delayer_delays_per_s")  # fmt: skip
+"""SGLang's scheduler passes (``loadtest.bench --sglang-counters``)."""
 FIGURES = ("output_throughput", "ttft_p50", "ttft_p90", "first_event_p50", "engine_ttft_p50",
            "server_ttft_p50", "to_server_p50", "to_client_p50",
            "loop_lag_p50", "loop_lag_p99", "client_loop_lag_p50", "client_loop_lag_p99",
            "itl_p50", "tpot_mean", "gc_full_pause_s", "process_cpu_cores",
            "engine_children_cpu_cores", "engine_busiest_thread_cores", "client_cpu_cores",
-           "completed", "failures", "served")  # fmt: skip
+           "completed", "failures", "served", *PASS_FIGURES)  # fmt: skip
 STEADY_SERVED = 0.9
 """Completed ÷ arrived in the window below this: the point's arrivals outran the server."""
 
@@ -235,8 +238,24 @@ def pairs_markdown(summary: dict, title: str = "Alternating pairs") -> str:
                 f"{tpot} | {itl} | "
                 f"{cores} | {children} ({busiest}) | {client} | {failed} |"
             )
-        lines.append("")
+        lines += ["", *passes_markdown(group["points"])]
     return "\n".join(lines)
+
+
+def passes_markdown(points: dict) -> list[str]:
+    """SGLang's scheduler passes per point, medians over the rounds (where counted)."""
+    if not any(figures["prefill_passes_per_s"]["n"] for figures in points.values()):
+        return []
+    lines = [
+        "SGLang's scheduler passes (its own counters, `--sglang-counters`), medians:\n",
+        "| point | prefill passes/s | requests per prefill pass | prompt tokens per prefill "
+        "pass | decode passes/s | decode batch (mean) | delayer's delays/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, figures in points.items():
+        cells = [fmt(figures[name], digits=1)[0] for name in PASS_FIGURES]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def side_by_side(ours: dict, peer: dict, users: int) -> dict:

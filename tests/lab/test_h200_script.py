@@ -74,3 +74,30 @@ def test_every_background_action_is_handled():
     arms = set(re.findall(r"^  ([\w-]+)\)", text[text.index('case "$ACTION" in') :], re.M))
     started = set(re.findall(r'bash "\$0" ([\w-]+)', text))
     assert started and started <= arms
+
+
+def decode_flags(name: str) -> list[str]:
+    """What decode-settings passes the bench for a setting NAME: its --set and its own flags."""
+    text = SCRIPT.read_text()
+    functions = "".join(
+        text[text.index(f"{f}() {{") : text.index("\n}\n", text.index(f"{f}() {{")) + 3]
+        for f in ("decode_setting", "decode_args")
+    )
+    script = f'{functions}\necho "--set $(decode_setting "${{1%-counted}}")"; decode_args "$1"'
+    done = subprocess.run(["bash", "-c", script, "-", name], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    setting, _, flags = done.stdout.partition("\n")
+    return ["--set", setting.removeprefix("--set "), *flags.split()]
+
+
+def test_a_counted_decode_setting_is_that_engine_with_sglangs_pass_counters():
+    assert decode_flags("fp8-min-slots-32") == [
+        "--set", 'extra={"quantization": "fp8"}', "--set", "prefill_delay_min_slots=32",
+    ]  # fmt: skip
+    assert decode_flags("fp8-min-slots-32-counted") == [
+        "--set", 'extra={"quantization": "fp8"}', "--sglang-counters",
+        "--set", "prefill_delay_min_slots=32",
+    ]  # fmt: skip
+    assert decode_flags("fp8-counted") == [
+        "--set", 'extra={"quantization": "fp8"}', "--sglang-counters"
+    ]  # fmt: skip
