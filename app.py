@@ -47,6 +47,12 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 MAX_FIELDS = 4
 ALL = "All categories"
+OPEN_SECTIONS = 4
+"""Benchmarks sections shown open (the rest folded, titles only): quality, then serving."""
+CSS = """
+.results table th:first-child, .results table td:first-child { min-width: 12em; }
+"""
+"""A results table's first column names its rows: never squeezed to a few letters a line."""
 
 
 class Catalog:
@@ -255,12 +261,12 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
 
     async def run(name: str | None, *values: str):
         if not name:
-            raise gr.Error("Pick an adapter first.")
+            raise user_error("Pick an adapter first.")
         spec = catalog.spec(name)
         fields = template_fields(spec.template)
         filled = dict(zip(fields, values))
         if not all(v.strip() for v in filled.values()):
-            raise gr.Error(f"Fill in every field: {', '.join(fields)}")
+            raise user_error(f"Fill in every field: {', '.join(fields)}")
         params = resolve(catalog.registered(name))
         async for update in side_by_side(source, name, spec.render(filled), params):
             yield update
@@ -271,12 +277,30 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
     def release_input():
         return gr.update(interactive=True), gr.update(interactive=True)
 
+    def served_models(category_now: str, adapter_now: str | None, who_now: str):
+        """The model menus as the engine serves now; a choice that is gone falls back to the
+        first (the compare tab) or the base (the chat)."""
+        categories, names = catalog.categories(), catalog.names()
+        category_now = category_now if category_now in categories else ALL
+        shown = catalog.names(category_now)
+        adapter_now = adapter_now if adapter_now in shown else first_of(shown)
+        return (
+            gr.update(choices=categories, value=category_now),
+            gr.update(choices=shown, value=adapter_now),
+            gr.update(
+                choices=[BASE_MODEL_ALIAS, *names],
+                value=who_now if who_now in names else BASE_MODEL_ALIAS,
+            ),
+        )
+
     async def chat(message: str, history: list, name: str):
         """One chat turn: the history plus the user's message and the reply, streamed. The
         message fills the adapter's template, as the API does; a task adapter gets the message
         alone (``answers_each_message_alone``)."""
         if not message or not message.strip():
-            raise gr.Error("Type a message first.")
+            gr.Warning("Type a message first.")
+            yield history or []
+            return
         adapter = None if name == BASE_MODEL_ALIAS else name
         spec = catalog.registered(adapter)
         past = [{"role": m["role"], "content": message_text(m["content"])} for m in history or []]
@@ -286,13 +310,15 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
         request = GenerationRequest(adapter=adapter, messages=prompt, params=resolve(spec))
         shown = [*(history or []), {"role": "user", "content": message}]
         reply = {"role": "assistant", "content": ""}
+        yield shown  # the message at once: a long prompt's first token can take a while
         try:
             async with contextlib.aclosing(source.stream(request)) as chunks:
                 async for chunk in chunks:
                     reply["content"] += chunk.text
                     yield [*shown, dict(reply)]
         except EngineError as err:
-            raise gr.Error(str(err)) from err
+            yield history or []  # the failed turn taken back; the message stays in its box
+            raise user_error(str(err)) from err
         yield [*shown, dict(reply)]
 
     with gr.Blocks(title="LoRA Land in a box") as demo:
@@ -359,7 +385,9 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
             answered = asked.then(chat, [message, conversation, who], conversation, api_name="chat")
             answered.success(lambda: "", None, message, api_name=False)  # kept if it failed
             answered.then(release_input, None, [message, send], api_name=False)
-            who.change(lambda: [], None, conversation, api_name=False)
+            # Gradio 6.31 runs no .then after an error: without this the box stayed held
+            answered.failure(release_input, None, [message, send], api_name=False)
+            who.change(new_conversation, who, conversation, api_name=False)
             new_chat.click(lambda: [], None, conversation, api_name=False)
         with gr.Tab("Every adapter"):
             gr.Markdown(
@@ -370,34 +398,42 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
             fan_go = gr.Button("Run every adapter", variant="primary", elem_id="fanout-run")
             fan_out = gr.Dataframe(
                 headers=["model", "answer", "TTFT ms", "probability"],
+                column_widths=["18%", "52%", "14%", "16%"],
                 interactive=False, wrap=True, elem_id="fanout-table",
             )  # fmt: skip
 
             async def fan(text: str):
                 if not text or not text.strip():
-                    raise gr.Error("Type an input first.")
+                    raise user_error("Type an input first.")
                 try:
                     return await every_adapter(source, catalog, text)
                 except EngineError as err:
-                    raise gr.Error(str(err)) from err
+                    raise user_error(str(err)) from err
 
             gr.on([fan_go.click, fan_in.submit], fan, fan_in, fan_out, api_name="every_adapter")
         with gr.Tab("Merge"):
-            merge_tab(engine, catalog, api)
+            merged = merge_tab(engine, catalog, api)
         with gr.Tab("Benchmarks"):
             benchmarks_tab()
+        # adapters hot-loaded, merged or unloaded since the UI was built
+        menus = [category, adapter, who]
+        quiet = {"api_name": False, "queue": False, "show_progress": "hidden"}
+        demo.load(served_models, [category, adapter, who], menus, **quiet)
+        if merged is not None:
+            merged.success(served_models, [category, adapter, who], menus, **quiet)
     return demo
 
 
-def merge_tab(engine: Engine, catalog: Catalog, api) -> None:
+def merge_tab(engine: Engine, catalog: Catalog, api):
     """Pick served adapters, a method and weights: a new adapter (peft's merge), loaded and shown
-    as a card. Creating adapters is admin work: it needs the server's admin token."""
+    as a card. Creating adapters is admin work: it needs the server's admin token. Returns the
+    merge's event (None where merging is off)."""
     if isinstance(engine, RemoteEngine):
         gr.Markdown(REMOTE_MERGE)
-        return
+        return None
     if api is None or api.admin_token is None or api.adapter_root is None:
         gr.Markdown("Merging is off: start the app with `LORALAND_ADMIN_TOKEN` set.")
-        return
+        return None
     with gr.Row():
         sources = gr.Dropdown(catalog.names(), multiselect=True, label="Adapters to merge")
         method = gr.Dropdown(["cat", "svd", "ties", "dare_ties", "linear"], value="cat",
@@ -413,19 +449,21 @@ def merge_tab(engine: Engine, catalog: Catalog, api) -> None:
         from engine.api.protocol import MergeBody, OpenAIError
 
         if not api.admin_allows(f"Bearer {admin_token}"):
-            raise gr.Error("Wrong admin token.")
+            raise user_error("Wrong admin token.")
         try:
             numbers = [float(w) for w in weight_text.replace(",", " ").split()] or None
             body = MergeBody(name=new_name, adapters=chosen or [], method=method_name,
                              weights=numbers)  # fmt: skip
             done = await api.merge(body, merge_adapters)
         except (ValueError, OpenAIError) as err:
-            raise gr.Error(str(getattr(err, "message", err))) from err
+            raise user_error(str(getattr(err, "message", err))) from err
         info = done["merge"]
         how = f"**{info['combination_type']}** (rank {info['rank']})"
         return catalog.card(new_name) + f"\n\nMerged from {', '.join(chosen)} with {how}."
 
-    go.click(merge, [sources, method, weights, name, token], card, api_name="merge")
+    merged = go.click(merge, [sources, method, weights, name, token], card, api_name="merge")
+    merged.success(lambda: gr.update(choices=catalog.names()), None, sources, api_name=False)
+    return merged
 
 
 REMOTE_MERGE = (
@@ -434,6 +472,21 @@ REMOTE_MERGE = (
     "`python -m finetune.merge`) and hot-load the result with `POST /v1/adapters` on the "
     "server (a cluster's control API)."
 )
+
+
+def user_error(message: str) -> gr.Error:
+    """What the user did wrong, in a toast; no traceback on the server's console for it."""
+    return gr.Error(message, print_exception=False)
+
+
+def first_of(names: list[str]) -> str | None:
+    return names[0] if names else None
+
+
+def new_conversation(name: str) -> list:
+    """Another model starts its own conversation: said, not silent."""
+    gr.Info(f"A new conversation with {name}.")
+    return []
 
 
 def clear_answers():
@@ -450,7 +503,7 @@ def message_text(content) -> str:
         content = [content]
     texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
     if len(texts) != len(content):
-        raise gr.Error("Only text messages are supported.")
+        raise user_error("Only text messages are supported.")
     return "\n".join(texts)
 
 
@@ -518,13 +571,16 @@ def benchmarks_tab(results: Path = RESULTS) -> None:
     if not entries:
         gr.Markdown("No results are published yet: see `results/published.yaml` and the README.")
         return
-    for entry in entries:
+    for number, entry in enumerate(entries):
         folder = results / entry.folder
         texts = [strip_images((folder / r).read_text()) for r in entry.reports]
-        gr.Markdown(f"## {entry.title}\n`results/{entry.folder}`\n\n" + "\n\n".join(texts))
-        with gr.Row():
-            for plot in entry.plots:
-                gr.Image(str(folder / plot), label=Path(plot).stem, show_label=True)
+        with gr.Accordion(entry.title, open=number < OPEN_SECTIONS):
+            gr.Markdown(
+                f"`results/{entry.folder}`\n\n" + "\n\n".join(texts), elem_classes="results"
+            )
+            with gr.Row():
+                for plot in entry.plots:
+                    gr.Image(str(folder / plot), label=Path(plot).stem, show_label=True)
 
 
 def strip_images(markdown: str) -> str:
@@ -548,7 +604,7 @@ def create_app(engine: Engine, registry: Registry, config_dir: Path):
     demo = build_demo(engine, registry, app.state.api)
     demo.queue(default_concurrency_limit=int(os.environ.get("LORALAND_UI_CONCURRENCY", "64")))
     limit = registry.server.max_body_bytes
-    return gr.mount_gradio_app(app, demo, path="/", ssr_mode=False, max_file_size=limit)
+    return gr.mount_gradio_app(app, demo, path="/", ssr_mode=False, max_file_size=limit, css=CSS)
 
 
 def remote_merge_refused() -> FastAPI:

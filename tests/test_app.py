@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -197,6 +198,53 @@ def test_browser_picks_an_adapter_runs_and_sees_both_panels(hf_engine, registry_
     assert held == [True, True, True]  # no message can be sent (and dropped) mid-reply
 
 
+BOX_FREE = "() => !document.querySelector('#chat-input textarea').disabled"
+
+
+def test_browser_chat_recovers_from_errors_and_its_menu_lists_an_adapter_hot_loaded_since(
+    hf_engine, registry_for, adapter_dirs, tmp_path
+):
+    """Gradio 6.31 runs no ``.then`` after an error: an empty or too-long message held the chat
+    box until a reload. And an adapter hot-loaded after the UI was built was in no menu."""
+    pytest.importorskip("playwright")
+    from conftest import LiveServer
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium_path()
+    live = LiveServer(create_app(hf_engine, registry_for, tmp_path))
+    asyncio.run(hf_engine.load_adapter("gamma", adapter_dirs["alpha"]))
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(live.url + "/", wait_until="domcontentloaded")
+            page.wait_for_selector("#run", timeout=60_000)
+            page.get_by_role("tab", name="Chat").click()
+            box = page.locator("#chat-input textarea")
+            box.fill("   ")
+            box.press("Enter")
+            page.get_by_text("Type a message first.").wait_for(timeout=60_000)
+            page.wait_for_function(BOX_FREE, timeout=60_000)
+            page.evaluate(WATCH_THE_BOX)
+            box.fill("word " * 9000)  # past SmolLM2's 8,192-token context
+            box.press("Enter")
+            page.wait_for_function("() => window.boxHeld", timeout=60_000)
+            page.get_by_text("maximum context length").first.wait_for(timeout=120_000)
+            page.wait_for_function(BOX_FREE, timeout=60_000)
+            kept, left = box.input_value(), page.locator("#chatbot .message").count()
+            turns, _ = chat_in_the_browser(page, ["Say hi."])
+            page.get_by_label("Model").click()
+            page.get_by_role("option", name="gamma").click()
+            page.get_by_text("A new conversation with gamma.").wait_for(timeout=30_000)
+            browser.close()
+    finally:
+        live.stop()
+        asyncio.run(hf_engine.unload_adapter("gamma"))
+    assert kept == "word " * 9000  # the message stays to be shortened
+    assert left == 0  # the failed turn is taken back
+    assert len(turns) == 1 and turns[0] and "Error" not in turns[0]
+
+
 def test_a_websocket_handshake_gets_the_apis_404_not_an_empty_403_with_the_ui_mounted(
     hf_engine, registry_for, tmp_path
 ):
@@ -238,11 +286,29 @@ def test_benchmarks_tab_shows_what_the_manifest_publishes_in_its_order(tmp_path)
     )
     with gr.Blocks() as demo:
         benchmarks_tab(tmp_path)
+    sections = [b for b in demo.blocks.values() if isinstance(b, gr.Accordion)]
+    assert [s.label for s in sections] == ["The H200 run", "A sweep"]
+    assert [s.open for s in sections] == [True, True]  # the first OPEN_SECTIONS are open
     texts = [b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown)]
-    assert [t.splitlines()[0] for t in texts] == ["## The H200 run", "## A sweep"]
+    assert [t.splitlines()[0] for t in texts] == ["`results/h200`", "`results/sweep-a`"]
     assert texts[0].index("Issue #6 targets") < texts[0].index("Soak: 256 streams")
     assert "![x]" not in texts[1]
     assert not any("left by a run" in t for t in texts)
+
+
+def test_the_benchmarks_tab_folds_the_sections_after_the_first_few(tmp_path):
+    import gradio as gr
+
+    from app import OPEN_SECTIONS, benchmarks_tab
+
+    entries = [f"- {{folder: run-{i}, title: Run {i}}}" for i in range(OPEN_SECTIONS + 2)]
+    for i in range(OPEN_SECTIONS + 2):
+        (tmp_path / f"run-{i}").mkdir()
+    (tmp_path / "published.yaml").write_text("\n".join(entries))
+    with gr.Blocks() as demo:
+        benchmarks_tab(tmp_path)
+    sections = [b for b in demo.blocks.values() if isinstance(b, gr.Accordion)]
+    assert [s.open for s in sections] == [True] * OPEN_SECTIONS + [False, False]
 
 
 def test_every_published_folder_report_and_plot_exists():
