@@ -41,7 +41,7 @@ import gevent
 import requests
 from locust import HttpUser, LoadTestShape, constant, events, task
 from locust.exception import StopUser
-from locust.runners import MasterRunner
+from locust.runners import LocalRunner, MasterRunner
 from urllib3 import PoolManager
 
 from loadtest.stats import WORDS, parse_range
@@ -123,6 +123,7 @@ def discover_models(environment, **_):
         gevent.spawn_later(0.1, environment.runner.quit)
         return
     STATE["ready"] = True
+    STATE["started"] = time.time()
     raw = Path(environment.parsed_options.raw_out)
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.touch()
@@ -360,8 +361,29 @@ class TokenCounter:
         }
         return [*rows, total]
 
+    def summary(self, seconds: float) -> str:
+        """Each row's output tokens and tokens/s over ``seconds``, as a text table."""
+        with self.lock:
+            totals = dict(sorted(self.totals.items()))
+        totals["Aggregated"] = sum(totals.values())
+        width = max(len(name) for name in totals) + 2
+        lines = [f"Output tokens over the run ({seconds:.0f} s)", "-" * (width + 30)]
+        lines.append(f"{'Name':<{width}}{'tokens/s':>14}{'tokens':>16}")
+        for name, tokens in totals.items():
+            lines.append(f"{name:<{width}}{tokens / seconds:>14.1f}{tokens:>16}")
+        return "\n".join(lines)
+
 
 TOKENS = TokenCounter()
+
+
+@events.test_stop.add_listener
+def print_tokens(environment, **_):
+    """Tokens/s per row where the web UI's tab is not seen: printed when the test stops (by one
+    local runner; with ``--processes`` the web UI or ``loadtest.sweep`` sums the workers)."""
+    started = STATE.pop("started", None)
+    if started is not None and isinstance(environment.runner, LocalRunner):
+        print(TOKENS.summary(max(time.time() - started, 1e-9)), flush=True)
 
 
 @events.init.add_listener

@@ -143,6 +143,11 @@ def test_headless_locust_run_writes_raw_file_and_custom_ttft(hf_engine, registry
     ttft = [row for row in stats if row["Type"] == "TTFT"]
     assert ttft and 0 < sum(int(row["Request Count"]) for row in ttft) <= len(records)
     assert {row["Name"] for row in ttft} <= {"alpha", "beta"}  # a row per adapter
+    printed = done.stdout[done.stdout.index("Output tokens over the run") :].splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in printed[3:] if line.strip()}
+    assert set(rows) - {"Aggregated"} <= {"alpha", "beta"} and "Aggregated" in rows
+    assert int(rows["Aggregated"][1]) == sum(r["output_tokens"] for r in records)  # headless too
+    assert float(rows["Aggregated"][0]) > 0
 
 
 def test_open_loop_locust_in_its_web_ui_shows_tokens_per_second_per_kind(
