@@ -199,6 +199,8 @@ def test_merging_served_adapters_through_the_api_makes_a_new_served_adapter(
         again = httpx.post(f"{live.url}/v1/adapters/merge", json=body, headers=auth, timeout=60)
         answer = chat(live.url, {"model": "alpha-beta", "max_tokens": 4,
                                  "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
+        gone = httpx.delete(f"{live.url}/v1/adapters/alpha-beta", headers=auth, timeout=60)
+        left = httpx.post(f"{live.url}/v1/adapters/merge", json=body, headers=auth, timeout=60)
     finally:
         live.stop()
         if "alpha-beta" in hf_engine.adapters():
@@ -207,8 +209,12 @@ def test_merging_served_adapters_through_the_api_makes_a_new_served_adapter(
     assert merged.status_code == 200, merged.text
     assert merged.json()["merge"]["rank"] == 12  # cat: the ranks add up (8 + 4)
     assert (tmp_path / "alpha-beta" / "merge.json").is_file()
-    assert again.status_code == 409
+    assert again.status_code == 409 and "served already" in again.json()["error"]["message"]
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
+    assert gone.status_code == 200, gone.text
+    # unloaded, its files stay: the 409 says where they are
+    assert left.status_code == 409
+    assert str((tmp_path / "alpha-beta").resolve()) in left.json()["error"]["message"]
 
 
 def test_a_failed_or_misnamed_merge_leaves_nothing_behind_whoever_asks(

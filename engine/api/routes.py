@@ -640,8 +640,13 @@ class Api:
         while it runs; a failed merge leaves no folder behind."""
         self.check_name(body.name)
         out = Path(self.allowed_path(body.name))
-        if out.exists() or body.name in self.engine.adapters():
-            raise OpenAIError(409, f"'{body.name}' exists already", "conflict_error", "name")
+        if body.name in self.engine.adapters():
+            why = f"'{body.name}' is served already: unload it first or pick another name"
+            raise OpenAIError(409, why, "conflict_error", "name")
+        if out.exists():
+            why = (f"'{body.name}' exists already as {out} (an unload keeps an adapter's "
+                   "files): remove that folder or pick another name")  # fmt: skip
+            raise OpenAIError(409, why, "conflict_error", "name")
         unknown = [a for a in body.adapters if a not in self.engine.adapter_paths]
         if unknown:
             raise OpenAIError(404, f"not served: {unknown}", "not_found_error", "adapters")
