@@ -181,7 +181,7 @@ async def every_adapter(source, catalog: Catalog, text: str) -> list[list]:
     requests = []
     for name in models:
         spec = catalog.registered(name)
-        params = resolve(spec, logprobs=0)
+        params = resolve(spec or catalog.registry.base, logprobs=0)
         content = fill_template(spec, text)
         requests.append(
             GenerationRequest(name, messages=[{"role": "user", "content": content}], params=params)
@@ -267,7 +267,7 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
         filled = dict(zip(fields, values))
         if not all(v.strip() for v in filled.values()):
             raise user_error(f"Fill in every field: {', '.join(fields)}")
-        params = resolve(catalog.registered(name))
+        params = resolve(catalog.registered(name) or registry.base)
         async for update in side_by_side(source, name, spec.render(filled), params):
             yield update
 
@@ -307,7 +307,8 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
         if answers_each_message_alone(spec):
             past = []
         prompt = [*past, {"role": "user", "content": fill_template(spec, message)}]
-        request = GenerationRequest(adapter=adapter, messages=prompt, params=resolve(spec))
+        params = resolve(spec or registry.base)
+        request = GenerationRequest(adapter=adapter, messages=prompt, params=params)
         shown = [*(history or []), {"role": "user", "content": message}]
         reply = {"role": "assistant", "content": ""}
         yield shown  # the message at once: a long prompt's first token can take a while

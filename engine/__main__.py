@@ -55,7 +55,8 @@ def build_request(args: argparse.Namespace, registry) -> GenerationRequest:
             raise SystemExit(f"{err} (--field NAME=VALUE), or pass --no-template") from None
     if not text:
         raise SystemExit("give a prompt or --field values")
-    params = resolve(spec, max_tokens=args.max_tokens, temperature=args.temperature)
+    asked = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    params = resolve(spec or registry.base, **asked)
     if args.raw:
         return GenerationRequest(adapter=args.adapter, prompt=text, params=params)
     messages = [{"role": "user", "content": text}]

@@ -61,6 +61,9 @@ class BaseSpec(Strict):
     """Wrap prompts from the chat endpoint and the app in the tokenizer's chat template."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype. ``auto``: float32 on CPU (fastest there and batch-exact), bfloat16 on GPU."""
+    generation: GenerationDefaults = Field(default_factory=lambda: GenerationDefaults())
+    """The base model's sampling defaults (a request's own values win), also those of an adapter
+    with no entry here (hot-loaded or merged): as vLLM takes a model's ``generation_config``."""
 
 
 SGLANG_KWARGS_OF_FIELDS = frozenset(
@@ -451,6 +454,9 @@ class GenerationDefaults(Strict):
     """Default structured output, e.g. ``{type: choice, choices: [fresh, rotten]}`` for a
     classifier or a ``json_schema`` for an extractor; a request's ``response_format`` (also
     ``{type: text}``) replaces it."""
+
+
+BaseSpec.model_rebuild()  # its ``generation`` names GenerationDefaults, defined above
 
 
 class EvalScore(Strict):

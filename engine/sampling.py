@@ -1,5 +1,6 @@
 """Sampling settings of a request, resolved in one place: the request's value, else the adapter's
-``generation`` default from adapters.yaml, else the server-wide default (``SamplingParams()``).
+``generation`` default from adapters.yaml (the base's, ``base.generation``, for the base model and
+adapters without an entry), else the server-wide default (``SamplingParams()``).
 
 The API, the app, the CLI and the evaluator all call ``resolve``, so one adapter answers the same
 input the same way wherever it is asked.
@@ -10,17 +11,17 @@ from __future__ import annotations
 import dataclasses
 
 from .interface import SamplingParams
-from .registry import AdapterSpec, GenerationDefaults
+from .registry import AdapterSpec, BaseSpec, GenerationDefaults
 
 RESOLVED_FIELDS = tuple(GenerationDefaults.model_fields)
 """The fields an adapter may set a default for (max_tokens, temperature, top_p, top_k, stop,
 response_format)."""
 
 
-def resolve(spec: AdapterSpec | None, **requested) -> SamplingParams:
+def resolve(spec: AdapterSpec | BaseSpec | None, **requested) -> SamplingParams:
     """``SamplingParams`` from the request's explicit values (``None`` = not given), the
-    adapter's defaults (``spec`` is ``None`` for the base model or an unregistered adapter),
-    and the server-wide defaults, in that order; then validated."""
+    defaults of ``spec`` (an adapter's entry, or the base's for the base model and adapters
+    without one; ``None``: none), and the server-wide defaults, in that order; then validated."""
     params = SamplingParams()
     defaults = spec.generation if spec else GenerationDefaults()
     layers = [

@@ -388,3 +388,48 @@ def test_tokenize_takes_null_as_not_given_as_generation_and_vllm_do(client):
     strs = client.post("/tokenize", json={"prompt": "x", "return_token_strs": None})
     assert strs.status_code == 200, strs.text
     assert strs.json()["token_strs"] is None
+
+
+def test_the_base_and_an_adapter_without_an_entry_take_the_bases_generation_defaults(
+    hf_engine, registry_for, adapter_dirs, tmp_path
+):
+    """``base.generation`` is the base model's ``generation_config``: a field a request leaves
+    out takes it, for the base and for an adapter adapters.yaml has no entry for (hot-loaded)."""
+    from conftest import LiveServer
+
+    from engine.registry import Registry
+
+    raw = registry_for.model_dump(mode="json")
+    raw["base"]["generation"] = {"max_tokens": 3, "temperature": 0.0}
+    registry = Registry.model_validate(raw)
+    shutil.copytree(adapter_dirs["beta"], tmp_path / "gamma")
+    live = LiveServer(create_api(hf_engine, registry, admin_token=TOKEN, adapter_root=tmp_path))
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    asked = {"messages": [{"role": "user", "content": "Tell me a long story."}], "ignore_eos": True}
+    try:
+        with httpx.Client(base_url=live.url, timeout=120) as c:
+            loaded = c.post("/v1/adapters", json={"name": "gamma", "path": "gamma"}, headers=auth)
+            answers = {m: c.post("/v1/chat/completions", json=asked | {"model": m}).json()
+                       for m in ("base", "gamma", "alpha")}  # fmt: skip
+            longer = c.post("/v1/chat/completions", json=asked | {"model": "base", "max_tokens": 5})
+    finally:
+        live.stop()
+        if "gamma" in hf_engine.adapters():
+            import asyncio
+
+            asyncio.run(hf_engine.unload_adapter("gamma"))
+    assert loaded.status_code == 200, loaded.text
+    assert answers["base"]["usage"]["completion_tokens"] == 3
+    assert answers["gamma"]["usage"]["completion_tokens"] == 3
+    assert answers["alpha"]["usage"]["completion_tokens"] == 12  # its own entry's max_tokens
+    assert longer.json()["usage"]["completion_tokens"] == 5  # the request's own value wins
+
+
+def test_the_shipped_base_samples_as_its_model_card_does():
+    from engine.registry import load_registry
+    from engine.sampling import resolve
+
+    from pathlib import Path
+
+    params = resolve(load_registry(Path(__file__).parents[1] / "adapters.yaml").base)
+    assert (params.temperature, params.top_p) == (0.2, 0.9)

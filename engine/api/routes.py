@@ -382,7 +382,7 @@ class Api:
         bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
         try:
             params = resolve(
-                spec,
+                spec or self.registry.base,
                 max_tokens=max_tokens,
                 temperature=body.temperature,
                 top_p=body.top_p,
