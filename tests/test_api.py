@@ -426,10 +426,10 @@ def test_the_base_and_an_adapter_without_an_entry_take_the_bases_generation_defa
 
 
 def test_the_shipped_base_samples_as_its_model_card_does():
+    from pathlib import Path
+
     from engine.registry import load_registry
     from engine.sampling import resolve
-
-    from pathlib import Path
 
     params = resolve(load_registry(Path(__file__).parents[1] / "adapters.yaml").base)
     assert (params.temperature, params.top_p) == (0.2, 0.9)
