@@ -93,14 +93,17 @@ def router_command(
 ) -> list[str]:
     """sglang-router over the replicas. Its own worker-management routes (``/workers``) take a
     key made here and told to no one: nobody can add or remove a replica through the router. No
-    retries: a generation that failed is not run again behind the client's back."""
+    retries: a generation that failed is not run again behind the client's back. No circuit
+    breaker: it counts a replica's 4xx (a client's bad request) as the replica failing, so a
+    dozen requests for an unknown model shut every replica off; a dead replica still leaves by
+    the health checks."""
     locked = f"cluster:cluster:admin:{secrets.token_hex(16)}"
     cmd = [
         sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
         "--worker-urls", *urls, "--policy", ROUTER_POLICY.get(policy, policy),
         "--prometheus-host", host, "--prometheus-port", str(port + 2), "--log-level", "warn",
         "--health-check-endpoint", HEALTH_PROBE, "--control-plane-api-keys", locked,
-        "--max-payload-size", str(max_body_bytes), "--disable-retries",
+        "--max-payload-size", str(max_body_bytes), "--disable-retries", "--disable-circuit-breaker",
         "--history-backend", "none",  # its own /v1/conversations store would answer unkeyed
     ]  # fmt: skip
     if policy == "adapter_affinity":
