@@ -581,7 +581,8 @@ def benchmarks_tab(results: Path = RESULTS) -> None:
             )
             with gr.Row():
                 for plot in entry.plots:
-                    gr.Image(str(folder / plot), label=Path(plot).stem, show_label=True)
+                    # the plot's own title names it: Gradio's label would sit over it
+                    gr.Image(str(folder / plot), label=Path(plot).stem, show_label=False)
 
 
 def strip_images(markdown: str) -> str:
