@@ -218,6 +218,10 @@ class GenerationRequest:
     request_id: str = field(default_factory=new_id)
     prompt_ids: list[int] | None = None
     """A prompt given as token ids (OpenAI's token-array prompt), instead of text."""
+    group: str | None = None
+    """The client's request this generation is part of (its ``n`` choices, its fan-out models):
+    the CPU backend lets one group hold at most half of its batch, so one request cannot take
+    every row while others wait."""
 
     def validate(self) -> None:
         given = [x is not None for x in (self.prompt, self.messages, self.prompt_ids)]

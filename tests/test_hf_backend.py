@@ -498,3 +498,38 @@ def test_prefill_keys_match_on_adapter_and_every_prompt_id():
     assert key == PrefillKey("alpha", list(ids)) and len({key, PrefillKey("alpha", ids)}) == 1
     assert key != PrefillKey("beta", ids) and key != PrefillKey(None, ids)
     assert key != PrefillKey("alpha", [*ids[:-1], 8000])
+
+
+def test_one_client_request_holds_at_most_half_the_batch_while_another_waits(base_dir):
+    """``n`` rows of one request (its ``group``) took every row of the batch: a one-token
+    request behind them waited until they had all finished (minutes, on a CPU)."""
+    from engine.backends.hf import HFEngine
+    from engine.registry import HFSettings
+
+    engine = HFEngine(base_dir, "SmolLM2-135M-Instruct", settings=HFSettings(max_batch_size=4))
+
+    async def main() -> list[str]:
+        finished: list[str] = []
+
+        async def run(request: GenerationRequest) -> None:
+            await collect(engine, request)
+            finished.append(request.group)
+
+        big = [chat(max_tokens=40, ignore_eos=True) for _ in range(4)]
+        for request in big:
+            request.group = "big"
+        tasks = [asyncio.create_task(run(r)) for r in big]
+        while engine.stats()["running"] + engine.stats()["queued"] < 4:
+            await asyncio.sleep(0.01)  # every row of the big request is in before the small one
+        small = chat(max_tokens=2, ignore_eos=True)
+        small.group = "small"
+        tasks.append(asyncio.create_task(run(small)))
+        await asyncio.gather(*tasks)
+        return finished
+
+    try:
+        finished = asyncio.run(main())
+    finally:
+        asyncio.run(engine.shutdown())
+    # two of the big rows ran at a time, so the small one got a row before they all ended
+    assert finished.index("small") < 4, finished

@@ -801,6 +801,9 @@ def create_api(
             else:
                 tools, named = None, await api.completion_requests(body)
             requests = [r for _, r in named]
+            group = new_id()
+            for r in requests:
+                r.group = group
             label = requests[0].adapter or BASE_MODEL_ALIAS
             outcome = RequestOutcome()
             streams = [

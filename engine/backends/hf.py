@@ -17,6 +17,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -458,12 +459,31 @@ class HFEngine(Tokenizes, Engine):
         running = (len(self.batch.rows) if self.batch else 0) + (
             len(self.chunked.rows) if self.chunked else 0
         )
-        room = self.pending[: self.settings.max_batch_size - running]
+        room = self.fair_room(self.settings.max_batch_size - running)
         joined = {id(row) for row in (self.chunked.join(room) if self.chunked else [])}
         fresh = self.prefills_from([row for row in room if id(row) not in joined])
         taken = joined | {id(row) for row in fresh}
         self.pending = [row for row in self.pending if id(row) not in taken]
         return fresh
+
+    def fair_room(self, free: int) -> list[Row]:
+        """Up to ``free`` waiting rows, in order, but no more rows of one client request (its
+        ``group``) running than half the batch (at least one): a request with ``n`` of 16 once
+        held every row for minutes while a one-token request waited."""
+        share = max(1, self.settings.max_batch_size // 2)
+        running = [*(self.batch.rows if self.batch else []),
+                   *(self.chunked.rows if self.chunked else [])]  # fmt: skip
+        held = Counter(row.request.group for row in running)
+        room = []
+        for row in self.pending:
+            if len(room) == free:
+                break
+            group = row.request.group
+            if group is not None and held[group] >= share:
+                continue
+            held[group] += 1
+            room.append(row)
+        return room
 
     def prefills_from(self, room: list[Row]) -> list[Row]:
         budget, fresh, width, prefills = self.settings.prefill_tokens, [], 0, set()
