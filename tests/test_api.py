@@ -243,6 +243,8 @@ def test_health_and_per_adapter_metrics(client):
     assert client.get("/health").json()["ok"] is True
     client.post("/v1/chat/completions", json=chat_body("beta", max_tokens=3, prompt_template="raw"))
     client.post("/v1/chat/completions", json=chat_body("no-such-adapter"))
+    client.post("/v1/chat/completions", json=chat_body("beta", max_tokens="8"))  # a 400 for beta
+    client.post("/v1/chat/completions", json=chat_body("no-such-adapter", max_tokens="8"))
     text = client.get("/metrics").text
     samples = {
         line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
@@ -255,6 +257,10 @@ def test_health_and_per_adapter_metrics(client):
     assert samples['loraland_generation_tokens_total{adapter="beta"}'] >= 3
     unknown = 'loraland_request_errors_total{adapter="unknown",status="404",type="not_found_error"}'
     assert samples[unknown] >= 1
+    bad_body = (
+        'loraland_request_errors_total{adapter="beta",status="400",type="invalid_request_error"}'
+    )
+    assert samples[bad_body] >= 1  # the served adapter it named, though its body was refused
     assert not any("no-such-adapter" in name for name in samples)
     assert "loraland_adapters_loaded 2.0" in text
     assert samples["loraland_kv_pool_tokens"] == 0  # the CPU backend keeps no KV pool

@@ -287,6 +287,17 @@ class Api:
         prefix, sep, adapter = model.partition(":")
         return adapter if sep and prefix in base_ids else model
 
+    def served_label(self, raw) -> str:
+        """The metrics label of a body's ``model`` before the body is checked: the adapter (or
+        ``base``) it names where that is served, else ``unknown`` (never a client's string)."""
+        model = raw.get("model") if isinstance(raw, dict) else None
+        if not isinstance(model, str):
+            return "unknown"
+        name = self.adapter_name(model)
+        if name is None:
+            return BASE_MODEL_ALIAS
+        return name if name in self.engine.adapters() else "unknown"
+
     def resolve_model(self, model: str) -> str | None:
         """Model id → adapter name, or None for the base model; unknown ids are a 404."""
         name = self.adapter_name(model)
@@ -790,6 +801,7 @@ def create_api(
         try:
             api.refuse_while_draining()
             raw = await read_json(request)
+            label = api.served_label(raw)
             refuse_unsupported(raw)
             body = parse(model, raw)
             # not cancelled halfway: it may load an adapter
