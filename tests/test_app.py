@@ -152,6 +152,15 @@ def chat_in_the_browser(page, messages: list[str]) -> tuple[list[str], list[bool
     return [m.inner_text() for m in page.locator(BOT_MESSAGES).all()], held
 
 
+def app_page(playwright, executable: str, url: str):
+    """Chromium on the app at ``url``, its UI built (the Run button shown)."""
+    browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url + "/", wait_until="domcontentloaded")
+    page.wait_for_selector("#run", timeout=60_000)
+    return browser, page
+
+
 BOTH_FINISHED = """() => ['#tuned-stats', '#base-stats'].every(
     s => document.querySelector(s) && document.querySelector(s).innerText.includes('finish'))"""
 
@@ -166,10 +175,7 @@ def test_browser_picks_an_adapter_runs_and_sees_both_panels(hf_engine, registry_
     shot = Path(os.environ.get("LORALAND_SCREENSHOT", tmp_path / "app.png"))
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(live.url + "/", wait_until="domcontentloaded")
-            page.wait_for_selector("#run", timeout=60_000)
+            browser, page = app_page(p, executable, live.url)
             page.get_by_label("Adapter", exact=True).click()
             page.get_by_role("option", name="beta").click()
             page.wait_for_selector("#adapter-card:has-text('beta')")
@@ -215,10 +221,7 @@ def test_browser_chat_recovers_from_errors_and_its_menu_lists_an_adapter_hot_loa
     asyncio.run(hf_engine.load_adapter("gamma", adapter_dirs["alpha"]))
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(live.url + "/", wait_until="domcontentloaded")
-            page.wait_for_selector("#run", timeout=60_000)
+            browser, page = app_page(p, executable, live.url)
             page.get_by_role("tab", name="Chat").click()
             box = page.locator("#chat-input textarea")
             box.fill("   ")
