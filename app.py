@@ -278,19 +278,17 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
         return gr.update(interactive=True), gr.update(interactive=True)
 
     def served_models(category_now: str, adapter_now: str | None, who_now: str):
-        """The model menus as the engine serves now; a choice that is gone falls back to the
-        first (the compare tab) or the base (the chat)."""
+        """The model menus as the engine serves now. A choice is changed only where it is gone
+        (to the first adapter, or the base in the chat): a pick the user made meanwhile stays."""
         categories, names = catalog.categories(), catalog.names()
-        category_now = category_now if category_now in categories else ALL
-        shown = catalog.names(category_now)
-        adapter_now = adapter_now if adapter_now in shown else first_of(shown)
+        category = {} if category_now in categories else {"value": ALL}
+        shown = catalog.names(category.get("value", category_now))
+        adapter = {} if adapter_now in shown else {"value": first_of(shown)}
+        who = {} if who_now in [BASE_MODEL_ALIAS, *names] else {"value": BASE_MODEL_ALIAS}
         return (
-            gr.update(choices=categories, value=category_now),
-            gr.update(choices=shown, value=adapter_now),
-            gr.update(
-                choices=[BASE_MODEL_ALIAS, *names],
-                value=who_now if who_now in names else BASE_MODEL_ALIAS,
-            ),
+            gr.update(choices=categories, **category),
+            gr.update(choices=shown, **adapter),
+            gr.update(choices=[BASE_MODEL_ALIAS, *names], **who),
         )
 
     async def chat(message: str, history: list, name: str):
