@@ -31,7 +31,7 @@ from engine.api import create_api
 from engine.api.protocol import OpenAIError
 from engine.api.routes import error_response
 from engine.api.server import run_server
-from engine.interface import Chunk, Engine, EngineError, collect
+from engine.interface import Chunk, Engine, EngineError, collect, new_id
 from engine.registry import (
     BASE_MODEL_ALIAS,
     AdapterSpec,
@@ -178,14 +178,13 @@ async def every_adapter(source, catalog: Catalog, text: str) -> list[list]:
     batch: each answer with its TTFT and the probability the model gave it. ``source.stream``
     as in ``stream_pair``."""
     models = [*catalog.names(), None]
-    requests = []
+    requests, group = [], new_id()  # one request, as the API's fan-out is
     for name in models:
         spec = catalog.registered(name)
         params = resolve(spec or catalog.registry.base, logprobs=0)
         content = fill_template(spec, text)
-        requests.append(
-            GenerationRequest(name, messages=[{"role": "user", "content": content}], params=params)
-        )
+        messages = [{"role": "user", "content": content}]
+        requests.append(GenerationRequest(name, messages=messages, params=params, group=group))
     done = await asyncio.gather(*(collect(source.stream(r), r) for r in requests))
     return [
         [name or BASE_MODEL_ALIAS, c.text.strip(), ttft_ms(c), confidence(c)]
@@ -277,9 +276,11 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
     def release_input():
         return gr.update(interactive=True), gr.update(interactive=True)
 
-    def served_models(category_now: str, adapter_now: str | None, who_now: str):
+    async def served_models(category_now: str, adapter_now: str | None, who_now: str):
         """The model menus as the engine serves now. A choice is changed only where it is gone
         (to the first adapter, or the base in the chat): a pick the user made meanwhile stays."""
+        if isinstance(engine, RemoteEngine):
+            await engine.refresh()  # hot-loaded on the cluster since: the page lists it too
         categories, names = catalog.categories(), catalog.names()
         category = {} if category_now in categories else {"value": ALL}
         shown = catalog.names(category.get("value", category_now))

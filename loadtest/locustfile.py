@@ -124,6 +124,7 @@ def discover_models(environment, **_):
         return
     STATE["ready"] = True
     STATE["started"] = time.time()
+    TOKENS.reset()  # a web-UI run after another counts its own tokens
     raw = Path(environment.parsed_options.raw_out)
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.touch()
@@ -360,6 +361,11 @@ class TokenCounter:
             "tokens": sum(r["tokens"] for r in rows),
         }
         return [*rows, total]
+
+    def reset(self) -> None:
+        with self.lock:
+            self.events.clear()
+            self.totals.clear()
 
     def summary(self, seconds: float) -> str:
         """Each row's output tokens and tokens/s over ``seconds``, as a text table."""

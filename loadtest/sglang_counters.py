@@ -18,9 +18,12 @@ writes them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections import defaultdict
+
+log = logging.getLogger(__name__)
 
 PASSES = "sglang:cuda_graph_passes_total"
 """Forward passes by ``mode``: prefill_cuda_graph, prefill_none, decode_cuda_graph, decode_none."""
@@ -73,8 +76,12 @@ class CounterTrace:
 
     async def run(self) -> None:
         while True:
-            counters = await asyncio.to_thread(read_counters, self.path)
-            self.samples.append((time.time(), counters))
+            try:
+                counters = await asyncio.to_thread(read_counters, self.path)
+            except Exception as err:  # a file caught mid-write: this read is lost, not the trace
+                log.warning("SGLang's counters unread at %.0f: %s", time.time(), err)
+            else:
+                self.samples.append((time.time(), counters))
             await asyncio.sleep(self.interval)
 
     def figures(self, low: float, high: float, arrivals_per_s: float | None = None) -> dict:

@@ -652,7 +652,7 @@ class Api:
         self.check_name(body.name)
         out = Path(self.allowed_path(body.name))
         if body.name in self.engine.adapters():
-            why = f"'{body.name}' is served already: unload it first or pick another name"
+            why = f"'{body.name}' is served already: pick another name"
             raise OpenAIError(409, why, "conflict_error", "name")
         if out.exists():
             why = (f"'{body.name}' exists already as {out} (an unload keeps an adapter's "
