@@ -11,8 +11,10 @@ point's arrivals a second ÷ its prefill passes a second), the decode batch's me
 prefill delayer's decisions by outcome: whether the HTTP arm runs more, smaller prefill passes
 than the engine-direct one, and whether ``prefill_delay_min_slots`` merges them. A read costs
 the serving process a few milliseconds a second (in a thread); the counters cost SGLang's
-scheduler a counter increment a pass. Names as SGLang 0.5.17's ``SchedulerMetricsCollector``
-writes them.
+scheduler a counter increment a pass. A long prompt's chunks count as prefill passes, and a
+pass's prompt tokens include those from the prefix cache. Names as SGLang 0.5.17's
+``SchedulerMetricsCollector`` writes them; on one GPU (with ``tp_size`` > 1 every rank counts
+its decode passes, rank 0 alone the rest).
 """
 
 from __future__ import annotations
