@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 MAX_FIELDS = 4
 ALL = "All categories"
+REFRESH_S = 10.0
+"""How long a page load waits for a remote cluster's adapter list before showing the last one."""
 OPEN_SECTIONS = 4
 """Benchmarks sections shown open (the rest folded, titles only): quality, then serving."""
 CSS = """
@@ -279,8 +281,11 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
     async def served_models(category_now: str, adapter_now: str | None, who_now: str):
         """The model menus as the engine serves now. A choice is changed only where it is gone
         (to the first adapter, or the base in the chat): a pick the user made meanwhile stays."""
-        if isinstance(engine, RemoteEngine):
-            await engine.refresh()  # hot-loaded on the cluster since: the page lists it too
+        if isinstance(engine, RemoteEngine):  # hot-loaded on the cluster since: listed too
+            try:
+                await asyncio.wait_for(engine.refresh(), REFRESH_S)
+            except (EngineError, TimeoutError) as err:  # the menus as last read
+                logging.getLogger(__name__).warning("the cluster's adapters unread: %s", err)
         categories, names = catalog.categories(), catalog.names()
         category = {} if category_now in categories else {"value": ALL}
         shown = catalog.names(category.get("value", category_now))

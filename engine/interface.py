@@ -220,8 +220,8 @@ class GenerationRequest:
     """A prompt given as token ids (OpenAI's token-array prompt), instead of text."""
     group: str | None = None
     """The client's request this generation is part of (its ``n`` choices, its fan-out models):
-    the CPU backend lets one group hold at most three quarters of its batch, so one request
-    never takes every row from the requests that come after it."""
+    the CPU backend lets one group hold at most three quarters of its batch (``max_batch_size``
+    ≥ 2), so one request alone never takes every row from the requests after it."""
 
     def validate(self) -> None:
         given = [x is not None for x in (self.prompt, self.messages, self.prompt_ids)]

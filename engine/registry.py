@@ -292,9 +292,9 @@ class SGLangSettings(Strict):
 class HFSettings(Strict):
     max_batch_size: int = Field(16, ge=1)
     """Rows (requests) decoded together; adapters and base rows mix freely in one batch. One
-    client request's rows (``n`` choices, fan-out models) take at most three quarters of them
-    (at least one): its other rows wait for its earlier ones, and a request after it always
-    finds a row."""
+    client request's rows (``n`` choices, fan-out models) take at most three quarters of them,
+    rounded down (at least one): its other rows wait for its earlier ones, so with two rows or
+    more one request alone never holds them all."""
     threads: int | None = Field(1, ge=1)
     """torch CPU threads. 1: with 2 threads on a 2-core machine that anything else shares,
     decode slows several-fold (``results/cpu/serving-options``); ``None`` = torch's default."""

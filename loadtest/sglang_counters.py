@@ -13,8 +13,9 @@ than the engine-direct one, and whether ``prefill_delay_min_slots`` merges them.
 the serving process a few milliseconds a second (in a thread); the counters cost SGLang's
 scheduler a counter increment a pass. A long prompt's chunks count as prefill passes, and a
 pass's prompt tokens include those from the prefix cache. Names as SGLang 0.5.17's
-``SchedulerMetricsCollector`` writes them; on one GPU (with ``tp_size`` > 1 every rank counts
-its decode passes, rank 0 alone the rest).
+``SchedulerMetricsCollector`` writes them. The figures hold for ``tp_size`` 1: with more, every
+rank counts its decode passes (rank 0 alone the rest), so decode passes read that many times
+over.
 """
 
 from __future__ import annotations
@@ -75,13 +76,17 @@ class CounterTrace:
         self.interval = interval
         self.samples: list[tuple[float, dict[str, float]]] = []
         """(wall-clock time, counters) per read."""
+        self.failed_reads = 0
 
     async def run(self) -> None:
         while True:
             try:
                 counters = await asyncio.to_thread(read_counters, self.path)
             except Exception as err:  # a file caught mid-write: this read is lost, not the trace
-                log.warning("SGLang's counters unread at %.0f: %s", time.time(), err)
+                self.failed_reads += 1
+                if self.failed_reads in (1, 10, 100, 1000):  # said, not once a second
+                    log.warning("SGLang's counters unread (%d reads so far): %s",
+                                self.failed_reads, err)  # fmt: skip
             else:
                 self.samples.append((time.time(), counters))
             await asyncio.sleep(self.interval)

@@ -469,8 +469,8 @@ class HFEngine(Tokenizes, Engine):
     def fair_room(self, free: int) -> list[Row]:
         """Up to ``free`` waiting rows, in order, but no more rows of one client request (its
         ``group``) running than three quarters of the batch (at least one): a request with
-        ``n`` of 16 once held every row for minutes while a one-token request waited. Up to
-        that share a request's rows start together (streamed at once, one shared prefill)."""
+        ``n`` of 16 once held every row for minutes while a one-token request waited. Past the
+        share a request's rows wait for its own earlier ones (and are prefilled then)."""
         share = max(1, self.settings.max_batch_size * 3 // 4)
         running = [*(self.batch.rows if self.batch else []),
                    *(self.chunked.rows if self.chunked else [])]  # fmt: skip
