@@ -423,9 +423,9 @@ def build_demo(engine: Engine, registry: Registry, api=None) -> gr.Blocks:
         # adapters hot-loaded, merged or unloaded since the UI was built
         menus = [category, adapter, who]
         quiet = {"api_name": False, "queue": False, "show_progress": "hidden"}
-        demo.load(served_models, [category, adapter, who], menus, **quiet)
+        demo.load(served_models, menus, menus, **quiet)
         if merged is not None:
-            merged.success(served_models, [category, adapter, who], menus, **quiet)
+            merged.success(served_models, menus, menus, **quiet)
     return demo
 
 
