@@ -58,7 +58,8 @@
 #                                    NAME-counted: that engine with SGLang's pass counters
 #                                    (bench --sglang-counters: its metrics on, not a
 #                                    throughput figure) (names in
-#                                    DECODE_SETTINGS; pairs plan, DECODE_PAIRS rounds (1),
+#                                    DECODE_SETTINGS; pairs plan, DECODE_PAIRS rounds (1)
+#                                    or NAME@R: R rounds for that engine,
 #                                    256 streams; DECODE_OPEN="--arrival-rate R": open loop)
 #                       space-rehearsal  the GPU Space (deploy/gpu-space) from a clean home: its
 #                                    build step, its command, scripts/app_check.py against it
@@ -570,7 +571,7 @@ decode_settings() {  # #16 item 4, after the profile: SGLang settings against th
   # adapters). A name listed again is another engine (folder NAME-2, ...): alternate A/B engines.
   decode_kernels > /dev/null || return 1
   wait_file "$SYNTH/adapters.yaml" 600 || return 1
-  local name setting folder
+  local entry name setting folder
   mkdir -p "$RESULTS/decode-settings"
   echo "csgmv block sizes: ${DECODE_KERNELS:-shipped} $(decode_kernels 2>&1)" \
     >> "$RESULTS/decode-settings/KERNELS"
@@ -579,13 +580,14 @@ decode_settings() {  # #16 item 4, after the profile: SGLang settings against th
     vmstat -t -w 5 >> "$RESULTS/decode-settings/vmstat.log" 2>&1 &
     vmstat_pid=$!
   fi
-  for name in ${DECODE_SETTINGS:-default continuous-4 graph-bs-512}; do
+  for entry in ${DECODE_SETTINGS:-default continuous-4 graph-bs-512}; do
+    name=${entry%@*}
     setting=$(decode_setting "${name%-counted}") || continue
     folder=$(next_folder "$RESULTS/decode-settings/$name")
     gpu_free
     # shellcheck disable=SC2086  # DECODE_OPEN: flags, split on purpose
     timeout 900 python3 -m loadtest.bench --config "$SYNTH/adapters.yaml" \
-      --out "$folder" --plan pairs --pairs "${DECODE_PAIRS:-1}" \
+      --out "$folder" --plan pairs --pairs "$(setting_rounds "$entry")" \
       --users "${DECODE_USERS:-256}" --adapters 128 \
       --duration "${DURATION:-20}" --warmup 5 --http-port 8768 \
       --set max_loras_per_batch=128 --set mem_fraction_static="${MEM:-0.7}" \
@@ -595,6 +597,10 @@ decode_settings() {  # #16 item 4, after the profile: SGLang settings against th
   done
   [ -n "$vmstat_pid" ] && kill "$vmstat_pid"
   return 0
+}
+
+setting_rounds() {  # NAME@R: that engine's rounds; NAME alone: DECODE_PAIRS (1)
+  case $1 in *@*) echo "${1##*@}" ;; *) echo "${DECODE_PAIRS:-1}" ;; esac
 }
 
 decode_kernels() {  # DECODE_KERNELS=tuned: every engine on the lora-tune step's block sizes

@@ -101,3 +101,23 @@ def test_a_counted_decode_setting_is_that_engine_with_sglangs_pass_counters():
     assert decode_flags("fp8-counted") == [
         "--set", 'extra={"quantization": "fp8"}', "--sglang-counters"
     ]  # fmt: skip
+
+
+def rounds_of(entry: str, pairs: str | None) -> str:
+    text = SCRIPT.read_text()
+    start = text.index("setting_rounds() {")
+    function = text[start : text.index("\n}\n", start) + 3]
+    env = {"PATH": "/usr/bin:/bin"} | ({"DECODE_PAIRS": pairs} if pairs else {})
+    done = subprocess.run(
+        ["bash", "-c", f'{function}\nsetting_rounds "$1"', "-", entry],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_decode_setting_may_name_its_own_rounds():
+    assert rounds_of("fp8-counted@1", "2") == "1"
+    assert rounds_of("fp8@3", None) == "3"
+    assert rounds_of("fp8", "2") == "2"
+    assert rounds_of("fp8", None) == "1"
