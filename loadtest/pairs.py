@@ -9,6 +9,7 @@ and ranges and writes them as JSON and markdown:
 
     python -m loadtest.pairs side-by-side /tmp/pairs /tmp/peer --users 256 --out /tmp/side
     python -m loadtest.pairs settings DIR/default DIR/continuous-4 --out DIR   # one engine each
+    python -m loadtest.pairs settings fp8=DIR/fp8+DIR/fp8-2 --out DIR  # two engines, rounds pooled
     python -m loadtest.pairs split closed=DIR/closed think-1s=DIR/think --out DIR  # TTFT's parts
 
 A round: ``{"users": 256, "adapters": 128, "round": 1, "points": {"direct-base": {...},
@@ -369,7 +370,12 @@ def settings_table(runs: dict[str, dict], users: int | None = None) -> dict:
             counts = sorted({r["users"] for r in results["rounds"]})
             raise ValueError(f"{name}: runs at {counts} streams; pick one with --users")
         group = groups[0]
-        table[name] = {"users": group["users"], "rounds": group["rounds"]}
+        table[name] = {
+            "users": group["users"],
+            "rounds": group["rounds"],
+            "engines": results.get("engines", 1),
+            "ratios": {k: group["ratios"].get(k) for k in SETTINGS_RATIOS},
+        }
         for kind, figures in group["points"].items():
             table[name][kind] = {
                 "tok_s": figures["output_throughput"],
@@ -377,6 +383,45 @@ def settings_table(runs: dict[str, dict], users: int | None = None) -> dict:
                 "served": figures["served"],
             }
     return table
+
+
+SETTINGS_RATIOS = ("adapters_over_base_tok_s_http", "adapters_over_base_tok_s_direct")
+
+
+def pooled_runs(specs: list[str]) -> dict[str, dict]:
+    """``DIR`` or ``NAME=DIR+DIR...`` (engines of one setting in one job) → {name: results},
+    each DIR a folder holding ``pairs/results.json``; several engines' rounds pooled."""
+    runs = {}
+    for spec in specs:
+        name, _, folders = spec.rpartition("=")
+        paths = [Path(f) for f in folders.split("+")]
+        rounds = []
+        for path in paths:
+            rounds += json.loads((path / "pairs" / "results.json").read_text())["rounds"]
+        runs[name or paths[0].name] = {"rounds": rounds, "engines": len(paths)}
+    return runs
+
+
+def headline_markdown(table: dict) -> str:
+    """Per setting, over every round of its engines: adapters' tok/s through HTTP and the
+    adapters ÷ base ratios, each as median [range]."""
+
+    def cell(stat: dict | None, digits: int) -> str:
+        median, spread = fmt(stat, 1, digits)
+        return median if spread == "—" else f"{median} [{spread}]"
+
+    lines = [
+        "| setting | engines | rounds | http-adapters tok/s | adapters ÷ base tok/s, HTTP "
+        "| adapters ÷ base tok/s, direct |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in table.items():
+        ratios = [cell(row.get("ratios", {}).get(k), 2) for k in SETTINGS_RATIOS]
+        lines.append(
+            f"| {name} | {row.get('engines', 1)} | {row['rounds']} "
+            f"| {cell(row.get('http-adapters', {}).get('tok_s'), 0)} | {' | '.join(ratios)} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def settings_markdown(table: dict) -> str:
@@ -394,28 +439,37 @@ def settings_markdown(table: dict) -> str:
         cells = [fmt(row.get(k, {}).get(key), scale, digits)[0]
                  for key, _, scale, digits in columns for k in KINDS]  # fmt: skip
         lines.append(f"| {name} | {row['rounds']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return (
+        "\n".join(lines) + "\n\nOver every round (median [range]):\n\n" + headline_markdown(table)
+    )
 
 
 def plot_settings(table: dict, out: Path) -> None:
+    """Each setting's points side by side: bars at the median, whiskers over the rounds' range."""
     from loadtest.report import plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     width = 0.8 / len(KINDS)
     for i, kind in enumerate(KINDS):
         xs = [n + (i - (len(KINDS) - 1) / 2) * width for n in range(len(table))]
         for ax, figure, scale in ((axes[0], "tok_s", 1), (axes[1], "ttft_p50", 1000)):
-            values = [(row.get(kind, {}).get(figure) or {}).get("median") for row in table.values()]
-            ax.bar(xs, [v * scale if v else 0 for v in values], width, label=kind)
-    for ax, title in zip(axes, ("output tok/s (median)", "TTFT p50, ms (median)"), strict=True):
-        ax.set_xticks(range(len(table)), list(table))
+            stats = [row.get(kind, {}).get(figure) or {} for row in table.values()]
+            medians = [(s.get("median") or 0) * scale for s in stats]
+            below = [m - (s.get("min") or 0) * scale if s.get("min") else 0
+                     for m, s in zip(medians, stats, strict=True)]  # fmt: skip
+            above = [(s.get("max") or 0) * scale - m if s.get("max") else 0
+                     for m, s in zip(medians, stats, strict=True)]  # fmt: skip
+            ax.bar(xs, medians, width, yerr=[below, above], capsize=2, label=kind)
+    titles = ("output tok/s (median, range over rounds)", "TTFT p50, ms (median, range)")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_xticks(range(len(table)), list(table), rotation=20, ha="right", fontsize=8)
         ax.set_title(title)
-    axes[0].legend(fontsize=8)
-    users = next(iter(table.values()))["users"]
-    fig.suptitle(
-        f"One engine per setting, {users} streams: engine-direct and HTTP, base and adapters"
+    fig.legend(
+        *axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(KINDS), fontsize=8
     )
-    fig.tight_layout()
+    users = next(iter(table.values()))["users"]
+    fig.suptitle(f"Engine settings, {users} streams: engine-direct and HTTP, base and adapters")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(out / "settings.png", dpi=110)
     plt.close(fig)
 
@@ -514,7 +568,8 @@ def main() -> None:
     both.add_argument("--peer-name", default="SGLang's own server")
     both.add_argument("--out", type=Path, required=True)
     settings = sub.add_parser("settings", help="engines that differ in one setting, side by side")
-    settings.add_argument("runs", type=Path, nargs="+", help="one folder per setting: pairs/")
+    settings.add_argument("runs", nargs="+", help="one folder per setting (holding pairs/), "
+                          "or NAME=DIR+DIR...: engines of one setting, rounds pooled")  # fmt: skip
     settings.add_argument("--users", type=int, help="the concurrency, if a run has several")
     settings.add_argument("--out", type=Path, required=True)
     split = sub.add_parser("split", help="the TTFT's parts per point: engine, API, the rest")
@@ -532,7 +587,7 @@ def main() -> None:
                 raise SystemExit(f"{folder}: {err}") from None
         return write_report(args.out, "ttft-split", splits, split_markdown(splits), plot_split)
     if args.action == "settings":
-        runs = {r.name: json.loads((r / "pairs" / "results.json").read_text()) for r in args.runs}
+        runs = pooled_runs(args.runs)
         try:
             table = settings_table(runs, args.users)
         except ValueError as err:

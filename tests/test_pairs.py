@@ -286,6 +286,22 @@ def test_settings_command_sets_engines_side_by_side_with_a_plot(tmp_path):
     assert (tmp_path / "out" / "settings.png").stat().st_size > 0
 
 
+def test_settings_pool_the_rounds_of_one_settings_engines_and_give_their_ranges(tmp_path):
+    """A B A B engines in one job: each setting's headline over all its engines' rounds."""
+    for name, rounds in (("fp8", ROUNDS[:1]), ("fp8-2", ROUNDS[1:]), ("hook", ROUNDS[2:])):
+        write_pairs(tmp_path / name / "pairs", {"rounds": rounds})
+    pooled = f"fp8={tmp_path / 'fp8'}+{tmp_path / 'fp8-2'}"
+    cmd = [sys.executable, "-m", "loadtest.pairs", "settings", pooled, str(tmp_path / "hook"),
+           "--out", str(tmp_path / "out")]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    table = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert table["fp8"]["rounds"] == 3 and table["fp8"]["engines"] == 2
+    assert table["hook"]["rounds"] == 1 and table["hook"]["engines"] == 1
+    text = (tmp_path / "out" / "settings.md").read_text()
+    assert "| fp8 | 2 | 3 | 8100 [6600–10450] | 0.95 [0.85–1.10] | 0.95 [0.90–1.00] |" in text
+    assert "| hook | 1 | 1 | 10450 [10450–10450] | 0.95 [0.95–0.95] | 0.95 [0.95–0.95] |" in text
+
+
 def test_settings_need_one_concurrency_per_run(tmp_path):
     from loadtest.pairs import settings_table
 
