@@ -162,8 +162,10 @@ class SGLangSettings(Strict):
     spread out, as HTTP clients send them, that stays small and the delayer waits little
     (``engine/backends/sglang_prefill_slots.py``). H200, 7B, FP8, 256 streams, base and 128
     adapters: a prefill's launches took 15–16 % of SGLang's scheduler thread through HTTP, 7 %
-    engine-direct (``results/serving/h200-7b-scheduler-http-vs-direct``); the effect of this
-    setting on throughput is not measured yet. SGLang's own ``min_free_slots_delay`` caps its
+    engine-direct (``results/serving/h200-7b-scheduler-http-vs-direct``). At 32 there: 128
+    adapters through HTTP 15.4k against 15.1k tok/s without (level within the engines' spread),
+    the first token's p50 141 against 83 ms (``results/serving/h200-7b-prefill-min-slots``): off
+    by default. SGLang's own ``min_free_slots_delay`` caps its
     number at 4 and does not bound the wait in passes. ``None``: SGLang's rule alone. Needs the
     delayer on (``prefill_delay_passes`` not off), at most half of ``max_running_requests``
     (per DP rank with DP attention; where SGLang lowers its cap, half of that is used), and not

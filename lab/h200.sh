@@ -1004,9 +1004,15 @@ watch() {  # watch SECONDS: until every launched job is done or the time is up, 
     left=$((-$(date +%s) + deadline))
     [ "$left" -gt 30 ] && left=30
     [ "$left" -gt 0 ] && sleep "$left"
-    echo "$(date +%T) $(tail -1 "$RESULTS/steps.log" 2>/dev/null)"
+    echo "$(date +%T) $(tail -1 "$RESULTS/steps.log" 2>/dev/null) $(running_point)"
   done
   collect
+}
+
+running_point() {  # the newest step log's last round line: a step of several engines moves on
+  local newest
+  newest=$(ls -t "$RAW_LOGS"/*.log 2>/dev/null | head -1)
+  [ -n "$newest" ] && grep -a '^\[pairs\]' "$newest" | tail -1 | cut -c1-120
 }
 
 trained() {  # trained RECIPE SECONDS: a SQL recipe's adapter into $OUT once trained, before its
