@@ -134,6 +134,10 @@ class SamplingParams:
     """None: no log-probabilities; k >= 0: each token's, with the k most likely alternatives."""
     constraint: Constraint | None = None
     """Structured output: the answer matches this JSON Schema or regular expression."""
+    fit_max_tokens: bool = False
+    """``max_tokens`` is a default, not the request's (``engine.sampling.resolve`` sets it): a
+    prompt that leaves less room in the context gets the room left, as OpenAI's and vLLM's
+    default does, instead of a 400."""
 
     def validate(self) -> None:
         checks = [

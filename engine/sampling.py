@@ -37,5 +37,6 @@ def resolve(spec: AdapterSpec | BaseSpec | None, **requested) -> SamplingParams:
                 params.constraint = value.constraint()
             else:
                 setattr(params, name, list(value) if isinstance(value, list) else value)
+    params.fit_max_tokens = requested.get("max_tokens") is None
     params.validate()
     return params

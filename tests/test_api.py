@@ -439,3 +439,26 @@ def test_the_shipped_base_samples_as_its_model_card_does():
 
     params = resolve(load_registry(Path(__file__).parents[1] / "adapters.yaml").base)
     assert (params.temperature, params.top_p) == (0.2, 0.9)
+
+
+def test_a_default_max_tokens_takes_the_room_the_prompt_leaves(client):
+    """As OpenAI and vLLM: a request without ``max_tokens`` whose prompt leaves less room than
+    the default (256) gets an answer cut at the context, not a 400; an explicit ``max_tokens``
+    that does not fit, or a prompt that leaves no room, is still a 400. (Each NUL is a token.)"""
+
+    def messages(nuls):
+        return [{"role": "user", "content": "\0" * nuls}]
+
+    counted = client.post("/tokenize", json={"model": "alpha", "messages": messages(8000)})
+    overhead = counted.json()["count"] - 8000
+    room = 3
+    body = {"model": "alpha", "messages": messages(8192 - overhead - room), "temperature": 0}
+    answer = client.post("/v1/chat/completions", json=body, timeout=1800)  # an 8k prefill on CPU
+    assert answer.status_code == 200, answer.text
+    usage = answer.json()["usage"]
+    assert usage["prompt_tokens"] == 8192 - room and 1 <= usage["completion_tokens"] <= room
+    explicit = client.post("/v1/chat/completions", json=body | {"max_tokens": 256})
+    assert error_of(explicit, 400)["param"] == "max_tokens"
+    full = body | {"messages": messages(8192 - overhead)}
+    error = error_of(client.post("/v1/chat/completions", json=full), 400)
+    assert error["param"] == "messages" and "leaves 0 for the answer" in error["message"]

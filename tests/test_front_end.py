@@ -37,7 +37,7 @@ class TokenizingNoModel(NoModelEngine):
 
     async def stream(self, request):
         ids = await self.prompt_tokenizer(request)
-        check_context(len(ids), request.params, self.context)
+        check_context(len(ids), request, self.context)
         async for chunk in super().stream(request):
             yield chunk
 

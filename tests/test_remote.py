@@ -387,3 +387,15 @@ def test_a_tool_round_trip_through_the_apps_api_over_a_remote_engine(remote, reg
         assert counted["count"] == follow_up.usage.prompt_tokens
     finally:
         live.stop()
+
+
+def test_a_default_max_tokens_is_left_to_the_server_which_can_fit_it():
+    """A ``max_tokens`` the request left out travels as left out: only the server counts the
+    prompt's tokens, and lowers its default to the room they leave (an explicit one is sent)."""
+    from engine.remote import chat_sampling
+    from engine.sampling import resolve
+
+    defaulted = resolve(None)
+    assert defaulted.fit_max_tokens and "max_tokens" not in chat_sampling(defaulted, False)
+    asked = resolve(None, max_tokens=9)
+    assert not asked.fit_max_tokens and chat_sampling(asked, False)["max_tokens"] == 9

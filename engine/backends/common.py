@@ -19,7 +19,6 @@ from ..interface import (
     GenerationRequest,
     InvalidRequestError,
     PromptTooLongError,
-    SamplingParams,
 )
 from ..registry import SLUG, adapter_dir_problems
 from ..text import check_ids, prompt_token_ids, template_messages, token_text, vocabulary_size
@@ -97,7 +96,21 @@ def holding(changing: set[str], name: str):
         changing.discard(name)
 
 
-def check_context(prompt_tokens: int, params: SamplingParams, context: int) -> None:
+def check_context(prompt_tokens: int, request: GenerationRequest, context: int) -> None:
+    """The prompt and the answer's ``max_tokens`` fit the context; a default ``max_tokens``
+    (``fit_max_tokens``) is lowered to the room left, down to ``min_tokens`` (at least 1)."""
+    params = request.params
+    room = context - prompt_tokens
+    if params.fit_max_tokens and params.max_tokens > room >= max(params.min_tokens, 1):
+        params.max_tokens = room
+        return
+    if params.fit_max_tokens and params.max_tokens > room:
+        raise PromptTooLongError(
+            f"This model's maximum context length is {context} tokens. However, the prompt is "
+            f"{prompt_tokens} tokens, which leaves {max(room, 0)} for the answer (at least "
+            f"{max(params.min_tokens, 1)}). Please reduce the length of the prompt.",
+            "prompt" if request.prompt is not None else "messages",
+        )
     if prompt_tokens + params.max_tokens > context:
         raise PromptTooLongError(
             f"This model's maximum context length is {context} tokens. However, you requested "

@@ -357,7 +357,7 @@ class HFEngine(Tokenizes, Engine):
         self.check_adapter(request.adapter)
         params = request.params
         ids = await self.prompt_tokenizer(request)
-        check_context(len(ids), params, self.context)
+        check_context(len(ids), request, self.context)
         row = Row(
             request=request,
             prompt_ids=ids,

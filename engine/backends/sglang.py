@@ -460,7 +460,7 @@ class SGLangEngine(Tokenizes, Engine):
         (an unload or an abort may have come meanwhile)."""
         params = request.params
         ids = await self.prompt_tokenizer(request)
-        check_context(len(ids), params, self.context)
+        check_context(len(ids), request, self.context)
         if params.constraint is not None and (problem := grammar_problem(params.constraint)):
             raise InvalidRequestError(f"response_format: {problem}", "response_format")
         bound = getattr(self.engine.tokenizer_manager, "event_loop", None)
