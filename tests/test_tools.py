@@ -449,3 +449,17 @@ def test_under_auto_an_adapters_default_grammar_does_not_hold_the_answer():
     body = ChatBody.model_validate({"model": "m", "messages": ASK, "tools": [WEATHER]})
     tool_plan(body)
     assert resolve(spec, response_format=body.response_format).constraint is None
+
+
+def test_calls_to_an_adapter_are_not_cut_by_its_short_default_length(client):
+    """``alpha``'s default ``max_tokens`` (12) is sized for its labels: a request with tools
+    that leaves ``max_tokens`` out gets the base's default instead, as it gets no default stop
+    strings, so the calls come back whole."""
+    fields = {"model": "alpha", "messages": ASK, "temperature": 0}
+    choice = client.chat.completions.create(
+        **fields, tools=[WEATHER], tool_choice="required"
+    ).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    weather_arguments(choice.message.tool_calls[0].function.arguments)
+    plain = client.chat.completions.create(**fields)  # no tools: its own default
+    assert plain.usage.completion_tokens <= 12

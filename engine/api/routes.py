@@ -279,6 +279,11 @@ class Api:
     def spec(self, adapter: str | None) -> AdapterSpec | None:
         return next((a for a in self.registry.adapters if a.name == adapter), None)
 
+    @property
+    def base_max_tokens(self) -> int:
+        """The base model's default ``max_tokens`` (``base.generation``, else the server's)."""
+        return resolve(self.registry.base).max_tokens
+
     def adapter_name(self, model: str) -> str | None:
         """Model id → the adapter it names (None: the base model), served or not."""
         base_ids = {self.engine.base_model_id, BASE_MODEL_ALIAS}
@@ -482,6 +487,8 @@ class Api:
             if tools is not None:
                 messages = tools.with_instructions(messages)
                 params.stop = []  # an adapter's default stop strings would cut the calls
+                if max_tokens is None:  # as its default length, sized for its own answers
+                    params.max_tokens = max(params.max_tokens, self.base_max_tokens)
             request = GenerationRequest(adapter=adapter, messages=messages, params=params)
             requests += [(model, r) for r in self.copies(request, body.n)]
         return requests
