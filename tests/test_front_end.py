@@ -750,3 +750,17 @@ def test_head_on_the_read_only_routes_answers_as_get_without_a_body(registry_for
             and head.headers["content-type"] == gets[path].headers["content-type"]
         )
     assert generation.status_code == 405 and "POST" in generation.headers["allow"]
+
+
+def test_a_fitted_default_max_tokens_is_the_requests_own():
+    """Requests may share one ``SamplingParams`` (the evaluator's, a batch's): fitting one long
+    prompt's default ``max_tokens`` leaves the others' as they were."""
+    from engine.backends.common import check_context
+    from engine.interface import GenerationRequest
+    from engine.sampling import resolve
+
+    shared = resolve(None)
+    long, short = (GenerationRequest(prompt="x", params=shared) for _ in range(2))
+    check_context(8190, long, 8192)
+    check_context(10, short, 8192)
+    assert long.params.max_tokens == 2 and short.params is shared and shared.max_tokens == 256

@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import concurrent.futures.process
 import contextlib
+import dataclasses
 import json
 import multiprocessing
 from pathlib import Path
@@ -98,11 +99,12 @@ def holding(changing: set[str], name: str):
 
 def check_context(prompt_tokens: int, request: GenerationRequest, context: int) -> None:
     """The prompt and the answer's ``max_tokens`` fit the context; a default ``max_tokens``
-    (``fit_max_tokens``) is lowered to the room left, down to ``min_tokens`` (at least 1)."""
+    (``fit_max_tokens``) is lowered to the room left, down to ``min_tokens`` (at least 1), in
+    a copy of the request's params (callers may share one among requests)."""
     params = request.params
     room = context - prompt_tokens
     if params.fit_max_tokens and params.max_tokens > room >= max(params.min_tokens, 1):
-        params.max_tokens = room
+        request.params = dataclasses.replace(params, max_tokens=room)
         return
     if params.fit_max_tokens and params.max_tokens > room:
         raise PromptTooLongError(

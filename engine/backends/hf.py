@@ -355,9 +355,9 @@ class HFEngine(Tokenizes, Engine):
     async def admit_request(self, request: GenerationRequest) -> Row:
         request.validate()
         self.check_adapter(request.adapter)
-        params = request.params
         ids = await self.prompt_tokenizer(request)
-        check_context(len(ids), request, self.context)
+        check_context(len(ids), request, self.context)  # may fit a default max_tokens: a copy
+        params = request.params
         row = Row(
             request=request,
             prompt_ids=ids,

@@ -458,9 +458,9 @@ class SGLangEngine(Tokenizes, Engine):
     async def admit(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids, once the request is checked; checked again after the awaits
         (an unload or an abort may have come meanwhile)."""
-        params = request.params
         ids = await self.prompt_tokenizer(request)
-        check_context(len(ids), request, self.context)
+        check_context(len(ids), request, self.context)  # may fit a default max_tokens: a copy
+        params = request.params
         if params.constraint is not None and (problem := grammar_problem(params.constraint)):
             raise InvalidRequestError(f"response_format: {problem}", "response_format")
         bound = getattr(self.engine.tokenizer_manager, "event_loop", None)
