@@ -510,10 +510,11 @@ def unfilled(spec: AdapterSpec | None, content: str) -> str | None:
 
 
 def common_sampling(params: SamplingParams, cluster: bool) -> dict:
-    """Every field, explicitly: left out, the server would take the adapter's own default. But
-    a default ``max_tokens`` (``fit_max_tokens``) is left out: the server lowers its own default
-    to the room the prompt leaves, which only it can count."""
+    """Every field, explicitly: left out, the server would take the adapter's own default (a
+    default ``max_tokens`` too: the server then refuses a prompt that leaves less room, where
+    an embedded engine fits it, since only the server counts the prompt's tokens)."""
     body = {
+        "max_tokens": params.max_tokens,
         "temperature": params.temperature,
         "top_p": params.top_p,
         "top_k": params.top_k or -1,  # off: the router refuses 0, the API takes -1 as 0
@@ -523,8 +524,6 @@ def common_sampling(params: SamplingParams, cluster: bool) -> dict:
         "ignore_eos": params.ignore_eos,
         "response_format": response_format(params, cluster),
     }
-    if not params.fit_max_tokens:
-        body["max_tokens"] = params.max_tokens
     if params.seed is not None:
         body["seed"] = params.seed
     if params.logit_bias:

@@ -28,7 +28,8 @@ def resolve(spec: AdapterSpec | BaseSpec | None, **requested) -> SamplingParams:
         {k: getattr(defaults, k) for k in RESOLVED_FIELDS if getattr(defaults, k) is not None},
         {k: v for k, v in requested.items() if v is not None},
     ]
-    known = {f.name for f in dataclasses.fields(SamplingParams)} | {"response_format"}
+    known = {f.name for f in dataclasses.fields(SamplingParams)} - {"fit_max_tokens"}
+    known |= {"response_format"}
     for layer in layers:
         for name, value in layer.items():
             if name not in known:

@@ -600,7 +600,7 @@ decode_settings() {  # #16 item 4, after the profile: SGLang settings against th
 }
 
 setting_rounds() {  # NAME@R: that engine's rounds; NAME alone: DECODE_PAIRS (1)
-  case $1 in *@*) echo "${1##*@}" ;; *) echo "${DECODE_PAIRS:-1}" ;; esac
+  case $1 in *@[1-9]*) echo "${1##*@}" ;; *) echo "${DECODE_PAIRS:-1}" ;; esac
 }
 
 decode_kernels() {  # DECODE_KERNELS=tuned: every engine on the lora-tune step's block sizes

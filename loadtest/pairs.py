@@ -394,7 +394,7 @@ def pooled_runs(specs: list[str]) -> dict[str, dict]:
     runs = {}
     for spec in specs:
         name, _, folders = spec.rpartition("=")
-        paths = [Path(f) for f in folders.split("+")]
+        paths = [Path(f) for f in folders.split("+")] if name else [Path(folders)]
         rounds = []
         for path in paths:
             rounds += json.loads((path / "pairs" / "results.json").read_text())["rounds"]

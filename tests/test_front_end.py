@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from engine.api import create_api
-from engine.backends.common import PromptTokenizer, check_context
+from engine.backends.common import PromptTokenizer, fit_to_context
 from loadtest.no_model import NoModelEngine
 
 MIB = 1 << 20
@@ -37,7 +37,7 @@ class TokenizingNoModel(NoModelEngine):
 
     async def stream(self, request):
         ids = await self.prompt_tokenizer(request)
-        check_context(len(ids), request, self.context)
+        fit_to_context(len(ids), request, self.context)
         async for chunk in super().stream(request):
             yield chunk
 
@@ -755,12 +755,43 @@ def test_head_on_the_read_only_routes_answers_as_get_without_a_body(registry_for
 def test_a_fitted_default_max_tokens_is_the_requests_own():
     """Requests may share one ``SamplingParams`` (the evaluator's, a batch's): fitting one long
     prompt's default ``max_tokens`` leaves the others' as they were."""
-    from engine.backends.common import check_context
+    from engine.backends.common import fit_to_context
     from engine.interface import GenerationRequest
     from engine.sampling import resolve
 
     shared = resolve(None)
     long, short = (GenerationRequest(prompt="x", params=shared) for _ in range(2))
-    check_context(8190, long, 8192)
-    check_context(10, short, 8192)
+    fit_to_context(8190, long, 8192)
+    fit_to_context(10, short, 8192)
     assert long.params.max_tokens == 2 and short.params is shared and shared.max_tokens == 256
+
+
+@pytest.mark.parametrize(
+    "request_fields, param",
+    [({"prompt_ids": [1, 2]}, "prompt"), ({"prompt": "x"}, "prompt"),
+     ({"messages": [{"role": "user", "content": "x"}]}, "messages")],
+)  # fmt: skip
+def test_a_default_max_tokens_is_fitted_down_to_min_tokens_and_no_further(request_fields, param):
+    """Room for ``min_tokens`` (or the engine's ``reserved`` tokens) is the floor: below it,
+    the 400 names the field that holds the prompt (token ids are a ``prompt``)."""
+    from engine.backends.common import fit_to_context
+    from engine.interface import GenerationRequest, PromptTooLongError
+    from engine.sampling import resolve
+
+    def request(**sampling):
+        return GenerationRequest(params=resolve(None, **sampling), **request_fields)
+
+    fitted = request(min_tokens=5)
+    fit_to_context(8187, fitted, 8192)
+    assert fitted.params.max_tokens == 5
+    reserved = request()
+    fit_to_context(8180, reserved, 8192, reserved=2)
+    assert reserved.params.max_tokens == 10
+    for prompt_tokens, sampling in ((8188, {"min_tokens": 5}), (8192, {})):
+        with pytest.raises(PromptTooLongError, match="leaves") as refused:
+            fit_to_context(prompt_tokens, request(**sampling), 8192)
+        assert refused.value.param == param
+    explicit = request(max_tokens=13)
+    with pytest.raises(PromptTooLongError, match="you requested 8193") as refused:
+        fit_to_context(8180, explicit, 8192)
+    assert refused.value.param == "max_tokens"

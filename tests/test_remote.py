@@ -106,6 +106,19 @@ def test_the_remote_engine_streams_what_the_embedded_engine_answers(
         assert last.timings.ttft_s is not None and last.timings.e2e_s >= last.timings.ttft_s
 
 
+def test_a_default_max_tokens_resolved_by_the_caller_travels_as_resolved(
+    remote, hf_engine, registry_for
+):
+    """The app asks the base with an adapter's resolved sampling (its side-by-side view):
+    ``alpha``'s default 12 tokens, not the base's 256 the server would pick if it were left out."""
+    alpha = resolve(registry_for.adapter("alpha"), temperature=0.0, ignore_eos=True)
+    assert alpha.fit_max_tokens and alpha.max_tokens == 12
+    request = GenerationRequest(adapter=None, prompt="Say hi.", params=alpha)
+    embedded = asyncio.run(collect(hf_engine.stream(request), request))
+    chunks = asyncio.run(chunks_of(remote, GenerationRequest(prompt="Say hi.", params=alpha)))
+    assert embedded.usage.completion_tokens == chunks[-1].usage.completion_tokens == 12
+
+
 def test_sampling_extensions_reach_the_server_and_answer_as_the_embedded_engine(remote, hf_engine):
     """``min_tokens``, ``repetition_penalty``, ``min_p`` travel to the server (only when set)."""
     request = greedy_request(None, "Say OK.", min_tokens=12, repetition_penalty=1.5, min_p=0.2)
@@ -387,15 +400,3 @@ def test_a_tool_round_trip_through_the_apps_api_over_a_remote_engine(remote, reg
         assert counted["count"] == follow_up.usage.prompt_tokens
     finally:
         live.stop()
-
-
-def test_a_default_max_tokens_is_left_to_the_server_which_can_fit_it():
-    """A ``max_tokens`` the request left out travels as left out: only the server counts the
-    prompt's tokens, and lowers its default to the room they leave (an explicit one is sent)."""
-    from engine.remote import chat_sampling
-    from engine.sampling import resolve
-
-    defaulted = resolve(None)
-    assert defaulted.fit_max_tokens and "max_tokens" not in chat_sampling(defaulted, False)
-    asked = resolve(None, max_tokens=9)
-    assert not asked.fit_max_tokens and chat_sampling(asked, False)["max_tokens"] == 9

@@ -97,23 +97,18 @@ def holding(changing: set[str], name: str):
         changing.discard(name)
 
 
-def check_context(prompt_tokens: int, request: GenerationRequest, context: int) -> None:
-    """The prompt and the answer's ``max_tokens`` fit the context; a default ``max_tokens``
-    (``fit_max_tokens``) is lowered to the room left, down to ``min_tokens`` (at least 1), in
-    a copy of the request's params (callers may share one among requests)."""
+def fit_to_context(
+    prompt_tokens: int, request: GenerationRequest, context: int, reserved: int = 0
+) -> None:
+    """The prompt and the answer's ``max_tokens`` fit the context, or a 400. A default
+    ``max_tokens`` (``fit_max_tokens``) is first lowered to the room left, less the ``reserved``
+    tokens the engine keeps back, down to ``min_tokens`` (at least 1), in a copy of the
+    request's params (callers may share one among requests)."""
     params = request.params
-    room = context - prompt_tokens
-    if params.fit_max_tokens and params.max_tokens > room >= max(params.min_tokens, 1):
-        request.params = dataclasses.replace(params, max_tokens=room)
+    limit = context - reserved if params.fit_max_tokens else context
+    if prompt_tokens + params.max_tokens <= limit:
         return
-    if params.fit_max_tokens and params.max_tokens > room:
-        raise PromptTooLongError(
-            f"This model's maximum context length is {context} tokens. However, the prompt is "
-            f"{prompt_tokens} tokens, which leaves {max(room, 0)} for the answer (at least "
-            f"{max(params.min_tokens, 1)}). Please reduce the length of the prompt.",
-            "prompt" if request.prompt is not None else "messages",
-        )
-    if prompt_tokens + params.max_tokens > context:
+    if not params.fit_max_tokens:
         raise PromptTooLongError(
             f"This model's maximum context length is {context} tokens. However, you requested "
             f"{prompt_tokens + params.max_tokens} tokens ({prompt_tokens} in the prompt, "
@@ -121,6 +116,15 @@ def check_context(prompt_tokens: int, request: GenerationRequest, context: int) 
             "prompt or max_tokens.",
             "max_tokens",
         )
+    room, least = limit - prompt_tokens, max(params.min_tokens, 1)
+    if room < least:
+        raise PromptTooLongError(
+            f"This model's maximum context length is {context} tokens. However, the prompt is "
+            f"{prompt_tokens} tokens, which leaves {max(room, 0)} for the answer (at least "
+            f"{least}). Please reduce the length of the prompt.",
+            "messages" if request.messages is not None else "prompt",
+        )
+    request.params = dataclasses.replace(params, max_tokens=room)
 
 
 def longest_token_chars(tokenizer) -> int:

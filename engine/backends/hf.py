@@ -38,7 +38,7 @@ from ..interface import (
 )
 from ..registry import HFSettings
 from ..text import TextStream, end_of_turn_ids, token_text
-from .common import PromptTokenizer, Tokenizes, check_context, check_loadable, holding
+from .common import PromptTokenizer, Tokenizes, check_loadable, fit_to_context, holding
 from .lora_batched import BatchedLora
 from .sample import Grammar, Grammars, adjusted, choose, logprob_entry
 
@@ -356,7 +356,7 @@ class HFEngine(Tokenizes, Engine):
         request.validate()
         self.check_adapter(request.adapter)
         ids = await self.prompt_tokenizer(request)
-        check_context(len(ids), request, self.context)  # may fit a default max_tokens: a copy
+        fit_to_context(len(ids), request, self.context)  # may fit a default max_tokens: a copy
         params = request.params
         row = Row(
             request=request,

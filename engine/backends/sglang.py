@@ -37,7 +37,7 @@ from ..lora_kernels import kernels_note, use_tuned_kernels
 from ..registry import SGLangSettings
 from ..text import end_of_turn_ids, token_text
 from . import sglang_lora_batch, sglang_prefill_slots, sglang_radix
-from .common import PromptTokenizer, Tokenizes, check_context, check_loadable, holding
+from .common import PromptTokenizer, Tokenizes, check_loadable, fit_to_context, holding
 
 log = logging.getLogger(__name__)
 UNSUPPORTED_FLOAT32 = (
@@ -147,6 +147,11 @@ def sampling_params(
         out.update(params.constraint.sglang_params())
     return out
 
+
+SGLANG_RESERVED_TOKENS = 2
+"""SGLang 0.5.17's scheduler caps an answer at ``context - prompt - 2`` tokens
+(``init_req_max_new_tokens``: ``max_req_len - input_len - 1``, ``max_req_len`` the context
+less one): a default ``max_tokens`` is fitted to that, not past it."""
 
 CUT_GRACE = 1.0
 """Seconds an unload waits after a stream of the adapter was cut. SGLang 0.5.17 processes the
@@ -459,7 +464,7 @@ class SGLangEngine(Tokenizes, Engine):
         """The prompt's token ids, once the request is checked; checked again after the awaits
         (an unload or an abort may have come meanwhile)."""
         ids = await self.prompt_tokenizer(request)
-        check_context(len(ids), request, self.context)  # may fit a default max_tokens: a copy
+        fit_to_context(len(ids), request, self.context, SGLANG_RESERVED_TOKENS)  # a copy
         params = request.params
         if params.constraint is not None and (problem := grammar_problem(params.constraint)):
             raise InvalidRequestError(f"response_format: {problem}", "response_format")

@@ -121,3 +121,4 @@ def test_a_decode_setting_may_name_its_own_rounds():
     assert rounds_of("fp8@3", None) == "3"
     assert rounds_of("fp8", "2") == "2"
     assert rounds_of("fp8", None) == "1"
+    assert rounds_of("fp8@", "2") == "2"  # no number: DECODE_PAIRS
