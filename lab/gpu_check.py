@@ -21,7 +21,9 @@ alone; and against the CPU's constrained tokens), ``tokenize`` (a chat with a to
 the CPU's ids, and back), ``tool_calls`` (a named function's and ``required``'s calls parse),
 ``abort`` (``engine.abort`` ends a running
 stream with ``RequestEndedError``, and the engine goes on) and ``concurrent`` (200 streams at
-once, past the adaptive ``stream_interval``'s 128-request step: every token arrives). The last
+once, past the adaptive ``stream_interval``'s 128-request step: every token arrives) and
+``context_fit`` (a prompt that leaves less room than the default ``max_tokens``: an answer cut
+within the context, not a refusal). The last
 line says ``GPU CHECK <dtype>: PASS`` or which checks failed; the exit status is 1 if any did.
 """
 
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import GenerationRequest, SamplingParams
 from engine.base_model import resolve_base
 from engine.constraints import ResponseFormat
+from engine.sampling import resolve
 from tests.helpers import WEATHER_TOOL as WEATHER
 
 ADAPTERS = {
@@ -209,6 +212,7 @@ async def sglang_checks(engine, reference, concurrent: int = CONCURRENT) -> dict
         ("abort", lambda: abort_check(engine)),
         ("sampling_extensions", lambda: sampling_extensions_check(engine)),
         ("concurrent", lambda: concurrent_check(engine, concurrent)),
+        ("context_fit", lambda: context_fit_check(engine)),
     ]:  # one failing check is a result; the others still run
         try:
             features[name] = await asyncio.wait_for(check(), timeout=180)
@@ -224,11 +228,11 @@ def verdicts(report: dict) -> dict[str, bool]:
     """Each check's pass/fail (what must hold on any GPU; token parity with the CPU is reported
     beside, since float16 rounding may flip a near-tie)."""
     f = report.get("features", {})
-    lp, con, ab, cc, tt, ext = (
+    lp, con, ab, cc, tt, ext, fit = (
         f.get(k, {})
         for k in (
             "logprobs", "constraints", "abort", "concurrent", "tokens_and_tools",
-            "sampling_extensions",
+            "sampling_extensions", "context_fit",
         )
     )  # fmt: skip
     return {
@@ -252,6 +256,7 @@ def verdicts(report: dict) -> dict[str, bool]:
             and ext.get("penalty_changed_the_answer")
             and ext.get("min_p_1_is_greedy")
         ),
+        "context_fit": bool(fit.get("fits")),
     }
 
 
@@ -425,6 +430,29 @@ async def sampling_extensions_check(engine) -> dict:
         "penalty_changed_the_answer": penalised.text != plain.text,
         "min_p_1_is_greedy": top_only.text == plain.text,
         "texts": {"plain": plain.text, "penalised": penalised.text, "min_p_1": top_only.text},
+    }
+
+
+async def context_fit_check(engine, room: int = 8) -> dict:
+    """A prompt of NULs (a token each) that leaves ``room`` tokens, without ``max_tokens``: the
+    default (256) is fitted, so the answer ends within the context (on SGLang, short of its
+    reserved tokens) instead of a refusal."""
+
+    def nuls(count: int) -> GenerationRequest:
+        messages = [{"role": "user", "content": "\0" * count}]
+        return GenerationRequest(messages=messages, params=resolve(None, temperature=0.0))
+
+    ids, _ = await engine.tokenize(nuls(100))
+    prompt = engine.context_length - room - (len(ids) - 100)
+    parts = [c async for c in engine.stream(nuls(prompt))]
+    used = parts[-1].usage
+    return {
+        "room": room,
+        "prompt_tokens": used.prompt_tokens,
+        "completion_tokens": used.completion_tokens,
+        "finish_reason": parts[-1].finish_reason,
+        "fits": 1 <= used.completion_tokens <= room
+        and used.prompt_tokens + used.completion_tokens <= engine.context_length,
     }
 
 

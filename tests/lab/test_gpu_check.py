@@ -41,6 +41,7 @@ REPORT = {
             "penalty_changed_the_answer": True,
             "min_p_1_is_greedy": True,
         },
+        "context_fit": {"fits": True},
     },
 }
 
@@ -60,6 +61,7 @@ def test_each_failure_names_its_check():
         ("features", "tokens_and_tools", "prompt_as_cpu"): "tokenize",
         ("features", "tokens_and_tools", "required_parses"): "tool_calls",
         ("features", "sampling_extensions", "min_p_1_is_greedy"): "sampling_extensions",
+        ("features", "context_fit", "fits"): "context_fit",
     }
     for path, name in cases.items():
         report = copy.deepcopy(REPORT)
