@@ -9,6 +9,8 @@ is the router's port + 1 unless ``control_url`` names it.
 
 Every request means on the server what it means to an embedded engine: ``stream`` generates from
 exactly the messages it is given (the adapter's template already filled, as the app fills it).
+One exception: a default ``max_tokens`` that a long prompt leaves no room for is fitted by an
+embedded engine and refused by the server (it is sent as a value; only the server counts).
 
 - One server: chat requests carry ``prompt_template: "raw"``, so the server fills nothing.
 - Behind sglang-router, which drops that field, the server always fills an adapter's template

@@ -22,8 +22,9 @@ the CPU's ids, and back), ``tool_calls`` (a named function's and ``required``'s 
 ``abort`` (``engine.abort`` ends a running
 stream with ``RequestEndedError``, and the engine goes on) and ``concurrent`` (200 streams at
 once, past the adaptive ``stream_interval``'s 128-request step: every token arrives) and
-``context_fit`` (a prompt that leaves less room than the default ``max_tokens``: an answer cut
-within the context, not a refusal). The last
+``context_fit`` (a prompt that leaves less room than the default ``max_tokens``: an answer of
+the room less SGLang's 2 reserved tokens, not a refusal; the longest prompt SGLang takes is
+answered, one a token longer a 400, not its abort). The last
 line says ``GPU CHECK <dtype>: PASS`` or which checks failed; the exit status is 1 if any did.
 """
 
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import GenerationRequest, SamplingParams
 from engine.base_model import resolve_base
 from engine.constraints import ResponseFormat
+from engine.interface import PromptTooLongError
 from engine.sampling import resolve
 from tests.helpers import WEATHER_TOOL as WEATHER
 
@@ -434,25 +436,38 @@ async def sampling_extensions_check(engine) -> dict:
 
 
 async def context_fit_check(engine, room: int = 8) -> dict:
-    """A prompt of NULs (a token each) that leaves ``room`` tokens, without ``max_tokens``: the
-    default (256) is fitted, so the answer ends within the context (on SGLang, short of its
-    reserved tokens) instead of a refusal."""
+    """Prompts of NULs (a token each) without ``max_tokens``: one that leaves ``room`` tokens
+    gets exactly the room less what the engine keeps back (``reserved_tokens``; ignore_eos),
+    one of the engine's longest prompt is answered, one a token longer is a 400."""
 
     def nuls(count: int) -> GenerationRequest:
         messages = [{"role": "user", "content": "\0" * count}]
-        return GenerationRequest(messages=messages, params=resolve(None, temperature=0.0))
+        params = resolve(None, temperature=0.0, ignore_eos=True)
+        return GenerationRequest(messages=messages, params=params)
+
+    async def answer(prompt_tokens: int):
+        return [c async for c in engine.stream(nuls(prompt_tokens - overhead))][-1]
 
     ids, _ = await engine.tokenize(nuls(100))
-    prompt = engine.context_length - room - (len(ids) - 100)
-    parts = [c async for c in engine.stream(nuls(prompt))]
-    used = parts[-1].usage
+    overhead, context = len(ids) - 100, engine.context_length
+    fitted, longest = await answer(context - room), await answer(engine.longest_prompt)
+    try:
+        await answer(engine.longest_prompt + 1)
+        refused = False
+    except PromptTooLongError:
+        refused = True
+    expected = room - engine.reserved_tokens
     return {
         "room": room,
-        "prompt_tokens": used.prompt_tokens,
-        "completion_tokens": used.completion_tokens,
-        "finish_reason": parts[-1].finish_reason,
-        "fits": 1 <= used.completion_tokens <= room
-        and used.prompt_tokens + used.completion_tokens <= engine.context_length,
+        "reserved": engine.reserved_tokens,
+        "prompt_tokens": fitted.usage.prompt_tokens,
+        "completion_tokens": fitted.usage.completion_tokens,
+        "longest_prompt_tokens": [longest.usage.prompt_tokens, longest.usage.completion_tokens],
+        "fits": fitted.usage.prompt_tokens == context - room
+        and fitted.usage.completion_tokens == expected
+        and fitted.finish_reason == "length"
+        and longest.usage.completion_tokens >= 1
+        and refused,
     }
 
 

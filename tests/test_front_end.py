@@ -795,3 +795,10 @@ def test_a_default_max_tokens_is_fitted_down_to_min_tokens_and_no_further(reques
     with pytest.raises(PromptTooLongError, match="you requested 8193") as refused:
         fit_to_context(8180, explicit, 8192)
     assert refused.value.param == "max_tokens"
+    fit_to_context(8180, request(max_tokens=12), 8192, reserved=2)  # explicit: the context's
+    with pytest.raises(PromptTooLongError, match="less 2 this engine keeps back, 0"):
+        fit_to_context(8190, request(), 8192, reserved=2)
+    for sampling in ({}, {"max_tokens": 1}):  # SGLang aborts past its longest prompt: a 400
+        with pytest.raises(PromptTooLongError, match="takes at most 8185") as refused:
+            fit_to_context(8186, request(**sampling), 8192, reserved=2, longest_prompt=8185)
+        assert refused.value.param == param

@@ -98,14 +98,26 @@ def holding(changing: set[str], name: str):
 
 
 def fit_to_context(
-    prompt_tokens: int, request: GenerationRequest, context: int, reserved: int = 0
+    prompt_tokens: int,
+    request: GenerationRequest,
+    context: int,
+    reserved: int = 0,
+    longest_prompt: int | None = None,
 ) -> None:
     """The prompt and the answer's ``max_tokens`` fit the context, or a 400. A default
     ``max_tokens`` (``fit_max_tokens``) is first lowered to the room left, less the ``reserved``
-    tokens the engine keeps back, down to ``min_tokens`` (at least 1), in a copy of the
-    request's params (callers may share one among requests)."""
-    params = request.params
-    limit = context - reserved if params.fit_max_tokens else context
+    tokens the engine keeps back from an answer, down to ``min_tokens`` (at least 1), in a copy
+    of the request's params (callers may share one among requests). ``longest_prompt``: the
+    most prompt tokens the engine takes, if it takes fewer than the room leaves."""
+    params, field = request.params, "messages" if request.messages is not None else "prompt"
+    if longest_prompt is not None and prompt_tokens > longest_prompt:
+        raise PromptTooLongError(
+            f"This model's maximum context length is {context} tokens. However, the prompt is "
+            f"{prompt_tokens} tokens, and this engine takes at most {longest_prompt}. Please "
+            "reduce the length of the prompt.",
+            field,
+        )
+    limit = context - reserved if params.fit_max_tokens else context  # SGLang cuts explicit ones
     if prompt_tokens + params.max_tokens <= limit:
         return
     if not params.fit_max_tokens:
@@ -116,13 +128,14 @@ def fit_to_context(
             "prompt or max_tokens.",
             "max_tokens",
         )
-    room, least = limit - prompt_tokens, max(params.min_tokens, 1)
+    room, least = context - reserved - prompt_tokens, max(params.min_tokens, 1)
     if room < least:
+        kept = f", less {reserved} this engine keeps back," if reserved else ""
         raise PromptTooLongError(
             f"This model's maximum context length is {context} tokens. However, the prompt is "
-            f"{prompt_tokens} tokens, which leaves {max(room, 0)} for the answer (at least "
-            f"{least}). Please reduce the length of the prompt.",
-            "messages" if request.messages is not None else "prompt",
+            f"{prompt_tokens} tokens, which leaves{kept} {max(room, 0)} for the answer (at "
+            f"least {least}). Please reduce the length of the prompt.",
+            field,
         )
     request.params = dataclasses.replace(params, max_tokens=room)
 
@@ -241,10 +254,17 @@ class Tokenizes:
 
     prompt_tokenizer: PromptTokenizer
     context: int
+    reserved_tokens = 0
+    """Tokens the engine keeps back from each answer, below the context (``fit_to_context``)."""
 
     @property
     def context_length(self) -> int:
         return self.context
+
+    @property
+    def longest_prompt(self) -> int:
+        """The most prompt tokens a generation takes."""
+        return self.context - 1
 
     async def tokenize(
         self, request: GenerationRequest, token_strs: bool = False

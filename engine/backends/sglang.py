@@ -151,7 +151,12 @@ def sampling_params(
 SGLANG_RESERVED_TOKENS = 2
 """SGLang 0.5.17's scheduler caps an answer at ``context - prompt - 2`` tokens
 (``init_req_max_new_tokens``: ``max_req_len - input_len - 1``, ``max_req_len`` the context
-less one): a default ``max_tokens`` is fitted to that, not past it."""
+less one where the KV pool holds a whole context): a default ``max_tokens`` is fitted to that,
+not past it (an explicit one SGLang cuts by up to 2 tokens, as vLLM would not)."""
+SGLANG_PROMPT_MARGIN = 7
+"""SGLang 0.5.17's scheduler aborts a prompt of ``max_req_len - 5`` tokens or more
+(``validate_input_length``), i.e. the context less 6: the longest prompt is the context less 7,
+refused here as a 400 before SGLang answers it with an abort."""
 
 CUT_GRACE = 1.0
 """Seconds an unload waits after a stream of the adapter was cut. SGLang 0.5.17 processes the
@@ -352,6 +357,11 @@ def abort_error(meta: dict) -> EngineError:
 
 class SGLangEngine(Tokenizes, Engine):
     backend = "sglang"
+    reserved_tokens = SGLANG_RESERVED_TOKENS
+
+    @property
+    def longest_prompt(self) -> int:
+        return self.context - SGLANG_PROMPT_MARGIN
 
     def __init__(
         self,
@@ -464,7 +474,7 @@ class SGLangEngine(Tokenizes, Engine):
         """The prompt's token ids, once the request is checked; checked again after the awaits
         (an unload or an abort may have come meanwhile)."""
         ids = await self.prompt_tokenizer(request)
-        fit_to_context(len(ids), request, self.context, SGLANG_RESERVED_TOKENS)  # a copy
+        fit_to_context(len(ids), request, self.context, self.reserved_tokens, self.longest_prompt)
         params = request.params
         if params.constraint is not None and (problem := grammar_problem(params.constraint)):
             raise InvalidRequestError(f"response_format: {problem}", "response_format")
