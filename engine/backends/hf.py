@@ -386,9 +386,15 @@ class HFEngine(Tokenizes, Engine):
             with self.wake:
                 self.wake.notify()
 
+    def running_rows(self) -> list[Row]:
+        """The rows decoding, then those whose prompt is being chunked."""
+        return [
+            *(self.batch.rows if self.batch else []),
+            *(self.chunked.rows if self.chunked else []),
+        ]
+
     def active_rows(self) -> list[Row]:
-        chunked = self.chunked.rows if self.chunked else []
-        return (self.batch.rows if self.batch else []) + chunked + self.pending
+        return self.running_rows() + self.pending
 
     async def health(self) -> dict:
         """A dead worker is unhealthy, and so is one whose step has run for more than
@@ -444,8 +450,7 @@ class HFEngine(Tokenizes, Engine):
             self.step_started = None
 
     def fail_all(self, fresh: list[Row], err: Exception) -> None:
-        chunked = self.chunked.rows if self.chunked else []
-        for row in (self.batch.rows if self.batch else []) + chunked + fresh:
+        for row in self.running_rows() + fresh:
             row.fail(err)
         self.batch = self.chunked = None
 
@@ -456,24 +461,20 @@ class HFEngine(Tokenizes, Engine):
         short ones while their padded prompts, each distinct prefill once, fit in
         ``prefill_tokens`` (long ones wait their turn)."""
         self.pending = [r for r in self.pending if not r.ended]
-        running = (len(self.batch.rows) if self.batch else 0) + (
-            len(self.chunked.rows) if self.chunked else 0
-        )
-        room = self.fair_room(self.settings.max_batch_size - running)
+        running = self.running_rows()
+        room = self.fair_room(self.settings.max_batch_size - len(running), running)
         joined = {id(row) for row in (self.chunked.join(room) if self.chunked else [])}
         fresh = self.prefills_from([row for row in room if id(row) not in joined])
         taken = joined | {id(row) for row in fresh}
         self.pending = [row for row in self.pending if id(row) not in taken]
         return fresh
 
-    def fair_room(self, free: int) -> list[Row]:
+    def fair_room(self, free: int, running: list[Row]) -> list[Row]:
         """Up to ``free`` waiting rows, in order, but no more rows of one client request (its
         ``group``) running than three quarters of the batch (at least one): a request with
         ``n`` of 16 once held every row for minutes while a one-token request waited. Past the
         share a request's rows wait for its own earlier ones (and are prefilled then)."""
         share = max(1, self.settings.max_batch_size * 3 // 4)
-        running = [*(self.batch.rows if self.batch else []),
-                   *(self.chunked.rows if self.chunked else [])]  # fmt: skip
         held = Counter(row.request.group for row in running)
         room = []
         for row in self.pending:
